@@ -1,0 +1,36 @@
+"""A trained detector: network + scaler + threshold + the metadata that ties it to a configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from models.scaler import StandardScaler
+from models.training import reconstruction_errors
+
+
+@dataclass
+class Detector:
+    """Scores raw windows ``[N, W, F]`` (sensors in ``sensors`` order) by reconstruction error."""
+
+    version: str
+    group: str
+    model_type: str
+    hyperparameters: dict[str, Any]
+    sensors: list[str]
+    window: int
+    scaler: StandardScaler
+    threshold: float
+    model: nn.Module
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Per-window scores ``[N]`` and per-sensor errors ``[N, F]``, one batched forward pass (chunked)."""
+        if windows.ndim != 3 or windows.shape[1:] != (self.window, len(self.sensors)):
+            raise ValueError(
+                f"expected windows [N, {self.window}, {len(self.sensors)}], got {list(windows.shape)}"
+            )
+        return reconstruction_errors(self.model, self.scaler.transform(windows), batch_size)

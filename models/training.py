@@ -1,0 +1,110 @@
+"""Training loop and batched inference for the autoencoders (CPU-friendly, reproducible with a seed)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+MIN_WINDOWS = 32
+
+
+class NotEnoughData(ValueError):
+    """Too few windows to train and validate a model."""
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the best model (restored), loss history and validation errors."""
+
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+    val_scores: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def seed_everything(seed: int) -> None:
+    """Fix torch and numpy seeds so a CPU training run is reproducible."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int = 1024
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window score ``[N]`` and per-sensor errors ``[N, F]`` (mean squared error over the window's steps).
+
+    ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
+    """
+    model.eval()
+    if len(windows) == 0:
+        return np.empty(0), np.empty((0, windows.shape[-1]))
+    per_sensor: list[np.ndarray] = []
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
+            err = (model(x) - x).pow(2).mean(dim=1)
+            per_sensor.append(err.numpy())
+    sensors = np.concatenate(per_sensor).astype(np.float64)
+    return sensors.mean(axis=1), sensors
+
+
+def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, learning_rate: float,
+        weight_decay: float = 0.0, validation_fraction: float = 0.2, patience: int = 6, seed: int = 0,
+        progress: bool = True, description: str = "training") -> TrainResult:
+    """Train ``model`` to reconstruct standardised windows ``[N, W, F]``.
+
+    The last ``validation_fraction`` of windows (time order) is held out; training stops early after ``patience``
+    epochs without validation improvement, and the best weights are restored. Learning rate halves on plateaus;
+    gradients are clipped to norm 1. Raises NotEnoughData when fewer than MIN_WINDOWS windows are given.
+    """
+    if len(windows) < MIN_WINDOWS:
+        raise NotEnoughData(f"need at least {MIN_WINDOWS} complete windows to train, got {len(windows)}")
+    seed_everything(seed)
+    started = time.perf_counter()
+    n_val = max(int(len(windows) * validation_fraction), 8)
+    train = torch.from_numpy(np.ascontiguousarray(windows[:-n_val], dtype=np.float32))
+    val = np.ascontiguousarray(windows[-n_val:], dtype=np.float32)
+    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(patience // 2, 1))
+    generator = torch.Generator().manual_seed(seed)
+    result = TrainResult()
+    best_state: dict[str, torch.Tensor] | None = None
+    best = float("inf")
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("epoch {task.completed}/{task.total}"),
+               TextColumn("val {task.fields[val]:.4f}"), TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(description, total=epochs, val=float("nan"))
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(train), generator=generator)
+            total = 0.0
+            for i in range(0, len(train), batch_size):
+                x = train[order[i : i + batch_size]]
+                loss = (model(x) - x).pow(2).mean()
+                optimiser.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimiser.step()
+                total += loss.item() * len(x)
+            val_scores, _ = reconstruction_errors(model, val)
+            val_loss = float(val_scores.mean())
+            result.train_loss.append(total / len(train))
+            result.val_loss.append(val_loss)
+            schedule.step(val_loss)
+            bar.update(task, advance=1, val=val_loss)
+            if val_loss < best - 1e-7:
+                best, result.best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - result.best_epoch >= patience:
+                bar.update(task, total=epoch + 1)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.val_scores, _ = reconstruction_errors(model, val)
+    result.seconds = time.perf_counter() - started
+    return result

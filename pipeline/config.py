@@ -1,0 +1,306 @@
+"""The YAML configuration: pydantic models, ``${ENV_VAR}`` interpolation, and ``load_config``.
+
+``load_config(path)`` is called once by the CLI; nothing reads configuration at import time. Any problem raises
+``ConfigError`` whose message names the key path (``groups[0].window.stride``) and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from sqlalchemy.engine import make_url
+
+from pipeline.errors import ConfigError
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    """Base: unknown keys are errors, so a typo in the YAML is reported instead of silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecurityConfig(_Strict):
+    """Kafka client security. Secrets belong in the environment: ``sasl_password: ${KAFKA_PASSWORD}``."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> SecurityConfig:
+        if self.protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
+            raise ValueError("SASL protocols need sasl_mechanism and sasl_username")
+        return self
+
+
+class KafkaConfig(_Strict):
+    """Where readings come from and where rejected messages go."""
+
+    bootstrap_servers: str = "localhost:9092"
+    topic: str = "sensor-readings"
+    dead_letter_topic: str = "sensor-readings-dlq"
+    group_id: str = "sensorwatch"
+    client_id: str = "sensorwatch"
+    max_poll_records: PositiveInt = 5000
+    poll_timeout_ms: PositiveInt = 1000
+    max_message_bytes: PositiveInt = 64 * 1024
+    security: SecurityConfig = SecurityConfig()
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every kafka-python client (bootstrap servers and security)."""
+        s = self.security
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": [h.strip() for h in self.bootstrap_servers.split(",") if h.strip()],
+            "client_id": self.client_id,
+            "security_protocol": s.protocol,
+        }
+        if s.sasl_mechanism:
+            kwargs["sasl_mechanism"] = s.sasl_mechanism
+            kwargs["sasl_plain_username"] = s.sasl_username
+            kwargs["sasl_plain_password"] = s.sasl_password.get_secret_value() if s.sasl_password else None
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(s, key):
+                kwargs[key] = getattr(s, key)
+        return kwargs
+
+
+class DatabaseConfig(_Strict):
+    """SQLAlchemy URL. Never log ``url``; use ``safe_url`` for display."""
+
+    url: str = "sqlite:///sensorwatch.db"
+
+    @field_validator("url")
+    @classmethod
+    def _parsable(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
+            raise ValueError(f"not a valid SQLAlchemy URL ({type(exc).__name__})") from None
+        return value
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+class SensorConfig(_Strict):
+    """One sensor channel of an asset group. Readings outside ``valid_range`` are rejected."""
+
+    name: Annotated[str, Field(min_length=1)]
+    unit: str = ""
+    valid_range: tuple[float, float] | None = None
+
+    @field_validator("valid_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError("valid_range must be [low, high] with low < high")
+        return value
+
+
+class WindowConfig(_Strict):
+    """Sliding windows on the sampling grid, in grid steps.
+
+    Window ``k`` of an asset covers grid slots ``[k*stride, k*stride + length)``; so windows do not depend on when the
+    stream started and a replay cuts the same windows. A missing slot is filled with the sensor's previous value when
+    the gap is at most ``max_gap`` slots; a window still holding holes is skipped, never scored on invented data.
+    A window closes once the asset has reported ``lateness`` slots past its end; readings for closed windows are late.
+    """
+
+    length: Annotated[int, Field(ge=2)] = 30
+    stride: PositiveInt = 5
+    max_gap: Annotated[int, Field(ge=0)] = 3
+    lateness: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> WindowConfig:
+        if self.stride > self.length:
+            raise ValueError("stride must not exceed length (readings between windows would never be scored)")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Autoencoder type and training hyperparameters."""
+
+    type: Literal["dense"] = "dense"
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 16])
+    epochs: PositiveInt = 40
+    batch_size: PositiveInt = 128
+    learning_rate: PositiveFloat = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    validation_fraction: Annotated[float, Field(gt=0, lt=0.9)] = 0.2
+    patience: PositiveInt = 6
+    seed: int = 0
+
+
+class ThresholdConfig(_Strict):
+    """How the alert threshold is set from validation errors, without labels.
+
+    ``percentile``: the given percentile of validation window scores, times ``multiplier``.
+    ``mean_std``: mean + ``k`` standard deviations of validation window scores, times ``multiplier``.
+    """
+
+    method: Literal["percentile", "mean_std"] = "percentile"
+    percentile: Annotated[float, Field(gt=50, lt=100)] = 99.5
+    k: PositiveFloat = 4.0
+    multiplier: PositiveFloat = 1.0
+
+
+class AlertConfig(_Strict):
+    """Alert rule: open when ``k`` of the last ``n`` windows exceed the threshold; resolve after ``clear_after``
+    consecutive windows below it. Severity is ``critical`` once a score reaches ``critical_multiplier`` x threshold."""
+
+    k: PositiveInt = 2
+    n: PositiveInt = 3
+    clear_after: PositiveInt = 3
+    critical_multiplier: Annotated[float, Field(gt=1)] = 3.0
+    top_sensors: PositiveInt = 3
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> AlertConfig:
+        if self.k > self.n:
+            raise ValueError("k must not exceed n")
+        return self
+
+
+class GroupConfig(_Strict):
+    """Assets that share sensors, a sampling grid, a window shape, a model and an alert rule."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    assets: Annotated[list[str], Field(min_length=1)]
+    sampling_period_s: PositiveFloat = 1.0
+    sensors: Annotated[list[SensorConfig], Field(min_length=1)]
+    window: WindowConfig = WindowConfig()
+    model: ModelConfig = ModelConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
+    alert: AlertConfig = AlertConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> GroupConfig:
+        for label, names in (("sensors", [s.name for s in self.sensors]), ("assets", self.assets)):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {label}: {', '.join(dupes)}")
+        return self
+
+    @property
+    def sensor_names(self) -> list[str]:
+        """Sensor names in configured order: the model's feature order."""
+        return [s.name for s in self.sensors]
+
+    @property
+    def period_ms(self) -> int:
+        """The sampling grid step in milliseconds."""
+        return round(self.sampling_period_s * 1000)
+
+    def model_hash(self) -> str:
+        """Hash of everything a trained model depends on (sensors, grid, window, model, threshold)."""
+        relevant = self.model_dump(include={"sensors", "sampling_period_s", "window", "model", "threshold"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Config(_Strict):
+    """The whole configuration file."""
+
+    kafka: KafkaConfig = KafkaConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    model_dir: Path = Path("model-store")
+    groups: Annotated[list[GroupConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _assets_in_one_group(self) -> Config:
+        seen: dict[str, str] = {}
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError("group names must be unique")
+        for group in self.groups:
+            for asset in group.assets:
+                if asset in seen:
+                    raise ValueError(f"asset {asset!r} is in groups {seen[asset]!r} and {group.name!r}")
+                seen[asset] = group.name
+        return self
+
+    def group(self, name: str) -> GroupConfig:
+        """The group called ``name``; ConfigError if there is none."""
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise ConfigError(f"groups: no group named {name!r} (have: {', '.join(g.name for g in self.groups)})")
+
+    def asset_groups(self) -> dict[str, GroupConfig]:
+        """Map of asset id to its group."""
+        return {asset: group for group in self.groups for asset in group.assets}
+
+
+def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree.
+
+    Raises ConfigError naming the key path when a variable without default is not set.
+    """
+    if isinstance(node, dict):
+        return {k: interpolate_env(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [interpolate_env(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set and has no default")
+
+    return _ENV_PATTERN.sub(substitute, node)
+
+
+def _format_location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def parse_config(raw: Any, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed YAML tree. ConfigError lists every problem as ``key.path: reason``."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>: the configuration must be a mapping")
+    data = interpolate_env(raw, os.environ if env is None else env)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_format_location(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a YAML configuration file (``yaml.safe_load`` only)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, env)

@@ -1,0 +1,137 @@
+"""Bytes to readings. All input validation lives here; nothing in this module raises on bad input.
+
+Accepted message: a JSON object ``{"asset": "pump-7", "ts": <ISO-8601 string or epoch ms>, "values": {"temp": 71.2}}``.
+Anything else becomes a ``Rejected`` with one of the reasons in ``REASONS``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+import orjson
+
+from pipeline.config import GroupConfig
+from pipeline.errors import InvalidReading
+from pipeline.types import Reading, Rejected
+
+REASONS = (
+    "oversized",
+    "malformed_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "bad_timestamp",
+    "unknown_asset",
+    "unknown_sensor",
+    "non_finite",
+    "out_of_range",
+    "late",
+)
+
+
+def parse_timestamp(raw: object) -> int:
+    """ISO-8601 string (naive means UTC) or epoch milliseconds (int/float) to epoch ms; InvalidReading otherwise."""
+    if isinstance(raw, bool):
+        raise InvalidReading("bad_timestamp", "boolean is not a timestamp")
+    if isinstance(raw, int | float):
+        if not math.isfinite(raw) or raw < 0:
+            raise InvalidReading("bad_timestamp", f"epoch ms must be a finite non-negative number, got {raw!r}")
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00") if raw.endswith("Z") else raw)
+        except ValueError:
+            raise InvalidReading("bad_timestamp", f"not ISO-8601: {raw[:40]!r}") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return round(parsed.timestamp() * 1000)
+    raise InvalidReading("bad_timestamp", f"expected ISO-8601 string or epoch ms, got {type(raw).__name__}")
+
+
+def _has_non_finite_literal(value: bytes) -> bool:
+    """True when ``value`` is JSON apart from NaN/Infinity literals or overflowing numbers (strict parsers refuse them)."""
+
+    def refuse(_token: str) -> float:
+        raise OverflowError
+
+    try:
+        json.loads(value, parse_constant=refuse, parse_float=lambda t: refuse(t) if math.isinf(float(t)) else 0.0)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
+class Decoder:
+    """Validates raw messages against the configured assets, sensors and valid ranges."""
+
+    def __init__(self, groups: Iterable[GroupConfig], max_message_bytes: int) -> None:
+        self._max_bytes = max_message_bytes
+        self._asset_sensors: dict[str, Mapping[str, tuple[float, float] | None]] = {}
+        for group in groups:
+            ranges = {s.name: s.valid_range for s in group.sensors}
+            for asset in group.assets:
+                self._asset_sensors[asset] = ranges
+
+    def decode(self, value: bytes | None) -> Reading:
+        """Validate one message value; raises InvalidReading with the reason."""
+        if value is None:
+            raise InvalidReading("malformed_json", "empty message (tombstone)")
+        if len(value) > self._max_bytes:
+            raise InvalidReading("oversized", f"{len(value)} bytes > limit {self._max_bytes}")
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            if _has_non_finite_literal(value):
+                raise InvalidReading("non_finite", "NaN or Infinity in the message") from None
+            raise InvalidReading("malformed_json", str(exc)[:120]) from None
+        if not isinstance(doc, dict):
+            raise InvalidReading("not_an_object", f"top level is {type(doc).__name__}")
+        for name in ("asset", "ts", "values"):
+            if name not in doc:
+                raise InvalidReading("missing_field", name)
+        asset = doc["asset"]
+        if not isinstance(asset, str):
+            raise InvalidReading("wrong_type", f"asset must be a string, got {type(asset).__name__}")
+        ranges = self._asset_sensors.get(asset)
+        if ranges is None:
+            raise InvalidReading("unknown_asset", asset[:80])
+        ts_ms = parse_timestamp(doc["ts"])
+        raw_values = doc["values"]
+        if not isinstance(raw_values, dict):
+            raise InvalidReading("wrong_type", f"values must be an object, got {type(raw_values).__name__}")
+        if not raw_values:
+            raise InvalidReading("missing_field", "values is empty")
+        values: dict[str, float] = {}
+        for sensor, raw in raw_values.items():
+            if sensor not in ranges:
+                raise InvalidReading("unknown_sensor", f"{asset}/{str(sensor)[:60]}")
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise InvalidReading("wrong_type", f"{sensor} must be a number, got {type(raw).__name__}")
+            number = float(raw)
+            if not math.isfinite(number):
+                raise InvalidReading("non_finite", sensor)
+            valid = ranges[sensor]
+            if valid is not None and not valid[0] <= number <= valid[1]:
+                raise InvalidReading("out_of_range", f"{sensor}={number} outside [{valid[0]}, {valid[1]}]")
+            values[sensor] = number
+        return Reading(asset=asset, ts_ms=ts_ms, values=values)
+
+    def decode_batch(
+        self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None]]
+    ) -> tuple[list[Reading], list[Rejected]]:
+        """Decode ``(topic, partition, offset, key, value)`` tuples; never raises on bad input."""
+        readings: list[Reading] = []
+        rejected: list[Rejected] = []
+        for topic, partition, offset, key, value in records:
+            try:
+                r = self.decode(value)
+            except InvalidReading as exc:
+                rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
+                continue
+            readings.append(Reading(r.asset, r.ts_ms, r.values, partition, offset))
+        return readings, rejected

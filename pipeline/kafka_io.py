@@ -1,0 +1,136 @@
+"""The only module that talks to Kafka: consumer, producer, dead-letter topic, topic creation, offset commits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import orjson
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.config import KafkaConfig
+from pipeline.errors import TransientError
+from pipeline.types import Rejected
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A polled record, reduced to what the pipeline needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, on_revoked: Callable[[set[int]], None], on_assigned: Callable[[set[int]], None]) -> None:
+        self._revoked, self._assigned = on_revoked, on_assigned
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._revoked({tp.partition for tp in revoked})
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._assigned({tp.partition for tp in assigned})
+
+
+def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | None = None,
+                  on_assigned: Callable[[set[int]], None] | None = None) -> KafkaConsumer:
+    """A consumer in ``cfg.group_id`` subscribed to the readings topic, with auto-commit off."""
+    consumer = KafkaConsumer(
+        group_id=cfg.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=cfg.max_poll_records,
+        fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
+        max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576),
+        **cfg.client_kwargs(),
+    )
+    listener = _Rebalance(on_revoked or (lambda _p: None), on_assigned or (lambda _p: None))
+    consumer.subscribe([cfg.topic], listener=listener)
+    return consumer
+
+
+def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas (records must not be lost)."""
+    options: dict[str, object] = {"acks": "all", "linger_ms": 5, "retries": 5, **overrides}
+    return KafkaProducer(**cfg.client_kwargs(), **options)
+
+
+def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int) -> list[RawRecord]:
+    """One poll, flattened and ordered by partition then offset."""
+    batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    records = [
+        RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+        for tp in sorted(batches, key=lambda t: t.partition)
+        for r in batches[tp]
+    ]
+    return records
+
+
+def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Rejected], timeout_s: float = 30
+                      ) -> None:
+    """Publish rejected messages to the dead-letter topic and wait until the broker has them all.
+
+    The original bytes are the record value (so nothing is lost); the reason, detail and source are in headers.
+    TransientError if the broker does not acknowledge in time.
+    """
+    if not rejected:
+        return
+    try:
+        futures = [
+            producer.send(
+                topic,
+                key=r.key,
+                value=r.value if r.value is not None else b"",
+                headers=[
+                    ("reason", r.reason.encode()),
+                    ("detail", r.detail[:500].encode()),
+                    ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
+                ],
+            )
+            for r in rejected
+        ]
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise TransientError(f"dead-letter topic unavailable: {exc}") from exc
+
+
+def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> None:
+    """Commit ``partition -> next offset to read`` for partitions this consumer still owns."""
+    owned = {tp.partition for tp in consumer.assignment()}
+    payload = {
+        TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items() if p in owned
+    }
+    if payload:
+        consumer.commit(offsets=payload)
+
+
+def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:
+    """Create topics that do not exist yet (replication factor 1 is for local brokers; use your ops tooling in prod)."""
+    admin = KafkaAdminClient(**cfg.client_kwargs())
+    try:
+        existing = set(admin.list_topics())
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if new:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another process created it meanwhile
+                admin.create_topics(new)
+    finally:
+        admin.close()
+
+
+def encode_reading(payload: Mapping[str, object]) -> bytes:
+    """Serialise a reading payload as compact JSON."""
+    return orjson.dumps(payload)

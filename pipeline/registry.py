@@ -1,0 +1,69 @@
+"""Model registry: bundles on disk + ``model_versions`` rows. Loads the active detector of each group."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from models.bundle import load_bundle, save_bundle
+from models.detector import Detector
+from pipeline.config import Config, GroupConfig
+from pipeline.errors import ModelError
+from pipeline.store import repo
+from pipeline.store.tables import ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+def new_version_name(group: str, now: datetime | None = None) -> str:
+    """A sortable, unique-enough version name: ``<group>-<UTC timestamp with ms>``."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%S%f")[:-3]
+    return f"{group}-{stamp}"
+
+
+def register(*, session: Session, detector: Detector, group: GroupConfig, model_dir: Path, status: str,
+             data_range: tuple[datetime, datetime] | None, windows_used: int, metrics: Mapping[str, Any]
+             ) -> ModelVersion:
+    """Save the bundle under ``model_dir/<group>/<version>`` and add its registry row (caller commits)."""
+    path = Path(model_dir).resolve() / group.name / detector.version
+    checksum = save_bundle(detector, path)
+    row = ModelVersion(
+        version=detector.version, group_name=group.name, model_type=detector.model_type, status=status,
+        created_at=datetime.now(UTC), artifact_path=str(path), checksum=checksum,
+        config_hash=group.model_hash(), threshold=detector.threshold,
+        threshold_method=str(detector.metadata.get("threshold_info", {}).get("method", "")),
+        data_start=data_range[0] if data_range else None, data_end=data_range[1] if data_range else None,
+        windows_used=windows_used, metrics=dict(metrics),
+    )
+    repo.add_model_version(session=session, version=row)
+    return row
+
+
+def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
+    """The verified active detector of every configured group. ModelError names the groups that have none."""
+    active = repo.active_model_versions(session=session)
+    detectors: dict[str, Detector] = {}
+    missing: list[str] = []
+    for group in config.groups:
+        row = active.get(group.name)
+        if row is None:
+            missing.append(group.name)
+            continue
+        detectors[group.name] = load_bundle(
+            Path(row.artifact_path), expected_sensors=group.sensor_names, expected_checksum=row.checksum
+        )
+        if detectors[group.name].window != group.window.length:
+            raise ModelError(
+                f"model {row.version} was trained on windows of {detectors[group.name].window} steps, "
+                f"group {group.name!r} is configured for {group.window.length}"
+            )
+    if missing:
+        raise ModelError(
+            f"no active model for group(s) {', '.join(missing)}: run 'sensorwatch train --config FILE --csv DATA'"
+        )
+    return detectors

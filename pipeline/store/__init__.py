@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy tables, repository functions, engine and migrations."""

@@ -1,0 +1,188 @@
+"""Repository functions. Each takes the session as a keyword and never commits: the caller owns the transaction.
+
+Writes are idempotent (``ON CONFLICT``), so replaying a batch after a crash changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from pipeline.store.tables import Alert, ModelVersion, WindowScore
+from pipeline.types import AlertRecord, Score, datetime_to_ms, ms_to_datetime
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """A dialect-specific INSERT that supports ``on_conflict_*`` (PostgreSQL and SQLite)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise NotImplementedError(f"database dialect {dialect!r} is not supported (use PostgreSQL or SQLite)")
+
+
+def insert_scores(*, session: Session, scores: Sequence[Score], now: datetime | None = None) -> None:
+    """Bulk-insert window scores, ignoring any already stored (same asset, window end, model version)."""
+    if not scores:
+        return
+    created = now or datetime.now(UTC)
+    rows = [
+        {
+            "asset": s.asset, "group_name": s.group, "window_start": ms_to_datetime(s.start_ms),
+            "window_end": ms_to_datetime(s.end_ms), "score": s.score, "threshold": s.threshold,
+            "is_anomaly": s.is_anomaly, "sensor_errors": s.sensor_errors, "model_version": s.model_version,
+            "created_at": created,
+        }
+        for s in scores
+    ]
+    stmt = _insert(session, WindowScore).on_conflict_do_nothing(
+        index_elements=["asset", "window_end", "model_version"]
+    )
+    session.execute(stmt, rows)
+
+
+def _alert_row(alert: AlertRecord, now: datetime) -> dict[str, Any]:
+    return {
+        "asset": alert.asset, "group_name": alert.group, "opened_at": ms_to_datetime(alert.opened_ms),
+        "last_seen_at": ms_to_datetime(alert.last_seen_ms),
+        "closed_at": ms_to_datetime(alert.closed_ms) if alert.closed_ms is not None else None,
+        "peak_score": alert.peak_score, "threshold": alert.threshold, "severity": alert.severity,
+        "status": alert.status, "window_count": alert.window_count, "top_sensors": alert.top_sensors,
+        "model_version": alert.model_version, "updated_at": now,
+    }
+
+
+def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datetime | None = None) -> None:
+    """Insert or update alerts by (asset, opened_at); the latest state of each incident wins."""
+    if not alerts:
+        return
+    stamp = now or datetime.now(UTC)
+    latest = {(a.asset, a.opened_ms): a for a in alerts}  # one row per incident per statement
+    stmt = _insert(session, Alert)
+    mutable = ("last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status", "window_count",
+               "top_sensors", "model_version", "updated_at")
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable}
+    )
+    session.execute(stmt, [_alert_row(a, stamp) for a in latest.values()])
+
+
+def open_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:
+    """Open alerts of the given assets."""
+    if not assets:
+        return []
+    return list(session.scalars(select(Alert).where(Alert.asset.in_(assets), Alert.status == "open")))
+
+
+def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dict[str, list[WindowScore]]:
+    """The latest ``limit`` window scores per asset (newest last), one row per window end."""
+    if not assets:
+        return {}
+    ranked = (
+        select(
+            WindowScore.id,
+            func.row_number()
+            .over(partition_by=WindowScore.asset, order_by=(WindowScore.window_end.desc(), WindowScore.id.desc()))
+            .label("rank"),
+        )
+        .where(WindowScore.asset.in_(assets))
+        .subquery()
+    )
+    rows = session.scalars(
+        select(WindowScore)
+        .join(ranked, ranked.c.id == WindowScore.id)
+        .where(ranked.c.rank <= limit * 3)
+        .order_by(WindowScore.asset, WindowScore.window_end, WindowScore.id)
+    )
+    out: dict[str, list[WindowScore]] = {}
+    for row in rows:
+        series = out.setdefault(row.asset, [])
+        if series and series[-1].window_end == row.window_end:
+            series[-1] = row  # several model versions scored this window: keep the newest row
+        else:
+            series.append(row)
+    return {asset: series[-limit:] for asset, series in out.items()}
+
+
+def list_alerts(*, session: Session, status: str | None = None, asset: str | None = None,
+                since: datetime | None = None, limit: int = 50) -> list[Alert]:
+    """Recent alerts, newest first, optionally filtered."""
+    query: Select[tuple[Alert]] = select(Alert)
+    if status:
+        query = query.where(Alert.status == status)
+    if asset:
+        query = query.where(Alert.asset == asset)
+    if since:
+        query = query.where(Alert.last_seen_at >= since)
+    return list(session.scalars(query.order_by(Alert.opened_at.desc(), Alert.id.desc()).limit(limit)))
+
+
+def add_model_version(*, session: Session, version: ModelVersion) -> None:
+    """Register a model version row."""
+    session.add(version)
+    session.flush()
+
+
+def activate_model_version(*, session: Session, version: str, now: datetime | None = None) -> ModelVersion:
+    """Make ``version`` the active model of its group and retire the one it replaces. KeyError if unknown."""
+    row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+    if row is None:
+        raise KeyError(version)
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.group_name == row.group_name, ModelVersion.status == "active",
+               ModelVersion.version != version)
+        .values(status="retired")
+    )
+    row.status = "active"
+    row.activated_at = now or datetime.now(UTC)
+    session.flush()
+    return row
+
+
+def active_model_versions(*, session: Session) -> dict[str, ModelVersion]:
+    """The active model version of each group that has one."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.status == "active"))
+    return {row.group_name: row for row in rows}
+
+
+def list_model_versions(*, session: Session, group: str | None = None) -> list[ModelVersion]:
+    """Model versions, newest first."""
+    query = select(ModelVersion)
+    if group:
+        query = query.where(ModelVersion.group_name == group)
+    return list(session.scalars(query.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())))
+
+
+def count_scores(*, session: Session, asset: str | None = None) -> int:
+    """Number of stored window scores (of one asset, or all)."""
+    query = select(func.count()).select_from(WindowScore)
+    if asset:
+        query = query.where(WindowScore.asset == asset)
+    return int(session.scalar(query) or 0)
+
+
+def score_of(row: WindowScore) -> Score:
+    """A stored window score as the pipeline's Score."""
+    return Score(
+        asset=row.asset, group=row.group_name, start_ms=datetime_to_ms(row.window_start),
+        end_ms=datetime_to_ms(row.window_end), score=row.score, threshold=row.threshold,
+        sensor_errors=dict(row.sensor_errors), model_version=row.model_version,
+    )
+
+
+def alert_record(row: Alert) -> AlertRecord:
+    """A stored alert as the pipeline's AlertRecord."""
+    return AlertRecord(
+        asset=row.asset, group=row.group_name, opened_ms=datetime_to_ms(row.opened_at),
+        last_seen_ms=datetime_to_ms(row.last_seen_at),
+        closed_ms=datetime_to_ms(row.closed_at) if row.closed_at else None, peak_score=row.peak_score,
+        threshold=row.threshold, severity=row.severity, status=row.status, window_count=row.window_count,
+        top_sensors=list(row.top_sensors), model_version=row.model_version,
+    )

@@ -1,0 +1,123 @@
+"""SQLAlchemy 2 declarative tables.
+
+Migrations in ``migrations/`` create them; nothing calls ``create_all`` in production.
+
+All times are stored as timezone-aware UTC (``UTCDateTime`` restores the zone on databases that drop it, like SQLite).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+BigId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements INTEGER PRIMARY KEY only
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the database keeps."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a naming convention so migrations are deterministic."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ModelVersion(Base):
+    """A trained model bundle and its lifecycle status (candidate, active, retired, rejected, failed)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    version: Mapped[str] = mapped_column(String(80), unique=True)
+    group_name: Mapped[str] = mapped_column(String(120), index=True)
+    model_type: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(20), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    artifact_path: Mapped[str] = mapped_column(String(500))
+    checksum: Mapped[str] = mapped_column(String(64))
+    config_hash: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    threshold_method: Mapped[str] = mapped_column(String(40))
+    data_start: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    data_end: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    windows_used: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+
+
+class WindowScore(Base):
+    """One scored window. Unique on (asset, window_end, model_version) so a replay inserts nothing twice."""
+
+    __tablename__ = "window_scores"
+    __table_args__ = (
+        UniqueConstraint("asset", "window_end", "model_version"),
+        Index("ix_window_scores_asset_end", "asset", "window_end"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    asset: Mapped[str] = mapped_column(String(120))
+    group_name: Mapped[str] = mapped_column(String(120))
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime())
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    is_anomaly: Mapped[bool] = mapped_column()
+    sensor_errors: Mapped[dict[str, float]] = mapped_column(JSON)
+    model_version: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Alert(Base):
+    """One incident of one asset, updated in place while it lasts. Unique on (asset, opened_at)."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("asset", "opened_at"),
+        Index("ix_alerts_status_opened", "status", "opened_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    asset: Mapped[str] = mapped_column(String(120))
+    group_name: Mapped[str] = mapped_column(String(120))
+    opened_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    peak_score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    severity: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    window_count: Mapped[int] = mapped_column(Integer)
+    top_sensors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    model_version: Mapped[str] = mapped_column(String(80))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

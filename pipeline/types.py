@@ -1,0 +1,118 @@
+"""The values that flow through the pipeline: small frozen dataclasses, numpy-backed where it matters.
+
+Every record carries where it came from (partition, offset) so the runner can decide what is safe to commit.
+Times are integer epoch milliseconds (UTC) inside the pipeline; conversion to datetimes happens at the edges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Epoch milliseconds to an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    """Aware (or naive = UTC) datetime to epoch milliseconds."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return round(value.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated reading of one or more sensors of an asset at one instant."""
+
+    asset: str
+    ts_ms: int
+    values: dict[str, float]
+    partition: int = 0
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message that could not become a reading, with a machine-readable reason; bound for the dead-letter topic."""
+
+    reason: str
+    detail: str
+    value: bytes | None
+    key: bytes | None
+    topic: str = ""
+    partition: int = 0
+    offset: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A complete window of one asset: ``values`` is ``[length, n_sensors]`` in the group's sensor order.
+
+    ``start_ms`` is the first grid instant, ``end_ms`` the instant one step after the last (end exclusive).
+    """
+
+    asset: str
+    group: str
+    start_ms: int
+    end_ms: int
+    values: np.ndarray = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedWindow:
+    """A window that was not scored because gaps exceeded the fill limit."""
+
+    asset: str
+    group: str
+    start_ms: int
+    end_ms: int
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """The model's verdict on one window: total error, per-sensor errors, and the threshold it was held to."""
+
+    asset: str
+    group: str
+    start_ms: int
+    end_ms: int
+    score: float
+    threshold: float
+    sensor_errors: dict[str, float]
+    model_version: str
+
+    @property
+    def is_anomaly(self) -> bool:
+        """True when the score exceeds the threshold."""
+        return self.score > self.threshold
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """The current state of one alert (one incident of one asset), as written to the database."""
+
+    asset: str
+    group: str
+    opened_ms: int
+    last_seen_ms: int
+    closed_ms: int | None
+    peak_score: float
+    threshold: float
+    severity: str
+    status: str
+    window_count: int
+    top_sensors: list[dict[str, float | str]]
+    model_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class AlertEvent:
+    """A change of an alert: ``kind`` is ``opened``, ``updated`` or ``resolved``."""
+
+    kind: str
+    alert: AlertRecord

@@ -1,0 +1,160 @@
+"""End to end on a real Kafka broker and a real PostgreSQL: readings in, scores, alerts, offsets and dead letters out."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import select
+
+from pipeline import kafka_io
+from pipeline.config import Config, parse_config
+from pipeline.decode import Decoder
+from pipeline.registry import register
+from pipeline.runner import RunStats, run_pipeline
+from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, to_messages
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import Alert, WindowScore
+from pipeline.train import train_group, windows_from_frame
+from pipeline.types import datetime_to_ms, ms_to_datetime
+from pipeline.windowing import Windower
+
+pytestmark = pytest.mark.integration
+
+ASSETS = ["pump-1", "pump-2", "pump-3"]
+PERIOD = 10.0
+START = pd.Timestamp("2026-03-01T00:00:00Z")
+
+
+def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path) -> Config:
+    return parse_config({
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
+                  "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500},
+        "database": {"url": db_url},
+        "model_dir": str(model_dir),
+        "groups": [{
+            "name": "pumps", "assets": ASSETS, "sampling_period_s": PERIOD,
+            "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
+            "window": {"length": 30, "stride": 5, "max_gap": 3},
+            "model": {"type": "dense", "hidden": [48, 12], "epochs": 25, "batch_size": 64, "seed": 0},
+            "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
+            "alert": {"k": 2, "n": 3, "clear_after": 3},
+        }],
+    }, env={})
+
+
+def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180) -> RunStats:
+    stop = threading.Event()
+    timer = threading.Timer(timeout_s, stop.set)
+    timer.start()
+
+    def on_batch(stats: RunStats) -> None:
+        if stats.readings >= until_readings and sum(stats.rejected.values()) >= until_rejected:
+            stop.set()
+
+    try:
+        return run_pipeline(cfg, stop=stop, idle_stop_s=8.0, on_batch=on_batch)
+    finally:
+        timer.cancel()
+
+
+def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str,
+                                      tmp_path: Path) -> None:
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    group = cfg.groups[0]
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    sessions = make_sessionmaker(engine)
+
+    # train on six hours of normal data of every asset
+    normal, _ = simulate_fleet(ASSETS, START, 2160, PERIOD, seed=3, anomalous_assets=[])
+    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
+    trained = train_group(windows_from_frame(table, group), group, progress=False)
+    with sessions.begin() as s:
+        row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
+                       status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
+        repo.activate_model_version(session=s, version=row.version)
+
+    # two hours of live data; pump-1 gets a drift on its bearing temperature in the middle
+    live_start = START + pd.Timedelta(hours=26)  # same hours of the day as the training data, next day
+    frames = {a: simulate_normal_frame(a, live_start) for a in ASSETS}
+    frames["pump-1"], truth = inject(frames["pump-1"], "pump-1", "drift", live_start + pd.Timedelta(minutes=55),
+                                     pd.Timedelta(minutes=12), seed=1, sensors=["bearing_temp"])
+    messages = to_messages(frames)
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+    producer = kafka_io.make_producer(cfg.kafka)
+    for asset, payload in messages[: len(messages) // 2]:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.send(cfg.kafka.topic, key=b"pump-2", value=b'{"asset": "pump-2", "ts": oops}')
+    for asset, payload in messages[len(messages) // 2 :]:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.flush()
+    producer.close()
+
+    stats = _run(cfg, until_readings=len(messages), until_rejected=1)
+    assert stats.readings == len(messages)
+    assert dict(stats.rejected) == {"malformed_json": 1}
+
+    # every window the stream closes has exactly one score row, and nothing else is there
+    decoder = Decoder(cfg.groups, cfg.kafka.max_message_bytes)
+    readings = [decoder.decode(orjson.dumps(p)) for _, p in messages]
+    expected = {(w.asset, w.end_ms) for w in Windower(cfg.groups).add(readings).windows}
+    with sessions() as s:
+        stored = [(r.asset, datetime_to_ms(r.window_end)) for r in s.scalars(select(WindowScore))]
+        alerts = list(s.scalars(select(Alert)))
+    assert len(stored) == len(set(stored))
+    assert set(stored) == expected
+    assert stats.windows_scored == len(expected)
+
+    # the anomalous asset gets an alert overlapping the injected span; the clean ones get none
+    assert {a.asset for a in alerts} == {"pump-1"}
+    span = (truth.start.to_pydatetime(), truth.end.to_pydatetime())
+    assert any(a.opened_at < span[1] and a.last_seen_at > span[0] for a in alerts)
+    assert all(a.top_sensors[0]["sensor"] == "bearing_temp" for a in alerts)
+
+    # offsets are committed: at most up to the oldest reading an open window still needs, never beyond the end
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap_servers, group_id=cfg.kafka.group_id,
+                             enable_auto_commit=False)
+    partitions = [TopicPartition(cfg.kafka.topic, p) for p in consumer.partitions_for_topic(cfg.kafka.topic)]
+    ends = consumer.end_offsets(partitions)
+    committed = {tp: consumer.committed(tp) for tp in partitions}
+    consumer.close()
+    for tp in partitions:
+        if ends[tp] > 0:
+            assert committed[tp] is not None and 0 < committed[tp] <= ends[tp]
+    assert sum(ends[tp] - committed[tp] for tp in partitions if ends[tp]) < 3 * (30 + 3) + 3
+
+    # a restart replays from the committed offsets and adds no duplicates
+    again = _run(cfg, until_readings=10**9, until_rejected=10**9, timeout_s=30)
+    assert again.readings < len(messages) // 10
+    with sessions() as s:
+        assert repo.count_scores(session=s) == len(expected)
+        assert len(list(s.scalars(select(Alert)))) == len(alerts)
+
+    # the malformed message is in the dead-letter topic with its reason and source
+    dlq = KafkaConsumer(cfg.kafka.dead_letter_topic, bootstrap_servers=kafka_bootstrap_servers,
+                        auto_offset_reset="earliest", consumer_timeout_ms=10000)
+    dead = [m for m in dlq]
+    dlq.close()
+    assert len(dead) == 1
+    headers = dict(dead[0].headers)
+    assert headers["reason"] == b"malformed_json"
+    assert headers["source"].startswith(cfg.kafka.topic.encode())
+    assert dead[0].value == b'{"asset": "pump-2", "ts": oops}'
+    engine.dispose()
+
+
+def simulate_normal_frame(asset: str, start: pd.Timestamp) -> pd.DataFrame:
+    """Two hours of normal readings of one asset."""
+    from pipeline.simulate import simulate_normal
+
+    return simulate_normal(asset, start, 720, PERIOD, seed=9)
+
+
+def test_ms_round_trip() -> None:
+    assert datetime_to_ms(ms_to_datetime(1767225610123)) == 1767225610123

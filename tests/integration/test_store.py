@@ -1,0 +1,95 @@
+"""Store on both databases: migrations, idempotent score inserts, alert upserts, restore queries, model registry."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations, upgrade
+from pipeline.store.tables import ModelVersion
+from pipeline.types import AlertRecord, Score
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sw.db'}"
+    else:
+        yield request.getfixturevalue("pg_database_url")
+
+
+def _score(asset: str, i: int, value: float = 1.0, version: str = "m1") -> Score:
+    return Score(asset, "g", i * 1000, i * 1000 + 5000, value, 2.0, {"x": value}, version)
+
+
+def test_migrations_create_schema_and_writes_are_idempotent(db_url: str) -> None:
+    engine = make_engine(db_url)
+    assert pending_migrations(engine)
+    upgrade(db_url)
+    upgrade(db_url)  # running it twice is harmless
+    assert not pending_migrations(engine)
+    assert {"model_versions", "window_scores", "alerts"} <= set(inspect(engine).get_table_names())
+    sessions = make_sessionmaker(engine)
+    scores = [_score("a", i, float(i)) for i in range(10)]
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=scores)
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=scores[5:] + [_score("a", 11)])  # replay + one new
+        repo.insert_scores(session=s, scores=[_score("a", 3, version="m2")])  # a second model may rescore
+    with sessions() as s:
+        assert repo.count_scores(session=s) == 12
+        recent = repo.recent_scores(session=s, assets=["a", "b"], limit=3)
+        assert [repo.score_of(r).end_ms for r in recent["a"]] == [13000, 14000, 16000]
+        assert "b" not in recent
+        assert recent["a"][0].window_end.tzinfo is not None
+    engine.dispose()
+
+
+def test_alert_upsert_updates_one_row_per_incident(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    base = AlertRecord("a", "g", 1000, 5000, None, 3.0, 2.0, "warning", "open", 2,
+                       [{"sensor": "x", "share": 1.0, "error": 3.0}], "m1")
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[base])
+    later = AlertRecord("a", "g", 1000, 9000, 9000, 9.0, 2.0, "critical", "resolved", 4,
+                        [{"sensor": "x", "share": 1.0, "error": 9.0}], "m1")
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[base, later])
+    with sessions() as s:
+        rows = repo.list_alerts(session=s)
+        assert len(rows) == 1
+        assert (rows[0].status, rows[0].severity, rows[0].window_count) == ("resolved", "critical", 4)
+        assert repo.alert_record(rows[0]) == later
+        assert repo.open_alerts(session=s, assets=["a"]) == []
+        assert repo.list_alerts(session=s, status="open") == []
+    engine.dispose()
+
+
+def test_activating_a_model_retires_the_previous_one(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    now = datetime.now(UTC)
+    with sessions.begin() as s:
+        for v in ("v1", "v2"):
+            repo.add_model_version(session=s, version=ModelVersion(
+                version=v, group_name="g", model_type="dense", status="candidate", created_at=now,
+                artifact_path=f"/m/{v}", checksum="0" * 64, config_hash="h", threshold=1.0,
+                threshold_method="percentile", windows_used=10, metrics={}))
+        repo.activate_model_version(session=s, version="v1")
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version="v2")
+    with sessions() as s:
+        assert repo.active_model_versions(session=s)["g"].version == "v2"
+        statuses = {r.version: r.status for r in repo.list_model_versions(session=s)}
+        assert statuses == {"v1": "retired", "v2": "active"}
+        with pytest.raises(KeyError):
+            repo.activate_model_version(session=s, version="nope")
+    engine.dispose()

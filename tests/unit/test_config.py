@@ -1,0 +1,81 @@
+"""Configuration: the example file loads, env interpolation, and errors that name the key and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
+
+
+def _raw() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def test_example_config_loads_with_defaults_from_env() -> None:
+    cfg = load_config(EXAMPLE, env={})
+    assert cfg.kafka.bootstrap_servers == "localhost:9092"
+    assert cfg.database.url == "sqlite:///sensorwatch.db"
+    group = cfg.groups[0]
+    assert group.sensor_names[0] == "speed"
+    assert group.period_ms == 10_000
+    assert cfg.asset_groups()["pump-2"].name == "pumps"
+
+
+def test_env_interpolation_replaces_values_and_masks_password() -> None:
+    cfg = load_config(EXAMPLE, env={"DATABASE_URL": "postgresql+psycopg://sw:s3cret@db:5432/sw",
+                                    "KAFKA_BOOTSTRAP_SERVERS": "k1:9092,k2:9092"})
+    assert cfg.kafka.client_kwargs()["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+    assert "s3cret" not in cfg.database.safe_url
+    assert "s3cret" in cfg.database.url
+
+
+def test_missing_env_var_without_default_names_the_key() -> None:
+    raw = _raw()
+    raw["kafka"]["security"] = {"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                                "sasl_password": "${KAFKA_PASSWORD}"}
+    with pytest.raises(ConfigError, match=r"kafka\.security\.sasl_password: environment variable KAFKA_PASSWORD"):
+        parse_config(raw, env={})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda r: r["groups"][0]["window"].update(stride=0), r"groups\[0\]\.window\.stride: Input should be greater"),
+        (lambda r: r["groups"][0]["window"].update(stride=40), r"groups\[0\]\.window: .*stride must not exceed"),
+        (lambda r: r["groups"][0]["model"].update(type="transformer"), r"groups\[0\]\.model\.type"),
+        (lambda r: r["groups"][0]["alert"].update(k=5), r"groups\[0\]\.alert: .*k must not exceed n"),
+        (lambda r: r["groups"][0]["sensors"][0].update(valid_range=[5, 1]), r"groups\[0\]\.sensors\[0\]\.valid_range"),
+        (lambda r: r["kafka"].update(topicc="x"), r"kafka\.topicc: Extra inputs are not permitted"),
+        (lambda r: r["groups"].append({**r["groups"][0], "name": "other"}), r"asset 'pump-1' is in groups"),
+        (lambda r: r.pop("groups"), r"groups: Field required"),
+    ],
+)
+def test_invalid_config_names_key_path_and_reason(mutate, expected: str) -> None:
+    raw = _raw()
+    mutate(raw)
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(raw, env={})
+
+
+def test_unreadable_and_non_yaml_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_model_hash_changes_with_model_settings_only() -> None:
+    a = parse_config(_raw(), env={}).groups[0]
+    raw = _raw()
+    raw["groups"][0]["alert"]["k"] = 1
+    assert parse_config(raw, env={}).groups[0].model_hash() == a.model_hash()
+    raw["groups"][0]["window"]["length"] = 20
+    assert parse_config(raw, env={}).groups[0].model_hash() != a.model_hash()

@@ -1,0 +1,66 @@
+"""Decoding and validation: every kind of bad input becomes a Rejected with the right reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.decode import Decoder, parse_timestamp
+
+
+@pytest.fixture
+def decoder() -> Decoder:
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["pump-1"], "sensors": [
+        {"name": "temp", "valid_range": [-10, 150]}, {"name": "flow"}]}]}, env={})
+    return Decoder(cfg.groups, max_message_bytes=512)
+
+
+def test_valid_reading_with_iso_and_epoch_timestamps(decoder: Decoder) -> None:
+    a = decoder.decode(b'{"asset": "pump-1", "ts": "2026-01-01T00:00:10Z", "values": {"temp": 70.5, "flow": 3}}')
+    b = decoder.decode(b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5}}')
+    assert a.ts_ms == b.ts_ms == 1767225610000
+    assert a.values == {"temp": 70.5, "flow": 3.0}
+
+
+def test_naive_iso_is_utc() -> None:
+    assert parse_timestamp("2026-01-01T00:00:00") == parse_timestamp("2026-01-01T01:00:00+01:00")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{nope", "malformed_json"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": NaN}}', "non_finite"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": -Infinity}}', "non_finite"),
+        (None, "malformed_json"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"ts": 1, "values": {"temp": 1}}', "missing_field"),
+        (b'{"asset": "pump-1", "values": {"temp": 1}}', "missing_field"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {}}', "missing_field"),
+        (b'{"asset": 7, "ts": 1, "values": {"temp": 1}}', "wrong_type"),
+        (b'{"asset": "pump-1", "ts": 1, "values": [1]}', "wrong_type"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": "hot"}}', "wrong_type"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": true}}', "wrong_type"),
+        (b'{"asset": "pump-9", "ts": 1, "values": {"temp": 1}}', "unknown_asset"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"rpm": 1}}', "unknown_sensor"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": 1e400}}', "non_finite"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": 999}}', "out_of_range"),
+        (b'{"asset": "pump-1", "ts": "yesterday", "values": {"temp": 1}}', "bad_timestamp"),
+        (b'{"asset": "pump-1", "ts": -5, "values": {"temp": 1}}', "bad_timestamp"),
+        (b'{"asset": "pump-1", "ts": null, "values": {"temp": 1}}', "bad_timestamp"),
+        (b'{"asset": "pump-1", "ts": 1, "values": {"temp": 1}, "pad": "' + b"x" * 600 + b'"}', "oversized"),
+    ],
+)
+def test_bad_input_is_rejected_with_reason(decoder: Decoder, raw: bytes | None, reason: str) -> None:
+    readings, rejected = decoder.decode_batch([("topic", 2, 41, b"k", raw)])
+    assert readings == []
+    assert [r.reason for r in rejected] == [reason]
+    assert (rejected[0].partition, rejected[0].offset, rejected[0].value) == (2, 41, raw)
+
+
+def test_batch_keeps_good_readings_around_bad_ones(decoder: Decoder) -> None:
+    good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"x", good])])
+    assert [r.offset for r in readings] == [0, 2]
+    assert [r.offset for r in rejected] == [1]

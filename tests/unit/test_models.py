@@ -1,0 +1,126 @@
+"""Model contract: training learns, anomalies score higher, bundles round-trip and refuse tampering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.autoencoders import build_model
+from models.bundle import load_bundle, save_bundle
+from models.detector import Detector
+from models.scaler import StandardScaler
+from models.thresholds import fit_threshold
+from models.training import NotEnoughData, fit, seed_everything
+from pipeline.errors import ModelError
+
+W, F = 16, 3
+
+
+def _normal_windows(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)[:, None, None] * 0.37 + np.arange(W)[None, :, None] * 0.2
+    base = np.sin(t)
+    return np.concatenate([base, 2 * base + 1, -base], axis=2) + rng.normal(0, 0.05, (n, W, F))
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    windows = _normal_windows(400)
+    scaler = StandardScaler.fit(windows)
+    model = build_model("dense", W, F, {"hidden": [32, 6]})
+    result = fit(model, scaler.transform(windows), epochs=30, batch_size=32, learning_rate=3e-3, progress=False)
+    assert result.train_loss[-1] < result.train_loss[0] / 3  # the loss decreases
+    threshold, _ = fit_threshold(result.val_scores, "percentile", percentile=99)
+    return Detector("v1", "g", "dense", {"hidden": [32, 6]}, ["a", "b", "c"], W, scaler, threshold, model,
+                    {"note": "test"})
+
+
+def test_anomalous_windows_score_higher_and_errors_point_at_the_broken_sensor(detector: Detector) -> None:
+    normal = _normal_windows(50, seed=1)
+    broken = normal.copy()
+    broken[:, :, 1] += 3.0  # sensor b is off by ~2 std
+    normal_scores, _ = detector.score(normal)
+    broken_scores, per_sensor = detector.score(broken)
+    assert broken_scores.min() > normal_scores.max()
+    assert (per_sensor.argmax(axis=1) == 1).all()
+    assert (normal_scores <= detector.threshold * 2).mean() > 0.9
+
+
+def test_training_is_reproducible_with_a_seed() -> None:
+    windows = StandardScaler.fit(_normal_windows(100)).transform(_normal_windows(100))
+    losses = []
+    for _ in range(2):
+        seed_everything(5)
+        model = build_model("dense", W, F, {"hidden": [8, 4]})
+        losses.append(fit(model, windows, epochs=3, batch_size=16, learning_rate=1e-3, seed=5, progress=False)
+                      .train_loss)
+    assert losses[0] == losses[1]
+
+
+def test_too_little_data_is_a_clear_error() -> None:
+    with pytest.raises(NotEnoughData, match="at least"):
+        fit(build_model("dense", W, F, {"hidden": [4]}), np.zeros((5, W, F), np.float32), epochs=1, batch_size=4,
+            learning_rate=1e-3, progress=False)
+
+
+def test_bundle_round_trip_gives_identical_scores(detector: Detector, tmp_path: Path) -> None:
+    checksum = save_bundle(detector, tmp_path / "v1")
+    loaded = load_bundle(tmp_path / "v1", expected_sensors=["a", "b", "c"], expected_checksum=checksum)
+    windows = _normal_windows(20, seed=3)
+    assert np.array_equal(loaded.score(windows)[0], detector.score(windows)[0])
+    assert loaded.threshold == detector.threshold and loaded.metadata["note"] == "test"
+    with pytest.raises(ModelError, match="refusing to overwrite"):
+        save_bundle(detector, tmp_path / "v1")
+
+
+def test_tampered_or_mismatched_bundles_are_refused(detector: Detector, tmp_path: Path) -> None:
+    checksum = save_bundle(detector, tmp_path / "v1")
+    with pytest.raises(ModelError, match="sensors"):
+        load_bundle(tmp_path / "v1", expected_sensors=["a", "c", "b"])
+    weights = tmp_path / "v1" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ModelError, match="weights checksum"):
+        load_bundle(tmp_path / "v1")
+    meta = tmp_path / "v1" / "metadata.json"
+    doc = json.loads(meta.read_text())
+    doc["threshold"] = 1e9
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="metadata checksum"):
+        load_bundle(tmp_path / "v1", expected_checksum=checksum)
+    with pytest.raises(ModelError, match="not a model bundle"):
+        load_bundle(tmp_path / "nothing")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_pickled_payload_is_not_executed(detector: Detector, tmp_path: Path) -> None:
+    import hashlib
+    import pickle
+
+    save_bundle(detector, tmp_path / "v1")
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+            return (Path.touch, (tmp_path / "pwned",))
+
+    weights = tmp_path / "v1" / "weights.pt"
+    weights.write_bytes(pickle.dumps(Evil()))
+    meta = tmp_path / "v1" / "metadata.json"
+    doc = json.loads(meta.read_text())
+    doc["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()  # attacker also fixes the hash
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="cannot rebuild"):
+        load_bundle(tmp_path / "v1")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_thresholds() -> None:
+    errors = np.arange(1, 101, dtype=float)
+    assert fit_threshold(errors, "percentile", percentile=99)[0] == pytest.approx(99.01)
+    value, info = fit_threshold(errors, "mean_std", k=2, multiplier=2)
+    assert value == pytest.approx(2 * (errors.mean() + 2 * errors.std()))
+    assert info["method"] == "mean_std"
+    with pytest.raises(ValueError, match="finite"):
+        fit_threshold(np.array([np.nan]), "percentile")
