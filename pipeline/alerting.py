@@ -1,138 +1,320 @@
-"""The alert state machine: scores in, alert events out. Pure: no I/O, no clocks.
+"""The alert state machine: scores in, alert events out. Pure: no I/O, no clocks; all times are window event times.
 
-Per asset: an alert opens when ``k`` of the last ``n`` windows exceed the threshold, is updated while it lasts (last
-seen, peak score, window count, severity, top sensors by their share of the error), and resolves after ``clear_after``
-consecutive windows below the threshold. The state can be rebuilt from the database (open alert + recent scores),
-so a restarted consumer carries on where the last one stopped; windows at or before the last one processed are ignored,
-which makes replays harmless.
+Per asset, following its group's ``AlertConfig``:
+
+- **open**: ``k`` of the last ``n`` windows exceed the threshold, and that condition has held continuously for
+  ``min_duration_s`` (between window ends), outside the ``cooldown_s`` after the previous alert's resolution. The alert
+  opens on an exceeding window and covers every exceeding window gathered while the condition held (``opened`` is the
+  start of the first of them).
+- **update**: while open, each exceeding window updates the same incident in place (last seen, peak score, window
+  count, severity, top sensors with their share of the accumulated error). Severity is the highest tier whose
+  multiple of the threshold a window reached; it never falls during an incident.
+- **resolve** (hysteresis): ``clear_after`` consecutive windows at or below ``exit_level`` x threshold. A window
+  between the exit level and the threshold keeps the alert open (resets the count) without updating it.
+- **maintenance**: windows overlapping one of the asset's maintenance windows are ignored and the evidence gathered
+  before it (k-of-n history, time pending, resolve count) is dropped; an open alert stays open, unchanged.
+- **restart**: ``restore`` rebuilds an asset from its stored open alert (optionally the last resolved one, for the
+  cooldown) and its latest stored scores, replayed without opening anything; transitions the replay implies for the
+  open alert are returned by the next ``process`` call. Windows at or before the last one processed are ignored, which
+  makes replays harmless.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from pipeline.config import AlertConfig, GroupConfig
-from pipeline.types import AlertEvent, AlertRecord, Score
+from pipeline.config import AlertConfig, GroupConfig, MaintenanceWindow
+from pipeline.cron import CronSchedule
+from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
+
+_REST = "\x00rest"  # restored error of the sensors beyond the stored top list: counts in the total, never ranked
+_NEVER = -(2**62)
+
+
+def _ratio(score: float, threshold: float) -> float:
+    return score / threshold if threshold > 0 else math.inf
+
+
+def _tier_rank(ratio: float, rule: AlertConfig) -> int:
+    rank = 0
+    for i, tier in enumerate(rule.tiers):
+        if ratio >= tier.multiple:
+            rank = i
+    return rank
+
+
+def severity_of(peak: float, threshold: float, rule: AlertConfig) -> str:
+    """The highest severity tier whose multiple of ``threshold`` the ``peak`` reaches (the lowest tier otherwise)."""
+    return rule.tiers[_tier_rank(_ratio(peak, threshold), rule)].name
+
+
+def top_sensors(error_sums: Mapping[str, float], count: int) -> list[dict[str, float | str]]:
+    """The ``count`` sensors with the largest share of the accumulated error: name, share (0..1), summed error."""
+    total = sum(error_sums.values()) or 1.0
+    named = [(k, v) for k, v in error_sums.items() if k != _REST]
+    ranked = sorted(named, key=lambda kv: kv[1], reverse=True)[:count]
+    return [{"sensor": name, "share": round(value / total, 4), "error": round(value, 6)} for name, value in ranked]
+
+
+@dataclass(frozen=True, slots=True)
+class _Maintenance:
+    assets: frozenset[str] | None
+    start_ms: int
+    end_ms: int
+    cron: CronSchedule | None
+    duration_ms: int
+
+    @classmethod
+    def of(cls, window: MaintenanceWindow) -> _Maintenance:
+        assets = frozenset(window.assets) if window.assets is not None else None
+        if window.cron is not None:
+            return cls(assets, 0, 0, CronSchedule.parse(window.cron), (window.duration_minutes or 0) * 60_000)
+        assert window.start is not None and window.end is not None  # the config validator guarantees it
+        return cls(assets, datetime_to_ms(window.start), datetime_to_ms(window.end), None, 0)
+
+    def overlaps(self, asset: str, start_ms: int, end_ms: int) -> bool:
+        """True when ``[start_ms, end_ms)`` of ``asset`` intersects this maintenance window."""
+        if self.assets is not None and asset not in self.assets:
+            return False
+        if self.cron is None:
+            return self.start_ms < end_ms and start_ms < self.end_ms
+        # an occurrence [s, s + d) intersects the window iff some firing s lies in (start - d, end)
+        earliest = ms_to_datetime(start_ms - self.duration_ms + 1)
+        return self.cron.latest_at_or_before(ms_to_datetime(end_ms - 1), earliest) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    config: AlertConfig
+    maintenance: tuple[_Maintenance, ...]
+
+    def in_maintenance(self, score: Score) -> bool:
+        return any(m.overlaps(score.asset, score.start_ms, score.end_ms) for m in self.maintenance)
+
+
+def in_maintenance(rule: AlertConfig, asset: str, start_ms: int, end_ms: int) -> bool:
+    """True when ``[start_ms, end_ms)`` of ``asset`` overlaps one of the rule's maintenance windows."""
+    return any(_Maintenance.of(m).overlaps(asset, start_ms, end_ms) for m in rule.maintenance)
+
+
+@dataclass
+class _Evidence:
+    """Exceeding windows gathered for one incident."""
+
+    first_start_ms: int
+    peak: float
+    ratio: float
+    count: int
+    sums: dict[str, float]
+
+    @classmethod
+    def of(cls, scores: Sequence[Score]) -> _Evidence:
+        evidence = cls(scores[0].start_ms, -math.inf, 0.0, 0, {})
+        for score in scores:
+            evidence.add(score)
+        return evidence
+
+    def add(self, score: Score) -> None:
+        self.first_start_ms = min(self.first_start_ms, score.start_ms)
+        self.peak = max(self.peak, score.score)
+        self.ratio = max(self.ratio, _ratio(score.score, score.threshold))
+        self.count += 1
+        for sensor, err in score.sensor_errors.items():
+            self.sums[sensor] = self.sums.get(sensor, 0.0) + err
+
+
+@dataclass
+class _Pending:
+    since_ms: int  # end of the window at which k-of-n first held (continuously since)
+    evidence: _Evidence
 
 
 @dataclass
 class _Open:
     record: AlertRecord
     error_sums: dict[str, float]
+    ratio: float
+    rank: int
     below: int = 0
+
+    @classmethod
+    def restore(cls, record: AlertRecord, rule: AlertConfig) -> _Open:
+        sums: dict[str, float] = {}
+        total = 0.0
+        for entry in record.top_sensors:
+            error, share = float(entry["error"]), float(entry["share"])
+            sums[str(entry["sensor"])] = error
+            if share > 0:
+                total = max(total, error / share)
+        rest = total - sum(sums.values())
+        if rest > 1e-9 * max(total, 1.0):
+            sums[_REST] = rest
+        names = [t.name for t in rule.tiers]
+        ratio = _ratio(record.peak_score, record.threshold)
+        rank = names.index(record.severity) if record.severity in names else _tier_rank(ratio, rule)
+        return cls(record, sums, ratio, rank)
 
 
 @dataclass
 class _AssetAlerts:
     recent: deque[Score]
-    last_end_ms: int = -(2**62)
+    last_end_ms: int = _NEVER
     current: _Open | None = None
+    pending: _Pending | None = None
+    cooldown_until_ms: int = _NEVER
     restored: bool = False
-
-
-def severity_of(peak: float, threshold: float, rule: AlertConfig) -> str:
-    """``critical`` once the peak reaches ``critical_multiplier`` x threshold, else ``warning``."""
-    return "critical" if peak >= rule.critical_multiplier * threshold else "warning"
-
-
-def top_sensors(error_sums: Mapping[str, float], count: int) -> list[dict[str, float | str]]:
-    """The ``count`` sensors with the largest share of the accumulated error: name, share (0..1), summed error."""
-    total = sum(error_sums.values()) or 1.0
-    ranked = sorted(error_sums.items(), key=lambda kv: kv[1], reverse=True)[:count]
-    return [{"sensor": name, "share": round(value / total, 4), "error": round(value, 6)} for name, value in ranked]
+    backlog: list[AlertEvent] = field(default_factory=list)
 
 
 @dataclass
 class AlertEngine:
-    """Holds the alert state of every asset seen so far."""
+    """Holds the alert state of every asset seen so far; one rule per group."""
 
     groups: Iterable[GroupConfig]
-    _rules: dict[str, AlertConfig] = field(init=False)
+    _rules: dict[str, _Rule] = field(init=False)
+    _strides_ms: dict[str, int] = field(init=False)
     _assets: dict[str, _AssetAlerts] = field(init=False, default_factory=dict)
+    _backlogged: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
-        self._rules = {g.name: g.alert for g in self.groups}
+        groups = list(self.groups)
+        self._rules = {g.name: _Rule(g.alert, tuple(_Maintenance.of(m) for m in g.alert.maintenance)) for g in groups}
+        self._strides_ms = {g.name: g.window.stride * g.period_ms for g in groups}
+
+    def history_windows(self) -> int:
+        """How many latest scores per asset ``restore`` needs to rebuild the state exactly (k-of-n history, the
+        resolve count, and the time pending towards ``min_duration_s``)."""
+        needed = 1
+        for name, rule in self._rules.items():
+            c = rule.config
+            pending = c.n + math.ceil(c.min_duration_s * 1000 / max(self._strides_ms[name], 1))
+            needed = max(needed, c.n, c.clear_after, pending)
+        return needed
 
     def unrestored(self, assets: Iterable[str]) -> list[str]:
         """Assets whose state has not been loaded from the database yet in this process."""
         return sorted({a for a in assets if a not in self._assets or not self._assets[a].restored})
 
-    def restore(self, asset: str, group: str, *, open_alert: AlertRecord | None, recent: Sequence[Score]) -> None:
-        """Rebuild an asset's state from its stored open alert and its latest scores (oldest first)."""
+    def restore(self, asset: str, group: str, *, open_alert: AlertRecord | None, recent: Sequence[Score],
+                last_resolved: AlertRecord | None = None) -> None:
+        """Rebuild an asset's state from its stored open alert, its latest scores (any order) and, when given, its
+        latest resolved alert (restores the cooldown and keeps that incident's windows out of the next one).
+
+        The scores are replayed without opening an alert; updates or a resolution of ``open_alert`` that they imply
+        (e.g. after a configuration change) are returned by the next ``process`` call.
+        """
         rule = self._rules[group]
-        state = _AssetAlerts(recent=deque(maxlen=rule.n), restored=True)
-        for score in recent:
-            state.recent.append(score)
-            state.last_end_ms = max(state.last_end_ms, score.end_ms)
+        state = _AssetAlerts(recent=deque(maxlen=rule.config.n), restored=True)
+        floor = _NEVER
+        if last_resolved is not None and last_resolved.closed_ms is not None:
+            state.cooldown_until_ms = last_resolved.closed_ms + round(rule.config.cooldown_s * 1000)
+            floor = last_resolved.closed_ms
         if open_alert is not None:
-            sums = {str(s["sensor"]): float(s["error"]) for s in open_alert.top_sensors}  # type: ignore[arg-type]
-            below = 0
-            for score in reversed(recent):
-                if score.is_anomaly or score.end_ms <= open_alert.last_seen_ms:
-                    break
-                below += 1
-            state.current = _Open(open_alert, sums, below)
+            state.current = _Open.restore(open_alert, rule.config)
+            floor = max(floor, open_alert.last_seen_ms)
+        for score in sorted(recent, key=lambda s: s.end_ms):
+            if score.end_ms <= state.last_end_ms:
+                continue
+            state.last_end_ms = score.end_ms
+            if score.end_ms <= floor:
+                continue
+            event = self._step(state, score, rule, replay=True)
+            if event is not None:
+                state.backlog.append(event)
         self._assets[asset] = state
+        if state.backlog:
+            self._backlogged.add(asset)
 
     def forget(self, assets: Iterable[str]) -> None:
         """Drop in-memory state (e.g. after a partition moved away); it is restored from the database if needed."""
         for asset in assets:
             self._assets.pop(asset, None)
+            self._backlogged.discard(asset)
 
     def process(self, scores: Iterable[Score]) -> list[AlertEvent]:
         """Feed scores (any order across assets; sorted by window end per asset here) and return alert events."""
         events: list[AlertEvent] = []
+        for asset in sorted(self._backlogged):
+            events.extend(self._assets[asset].backlog)
+            self._assets[asset].backlog.clear()
+        self._backlogged.clear()
         for score in sorted(scores, key=lambda s: (s.asset, s.end_ms)):
             rule = self._rules[score.group]
-            state = self._assets.setdefault(score.asset, _AssetAlerts(recent=deque(maxlen=rule.n)))
+            state = self._assets.setdefault(score.asset, _AssetAlerts(recent=deque(maxlen=rule.config.n)))
             if score.end_ms <= state.last_end_ms:
                 continue
             state.last_end_ms = score.end_ms
-            state.recent.append(score)
-            event = self._step(state, score, rule)
+            event = self._step(state, score, rule, replay=False)
             if event is not None:
                 events.append(event)
         return events
 
     @staticmethod
-    def _step(state: _AssetAlerts, score: Score, rule: AlertConfig) -> AlertEvent | None:
-        current = state.current
-        if current is None:
-            flagged = [s for s in state.recent if s.is_anomaly]
-            if not score.is_anomaly or len(flagged) < rule.k:
-                return None
-            sums: dict[str, float] = {}
-            for s in flagged:
-                for sensor, err in s.sensor_errors.items():
-                    sums[sensor] = sums.get(sensor, 0.0) + err
-            peak = max(s.score for s in flagged)
-            record = AlertRecord(
-                asset=score.asset, group=score.group, opened_ms=flagged[0].start_ms, last_seen_ms=score.end_ms,
-                closed_ms=None, peak_score=peak, threshold=score.threshold,
-                severity=severity_of(peak, score.threshold, rule), status="open", window_count=len(flagged),
-                top_sensors=top_sensors(sums, rule.top_sensors), model_version=score.model_version,
-            )
-            state.current = _Open(record, sums)
-            return AlertEvent("opened", record)
-        record = current.record
+    def _step(state: _AssetAlerts, score: Score, rule: _Rule, *, replay: bool) -> AlertEvent | None:
+        if rule.in_maintenance(score):
+            state.recent.clear()
+            state.pending = None
+            if state.current is not None:
+                state.current.below = 0
+            return None
+        state.recent.append(score)
+        if state.current is not None:
+            return AlertEngine._step_open(state, state.current, score, rule.config)
+        return AlertEngine._step_closed(state, score, rule.config, replay=replay)
+
+    @staticmethod
+    def _step_closed(state: _AssetAlerts, score: Score, cfg: AlertConfig, *, replay: bool) -> AlertEvent | None:
+        flagged = [s for s in state.recent if s.is_anomaly]
+        if len(flagged) < cfg.k:
+            state.pending = None
+            return None
+        if state.pending is None:
+            state.pending = _Pending(score.end_ms, _Evidence.of(flagged))
+        elif score.is_anomaly:
+            state.pending.evidence.add(score)
+        if replay or not score.is_anomaly:
+            return None
+        if score.end_ms - state.pending.since_ms < cfg.min_duration_s * 1000 or score.end_ms < state.cooldown_until_ms:
+            return None
+        evidence = state.pending.evidence
+        rank = _tier_rank(evidence.ratio, cfg)
+        record = AlertRecord(
+            asset=score.asset, group=score.group, opened_ms=evidence.first_start_ms, last_seen_ms=score.end_ms,
+            closed_ms=None, peak_score=evidence.peak, threshold=score.threshold, severity=cfg.tiers[rank].name,
+            status="open", window_count=evidence.count, top_sensors=top_sensors(evidence.sums, cfg.top_sensors),
+            model_version=score.model_version,
+        )
+        state.current = _Open(record, dict(evidence.sums), evidence.ratio, rank)
+        state.pending = None
+        return AlertEvent("opened", record)
+
+    @staticmethod
+    def _step_open(state: _AssetAlerts, current: _Open, score: Score, cfg: AlertConfig) -> AlertEvent | None:
+        previous = current.record
         if score.is_anomaly:
             current.below = 0
             for sensor, err in score.sensor_errors.items():
                 current.error_sums[sensor] = current.error_sums.get(sensor, 0.0) + err
-            peak = max(record.peak_score, score.score)
-            record = replace(
-                record, last_seen_ms=score.end_ms, peak_score=peak, window_count=record.window_count + 1,
-                severity=severity_of(peak, record.threshold, rule),
-                top_sensors=top_sensors(current.error_sums, rule.top_sensors), model_version=score.model_version,
+            current.ratio = max(current.ratio, _ratio(score.score, score.threshold))
+            current.rank = max(current.rank, _tier_rank(current.ratio, cfg))
+            current.record = replace(
+                previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.score),
+                window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
+                top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
             )
-            current.record = record
-            return AlertEvent("updated", record)
-        current.below += 1
-        if current.below < rule.clear_after:
+            return AlertEvent("updated", current.record, previous_severity=previous.severity)
+        if score.score > cfg.exit_level * score.threshold:
+            current.below = 0  # between the exit level and the threshold: still inside the incident
             return None
-        record = replace(record, closed_ms=score.end_ms, status="resolved")
+        current.below += 1
+        if current.below < cfg.clear_after:
+            return None
+        record = replace(previous, closed_ms=score.end_ms, status="resolved")
         state.current = None
+        state.pending = None
         state.recent.clear()
+        state.cooldown_until_ms = score.end_ms + round(cfg.cooldown_s * 1000)
         return AlertEvent("resolved", record)

@@ -75,7 +75,7 @@ def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stats = run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop)
+        stats = run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop, serve_metrics=True)
     except (ModelError, TransientError) as exc:
         raise _fail(exc) from None
     logging.getLogger(__name__).info(

@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from sqlalchemy.engine import make_url
 
+from pipeline.cron import CronSchedule
 from pipeline.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -81,6 +83,24 @@ class KafkaConfig(_Strict):
         return kwargs
 
 
+class IngestConfig(_Strict):
+    """Input checks beyond the message format. Timestamps too far ahead of (or behind) the consumer's clock are
+    rejected as ``ts_in_future`` (or ``ts_too_old``); a record whose key is not its asset id as ``key_mismatch``."""
+
+    max_future_s: PositiveFloat = 300.0
+    max_age_s: PositiveFloat | None = None
+    require_key_match: bool = True
+
+
+class MetricsConfig(_Strict):
+    """Prometheus metrics and ``/healthz`` over HTTP; ``port: 0`` picks a free port, ``enabled: false`` none."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    unhealthy_after_s: PositiveFloat = 60.0
+
+
 class DatabaseConfig(_Strict):
     """SQLAlchemy URL. Never log ``url``; use ``safe_url`` for display."""
 
@@ -107,6 +127,7 @@ class SensorConfig(_Strict):
     name: Annotated[str, Field(min_length=1)]
     unit: str = ""
     valid_range: tuple[float, float] | None = None
+    max_gap: Annotated[int, Field(ge=0)] | None = None  # overrides window.max_gap for this sensor
 
     @field_validator("valid_range")
     @classmethod
@@ -123,12 +144,15 @@ class WindowConfig(_Strict):
     stream started and a replay cuts the same windows. A missing slot is filled with the sensor's previous value when
     the gap is at most ``max_gap`` slots; a window still holding holes is skipped, never scored on invented data.
     A window closes once the asset has reported ``lateness`` slots past its end; readings for closed windows are late.
+    When an asset stops reporting, its event time is advanced by the wall-clock time elapsed beyond ``idle_close_s``,
+    so its open windows still close (and are scored or skipped).
     """
 
     length: Annotated[int, Field(ge=2)] = 30
     stride: PositiveInt = 5
     max_gap: Annotated[int, Field(ge=0)] = 3
     lateness: Annotated[int, Field(ge=0)] = 0
+    idle_close_s: PositiveFloat = 120.0
 
     @model_validator(mode="after")
     def _stride_fits(self) -> WindowConfig:
@@ -164,21 +188,126 @@ class ThresholdConfig(_Strict):
     multiplier: PositiveFloat = 1.0
 
 
+class SeverityTier(_Strict):
+    """A severity level: an alert takes the highest tier whose ``multiple`` x threshold one of its windows reached."""
+
+    name: Annotated[str, Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_.-]+$")]
+    multiple: Annotated[float, Field(ge=1)]
+
+
+class MaintenanceWindow(_Strict):
+    """A span during which assets raise nothing: explicit ``start``/``end`` (UTC; naive times are UTC) or a ``cron``
+    schedule (5 fields, UTC) with ``duration_minutes``. ``assets`` limits it to some of the group's assets."""
+
+    assets: list[str] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    cron: str | None = None
+    duration_minutes: PositiveInt | None = None
+    reason: str = ""
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> MaintenanceWindow:
+        explicit = self.start is not None or self.end is not None
+        scheduled = self.cron is not None or self.duration_minutes is not None
+        if explicit == scheduled:
+            raise ValueError("give either start and end, or cron and duration_minutes")
+        if explicit and (self.start is None or self.end is None or self.end <= self.start):
+            raise ValueError("start and end are both required, with end after start")
+        if scheduled:
+            if self.cron is None or self.duration_minutes is None:
+                raise ValueError("cron and duration_minutes are both required")
+            CronSchedule.parse(self.cron)  # ValueError names the field at fault
+        return self
+
+
 class AlertConfig(_Strict):
-    """Alert rule: open when ``k`` of the last ``n`` windows exceed the threshold; resolve after ``clear_after``
-    consecutive windows below it. Severity is ``critical`` once a score reaches ``critical_multiplier`` x threshold."""
+    """Alert rule of a group (all times are event time, from window ends).
+
+    Open when ``k`` of the last ``n`` windows exceed the threshold and that has held for ``min_duration_s``; resolve
+    after ``clear_after`` consecutive windows at or below ``exit_level`` x threshold (hysteresis; a window between the
+    exit level and the threshold keeps the alert open). After a resolution the asset opens nothing for ``cooldown_s``.
+    Severity: the highest of ``severities`` reached (default: warning at 1x, critical at ``critical_multiplier`` x);
+    it only rises during an incident. Windows overlapping a ``maintenance`` window are ignored."""
 
     k: PositiveInt = 2
     n: PositiveInt = 3
     clear_after: PositiveInt = 3
     critical_multiplier: Annotated[float, Field(gt=1)] = 3.0
     top_sensors: PositiveInt = 3
+    severities: list[SeverityTier] | None = None
+    exit_level: Annotated[float, Field(gt=0, le=1)] = 1.0
+    min_duration_s: Annotated[float, Field(ge=0)] = 0.0
+    cooldown_s: Annotated[float, Field(ge=0)] = 0.0
+    maintenance: list[MaintenanceWindow] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _k_within_n(self) -> AlertConfig:
         if self.k > self.n:
             raise ValueError("k must not exceed n")
+        if self.severities is not None:
+            if "critical_multiplier" in self.model_fields_set:
+                raise ValueError("give either severities or critical_multiplier, not both")
+            if not self.severities or self.severities[0].multiple != 1:
+                raise ValueError("severities must start with a tier at multiple 1 (the severity an alert opens with)")
+            multiples = [t.multiple for t in self.severities]
+            if multiples != sorted(set(multiples)):
+                raise ValueError("severities must have strictly increasing multiples")
+            names = [t.name for t in self.severities]
+            if len(set(names)) != len(names):
+                raise ValueError("severity names must be unique")
         return self
+
+    @property
+    def tiers(self) -> list[SeverityTier]:
+        """The severity tiers in rising order."""
+        if self.severities is not None:
+            return list(self.severities)
+        return [SeverityTier(name="warning", multiple=1.0),
+                SeverityTier(name="critical", multiple=self.critical_multiplier)]
+
+
+SinkEvent = Literal["opened", "updated", "escalated", "resolved"]
+
+
+class KafkaSinkConfig(_Strict):
+    """Alert events as JSON on a Kafka topic of the ``kafka`` cluster (same security), keyed by asset.
+
+    ``events`` filters kinds; ``escalated`` selects the updates that raised the severity."""
+
+    enabled: bool = True
+    topic: Annotated[str, Field(min_length=1)] = "sensor-alerts"
+    events: list[SinkEvent] = Field(default_factory=lambda: ["opened", "updated", "resolved"])
+    queue_size: PositiveInt = 10000
+    timeout_s: PositiveFloat = 10.0
+
+
+class WebhookSinkConfig(_Strict):
+    """Alert events POSTed as JSON to ``url``; each try waits at most ``timeout_s``, failures are retried ``retries``
+    times with doubling backoff from ``backoff_s``. Header values are secrets: use ``${ENV_VAR}``."""
+
+    enabled: bool = True
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    headers: dict[str, SecretStr] = Field(default_factory=dict)
+    events: list[SinkEvent] = Field(default_factory=lambda: ["opened", "escalated", "resolved"])
+    timeout_s: PositiveFloat = 5.0
+    retries: Annotated[int, Field(ge=0)] = 3
+    backoff_s: PositiveFloat = 1.0
+    queue_size: PositiveInt = 1000
+
+
+class SinksConfig(_Strict):
+    """Where alert events go besides the database (which always has them). Sinks never block the pipeline."""
+
+    kafka: KafkaSinkConfig | None = None
+    webhook: WebhookSinkConfig | None = None
 
 
 class GroupConfig(_Strict):
@@ -206,6 +335,10 @@ class GroupConfig(_Strict):
         """Sensor names in configured order: the model's feature order."""
         return [s.name for s in self.sensors]
 
+    def max_gaps(self) -> list[int]:
+        """Fill limit per sensor, in configured order (the sensor's own, else the window's)."""
+        return [self.window.max_gap if s.max_gap is None else s.max_gap for s in self.sensors]
+
     @property
     def period_ms(self) -> int:
         """The sampling grid step in milliseconds."""
@@ -222,8 +355,11 @@ class Config(_Strict):
 
     kafka: KafkaConfig = KafkaConfig()
     database: DatabaseConfig = DatabaseConfig()
+    ingest: IngestConfig = IngestConfig()
+    metrics: MetricsConfig = MetricsConfig()
     model_dir: Path = Path("model-store")
     groups: Annotated[list[GroupConfig], Field(min_length=1)]
+    sinks: SinksConfig = SinksConfig()
 
     @model_validator(mode="after")
     def _assets_in_one_group(self) -> Config:

@@ -1,7 +1,8 @@
 """Bytes to readings. All input validation lives here; nothing in this module raises on bad input.
 
-Accepted message: a JSON object ``{"asset": "pump-7", "ts": <ISO-8601 string or epoch ms>, "values": {"temp": 71.2}}``.
-Anything else becomes a ``Rejected`` with one of the reasons in ``REASONS``.
+Accepted messages: ``{"asset": "pump-7", "ts": <ISO-8601 string or epoch ms>, "values": {"temp": 71.2}}`` (per asset)
+or ``{"asset": "pump-7", "sensor": "temp", "ts": ..., "value": 71.2}`` (per sensor). Anything else becomes a
+``Rejected`` with one of the reasons in ``REASONS`` (``duplicate`` and ``late`` are decided by the windower).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from pipeline.config import GroupConfig
+from pipeline.config import GroupConfig, IngestConfig
 from pipeline.errors import InvalidReading
 from pipeline.types import Reading, Rejected
 
@@ -28,6 +29,10 @@ REASONS = (
     "unknown_sensor",
     "non_finite",
     "out_of_range",
+    "key_mismatch",
+    "ts_in_future",
+    "ts_too_old",
+    "duplicate",
     "late",
 )
 
@@ -52,7 +57,7 @@ def parse_timestamp(raw: object) -> int:
 
 
 def _has_non_finite_literal(value: bytes) -> bool:
-    """True when ``value`` is JSON apart from NaN/Infinity literals or overflowing numbers (strict parsers refuse them)."""
+    """True when ``value`` would be JSON but for NaN/Infinity literals or overflowing numbers."""
 
     def refuse(_token: str) -> float:
         raise OverflowError
@@ -67,18 +72,24 @@ def _has_non_finite_literal(value: bytes) -> bool:
 
 
 class Decoder:
-    """Validates raw messages against the configured assets, sensors and valid ranges."""
+    """Validates raw messages against the configured assets, sensors, valid ranges and ingest limits."""
 
-    def __init__(self, groups: Iterable[GroupConfig], max_message_bytes: int) -> None:
+    def __init__(self, groups: Iterable[GroupConfig], max_message_bytes: int, ingest: IngestConfig | None = None
+                 ) -> None:
         self._max_bytes = max_message_bytes
+        self._ingest = ingest or IngestConfig()
         self._asset_sensors: dict[str, Mapping[str, tuple[float, float] | None]] = {}
         for group in groups:
             ranges = {s.name: s.valid_range for s in group.sensors}
             for asset in group.assets:
                 self._asset_sensors[asset] = ranges
 
-    def decode(self, value: bytes | None) -> Reading:
-        """Validate one message value; raises InvalidReading with the reason."""
+    def decode(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None) -> Reading:
+        """Validate one message; raises InvalidReading with the reason.
+
+        Two shapes: ``{"asset", "ts", "values": {sensor: number}}`` and ``{"asset", "sensor", "ts", "value"}``.
+        ``now_ms`` (the consumer's clock) enables the future/age checks; ``key`` the key check.
+        """
         if value is None:
             raise InvalidReading("malformed_json", "empty message (tombstone)")
         if len(value) > self._max_bytes:
@@ -91,7 +102,8 @@ class Decoder:
             raise InvalidReading("malformed_json", str(exc)[:120]) from None
         if not isinstance(doc, dict):
             raise InvalidReading("not_an_object", f"top level is {type(doc).__name__}")
-        for name in ("asset", "ts", "values"):
+        per_sensor = "values" not in doc and "sensor" in doc
+        for name in ("asset", "ts", "sensor", "value") if per_sensor else ("asset", "ts", "values"):
             if name not in doc:
                 raise InvalidReading("missing_field", name)
         asset = doc["asset"]
@@ -100,12 +112,24 @@ class Decoder:
         ranges = self._asset_sensors.get(asset)
         if ranges is None:
             raise InvalidReading("unknown_asset", asset[:80])
+        if key is not None and self._ingest.require_key_match and key != asset.encode():
+            raise InvalidReading("key_mismatch", f"record key {key[:80]!r} is not the asset id {asset[:80]!r}")
         ts_ms = parse_timestamp(doc["ts"])
-        raw_values = doc["values"]
-        if not isinstance(raw_values, dict):
-            raise InvalidReading("wrong_type", f"values must be an object, got {type(raw_values).__name__}")
-        if not raw_values:
-            raise InvalidReading("missing_field", "values is empty")
+        if now_ms is not None:
+            if ts_ms > now_ms + self._ingest.max_future_s * 1000:
+                raise InvalidReading("ts_in_future", f"{ts_ms - now_ms} ms ahead of the consumer clock")
+            if self._ingest.max_age_s is not None and ts_ms < now_ms - self._ingest.max_age_s * 1000:
+                raise InvalidReading("ts_too_old", f"{(now_ms - ts_ms) // 1000} s old")
+        if per_sensor:
+            if not isinstance(doc["sensor"], str):
+                raise InvalidReading("wrong_type", f"sensor must be a string, got {type(doc['sensor']).__name__}")
+            raw_values = {doc["sensor"]: doc["value"]}
+        else:
+            raw_values = doc["values"]
+            if not isinstance(raw_values, dict):
+                raise InvalidReading("wrong_type", f"values must be an object, got {type(raw_values).__name__}")
+            if not raw_values:
+                raise InvalidReading("missing_field", "values is empty")
         values: dict[str, float] = {}
         for sensor, raw in raw_values.items():
             if sensor not in ranges:
@@ -122,14 +146,14 @@ class Decoder:
         return Reading(asset=asset, ts_ms=ts_ms, values=values)
 
     def decode_batch(
-        self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None]]
+        self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None]], now_ms: int | None = None
     ) -> tuple[list[Reading], list[Rejected]]:
         """Decode ``(topic, partition, offset, key, value)`` tuples; never raises on bad input."""
         readings: list[Reading] = []
         rejected: list[Rejected] = []
         for topic, partition, offset, key, value in records:
             try:
-                r = self.decode(value)
+                r = self.decode(value, key, now_ms)
             except InvalidReading as exc:
                 rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
                 continue

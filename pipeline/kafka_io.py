@@ -118,6 +118,17 @@ def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> N
         consumer.commit(offsets=payload)
 
 
+def lag(consumer: KafkaConsumer) -> dict[int, int]:
+    """Records between this consumer's position and the log end, per assigned partition (from fetch metadata)."""
+    out: dict[int, int] = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is not None:
+            with contextlib.suppress(KafkaError):
+                out[tp.partition] = max(highwater - consumer.position(tp, timeout_ms=1000), 0)
+    return out
+
+
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:
     """Create topics that do not exist yet (replication factor 1 is for local brokers; use your ops tooling in prod)."""
     admin = KafkaAdminClient(**cfg.client_kwargs())

@@ -1,13 +1,16 @@
 """The consume loop: poll -> decode -> window -> score -> decide -> persist (one transaction) -> commit offsets.
 
 Offsets are committed only after the transaction holding the batch's results has committed, and never past the oldest
-record an open window still needs, so a crash at any point loses nothing: the replay rebuilds the open windows and the
-idempotent writes absorb what was already stored. A database outage stops progress (no commits) and is retried with
-backoff; a bad message never stops the loop, it goes to the dead-letter topic.
+record an open window still needs, so a crash at any point loses nothing: the replay rebuilds the open windows. The same
+transaction records, per asset, where its next window starts and, per partition, which offsets are processed; a
+restarted or newly assigned consumer resumes from there, so every window is scored exactly once and replayed rejects
+are not sent to the dead-letter topic again. A database or broker outage stops progress (no commits) and is retried
+with backoff; a bad message never stops the loop, it goes to the dead-letter topic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,12 +30,13 @@ from pipeline.alerting import AlertEngine
 from pipeline.config import Config
 from pipeline.decode import Decoder
 from pipeline.errors import TransientError
+from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_active
 from pipeline.scoring import score_windows
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
-from pipeline.types import AlertEvent, Rejected, Score
-from pipeline.windowing import Windower
+from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
+from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +49,7 @@ class RunStats:
     batches: int = 0
     readings: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    replayed: int = 0
     windows_scored: int = 0
     windows_skipped: int = 0
     alerts_opened: int = 0
@@ -57,83 +62,123 @@ class Runner:
     """Composes the steps over injected clients; owns the transaction and the offset commit."""
 
     def __init__(self, config: Config, *, sessions: sessionmaker[Session], detectors: dict[str, Detector],
-                 producer: KafkaProducer, stop: threading.Event) -> None:
+                 producer: KafkaProducer, stop: threading.Event, metrics: PipelineMetrics | None = None) -> None:
         self.config = config
         self.stats = RunStats()
+        self.metrics = metrics or PipelineMetrics(config.metrics.unhealthy_after_s)
         self._sessions = sessions
         self._detectors = detectors
         self._producer = producer
         self._stop = stop
-        self._decoder = Decoder(config.groups, config.kafka.max_message_bytes)
+        self._decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
         self._windower = Windower(config.groups)
         self._alerts = AlertEngine(config.groups)
         self._groups = config.asset_groups()
         self._history = max(max(g.alert.n, g.alert.clear_after) for g in config.groups)
         self._next_offset: dict[int, int] = {}
+        self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
+        self._saved_starts: dict[str, int] = {}
+        self.metrics.set_models({g: d.version for g, d in detectors.items()})
 
-    # -- rebalance hooks -------------------------------------------------------------------------------------------
+    # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
-        """Forget the state tied to partitions this consumer no longer owns (the new owner replays them)."""
-        assets = self._windower.open_assets()
-        self._windower.forget_partitions(partitions)
-        still = set(self._windower.open_assets())
-        self._alerts.forget(a for a in assets if a not in still)
+        """Forget the state tied to partitions this consumer no longer owns (the new owner resumes them)."""
+        assets = self._windower.forget_partitions(partitions)
+        self._alerts.forget(assets)
+        for asset in assets:
+            self._saved_starts.pop(asset, None)
         for p in partitions:
             self._next_offset.pop(p, None)
+            self._processed_before.pop(p, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(str(p))
         if partitions:
-            log.info("partitions revoked: %s", sorted(partitions))
+            log.info("partitions revoked: %s (%d assets handed over)", sorted(partitions), len(assets))
 
     def partitions_assigned(self, partitions: set[int]) -> None:
-        """Log new assignments (state is rebuilt lazily from replayed records and the database)."""
+        """Log new assignments (state is rebuilt lazily from the database and the replayed records)."""
         if partitions:
             log.info("partitions assigned: %s", sorted(partitions))
 
     # -- one batch -------------------------------------------------------------------------------------------------
-    def process(self, records: Sequence[kafka_io.RawRecord]) -> dict[int, int]:
-        """Run one polled batch through every step; returns the offsets that are now safe to commit.
+    def process(self, records: Sequence[kafka_io.RawRecord], now_ms: int) -> dict[int, int]:
+        """Run one polled batch (possibly empty: then only idle windows close) through every step.
 
-        Raises TransientError when the stop flag is set while the database or broker is unavailable (nothing of
-        this batch is committed then; a restart replays it).
+        Returns the offsets that are now safe to commit. Raises TransientError when the stop flag is set while the
+        database or broker is unavailable (nothing of this batch is committed then; a restart replays it).
         """
         started = time.perf_counter()
         readings, rejected = self._decoder.decode_batch(
-            (r.topic, r.partition, r.offset, r.key, r.value) for r in records
+            ((r.topic, r.partition, r.offset, r.key, r.value) for r in records), now_ms
         )
-        batch = self._windower.add(readings)
-        if batch.late:
-            raw = {(r.partition, r.offset): r for r in records}
-            for reading in batch.late:
-                rec = raw[(reading.partition, reading.offset)]
-                rejected.append(
-                    Rejected("late", f"slot already closed for {reading.asset}", rec.value, rec.key, rec.topic,
-                             rec.partition, rec.offset)
-                )
+        if records:
+            self._retry(lambda: self._load_restart_state(records, readings))
+        batch = self._windower.add(readings, now_ms)
+        idle = self._windower.close_idle(now_ms)
+        batch.windows += idle.windows
+        batch.skipped += idle.skipped
+        rejected += self._rejects_from(records, batch)
+        fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
         scores = score_windows(batch.windows, self._detectors)
-        self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, rejected))
-        events = self._retry(lambda: self._persist(scores))
-
-        for r in records:
-            self._next_offset[r.partition] = max(self._next_offset.get(r.partition, 0), r.offset + 1)
+        processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
+        starts = self._windower.next_window_starts()
+        moved = {a: (self._groups[a].name, ms) for a, ms in starts.items() if self._saved_starts.get(a) != ms}
+        if not (fresh or scores or batch.skipped or processed or moved):
+            return {}
+        self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
+        events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
+        self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
+        self._next_offset.update(processed)
+        self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
         safe = self._windower.safe_offsets()
-        s = self.stats
-        s.batches += 1
-        s.readings += len(readings)
-        s.rejected.update(r.reason for r in rejected)
-        s.windows_scored += len(scores)
-        s.windows_skipped += len(batch.skipped)
-        s.alerts_opened += sum(e.kind == "opened" for e in events)
-        s.alerts_resolved += sum(e.kind == "resolved" for e in events)
-        s.last_batch_s = time.perf_counter() - started
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
 
-    def _persist(self, scores: list[Score]) -> list[AlertEvent]:
+    def _rejects_from(self, records: Sequence[kafka_io.RawRecord], batch: WindowBatch) -> list[Rejected]:
+        """Late and duplicate readings as dead-letter records with the original bytes."""
+        if not (batch.late or batch.duplicates):
+            return []
+        raw = {(r.partition, r.offset): r for r in records}
+        out: list[Rejected] = []
+        for reason, readings in (("late", batch.late), ("duplicate", batch.duplicates)):
+            for reading in readings:
+                rec = raw[(reading.partition, reading.offset)]
+                detail = f"{reading.asset} at {reading.ts_ms}: window already closed" if reason == "late" else (
+                    f"{reading.asset} at {reading.ts_ms}: sensor value already received for this grid step")
+                out.append(Rejected(reason, detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset))
+        return out
+
+    def _load_restart_state(self, records: Sequence[kafka_io.RawRecord], readings: Sequence[Reading]) -> None:
+        """Read where the previous owner stopped: per new partition its processed offsets, per new asset its next
+        window. One query each, and only when a batch brings partitions or assets this process has not seen."""
+        partitions = {r.partition for r in records} - set(self._processed_before) - set(self._next_offset)
+        assets = self._windower.unseen({r.asset for r in readings})
+        if not partitions and not assets:
+            return
+        k = self.config.kafka
+        with self._sessions() as session:
+            if partitions:
+                stored = repo.load_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic)
+                for p in partitions:
+                    self._processed_before[p] = stored.get(p, -1)
+                    self._windower.set_replay_boundary(p, stored.get(p, -1))
+            for asset, start_ms in repo.load_asset_progress(session=session, assets=sorted(assets)).items():
+                self._windower.resume(asset, start_ms)
+                self._saved_starts[asset] = start_ms
+
+    def _persist(self, scores: list[Score], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+                 processed: dict[int, int]) -> list[AlertEvent]:
         assets = sorted({s.asset for s in scores})
+        k = self.config.kafka
         try:
             with self._sessions.begin() as session:
                 self._restore(session, assets)
                 events = self._alerts.process(scores)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
+                repo.insert_skipped(session=session, skipped=skipped)
+                repo.save_asset_progress(session=session, progress=moved)
+                repo.save_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic,
+                                            processed=processed)
         except BaseException:
             self._alerts.forget(assets)  # the transaction did not commit: rebuild from the database next time
             raise
@@ -151,47 +196,82 @@ class Runner:
                 recent=[repo.score_of(row) for row in recent.get(asset, [])],
             )
 
+    def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
+                 scores: list[Score], events: list[AlertEvent], seconds: float) -> None:
+        s, m = self.stats, self.metrics
+        s.batches += 1
+        s.readings += len(readings)
+        s.replayed += batch.replayed + len(rejected) - len(fresh)
+        s.rejected.update(r.reason for r in fresh)
+        s.windows_scored += len(scores)
+        s.windows_skipped += len(batch.skipped)
+        s.alerts_opened += sum(e.kind == "opened" for e in events)
+        s.alerts_resolved += sum(e.kind == "resolved" for e in events)
+        s.last_batch_s = seconds
+        m.readings.inc(len(readings))
+        for reason, count in Counter(r.reason for r in fresh).items():
+            m.rejects.labels(reason=reason).inc(count)
+        m.late.inc(len(batch.late))
+        for group, count in Counter(x.group for x in scores).items():
+            m.windows_scored.labels(group=group).inc(count)
+        for group, count in Counter(x.group for x in batch.skipped).items():
+            m.windows_skipped.labels(group=group).inc(count)
+        for kind, count in Counter(e.kind for e in events).items():
+            m.alerts.labels(kind=kind).inc(count)
+        m.batch_seconds.observe(seconds)
+
     def _retry(self, step: Callable[[], T]) -> T:
         """Run ``step`` until it succeeds, backing off on database/broker failures; give up only when stopping."""
         delay = 0.5
         while True:
             try:
-                return step()
+                result = step()
             except (DBAPIError, TransientError, KafkaError) as exc:
+                self.metrics.set_degraded(True)
                 if self._stop.is_set():
                     raise TransientError(f"stopping while a dependency is down: {exc}") from exc
                 log.warning("dependency unavailable (%s: %s); retrying in %.1fs", type(exc).__name__,
-                            str(exc).splitlines()[0][:200], delay)
+                            str(exc).splitlines()[0][:200] if str(exc) else "", delay)
                 self._stop.wait(delay)
+                self.metrics.beat()  # waiting on a dependency is not a hung loop; /healthz reports the outage
                 delay = min(delay * 2, 30.0)
+                continue
+            self.metrics.set_degraded(False)
+            return result
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def run(self, consumer: KafkaConsumer, *, idle_stop_s: float | None = None,
-            on_batch: Callable[[RunStats], None] | None = None) -> RunStats:
+            on_batch: Callable[[RunStats], None] | None = None, clock: Callable[[], float] = time.time) -> RunStats:
         """Consume until the stop flag is set (or nothing arrives for ``idle_stop_s``). Commits after each batch."""
         k = self.config.kafka
         idle_since = time.monotonic()
+        last_lag = 0.0
         while not self._stop.is_set():
             records = kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records)
-            if not records:
-                if idle_stop_s is not None and time.monotonic() - idle_since >= idle_stop_s:
-                    break
-                continue
-            idle_since = time.monotonic()
-            offsets = self.process(records)
-            try:
-                kafka_io.commit(consumer, k.topic, offsets)
-                self.stats.commits += 1
-            except CommitFailedError as exc:
-                # The group rebalanced under us; the new owner replays from the last commit (idempotent writes).
-                log.warning("offset commit refused after a rebalance: %s", exc)
-            if on_batch is not None:
-                on_batch(self.stats)
+            self.metrics.beat()
+            offsets = self.process(records, round(clock() * 1000))
+            if offsets:
+                try:
+                    kafka_io.commit(consumer, k.topic, offsets)
+                    self.stats.commits += 1
+                except CommitFailedError as exc:
+                    # The group rebalanced under us; the new owner resumes from the stored progress.
+                    log.warning("offset commit refused after a rebalance: %s", exc)
+            if records:
+                idle_since = time.monotonic()
+                if on_batch is not None:
+                    on_batch(self.stats)
+            elif idle_stop_s is not None and time.monotonic() - idle_since >= idle_stop_s:
+                break
+            if time.monotonic() - last_lag > 5:
+                last_lag = time.monotonic()
+                for partition, lag in kafka_io.lag(consumer).items():
+                    self.metrics.lag.labels(partition=str(partition)).set(lag)
         return self.stats
 
 
 def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | None = None,
-                 on_batch: Callable[[RunStats], None] | None = None) -> RunStats:
+                 on_batch: Callable[[RunStats], None] | None = None, serve_metrics: bool = False) -> RunStats:
     """Build the clients from ``config`` and run the loop until stopped. The caller installs signal handlers."""
     engine = make_engine(config.database.url)
     try:
@@ -200,8 +280,13 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         sessions = make_sessionmaker(engine)
         with sessions() as session:
             detectors = load_active(session=session, config=config)
+        metrics = PipelineMetrics(config.metrics.unhealthy_after_s)
+        server = None
+        if serve_metrics and config.metrics.enabled:
+            server = serve(metrics, config.metrics.host, config.metrics.port)
+            log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
         producer = kafka_io.make_producer(config.kafka)
-        runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop)
+        runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics)
         consumer = kafka_io.make_consumer(
             config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned
         )
@@ -212,5 +297,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=10)
+            if server is not None:
+                server.shutdown()
     finally:
         engine.dispose()

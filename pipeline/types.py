@@ -112,7 +112,16 @@ class AlertRecord:
 
 @dataclass(frozen=True, slots=True)
 class AlertEvent:
-    """A change of an alert: ``kind`` is ``opened``, ``updated`` or ``resolved``."""
+    """A change of an alert: ``kind`` is ``opened``, ``updated`` or ``resolved``.
+
+    ``previous_severity`` is the severity before an update, so an escalation is visible to the sinks.
+    """
 
     kind: str
     alert: AlertRecord
+    previous_severity: str | None = None
+
+    @property
+    def escalated(self) -> bool:
+        """True for an update that raised the alert's severity."""
+        return self.kind == "updated" and self.previous_severity not in (None, self.alert.severity)

@@ -1,13 +1,16 @@
-"""Per-asset alignment on the sampling grid and sliding windows. Pure: no I/O, no clocks.
+"""Per-asset alignment on the sampling grid and sliding windows. Pure: no I/O; clocks are passed in.
 
-A reading at ``ts_ms`` lands in grid slot ``round(ts_ms / period_ms)``; readings in the same slot merge (the later
-value of a sensor wins). Window ``k`` covers slots ``[k*stride, k*stride + length)``. It closes once the asset has
-reported a slot ``lateness`` steps past the window's last slot; then a missing value is filled with the sensor's
-previous value if the gap is at most ``max_gap`` slots, and a window with holes left is skipped. A reading for a slot
-that no open window can use any more is late.
+A reading at ``ts_ms`` lands in grid slot ``round(ts_ms / period_ms)``; readings of different sensors in the same slot
+merge, and a second value for a sensor already present in that slot is a duplicate. Window ``k`` covers slots
+``[k*stride, k*stride + length)``. It closes once the asset has reported a slot ``lateness`` steps past the window's
+last slot (or, when the asset falls silent, ``idle_close_s`` of wall-clock time after its last reading). Then a missing
+value is filled with the sensor's previous value if the gap is at most that sensor's ``max_gap``, and a window with
+holes left is skipped, never scored on invented data. A reading for a slot no open window can use any more is late.
 
-The windower also knows which Kafka offsets its open windows still need (``safe_offsets``): committing no further than
-that lets a restarted consumer rebuild every open window from the replayed records.
+Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
+offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
+replay (dropped silently) instead of being reported late again. ``safe_offsets`` tells how far offsets may be committed
+so that a restarted consumer can rebuild every open window from the replayed records.
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from pipeline.config import GroupConfig
 from pipeline.types import Reading, SkippedWindow, Window
 
 
-def forward_fill(values: np.ndarray, limit: int) -> np.ndarray:
-    """Fill NaNs in each column of ``values`` [T, F] with the last valid value at most ``limit`` rows back."""
-    if limit <= 0 or not np.isnan(values).any():
+def forward_fill(values: np.ndarray, limit: int | np.ndarray) -> np.ndarray:
+    """Fill NaNs in each column of ``values`` [T, F] with the last valid value at most ``limit`` rows back.
+
+    ``limit`` is one number or one per column.
+    """
+    if not np.isnan(values).any() or np.all(np.asarray(limit) <= 0):
         return values
     rows = np.arange(values.shape[0])[:, None]
     valid_at = np.where(~np.isnan(values), rows, -1)
     last_valid = np.maximum.accumulate(valid_at, axis=0)
-    fillable = (last_valid >= 0) & (rows - last_valid <= limit)
+    fillable = (last_valid >= 0) & (rows - last_valid <= np.asarray(limit))
     cols = np.broadcast_to(np.arange(values.shape[1]), values.shape)
     filled = values[np.maximum(last_valid, 0), cols]
     return np.where(np.isnan(values) & fillable, filled, values)
@@ -41,17 +47,20 @@ class _AssetState:
     next_start: int
     partition: int
     max_slot: int = -(2**62)
+    last_arrival_ms: int = 0
     rows: dict[int, np.ndarray] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
 class WindowBatch:
-    """What one call to ``Windower.add`` produced."""
+    """What one call produced: closed windows (scored next), skipped windows, late and duplicate readings."""
 
     windows: list[Window] = field(default_factory=list)
     skipped: list[SkippedWindow] = field(default_factory=list)
     late: list[Reading] = field(default_factory=list)
+    duplicates: list[Reading] = field(default_factory=list)
+    replayed: int = 0
 
 
 class Windower:
@@ -62,54 +71,100 @@ class Windower:
         self._sensor_index: dict[str, Mapping[str, int]] = {
             g.name: {s: i for i, s in enumerate(g.sensor_names)} for g in self._group_of.values()
         }
+        self._gaps: dict[str, np.ndarray] = {g.name: np.array(g.max_gaps()) for g in self._group_of.values()}
         self._assets: dict[str, _AssetState] = {}
+        self._resume: dict[str, int] = {}
+        self._replay_upto: dict[int, int] = {}
 
-    def add(self, readings: Iterable[Reading]) -> WindowBatch:
-        """Place readings on their assets' grids and return every window that closed, in time order per asset."""
+    # -- restart support -------------------------------------------------------------------------------------------
+    def unseen(self, assets: Iterable[str]) -> set[str]:
+        """Assets with no state here yet (candidates for ``resume``)."""
+        return {a for a in assets if a not in self._assets and a not in self._resume}
+
+    def resume(self, asset: str, next_window_start_ms: int) -> None:
+        """Continue ``asset`` from the first window start not closed before (as recorded with the last results)."""
+        if asset in self._group_of and asset not in self._assets:
+            self._resume[asset] = round(next_window_start_ms / self._group_of[asset].period_ms)
+
+    def set_replay_boundary(self, partition: int, processed_upto: int) -> None:
+        """Offsets below ``processed_upto`` on ``partition`` were processed by a previous owner."""
+        self._replay_upto[partition] = processed_upto
+
+    def next_window_starts(self) -> dict[str, int]:
+        """Per asset, the start (epoch ms) of the first window not closed yet: what ``resume`` takes after a restart."""
+        return {a: s.next_start * s.group.period_ms for a, s in self._assets.items()}
+
+    # -- the work --------------------------------------------------------------------------------------------------
+    def add(self, readings: Iterable[Reading], now_ms: int = 0) -> WindowBatch:
+        """Place readings on their assets' grids and return every window that closed, in time order per asset.
+
+        ``now_ms`` is the wall-clock arrival time (used only to close the windows of assets that fall silent).
+        """
         out = WindowBatch()
         touched: set[str] = set()
         for reading in readings:
             group = self._group_of[reading.asset]
+            w = group.window
             slot = round(reading.ts_ms / group.period_ms)
             state = self._assets.get(reading.asset)
             if state is None:
-                stride = group.window.stride
-                first = slot - group.window.lateness  # earlier readings may still arrive within the lateness
-                state = _AssetState(group, math.ceil(first / stride) * stride, reading.partition)
+                start = self._resume.pop(reading.asset, None)
+                if start is None:
+                    first = slot - w.lateness  # earlier readings may still arrive within the lateness
+                    start = math.ceil(first / w.stride) * w.stride
+                state = _AssetState(group, start, reading.partition)
                 self._assets[reading.asset] = state
-            if slot < state.next_start - group.window.max_gap:
-                out.late.append(reading)
+            if slot < state.next_start - int(self._gaps[group.name].max()):
+                if reading.offset < self._replay_upto.get(reading.partition, -1):
+                    out.replayed += 1  # processed before a restart: its windows are already stored
+                else:
+                    out.late.append(reading)
                 continue
             index = self._sensor_index[group.name]
             row = state.rows.get(slot)
             if row is None:
                 row = state.rows[slot] = np.full(len(index), np.nan)
-            for sensor, value in reading.values.items():
-                row[index[sensor]] = value
+            columns = [index[sensor] for sensor in reading.values]
+            if not np.isnan(row[columns]).all():
+                out.duplicates.append(reading)
+                continue
+            row[columns] = list(reading.values.values())
             previous = state.offsets.get(slot)
             state.offsets[slot] = reading.offset if previous is None else min(previous, reading.offset)
             state.partition = reading.partition
             state.max_slot = max(state.max_slot, slot)
+            state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
             touched.add(reading.asset)
         for asset in sorted(touched):
-            self._close_windows(asset, self._assets[asset], out)
+            state = self._assets[asset]
+            self._close_windows(asset, state, state.max_slot, out)
         return out
 
-    def _close_windows(self, asset: str, state: _AssetState, out: WindowBatch) -> None:
+    def close_idle(self, now_ms: int) -> WindowBatch:
+        """Close every window holding data of assets silent for longer than their group's ``idle_close_s``."""
+        out = WindowBatch()
+        for asset, state in sorted(self._assets.items()):
+            w = state.group.window
+            if state.rows and now_ms - state.last_arrival_ms >= w.idle_close_s * 1000:
+                # as if the asset had reported just past every window that holds one of its readings
+                self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out)
+                state.rows.clear()  # no lookback kept for a silent asset: it must not hold back offset commits
+                state.offsets.clear()
+        return out
+
+    def _close_windows(self, asset: str, state: _AssetState, watermark: int, out: WindowBatch) -> None:
         w = state.group.window
         period = state.group.period_ms
-        while state.next_start + w.length - 1 + w.lateness <= state.max_slot:
+        while state.next_start + w.length - 1 + w.lateness <= watermark:
             start = state.next_start
-            first_data = min(state.rows) if state.rows else state.max_slot
+            first_data = min(state.rows) if state.rows else watermark
             if first_data >= start + w.length:
                 # Nothing at all in this window: jump over the silent stretch in one skipped span.
-                closable = (state.max_slot - w.lateness - w.length + 1 - start) // w.stride + 1
+                closable = (watermark - w.lateness - w.length + 1 - start) // w.stride + 1
                 jump = min((first_data - start - w.length) // w.stride + 1, closable)
                 state.next_start += jump * w.stride
                 end = start + (jump - 1) * w.stride + w.length
-                out.skipped.append(
-                    SkippedWindow(asset, state.group.name, start * period, end * period, end - start)
-                )
+                out.skipped.append(SkippedWindow(asset, state.group.name, start * period, end * period, end - start))
                 self._prune(state)
                 continue
             values = self._materialise(state, start)
@@ -122,24 +177,24 @@ class Windower:
             state.next_start += w.stride
             self._prune(state)
 
-    @staticmethod
-    def _materialise(state: _AssetState, start: int) -> np.ndarray:
+    def _materialise(self, state: _AssetState, start: int) -> np.ndarray:
         w = state.group.window
-        n_features = len(state.group.sensors)
-        span = np.full((w.max_gap + w.length, n_features), np.nan)
-        for i, slot in enumerate(range(start - w.max_gap, start + w.length)):
+        gaps = self._gaps[state.group.name]
+        lookback = int(gaps.max())
+        span = np.full((lookback + w.length, len(gaps)), np.nan)
+        for i, slot in enumerate(range(start - lookback, start + w.length)):
             row = state.rows.get(slot)
             if row is not None:
                 span[i] = row
-        return forward_fill(span, w.max_gap)[w.max_gap :]
+        return forward_fill(span, gaps)[lookback:]
 
-    @staticmethod
-    def _prune(state: _AssetState) -> None:
-        keep_from = state.next_start - state.group.window.max_gap
+    def _prune(self, state: _AssetState) -> None:
+        keep_from = state.next_start - int(self._gaps[state.group.name].max())
         for slot in [s for s in state.rows if s < keep_from]:
             del state.rows[slot]
             del state.offsets[slot]
 
+    # -- offsets and rebalances ------------------------------------------------------------------------------------
     def safe_offsets(self) -> dict[int, int]:
         """Per partition, the smallest offset that an open window still needs (commit no further than this)."""
         safe: dict[int, int] = {}
@@ -149,11 +204,16 @@ class Windower:
                 safe[state.partition] = min(oldest, safe.get(state.partition, oldest))
         return safe
 
-    def forget_partitions(self, partitions: Iterable[int]) -> None:
-        """Drop the state of assets last seen on these partitions (after a rebalance took them away)."""
+    def forget_partitions(self, partitions: Iterable[int]) -> list[str]:
+        """Drop the state of assets last seen on these partitions (a rebalance took them away); returns them."""
         gone = set(partitions)
-        for asset in [a for a, s in self._assets.items() if s.partition in gone]:
+        assets = [a for a, s in self._assets.items() if s.partition in gone]
+        for asset in assets:
             del self._assets[asset]
+        for p in gone:
+            self._replay_upto.pop(p, None)
+        self._resume.clear()
+        return assets
 
     def open_assets(self) -> list[str]:
         """Assets with buffered readings."""

@@ -1,4 +1,4 @@
-"""initial schema: model versions, window scores, alerts
+"""initial schema: model versions, window scores, alerts, skipped windows, consumer progress
 
 Revision ID: 0001
 Revises:
@@ -19,9 +19,7 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "alerts",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("asset", sa.String(length=120), nullable=False),
         sa.Column("group_name", sa.String(length=120), nullable=False),
         sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
@@ -43,9 +41,7 @@ def upgrade() -> None:
 
     op.create_table(
         "model_versions",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("version", sa.String(length=80), nullable=False),
         sa.Column("group_name", sa.String(length=120), nullable=False),
         sa.Column("model_type", sa.String(length=40), nullable=False),
@@ -71,9 +67,7 @@ def upgrade() -> None:
 
     op.create_table(
         "window_scores",
-        sa.Column(
-            "id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("asset", sa.String(length=120), nullable=False),
         sa.Column("group_name", sa.String(length=120), nullable=False),
         sa.Column("window_start", sa.DateTime(timezone=True), nullable=False),
@@ -95,8 +89,41 @@ def upgrade() -> None:
     with op.batch_alter_table("window_scores", schema=None) as batch_op:
         batch_op.create_index("ix_window_scores_asset_end", ["asset", "window_end"], unique=False)
 
+    op.create_table(
+        "skipped_windows",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
+        sa.Column("asset", sa.String(length=120), nullable=False),
+        sa.Column("group_name", sa.String(length=120), nullable=False),
+        sa.Column("window_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("window_end", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("missing_steps", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_skipped_windows")),
+        sa.UniqueConstraint("asset", "window_end", name=op.f("uq_skipped_windows_asset_window_end")),
+    )
+    op.create_table(
+        "asset_progress",
+        sa.Column("asset", sa.String(length=120), nullable=False),
+        sa.Column("group_name", sa.String(length=120), nullable=False),
+        sa.Column("next_window_start", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("asset", name=op.f("pk_asset_progress")),
+    )
+    op.create_table(
+        "consumer_progress",
+        sa.Column("consumer_group", sa.String(length=200), nullable=False),
+        sa.Column("topic", sa.String(length=250), nullable=False),
+        sa.Column("partition", sa.Integer(), autoincrement=False, nullable=False),
+        sa.Column("processed_upto", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("consumer_group", "topic", "partition", name=op.f("pk_consumer_progress")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("consumer_progress")
+    op.drop_table("asset_progress")
+    op.drop_table("skipped_windows")
     with op.batch_alter_table("window_scores", schema=None) as batch_op:
         batch_op.drop_index("ix_window_scores_asset_end")
 

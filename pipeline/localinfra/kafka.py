@@ -228,7 +228,7 @@ class LocalKafka:
     # -- public API ---------------------------------------------------------------------------------
     @property
     def bootstrap_servers(self) -> str:
-        """ "127.0.0.1:PORT" of the running broker."""
+        """Address "127.0.0.1:PORT"; stays the same across stop_broker()/start_broker()."""
         if self._port is None:
             raise LocalInfraError("LocalKafka is not started")
         return f"127.0.0.1:{self._port}"
@@ -252,7 +252,7 @@ class LocalKafka:
         Raises LocalInfraError (with the tail of the broker log) when the broker does not come up
         within start_timeout seconds; nothing is left running in that case.
         """
-        if self._proc is not None:
+        if self._dir is not None:
             raise LocalInfraError("LocalKafka already started")
         began = time.monotonic()
         java = self._java()
@@ -288,7 +288,9 @@ class LocalKafka:
     def stop_broker(self, *, kill: bool = False, timeout: float = 30.0) -> None:
         """Stop the broker process but keep its data, ports and dir (for outage tests).
 
-        kill=True sends SIGKILL (a crash) instead of SIGTERM (a clean shutdown).
+        kill=True sends SIGKILL (a crash) instead of SIGTERM (a clean shutdown). After a crash the next
+        start_broker() takes ~10 s longer: the controller waits out the old registration
+        (broker.session.timeout.ms, 9 s by default; pass properties= to LocalKafka to shorten it).
         """
         if self._dir is None or self._broker_port is None:
             raise LocalInfraError("LocalKafka is not started")

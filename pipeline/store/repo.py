@@ -13,8 +13,8 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from pipeline.store.tables import Alert, ModelVersion, WindowScore
-from pipeline.types import AlertRecord, Score, datetime_to_ms, ms_to_datetime
+from pipeline.store.tables import Alert, AssetProgress, ConsumerProgress, ModelVersion, SkippedWindowRow, WindowScore
+from pipeline.types import AlertRecord, Score, SkippedWindow, datetime_to_ms, ms_to_datetime
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -186,3 +186,75 @@ def alert_record(row: Alert) -> AlertRecord:
         threshold=row.threshold, severity=row.severity, status=row.status, window_count=row.window_count,
         top_sensors=list(row.top_sensors), model_version=row.model_version,
     )
+
+
+def insert_skipped(*, session: Session, skipped: Sequence[SkippedWindow], now: datetime | None = None) -> None:
+    """Record skipped windows, ignoring any already recorded (same asset and window end)."""
+    if not skipped:
+        return
+    created = now or datetime.now(UTC)
+    rows = [
+        {"asset": s.asset, "group_name": s.group, "window_start": ms_to_datetime(s.start_ms),
+         "window_end": ms_to_datetime(s.end_ms), "missing_steps": s.missing, "created_at": created}
+        for s in skipped
+    ]
+    session.execute(_insert(session, SkippedWindowRow).on_conflict_do_nothing(index_elements=["asset", "window_end"]),
+                    rows)
+
+
+def save_asset_progress(*, session: Session, progress: dict[str, tuple[str, int]], now: datetime | None = None
+                        ) -> None:
+    """Upsert ``asset -> (group, next window start ms)``."""
+    if not progress:
+        return
+    stamp = now or datetime.now(UTC)
+    stmt = _insert(session, AssetProgress)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["asset"],
+        set_={"next_window_start": stmt.excluded.next_window_start, "updated_at": stmt.excluded.updated_at},
+    )
+    session.execute(stmt, [
+        {"asset": a, "group_name": g, "next_window_start": ms_to_datetime(ms), "updated_at": stamp}
+        for a, (g, ms) in sorted(progress.items())
+    ])
+
+
+def load_asset_progress(*, session: Session, assets: Sequence[str]) -> dict[str, int]:
+    """``asset -> next window start ms`` for the assets that have progress recorded."""
+    if not assets:
+        return {}
+    rows = session.execute(select(AssetProgress.asset, AssetProgress.next_window_start)
+                           .where(AssetProgress.asset.in_(assets)))
+    return {asset: datetime_to_ms(start) for asset, start in rows}
+
+
+def save_consumer_progress(*, session: Session, consumer_group: str, topic: str, processed: dict[int, int],
+                           now: datetime | None = None) -> None:
+    """Upsert ``partition -> offset below which everything is processed``."""
+    if not processed:
+        return
+    stamp = now or datetime.now(UTC)
+    stmt = _insert(session, ConsumerProgress)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["consumer_group", "topic", "partition"],
+        set_={"processed_upto": stmt.excluded.processed_upto, "updated_at": stmt.excluded.updated_at},
+    )
+    session.execute(stmt, [
+        {"consumer_group": consumer_group, "topic": topic, "partition": p, "processed_upto": o, "updated_at": stamp}
+        for p, o in sorted(processed.items())
+    ])
+
+
+def load_consumer_progress(*, session: Session, consumer_group: str, topic: str) -> dict[int, int]:
+    """``partition -> processed_upto`` recorded for this consumer group and topic."""
+    rows = session.execute(select(ConsumerProgress.partition, ConsumerProgress.processed_upto).where(
+        ConsumerProgress.consumer_group == consumer_group, ConsumerProgress.topic == topic))
+    return {int(p): int(o) for p, o in rows}
+
+
+def count_skipped(*, session: Session, asset: str | None = None) -> int:
+    """Number of recorded skipped windows (of one asset, or all)."""
+    query = select(func.count()).select_from(SkippedWindowRow)
+    if asset:
+        query = query.where(SkippedWindowRow.asset == asset)
+    return int(session.scalar(query) or 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, MetaData, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -99,7 +99,11 @@ class WindowScore(Base):
 
 
 class Alert(Base):
-    """One incident of one asset, updated in place while it lasts. Unique on (asset, opened_at)."""
+    """One incident of one asset, updated in place while it lasts. Unique on (asset, opened_at).
+
+    The pipeline never writes the ``acknowledged_*``/``ack_comment`` columns; ``sensorwatch alerts ack`` does.
+    Views over this table (``open_alerts``, ``alerts_per_asset_day``, ``alert_top_sensors``) come from migration 0002.
+    """
 
     __tablename__ = "alerts"
     __table_args__ = (
@@ -120,4 +124,49 @@ class Alert(Base):
     window_count: Mapped[int] = mapped_column(Integer)
     top_sensors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     model_version: Mapped[str] = mapped_column(String(80))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    acknowledged_by: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    ack_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SkippedWindowRow(Base):
+    """A window not scored because gaps exceeded the fill limit (or a silent stretch). Unique on (asset, window_end)."""
+
+    __tablename__ = "skipped_windows"
+    __table_args__ = (UniqueConstraint("asset", "window_end"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    asset: Mapped[str] = mapped_column(String(120))
+    group_name: Mapped[str] = mapped_column(String(120))
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    window_end: Mapped[datetime] = mapped_column(UTCDateTime())
+    missing_steps: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AssetProgress(Base):
+    """Per asset, the start of the first window not closed yet: where a restarted consumer resumes."""
+
+    __tablename__ = "asset_progress"
+
+    asset: Mapped[str] = mapped_column(String(120), primary_key=True)
+    group_name: Mapped[str] = mapped_column(String(120))
+    next_window_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ConsumerProgress(Base):
+    """Per consumer group and partition, the offset below which every record has been processed and stored.
+
+    Written in the same transaction as the results, so after a crash the next owner knows which replayed records
+    were already handled (their rejects are not sent again, their readings are not reported late again).
+    """
+
+    __tablename__ = "consumer_progress"
+
+    consumer_group: Mapped[str] = mapped_column(String(200), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(250), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    processed_upto: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

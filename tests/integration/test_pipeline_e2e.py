@@ -1,4 +1,4 @@
-"""End to end on a real Kafka broker and a real PostgreSQL: readings in, scores, alerts, offsets and dead letters out."""
+"""End to end on a real Kafka broker and real PostgreSQL: readings in; scores, alerts, offsets, dead letters out."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_migrations_create_schema_and_writes_are_idempotent(db_url: str) -> None
     with sessions.begin() as s:
         repo.insert_scores(session=s, scores=scores)
     with sessions.begin() as s:
-        repo.insert_scores(session=s, scores=scores[5:] + [_score("a", 11)])  # replay + one new
+        repo.insert_scores(session=s, scores=[*scores[5:], _score("a", 11)])  # replay + one new
         repo.insert_scores(session=s, scores=[_score("a", 3, version="m2")])  # a second model may rescore
     with sessions() as s:
         assert repo.count_scores(session=s) == 12

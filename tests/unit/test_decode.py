@@ -8,12 +8,15 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.decode import Decoder, parse_timestamp
 
+NOW = 1767225600000  # 2026-01-01
+
 
 @pytest.fixture
 def decoder() -> Decoder:
     cfg = parse_config({"groups": [{"name": "g", "assets": ["pump-1"], "sensors": [
-        {"name": "temp", "valid_range": [-10, 150]}, {"name": "flow"}]}]}, env={})
-    return Decoder(cfg.groups, max_message_bytes=512)
+        {"name": "temp", "valid_range": [-10, 150]}, {"name": "flow"}]}],
+        "ingest": {"max_future_s": 60}}, env={})
+    return Decoder(cfg.groups, max_message_bytes=512, ingest=cfg.ingest)
 
 
 def test_valid_reading_with_iso_and_epoch_timestamps(decoder: Decoder) -> None:
@@ -50,10 +53,15 @@ def test_naive_iso_is_utc() -> None:
         (b'{"asset": "pump-1", "ts": -5, "values": {"temp": 1}}', "bad_timestamp"),
         (b'{"asset": "pump-1", "ts": null, "values": {"temp": 1}}', "bad_timestamp"),
         (b'{"asset": "pump-1", "ts": 1, "values": {"temp": 1}, "pad": "' + b"x" * 600 + b'"}', "oversized"),
+        (b'{"asset": "pump-1", "sensor": "temp", "ts": 1}', "missing_field"),
+        (b'{"asset": "pump-1", "sensor": 3, "ts": 1, "value": 1}', "wrong_type"),
+        (b'{"asset": "pump-1", "sensor": "rpm", "ts": 1, "value": 1}', "unknown_sensor"),
+        (b'{"asset": "pump-1", "ts": 99999999999999, "values": {"temp": 1}}', "ts_in_future"),
+        (b"\xff\xfe garbage", "malformed_json"),
     ],
 )
 def test_bad_input_is_rejected_with_reason(decoder: Decoder, raw: bytes | None, reason: str) -> None:
-    readings, rejected = decoder.decode_batch([("topic", 2, 41, b"k", raw)])
+    readings, rejected = decoder.decode_batch([("topic", 2, 41, b"pump-1", raw)], now_ms=NOW)
     assert readings == []
     assert [r.reason for r in rejected] == [reason]
     assert (rejected[0].partition, rejected[0].offset, rejected[0].value) == (2, 41, raw)
@@ -64,3 +72,21 @@ def test_batch_keeps_good_readings_around_bad_ones(decoder: Decoder) -> None:
     readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"x", good])])
     assert [r.offset for r in readings] == [0, 2]
     assert [r.offset for r in rejected] == [1]
+
+
+def test_per_sensor_shape_and_key_check(decoder: Decoder) -> None:
+    r = decoder.decode(b'{"asset": "pump-1", "sensor": "flow", "ts": 5000, "value": 2.5}', key=b"pump-1")
+    assert (r.asset, r.ts_ms, r.values) == ("pump-1", 5000, {"flow": 2.5})
+    _, rejected = decoder.decode_batch([("t", 0, 0, b"pump-2", orjson.dumps(
+        {"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}}))])
+    assert [r.reason for r in rejected] == ["key_mismatch"]
+
+
+def test_too_old_readings_are_rejected_when_max_age_is_set() -> None:
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}],
+                        "ingest": {"max_age_s": 86400}}, env={})
+    decoder = Decoder(cfg.groups, 1024, cfg.ingest)
+    old = orjson.dumps({"asset": "a", "ts": NOW - 2 * 86400 * 1000, "values": {"x": 1}})
+    fresh = orjson.dumps({"asset": "a", "ts": NOW - 3600 * 1000, "values": {"x": 1}})
+    readings, rejected = decoder.decode_batch([("t", 0, 0, None, old), ("t", 0, 1, None, fresh)], now_ms=NOW)
+    assert [r.reason for r in rejected] == ["ts_too_old"] and len(readings) == 1

@@ -102,7 +102,7 @@ def test_pickled_payload_is_not_executed(detector: Detector, tmp_path: Path) -> 
     save_bundle(detector, tmp_path / "v1")
 
     class Evil:
-        def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        def __reduce__(self):
             return (Path.touch, (tmp_path / "pwned",))
 
     weights = tmp_path / "v1" / "weights.pt"

@@ -80,7 +80,7 @@ def test_safe_offsets_point_at_oldest_reading_an_open_window_needs() -> None:
 def test_any_arrival_order_within_lateness_gives_the_same_windows(order: list[int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     lateness = 24  # every permutation of 24 slots is within lateness
-    reference = Windower([_group(lateness=lateness)]).add(_readings("a", list(range(24)) + [48]))
+    reference = Windower([_group(lateness=lateness)]).add(_readings("a", [*list(range(24)), 48]))
     shuffled = Windower([_group(lateness=lateness)])
     chunks = np.array_split(np.array(order), rng.integers(1, 5))
     got = []
@@ -89,3 +89,56 @@ def test_any_arrival_order_within_lateness_gives_the_same_windows(order: list[in
     got += shuffled.add(_readings("a", [48])).windows
     assert [(x.start_ms, x.end_ms) for x in got] == [(x.start_ms, x.end_ms) for x in reference.windows]
     assert all(np.array_equal(a.values, b.values) for a, b in zip(got, reference.windows, strict=True))
+
+
+def test_duplicate_sensor_value_in_a_slot_is_reported_and_not_merged() -> None:
+    w = Windower([_group()])
+    first = Reading("a", 2000, {"x": 1.0}, 0, 0)
+    other_sensor = Reading("a", 2200, {"y": 2.0}, 0, 1)  # same slot, other sensor: merged
+    again = Reading("a", 1900, {"x": 5.0}, 0, 2)  # same slot, same sensor: duplicate
+    out = w.add([first, other_sensor, again])
+    assert out.duplicates == [again]
+    out = w.add(_readings("a", list(range(3, 8)), offset0=3))
+    assert out.windows[0].values[0].tolist() == [1.0, 2.0]
+
+
+def test_per_sensor_gap_limit_overrides_the_window_default() -> None:
+    group = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                                      "sensors": [{"name": "x", "max_gap": 3}, {"name": "y"}],
+                                      "window": {"length": 4, "stride": 4, "max_gap": 0}}]}, env={}).groups[0]
+    w = Windower([group])
+    readings = [Reading("a", s * 1000, {"x": float(s), "y": 0.0} if s != 1 else {"y": 0.0}, 0, s) for s in range(9)]
+    out = w.add(readings)
+    assert out.windows[0].values[:, 0].tolist() == [0.0, 0.0, 2.0, 3.0]  # x filled over one missing step
+    gapped = [Reading("a", s * 1000, {"x": 1.0} if s == 10 else {"x": 1.0, "y": 0.0}, 0, s) for s in range(9, 17)]
+    assert [s.start_ms for s in w.add(gapped).skipped] == [8000]  # y may not be filled at all
+
+
+def test_silent_asset_windows_close_on_wall_clock() -> None:
+    w = Windower([_group(lateness=3)])
+    out = w.add(_readings("a", list(range(0, 6))), now_ms=1_000)
+    assert [x.start_ms for x in out.windows] == []  # window [0, 4) waits for slot 3 + lateness = 6
+    assert w.close_idle(now_ms=60_000).windows == []  # not idle long enough (idle_close_s = 120)
+    idle = w.close_idle(now_ms=1_000 + 120_000)
+    assert [x.start_ms // 1000 for x in idle.windows] == [0, 2]
+    assert [(s.start_ms // 1000, s.missing) for s in idle.skipped] == [(4, 1)]
+    assert w.safe_offsets() == {}  # nothing open any more: everything may be committed
+
+
+def test_resume_after_restart_skips_closed_windows_and_recognises_replay() -> None:
+    first = Windower([_group(max_gap=0)])
+    stream = _readings("a", list(range(0, 12)))
+    done = first.add(stream[:9])  # closes windows [0,4), [2,6), [4,8)
+    resume_at = first.next_window_starts()["a"]
+    safe = first.safe_offsets()[0]
+    restarted = Windower([_group(max_gap=0)])
+    restarted.resume("a", resume_at)
+    restarted.set_replay_boundary(0, 9)  # the previous owner processed offsets < 9
+    replay = restarted.add([*stream[safe:], Reading("a", 1000, {"x": 0.0, "y": 0.0}, 0, 20)])
+    assert replay.replayed == 0 and [r.offset for r in replay.late] == [20]  # a genuinely late reading
+    both = [x.start_ms for x in done.windows + replay.windows]
+    assert both == [0, 2000, 4000, 6000, 8000]  # every window exactly once across the restart
+    again = Windower([_group(max_gap=0)])
+    again.resume("a", resume_at + 4000)
+    again.set_replay_boundary(0, 12)
+    assert again.add(stream[4:]).replayed == 6  # slots 4..9 belong to closed windows: replay, not late
