@@ -58,6 +58,9 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
         progress: bool = True, description: str = "training") -> TrainResult:
     """Train ``model`` to reconstruct standardised windows ``[N, W, F]``.
 
+    The objective is ``model.training_loss(batch)`` when the model defines one (every ``models.autoencoders`` type
+    does: reconstruction plus its regularisation, denoising corruption included) and plain MSE otherwise; the
+    validation loss is always the plain reconstruction error of the deterministic forward pass.
     The last ``validation_fraction`` of windows (time order) is held out; training stops early after ``patience``
     epochs without validation improvement, and the best weights are restored. Learning rate halves on plateaus;
     gradients are clipped to norm 1. Raises NotEnoughData when fewer than MIN_WINDOWS windows are given.
@@ -85,7 +88,7 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
             total = 0.0
             for i in range(0, len(train), batch_size):
                 x = train[order[i : i + batch_size]]
-                loss = (model(x) - x).pow(2).mean()
+                loss = model.training_loss(x) if hasattr(model, "training_loss") else (model(x) - x).pow(2).mean()
                 optimiser.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -3,9 +3,9 @@
 Per asset, following its group's ``AlertConfig``:
 
 - **open**: ``k`` of the last ``n`` windows exceed the threshold, and that condition has held continuously for
-  ``min_duration_s`` (between window ends), outside the ``cooldown_s`` after the previous alert's resolution. The alert
-  opens on an exceeding window and covers every exceeding window gathered while the condition held (``opened`` is the
-  start of the first of them).
+  ``min_duration_s`` (between window ends), outside the ``cooldown_s`` after the previous alert's resolution (windows in
+  a cooldown still fill the k-of-n history, but the time pending starts only after it). The alert opens on an exceeding
+  window and covers every exceeding window gathered while the condition held (``opened`` is the start of the first).
 - **update**: while open, each exceeding window updates the same incident in place (last seen, peak score, window
   count, severity, top sensors with their share of the accumulated error). Severity is the highest tier whose
   multiple of the threshold a window reached; it never falls during an incident.
@@ -141,17 +141,15 @@ class _Open:
     below: int = 0
 
     @classmethod
-    def restore(cls, record: AlertRecord, rule: AlertConfig) -> _Open:
-        sums: dict[str, float] = {}
-        total = 0.0
-        for entry in record.top_sensors:
-            error, share = float(entry["error"]), float(entry["share"])
-            sums[str(entry["sensor"])] = error
-            if share > 0:
-                total = max(total, error / share)
-        rest = total - sum(sums.values())
-        if rest > 1e-9 * max(total, 1.0):
-            sums[_REST] = rest
+    def restore(cls, record: AlertRecord, rule: AlertConfig, sensors: Sequence[str]) -> _Open:
+        """From a stored record: the listed sensors' errors, plus (when the group has sensors beyond the list) their
+        remainder, estimated from the largest listed share, so shares stay right after a restart."""
+        sums = {str(e["sensor"]): float(e["error"]) for e in record.top_sensors}
+        largest = max(record.top_sensors, key=lambda e: float(e["share"]), default=None)
+        if largest is not None and float(largest["share"]) > 0 and not set(sensors) <= set(sums):
+            rest = float(largest["error"]) / float(largest["share"]) - sum(sums.values())
+            if rest > 0:
+                sums[_REST] = rest
         names = [t.name for t in rule.tiers]
         ratio = _ratio(record.peak_score, record.threshold)
         rank = names.index(record.severity) if record.severity in names else _tier_rank(ratio, rule)
@@ -176,6 +174,7 @@ class AlertEngine:
     groups: Iterable[GroupConfig]
     _rules: dict[str, _Rule] = field(init=False)
     _strides_ms: dict[str, int] = field(init=False)
+    _sensors: dict[str, list[str]] = field(init=False)
     _assets: dict[str, _AssetAlerts] = field(init=False, default_factory=dict)
     _backlogged: set[str] = field(init=False, default_factory=set)
 
@@ -183,6 +182,7 @@ class AlertEngine:
         groups = list(self.groups)
         self._rules = {g.name: _Rule(g.alert, tuple(_Maintenance.of(m) for m in g.alert.maintenance)) for g in groups}
         self._strides_ms = {g.name: g.window.stride * g.period_ms for g in groups}
+        self._sensors = {g.name: g.sensor_names for g in groups}
 
     def history_windows(self) -> int:
         """How many latest scores per asset ``restore`` needs to rebuild the state exactly (k-of-n history, the
@@ -213,14 +213,13 @@ class AlertEngine:
             state.cooldown_until_ms = last_resolved.closed_ms + round(rule.config.cooldown_s * 1000)
             floor = last_resolved.closed_ms
         if open_alert is not None:
-            state.current = _Open.restore(open_alert, rule.config)
+            state.current = _Open.restore(open_alert, rule.config, self._sensors[group])
             floor = max(floor, open_alert.last_seen_ms)
+        state.last_end_ms = floor  # windows up to here are in the stored alerts already
         for score in sorted(recent, key=lambda s: s.end_ms):
             if score.end_ms <= state.last_end_ms:
                 continue
             state.last_end_ms = score.end_ms
-            if score.end_ms <= floor:
-                continue
             event = self._step(state, score, rule, replay=True)
             if event is not None:
                 state.backlog.append(event)
@@ -268,8 +267,8 @@ class AlertEngine:
     @staticmethod
     def _step_closed(state: _AssetAlerts, score: Score, cfg: AlertConfig, *, replay: bool) -> AlertEvent | None:
         flagged = [s for s in state.recent if s.is_anomaly]
-        if len(flagged) < cfg.k:
-            state.pending = None
+        if len(flagged) < cfg.k or score.end_ms < state.cooldown_until_ms:
+            state.pending = None  # in a cooldown the time pending does not run (k-of-n history still fills)
             return None
         if state.pending is None:
             state.pending = _Pending(score.end_ms, _Evidence.of(flagged))
@@ -277,7 +276,7 @@ class AlertEngine:
             state.pending.evidence.add(score)
         if replay or not score.is_anomaly:
             return None
-        if score.end_ms - state.pending.since_ms < cfg.min_duration_s * 1000 or score.end_ms < state.cooldown_until_ms:
+        if score.end_ms - state.pending.since_ms < cfg.min_duration_s * 1000:
             return None
         evidence = state.pending.evidence
         rank = _tier_rank(evidence.ratio, cfg)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import signal
+import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,14 +132,30 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
     console.print(f"[green]database at {revision}[/green]: {cfg.database.safe_url}")
 
 
-def _since(value: str | None) -> datetime | None:
+def _when(value: str | None, now: datetime, option: str) -> datetime | None:
+    from pipeline.alert_format import parse_when
+
     if value is None:
         return None
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"not an ISO-8601 time: {value!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        return parse_when(value, now)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+
+
+def _stdout() -> Console:
+    """Rich console on stdout; wide when not a terminal, so piped tables are not wrapped."""
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+_LIST_COLUMNS = ("id", "asset", "group", "status", "severity", "opened_at", "last_seen_at", "closed_at", "duration_s",
+                 "peak_score", "threshold", "peak_ratio", "windows", "top_sensors", "model_version",
+                 "acknowledged_by", "acknowledged_at", "ack_comment")
 
 
 @alerts_app.command("list")
@@ -148,47 +163,161 @@ def alerts_list(
     config: ConfigOption,
     status: Annotated[str | None, typer.Option(help="open or resolved.")] = None,
     asset: Annotated[str | None, typer.Option(help="Only this asset.")] = None,
-    since: Annotated[str | None, typer.Option(help="Only alerts seen since this ISO-8601 time.")] = None,
+    group: Annotated[str | None, typer.Option(help="Only this asset group.")] = None,
+    severity: Annotated[str | None, typer.Option(help="Only this severity (e.g. warning, critical).")] = None,
+    since: Annotated[str | None, typer.Option(
+        help="Only alerts active since: ISO-8601 (UTC if no zone), 'now', or a span back like 30m, 24h, 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="Only alerts opened before this time (same forms).")] = None,
+    acknowledged: Annotated[bool | None, typer.Option(
+        "--acknowledged/--unacknowledged", help="Only acknowledged (or unacknowledged) alerts.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
     output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
 ) -> None:
-    """List recent alerts, newest first."""
+    """List alerts, newest first."""
+    from pipeline.alert_format import alert_dict, duration_text, to_csv
     from pipeline.store import repo
     from pipeline.store.db import make_engine, make_sessionmaker
 
+    _choice(output, ("table", "json", "csv"), "--format")
+    _choice(status, ("open", "resolved"), "--status")
+    now = datetime.now(UTC)
+    start, end = _when(since, now, "--since"), _when(until, now, "--until")
     cfg = _load(config)
-    with make_sessionmaker(make_engine(cfg.database.url))() as session:
-        rows = repo.list_alerts(session=session, status=status, asset=asset, since=_since(since), limit=limit)
-    records = [
-        {
-            "id": r.id, "asset": r.asset, "group": r.group_name, "status": r.status, "severity": r.severity,
-            "opened_at": r.opened_at.isoformat(), "last_seen_at": r.last_seen_at.isoformat(),
-            "closed_at": r.closed_at.isoformat() if r.closed_at else None, "peak_score": round(r.peak_score, 4),
-            "threshold": round(r.threshold, 4), "windows": r.window_count,
-            "top_sensors": ", ".join(f"{s['sensor']} {s['share']:.0%}" for s in r.top_sensors),
-        }
-        for r in rows
-    ]
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
+                                    since=start, until=end, acknowledged=acknowledged, limit=limit)
+    finally:
+        engine.dispose()
     if output == "json":
-        typer.echo(json.dumps(records, indent=2))
-    elif output == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(records[0]) if records else ["id"])
-        writer.writeheader()
-        writer.writerows(records)
-        typer.echo(buffer.getvalue(), nl=False)
-    elif output == "table":
-        table = Table(title=f"alerts ({len(records)})")
-        for column in ("id", "asset", "status", "severity", "opened_at", "last_seen_at", "peak_score", "windows",
-                       "top_sensors"):
-            table.add_column(column)
-        for rec in records:
-            table.add_row(*(str(rec[c]) for c in (
-                "id", "asset", "status", "severity", "opened_at", "last_seen_at", "peak_score", "windows",
-                "top_sensors")))
-        Console().print(table)
-    else:
-        raise typer.BadParameter("--format must be table, json or csv")
+        typer.echo(json.dumps([alert_dict(r) for r in rows], indent=2))
+        return
+    records = [alert_dict(r, flat=True) for r in rows]
+    if output == "csv":
+        typer.echo(to_csv(records, _LIST_COLUMNS), nl=False)
+        return
+    table = Table(title=f"alerts ({len(records)})", title_justify="left")
+    for column in ("id", "asset", "status", "severity", "opened (UTC)", "duration", "peak", "windows", "top sensors",
+                   "ack"):
+        table.add_column(column, no_wrap=column != "top sensors")
+    for rec in records:
+        table.add_row(
+            str(rec["id"]), rec["asset"], rec["status"], rec["severity"],
+            str(rec["opened_at"]).replace("T", " ").removesuffix("Z")[:19], duration_text(rec["duration_s"]),
+            f"{rec['peak_score']:.4g} ({rec['peak_ratio']}x)", str(rec["windows"]), rec["top_sensors"],
+            rec["acknowledged_by"] or "",
+        )
+    _stdout().print(table)
+
+
+@alerts_app.command("show")
+def alerts_show(
+    config: ConfigOption,
+    alert_id: Annotated[int, typer.Argument(metavar="ID", help="Alert id (from 'alerts list').")],
+    context: Annotated[int, typer.Option(help="Windows of history before and after the alert.")] = 6,
+    max_rows: Annotated[int, typer.Option(help="At most this many history rows (the middle is elided).")] = 40,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """One alert: its state, acknowledgement, top sensors, and the score history around it."""
+    from datetime import timedelta
+
+    from pipeline.alert_format import alert_dict, duration_text, elide, history_rows
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            row = repo.get_alert(session=session, alert_id=alert_id)
+            if row is None:
+                raise _fail(KeyError(f"no alert with id {alert_id}"), 2)
+            groups = {g.name: g for g in cfg.groups}
+            group = groups.get(row.group_name)
+            stride_s = group.window.stride * group.sampling_period_s if group else 60.0
+            length_s = group.window.length * group.sampling_period_s if group else 0.0
+            margin = timedelta(seconds=stride_s * context)
+            first_end = row.opened_at + timedelta(seconds=length_s)  # the end of the alert's first window
+            scores = repo.scores_between(session=session, asset=row.asset, start=first_end - margin,
+                                         end=(row.closed_at or row.last_seen_at) + margin)
+    finally:
+        engine.dispose()
+    alert = alert_dict(row)
+    history = history_rows(scores, row)
+    if output == "json":
+        typer.echo(json.dumps({"alert": alert, "history": history}, indent=2))
+        return
+    out = _stdout()
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    ratio = f" ({alert['peak_ratio']}x threshold {alert['threshold']:.4g})" if alert["peak_ratio"] else ""
+    for label, value in (
+        ("asset", f"{alert['asset']} (group {alert['group']})"),
+        ("status", f"{alert['status']}, severity {alert['severity']}"),
+        ("opened", alert["opened_at"]),
+        ("last seen", alert["last_seen_at"]),
+        ("closed", alert["closed_at"] or "-"),
+        ("duration", duration_text(alert["duration_s"])),
+        ("peak score", f"{alert['peak_score']:.4g}{ratio}"),
+        ("windows", str(alert["windows"])),
+        ("model", alert["model_version"]),
+        ("acknowledged", f"{alert['acknowledged_by']} at {str(alert['acknowledged_at'])[:19]}Z: "
+         f"{alert['ack_comment'] or ''}" if alert["acknowledged_by"] else "no"),
+    ):
+        summary.add_row(label, value)
+    out.print(f"[bold]alert #{alert['id']}[/bold]")
+    out.print(summary)
+    sensors = Table(title="top sensors (share of the alert's error)", title_justify="left")
+    for column in ("#", "sensor", "share", "error", ""):
+        sensors.add_column(column)
+    for rank, item in enumerate(alert["top_sensors"], 1):
+        share = float(item["share"])
+        sensors.add_row(str(rank), str(item["sensor"]), f"{share:.1%}", f"{float(item['error']):.4g}",
+                        "█" * max(round(share * 30), 1))
+    out.print(sensors)
+    table = Table(title=f"score history ({len(history)} windows; > = above threshold, * = inside the alert)",
+                  title_justify="left")
+    for column in ("window end (UTC)", "", "score", "threshold", "ratio", "top sensor", ""):
+        table.add_column(column, no_wrap=True)
+    for item in elide(history, max_rows):
+        if item is None:
+            table.add_row("...", "", "", "", "", "", "")
+            continue
+        ratio_value = item["ratio"] or 0.0
+        mark = (">" if item["above"] else " ") + ("*" if item["in_alert"] else " ")
+        table.add_row(str(item["window_end"]).replace("T", " ").removesuffix("Z")[:19], mark,
+                      f"{item['score']:.4g}", f"{item['threshold']:.4g}", f"{ratio_value:.2f}",
+                      f"{item['top_sensor']} {item['top_share']:.0%}", "▇" * min(round(ratio_value * 10), 40))
+    out.print(table)
+
+
+@alerts_app.command("ack")
+def alerts_ack(
+    config: ConfigOption,
+    alert_id: Annotated[int, typer.Argument(metavar="ID", help="Alert id (from 'alerts list').")],
+    by: Annotated[str, typer.Option("--by", help="Who acknowledges (name or id).")],
+    comment: Annotated[str | None, typer.Option(help="Why, what is being done.")] = None,
+) -> None:
+    """Acknowledge an alert (open or resolved): who, when, and a comment. A second ack replaces the first."""
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    if not by.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--by")
+    cfg = _load(config)
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=by.strip(), comment=comment)
+    except KeyError:
+        raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
+    finally:
+        engine.dispose()
+    console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.status}, {row.severity}) acknowledged by "
+                  f"{row.acknowledged_by}")
 
 
 @models_app.command("list")
@@ -224,6 +353,44 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
     except KeyError:
         raise _fail(ModelError(f"no model version {version!r}"), 2) from None
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
+
+
+@app.command()
+def report(
+    config: ConfigOption,
+    asset: Annotated[str, typer.Option(help="The asset to report on.")],
+    out: Annotated[Path, typer.Option(help="HTML file to write.")],
+    since: Annotated[str, typer.Option(help="Start: ISO-8601 (UTC if no zone), or a span back like 24h, 7d.")] = "24h",
+    until: Annotated[str, typer.Option(help="End: ISO-8601, or 'now'.")] = "now",
+    csv_path: Annotated[Path | None, typer.Option(
+        "--csv", help="Optional CSV of raw readings (ts, [asset,] one column per sensor) to plot the signals.")] = None,
+) -> None:
+    """Write a self-contained HTML report of one asset: score vs threshold, per-sensor error contributions (and raw
+    signals from --csv), alert spans shaded, and each alert's top sensors."""
+    from pipeline.report import load_report_data, write_report
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    now = datetime.now(UTC)
+    start, end = _when(since, now, "--since"), _when(until, now, "--until")
+    assert start is not None and end is not None
+    if end <= start:
+        raise typer.BadParameter("--until must be after --since", param_hint="--until")
+    cfg = _load(config)
+    group = cfg.asset_groups().get(asset)
+    if group is None:
+        raise _fail(ConfigError(f"asset {asset!r} is in no group of {config}"), 2)
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
+                                    csv_path=csv_path)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    finally:
+        engine.dispose()
+    write_report(out, data)
+    console.print(f"[green]wrote[/green] {out}: {len(data.scores)} windows, {len(data.alerts)} alert(s), "
+                  f"{len(data.sensors)} sensors{', raw signals from ' + csv_path.name if csv_path else ''}")
 
 
 @app.command()
@@ -272,3 +439,45 @@ def demo(
     if not summary.passed:
         raise typer.Exit(1)
 
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Dataset directory (SKAB layout: valve1/, other/, anomaly-free/).")],
+    dataset: Annotated[str, typer.Option(help="Evaluation protocol; only 'skab'.")] = "skab",
+    model: Annotated[str, typer.Option(help="Model type: dense, lstm, conv, sparse, contractive or vae.")] = "dense",
+    output: Annotated[str, typer.Option(help="table or json.")] = "table",
+    files: Annotated[int | None, typer.Option(help="Only the first N files (valve1/ then other/).", min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override the training epochs per file.", min=1)] = None,
+    baselines: Annotated[bool, typer.Option(help="Also score flag-everything and river HalfSpaceTrees.")] = True,
+    calibrate: Annotated[bool, typer.Option(help="Set threshold headroom from anomaly-free.csv (normal data).")] = True,
+) -> None:
+    """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
+    from models.autoencoders import MODEL_TYPES
+    from pipeline.skab import evaluate_skab
+
+    if dataset != "skab":
+        raise typer.BadParameter(f"unknown dataset {dataset!r} (have: skab)", param_hint="--dataset")
+    if model not in MODEL_TYPES:
+        raise typer.BadParameter(f"unknown model type {model!r} (have: {', '.join(MODEL_TYPES)})",
+                                 param_hint="--model")
+    if output not in ("table", "json"):
+        raise typer.BadParameter("--output must be table or json", param_hint="--output")
+    try:
+        report = evaluate_skab(data, model, limit=files, baselines=baselines, calibrate=calibrate,
+                               progress=output == "table" or console.is_terminal,
+                               overrides={"epochs": epochs} if epochs else None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _fail(exc, 2) from None
+    for note in report["notes"]:
+        console.print(f"[yellow]note[/yellow]: {note}")
+    if output == "json":
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"SKAB ({report['files']} files, point-wise, summed over test rows)")
+    for column in ("detector", "F1", "FAR", "MAR", "train s"):
+        table.add_column(column, justify="left" if column == "detector" else "right")
+    for row in [report, *report["baselines"]]:
+        table.add_row(row["model"], f"{row['f1']:.3f}", f"{row['far']:.2%}", f"{row['mar']:.2%}",
+                      f"{row['train_seconds']:.1f}")
+    Console().print(table)

@@ -63,6 +63,7 @@ class KafkaConfig(_Strict):
     max_poll_records: PositiveInt = 5000
     poll_timeout_ms: PositiveInt = 1000
     max_message_bytes: PositiveInt = 64 * 1024
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = 10000  # a crashed consumer's partitions move after this
     security: SecurityConfig = SecurityConfig()
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -162,10 +163,28 @@ class WindowConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """Autoencoder type and training hyperparameters."""
+    """Autoencoder type, its hyperparameters, and training settings.
 
-    type: Literal["dense"] = "dense"
+    ``type``: ``dense`` (flattened window; ``hidden`` layer sizes, the last is the code), ``lstm`` (encoder-decoder;
+    ``lstm_hidden``, ``lstm_layers``, ``code_size``), ``conv`` (1-D convolutions over time; ``conv_channels``,
+    ``kernel_size``), ``sparse`` / ``contractive`` (dense with a code penalty), ``vae`` (dense variational; ``beta``).
+    Options for every type: ``noise_std`` (denoising: Gaussian input corruption while training), ``sparsity_weight``
+    with ``sparsity`` l1|kl and ``sparsity_target``, ``contractive_weight``. Unset penalties use the type's default.
+    """
+
+    type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
     hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 16])
+    lstm_hidden: PositiveInt = 32
+    lstm_layers: PositiveInt = 1
+    code_size: PositiveInt = 16
+    conv_channels: Annotated[list[PositiveInt], Field(min_length=1)] = Field(default_factory=lambda: [32, 16])
+    kernel_size: PositiveInt = 7
+    noise_std: Annotated[float, Field(ge=0)] = 0.0
+    sparsity: Literal["l1", "kl"] = "l1"
+    sparsity_weight: Annotated[float, Field(ge=0)] | None = None
+    sparsity_target: Annotated[float, Field(gt=0, lt=1)] = 0.05
+    contractive_weight: Annotated[float, Field(ge=0)] | None = None
+    beta: Annotated[float, Field(ge=0)] = 1.0
     epochs: PositiveInt = 40
     batch_size: PositiveInt = 128
     learning_rate: PositiveFloat = 1e-3
@@ -174,18 +193,51 @@ class ModelConfig(_Strict):
     patience: PositiveInt = 6
     seed: int = 0
 
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("kernel_size must be odd")
+        return value
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor arguments of ``models.autoencoders.build_model`` for this type (stored in bundles)."""
+        shape: dict[str, Any] = {
+            "lstm": {"lstm_hidden": self.lstm_hidden, "lstm_layers": self.lstm_layers, "code_size": self.code_size},
+            "conv": {"conv_channels": list(self.conv_channels), "kernel_size": self.kernel_size},
+            "vae": {"hidden": list(self.hidden), "beta": self.beta},
+        }.get(self.type, {"hidden": list(self.hidden)})
+        options: dict[str, Any] = {"noise_std": self.noise_std, "sparsity": self.sparsity,
+                                   "sparsity_target": self.sparsity_target}
+        if self.sparsity_weight is not None:
+            options["sparsity_weight"] = self.sparsity_weight
+        if self.contractive_weight is not None:
+            options["contractive_weight"] = self.contractive_weight
+        return {**shape, **options}
+
 
 class ThresholdConfig(_Strict):
     """How the alert threshold is set from validation errors, without labels.
 
     ``percentile``: the given percentile of validation window scores, times ``multiplier``.
     ``mean_std``: mean + ``k`` standard deviations of validation window scores, times ``multiplier``.
+    ``pot``: peaks over threshold: a generalised Pareto tail fitted above the ``tail_quantile`` of validation scores,
+    the score exceeded at ``target_rate`` (false alarms per window), times ``multiplier``.
+    ``ewma_alpha`` (optional): the score stream is smoothed by an EWMA with this weight on the newest score, and the
+    threshold is fitted to the smoothed validation scores.
     """
 
-    method: Literal["percentile", "mean_std"] = "percentile"
+    method: Literal["percentile", "mean_std", "pot"] = "percentile"
     percentile: Annotated[float, Field(gt=50, lt=100)] = 99.5
     k: PositiveFloat = 4.0
+    target_rate: Annotated[float, Field(gt=0, lt=0.5)] = 1e-3
+    tail_quantile: Annotated[float, Field(ge=0.5, lt=1)] = 0.98
+    ewma_alpha: Annotated[float, Field(gt=0, le=1)] | None = None
     multiplier: PositiveFloat = 1.0
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``models.thresholds.fit_threshold`` (all but the method)."""
+        return self.model_dump(exclude={"method"})
 
 
 class SeverityTier(_Strict):

@@ -54,6 +54,8 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         max_poll_records=cfg.max_poll_records,
         fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
         max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576),
+        session_timeout_ms=cfg.session_timeout_ms,
+        heartbeat_interval_ms=max(cfg.session_timeout_ms // 3, 500),
         **cfg.client_kwargs(),
     )
     listener = _Rebalance(on_revoked or (lambda _p: None), on_assigned or (lambda _p: None))
@@ -106,6 +108,23 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
             future.get(timeout=timeout_s)
     except KafkaError as exc:
         raise TransientError(f"dead-letter topic unavailable: {exc}") from exc
+
+
+def send_json(producer: KafkaProducer, topic: str, messages: Sequence[tuple[bytes | None, object]],
+              timeout_s: float = 10) -> None:
+    """Publish ``(key, document)`` pairs as compact JSON (e.g. alert events) and wait until the broker has them all.
+
+    TransientError if the broker does not acknowledge in time.
+    """
+    if not messages:
+        return
+    try:
+        futures = [producer.send(topic, key=key, value=orjson.dumps(doc)) for key, doc in messages]
+        producer.flush(timeout=timeout_s)
+        for future in futures:
+            future.get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise TransientError(f"topic {topic} unavailable: {exc}") from exc
 
 
 def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> None:

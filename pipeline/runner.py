@@ -33,6 +33,7 @@ from pipeline.errors import TransientError
 from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_active
 from pipeline.scoring import score_windows
+from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
 from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
@@ -47,7 +48,7 @@ class RunStats:
     """Running totals of one pipeline process."""
 
     batches: int = 0
-    readings: int = 0
+    readings: int = 0  # valid readings placed on a grid (not late, not duplicate, not replayed)
     rejected: Counter[str] = field(default_factory=Counter)
     replayed: int = 0
     windows_scored: int = 0
@@ -62,7 +63,8 @@ class Runner:
     """Composes the steps over injected clients; owns the transaction and the offset commit."""
 
     def __init__(self, config: Config, *, sessions: sessionmaker[Session], detectors: dict[str, Detector],
-                 producer: KafkaProducer, stop: threading.Event, metrics: PipelineMetrics | None = None) -> None:
+                 producer: KafkaProducer, stop: threading.Event, metrics: PipelineMetrics | None = None,
+                 sinks: AlertSinks | None = None) -> None:
         self.config = config
         self.stats = RunStats()
         self.metrics = metrics or PipelineMetrics(config.metrics.unhealthy_after_s)
@@ -70,6 +72,7 @@ class Runner:
         self._detectors = detectors
         self._producer = producer
         self._stop = stop
+        self._sinks = sinks  # alert notifications beyond the database; non-blocking, best effort
         self._decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
         self._windower = Windower(config.groups)
         self._alerts = AlertEngine(config.groups)
@@ -127,6 +130,8 @@ class Runner:
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
         events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
+        if self._sinks is not None:
+            self._sinks.publish(events)  # only after the transaction holding the alerts has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._next_offset.update(processed)
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
@@ -199,8 +204,9 @@ class Runner:
     def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
                  scores: list[Score], events: list[AlertEvent], seconds: float) -> None:
         s, m = self.stats, self.metrics
+        placed = len(readings) - len(batch.late) - len(batch.duplicates) - batch.replayed
         s.batches += 1
-        s.readings += len(readings)
+        s.readings += placed
         s.replayed += batch.replayed + len(rejected) - len(fresh)
         s.rejected.update(r.reason for r in fresh)
         s.windows_scored += len(scores)
@@ -208,7 +214,7 @@ class Runner:
         s.alerts_opened += sum(e.kind == "opened" for e in events)
         s.alerts_resolved += sum(e.kind == "resolved" for e in events)
         s.last_batch_s = seconds
-        m.readings.inc(len(readings))
+        m.readings.inc(placed)
         for reason, count in Counter(r.reason for r in fresh).items():
             m.rejects.labels(reason=reason).inc(count)
         m.late.inc(len(batch.late))
@@ -286,7 +292,9 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             server = serve(metrics, config.metrics.host, config.metrics.port)
             log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
         producer = kafka_io.make_producer(config.kafka)
-        runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics)
+        sinks = build_sinks(config)
+        runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
+                        sinks=sinks)
         consumer = kafka_io.make_consumer(
             config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned
         )
@@ -297,6 +305,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         finally:
             consumer.close(autocommit=False)
             producer.close(timeout=10)
+            sinks.close(timeout_s=10)
             if server is not None:
                 server.shutdown()
     finally:

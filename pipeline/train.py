@@ -70,16 +70,15 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     scaled = scaler.transform(stacked)
     m = group.model
     seed_everything(m.seed)  # weight initialisation too, so a CPU training run is reproducible
-    model = build_model(m.type, group.window.length, len(group.sensors), {"hidden": m.hidden})
+    hyperparameters = m.hyperparameters()
+    model = build_model(m.type, group.window.length, len(group.sensors), hyperparameters)
     result = fit(
         model, scaled, epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
         weight_decay=m.weight_decay, validation_fraction=m.validation_fraction, patience=m.patience, seed=m.seed,
         progress=progress, description=f"training {group.name} ({m.type})",
     )
     t = group.threshold
-    threshold, threshold_info = fit_threshold(
-        result.val_scores, t.method, percentile=t.percentile, k=t.k, multiplier=t.multiplier
-    )
+    threshold, threshold_info = fit_threshold(result.val_scores, t.method, **t.fit_kwargs())
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
@@ -88,7 +87,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     }
     detector = Detector(
         version=new_version_name(group.name), group=group.name, model_type=m.type,
-        hyperparameters={"hidden": list(m.hidden)}, sensors=group.sensor_names, window=group.window.length,
+        hyperparameters=hyperparameters, sensors=group.sensor_names, window=group.window.length,
         scaler=scaler, threshold=threshold, model=model,
         metadata={
             "config_hash": group.model_hash(), "threshold_info": threshold_info, "metrics": metrics,

@@ -101,7 +101,6 @@ class Windower:
         ``now_ms`` is the wall-clock arrival time (used only to close the windows of assets that fall silent).
         """
         out = WindowBatch()
-        touched: set[str] = set()
         for reading in readings:
             group = self._group_of[reading.asset]
             w = group.window
@@ -132,12 +131,11 @@ class Windower:
             previous = state.offsets.get(slot)
             state.offsets[slot] = reading.offset if previous is None else min(previous, reading.offset)
             state.partition = reading.partition
-            state.max_slot = max(state.max_slot, slot)
             state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
-            touched.add(reading.asset)
-        for asset in sorted(touched):
-            state = self._assets[asset]
-            self._close_windows(asset, state, state.max_slot, out)
+            if slot > state.max_slot:
+                # close as soon as the watermark moves, so what counts as late does not depend on batch boundaries
+                state.max_slot = slot
+                self._close_windows(reading.asset, state, slot, out)
         return out
 
     def close_idle(self, now_ms: int) -> WindowBatch:

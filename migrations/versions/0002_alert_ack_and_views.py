@@ -2,7 +2,8 @@
 
 Views (documented in docs/alerts.md):
   open_alerts           one row per open alert: duration, peak as a multiple of the threshold, top sensor, ack state
-  alerts_per_asset_day  per asset and UTC day (of opening): alerts, still open, acknowledged, critical, worst peak
+  alerts_per_asset_day  per asset and UTC day (of opening): alerts, still open, acknowledged, critical, alert time,
+                        worst peak (durations run from opening to the close, or to the last window seen while open)
   alert_top_sensors     one row per alert and top sensor: rank, sensor, share of the error
 
 The SQL differs per dialect only where it must (JSON access, date and interval arithmetic); the columns are the same.
@@ -26,7 +27,7 @@ depends_on = None
 VIEWS = ("alert_top_sensors", "alerts_per_asset_day", "open_alerts")
 
 _POSTGRESQL = {
-    "duration_s": "EXTRACT(EPOCH FROM (a.last_seen_at - a.opened_at))",
+    "duration_s": "CAST(EXTRACT(EPOCH FROM (COALESCE(a.closed_at, a.last_seen_at) - a.opened_at)) AS DOUBLE PRECISION)",
     "day": "CAST((a.opened_at AT TIME ZONE 'UTC') AS DATE)",
     "top_sensor": "(a.top_sensors -> 0 ->> 'sensor')",
     "top_share": "CAST(a.top_sensors -> 0 ->> 'share' AS DOUBLE PRECISION)",
@@ -37,7 +38,7 @@ _POSTGRESQL = {
     "error": "CAST(t.item ->> 'error' AS DOUBLE PRECISION)",
 }
 _SQLITE = {
-    "duration_s": "((julianday(a.last_seen_at) - julianday(a.opened_at)) * 86400.0)",
+    "duration_s": "ROUND((julianday(COALESCE(a.closed_at, a.last_seen_at)) - julianday(a.opened_at)) * 86400.0, 3)",
     "day": "date(a.opened_at)",
     "top_sensor": "json_extract(a.top_sensors, '$[0].sensor')",
     "top_share": "CAST(json_extract(a.top_sensors, '$[0].share') AS REAL)",

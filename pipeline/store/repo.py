@@ -110,17 +110,86 @@ def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dic
     return {asset: series[-limit:] for asset, series in out.items()}
 
 
-def list_alerts(*, session: Session, status: str | None = None, asset: str | None = None,
-                since: datetime | None = None, limit: int = 50) -> list[Alert]:
-    """Recent alerts, newest first, optionally filtered."""
+def list_alerts(*, session: Session, status: str | None = None, asset: str | None = None, group: str | None = None,
+                severity: str | None = None, since: datetime | None = None, until: datetime | None = None,
+                acknowledged: bool | None = None, limit: int | None = 50) -> list[Alert]:
+    """Alerts, newest first, optionally filtered. ``since``/``until`` keep the alerts active in that span (last seen
+    at or after ``since``, opened before ``until``); ``limit=None`` returns them all."""
     query: Select[tuple[Alert]] = select(Alert)
     if status:
         query = query.where(Alert.status == status)
     if asset:
         query = query.where(Alert.asset == asset)
+    if group:
+        query = query.where(Alert.group_name == group)
+    if severity:
+        query = query.where(Alert.severity == severity)
     if since:
         query = query.where(Alert.last_seen_at >= since)
-    return list(session.scalars(query.order_by(Alert.opened_at.desc(), Alert.id.desc()).limit(limit)))
+    if until:
+        query = query.where(Alert.opened_at < until)
+    if acknowledged is not None:
+        query = query.where(Alert.acknowledged_at.is_not(None) if acknowledged else Alert.acknowledged_at.is_(None))
+    query = query.order_by(Alert.opened_at.desc(), Alert.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))
+
+
+def get_alert(*, session: Session, alert_id: int) -> Alert | None:
+    """The alert with this id, or None."""
+    return session.get(Alert, alert_id)
+
+
+def acknowledge_alert(*, session: Session, alert_id: int, by: str, comment: str | None = None,
+                      now: datetime | None = None) -> Alert:
+    """Record who acknowledged an alert (open or resolved), when, and why; a second ack replaces the first.
+
+    KeyError if there is no such alert. The pipeline's upserts never touch these columns.
+    """
+    row = session.get(Alert, alert_id)
+    if row is None:
+        raise KeyError(alert_id)
+    row.acknowledged_by = by
+    row.acknowledged_at = now or datetime.now(UTC)
+    row.ack_comment = comment
+    session.flush()
+    return row
+
+
+def last_resolved_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:
+    """The most recently closed resolved alert of each given asset that has one (for restoring the cooldown)."""
+    if not assets:
+        return []
+    ranked = (
+        select(
+            Alert.id,
+            func.row_number()
+            .over(partition_by=Alert.asset, order_by=(Alert.closed_at.desc(), Alert.id.desc()))
+            .label("rank"),
+        )
+        .where(Alert.asset.in_(assets), Alert.status == "resolved")
+        .subquery()
+    )
+    query = select(Alert).join(ranked, ranked.c.id == Alert.id).where(ranked.c.rank == 1).order_by(Alert.asset)
+    return list(session.scalars(query))
+
+
+def scores_between(*, session: Session, asset: str, start: datetime, end: datetime) -> list[WindowScore]:
+    """Window scores of ``asset`` whose window ends in ``[start, end]``, oldest first, one row per window end (the
+    newest row when several model versions scored a window)."""
+    rows = session.scalars(
+        select(WindowScore)
+        .where(WindowScore.asset == asset, WindowScore.window_end >= start, WindowScore.window_end <= end)
+        .order_by(WindowScore.window_end, WindowScore.id)
+    )
+    out: list[WindowScore] = []
+    for row in rows:
+        if out and out[-1].window_end == row.window_end:
+            out[-1] = row
+        else:
+            out.append(row)
+    return out
 
 
 def add_model_version(*, session: Session, version: ModelVersion) -> None:

@@ -1,0 +1,211 @@
+"""A detector over one asset's row stream: causal smoothing -> drift-following baseline -> floored scaling -> sliding
+windows -> autoencoder -> per-sensor normalised reconstruction errors -> (EWMA) -> threshold -> aftermath /
+persistence decision.
+
+Used by the SKAB harness (``pipeline.skab``) to run every model type under the same protocol. Every setting is fixed
+before training (``SequenceSettings``), and everything fitted (scaler, network, per-sensor normaliser, threshold) is
+fitted on the training rows only: the last ``validation_fraction`` of the training windows (time order, not trained
+on) set the normaliser and the threshold. ``ratios``/``flags`` are causal: row ``t``'s output depends on rows
+``<= t`` only, and a window's score is assigned to its last row, as the streaming pipeline would see it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+
+from models.autoencoders import Autoencoder, build_model
+from models.drift import (
+    causal_rolling_mean,
+    fit_floored_scaler,
+    persistent_flags,
+    sliding_windows,
+)
+from models.scaler import StandardScaler
+from models.thresholds import ewma, fit_threshold
+from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
+
+
+@dataclass(frozen=True)
+class SequenceSettings:
+    """Everything that shapes a ``SequenceDetector``; chosen once, never from test labels."""
+
+    model_type: str = "dense"
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    window: int = 20
+    smooth: int = 30
+    level_floor: float = 0.002
+    step_floor: float = 0.5
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 6
+    validation_fraction: float = 0.2
+    seed: int = 0
+    score: Literal["mean", "max"] = "mean"
+    threshold_windows: Literal["validation", "all"] = "validation"
+    threshold_method: str = "percentile"
+    percentile: float = 99.9
+    k: float = 4.0
+    target_rate: float = 1e-3
+    tail_quantile: float = 0.9
+    multiplier: float = 1.0
+    ewma_alpha: float | None = None
+    baseline_span: int | None = 150
+    baseline_alarm_span: int | None = None
+    chunk: int = 10
+    aftermath_relative: float = 0.3
+    aftermath_half_life: float | None = None
+    consecutive: int = 1
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly form (for reports and metadata)."""
+        return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+
+
+class SequenceDetector:
+    """Fit on normal rows ``[T, F]``; then score or flag any row stream of the same sensors."""
+
+    def __init__(self, settings: SequenceSettings) -> None:
+        self.settings = settings
+        self.scaler: StandardScaler | None = None
+        self.model: Autoencoder | None = None
+        self.sensor_scale: np.ndarray | None = None
+        self.threshold = float("nan")
+        self.threshold_info: dict[str, Any] = {}
+        self.train_seconds = 0.0
+
+    def _windows(self, rows: np.ndarray) -> np.ndarray:
+        """Standardised windows of the smoothed rows; window ``k`` ends at row ``k + window - 1``."""
+        assert self.scaler is not None
+        smoothed = causal_rolling_mean(rows, self.settings.smooth)
+        return sliding_windows(self.scaler.transform(smoothed), self.settings.window)
+
+    def _aggregate(self, per_sensor: np.ndarray) -> np.ndarray:
+        assert self.sensor_scale is not None
+        normalised = per_sensor / self.sensor_scale
+        return normalised.max(axis=1) if self.settings.score == "max" else normalised.mean(axis=1)
+
+    def fit(self, rows: np.ndarray, *, progress: bool = False) -> SequenceDetector:
+        """Fit scaler, network, per-sensor normaliser and threshold on normal ``rows`` ``[T, F]``.
+
+        NotEnoughData when the rows give too few complete windows.
+        """
+        s = self.settings
+        started = time.perf_counter()
+        rows = np.asarray(rows, dtype=np.float64)
+        warm = s.smooth - 1  # rows whose smoothing average is still partial
+        smoothed = causal_rolling_mean(rows, s.smooth)
+        self.scaler = fit_floored_scaler(smoothed[warm:], raw_rows=rows, level_floor=s.level_floor,
+                                         step_floor=s.step_floor)
+        windows = self._windows(rows)[warm:]
+        if len(windows) < 32:
+            raise NotEnoughData(f"need at least {32 + warm + s.window - 1} training rows, got {len(rows)}")
+        seed_everything(s.seed)
+        self.model = build_model(s.model_type, s.window, rows.shape[1], s.hyperparameters)
+        result = fit(self.model, windows, epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
+                     validation_fraction=s.validation_fraction, patience=s.patience, seed=s.seed,
+                     progress=progress, description=f"training {s.model_type}")
+        n_val = max(int(len(windows) * s.validation_fraction), 8)
+        reference = windows if s.threshold_windows == "all" else windows[-n_val:]
+        _, val_per_sensor = reconstruction_errors(self.model, reference)
+        self.sensor_scale = np.maximum(val_per_sensor.mean(axis=0), 1e-8)
+        val_scores = self._aggregate(val_per_sensor)
+        self.threshold, self.threshold_info = fit_threshold(
+            val_scores, s.threshold_method, percentile=s.percentile, k=s.k, multiplier=s.multiplier,
+            target_rate=s.target_rate, tail_quantile=s.tail_quantile, ewma_alpha=s.ewma_alpha,
+        )
+        self.train_seconds = time.perf_counter() - started
+        return self
+
+    def _stream(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Score and decide row by row, in chunks of ``chunk`` rows (as a streaming consumer would).
+
+        Returns per-row ratios ``score / threshold`` (NaN before the first complete window) and aftermath flags.
+        With ``baseline_span``, each sensor's level baseline (initially the training centre) follows the smoothed
+        readings by an EWMA of weight ``1 / baseline_span`` on every row that is not flagged, and is frozen while
+        rows are flagged; windows are re-centred on it, so slow normal drift is absorbed but an anomaly is not.
+        """
+        if self.model is None or self.scaler is None:
+            raise RuntimeError("fit the detector first")
+        s = self.settings
+        rows = np.asarray(rows, dtype=np.float64)
+        smoothed = causal_rolling_mean(rows, s.smooth)
+        ratios = np.full(len(rows), np.nan)
+        flags = np.zeros(len(rows), dtype=bool)
+        baseline = self.scaler.mean.copy()
+        weight = 1.0 / s.baseline_span if s.baseline_span else 0.0
+        alarm_weight = 1.0 / s.baseline_alarm_span if s.baseline_span and s.baseline_alarm_span else 0.0
+        decay = 0.5 ** (1.0 / s.aftermath_half_life) if s.aftermath_half_life else 1.0
+        peak, smoothed_score = 0.0, None
+        first = s.window - 1
+        for begin in range(first, len(rows), s.chunk):
+            stop = min(begin + s.chunk, len(rows))
+            shifted = smoothed[begin - first : stop] - (baseline - self.scaler.mean)
+            windows = sliding_windows(self.scaler.transform(shifted), s.window)
+            _, per_sensor = reconstruction_errors(self.model, windows)
+            scores = self._aggregate(per_sensor)
+            if s.ewma_alpha is not None:
+                scores = ewma(scores, s.ewma_alpha, smoothed_score)
+                smoothed_score = float(scores[-1])
+            for offset, score in enumerate(scores):
+                t = begin + offset
+                ratio = float(score / self.threshold)
+                ratios[t] = ratio
+                peak = max(peak * decay, ratio)
+                flags[t] = ratio > 1.0 and ratio >= s.aftermath_relative * peak
+                baseline += (alarm_weight if flags[t] else weight) * (smoothed[t] - baseline)
+        return ratios, flags
+
+    def ratios(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: score / threshold of the window ending at that row (NaN before the first complete window)."""
+        return self._stream(rows)[0]
+
+    def flags(self, rows: np.ndarray) -> np.ndarray:
+        """Per row: alarm or not (aftermath suppression, then the consecutive-rows rule)."""
+        return persistent_flags(self._stream(rows)[1], self.settings.consecutive)
+
+
+def calibrate_multiplier(settings: SequenceSettings, segments: Sequence[np.ndarray], *, train_rows: int,
+                         false_alarm_rate: float) -> tuple[float, dict[str, Any]]:
+    """Threshold headroom from normal data only: the multiplier under which rows after ``train_rows`` of each normal
+    ``segment`` exceed the threshold at ``false_alarm_rate``.
+
+    Each segment is split like an evaluation file (first ``train_rows`` rows fit a detector with multiplier 1, the
+    rest is scored); the multiplier is the ``1 - false_alarm_rate`` quantile of the pooled score/threshold ratios
+    (at least 1). This measures how far normal operation drifts beyond what a short training stretch shows.
+    """
+    if not segments:
+        raise ValueError("calibration needs at least one normal segment")
+    base = replace(settings, multiplier=1.0)
+    pooled: list[np.ndarray] = []
+    for segment in segments:
+        detector = SequenceDetector(base).fit(segment[:train_rows])
+        ratios = detector.ratios(segment)[train_rows:]
+        pooled.append(ratios[np.isfinite(ratios)])
+    values = np.concatenate(pooled)
+    multiplier = max(float(np.quantile(values, 1.0 - false_alarm_rate)), 1.0)
+    return multiplier, {"false_alarm_rate": false_alarm_rate, "segments": len(segments), "rows": int(values.size),
+                        "multiplier": multiplier}
+
+
+DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
+    "dense": {"hidden": [64, 16]},
+    "lstm": {"lstm_hidden": 32, "lstm_layers": 1, "code_size": 16},
+    "conv": {"conv_channels": [32, 16], "kernel_size": 7},
+    "sparse": {"hidden": [64, 16], "sparsity_weight": 1e-3, "sparsity": "l1"},
+    "contractive": {"hidden": [64, 16], "contractive_weight": 1e-3},
+    "vae": {"hidden": [64, 16], "beta": 0.1},
+}
+
+
+def default_settings(model_type: str, **overrides: Any) -> SequenceSettings:
+    """The settings the SKAB harness uses for ``model_type`` (its default hyperparameters), with ``overrides``."""
+    if model_type not in DEFAULT_HYPERPARAMETERS:
+        raise ValueError(f"unknown model type {model_type!r} (have: {', '.join(DEFAULT_HYPERPARAMETERS)})")
+    return replace(SequenceSettings(model_type=model_type, hyperparameters=DEFAULT_HYPERPARAMETERS[model_type]),
+                   **overrides)

@@ -1,0 +1,215 @@
+"""Shared set-up for fault tests: a configured deployment, a stream producer, pipeline subprocesses, and the check.
+
+The pipeline under test runs as real ``sensorwatch run`` processes (so SIGKILL and SIGTERM are real); the stream is
+produced at a steady rate from a background thread so faults land mid-stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import yaml
+from sqlalchemy import func, select, text
+
+from pipeline import kafka_io
+from pipeline.config import Config, load_config
+from pipeline.decode import Decoder
+from pipeline.registry import register
+from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import WindowScore
+from pipeline.train import train_group, windows_from_frame
+from pipeline.windowing import Windower
+
+PERIOD = 10.0
+START = pd.Timestamp("2026-05-01T00:00:00Z")
+SENSORWATCH = Path(sys.executable).with_name("sensorwatch")
+Junk = Callable[[str, bytes], tuple[bytes | None, bytes | None]]
+
+
+@dataclass
+class Deployment:
+    """A config file, a migrated database with an active model, and the stream to send."""
+
+    config_path: Path
+    config: Config
+    messages: list[tuple[str, bytes]]
+    expected: set[tuple[str, int]]
+    logs: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    # -- the stream ------------------------------------------------------------------------------------------------
+    def produce(self, rate_per_s: float, extra: list[Junk] | None = None) -> threading.Thread:
+        """Send the stream at about ``rate_per_s`` in a thread; ``extra`` records are spread through it, each made
+        from the valid record just sent (so a duplicate or late reading can refer to it)."""
+        cfg = self.config.kafka
+        kafka_io.ensure_topics(cfg, [cfg.topic, cfg.dead_letter_topic], partitions=3)
+
+        def send() -> None:
+            producer = kafka_io.make_producer(cfg, linger_ms=10)
+            chunk = max(int(rate_per_s / 10), 1)
+            junk = list(extra or [])
+            every = max(len(self.messages) // (len(junk) + 1), 1)
+            for i, (asset, value) in enumerate(self.messages):
+                producer.send(cfg.topic, key=asset.encode(), value=value)
+                if junk and i % every == every - 1:
+                    key, raw = junk.pop()(asset, value)
+                    producer.send(cfg.topic, key=key, value=raw)
+                if i % chunk == chunk - 1:
+                    producer.flush()
+                    time.sleep(0.1)
+            for make in junk:
+                key, raw = make(*self.messages[-1])
+                producer.send(cfg.topic, key=key, value=raw)
+            producer.flush()
+            producer.close()
+
+        thread = threading.Thread(target=send, name="stream", daemon=True)
+        thread.start()
+        return thread
+
+    # -- pipeline processes ----------------------------------------------------------------------------------------
+    def start_consumer(self, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``sensorwatch run --config ...`` as a child process, logging to ``logs/``."""
+        log = (self.logs / f"consumer-{len(self.procs)}.log").open("wb")
+        proc = subprocess.Popen([str(SENSORWATCH), "run", "--config", str(self.config_path)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "COLUMNS": "200"})
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        """SIGTERM every consumer still running and wait for it."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # -- the check -------------------------------------------------------------------------------------------------
+    def stored(self) -> tuple[int, int]:
+        """(rows in window_scores, distinct (asset, window_end) among them)."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(select(func.count()).select_from(WindowScore)).scalar_one()
+                distinct = conn.execute(text(
+                    "select count(*) from (select distinct asset, window_end from window_scores) d")).scalar_one()
+        finally:
+            engine.dispose()
+        return int(rows), int(distinct)
+
+    def wait_complete(self, timeout_s: float) -> tuple[int, int]:
+        """Wait until every expected window has a score (or the timeout); returns ``stored()``."""
+        deadline = time.monotonic() + timeout_s
+        counts = (0, 0)
+        while time.monotonic() < deadline:
+            try:
+                counts = self.stored()
+            except Exception:  # database briefly down in outage tests
+                counts = (0, 0)
+            if counts[1] >= len(self.expected):
+                time.sleep(1.0)  # let anything extra land before the final count
+                return self.stored()
+            time.sleep(0.5)
+        return counts
+
+    def wait_progress(self, timeout_s: float) -> None:
+        """Wait until the number of stored windows grows (a consumer is working)."""
+        before = self.stored()[0]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.stored()[0] == before:
+            time.sleep(0.2)
+
+    def stored_keys(self) -> set[tuple[str, int]]:
+        """The (asset, window end ms) of every stored score."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with make_sessionmaker(engine)() as s:
+                return {(r.asset, int(r.window_end.timestamp() * 1000)) for r in s.scalars(select(WindowScore))}
+        finally:
+            engine.dispose()
+
+    def debug_state(self) -> str:
+        """Skipped windows, asset and consumer progress, for a failing assertion."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with engine.connect() as conn:
+                parts = []
+                for table in ("skipped_windows", "asset_progress", "consumer_progress"):
+                    rows = conn.execute(text(f"select * from {table}")).fetchall()  # noqa: S608 - fixed names
+                    parts.append(f"{table}: " + "\n  ".join(map(str, rows)))
+        finally:
+            engine.dispose()
+        return "\n".join(parts)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of every consumer log, for assertion messages."""
+        out = []
+        for path in sorted(self.logs.glob("consumer-*.log")):
+            out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+
+def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: int, rows_per_asset: int,
+           session_timeout_ms: int = 6000, ingest: dict[str, object] | None = None) -> Deployment:
+    """Write a config, migrate the database, register a quickly trained model, and prepare the stream."""
+    names = [f"asset-{i:02d}" for i in range(assets)]
+    raw = {
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
+                  "group_id": f"g-{topic}", "max_poll_records": 2000, "poll_timeout_ms": 300,
+                  "session_timeout_ms": session_timeout_ms},
+        "database": {"url": db_url},
+        "metrics": {"port": 0},
+        "ingest": ingest or {},
+        "model_dir": str(tmp_path / "models"),
+        "groups": [{
+            "name": "fleet", "assets": names, "sampling_period_s": PERIOD,
+            "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
+            "window": {"length": 12, "stride": 6, "max_gap": 2, "idle_close_s": 3600},
+            "model": {"type": "dense", "hidden": [16, 4], "epochs": 2, "batch_size": 256},
+        }],
+    }
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config_path, env={})
+    group = cfg.groups[0]
+    upgrade(db_url)
+    train = simulate_normal(names[0], START - pd.Timedelta(hours=6), 2000, PERIOD, seed=1).reset_index()
+    trained = train_group(windows_from_frame(train, group), group, progress=False)
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine).begin() as s:
+        row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
+                       status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
+        repo.activate_model_version(session=s, version=row.version)
+    engine.dispose()
+    frames = {a: simulate_normal(a, START, rows_per_asset, PERIOD, seed=2) for a in names}
+    ts = (frames[names[0]].index.astype("int64") // 1_000_000).tolist()
+    messages: list[tuple[str, bytes]] = []
+    columns = group.sensor_names
+    for asset in names:
+        values = frames[asset][columns].to_numpy()
+        messages += [(asset, orjson.dumps({"asset": asset, "ts": t, "values": dict(zip(columns, map(float, v),
+                                                                                          strict=True))}))
+                     for t, v in zip(ts, values, strict=True)]
+    messages.sort(key=lambda m: orjson.loads(m[1])["ts"])
+    decoder = Decoder(cfg.groups, cfg.kafka.max_message_bytes, cfg.ingest)
+    readings = [decoder.decode(value) for _, value in messages]
+    expected = {(w.asset, w.end_ms) for w in Windower(cfg.groups).add(readings).windows}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return Deployment(config_path, cfg, messages, expected, logs)

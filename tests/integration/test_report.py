@@ -1,0 +1,178 @@
+"""The HTML report: generated from a database holding a known alert, then opened and checked for its plots, the
+alert's shaded spans (where and when), its top sensors, and that it needs nothing outside the file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from alert_data import SENSORS, T0, fleet, make_config, write_config
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.report import MARGIN, WIDTH, load_report_data, render_html
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.types import datetime_to_ms, ms_to_datetime
+
+
+class _Page(HTMLParser):
+    """Collects every element with its attributes and the ``data-plot`` of the SVG it sits in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str], str | None]] = []
+        self.svg: str | None = None
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        if tag == "svg":
+            self.svg = values.get("data-plot")
+        self.elements.append((tag, values, self.svg))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg":
+            self.svg = None
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+    def find(self, tag: str, plot: str | None = None, **attrs: str) -> list[dict[str, str]]:
+        return [a for t, a, p in self.elements if t == tag and (plot is None or p == plot)
+                and all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sw.db'}"
+    else:
+        yield request.getfixturevalue("pg_database_url")
+
+
+def _raw_csv(path: Path) -> Path:
+    """A reading every 10 s for pump-1 and pump-2 over the report span; pump-1 bearing_temp steps up 02:05-02:46."""
+    ts = pd.date_range(ms_to_datetime(T0), periods=5 * 360, freq="10s")
+    rng = np.random.default_rng(0)
+    frames = []
+    for asset in ("pump-1", "pump-2"):
+        frame = pd.DataFrame({"ts": ts.map(lambda t: t.isoformat()), "asset": asset})
+        for sensor in SENSORS:
+            frame[sensor] = 50 + rng.normal(0, 1, len(ts))
+        if asset == "pump-1":
+            hot = (ts >= "2026-03-01T02:05:00Z") & (ts < "2026-03-01T02:46:00Z")
+            frame.loc[hot, "bearing_temp"] += 25
+        frames.append(frame)
+    pd.concat(frames).to_csv(path, index=False)
+    return path
+
+
+def test_report_shows_plots_and_the_spans_of_a_known_alert(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url)
+    fleet(db_url, make_config(db_url))
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        known = repo.list_alerts(session=s, asset="pump-1", severity="critical")[0]
+        repo_id, opened, closed = known.id, known.opened_at, known.closed_at
+    engine.dispose()
+    assert closed is not None
+    config = write_config(tmp_path / "c.yaml", db_url)
+    out = tmp_path / "reports" / "pump-1.html"
+
+    result = CliRunner().invoke(app, [
+        "report", "-c", str(config), "--asset", "pump-1", "--since", "2026-03-01T00:00:00Z",
+        "--until", "2026-03-01T05:00:00Z", "--out", str(out), "--csv", str(_raw_csv(tmp_path / "raw.csv"))])
+    assert result.exit_code == 0, result.output
+
+    html = out.read_text(encoding="utf-8")
+    page = _Page()
+    page.feed(html)
+    plots = {a["data-plot"] for a in page.find("svg")}
+    assert plots == {"score"} | {f"sensor-error:{s}" for s in SENSORS} | {f"signal:{s}" for s in SENSORS}
+    for plot in plots:
+        assert any(len(p["points"].split()) > 50 for p in page.find("polyline", plot)), plot
+    assert {p["data-series"] for p in page.find("polyline", "score")} == {"score", "threshold"}
+
+    # the known alert is shaded on every plot, from its opening to its close, in its severity's colour
+    spans = page.find("rect", data_alert_id=str(repo_id))
+    assert {s["data-severity"] for s in spans} == {"critical"}
+    assert len(spans) == len(plots)
+    lo, hi = datetime_to_ms(datetime(2026, 3, 1, tzinfo=UTC)), datetime_to_ms(datetime(2026, 3, 1, 5, tzinfo=UTC))
+    left, right = MARGIN[0], WIDTH - MARGIN[1]
+    for span in spans:
+        assert span["data-start"] == opened.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert span["data-end"] == closed.strftime("%Y-%m-%dT%H:%M:%SZ")
+        x0 = left + (datetime_to_ms(opened) - lo) / (hi - lo) * (right - left)
+        x1 = left + (datetime_to_ms(closed) - lo) / (hi - lo) * (right - left)
+        assert float(span["x"]) == pytest.approx(x0, abs=0.1)
+        assert float(span["width"]) == pytest.approx(x1 - x0, abs=0.2)
+    assert len(page.find("rect", "score", **{"class": "alert-span severity-warning"})) == 1  # the earlier warning
+
+    # its top sensors are listed with their share, and labelled on that sensor's plots
+    text = " ".join(page.text)
+    row = page.find("tr", data_alert_id=str(repo_id))
+    assert row and f"#{repo_id} 95%" in text
+    assert "bearing_temp" in text and "critical" in text
+    assert "95%" in html.split(f'id="alert-{repo_id}"')[1].split("</tr>")[0]
+
+    # self-contained: no scripts, no external resources
+    assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
+    assert "src=" not in html and "<link" not in html
+
+
+def test_report_data_and_render_without_scores_or_csv(db_url: str) -> None:
+    upgrade(db_url)
+    config = make_config(db_url)
+    fleet(db_url, config)
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        data = load_report_data(session=s, group=config.groups[0], asset="pump-2",
+                                start=datetime(2026, 3, 1, 3, tzinfo=UTC), end=datetime(2026, 3, 1, 6, tzinfo=UTC))
+        empty = load_report_data(session=s, group=config.groups[0], asset="pump-3",
+                                 start=datetime(2026, 3, 2, tzinfo=UTC), end=datetime(2026, 3, 3, tzinfo=UTC))
+    engine.dispose()
+    assert [a.status for a in data.alerts] == ["open"] and data.alerts[0].end_ms == max(s.end_ms for s in data.scores)
+    assert data.signals == {} and data.tiers == ["warning", "critical"]
+    page = _Page()
+    page.feed(render_html(data))
+    assert page.find("rect", "score", data_severity="warning")
+    quiet = render_html(empty)
+    assert "No window scores in this span." in quiet and "No alerts in this span." in quiet
+
+
+def test_report_rejects_an_unknown_asset_and_a_reversed_span(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    config = str(write_config(tmp_path / "c.yaml", url))
+    cli = CliRunner()
+    unknown = cli.invoke(app, ["report", "-c", config, "--asset", "fan-9", "--out", str(tmp_path / "r.html")])
+    assert unknown.exit_code == 2 and "fan-9" in unknown.output
+    reversed_ = cli.invoke(app, ["report", "-c", config, "--asset", "pump-1", "--out", str(tmp_path / "r.html"),
+                                 "--since", "2026-03-02", "--until", "2026-03-01"])
+    assert reversed_.exit_code == 2
+
+
+def test_report_shades_maintenance_windows(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    fleet(url, make_config(url))
+    config = make_config(url, maintenance=[{"assets": ["pump-3"], "start": "2026-03-01T03:30:00Z",
+                                            "end": "2026-03-01T03:45:00Z"}])
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as s:
+        data = load_report_data(session=s, group=config.groups[0], asset="pump-3",
+                                start=datetime(2026, 3, 1, 3, tzinfo=UTC), end=datetime(2026, 3, 1, 5, tzinfo=UTC))
+    engine.dispose()
+    page = _Page()
+    page.feed(render_html(data))
+    (shade,) = page.find("rect", "score", **{"class": "maintenance"})
+    # the run of scored windows that overlap the maintenance window: the first starts before it, the last ends after
+    assert "2026-03-01T03:25:00Z" < shade["data-start"] <= "2026-03-01T03:30:00Z"
+    assert "2026-03-01T03:45:00Z" <= shade["data-end"] < "2026-03-01T03:50:00Z"
+    assert not page.find("rect", "score", **{"class": "alert-span severity-warning"})
