@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +44,14 @@ from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Fenced(Exception):
+    """Another consumer owns these partitions now; this one's results for them must not be written."""
+
+    def __init__(self, partitions: set[int]) -> None:
+        super().__init__(f"partitions {sorted(partitions)} are owned by another consumer")
+        self.partitions = partitions
 
 
 @dataclass
@@ -81,11 +92,27 @@ class Runner:
         self._next_offset: dict[int, int] = {}
         self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
         self._saved_starts: dict[str, int] = {}
+        self._revoked: set[int] = set()
+        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.metrics.set_models({g: d.version for g, d in detectors.items()})
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
-        """Forget the state tied to partitions this consumer no longer owns (the new owner resumes them)."""
+        """Remember what was revoked; state is dropped once the new assignment shows what was really lost.
+
+        kafka-python keeps the fetch position of a partition that is revoked and assigned again in the same
+        rebalance, so its open windows must be kept too (they are not replayed).
+        """
+        self._revoked |= partitions
+
+    def partitions_assigned(self, partitions: set[int]) -> None:
+        """Drop the state of partitions that went to another consumer (the new owner resumes them)."""
+        lost, self._revoked = self._revoked - partitions, set()
+        self._drop_partitions(lost)
+        if partitions or lost:
+            log.info("partitions assigned: %s, handed over: %s", sorted(partitions), sorted(lost))
+
+    def _drop_partitions(self, partitions: set[int]) -> None:
         assets = self._windower.forget_partitions(partitions)
         self._alerts.forget(assets)
         for asset in assets:
@@ -95,13 +122,6 @@ class Runner:
             self._processed_before.pop(p, None)
             with contextlib.suppress(KeyError):
                 self.metrics.lag.remove(str(p))
-        if partitions:
-            log.info("partitions revoked: %s (%d assets handed over)", sorted(partitions), len(assets))
-
-    def partitions_assigned(self, partitions: set[int]) -> None:
-        """Log new assignments (state is rebuilt lazily from the database and the replayed records)."""
-        if partitions:
-            log.info("partitions assigned: %s", sorted(partitions))
 
     # -- one batch -------------------------------------------------------------------------------------------------
     def process(self, records: Sequence[kafka_io.RawRecord], now_ms: int) -> dict[int, int]:
@@ -129,9 +149,22 @@ class Runner:
         if not (fresh or scores or batch.skipped or processed or moved):
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
-        events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
-        if self._sinks is not None:
-            self._sinks.publish(events)  # only after the transaction holding the alerts has committed
+        try:
+            events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
+        except Fenced as fenced:
+            # We lost these partitions without noticing (e.g. a long pause); the new owner redoes their windows.
+            log.warning("%s: dropping their results and state", fenced)
+            lost = fenced.partitions
+
+            def kept(asset: str) -> bool:
+                return self._windower.partition_of(asset) not in lost
+
+            scores = [x for x in scores if kept(x.asset)]
+            batch.skipped = [x for x in batch.skipped if kept(x.asset)]
+            moved = {a: v for a, v in moved.items() if kept(a)}
+            processed = {p: o for p, o in processed.items() if p not in lost}
+            self._drop_partitions(lost)
+            events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._next_offset.update(processed)
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
@@ -160,8 +193,11 @@ class Runner:
         if not partitions and not assets:
             return
         k = self.config.kafka
-        with self._sessions() as session:
+        with self._sessions.begin() as session:
             if partitions:
+                # claim first: a previous owner that has not noticed the rebalance can no longer write them
+                repo.claim_partitions(session=session, consumer_group=k.group_id, topic=k.topic,
+                                      partitions=sorted(partitions), owner=self._owner)
                 stored = repo.load_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic)
                 for p in partitions:
                     self._processed_before[p] = stored.get(p, -1)
@@ -182,8 +218,10 @@ class Runner:
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
                 repo.insert_skipped(session=session, skipped=skipped)
                 repo.save_asset_progress(session=session, progress=moved)
-                repo.save_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic,
-                                            processed=processed)
+                fenced = repo.save_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic,
+                                                     processed=processed, owner=self._owner)
+                if fenced:
+                    raise Fenced(fenced)
         except BaseException:
             self._alerts.forget(assets)  # the transaction did not commit: rebuild from the database next time
             raise
@@ -246,6 +284,14 @@ class Runner:
             return result
 
     # -- the loop --------------------------------------------------------------------------------------------------
+    def _commit(self, consumer: KafkaConsumer, offsets: dict[int, int]) -> None:
+        try:
+            kafka_io.commit(consumer, self.config.kafka.topic, offsets)
+            self.stats.commits += 1
+        except CommitFailedError as exc:
+            # The group rebalanced under us; the new owner resumes from the stored progress.
+            log.warning("offset commit refused after a rebalance: %s", exc)
+
     def run(self, consumer: KafkaConsumer, *, idle_stop_s: float | None = None,
             on_batch: Callable[[RunStats], None] | None = None, clock: Callable[[], float] = time.time) -> RunStats:
         """Consume until the stop flag is set (or nothing arrives for ``idle_stop_s``). Commits after each batch."""
@@ -253,16 +299,11 @@ class Runner:
         idle_since = time.monotonic()
         last_lag = 0.0
         while not self._stop.is_set():
-            records = kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records)
+            records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
             self.metrics.beat()
             offsets = self.process(records, round(clock() * 1000))
             if offsets:
-                try:
-                    kafka_io.commit(consumer, k.topic, offsets)
-                    self.stats.commits += 1
-                except CommitFailedError as exc:
-                    # The group rebalanced under us; the new owner resumes from the stored progress.
-                    log.warning("offset commit refused after a rebalance: %s", exc)
+                self._retry(lambda: self._commit(consumer, offsets))
             if records:
                 idle_since = time.monotonic()
                 if on_batch is not None:

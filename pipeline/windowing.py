@@ -205,6 +205,8 @@ class Windower:
     def forget_partitions(self, partitions: Iterable[int]) -> list[str]:
         """Drop the state of assets last seen on these partitions (a rebalance took them away); returns them."""
         gone = set(partitions)
+        if not gone:
+            return []
         assets = [a for a, s in self._assets.items() if s.partition in gone]
         for asset in assets:
             del self._assets[asset]
@@ -212,6 +214,11 @@ class Windower:
             self._replay_upto.pop(p, None)
         self._resume.clear()
         return assets
+
+    def partition_of(self, asset: str) -> int | None:
+        """The partition an asset's readings come from (None if it has no state here)."""
+        state = self._assets.get(asset)
+        return state.partition if state is not None else None
 
     def open_assets(self) -> list[str]:
         """Assets with buffered readings."""

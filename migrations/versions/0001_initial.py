@@ -115,6 +115,7 @@ def upgrade() -> None:
         sa.Column("topic", sa.String(length=250), nullable=False),
         sa.Column("partition", sa.Integer(), autoincrement=False, nullable=False),
         sa.Column("processed_upto", sa.BigInteger(), nullable=False),
+        sa.Column("owner", sa.String(length=120), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("consumer_group", "topic", "partition", name=op.f("pk_consumer_progress")),
     )

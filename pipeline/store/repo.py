@@ -297,21 +297,42 @@ def load_asset_progress(*, session: Session, assets: Sequence[str]) -> dict[str,
     return {asset: datetime_to_ms(start) for asset, start in rows}
 
 
-def save_consumer_progress(*, session: Session, consumer_group: str, topic: str, processed: dict[int, int],
-                           now: datetime | None = None) -> None:
-    """Upsert ``partition -> offset below which everything is processed``."""
-    if not processed:
+def claim_partitions(*, session: Session, consumer_group: str, topic: str, partitions: Sequence[int], owner: str,
+                     now: datetime | None = None) -> None:
+    """Make ``owner`` the writer of these partitions' progress (after Kafka assigned them to it)."""
+    if not partitions:
         return
     stamp = now or datetime.now(UTC)
     stmt = _insert(session, ConsumerProgress)
     stmt = stmt.on_conflict_do_update(
         index_elements=["consumer_group", "topic", "partition"],
-        set_={"processed_upto": stmt.excluded.processed_upto, "updated_at": stmt.excluded.updated_at},
+        set_={"owner": stmt.excluded.owner, "updated_at": stmt.excluded.updated_at},
     )
     session.execute(stmt, [
-        {"consumer_group": consumer_group, "topic": topic, "partition": p, "processed_upto": o, "updated_at": stamp}
-        for p, o in sorted(processed.items())
+        {"consumer_group": consumer_group, "topic": topic, "partition": p, "processed_upto": -1, "owner": owner,
+         "updated_at": stamp}
+        for p in sorted(partitions)
     ])
+
+
+def save_consumer_progress(*, session: Session, consumer_group: str, topic: str, processed: dict[int, int],
+                           owner: str, now: datetime | None = None) -> set[int]:
+    """Record ``partition -> offset below which everything is processed`` where ``owner`` still owns the partition.
+
+    Returns the partitions owned by someone else now (fenced): the caller must roll back and drop them.
+    """
+    stamp = now or datetime.now(UTC)
+    fenced: set[int] = set()
+    for partition, upto in sorted(processed.items()):
+        result = session.execute(
+            update(ConsumerProgress)
+            .where(ConsumerProgress.consumer_group == consumer_group, ConsumerProgress.topic == topic,
+                   ConsumerProgress.partition == partition, ConsumerProgress.owner == owner)
+            .values(processed_upto=upto, updated_at=stamp)
+        )
+        if result.rowcount != 1:
+            fenced.add(partition)
+    return fenced
 
 
 def load_consumer_progress(*, session: Session, consumer_group: str, topic: str) -> dict[int, int]:

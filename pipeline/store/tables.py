@@ -160,7 +160,8 @@ class ConsumerProgress(Base):
     """Per consumer group and partition, the offset below which every record has been processed and stored.
 
     Written in the same transaction as the results, so after a crash the next owner knows which replayed records
-    were already handled (their rejects are not sent again, their readings are not reported late again).
+    were already handled (their rejects are not sent again, their readings are not reported late again). ``owner``
+    fences out a consumer that lost the partition but does not know yet: its writes no longer match the owner.
     """
 
     __tablename__ = "consumer_progress"
@@ -169,4 +170,5 @@ class ConsumerProgress(Base):
     topic: Mapped[str] = mapped_column(String(250), primary_key=True)
     partition: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     processed_upto: Mapped[int] = mapped_column(BigInteger)
+    owner: Mapped[str] = mapped_column(String(120))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -1,0 +1,53 @@
+"""Prometheus metrics and /healthz over real HTTP."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipeline.metrics import PipelineMetrics, serve
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_metrics_and_health_endpoints() -> None:
+    metrics = PipelineMetrics(unhealthy_after_s=30)
+    server = serve(metrics, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        metrics.readings.inc(5)
+        metrics.rejects.labels(reason="late").inc()
+        metrics.lag.labels(partition="0").set(42)
+        metrics.batch_seconds.observe(0.02)
+        metrics.set_models({"pumps": "pumps-1"})
+        status, body = _get(f"{base}/metrics")
+        assert status == 200
+        for line in ('sensorwatch_readings_total 5.0', 'sensorwatch_rejects_total{reason="late"} 1.0',
+                     'sensorwatch_consumer_lag{partition="0"} 42.0', "sensorwatch_batch_seconds_count 1.0",
+                     'sensorwatch_active_model{group="pumps",version="pumps-1"} 1.0'):
+            assert line in body
+        assert _get(f"{base}/healthz") == (200, "ok")
+        metrics.set_degraded(True)
+        assert _get(f"{base}/healthz")[0] == 503
+        metrics.set_degraded(False)
+        assert _get(f"{base}/nope")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_silent_loop_is_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = PipelineMetrics(unhealthy_after_s=10)
+    import pipeline.metrics as module
+
+    now = module.time.monotonic()
+    monkeypatch.setattr(module.time, "monotonic", lambda: now + 11)
+    ok, reason = metrics.healthy()
+    assert not ok and "silent" in reason
