@@ -303,7 +303,7 @@ class Runner:
             self.metrics.beat()
             offsets = self.process(records, round(clock() * 1000))
             if offsets:
-                self._retry(lambda: self._commit(consumer, offsets))
+                self._retry(lambda o=offsets: self._commit(consumer, o))
             if records:
                 idle_since = time.monotonic()
                 if on_batch is not None:

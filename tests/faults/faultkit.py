@@ -151,7 +151,7 @@ class Deployment:
             with engine.connect() as conn:
                 parts = []
                 for table in ("skipped_windows", "asset_progress", "consumer_progress"):
-                    rows = conn.execute(text(f"select * from {table}")).fetchall()  # noqa: S608 - fixed names
+                    rows = conn.execute(text(f"select * from {table}")).fetchall()
                     parts.append(f"{table}: " + "\n  ".join(map(str, rows)))
         finally:
             engine.dispose()

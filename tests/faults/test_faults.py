@@ -16,9 +16,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from faultkit import START, Deployment, deploy
 from kafka import KafkaConsumer
 
-from faultkit import START, Deployment, deploy
 from pipeline.runner import RunStats, run_pipeline
 
 pytestmark = pytest.mark.integration
@@ -175,8 +175,8 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_never_stops_the_pipeline(
     reasons: list[str] = []
     sent: list[tuple[bytes, str]] = []
 
-    def recording(reason: str, make):  # noqa: ANN001, ANN202 - tiny adapter
-        def wrapped(asset: str, value: bytes):  # noqa: ANN202
+    def recording(reason: str, make):
+        def wrapped(asset: str, value: bytes):
             key, raw = make(asset, value)
             sent.append((raw or b"", reason))
             return key, raw
