@@ -48,7 +48,7 @@ class _AssetState:
     partition: int
     max_slot: int = -(2**62)
     last_arrival_ms: int = 0
-    rows: dict[int, np.ndarray] = field(default_factory=dict)
+    rows: dict[int, list[float]] = field(default_factory=dict)
     offsets: dict[int, int] = field(default_factory=dict)
 
 
@@ -72,6 +72,7 @@ class Windower:
             g.name: {s: i for i, s in enumerate(g.sensor_names)} for g in self._group_of.values()
         }
         self._gaps: dict[str, np.ndarray] = {g.name: np.array(g.max_gaps()) for g in self._group_of.values()}
+        self._lookback: dict[str, int] = {name: int(gaps.max()) for name, gaps in self._gaps.items()}
         self._assets: dict[str, _AssetState] = {}
         self._resume: dict[str, int] = {}
         self._replay_upto: dict[int, int] = {}
@@ -113,7 +114,7 @@ class Windower:
                     start = math.ceil(first / w.stride) * w.stride
                 state = _AssetState(group, start, reading.partition)
                 self._assets[reading.asset] = state
-            if slot < state.next_start - int(self._gaps[group.name].max()):
+            if slot < state.next_start - self._lookback[group.name]:
                 if reading.offset < self._replay_upto.get(reading.partition, -1):
                     out.replayed += 1  # processed before a restart: its windows are already stored
                 else:
@@ -122,12 +123,13 @@ class Windower:
             index = self._sensor_index[group.name]
             row = state.rows.get(slot)
             if row is None:
-                row = state.rows[slot] = np.full(len(index), np.nan)
+                row = state.rows[slot] = [math.nan] * len(index)
             columns = [index[sensor] for sensor in reading.values]
-            if not np.isnan(row[columns]).all():
+            if any(row[c] == row[c] for c in columns):  # already set (NaN is the only value unequal to itself)
                 out.duplicates.append(reading)
                 continue
-            row[columns] = list(reading.values.values())
+            for c, value in zip(columns, reading.values.values(), strict=True):
+                row[c] = value
             previous = state.offsets.get(slot)
             state.offsets[slot] = reading.offset if previous is None else min(previous, reading.offset)
             state.partition = reading.partition
@@ -178,16 +180,13 @@ class Windower:
     def _materialise(self, state: _AssetState, start: int) -> np.ndarray:
         w = state.group.window
         gaps = self._gaps[state.group.name]
-        lookback = int(gaps.max())
-        span = np.full((lookback + w.length, len(gaps)), np.nan)
-        for i, slot in enumerate(range(start - lookback, start + w.length)):
-            row = state.rows.get(slot)
-            if row is not None:
-                span[i] = row
+        lookback = self._lookback[state.group.name]
+        empty = [math.nan] * len(gaps)
+        span = np.array([state.rows.get(slot, empty) for slot in range(start - lookback, start + w.length)])
         return forward_fill(span, gaps)[lookback:]
 
     def _prune(self, state: _AssetState) -> None:
-        keep_from = state.next_start - int(self._gaps[state.group.name].max())
+        keep_from = state.next_start - self._lookback[state.group.name]
         for slot in [s for s in state.rows if s < keep_from]:
             del state.rows[slot]
             del state.offsets[slot]

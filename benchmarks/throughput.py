@@ -1,0 +1,130 @@
+"""Pipeline throughput: readings/s and batch latency through a real broker into SQLite or PostgreSQL.
+
+    python benchmarks/throughput.py [--assets 20] [--rows 5000] [--database sqlite|postgres]
+
+Starts a local Kafka broker (or uses KAFKA_BOOTSTRAP_SERVERS) and, for ``postgres``, a throwaway PostgreSQL cluster
+(or DATABASE_URL); trains a small dense model, produces the stream first, then times the pipeline consuming it.
+Prints one JSON line with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from pipeline import kafka_io
+from pipeline.config import Config, parse_config
+from pipeline.registry import register
+from pipeline.runner import RunStats, run_pipeline
+from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.train import train_group, windows_from_frame
+
+
+@contextlib.contextmanager
+def _kafka() -> Iterator[str]:
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+        return
+    from pipeline.localinfra import LocalKafka
+
+    with LocalKafka() as kafka:
+        yield kafka.bootstrap_servers
+
+
+@contextlib.contextmanager
+def _database(kind: str, workdir: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{workdir / 'bench.db'}"
+    elif os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+    else:
+        from pipeline.localinfra import LocalPostgres
+
+        with LocalPostgres() as pg:
+            yield pg.url
+
+
+def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path) -> Config:
+    return parse_config({
+        "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{time.time_ns()}", "group_id": "bench",
+                  "max_poll_records": 5000},
+        "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
+        "groups": [{"name": "fleet", "assets": assets, "sampling_period_s": 10,
+                    "sensors": [{"name": s.name, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
+                    "window": {"length": 30, "stride": 5}, "model": {"type": "dense", "epochs": 3}}],
+    }, env={})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assets", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=5000, help="readings per asset")
+    parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    args = parser.parse_args()
+    assets = [f"asset-{i:03d}" for i in range(args.assets)]
+    start = pd.Timestamp("2026-06-01T00:00:00Z")
+    with tempfile.TemporaryDirectory() as tmp, _kafka() as bootstrap, _database(args.database, Path(tmp)) as db_url:
+        cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models")
+        group = cfg.groups[0]
+        upgrade(db_url)
+        train = simulate_normal(assets[0], start - pd.Timedelta(days=1), 4000, 10, seed=1).reset_index()
+        trained = train_group(windows_from_frame(train, group), group, progress=False)
+        engine = make_engine(db_url)
+        with make_sessionmaker(engine).begin() as s:
+            row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
+                           status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
+            repo.activate_model_version(session=s, version=row.version)
+        engine.dispose()
+        kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+        producer = kafka_io.make_producer(cfg.kafka, linger_ms=20, batch_size=512 * 1024)
+        total = 0
+        for asset in assets:
+            frame = simulate_normal(asset, start, args.rows, 10, seed=2)
+            ts = (frame.index.astype("int64") // 1_000_000).tolist()
+            for t, values in zip(ts, frame.to_dict("records"), strict=True):
+                producer.send(cfg.kafka.topic, key=asset.encode(),
+                              value=orjson.dumps({"asset": asset, "ts": t, "values": values}))
+                total += 1
+        producer.flush()
+        producer.close()
+
+        stop = threading.Event()
+        latencies: list[float] = []
+        first: list[float] = []
+
+        def on_batch(stats: RunStats) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            latencies.append(stats.last_batch_s)
+            if stats.readings >= total:
+                stop.set()
+
+        started = time.perf_counter()
+        stats = run_pipeline(cfg, stop=stop, idle_stop_s=30, on_batch=on_batch)
+        elapsed = time.perf_counter() - (first[0] if first else started)
+        print(json.dumps({
+            "database": args.database, "assets": args.assets, "readings": stats.readings,
+            "windows_scored": stats.windows_scored, "batches": stats.batches,
+            "seconds_first_batch_to_end": round(elapsed, 2),
+            "readings_per_s": round(stats.readings / elapsed), "windows_per_s": round(stats.windows_scored / elapsed),
+            "batch_latency_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 1),
+            "batch_latency_p95_ms": round(float(np.percentile(latencies, 95)) * 1000, 1),
+            "records_per_batch": round(stats.readings / max(stats.batches, 1)),
+        }))
+
+
+if __name__ == "__main__":
+    main()
