@@ -44,7 +44,7 @@ class HalfSpaceTreesDetector:
 
     name = "river-halfspacetrees"
 
-    def __init__(self, *, n_trees: int = 25, height: int = 8, window_size: int = 100, quantile: float = 0.99,
+    def __init__(self, *, n_trees: int = 25, height: int = 8, window_size: int = 250, quantile: float = 0.99,
                  validation_fraction: float = 0.2, seed: int = 0) -> None:
         from river.anomaly import HalfSpaceTrees
 

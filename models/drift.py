@@ -1,4 +1,4 @@
-"""Coping with slow drift and quantised sensors: causal smoothing, floored scaling, and aftermath-aware decisions.
+"""Coping with slow drift and quantised sensors: causal smoothing, floored scaling, windows, persistence.
 
 All functions are pure and causal: an output at row ``t`` depends on rows ``<= t`` only.
 
@@ -7,8 +7,8 @@ thermocouple, a flow meter that toggles between two integer readings), so ordina
 looks like many standard deviations. ``fit_floored_scaler`` puts floors under each sensor's scale: a fraction of the
 sensor's operating level (a change of a fraction of a percent of the level is not an anomaly) and a fraction of its
 quantisation step. ``causal_rolling_mean`` averages out sensor noise before windows are cut, so a level shift shows as
-a shift rather than as extra noise. ``aftermath_flags`` keeps a long excursion from being followed by a long tail of
-false alarms while the plant settles into a slightly different normal state.
+a shift rather than as extra noise. (The drift-following baseline and the aftermath rule, which need the detector's
+own decisions, live in ``models.sequence_detector``.)
 """
 
 from __future__ import annotations
@@ -66,29 +66,7 @@ def sliding_windows(rows: np.ndarray, window: int) -> np.ndarray:
     if len(values) < window:
         return np.empty((0, window, values.shape[1]), dtype=values.dtype)
     view = np.lib.stride_tricks.sliding_window_view(values, window, axis=0)  # [N, F, W]
-    return np.ascontiguousarray(view.transpose(0, 2, 1))
-
-
-def aftermath_flags(ratios: np.ndarray, *, relative: float, half_life: float | None = None) -> np.ndarray:
-    """Flags for a stream of ``score / threshold`` ratios with aftermath suppression.
-
-    Row ``t`` is flagged when ``ratio[t] > 1`` and ``ratio[t] >= relative * peak[t]``, where ``peak`` is the
-    running maximum of the ratios, decaying by half every ``half_life`` rows (None: no decay). So after a large
-    excursion, deviations far smaller than it (the plant settling after an incident) do not keep the alarm on.
-    ``relative = 0`` flags every ratio above 1. NaN ratios (rows without a score) are never flagged.
-    """
-    if not 0 <= relative <= 1:
-        raise ValueError("relative must lie in [0, 1]")
-    x = np.asarray(ratios, dtype=np.float64)
-    decay = 0.5 ** (1.0 / half_life) if half_life else 1.0
-    flags = np.zeros(x.shape, dtype=bool)
-    peak = 0.0
-    for i, value in enumerate(x):
-        if not np.isfinite(value):
-            continue
-        peak = max(peak * decay, value)
-        flags[i] = value > 1.0 and value >= relative * peak
-    return flags
+    return view.transpose(0, 2, 1).copy()
 
 
 def persistent_flags(flags: np.ndarray, consecutive: int) -> np.ndarray:

@@ -4,9 +4,17 @@ persistence decision.
 
 Used by the SKAB harness (``pipeline.skab``) to run every model type under the same protocol. Every setting is fixed
 before training (``SequenceSettings``), and everything fitted (scaler, network, per-sensor normaliser, threshold) is
-fitted on the training rows only: the last ``validation_fraction`` of the training windows (time order, not trained
-on) set the normaliser and the threshold. ``ratios``/``flags`` are causal: row ``t``'s output depends on rows
-``<= t`` only, and a window's score is assigned to its last row, as the streaming pipeline would see it.
+fitted on the training rows only: the per-sensor normaliser and the threshold come from the training windows' errors
+(``threshold_windows="all"``) or only from the last ``validation_fraction`` of them, which early stopping holds out
+(``"validation"``). ``ratios``/``flags`` are causal: row ``t``'s output depends on rows ``<= t`` only, and a window's
+score is assigned to its last row, as the streaming pipeline would see it.
+
+Drift: each sensor's level baseline starts at the training centre and follows the smoothed readings (EWMA of weight
+``1 / baseline_span``) on rows that are not flagged; it is frozen while rows are flagged, so slow normal drift is
+absorbed but an anomaly is not. Aftermath: a row is flagged when its ratio exceeds 1 and at least
+``aftermath_relative`` x the running peak ratio (halving every ``aftermath_half_life`` rows, None: no decay), so the
+plant settling into a slightly different state after a large excursion does not keep the alarm on, and the baseline
+can follow it.
 """
 
 from __future__ import annotations
@@ -47,16 +55,15 @@ class SequenceSettings:
     validation_fraction: float = 0.2
     seed: int = 0
     score: Literal["mean", "max"] = "mean"
-    threshold_windows: Literal["validation", "all"] = "validation"
+    threshold_windows: Literal["validation", "all"] = "all"
     threshold_method: str = "percentile"
     percentile: float = 99.9
     k: float = 4.0
     target_rate: float = 1e-3
     tail_quantile: float = 0.9
-    multiplier: float = 1.0
+    multiplier: float = 3.0
     ewma_alpha: float | None = None
     baseline_span: int | None = 150
-    baseline_alarm_span: int | None = None
     chunk: int = 10
     aftermath_relative: float = 0.3
     aftermath_half_life: float | None = None
@@ -79,12 +86,6 @@ class SequenceDetector:
         self.threshold_info: dict[str, Any] = {}
         self.train_seconds = 0.0
 
-    def _windows(self, rows: np.ndarray) -> np.ndarray:
-        """Standardised windows of the smoothed rows; window ``k`` ends at row ``k + window - 1``."""
-        assert self.scaler is not None
-        smoothed = causal_rolling_mean(rows, self.settings.smooth)
-        return sliding_windows(self.scaler.transform(smoothed), self.settings.window)
-
     def _aggregate(self, per_sensor: np.ndarray) -> np.ndarray:
         assert self.sensor_scale is not None
         normalised = per_sensor / self.sensor_scale
@@ -102,22 +103,21 @@ class SequenceDetector:
         smoothed = causal_rolling_mean(rows, s.smooth)
         self.scaler = fit_floored_scaler(smoothed[warm:], raw_rows=rows, level_floor=s.level_floor,
                                          step_floor=s.step_floor)
-        windows = self._windows(rows)[warm:]
+        windows = sliding_windows(self.scaler.transform(smoothed[warm:]), s.window)
         if len(windows) < 32:
             raise NotEnoughData(f"need at least {32 + warm + s.window - 1} training rows, got {len(rows)}")
         seed_everything(s.seed)
         self.model = build_model(s.model_type, s.window, rows.shape[1], s.hyperparameters)
-        result = fit(self.model, windows, epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
-                     validation_fraction=s.validation_fraction, patience=s.patience, seed=s.seed,
-                     progress=progress, description=f"training {s.model_type}")
+        fit(self.model, windows, epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
+            validation_fraction=s.validation_fraction, patience=s.patience, seed=s.seed, progress=progress,
+            description=f"training {s.model_type}")
         n_val = max(int(len(windows) * s.validation_fraction), 8)
         reference = windows if s.threshold_windows == "all" else windows[-n_val:]
-        _, val_per_sensor = reconstruction_errors(self.model, reference)
-        self.sensor_scale = np.maximum(val_per_sensor.mean(axis=0), 1e-8)
-        val_scores = self._aggregate(val_per_sensor)
+        _, reference_errors = reconstruction_errors(self.model, reference)
+        self.sensor_scale = np.maximum(reference_errors.mean(axis=0), 1e-8)
         self.threshold, self.threshold_info = fit_threshold(
-            val_scores, s.threshold_method, percentile=s.percentile, k=s.k, multiplier=s.multiplier,
-            target_rate=s.target_rate, tail_quantile=s.tail_quantile, ewma_alpha=s.ewma_alpha,
+            self._aggregate(reference_errors), s.threshold_method, percentile=s.percentile, k=s.k,
+            multiplier=s.multiplier, target_rate=s.target_rate, tail_quantile=s.tail_quantile, ewma_alpha=s.ewma_alpha,
         )
         self.train_seconds = time.perf_counter() - started
         return self
@@ -125,10 +125,8 @@ class SequenceDetector:
     def _stream(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score and decide row by row, in chunks of ``chunk`` rows (as a streaming consumer would).
 
-        Returns per-row ratios ``score / threshold`` (NaN before the first complete window) and aftermath flags.
-        With ``baseline_span``, each sensor's level baseline (initially the training centre) follows the smoothed
-        readings by an EWMA of weight ``1 / baseline_span`` on every row that is not flagged, and is frozen while
-        rows are flagged; windows are re-centred on it, so slow normal drift is absorbed but an anomaly is not.
+        Returns per-row ratios ``score / threshold`` (NaN until the first window of fully smoothed rows) and the
+        aftermath flags; windows are re-centred on the drift-following baseline (see the module docstring).
         """
         if self.model is None or self.scaler is None:
             raise RuntimeError("fit the detector first")
@@ -139,13 +137,12 @@ class SequenceDetector:
         flags = np.zeros(len(rows), dtype=bool)
         baseline = self.scaler.mean.copy()
         weight = 1.0 / s.baseline_span if s.baseline_span else 0.0
-        alarm_weight = 1.0 / s.baseline_alarm_span if s.baseline_span and s.baseline_alarm_span else 0.0
         decay = 0.5 ** (1.0 / s.aftermath_half_life) if s.aftermath_half_life else 1.0
         peak, smoothed_score = 0.0, None
-        first = s.window - 1
+        first = s.smooth - 1 + s.window - 1
         for begin in range(first, len(rows), s.chunk):
             stop = min(begin + s.chunk, len(rows))
-            shifted = smoothed[begin - first : stop] - (baseline - self.scaler.mean)
+            shifted = smoothed[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
             windows = sliding_windows(self.scaler.transform(shifted), s.window)
             _, per_sensor = reconstruction_errors(self.model, windows)
             scores = self._aggregate(per_sensor)
@@ -158,11 +155,13 @@ class SequenceDetector:
                 ratios[t] = ratio
                 peak = max(peak * decay, ratio)
                 flags[t] = ratio > 1.0 and ratio >= s.aftermath_relative * peak
-                baseline += (alarm_weight if flags[t] else weight) * (smoothed[t] - baseline)
+                if not flags[t]:
+                    baseline += weight * (smoothed[t] - baseline)
         return ratios, flags
 
     def ratios(self, rows: np.ndarray) -> np.ndarray:
-        """Per row: score / threshold of the window ending at that row (NaN before the first complete window)."""
+        """Per row: score / threshold of the window ending at that row (NaN before the first window of fully
+        smoothed rows)."""
         return self._stream(rows)[0]
 
     def flags(self, rows: np.ndarray) -> np.ndarray:
@@ -193,13 +192,15 @@ def calibrate_multiplier(settings: SequenceSettings, segments: Sequence[np.ndarr
                         "multiplier": multiplier}
 
 
+# Smoothed windows are nearly constant per sensor, so a code as wide as the number of sensors would pass level shifts
+# straight through; a code of 2 forces the network to learn the usual joint operating point instead.
 DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
-    "dense": {"hidden": [64, 16]},
-    "lstm": {"lstm_hidden": 32, "lstm_layers": 1, "code_size": 16},
-    "conv": {"conv_channels": [32, 16], "kernel_size": 7},
-    "sparse": {"hidden": [64, 16], "sparsity_weight": 1e-3, "sparsity": "l1"},
-    "contractive": {"hidden": [64, 16], "contractive_weight": 1e-3},
-    "vae": {"hidden": [64, 16], "beta": 0.1},
+    "dense": {"hidden": [16, 2]},
+    "lstm": {"lstm_hidden": 16, "lstm_layers": 1, "code_size": 2},
+    "conv": {"conv_channels": [16, 2], "kernel_size": 7},
+    "sparse": {"hidden": [16, 2], "sparsity_weight": 1e-3, "sparsity": "l1"},
+    "contractive": {"hidden": [16, 2], "contractive_weight": 1e-3},
+    "vae": {"hidden": [16, 2], "beta": 0.1},
 }
 
 

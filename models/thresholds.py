@@ -51,7 +51,7 @@ def _profile_loglik(theta: float, y: np.ndarray) -> float:
         return -np.inf
     logs = np.log(z)
     shape = float(logs.mean())
-    if shape <= 0 and theta > 0:
+    if (shape <= 0 and theta > 0) or shape < -1.0:  # below -1 the likelihood is unbounded: no MLE
         return -np.inf
     scale = shape / theta
     if scale <= 0:
@@ -64,7 +64,8 @@ def fit_gpd(excesses: np.ndarray) -> GpdFit:
 
     Grimshaw's reduction turns the two-parameter likelihood into a one-dimensional profile in ``theta = shape/scale``
     on ``(-1/max(y), 2(mean-min)/min^2]``; it is maximised on a grid and refined by golden-section search, and compared
-    with the exponential (``shape = 0``). ValueError on fewer than MIN_PEAKS excesses or non-positive ones.
+    with the exponential (``shape = 0``). Shapes below -1 are excluded (the likelihood is unbounded there), so a short
+    tail is fitted with ``shape >= -1``. ValueError on fewer than MIN_PEAKS excesses or non-positive ones.
     """
     y = np.asarray(excesses, dtype=np.float64)
     if y.size < MIN_PEAKS or not np.all(np.isfinite(y)):
@@ -92,9 +93,9 @@ def fit_gpd(excesses: np.ndarray) -> GpdFit:
     candidates = [(theta, _profile_loglik(theta, y)), (0.0, _profile_loglik(0.0, y))]
     theta, _ = max(candidates, key=lambda item: item[1])
     if theta == 0.0:
-        return GpdFit(shape=0.0, scale=ymean)
+        return GpdFit(shape=0.0, scale=float(ymean))
     shape = float(np.log1p(theta * y).mean())
-    return GpdFit(shape=shape, scale=shape / theta)
+    return GpdFit(shape=shape, scale=float(shape / theta))
 
 
 def pot_threshold(errors: np.ndarray, *, target_rate: float = 1e-3, tail_quantile: float = 0.98

@@ -215,31 +215,41 @@ def evaluate_files(files: Sequence[SkabFile], make_detector: Callable[[], RowDet
     return result
 
 
+def calibrated_settings(settings: Any, directory: Path, files: Sequence[SkabFile], *, false_alarm_rate: float
+                        ) -> tuple[Any, dict[str, Any] | None]:
+    """``settings`` (a ``SequenceSettings``) with the threshold multiplier calibrated on anomaly-free.csv by
+    ``calibrate_multiplier`` (segments as long as the median file); unchanged, with None, when the file is absent."""
+    from models.sequence_detector import calibrate_multiplier
+
+    segments = normal_segments(directory, length=int(np.median([len(f.values) for f in files])),
+                               sensors=files[0].sensors)
+    if not segments:
+        return settings, None
+    multiplier, info = calibrate_multiplier(settings, segments, train_rows=TRAIN_ROWS,
+                                            false_alarm_rate=false_alarm_rate)
+    return replace(settings, multiplier=multiplier), info
+
+
 def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None, baselines: bool = True,
-                  calibrate: bool = True, calibration_rate: float = 0.05, progress: bool = True,
+                  calibrate: bool = False, calibration_rate: float = 0.05, progress: bool = True,
                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full comparison on one directory: ``model_type`` (``SequenceDetector`` with ``default_settings``) and,
     with ``baselines``, flag-everything and river's HalfSpaceTrees (skipped with a note when river is missing).
 
-    With ``calibrate`` (and anomaly-free.csv present) the threshold multiplier is set from normal data only by
-    ``calibrate_multiplier`` at ``calibration_rate``. Returns ``{"model", "f1", "far", "mar", "files", ...,
-    "baselines": [...], "notes": [...]}``.
+    With ``calibrate`` the threshold multiplier is instead set from normal data only (``calibrated_settings`` at
+    ``calibration_rate``). Returns ``{"model", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
+    with FAR and MAR as fractions.
     """
     from models.baselines import FlagEverything, HalfSpaceTreesDetector, river_available
-    from models.sequence_detector import SequenceDetector, calibrate_multiplier, default_settings
+    from models.sequence_detector import SequenceDetector, default_settings
 
     files = load_skab(directory, limit=limit)
     settings = default_settings(model_type, **(overrides or {}))
     notes: list[str] = []
     calibration: dict[str, Any] | None = None
     if calibrate:
-        segments = normal_segments(directory, length=int(np.median([len(f.values) for f in files])),
-                                   sensors=files[0].sensors)
-        if segments:
-            multiplier, calibration = calibrate_multiplier(settings, segments, train_rows=TRAIN_ROWS,
-                                                           false_alarm_rate=calibration_rate)
-            settings = replace(settings, multiplier=multiplier)
-        else:
+        settings, calibration = calibrated_settings(settings, directory, files, false_alarm_rate=calibration_rate)
+        if calibration is None:
             notes.append(f"no {ANOMALY_FREE}: threshold multiplier left at {settings.multiplier}")
     main = evaluate_files(files, lambda: SequenceDetector(settings), model=model_type,
                           settings={**settings.describe(), "calibration": calibration}, progress=progress)
@@ -256,4 +266,3 @@ def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None,
             notes.append(f"baseline {HalfSpaceTreesDetector.name} skipped: {problem}")
     report["notes"] = notes
     return report
-

@@ -1,0 +1,185 @@
+"""The SKAB protocol on a tiny synthetic directory (split, causal scoring, metric arithmetic by hand) and the
+``sensorwatch evaluate`` command on a subset of the real data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from models.drift import causal_rolling_mean, fit_floored_scaler, persistent_flags, quantisation_step, sliding_windows
+from models.sequence_detector import SequenceDetector, default_settings
+from pipeline.cli import app
+from pipeline.skab import (
+    DUPLICATED_TAIL_ROWS,
+    TRAIN_ROWS,
+    CausalityError,
+    Confusion,
+    confusion,
+    evaluate_files,
+    load_skab,
+    normal_segments,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_SKAB = ROOT.parent / "shared" / "datasets" / "skab"
+ROWS, ANOMALY = 600, (450, 520)  # each synthetic file: 600 rows, anomaly on rows 450..519 (test rows are 400..599)
+
+
+def _write(path: Path, rows: int, anomaly: tuple[int, int] | None, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    values = rng.normal(0, 0.1, (rows, 3)) + np.array([1.0, 5.0, 20.0])
+    frame = pd.DataFrame(values, columns=["a", "b", "c"])
+    frame.insert(0, "datetime", pd.date_range("2020-01-01", periods=rows, freq="s").strftime("%Y-%m-%d %H:%M:%S"))
+    if anomaly is not None:
+        labels = np.zeros(rows)
+        labels[anomaly[0] : anomaly[1]] = 1.0
+        frame.loc[labels > 0, "b"] += 10.0
+        frame["anomaly"] = labels
+        frame["changepoint"] = 0.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, sep=";", index=False)
+
+
+@pytest.fixture
+def skab_dir(tmp_path: Path) -> Path:
+    for i, name in enumerate(["valve1/1.csv", "valve1/0.csv", "other/10.csv", "other/2.csv"]):
+        _write(tmp_path / name, ROWS, ANOMALY, seed=i)
+    _write(tmp_path / "anomaly-free" / "anomaly-free.csv", 2000, None, seed=9)
+    return tmp_path
+
+
+class FixedRows:
+    """Flags rows 440..479 of any file: hand-countable against anomaly rows 450..519."""
+
+    train_seconds = 0.0
+
+    def fit(self, rows: np.ndarray) -> FixedRows:
+        assert len(rows) == TRAIN_ROWS
+        return self
+
+    def flags(self, rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows), dtype=bool)
+        out[440:480] = True
+        return out[: len(rows)]
+
+
+class PeeksAhead(FixedRows):
+    """Cheats: flags a row when the NEXT row's sensor b is high."""
+
+    def flags(self, rows: np.ndarray) -> np.ndarray:
+        high = rows[:, 1] > 10
+        return np.append(high[1:], False)
+
+
+def test_loads_files_in_protocol_order_with_labels(skab_dir: Path) -> None:
+    files = load_skab(skab_dir)
+    assert [f.name for f in files] == ["valve1/0.csv", "valve1/1.csv", "other/2.csv", "other/10.csv"]
+    assert files[0].sensors == ("a", "b", "c") and files[0].values.shape == (ROWS, 3)
+    assert files[0].labels.sum() == ANOMALY[1] - ANOMALY[0] and files[0].labels[ANOMALY[0]]
+    assert [f.name for f in load_skab(skab_dir, limit=2)] == ["valve1/0.csv", "valve1/1.csv"]
+
+
+def test_confusion_arithmetic() -> None:
+    flags = np.array([1, 1, 0, 0, 1, 0], dtype=bool)
+    labels = np.array([1, 0, 1, 0, 1, 0], dtype=bool)
+    c = confusion(flags, labels)
+    assert (c.tp, c.fp, c.fn, c.tn) == (2, 1, 1, 2)
+    assert c.f1 == pytest.approx(4 / 6) and c.far == pytest.approx(1 / 3) and c.mar == pytest.approx(1 / 3)
+    total = c + Confusion(tp=1, fp=0, fn=0, tn=5)
+    assert (total.tp, total.tn) == (3, 7) and total.far == pytest.approx(1 / 8)
+    assert Confusion().f1 == 0.0 and Confusion().far == 0.0 and Confusion().mar == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        confusion(flags, labels[:3])
+
+
+def test_split_and_summed_metrics_match_hand_counts(skab_dir: Path) -> None:
+    result = evaluate_files(load_skab(skab_dir), FixedRows, model="fixed", progress=False)
+    # per file, test rows 400..599: flagged 440..479, anomalous 450..519
+    per_file = Confusion(tp=30, fp=10, fn=40, tn=200 - 80)
+    assert all(r.confusion == per_file for r in result.files)
+    total = result.confusion
+    assert (total.tp, total.fp, total.fn, total.tn) == (120, 40, 160, 480)
+    report = result.to_dict()
+    assert {"model", "f1", "far", "mar", "files"} <= set(report) and report["files"] == 4
+    assert report["f1"] == pytest.approx(round(240 / (240 + 40 + 160), 4))
+    assert report["far"] == pytest.approx(round(40 / 520, 4)) and report["mar"] == pytest.approx(round(160 / 280, 4))
+
+
+def test_a_detector_that_looks_ahead_is_caught(skab_dir: Path) -> None:
+    with pytest.raises(CausalityError, match="later rows"):
+        evaluate_files(load_skab(skab_dir, limit=1), PeeksAhead, model="cheat", progress=False)
+
+
+def test_sequence_detector_is_causal_and_finds_the_shift(skab_dir: Path) -> None:
+    files = load_skab(skab_dir, limit=2)
+    settings = default_settings("dense", epochs=5, smooth=5, window=8)
+    result = evaluate_files(files, lambda: SequenceDetector(settings), model="dense", progress=False)
+    assert result.confusion.mar < 0.3 and result.confusion.far < 0.1  # check_causal ran on both files too
+    detector = SequenceDetector(settings).fit(files[0].values[:TRAIN_ROWS])
+    ratios = detector.ratios(files[0].values)
+    assert np.isnan(ratios[: settings.smooth + settings.window - 2]).all()
+    assert np.nanmedian(ratios[460:520]) > 10 * np.nanmedian(ratios[TRAIN_ROWS:450])
+
+
+def test_normal_segments_drop_the_duplicated_tail(skab_dir: Path) -> None:
+    segments = normal_segments(skab_dir, length=500, sensors=["a", "c"])
+    assert len(segments) == (2000 - DUPLICATED_TAIL_ROWS) // 500 and segments[0].shape == (500, 2)
+    assert normal_segments(skab_dir / "nowhere", length=500, sensors=["a"]) == []
+
+
+def test_drift_helpers() -> None:
+    rows = np.array([[1.0, 0.0], [3.0, 0.0], [5.0, 1.0], [7.0, 1.0]])
+    assert np.allclose(causal_rolling_mean(rows, 2)[:, 0], [1, 2, 4, 6])
+    assert np.allclose(causal_rolling_mean(rows[:3], 2), causal_rolling_mean(rows, 2)[:3])
+    assert sliding_windows(rows, 3).shape == (2, 3, 2) and np.array_equal(sliding_windows(rows, 3)[1], rows[1:])
+    flow = np.tile([32.0, 33.0, 32.0, 32.0], 50)[:, None]
+    assert quantisation_step(flow)[0] == 1.0
+    scaler = fit_floored_scaler(np.full((10, 1), 32.0), raw_rows=flow[:10], level_floor=0.01, step_floor=0.5)
+    assert scaler.std[0] == pytest.approx(0.5)  # the quantisation step wins over 1% of 32
+    assert persistent_flags(np.array([1, 1, 0, 1, 1, 1], bool), 2).tolist() == [False, True, False, False, True, True]
+
+
+runner = CliRunner()
+
+
+def test_evaluate_command_on_synthetic_directory(skab_dir: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--dataset", "skab", "--data", str(skab_dir), "--model", "dense",
+                                 "--output", "json", "--files", "2", "--epochs", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert {"model", "f1", "far", "mar", "files", "baselines"} <= set(report) and report["files"] == 2
+    flag_all = next(b for b in report["baselines"] if b["model"] == "flag-everything")
+    assert flag_all["far"] == 1.0 and flag_all["mar"] == 0.0
+
+
+def test_evaluate_command_rejects_bad_arguments(skab_dir: Path) -> None:
+    assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--dataset", "nab"]).exit_code == 2
+    assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--model", "gru"]).exit_code == 2
+    assert runner.invoke(app, ["evaluate", "--data", str(skab_dir / "missing"), "--output", "json"]).exit_code == 2
+
+
+@pytest.mark.skipif(not SHARED_SKAB.is_dir(), reason=f"SKAB data not found at {SHARED_SKAB}")
+def test_evaluate_command_on_real_skab_subset() -> None:
+    result = runner.invoke(app, ["evaluate", "--dataset", "skab", "--data", str(SHARED_SKAB), "--model", "dense",
+                                 "--output", "json", "--files", "2", "--epochs", "5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert {"model", "f1", "far", "mar", "files"} <= set(report)
+    assert report["model"] == "dense" and report["files"] == 2 and 0 <= report["f1"] <= 1
+    assert report["baselines"][0]["model"] == "flag-everything"
+
+
+def test_library_baseline_is_skipped_with_a_note_without_river(skab_dir: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    import models.baselines
+    from pipeline.skab import evaluate_skab
+
+    monkeypatch.setattr(models.baselines, "river_available", lambda: "river is not installed (test)")
+    report = evaluate_skab(skab_dir, "dense", limit=1, progress=False, overrides={"epochs": 2})
+    assert [b["model"] for b in report["baselines"]] == ["flag-everything"]
+    assert any("skipped" in note and "river" in note for note in report["notes"])
