@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.config import Config, load_config
@@ -120,6 +121,63 @@ def train(
         f"[green]trained[/green] {row.version}: {trained.windows_used} windows, threshold {row.threshold:.4g} "
         f"({row.threshold_method}), {'active' if activate else 'candidate'}; bundle {row.artifact_path}"
     )
+
+
+@app.command()
+def retrain(
+    config: ConfigOption,
+    group: Annotated[str | None, typer.Option(help="Only this group (default: every group).")] = None,
+) -> None:
+    """Retrain now on recent normal data and promote the candidate only if it passes the validation gate: the job
+    the scheduler runs. Exit status 0 when every run was promoted, rejected or skipped, 1 if one failed, 3 if one was
+    refused because another retrain of the group was running."""
+    from pipeline.retrain import retrain_all
+
+    cfg = _load(config)
+    try:
+        results = retrain_all(cfg, group=group, trigger="manual")
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    except TransientError as exc:
+        raise _fail(exc) from None
+    colours = {"promoted": "green", "rejected": "yellow", "skipped": "yellow", "failed": "red", "refused": "red"}
+    for result in results:
+        colour = colours[result.outcome]
+        console.print(f"[{colour}]retrain[/{colour}] {escape(result.summary())}", highlight=False)
+    outcomes = {r.outcome for r in results}
+    if "failed" in outcomes:
+        raise typer.Exit(1)
+    if "refused" in outcomes:
+        raise typer.Exit(3)
+
+
+@app.command("scheduler")
+def scheduler_command(config: ConfigOption) -> None:
+    """Run the retrain job on the schedule of the configuration's retrain section (cron, time zone, misfire grace,
+    coalescing) until SIGTERM/Ctrl-C; the schedule is kept in the database, so a restart resumes it."""
+    from pipeline.scheduler import build_scheduler, stop_when_running
+    from pipeline.store.db import make_engine, pending_migrations
+
+    cfg = _load(config)
+    engine = make_engine(cfg.database.url)
+    try:
+        if pending_migrations(engine):
+            raise _fail(TransientError("database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"))
+        try:
+            scheduler = build_scheduler(cfg, config, engine=engine)
+        except (ConfigError, ValueError) as exc:
+            raise _fail(exc, 2) from None
+
+        def stop(*_: object) -> None:  # not inside the handler: shutdown waits for a running retrain
+            threading.Thread(target=stop_when_running, args=(scheduler,), name="scheduler-stop").start()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, stop)
+        logging.getLogger(__name__).info("scheduler started; database %s", cfg.database.safe_url)
+        scheduler.start()
+        logging.getLogger(__name__).info("scheduler stopped")
+    finally:
+        engine.dispose()
 
 
 @db_app.command("upgrade")
@@ -342,17 +400,114 @@ def models_list(config: ConfigOption, group: Annotated[str | None, typer.Option(
 @models_app.command("activate")
 def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument(help="Version to activate.")]
                     ) -> None:
-    """Make VERSION the active model of its group (also the way to roll back)."""
+    """Make VERSION the active model of its group (also the way to roll back). The bundle is verified first; running
+    pipelines switch to it within retrain.reload_interval_s."""
+    from pipeline.registry import load_version
     from pipeline.store import repo
     from pipeline.store.db import make_engine, make_sessionmaker
 
     cfg = _load(config)
+    engine = make_engine(cfg.database.url)
     try:
-        with make_sessionmaker(make_engine(cfg.database.url)).begin() as session:
+        with make_sessionmaker(engine).begin() as session:
+            found = repo.get_model_version(session=session, version=version)
+            if found is None:
+                raise _fail(ModelError(f"no model version {version!r}"), 2)
+            try:
+                load_version(found, cfg.group(found.group_name))
+            except (ModelError, ConfigError) as exc:
+                raise _fail(exc, 2) from None
             row = repo.activate_model_version(session=session, version=version)
-    except KeyError:
-        raise _fail(ModelError(f"no model version {version!r}"), 2) from None
+    finally:
+        engine.dispose()
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
+
+
+@models_app.command("show")
+def models_show(
+    config: ConfigOption,
+    version: Annotated[str, typer.Argument(help="Version to show (from 'models list').")],
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """One model version: status, data range, windows used, threshold, metrics (false-alarm rates of candidate and
+    active model when it came from a retrain), artifact path and checksum, and the retrain run that produced it."""
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            row = repo.get_model_version(session=session, version=version)
+            runs = repo.list_retrain_runs(session=session, candidate_version=version, limit=1)
+    finally:
+        engine.dispose()
+    if row is None:
+        raise _fail(ModelError(f"no model version {version!r}"), 2)
+
+    def when(value: datetime | None) -> str | None:
+        return value.isoformat().replace("+00:00", "Z") if value else None
+
+    doc = {
+        "version": row.version, "group": row.group_name, "model_type": row.model_type, "status": row.status,
+        "reason": row.reason, "created_at": when(row.created_at), "activated_at": when(row.activated_at),
+        "data_start": when(row.data_start), "data_end": when(row.data_end), "windows_used": row.windows_used,
+        "threshold": row.threshold, "threshold_method": row.threshold_method, "config_hash": row.config_hash,
+        "artifact_path": row.artifact_path, "checksum": row.checksum, "metrics": row.metrics,
+        "retrain_run": None if not runs else {
+            "id": runs[0].id, "trigger": runs[0].trigger, "outcome": runs[0].outcome, "reason": runs[0].reason,
+            "started_at": when(runs[0].started_at), "finished_at": when(runs[0].finished_at),
+            "compared_with": runs[0].active_version,
+        },
+    }
+    if output == "json":
+        typer.echo(json.dumps(doc, indent=2, default=str))
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in doc.items():
+        if key in ("metrics", "retrain_run"):
+            continue
+        grid.add_row(key, "-" if value is None else escape(str(value)))
+    out = _stdout()
+    out.print(grid)
+    for title, part in (("metrics", doc["metrics"]), ("retrain run", doc["retrain_run"])):
+        if part:
+            table = Table(title=title, title_justify="left")
+            table.add_column("key")
+            table.add_column("value")
+            for key, value in part.items():
+                table.add_row(key, escape(f"{value:.6g}" if isinstance(value, float) else str(value)))
+            out.print(table)
+
+
+@models_app.command("runs")
+def models_runs(
+    config: ConfigOption,
+    group: Annotated[str | None, typer.Option(help="Only this group.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many runs.")] = 20,
+) -> None:
+    """Recent retrain runs, newest first: when, outcome (promoted, rejected, skipped, failed, refused) and why."""
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    cfg = _load(config)
+    engine = make_engine(cfg.database.url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            rows = repo.list_retrain_runs(session=session, group=group, limit=limit)
+    finally:
+        engine.dispose()
+    table = Table(title=f"retrain runs ({len(rows)})", title_justify="left")
+    for column in ("id", "group", "trigger", "started (UTC)", "seconds", "outcome", "candidate", "windows", "reason"):
+        table.add_column(column, no_wrap=column != "reason")
+    for r in rows:
+        seconds = f"{(r.finished_at - r.started_at).total_seconds():.0f}" if r.finished_at else ""
+        table.add_row(str(r.id), r.group_name, r.trigger, r.started_at.strftime("%Y-%m-%d %H:%M:%S"), seconds,
+                      r.outcome, r.candidate_version or "", str(r.windows_used or ""), escape(r.reason or ""))
+    _stdout().print(table)
 
 
 @app.command()

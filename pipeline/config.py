@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -223,8 +224,8 @@ class ThresholdConfig(_Strict):
     ``mean_std``: mean + ``k`` standard deviations of validation window scores, times ``multiplier``.
     ``pot``: peaks over threshold: a generalised Pareto tail fitted above the ``tail_quantile`` of validation scores,
     the score exceeded at ``target_rate`` (false alarms per window), times ``multiplier``.
-    ``ewma_alpha`` (optional): the score stream is smoothed by an EWMA with this weight on the newest score, and the
-    threshold is fitted to the smoothed validation scores.
+    (EWMA smoothing of the score stream, ``models.thresholds.ewma``, is used by the SKAB evaluation detector; the
+    streaming pipeline compares raw window scores, so it is not offered here.)
     """
 
     method: Literal["percentile", "mean_std", "pot"] = "percentile"
@@ -232,7 +233,6 @@ class ThresholdConfig(_Strict):
     k: PositiveFloat = 4.0
     target_rate: Annotated[float, Field(gt=0, lt=0.5)] = 1e-3
     tail_quantile: Annotated[float, Field(ge=0.5, lt=1)] = 0.98
-    ewma_alpha: Annotated[float, Field(gt=0, le=1)] | None = None
     multiplier: PositiveFloat = 1.0
 
     def fit_kwargs(self) -> dict[str, Any]:
@@ -362,6 +362,54 @@ class SinksConfig(_Strict):
     webhook: WebhookSinkConfig | None = None
 
 
+class RetrainConfig(_Strict):
+    """Retraining on recent normal data (``sensorwatch scheduler`` runs it on ``cron``; ``sensorwatch retrain`` now).
+
+    Reads the last ``lookback_days`` back from Kafka (by record timestamp), cuts windows as the pipeline does, drops
+    windows overlapping an alert (widened by ``alert_margin_s``) or scored above threshold, holds out the newest
+    ``holdout_fraction`` and trains a candidate on the rest (starting from the active model's weights when
+    ``warm_start``; ``epochs`` overrides the group's training epochs). Skipped when fewer than ``min_windows`` remain.
+    The candidate is promoted only if its false-alarm rate on the held-out windows is at most the active model's plus
+    ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, and at most
+    ``max_anomalous_fraction`` of the recent windows were anomalous. ``cron`` has five fields (or a macro such as
+    ``@daily``) read in ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed
+    runs are run once when ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
+    Running pipelines check for a newly active model every ``reload_interval_s``.
+    """
+
+    enabled: bool = True
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    lookback_days: PositiveFloat = 7.0
+    min_windows: Annotated[int, Field(ge=32)] = 500
+    alert_margin_s: Annotated[float, Field(ge=0)] = 600.0
+    holdout_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.2
+    tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    max_anomalous_fraction: Annotated[float, Field(gt=0, le=1)] = 0.5
+    warm_start: bool = True
+    epochs: PositiveInt | None = None
+    misfire_grace_time_s: PositiveInt = 3600
+    coalesce: bool = True
+    lock_ttl_s: PositiveFloat = 6 * 3600.0
+    read_timeout_s: PositiveFloat = 600.0
+    reload_interval_s: PositiveFloat = 30.0
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        CronSchedule.parse(value)  # ValueError names the field at fault
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+        return value
+
+
 class GroupConfig(_Strict):
     """Assets that share sensors, a sampling grid, a window shape, a model and an alert rule."""
 
@@ -412,6 +460,7 @@ class Config(_Strict):
     model_dir: Path = Path("model-store")
     groups: Annotated[list[GroupConfig], Field(min_length=1)]
     sinks: SinksConfig = SinksConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _assets_in_one_group(self) -> Config:

@@ -1,10 +1,12 @@
-"""The only module that talks to Kafka: consumer, producer, dead-letter topic, topic creation, offset commits."""
+"""The only module that talks to Kafka: consumer, producer, dead-letter topic, topic creation, offset commits, and
+reading the topic back by time for retraining."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -135,6 +137,59 @@ def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> N
     }
     if payload:
         consumer.commit(offsets=payload)
+
+
+def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records: int = 5000
+               ) -> Iterator[list[RawRecord]]:
+    """The readings topic from the first record stamped at or after ``since_ms`` (Kafka record timestamps, found with
+    ``offsets_for_times``) up to the end offsets captured when reading starts, in batches (offset order per
+    partition).
+
+    Uses a consumer outside any group (``group_id=None``, manual assignment): it commits nothing and never joins the
+    pipeline's group. TransientError when the broker has not delivered up to the captured ends within ``timeout_s``.
+    """
+    try:
+        consumer = KafkaConsumer(
+            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_records,
+            fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
+            max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **cfg.client_kwargs(),
+        )
+    except KafkaError as exc:
+        raise TransientError(f"cannot read {cfg.topic} back: {exc}") from exc
+    try:
+        partitions = consumer.partitions_for_topic(cfg.topic) or set()
+        tps = [TopicPartition(cfg.topic, p) for p in sorted(partitions)]
+        if not tps:
+            return
+        ends = consumer.end_offsets(tps)
+        starts = consumer.offsets_for_times({tp: since_ms for tp in tps})
+        todo = {tp: ends[tp] for tp in tps if starts.get(tp) is not None and starts[tp].offset < ends[tp]}
+        if not todo:
+            return
+        consumer.assign(list(todo))
+        for tp in todo:
+            consumer.seek(tp, starts[tp].offset)
+        deadline = time.monotonic() + timeout_s
+        while todo:
+            if time.monotonic() > deadline:
+                raise TransientError(f"reading {cfg.topic} back: partitions {sorted(tp.partition for tp in todo)} "
+                                     f"not read to their end within {timeout_s:.0f}s")
+            batches = consumer.poll(timeout_ms=500, max_records=max_records)
+            out = [
+                RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                for tp in sorted(batches, key=lambda t: t.partition) if tp in todo
+                for r in batches[tp] if r.offset < todo[tp]
+            ]
+            for tp in list(todo):
+                if consumer.position(tp) >= todo[tp]:
+                    del todo[tp]
+                    consumer.pause(tp)
+            if out:
+                yield out
+    except KafkaError as exc:
+        raise TransientError(f"reading {cfg.topic} back failed: {exc}") from exc
+    finally:
+        consumer.close(autocommit=False)
 
 
 def lag(consumer: KafkaConsumer) -> dict[int, int]:

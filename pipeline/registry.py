@@ -44,6 +44,23 @@ def register(*, session: Session, detector: Detector, group: GroupConfig, model_
     return row
 
 
+def load_version(row: ModelVersion, group: GroupConfig) -> Detector:
+    """The verified detector of a registry row: checksum, sensors and window length must match ``group``.
+
+    ModelError otherwise (the caller keeps whatever it was using).
+    """
+    detector = load_bundle(Path(row.artifact_path), expected_sensors=group.sensor_names,
+                           expected_checksum=row.checksum)
+    if detector.version != row.version:
+        raise ModelError(f"bundle {row.artifact_path} holds version {detector.version}, not {row.version}")
+    if detector.window != group.window.length:
+        raise ModelError(
+            f"model {row.version} was trained on windows of {detector.window} steps, "
+            f"group {group.name!r} is configured for {group.window.length}"
+        )
+    return detector
+
+
 def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
     """The verified active detector of every configured group. ModelError names the groups that have none."""
     active = repo.active_model_versions(session=session)
@@ -54,14 +71,7 @@ def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
         if row is None:
             missing.append(group.name)
             continue
-        detectors[group.name] = load_bundle(
-            Path(row.artifact_path), expected_sensors=group.sensor_names, expected_checksum=row.checksum
-        )
-        if detectors[group.name].window != group.window.length:
-            raise ModelError(
-                f"model {row.version} was trained on windows of {detectors[group.name].window} steps, "
-                f"group {group.name!r} is configured for {group.window.length}"
-            )
+        detectors[group.name] = load_version(row, group)
     if missing:
         raise ModelError(
             f"no active model for group(s) {', '.join(missing)}: run 'sensorwatch train --config FILE --csv DATA'"

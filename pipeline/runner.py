@@ -32,9 +32,9 @@ from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config
 from pipeline.decode import Decoder
-from pipeline.errors import TransientError
+from pipeline.errors import ModelError, TransientError
 from pipeline.metrics import PipelineMetrics, serve
-from pipeline.registry import load_active
+from pipeline.registry import load_active, load_version
 from pipeline.scoring import score_windows
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
@@ -88,13 +88,16 @@ class Runner:
         self._windower = Windower(config.groups)
         self._alerts = AlertEngine(config.groups)
         self._groups = config.asset_groups()
-        self._history = max(max(g.alert.n, g.alert.clear_after) for g in config.groups)
+        self._history = self._alerts.history_windows()
         self._next_offset: dict[int, int] = {}
         self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
         self._saved_starts: dict[str, int] = {}
         self._revoked: set[int] = set()
         self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.metrics.set_models({g: d.version for g, d in detectors.items()})
+        self._reload_every = config.retrain.reload_interval_s
+        self._next_reload = time.monotonic() + self._reload_every
+        self._refused_models: set[str] = set()  # versions whose bundle failed verification (logged once)
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
@@ -165,6 +168,8 @@ class Runner:
             processed = {p: o for p, o in processed.items() if p not in lost}
             self._drop_partitions(lost)
             events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
+        if self._sinks is not None:
+            self._sinks.publish(events)  # only after the transaction holding the alerts has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._next_offset.update(processed)
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
@@ -233,10 +238,12 @@ class Runner:
             return
         opened = {row.asset: repo.alert_record(row) for row in repo.open_alerts(session=session, assets=todo)}
         recent = repo.recent_scores(session=session, assets=todo, limit=self._history)
+        closed = repo.last_resolved_alerts(session=session, assets=todo)
+        resolved = {row.asset: repo.alert_record(row) for row in closed}
         for asset in todo:
             self._alerts.restore(
                 asset, self._groups[asset].name, open_alert=opened.get(asset),
-                recent=[repo.score_of(row) for row in recent.get(asset, [])],
+                recent=[repo.score_of(row) for row in recent.get(asset, [])], last_resolved=resolved.get(asset),
             )
 
     def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
@@ -283,6 +290,40 @@ class Runner:
             self.metrics.set_degraded(False)
             return result
 
+    # -- hot reload -------------------------------------------------------------------------------------------------
+    def reload_models(self) -> dict[str, str]:
+        """Swap in each group's newly active model version (call between batches). Returns ``group -> new version``.
+
+        Open windows stay in the windower and are scored by the new model when they close, so no window is lost or
+        scored twice. A bundle that fails verification is refused (logged once per version) and the current model
+        keeps serving; so does every model while the database cannot be read.
+        """
+        try:
+            with self._sessions() as session:
+                active = repo.active_model_versions(session=session)
+        except DBAPIError as exc:
+            log.warning("cannot check for newly active models (%s); the current ones keep serving", type(exc).__name__)
+            return {}
+        swapped: dict[str, str] = {}
+        for group in self.config.groups:
+            row, current = active.get(group.name), self._detectors.get(group.name)
+            if row is None or row.version in self._refused_models or (current and current.version == row.version):
+                continue
+            try:
+                detector = load_version(row, group)
+            except (ModelError, OSError) as exc:
+                self._refused_models.add(row.version)
+                log.error("group %s: refusing model %s, %s keeps serving: %s", group.name, row.version,
+                          current.version if current else None, exc)
+                continue
+            self._detectors[group.name] = detector
+            swapped[group.name] = row.version
+            log.info("group %s: now scoring with model %s (was %s)", group.name, row.version,
+                     current.version if current else None)
+        if swapped:
+            self.metrics.set_models({g: d.version for g, d in self._detectors.items()})
+        return swapped
+
     # -- the loop --------------------------------------------------------------------------------------------------
     def _commit(self, consumer: KafkaConsumer, offsets: dict[int, int]) -> None:
         try:
@@ -304,6 +345,9 @@ class Runner:
             offsets = self.process(records, round(clock() * 1000))
             if offsets:
                 self._retry(lambda o=offsets: self._commit(consumer, o))
+            if time.monotonic() >= self._next_reload:  # between batches: this batch is committed, the next not read
+                self._next_reload = time.monotonic() + self._reload_every
+                self.reload_models()
             if records:
                 idle_since = time.monotonic()
                 if on_batch is not None:

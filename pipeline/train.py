@@ -61,8 +61,19 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     return windower.add(readings[i] for i in order).windows
 
 
-def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = True) -> TrainedModel:
-    """Fit scaler, autoencoder and threshold on ``windows`` of ``group``. NotEnoughData if there are too few."""
+def warm_start_compatible(detector: Detector, group: GroupConfig) -> bool:
+    """True when ``detector``'s weights fit the network ``group`` configures (same type, shape and sensors)."""
+    return (detector.model_type == group.model.type and detector.hyperparameters == group.model.hyperparameters()
+            and detector.sensors == group.sensor_names and detector.window == group.window.length)
+
+
+def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = True,
+                warm_start: Detector | None = None, epochs: int | None = None) -> TrainedModel:
+    """Fit scaler, autoencoder and threshold on ``windows`` of ``group``. NotEnoughData if there are too few.
+
+    ``warm_start``: start from this detector's weights when ``warm_start_compatible`` (else from scratch; the
+    metadata records which). ``epochs`` overrides the group's configured epochs.
+    """
     if not windows:
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
     stacked = np.stack([w.values for w in sorted(windows, key=lambda w: (w.start_ms, w.asset))])
@@ -72,8 +83,12 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     seed_everything(m.seed)  # weight initialisation too, so a CPU training run is reproducible
     hyperparameters = m.hyperparameters()
     model = build_model(m.type, group.window.length, len(group.sensors), hyperparameters)
+    warm_from = None
+    if warm_start is not None and warm_start_compatible(warm_start, group):
+        model.load_state_dict(warm_start.model.state_dict())
+        warm_from = warm_start.version
     result = fit(
-        model, scaled, epochs=m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
+        model, scaled, epochs=epochs or m.epochs, batch_size=m.batch_size, learning_rate=m.learning_rate,
         weight_decay=m.weight_decay, validation_fraction=m.validation_fraction, patience=m.patience, seed=m.seed,
         progress=progress, description=f"training {group.name} ({m.type})",
     )
@@ -84,6 +99,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
         "best_epoch": result.best_epoch, "epochs_run": len(result.train_loss),
         "train_seconds": round(result.seconds, 2), "val_score_p50": float(np.median(result.val_scores)),
+        "warm_start_from": warm_from,
     }
     detector = Detector(
         version=new_version_name(group.name), group=group.name, model_type=m.type,

@@ -6,14 +6,23 @@ Writes are idempotent (``ON CONFLICT``), so replaying a batch after a crash chan
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from pipeline.store.tables import Alert, AssetProgress, ConsumerProgress, ModelVersion, SkippedWindowRow, WindowScore
+from pipeline.store.tables import (
+    Alert,
+    AssetProgress,
+    ConsumerProgress,
+    ModelVersion,
+    RetrainLock,
+    RetrainRun,
+    SkippedWindowRow,
+    WindowScore,
+)
 from pipeline.types import AlertRecord, Score, SkippedWindow, datetime_to_ms, ms_to_datetime
 
 
@@ -215,6 +224,20 @@ def activate_model_version(*, session: Session, version: str, now: datetime | No
     return row
 
 
+def get_model_version(*, session: Session, version: str) -> ModelVersion | None:
+    """The registry row of ``version``, or None."""
+    return session.scalar(select(ModelVersion).where(ModelVersion.version == version))
+
+
+def set_model_status(*, session: Session, version: str, status: str, reason: str | None = None) -> None:
+    """Set a version's status (``rejected``, ``failed``, ...) and why. Not for activation: use
+    ``activate_model_version``. KeyError if unknown."""
+    result = session.execute(update(ModelVersion).where(ModelVersion.version == version)
+                             .values(status=status, reason=reason[:500] if reason else None))
+    if result.rowcount != 1:
+        raise KeyError(version)
+
+
 def active_model_versions(*, session: Session) -> dict[str, ModelVersion]:
     """The active model version of each group that has one."""
     rows = session.scalars(select(ModelVersion).where(ModelVersion.status == "active"))
@@ -348,3 +371,94 @@ def count_skipped(*, session: Session, asset: str | None = None) -> int:
     if asset:
         query = query.where(SkippedWindowRow.asset == asset)
     return int(session.scalar(query) or 0)
+
+
+def flagged_windows(*, session: Session, group: str, start: datetime, end: datetime) -> set[tuple[str, int]]:
+    """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` that some model version scored
+    above its threshold."""
+    rows = session.execute(
+        select(WindowScore.asset, WindowScore.window_end).where(
+            WindowScore.group_name == group, WindowScore.is_anomaly.is_(True),
+            WindowScore.window_end >= start, WindowScore.window_end <= end)
+    )
+    return {(asset, datetime_to_ms(end_at)) for asset, end_at in rows}
+
+
+def acquire_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:
+    """Claim the retrain lock of ``group`` for ``holder`` until ``now + ttl_s``: one atomic upsert that inserts the
+    row or takes it over only when the previous claim has expired. True when ``holder`` got it.
+
+    The caller commits at once (the row is the lock). Concurrent callers: exactly one wins (PostgreSQL re-checks the
+    conflict against the committed row; SQLite serialises writers).
+    """
+    stmt = _insert(session, RetrainLock).values(
+        group_name=group, holder=holder, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["group_name"],
+        set_={"holder": stmt.excluded.holder, "acquired_at": stmt.excluded.acquired_at,
+              "expires_at": stmt.excluded.expires_at},
+        where=RetrainLock.expires_at < stmt.excluded.acquired_at,
+    )
+    session.execute(stmt)
+    return session.scalar(select(RetrainLock.holder).where(RetrainLock.group_name == group)) == holder
+
+
+def retrain_lock(*, session: Session, group: str) -> RetrainLock | None:
+    """The current lock row of ``group`` (possibly expired), or None."""
+    return session.get(RetrainLock, group)
+
+
+def release_retrain_lock(*, session: Session, group: str, holder: str) -> None:
+    """Drop ``holder``'s lock on ``group`` (nothing happens if someone else holds it now)."""
+    session.execute(delete(RetrainLock).where(RetrainLock.group_name == group, RetrainLock.holder == holder))
+
+
+def start_retrain_run(*, session: Session, group: str, trigger: str, holder: str, now: datetime,
+                      outcome: str = "running", reason: str | None = None) -> RetrainRun:
+    """Record the start of a retrain run (``outcome`` running, or refused for a run that never starts)."""
+    row = RetrainRun(group_name=group, trigger=trigger, holder=holder, started_at=now, outcome=outcome,
+                     reason=reason, metrics={},
+                     finished_at=None if outcome == "running" else now)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def abandon_retrain_runs(*, session: Session, group: str, now: datetime, reason: str) -> int:
+    """Mark runs of ``group`` still ``running`` as failed, and their registered candidates too (call with the group's
+    lock held: no such run can be alive). Returns how many runs."""
+    stale = list(session.scalars(select(RetrainRun).where(RetrainRun.group_name == group,
+                                                          RetrainRun.outcome == "running")))
+    for run in stale:
+        run.outcome, run.finished_at, run.reason = "failed", now, reason
+        if run.candidate_version:
+            session.execute(update(ModelVersion).where(ModelVersion.version == run.candidate_version,
+                                                       ModelVersion.status == "candidate")
+                            .values(status="failed", reason=reason[:500]))
+    session.flush()
+    return len(stale)
+
+
+def update_retrain_run(*, session: Session, run_id: int, **fields: Any) -> None:
+    """Set RetrainRun columns of one run (versions, data range, windows, metrics, outcome, reason, finished_at)."""
+    session.execute(update(RetrainRun).where(RetrainRun.id == run_id).values(**fields))
+
+
+def finish_retrain_run(*, session: Session, run_id: int, outcome: str, reason: str | None, now: datetime,
+                       **fields: Any) -> None:
+    """Record how a run ended; ``fields`` are further RetrainRun columns (versions, data range, windows, metrics)."""
+    update_retrain_run(session=session, run_id=run_id, outcome=outcome, reason=reason, finished_at=now, **fields)
+
+
+def list_retrain_runs(*, session: Session, group: str | None = None, candidate_version: str | None = None,
+                      limit: int | None = 50) -> list[RetrainRun]:
+    """Retrain runs, newest first (of one group, or the run that produced ``candidate_version``)."""
+    query = select(RetrainRun)
+    if group:
+        query = query.where(RetrainRun.group_name == group)
+    if candidate_version:
+        query = query.where(RetrainRun.candidate_version == candidate_version)
+    query = query.order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))

@@ -10,7 +10,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, Index, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Unicode,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -53,9 +69,16 @@ class Base(DeclarativeBase):
 
 
 class ModelVersion(Base):
-    """A trained model bundle and its lifecycle status (candidate, active, retired, rejected, failed)."""
+    """A trained model bundle and its lifecycle status (candidate, active, retired, rejected, failed).
+
+    At most one version per group is active (a partial unique index from migration 0003).
+    """
 
     __tablename__ = "model_versions"
+    __table_args__ = (
+        Index("uq_model_versions_one_active", "group_name", unique=True,
+              postgresql_where=text("status = 'active'"), sqlite_where=text("status = 'active'")),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     version: Mapped[str] = mapped_column(String(80), unique=True)
@@ -172,3 +195,52 @@ class ConsumerProgress(Base):
     processed_upto: Mapped[int] = mapped_column(BigInteger)
     owner: Mapped[str] = mapped_column(String(120))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class RetrainRun(Base):
+    """One retraining attempt of one group, from start to outcome.
+
+    ``outcome``: ``running`` until it ends, then ``promoted``, ``rejected``, ``skipped`` (too little normal data),
+    ``failed`` (an exception or a crash; the active model kept serving) or ``refused`` (another retrain of the group
+    held the lock). ``metrics`` holds the figures: windows read/used/held out, thresholds, false-alarm rates and
+    alert-window recall of candidate and active model.
+    """
+
+    __tablename__ = "retrain_runs"
+    __table_args__ = (Index("ix_retrain_runs_group_started", "group_name", "started_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    group_name: Mapped[str] = mapped_column(String(120))
+    trigger: Mapped[str] = mapped_column(String(20))
+    holder: Mapped[str] = mapped_column(String(120))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(20), index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    active_version: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    candidate_version: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    data_start: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    data_end: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    windows_used: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class RetrainLock(Base):
+    """Per group, who is retraining it and until when the claim holds (a crashed holder's claim expires)."""
+
+    __tablename__ = "retrain_locks"
+
+    group_name: Mapped[str] = mapped_column(String(120), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(120))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# APScheduler's SQLAlchemyJobStore table (its own layout; the scheduler reads and writes it, migration 0003 creates it).
+scheduler_jobs = Table(
+    "scheduler_jobs",
+    Base.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)

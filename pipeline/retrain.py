@@ -1,0 +1,491 @@
+"""Retraining on recent normal data: read back, keep the normal windows, train a candidate, gate it, promote or not.
+
+One run of one group (``retrain_group``):
+  lock     a per-group row in ``retrain_locks`` (atomic upsert with expiry); a concurrent second run is refused
+  read     the last ``retrain.lookback_days`` of the readings topic by record timestamp (``kafka_io.read_since``, a
+           consumer outside the pipeline's group), decoded and cut by the pipeline's own Decoder and Windower, so these
+           are the windows the pipeline scored
+  filter   windows overlapping an alert (widened by ``alert_margin_s``) or scored above threshold (a stored score of
+           any version, or the active model now) are not training data; too few left: the run is skipped
+  train    a candidate on the older windows, optionally starting from the active model's weights
+  gate     on the newest ``holdout_fraction`` of windows (alert windows excluded) each model's false-alarm rate against
+           its own threshold, on the alert windows each model's recall: promote only if not worse beyond ``tolerance``
+  record   the candidate's registry row (active, rejected, or failed) and the run's row in ``retrain_runs``
+An exception anywhere leaves the active model untouched and records the run as failed. The decisions (``split_windows``,
+``exceed_rate``, ``gate``) are pure functions of plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.detector import Detector
+from pipeline import kafka_io
+from pipeline.config import Config, GroupConfig
+from pipeline.decode import Decoder
+from pipeline.errors import InvalidReading, ModelError, TransientError
+from pipeline.registry import load_version, register
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
+from pipeline.train import train_group
+from pipeline.types import Reading, Window, datetime_to_ms, ms_to_datetime
+from pipeline.windowing import Windower
+
+log = logging.getLogger(__name__)
+
+OUTCOMES = ("promoted", "rejected", "skipped", "failed", "refused")
+DAY_MS = 86_400_000
+
+
+# -- the pure core ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Span:
+    """The extent of one alert of one asset: epoch ms ``[start_ms, end_ms)`` (first window start to last window end)."""
+
+    asset: str
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class WindowSplit:
+    """Recent windows sorted into training data, held-out normal data and alert windows, with the counts."""
+
+    train: list[Window]
+    holdout: list[Window]
+    alert_windows: list[Window]
+    total: int
+    near_alert: int
+    flagged: int
+    anomalous: int  # near an alert or flagged (each window counted once)
+
+    @property
+    def anomalous_fraction(self) -> float:
+        """Share of all recent windows that were near an alert or above a threshold."""
+        return self.anomalous / self.total if self.total else 0.0
+
+
+def _overlaps(window: Window, spans: Iterable[Span], margin_ms: int) -> bool:
+    """True when the window ``[start_ms, end_ms)`` meets a span ``[start_ms, end_ms)`` widened by ``margin_ms``."""
+    return any(window.start_ms < s.end_ms + margin_ms and window.end_ms > s.start_ms - margin_ms for s in spans)
+
+
+def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged: set[tuple[str, int]],
+                  margin_ms: int, holdout_fraction: float) -> WindowSplit:
+    """Sort recent windows for training and validation.
+
+    The cut is the start of the window that leaves the newest ``holdout_fraction`` of all windows (by start time)
+    after it. Held out: windows starting at or after the cut that do not overlap an alert widened by ``margin_ms``
+    (windows above threshold stay in: they are the false alarms being measured). Training: windows ending at or before
+    the cut (so no reading is in both) that are neither near an alert nor in ``flagged`` (``(asset, window end ms)``
+    scored above threshold). Alert windows: every window overlapping an alert itself (no margin).
+    """
+    ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
+    if not ordered:
+        return WindowSplit([], [], [], 0, 0, 0, 0)
+    spans_of: dict[str, list[Span]] = defaultdict(list)
+    for span in alerts:
+        spans_of[span.asset].append(span)
+    cut = ordered[min(int(len(ordered) * (1.0 - holdout_fraction)), len(ordered) - 1)].start_ms
+    train: list[Window] = []
+    holdout: list[Window] = []
+    alert_windows: list[Window] = []
+    near = flagged_count = anomalous = 0
+    for w in ordered:
+        spans = spans_of.get(w.asset, [])
+        in_alert = _overlaps(w, spans, 0)
+        is_near = in_alert or _overlaps(w, spans, margin_ms)
+        is_flagged = (w.asset, w.end_ms) in flagged
+        near += is_near
+        flagged_count += is_flagged
+        anomalous += is_near or is_flagged
+        if in_alert:
+            alert_windows.append(w)
+        if w.start_ms >= cut:
+            if not is_near:
+                holdout.append(w)
+        elif w.end_ms <= cut and not (is_near or is_flagged):
+            train.append(w)
+    return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous)
+
+
+def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
+    """Fraction of ``scores`` above ``threshold`` (how the pipeline flags a window); None when there are none."""
+    return float(np.mean(scores > threshold)) if len(scores) else None
+
+
+@dataclass(frozen=True)
+class ModelEval:
+    """One model on the validation data: its threshold, false-alarm rate on held-out normal windows, recall on alert
+    windows (None where there were no such windows), and the 99th percentile of held-out score / threshold (how close
+    to its threshold the model runs on recent normal data: drift pushes it up, above 1 are false alarms)."""
+
+    version: str
+    threshold: float
+    far: float | None
+    recall: float | None
+    p99_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether to promote the candidate, and why (one reason per failed check, or why it passed)."""
+
+    promote: bool
+    reasons: tuple[str, ...]
+
+    @property
+    def reason(self) -> str:
+        """The reasons as one line."""
+        return "; ".join(self.reasons)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: float,
+         max_anomalous_fraction: float, tolerance: float) -> GateDecision:
+    """Promote only when no check speaks against the candidate.
+
+    Rejected when more than ``max_anomalous_fraction`` of the recent windows were anomalous (the rest is likely
+    contaminated by the faults), when there were no held-out windows to measure, when its false-alarm rate exceeds the
+    active model's by more than ``tolerance``, or when it flags fewer alert windows than the active model by more than
+    ``tolerance``. Without an active model only the first two checks apply. Rates compare each model with its own
+    threshold.
+    """
+    problems: list[str] = []
+    if anomalous_fraction > max_anomalous_fraction:
+        problems.append(f"{anomalous_fraction:.1%} of the recent windows were in or near alerts or above threshold "
+                        f"(more than {max_anomalous_fraction:.0%}): the data is mostly anomalous")
+    if candidate.far is None:
+        problems.append("no held-out normal windows to measure false alarms on")
+    if active is not None and candidate.far is not None and active.far is not None \
+            and candidate.far > active.far + tolerance:
+        problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the active model's "
+                        f"{_pct(active.far)} by more than {_pct(tolerance)}")
+    if active is not None and candidate.recall is not None and active.recall is not None \
+            and candidate.recall < active.recall - tolerance:
+        problems.append(f"flags {_pct(candidate.recall)} of the alert windows, the active model {_pct(active.recall)} "
+                        f"(more than {_pct(tolerance)} fewer)")
+    if problems:
+        return GateDecision(False, tuple(problems))
+    if active is None:
+        return GateDecision(True, (f"no active model; false-alarm rate {_pct(candidate.far)}",))
+    summary = f"false-alarm rate {_pct(candidate.far)} vs active {_pct(active.far)}"
+    if candidate.recall is not None:
+        summary += f", alert-window recall {_pct(candidate.recall)} vs {_pct(active.recall)}"
+    return GateDecision(True, (f"not worse than {active.version} beyond {_pct(tolerance)}: {summary}",))
+
+
+def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window]) -> ModelEval:
+    """``detector`` on the held-out normal windows and the alert windows."""
+    held = _scores(detector, holdout)
+    p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
+    return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
+                     exceed_rate(_scores(detector, alert_windows), detector.threshold), p99)
+
+
+def _scores(detector: Detector, windows: Sequence[Window]) -> np.ndarray:
+    if not windows:
+        return np.empty(0)
+    return detector.score(np.stack([w.values for w in windows]))[0]
+
+
+# -- reading back ----------------------------------------------------------------------------------------------------
+@dataclass
+class RecentData:
+    """The windows of one group cut from the readings read back, and how many records were read and rejected."""
+
+    windows: list[Window]
+    records: int
+    rejected: int
+
+
+def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int) -> RecentData:
+    """Read the topic back from ``since_ms`` (record timestamps) to its current end and cut ``group``'s windows with
+    the pipeline's Decoder and Windower. A record is validated against its own timestamp as the arrival time, as the
+    pipeline did when it consumed it live; rejected records are counted, not used."""
+    decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
+    windower = Windower([group])
+    assets = set(group.assets)
+    data = RecentData([], 0, 0)
+    for batch in kafka_io.read_since(config.kafka, since_ms, timeout_s=config.retrain.read_timeout_s,
+                                     max_records=config.kafka.max_poll_records):
+        readings: list[Reading] = []
+        for record in batch:
+            data.records += 1
+            try:
+                r = decoder.decode(record.value, record.key, record.timestamp_ms if record.timestamp_ms >= 0 else None)
+            except InvalidReading:
+                data.rejected += 1
+                continue
+            if r.asset in assets:
+                readings.append(Reading(r.asset, r.ts_ms, r.values, record.partition, record.offset))
+        data.windows += windower.add(readings).windows
+    return data
+
+
+# -- one run ---------------------------------------------------------------------------------------------------------
+@dataclass
+class RetrainResult:
+    """How one run of one group ended (``outcome`` is one of OUTCOMES) and its figures."""
+
+    group: str
+    outcome: str
+    reason: str
+    run_id: int | None = None
+    candidate_version: str | None = None
+    active_version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for logs and the CLI."""
+        m = self.metrics
+        figures = ""
+        if "windows_train" in m:
+            figures = (f" [windows read {m['windows_total']}, trained on {m['windows_train']}, held out "
+                       f"{m['windows_holdout']}, alert windows {m['windows_alert']}")
+            if "threshold_candidate" in m:
+                figures += (f"; threshold {m['threshold_candidate']:.4g} vs active {_num(m.get('threshold_active'))}; "
+                            f"FAR {_pct(m.get('far_candidate'))} vs {_pct(m.get('far_active'))}")
+                if m.get("recall_candidate") is not None:
+                    figures += f"; alert recall {_pct(m['recall_candidate'])} vs {_pct(m.get('recall_active'))}"
+                if m.get("p99_ratio_candidate") is not None:
+                    figures += (f"; held-out p99 score/threshold {m['p99_ratio_candidate']:.2f} vs "
+                                f"{_num(m.get('p99_ratio_active'))}")
+            figures += "]"
+        version = f" {self.candidate_version}" if self.candidate_version else ""
+        return f"{self.group}: {self.outcome}{version}: {self.reason}{figures}"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+@dataclass
+class _Progress:
+    """What a run has done so far (for recording a failure)."""
+
+    active_version: str | None = None
+    candidate_version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Session], trigger: str = "manual",
+                  clock: Callable[[], datetime] = _utcnow) -> RetrainResult:
+    """One retrain run of one group, recorded in ``retrain_runs`` whatever happens.
+
+    Refused (nothing else done) when another run holds the group's lock. Never raises for a failure inside the run:
+    the active model stays as it was, the run (and a registered candidate) is recorded as failed. ConfigError for an
+    unknown group; database errors while taking the lock propagate (nothing was started).
+    """
+    group = config.group(group_name)
+    rc = config.retrain
+    holder = _holder()
+    started = clock()
+    with sessions.begin() as session:
+        locked = repo.acquire_retrain_lock(session=session, group=group.name, holder=holder, now=started,
+                                           ttl_s=rc.lock_ttl_s)
+        if locked:
+            abandoned = repo.abandon_retrain_runs(
+                session=session, group=group.name, now=started,
+                reason="abandoned: its process ended without recording an outcome (its lock expired)")
+            if abandoned:
+                log.warning("%s: %d earlier run(s) never finished; recorded as failed", group.name, abandoned)
+            run = repo.start_retrain_run(session=session, group=group.name, trigger=trigger, holder=holder,
+                                         now=started)
+        else:
+            lock = repo.retrain_lock(session=session, group=group.name)
+            since = f"since {lock.acquired_at:%Y-%m-%d %H:%M:%S}Z by {lock.holder}" if lock else "just now"
+            reason = f"another retrain of group {group.name!r} holds the lock ({since})"
+            run = repo.start_retrain_run(session=session, group=group.name, trigger=trigger, holder=holder,
+                                         now=started, outcome="refused", reason=reason)
+    if not locked:
+        log.warning("%s: retrain refused: %s", group.name, reason)
+        return RetrainResult(group.name, "refused", reason, run.id)
+    progress = _Progress()
+    try:
+        return _run_locked(config, group, sessions=sessions, run_id=run.id, progress=progress, clock=clock)
+    except Exception as exc:
+        return _record_failure(group.name, sessions=sessions, run_id=run.id, progress=progress, exc=exc, clock=clock)
+    finally:
+        try:
+            with sessions.begin() as session:
+                repo.release_retrain_lock(session=session, group=group.name, holder=holder)
+        except SQLAlchemyError as exc:  # the lock expires after lock_ttl_s anyway
+            log.error("%s: could not release the retrain lock (%s); it expires after %.0fs", group.name,
+                      type(exc).__name__, rc.lock_ttl_s)
+
+
+def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *, sessions: sessionmaker[Session],
+                  now: datetime, metrics: dict[str, Any]) -> WindowSplit | None:
+    """Read the lookback back from Kafka, look up its alerts and flagged windows, and split it (figures go into
+    ``metrics``). None when the lookback holds no complete window."""
+    rc = config.retrain
+    data = read_recent_windows(config, group, since_ms=datetime_to_ms(now) - round(rc.lookback_days * DAY_MS))
+    metrics.update(records_read=data.records, records_rejected=data.rejected)
+    if not data.windows:
+        return None
+    first_ms, last_ms = min(w.start_ms for w in data.windows), max(w.end_ms for w in data.windows)
+    margin_ms = round(rc.alert_margin_s * 1000)
+    with sessions() as session:
+        alerts = repo.list_alerts(session=session, group=group.name, since=ms_to_datetime(first_ms - margin_ms),
+                                  until=ms_to_datetime(last_ms + margin_ms), limit=None)
+        flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
+                                       end=ms_to_datetime(last_ms))
+    spans = [Span(a.asset, datetime_to_ms(a.opened_at), datetime_to_ms(max(a.closed_at or a.last_seen_at,
+                                                                           a.last_seen_at))) for a in alerts]
+    if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
+        scores = _scores(active, data.windows)
+        flagged |= {(w.asset, w.end_ms) for w, s in zip(data.windows, scores, strict=True) if s > active.threshold}
+    split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
+                          holdout_fraction=rc.holdout_fraction)
+    metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),
+                   windows_alert=len(split.alert_windows), windows_near_alert=split.near_alert,
+                   windows_flagged=split.flagged, anomalous_fraction=round(split.anomalous_fraction, 4),
+                   alerts=len(spans), data_start=ms_to_datetime(first_ms).isoformat(),
+                   data_end=ms_to_datetime(last_ms).isoformat())
+    log.info("%s: %d windows read back (%d records), %d for training, %d held out, %d alert windows", group.name,
+             split.total, data.records, len(split.train), len(split.holdout), len(split.alert_windows))
+    return split
+
+
+def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int,
+                progress: _Progress, clock: Callable[[], datetime]) -> RetrainResult:
+    rc = config.retrain
+    with sessions() as session:
+        active_row = repo.active_model_versions(session=session).get(group.name)
+    active = load_version(active_row, group) if active_row is not None else None
+    progress.active_version = active.version if active else None
+    m = progress.metrics
+    m.update(active_version=progress.active_version)
+    split = _recent_split(config, group, active, sessions=sessions, now=clock(), metrics=m)
+    if split is None:
+        return _finish(group.name, "skipped", f"no complete windows in the last {rc.lookback_days:g} days "
+                       f"({m['records_read']} records read)", sessions=sessions, run_id=run_id, progress=progress,
+                       clock=clock)
+    if len(split.train) < rc.min_windows:
+        return _finish(group.name, "skipped", f"only {len(split.train)} normal windows to train on (need "
+                       f"retrain.min_windows = {rc.min_windows})", sessions=sessions, run_id=run_id,
+                       progress=progress, clock=clock)
+    if not split.holdout:
+        return _finish(group.name, "skipped", "no held-out normal windows to validate on", sessions=sessions,
+                       run_id=run_id, progress=progress, clock=clock)
+
+    trained = train_group(split.train, group, progress=False, warm_start=active if rc.warm_start else None,
+                          epochs=rc.epochs)
+    candidate = trained.detector
+    with sessions.begin() as session:
+        register(session=session, detector=candidate, group=group, model_dir=config.model_dir, status="candidate",
+                 data_range=(ms_to_datetime(trained.data_start_ms), ms_to_datetime(trained.data_end_ms)),
+                 windows_used=trained.windows_used, metrics={**trained.metrics, **m})
+        repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
+    progress.candidate_version = candidate.version
+
+    cand_eval = evaluate(candidate, split.holdout, split.alert_windows)
+    active_eval = evaluate(active, split.holdout, split.alert_windows) if active is not None else None
+    decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
+                    max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)
+    m.update(trained.metrics)
+    m.update(threshold_candidate=cand_eval.threshold, far_candidate=cand_eval.far, recall_candidate=cand_eval.recall,
+             p99_ratio_candidate=cand_eval.p99_ratio, threshold_active=active_eval.threshold if active_eval else None,
+             far_active=active_eval.far if active_eval else None,
+             recall_active=active_eval.recall if active_eval else None,
+             p99_ratio_active=active_eval.p99_ratio if active_eval else None, tolerance=rc.tolerance)
+    with sessions.begin() as session:
+        current = repo.active_model_versions(session=session).get(group.name)
+        if decision.promote and (current.version if current else None) != progress.active_version:
+            decision = GateDecision(False, (f"the active model changed during the run (now "
+                                            f"{current.version if current else 'none'}): not overriding it",))
+        outcome = "promoted" if decision.promote else "rejected"
+        if decision.promote:
+            repo.activate_model_version(session=session, version=candidate.version)
+        else:
+            repo.set_model_status(session=session, version=candidate.version, status="rejected",
+                                  reason=decision.reason)
+        row = repo.get_model_version(session=session, version=candidate.version)
+        if row is not None:
+            row.metrics = {**row.metrics, **m, "gate": outcome, "gate_reason": decision.reason}
+        repo.finish_retrain_run(session=session, run_id=run_id, outcome=outcome, reason=decision.reason,
+                                now=clock(), active_version=progress.active_version,
+                                candidate_version=candidate.version, windows_used=trained.windows_used,
+                                data_start=ms_to_datetime(trained.data_start_ms),
+                                data_end=ms_to_datetime(trained.data_end_ms), metrics=_jsonable(m))
+    result = RetrainResult(group.name, outcome, decision.reason, run_id, candidate.version, progress.active_version,
+                           dict(m))
+    log.info("retrain %s", result.summary())
+    return result
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, np.floating) else v) for k, v in metrics.items()}
+
+
+def _finish(group: str, outcome: str, reason: str, *, sessions: sessionmaker[Session], run_id: int,
+            progress: _Progress, clock: Callable[[], datetime]) -> RetrainResult:
+    with sessions.begin() as session:
+        repo.finish_retrain_run(session=session, run_id=run_id, outcome=outcome, reason=reason, now=clock(),
+                                active_version=progress.active_version, metrics=_jsonable(progress.metrics))
+    result = RetrainResult(group, outcome, reason, run_id, None, progress.active_version, dict(progress.metrics))
+    log.info("retrain %s", result.summary())
+    return result
+
+
+def _record_failure(group: str, *, sessions: sessionmaker[Session], run_id: int, progress: _Progress,
+                    exc: Exception, clock: Callable[[], datetime]) -> RetrainResult:
+    reason = f"{type(exc).__name__}: {exc}"[:1000]
+    expected = isinstance(exc, TransientError | ModelError)  # a dependency or bundle problem: no traceback
+    log.error("%s: retrain failed, the active model keeps serving: %s", group, reason,
+              exc_info=None if expected else exc)
+    try:
+        with sessions.begin() as session:
+            if progress.candidate_version:
+                with contextlib.suppress(KeyError):
+                    repo.set_model_status(session=session, version=progress.candidate_version, status="failed",
+                                          reason=reason)
+            repo.finish_retrain_run(session=session, run_id=run_id, outcome="failed", reason=reason, now=clock(),
+                                    active_version=progress.active_version,
+                                    candidate_version=progress.candidate_version,
+                                    metrics=_jsonable(progress.metrics))
+    except SQLAlchemyError as db_exc:  # the next run that takes the lock records this one as abandoned
+        log.error("%s: could not record the failed run (%s)", group, type(db_exc).__name__)
+    return RetrainResult(group, "failed", reason, run_id, progress.candidate_version, progress.active_version,
+                         dict(progress.metrics))
+
+
+def retrain_all(config: Config, *, group: str | None = None, trigger: str = "manual") -> list[RetrainResult]:
+    """Run ``retrain_group`` for one group or every configured group, one after another.
+
+    ConfigError for an unknown group; TransientError when the database schema is not up to date.
+    """
+    names = [config.group(group).name] if group else [g.name for g in config.groups]
+    engine = make_engine(config.database.url)
+    try:
+        if pending_migrations(engine):
+            raise TransientError("database schema is not up to date: run 'sensorwatch db upgrade --config FILE'")
+        sessions = make_sessionmaker(engine)
+        return [retrain_group(config, name, sessions=sessions, trigger=trigger) for name in names]
+    finally:
+        engine.dispose()

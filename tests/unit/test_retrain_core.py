@@ -1,0 +1,209 @@
+"""Retraining's pure parts (window filtering and holdout, the validation gate, the cron trigger), the retrain lock on
+SQLite, and the runner's hot reload refusing a broken bundle while the current model keeps serving."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config, parse_config
+from pipeline.errors import ConfigError
+from pipeline.registry import load_active, register
+from pipeline.retrain import ModelEval, Span, exceed_rate, gate, split_windows
+from pipeline.runner import Runner
+from pipeline.scheduler import cron_trigger
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.train import train_group
+from pipeline.types import Window
+
+MIN = 60_000
+
+
+def _window(asset: str, start_min: int, length_min: int = 10) -> Window:
+    return Window(asset, "g", start_min * MIN, (start_min + length_min) * MIN, np.zeros((2, 1)))
+
+
+# -- split_windows -----------------------------------------------------------------------------------------------
+def test_split_holds_out_the_newest_windows_and_never_shares_readings() -> None:
+    windows = [_window(a, s) for a in ("a", "b") for s in range(0, 100, 5)]  # 20 per asset, 10 min long, 5 apart
+    split = split_windows(windows, alerts=[], flagged=set(), margin_ms=0, holdout_fraction=0.25)
+    cut = min(w.start_ms for w in split.holdout)
+    assert len(split.holdout) == 10  # the newest quarter of 40 windows
+    assert all(w.end_ms <= cut for w in split.train)  # no training window reaches into the held-out span
+    assert len(split.train) == 28  # the two windows per asset straddling the cut are in neither
+    assert split.total == 40 and split.anomalous == 0 and split.alert_windows == []
+
+
+def test_split_drops_windows_near_alerts_and_above_threshold_from_training() -> None:
+    windows = [_window("a", s) for s in range(0, 200, 5)]
+    alert = Span("a", 50 * MIN, 70 * MIN)
+    flagged = {("a", (100 + 10) * MIN)}  # the window starting at minute 100
+    split = split_windows(windows, alerts=[alert], flagged=flagged, margin_ms=10 * MIN, holdout_fraction=0.2)
+    in_alert = {w.start_ms // MIN for w in split.alert_windows}
+    assert in_alert == {45, 50, 55, 60, 65}  # [start, end) meets [50, 70]
+    train = {w.start_ms // MIN for w in split.train}
+    assert not train & set(range(35, 76))  # widened by the 10-minute margin on both sides
+    assert 30 in train and 80 in train and 100 not in train
+    assert split.near_alert == 9 and split.flagged == 1 and split.anomalous == 10
+    assert split.anomalous_fraction == pytest.approx(10 / 40)
+
+
+def test_flagged_windows_stay_in_the_holdout_where_they_count_as_false_alarms() -> None:
+    windows = [_window("a", s) for s in range(0, 100, 5)]
+    newest = windows[-1]
+    split = split_windows(windows, alerts=[Span("b", 0, 10**9)], flagged={("a", newest.end_ms)}, margin_ms=0,
+                          holdout_fraction=0.2)
+    assert newest in split.holdout  # another asset's alert does not touch asset a
+    assert split.alert_windows == []
+
+
+def test_split_of_nothing() -> None:
+    split = split_windows([], alerts=[], flagged=set(), margin_ms=0, holdout_fraction=0.2)
+    assert (split.total, split.train, split.holdout, split.anomalous_fraction) == (0, [], [], 0.0)
+
+
+def test_exceed_rate_counts_strictly_above_like_the_pipeline() -> None:
+    assert exceed_rate(np.array([0.5, 1.0, 1.5, 2.0]), 1.0) == 0.5
+    assert exceed_rate(np.empty(0), 1.0) is None
+
+
+# -- the gate ------------------------------------------------------------------------------------------------------
+def _eval(far: float | None, recall: float | None = None, version: str = "c") -> ModelEval:
+    return ModelEval(version, 1.0, far, recall)
+
+
+def test_gate_promotes_a_candidate_not_worse_beyond_the_tolerance() -> None:
+    decision = gate(_eval(0.03, 0.9), _eval(0.02, 0.91, "a"), anomalous_fraction=0.1, max_anomalous_fraction=0.5,
+                    tolerance=0.02)
+    assert decision.promote
+    assert "3.00% vs active 2.00%" in decision.reason and "90.00% vs 91.00%" in decision.reason
+
+
+@pytest.mark.parametrize(("candidate", "active", "fraction", "expected"), [
+    (_eval(0.05), _eval(0.02, version="a"), 0.1, "false-alarm rate on held-out normal data 5.00%"),
+    (_eval(0.01, 0.5), _eval(0.01, 0.9, "a"), 0.1, "flags 50.00% of the alert windows, the active model 90.00%"),
+    (_eval(0.01), _eval(0.01, version="a"), 0.6, "60.0% of the recent windows"),
+    (_eval(None), _eval(0.01, version="a"), 0.1, "no held-out normal windows"),
+])
+def test_gate_rejects_with_the_reason(candidate: ModelEval, active: ModelEval, fraction: float, expected: str
+                                      ) -> None:
+    decision = gate(candidate, active, anomalous_fraction=fraction, max_anomalous_fraction=0.5, tolerance=0.02)
+    assert not decision.promote
+    assert expected in decision.reason
+
+
+def test_gate_reports_every_failed_check_and_skips_recall_without_alert_windows() -> None:
+    decision = gate(_eval(0.2, 0.1), _eval(0.0, 0.9, "a"), anomalous_fraction=0.7, max_anomalous_fraction=0.5,
+                    tolerance=0.02)
+    assert len(decision.reasons) == 3
+    assert gate(_eval(0.0, None), _eval(0.0, 0.9, "a"), anomalous_fraction=0.0, max_anomalous_fraction=0.5,
+                tolerance=0.0).promote
+
+
+def test_gate_without_an_active_model_checks_only_the_data() -> None:
+    assert gate(_eval(0.3), None, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.0).promote
+    assert not gate(_eval(0.0), None, anomalous_fraction=0.9, max_anomalous_fraction=0.5, tolerance=0.0).promote
+
+
+# -- configuration and the cron trigger -------------------------------------------------------------------------------
+def _config(url: str = "sqlite://", **retrain: object) -> Config:
+    return parse_config({
+        "database": {"url": url},
+        "groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+                    "window": {"length": 4, "stride": 2, "max_gap": 0},
+                    "model": {"type": "dense", "hidden": [4, 2], "epochs": 1, "batch_size": 32}}],
+        "retrain": retrain,
+    }, env={})
+
+
+def test_retrain_section_defaults_and_validation() -> None:
+    rc = _config().retrain
+    assert (rc.cron, rc.timezone, rc.coalesce, rc.warm_start) == ("0 2 * * *", "UTC", True, True)
+    with pytest.raises(ConfigError, match=r"retrain\.cron"):
+        _config(cron="0 25 * * *")
+    with pytest.raises(ConfigError, match=r"retrain\.timezone"):
+        _config(timezone="Nowhere/Special")
+    with pytest.raises(ConfigError, match=r"retrain\.min_windows"):
+        _config(min_windows=10)
+
+
+def test_cron_trigger_reads_weekdays_as_crontab_does() -> None:
+    thursday = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    sunday = cron_trigger("0 2 * * 0", "UTC").get_next_fire_time(None, thursday)
+    assert sunday == datetime(2026, 11, 29, 2, 0, tzinfo=UTC) and sunday.isoweekday() == 7
+    berlin = cron_trigger("0 2 * * *", "Europe/Berlin").get_next_fire_time(None, thursday)
+    assert berlin.astimezone(UTC) == datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
+    either = cron_trigger("0 3 1 * mon", "UTC")  # Vixie cron: the 1st of the month OR a Monday
+    assert either.get_next_fire_time(None, thursday) == datetime(2026, 11, 30, 3, 0, tzinfo=UTC)
+    assert either.get_next_fire_time(None, datetime(2026, 11, 30, 4, 0, tzinfo=UTC)) == datetime(
+        2026, 12, 1, 3, 0, tzinfo=UTC)
+
+
+# -- the retrain lock (SQLite here; PostgreSQL in the integration tests) --------------------------------------------
+def test_retrain_lock_admits_one_holder_until_released_or_expired(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def take(holder: str, at: datetime) -> bool:
+        with sessions.begin() as s:
+            return repo.acquire_retrain_lock(session=s, group="g", holder=holder, now=at, ttl_s=60)
+
+    assert take("one", now)
+    assert not take("two", now + timedelta(seconds=30))
+    with sessions.begin() as s:
+        repo.release_retrain_lock(session=s, group="g", holder="two")  # not the holder: nothing happens
+    assert not take("two", now + timedelta(seconds=59))
+    assert take("two", now + timedelta(seconds=61))  # "one" crashed: its claim expired
+    with sessions.begin() as s:
+        repo.release_retrain_lock(session=s, group="g", holder="two")
+    assert take("three", now + timedelta(seconds=62))
+    engine.dispose()
+
+
+# -- hot reload ------------------------------------------------------------------------------------------------------
+def test_runner_swaps_in_a_newly_active_model_and_refuses_a_broken_bundle(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    config = _config(url).model_copy(update={"model_dir": tmp_path / "models"})
+    group = config.groups[0]
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 1000, i * 1000 + 4000, rng.normal(size=(4, 2))) for i in range(64)]
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    versions = []
+    for _ in range(3):
+        detector = train_group(windows, group, progress=False).detector
+        with sessions.begin() as s:
+            register(session=s, detector=detector, group=group, model_dir=config.model_dir, status="candidate",
+                     data_range=None, windows_used=64, metrics={})
+        versions.append(detector.version)
+    first, broken, good = versions
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version=first)
+        detectors = load_active(session=s, config=config)
+    runner = Runner(config, sessions=sessions, detectors=detectors, producer=None,  # type: ignore[arg-type]
+                    stop=threading.Event())
+    assert runner.reload_models() == {}  # nothing changed
+
+    with sessions.begin() as s:
+        row = repo.activate_model_version(session=s, version=broken)
+    (Path(row.artifact_path) / "weights.pt").write_bytes(b"tampered")
+    assert runner.reload_models() == {}
+    assert detectors["g"].version == first  # the previous model keeps serving
+    assert f"refusing model {broken}" in caplog.text
+
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version=good)
+    assert runner.reload_models() == {"g": good}
+    assert detectors["g"].version == good
+    assert [x.labels for x in runner.metrics.model_info.collect()[0].samples] == [{"group": "g", "version": good}]
+    engine.dispose()
