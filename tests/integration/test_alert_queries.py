@@ -4,7 +4,6 @@ views, and the ``alerts list/show/ack`` commands."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,14 +23,6 @@ from pipeline.types import ms_to_datetime
 VIEWS = {"open_alerts", "alerts_per_asset_day", "alert_top_sensors"}
 ACK_COLUMNS = {"acknowledged_by", "acknowledged_at", "ack_comment"}
 START = ms_to_datetime(T0)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sw.db'}"
-    else:
-        yield request.getfixturevalue("pg_database_url")
 
 
 @pytest.fixture

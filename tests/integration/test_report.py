@@ -3,7 +3,6 @@ alert's shaded spans (where and when), its top sensors, and that it needs nothin
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -46,14 +45,6 @@ class _Page(HTMLParser):
     def find(self, tag: str, plot: str | None = None, **attrs: str) -> list[dict[str, str]]:
         return [a for t, a, p in self.elements if t == tag and (plot is None or p == plot)
                 and all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sw.db'}"
-    else:
-        yield request.getfixturevalue("pg_database_url")
 
 
 def _raw_csv(path: Path) -> Path:

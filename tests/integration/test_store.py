@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
@@ -13,14 +11,6 @@ from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations, upgrade
 from pipeline.store.tables import ModelVersion
 from pipeline.types import AlertRecord, Score
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sw.db'}"
-    else:
-        yield request.getfixturevalue("pg_database_url")
 
 
 def _score(asset: str, i: int, value: float = 1.0, version: str = "m1") -> Score:
