@@ -25,12 +25,10 @@ import pandas as pd
 
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
-from pipeline.registry import register
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
-from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import register_trained, train_group, windows_from_frame
 
 
 @contextlib.contextmanager
@@ -84,9 +82,7 @@ def main() -> None:
         trained = train_group(windows_from_frame(train, group), group, progress=False)
         engine = make_engine(db_url)
         with make_sessionmaker(engine).begin() as s:
-            row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
-                           status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
-            repo.activate_model_version(session=s, version=row.version)
+            register_trained(session=s, trained=trained, group=group, model_dir=cfg.model_dir)
         engine.dispose()
         kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
         producer = kafka_io.make_producer(cfg.kafka, linger_ms=20, batch_size=512 * 1024)

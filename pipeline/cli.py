@@ -93,11 +93,8 @@ def train(
     activate: Annotated[bool, typer.Option(help="Make the new model the active one.")] = True,
 ) -> None:
     """Train a group's autoencoder on historical normal data, save the bundle and register the version."""
-    from pipeline.registry import register
-    from pipeline.store import repo
     from pipeline.store.db import make_engine, make_sessionmaker
-    from pipeline.train import read_readings_csv, train_group, windows_from_frame
-    from pipeline.types import ms_to_datetime
+    from pipeline.train import read_readings_csv, register_trained, train_group, windows_from_frame
 
     cfg = _load(config)
     if group is None and len(cfg.groups) > 1:
@@ -110,13 +107,8 @@ def train(
         raise _fail(exc, 2) from None
     engine = make_engine(cfg.database.url)
     with make_sessionmaker(engine).begin() as session:
-        row = register(
-            session=session, detector=trained.detector, group=group_cfg, model_dir=cfg.model_dir,
-            status="candidate", windows_used=trained.windows_used, metrics=trained.metrics,
-            data_range=(ms_to_datetime(trained.data_start_ms), ms_to_datetime(trained.data_end_ms)),
-        )
-        if activate:
-            repo.activate_model_version(session=session, version=row.version)
+        row = register_trained(session=session, trained=trained, group=group_cfg, model_dir=cfg.model_dir,
+                               activate=activate)
     console.print(
         f"[green]trained[/green] {row.version}: {trained.windows_used} windows, threshold {row.threshold:.4g} "
         f"({row.threshold_method}), {'active' if activate else 'candidate'}; bundle {row.artifact_path}"

@@ -27,13 +27,11 @@ from sqlalchemy import select
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
 from pipeline.evaluation import Span, score_events
-from pipeline.registry import register
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_fleet, to_messages, write_ground_truth
-from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.types import datetime_to_ms, ms_to_datetime
 
 PERIOD_S = 10.0
@@ -129,12 +127,7 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
         table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
         trained = train_group(windows_from_frame(table, group), group)
         with sessions.begin() as session:
-            row = register(
-                session=session, detector=trained.detector, group=group, model_dir=cfg.model_dir, status="candidate",
-                data_range=(ms_to_datetime(trained.data_start_ms), ms_to_datetime(trained.data_end_ms)),
-                windows_used=trained.windows_used, metrics=trained.metrics,
-            )
-            repo.activate_model_version(session=session, version=row.version)
+            row = register_trained(session=session, trained=trained, group=group, model_dir=cfg.model_dir)
         console.print(f"model {row.version}: {trained.windows_used} windows, threshold {row.threshold:.4f}")
 
         console.rule("2. stream readings with injected anomalies through Kafka")

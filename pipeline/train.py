@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sqlalchemy.orm import Session
 
 from models.autoencoders import build_model
 from models.detector import Detector
@@ -16,7 +17,9 @@ from models.thresholds import fit_threshold
 from models.training import NotEnoughData, fit, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
-from pipeline.registry import new_version_name
+from pipeline.registry import new_version_name, register
+from pipeline.store import repo
+from pipeline.store.tables import ModelVersion
 from pipeline.types import Reading, Window, ms_to_datetime
 from pipeline.windowing import Windower
 
@@ -123,3 +126,15 @@ def read_readings_csv(path: Path) -> pd.DataFrame:
         return pd.read_csv(path, sep=None, engine="python")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read training data {path}: {exc}") from None
+
+
+def register_trained(*, session: Session, trained: TrainedModel, group: GroupConfig, model_dir: Path,
+                     activate: bool = True) -> ModelVersion:
+    """Save a freshly trained model's bundle, register it with its data range and metrics, and (by default) make it
+    the group's active model. The caller owns the transaction."""
+    row = register(
+        session=session, detector=trained.detector, group=group, model_dir=model_dir, status="candidate",
+        data_range=(ms_to_datetime(trained.data_start_ms), ms_to_datetime(trained.data_end_ms)),
+        windows_used=trained.windows_used, metrics=trained.metrics,
+    )
+    return repo.activate_model_version(session=session, version=row.version) if activate else row

@@ -24,12 +24,10 @@ from sqlalchemy import func, select, text
 from pipeline import kafka_io
 from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
-from pipeline.registry import register
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
-from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import WindowScore
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.windowing import Windower
 
 PERIOD = 10.0
@@ -193,9 +191,7 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
     trained = train_group(windows_from_frame(train, group), group, progress=False)
     engine = make_engine(db_url)
     with make_sessionmaker(engine).begin() as s:
-        row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
-                       status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
-        repo.activate_model_version(session=s, version=row.version)
+        register_trained(session=s, trained=trained, group=group, model_dir=cfg.model_dir)
     engine.dispose()
     frames = {a: simulate_normal(a, START, rows_per_asset, PERIOD, seed=2) for a in names}
     ts = (frames[names[0]].index.astype("int64") // 1_000_000).tolist()

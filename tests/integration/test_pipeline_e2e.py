@@ -14,13 +14,12 @@ from sqlalchemy import select
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
 from pipeline.decode import Decoder
-from pipeline.registry import register
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, to_messages
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
 
@@ -76,9 +75,7 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
     table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
     trained = train_group(windows_from_frame(table, group), group, progress=False)
     with sessions.begin() as s:
-        row = register(session=s, detector=trained.detector, group=group, model_dir=cfg.model_dir,
-                       status="candidate", data_range=None, windows_used=trained.windows_used, metrics={})
-        repo.activate_model_version(session=s, version=row.version)
+        register_trained(session=s, trained=trained, group=group, model_dir=cfg.model_dir)
 
     # two hours of live data; pump-1 gets a drift on its bearing temperature in the middle
     live_start = START + pd.Timedelta(hours=26)  # same hours of the day as the training data, next day
