@@ -23,8 +23,9 @@ class StandardScaler:
         return cls(mean=mean, std=np.where(std < min_std, 1.0, std))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
-        """Standardise along the last axis; returns float32."""
-        return ((values - self.mean) / self.std).astype(np.float32)
+        """Standardise along the last axis; returns float32 (values beyond its range become +-inf, scored as maximal)."""
+        with np.errstate(over="ignore"):
+            return ((values - self.mean) / self.std).astype(np.float32)
 
     def to_dict(self) -> dict[str, list[float]]:
         """JSON-friendly form."""

@@ -37,8 +37,20 @@ REASONS = (
 )
 
 
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime (and SQL) can hold
+MAX_ABS_VALUE = 1e15  # beyond this a reading is a glitch whatever the sensor; squared errors would overflow float32
+
+
 def parse_timestamp(raw: object) -> int:
-    """ISO-8601 string (naive means UTC) or epoch milliseconds (int/float) to epoch ms; InvalidReading otherwise."""
+    """ISO-8601 string (naive means UTC) or epoch milliseconds (int/float) to epoch ms within 1970..9999 (UTC);
+    InvalidReading otherwise."""
+    ts_ms = _parse_timestamp(raw)
+    if not 0 <= ts_ms <= MAX_TS_MS:
+        raise InvalidReading("bad_timestamp", f"outside 1970..9999: {str(raw)[:40]!r}")
+    return ts_ms
+
+
+def _parse_timestamp(raw: object) -> int:
     if isinstance(raw, bool):
         raise InvalidReading("bad_timestamp", "boolean is not a timestamp")
     if isinstance(raw, int | float):
@@ -139,6 +151,8 @@ class Decoder:
             number = float(raw)
             if not math.isfinite(number):
                 raise InvalidReading("non_finite", sensor)
+            if abs(number) > MAX_ABS_VALUE:
+                raise InvalidReading("out_of_range", f"{sensor}={number:g}: magnitude above {MAX_ABS_VALUE:g}")
             valid = ranges[sensor]
             if valid is not None and not valid[0] <= number <= valid[1]:
                 raise InvalidReading("out_of_range", f"{sensor}={number} outside [{valid[0]}, {valid[1]}]")

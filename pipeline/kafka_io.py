@@ -36,8 +36,9 @@ class RawRecord:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, on_revoked: Callable[[set[int]], None], on_assigned: Callable[[set[int]], None]) -> None:
-        self._revoked, self._assigned = on_revoked, on_assigned
+    def __init__(self, on_revoked: Callable[[set[int]], None], on_assigned: Callable[[set[int]], None],
+                 on_lost: Callable[[set[int]], None]) -> None:
+        self._revoked, self._assigned, self._lost = on_revoked, on_assigned, on_lost
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         self._revoked({tp.partition for tp in revoked})
@@ -45,10 +46,17 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._assigned({tp.partition for tp in assigned})
 
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self._lost({tp.partition for tp in lost})
+
 
 def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | None = None,
-                  on_assigned: Callable[[set[int]], None] | None = None) -> KafkaConsumer:
-    """A consumer in ``cfg.group_id`` subscribed to the readings topic, with auto-commit off."""
+                  on_assigned: Callable[[set[int]], None] | None = None,
+                  on_lost: Callable[[set[int]], None] | None = None) -> KafkaConsumer:
+    """A consumer in ``cfg.group_id`` subscribed to the readings topic, with auto-commit off.
+
+    ``on_lost`` is called when the group evicted this consumer (its fetch positions are gone); default: on_revoked.
+    """
     consumer = KafkaConsumer(
         group_id=cfg.group_id,
         enable_auto_commit=False,
@@ -60,7 +68,8 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         heartbeat_interval_ms=max(cfg.session_timeout_ms // 3, 500),
         **cfg.client_kwargs(),
     )
-    listener = _Rebalance(on_revoked or (lambda _p: None), on_assigned or (lambda _p: None))
+    revoked = on_revoked or (lambda _p: None)
+    listener = _Rebalance(revoked, on_assigned or (lambda _p: None), on_lost or revoked)
     consumer.subscribe([cfg.topic], listener=listener)
     return consumer
 
@@ -82,11 +91,17 @@ def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int) -> list[Raw
     return records
 
 
-def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Rejected], timeout_s: float = 30
-                      ) -> None:
+def _dead_letter_value(rejected: Rejected, max_value_bytes: int) -> bytes:
+    value = rejected.value if rejected.value is not None else b""
+    return value if len(value) <= max_value_bytes else value[:max_value_bytes]
+
+
+def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Rejected], timeout_s: float = 30,
+                      max_value_bytes: int = 512 * 1024) -> None:
     """Publish rejected messages to the dead-letter topic and wait until the broker has them all.
 
-    The original bytes are the record value (so nothing is lost); the reason, detail and source are in headers.
+    The original bytes are the record value (so nothing is lost; only a value above ``max_value_bytes`` is cut to
+    that size, with its original size in the ``size`` header); the reason, detail and source are in headers.
     TransientError if the broker does not acknowledge in time.
     """
     if not rejected:
@@ -96,11 +111,12 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
             producer.send(
                 topic,
                 key=r.key,
-                value=r.value if r.value is not None else b"",
+                value=_dead_letter_value(r, max_value_bytes),
                 headers=[
                     ("reason", r.reason.encode()),
                     ("detail", r.detail[:500].encode()),
                     ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
+                    ("size", str(len(r.value or b"")).encode()),
                 ],
             )
             for r in rejected
@@ -136,7 +152,7 @@ def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> N
         TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items() if p in owned
     }
     if payload:
-        consumer.commit(offsets=payload)
+        consumer.commit(offsets=payload, timeout_ms=30_000)
 
 
 def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records: int = 5000

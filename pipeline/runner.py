@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError, KafkaError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.detector import Detector
@@ -115,6 +115,13 @@ class Runner:
         if partitions or lost:
             log.info("partitions assigned: %s, handed over: %s", sorted(partitions), sorted(lost))
 
+    def partitions_lost(self, partitions: set[int]) -> None:
+        """The group evicted us (e.g. after a pause beyond max.poll.interval.ms): positions are gone, so is the state.
+        When the partitions come back they are replayed from the committed offsets and resumed from the database."""
+        log.warning("partitions lost without a clean hand-over: %s", sorted(partitions))
+        self._drop_partitions(partitions)
+        self._revoked -= partitions
+
     def _drop_partitions(self, partitions: set[int]) -> None:
         assets = self._windower.forget_partitions(partitions)
         self._alerts.forget(assets)
@@ -156,18 +163,25 @@ class Runner:
             events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
         except Fenced as fenced:
             # We lost these partitions without noticing (e.g. a long pause); the new owner redoes their windows.
-            log.warning("%s: dropping their results and state", fenced)
-            lost = fenced.partitions
+            lost = set(fenced.partitions)
+            while True:
+                log.warning("partitions %s are owned by another consumer: dropping their results and state",
+                            sorted(lost))
 
-            def kept(asset: str) -> bool:
-                return self._windower.partition_of(asset) not in lost
+                def kept(asset: str, lost: set[int] = lost) -> bool:
+                    return self._windower.partition_of(asset) not in lost
 
-            scores = [x for x in scores if kept(x.asset)]
-            batch.skipped = [x for x in batch.skipped if kept(x.asset)]
-            moved = {a: v for a, v in moved.items() if kept(a)}
-            processed = {p: o for p, o in processed.items() if p not in lost}
-            self._drop_partitions(lost)
-            events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
+                scores = [x for x in scores if kept(x.asset)]
+                batch.skipped = [x for x in batch.skipped if kept(x.asset)]
+                moved = {a: v for a, v in moved.items() if kept(a)}
+                processed = {p: o for p, o in processed.items() if p not in lost}
+                self._drop_partitions(lost)
+                try:
+                    events = self._retry(
+                        lambda s=scores, m=moved, p=processed: self._persist(s, batch.skipped, m, p))
+                    break
+                except Fenced as again:
+                    lost = set(again.partitions)
         if self._sinks is not None:
             self._sinks.publish(events)  # only after the transaction holding the alerts has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
@@ -223,8 +237,11 @@ class Runner:
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
                 repo.insert_skipped(session=session, skipped=skipped)
                 repo.save_asset_progress(session=session, progress=moved)
+                touched = {self._windower.partition_of(a) for a in
+                           [*assets, *(x.asset for x in skipped), *moved]} - {None}
                 fenced = repo.save_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic,
-                                                     processed=processed, owner=self._owner)
+                                                     processed=processed, owner=self._owner,
+                                                     also_owned=sorted(p for p in touched if p is not None))
                 if fenced:
                     raise Fenced(fenced)
         except BaseException:
@@ -277,7 +294,7 @@ class Runner:
         while True:
             try:
                 result = step()
-            except (DBAPIError, TransientError, KafkaError) as exc:
+            except (OperationalError, InterfaceError, TransientError, KafkaError) as exc:
                 self.metrics.set_degraded(True)
                 if self._stop.is_set():
                     raise TransientError(f"stopping while a dependency is down: {exc}") from exc
@@ -381,7 +398,8 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks)
         consumer = kafka_io.make_consumer(
-            config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned
+            config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
+            on_lost=runner.partitions_lost,
         )
         log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                  config.database.safe_url, {g: d.version for g, d in detectors.items()})

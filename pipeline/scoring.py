@@ -10,6 +10,8 @@ import numpy as np
 from models.detector import Detector
 from pipeline.types import Score, Window
 
+MAX_ERROR = 1e30
+
 
 def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) -> list[Score]:
     """Score every window with its group's detector. KeyError if a group has no detector.
@@ -23,6 +25,9 @@ def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) 
     for group, members in by_group.items():
         detector = detectors[group]
         totals, per_sensor = detector.score(np.stack([w.values for w in members]))
+        # an overflowing error is still the clearest anomaly there is: keep it finite so it can be stored and compared
+        totals = np.minimum(np.nan_to_num(totals, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
+        per_sensor = np.minimum(np.nan_to_num(per_sensor, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
         for window, total, errors in zip(members, totals, per_sensor, strict=True):
             scores.append(
                 Score(

@@ -257,7 +257,7 @@ class WebhookAlertSink(QueuedSink):
         request = urllib.request.Request(self._cfg.url, data=body, headers=self._headers, method="POST")
         started = time.monotonic()
         try:
-            with urllib.request.urlopen(request, timeout=self._cfg.timeout_s) as response:
+            with _NO_REDIRECTS.open(request, timeout=self._cfg.timeout_s) as response:
                 response.read(65536)
             return False, None, 0.0
         except urllib.error.HTTPError as exc:
@@ -267,6 +267,16 @@ class WebhookAlertSink(QueuedSink):
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would turn the POST into a GET and send our headers (secrets) elsewhere: treat it as an error."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 class AlertSinks:

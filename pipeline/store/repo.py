@@ -339,19 +339,22 @@ def claim_partitions(*, session: Session, consumer_group: str, topic: str, parti
 
 
 def save_consumer_progress(*, session: Session, consumer_group: str, topic: str, processed: dict[int, int],
-                           owner: str, now: datetime | None = None) -> set[int]:
-    """Record ``partition -> offset below which everything is processed`` where ``owner`` still owns the partition.
+                           owner: str, also_owned: Sequence[int] = (), now: datetime | None = None) -> set[int]:
+    """Record ``partition -> offset below which everything is processed`` where ``owner`` still owns the partition,
+    and check that it still owns ``also_owned`` (partitions whose assets this transaction writes results for).
 
     Returns the partitions owned by someone else now (fenced): the caller must roll back and drop them.
     """
     stamp = now or datetime.now(UTC)
     fenced: set[int] = set()
-    for partition, upto in sorted(processed.items()):
+    changes: dict[int, dict[str, Any]] = {p: {"updated_at": stamp} for p in also_owned}
+    changes.update({p: {"processed_upto": upto, "updated_at": stamp} for p, upto in processed.items()})
+    for partition, values in sorted(changes.items()):
         result = session.execute(
             update(ConsumerProgress)
             .where(ConsumerProgress.consumer_group == consumer_group, ConsumerProgress.topic == topic,
                    ConsumerProgress.partition == partition, ConsumerProgress.owner == owner)
-            .values(processed_upto=upto, updated_at=stamp)
+            .values(**values)
         )
         if result.rowcount != 1:
             fenced.add(partition)
