@@ -23,7 +23,7 @@ class StandardScaler:
         return cls(mean=mean, std=np.where(std < min_std, 1.0, std))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
-        """Standardise along the last axis; returns float32 (values beyond its range become +-inf, scored as maximal)."""
+        """Standardise along the last axis; returns float32 (values beyond its range become +-inf: scored maximal)."""
         with np.errstate(over="ignore"):
             return ((values - self.mean) / self.std).astype(np.float32)
 
