@@ -219,6 +219,19 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
     return out
 
 
+def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int]:
+    """The given partitions whose log end this consumer has reached, asked of the broker now (empty if it does not
+    answer): only there can a silent asset be told from data not read yet."""
+    owned = {tp.partition: tp for tp in consumer.assignment() if tp.partition in partitions}
+    if not owned:
+        return set()
+    try:
+        ends = consumer.end_offsets(list(owned.values()), timeout_ms=timeout_ms)
+        return {p for p, tp in owned.items() if consumer.position(tp, timeout_ms=timeout_ms) >= ends[tp]}
+    except KafkaError:
+        return set()
+
+
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:
     """Create topics that do not exist yet (replication factor 1 is for local brokers; use your ops tooling in prod)."""
     admin = KafkaAdminClient(**cfg.client_kwargs())

@@ -134,7 +134,8 @@ class Runner:
                 self.metrics.lag.remove(str(p))
 
     # -- one batch -------------------------------------------------------------------------------------------------
-    def process(self, records: Sequence[kafka_io.RawRecord], now_ms: int) -> dict[int, int]:
+    def process(self, records: Sequence[kafka_io.RawRecord], now_ms: int, idle_partitions: set[int] | None = None
+                ) -> dict[int, int]:
         """Run one polled batch (possibly empty: then only idle windows close) through every step.
 
         Returns the offsets that are now safe to commit. Raises TransientError when the stop flag is set while the
@@ -147,7 +148,7 @@ class Runner:
         if records:
             self._retry(lambda: self._load_restart_state(records, readings))
         batch = self._windower.add(readings, now_ms)
-        idle = self._windower.close_idle(now_ms)
+        idle = self._windower.close_idle(now_ms, idle_partitions)
         batch.windows += idle.windows
         batch.skipped += idle.skipped
         rejected += self._rejects_from(records, batch)
@@ -359,7 +360,10 @@ class Runner:
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
             self.metrics.beat()
-            offsets = self.process(records, round(clock() * 1000))
+            now_ms = round(clock() * 1000)
+            idle = self._windower.idle_partitions(now_ms)
+            # close silent assets' windows only on partitions read to the end (not during a broker outage or a backlog)
+            offsets = self.process(records, now_ms, kafka_io.caught_up(consumer, idle) if idle else set())
             if offsets:
                 self._retry(lambda o=offsets: self._commit(consumer, o))
             if time.monotonic() >= self._next_reload:  # between batches: this batch is committed, the next not read

@@ -140,12 +140,23 @@ class Windower:
                 self._close_windows(reading.asset, state, slot, out)
         return out
 
-    def close_idle(self, now_ms: int) -> WindowBatch:
-        """Close every window holding data of assets silent for longer than their group's ``idle_close_s``."""
+    def _idle(self, state: _AssetState, now_ms: int) -> bool:
+        return bool(state.rows) and now_ms - state.last_arrival_ms >= state.group.window.idle_close_s * 1000
+
+    def idle_partitions(self, now_ms: int) -> set[int]:
+        """Partitions of assets silent for longer than their group's ``idle_close_s`` (for ``close_idle``)."""
+        return {state.partition for state in self._assets.values() if self._idle(state, now_ms)}
+
+    def close_idle(self, now_ms: int, partitions: set[int] | None = None) -> WindowBatch:
+        """Close every window holding data of assets silent for longer than their group's ``idle_close_s``.
+
+        ``partitions`` limits this to assets of those partitions: the caller passes the ones it has read to the end,
+        so a silent asset is told apart from a broker outage or a consumer lagging behind its readings.
+        """
         out = WindowBatch()
         for asset, state in sorted(self._assets.items()):
-            w = state.group.window
-            if state.rows and now_ms - state.last_arrival_ms >= w.idle_close_s * 1000:
+            if self._idle(state, now_ms) and (partitions is None or state.partition in partitions):
+                w = state.group.window
                 # as if the asset had reported just past every window that holds one of its readings
                 self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out)
                 state.rows.clear()  # no lookback kept for a silent asset: it must not hold back offset commits
