@@ -119,7 +119,9 @@ def test_silent_asset_windows_close_on_wall_clock() -> None:
     out = w.add(_readings("a", list(range(0, 6))), now_ms=1_000)
     assert [x.start_ms for x in out.windows] == []  # window [0, 4) waits for slot 3 + lateness = 6
     assert w.close_idle(now_ms=60_000).windows == []  # not idle long enough (idle_close_s = 120)
-    idle = w.close_idle(now_ms=1_000 + 120_000)
+    assert w.idle_partitions(now_ms=60_000) == set() and w.idle_partitions(now_ms=121_000) == {0}
+    assert w.close_idle(now_ms=121_000, partitions=set()).windows == []  # partition not read to its end yet
+    idle = w.close_idle(now_ms=1_000 + 120_000, partitions={0})
     assert [x.start_ms // 1000 for x in idle.windows] == [0, 2]
     assert [(s.start_ms // 1000, s.missing) for s in idle.skipped] == [(4, 1)]
     assert w.safe_offsets() == {}  # nothing open any more: everything may be committed
