@@ -11,6 +11,7 @@ with backoff; a bad message never stops the loop, it goes to the dead-letter top
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -160,29 +161,7 @@ class Runner:
         if not (fresh or scores or batch.skipped or processed or moved):
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
-        try:
-            events = self._retry(lambda: self._persist(scores, batch.skipped, moved, processed))
-        except Fenced as fenced:
-            # We lost these partitions without noticing (e.g. a long pause); the new owner redoes their windows.
-            lost = set(fenced.partitions)
-            while True:
-                log.warning("partitions %s are owned by another consumer: dropping their results and state",
-                            sorted(lost))
-
-                def kept(asset: str, lost: set[int] = lost) -> bool:
-                    return self._windower.partition_of(asset) not in lost
-
-                scores = [x for x in scores if kept(x.asset)]
-                batch.skipped = [x for x in batch.skipped if kept(x.asset)]
-                moved = {a: v for a, v in moved.items() if kept(a)}
-                processed = {p: o for p, o in processed.items() if p not in lost}
-                self._drop_partitions(lost)
-                try:
-                    events = self._retry(
-                        lambda s=scores, m=moved, p=processed: self._persist(s, batch.skipped, m, p))
-                    break
-                except Fenced as again:
-                    lost = set(again.partitions)
+        events, scores, batch.skipped, moved, processed = self._persist_owned(scores, batch.skipped, moved, processed)
         if self._sinks is not None:
             self._sinks.publish(events)  # only after the transaction holding the alerts has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
@@ -190,6 +169,26 @@ class Runner:
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
+
+    def _persist_owned(self, scores: list[Score], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+                       processed: dict[int, int]) -> tuple[list[AlertEvent], list[Score], list[SkippedWindow],
+                                                           dict[str, tuple[str, int]], dict[int, int]]:
+        """Persist the batch; when another consumer owns some of its partitions now (we lost them without noticing,
+        e.g. after a long pause), drop their results and state and persist the rest. Returns what was written."""
+        while True:
+            try:
+                events = self._retry(functools.partial(self._persist, scores, skipped, moved, processed))
+                return events, scores, skipped, moved, processed
+            except Fenced as fenced:
+                lost = fenced.partitions
+                log.warning("partitions %s are owned by another consumer: dropping their results and state",
+                            sorted(lost))
+                partition_of = self._windower.partition_of  # used before _drop_partitions forgets them
+                scores = [x for x in scores if partition_of(x.asset) not in lost]
+                skipped = [x for x in skipped if partition_of(x.asset) not in lost]
+                moved = {a: v for a, v in moved.items() if partition_of(a) not in lost}
+                processed = {p: o for p, o in processed.items() if p not in lost}
+                self._drop_partitions(lost)
 
     def _rejects_from(self, records: Sequence[kafka_io.RawRecord], batch: WindowBatch) -> list[Rejected]:
         """Late and duplicate readings as dead-letter records with the original bytes."""

@@ -1,0 +1,51 @@
+"""A consumer that lost its partition without noticing is fenced off: its results for it are dropped, not written.
+SQLite and a stand-in detector: no broker, no model training."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import orjson
+from sqlalchemy import text
+from test_runner_alert_sinks import T0, _MeanDetector
+
+from pipeline.config import parse_config
+from pipeline.kafka_io import RawRecord
+from pipeline.runner import Runner
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+
+
+def _records(partition: int, asset: str, start_s: int, stop_s: int) -> list[RawRecord]:
+    return [RawRecord("readings", partition, i, asset.encode(),
+                      orjson.dumps({"asset": asset, "ts": T0 + i * 1000, "values": {"x": 0.1, "y": 0.1}}), T0)
+            for i in range(start_s, stop_s)]
+
+
+def test_fenced_partition_results_are_dropped_and_the_rest_is_written(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    cfg = parse_config({"database": {"url": url}, "groups": [{
+        "name": "g", "assets": ["a", "b"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": 4, "stride": 2, "max_gap": 0}}]}, env={})
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    runner = Runner(cfg, sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                    producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    runner.process(_records(0, "a", 0, 10) + _records(1, "b", 0, 10), now_ms=T0)
+    with sessions() as s:
+        before_a, before_b = repo.count_scores(session=s, asset="a"), repo.count_scores(session=s, asset="b")
+    assert before_a == before_b > 0
+    with engine.begin() as conn:  # a rebalance gave partition 0 to another consumer, which claimed it
+        conn.execute(text("update consumer_progress set owner = 'someone-else' where partition = 0"))
+
+    offsets = runner.process(_records(0, "a", 10, 20) + _records(1, "b", 10, 20), now_ms=T0)
+
+    with sessions() as s:
+        assert repo.count_scores(session=s, asset="a") == before_a  # nothing written for the lost partition
+        assert repo.count_scores(session=s, asset="b") > before_b  # the partition still owned goes on
+        progress = repo.load_consumer_progress(session=s, consumer_group=cfg.kafka.group_id, topic=cfg.kafka.topic)
+    assert set(offsets) == {1}  # no commit for the lost partition
+    assert progress[1] == 20 and progress[0] == 10
+    engine.dispose()
