@@ -27,6 +27,12 @@ class Detector:
     model: nn.Module
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def ewma_alpha(self) -> float | None:
+        """The score smoothing its threshold was fitted for (``threshold_info.ewma_alpha``), None for raw scores."""
+        alpha = self.metadata.get("threshold_info", {}).get("ewma_alpha")
+        return None if alpha is None else float(alpha)
+
     def score(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Per-window scores ``[N]`` and per-sensor errors ``[N, F]``, one batched forward pass (chunked)."""
         if windows.ndim != 3 or windows.shape[1:] != (self.window, len(self.sensors)):

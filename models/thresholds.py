@@ -8,6 +8,7 @@ Every method's value is then scaled by ``multiplier``. ``ewma`` smooths a score 
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,4 +172,21 @@ def ewma(scores: np.ndarray, alpha: float, initial: float | None = None) -> np.n
     for i, value in enumerate(x):
         state = alpha * value + (1.0 - alpha) * state
         out[i] = state
+    return out
+
+
+def ewma_by_key(scores: np.ndarray, keys: Sequence[Hashable], alpha: float) -> np.ndarray:
+    """``ewma`` of each key's scores separately (e.g. per asset), in the order given; output aligned with ``scores``.
+
+    Scores of one key must be in time order; keys may interleave. ValueError when the lengths differ.
+    """
+    x = np.asarray(scores, dtype=np.float64)
+    if len(keys) != x.size:
+        raise ValueError(f"{x.size} scores but {len(keys)} keys")
+    positions: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        positions.setdefault(key, []).append(i)
+    out = np.empty_like(x)
+    for index in positions.values():
+        out[index] = ewma(x[index], alpha)
     return out

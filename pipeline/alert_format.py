@@ -75,17 +75,20 @@ def to_csv(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def history_rows(scores: Sequence[WindowScore], alert: Alert) -> list[dict[str, Any]]:
-    """The score history around an alert: per window its score, threshold, ratio, whether it exceeded, whether it
+    """The score history around an alert: per window its score, smoothed score (None unless the model smooths),
+    threshold, ratio of the level held to the threshold (smoothed when present), whether it exceeded, whether it
     lies inside the alert, and its largest sensor contribution."""
     start, end = alert.opened_at, alert.closed_at or alert.last_seen_at
     rows = []
     for s in scores:
         total = sum(s.sensor_errors.values()) or 1.0
         top = max(s.sensor_errors.items(), key=lambda kv: kv[1], default=("", 0.0))
+        level = s.score if s.smoothed_score is None else s.smoothed_score
         rows.append({
             "window_start": _ts(s.window_start), "window_end": _ts(s.window_end), "score": round(s.score, 6),
-            "threshold": round(s.threshold, 6), "ratio": round(s.score / s.threshold, 3) if s.threshold > 0 else None,
-            "above": bool(s.score > s.threshold), "in_alert": bool(start <= s.window_start and s.window_end <= end),
+            "smoothed": None if s.smoothed_score is None else round(s.smoothed_score, 6),
+            "threshold": round(s.threshold, 6), "ratio": round(level / s.threshold, 3) if s.threshold > 0 else None,
+            "above": bool(level > s.threshold), "in_alert": bool(start <= s.window_start and s.window_end <= end),
             "top_sensor": top[0], "top_share": round(top[1] / total, 4),
         })
     return rows

@@ -13,6 +13,8 @@ Per asset, following its group's ``AlertConfig``:
   between the exit level and the threshold keeps the alert open (resets the count) without updating it.
 - **maintenance**: windows overlapping one of the asset's maintenance windows are ignored and the evidence gathered
   before it (k-of-n history, time pending, resolve count) is dropped; an open alert stays open, unchanged.
+- **smoothing**: when the model's threshold applies to smoothed scores, ``smooth`` sets each score's EWMA
+  (``Score.smoothed``) first and every rule above compares that level (``Score.level``) instead of the raw score.
 - **restart**: ``restore`` rebuilds an asset from its stored open alert (optionally the last resolved one, for the
   cooldown) and its latest stored scores, replayed without opening anything; transitions the replay implies for the
   open alert are returned by the next ``process`` call. Windows at or before the last one processed are ignored, which
@@ -119,8 +121,8 @@ class _Evidence:
 
     def add(self, score: Score) -> None:
         self.first_start_ms = min(self.first_start_ms, score.start_ms)
-        self.peak = max(self.peak, score.score)
-        self.ratio = max(self.ratio, _ratio(score.score, score.threshold))
+        self.peak = max(self.peak, score.level)
+        self.ratio = max(self.ratio, _ratio(score.level, score.threshold))
         self.count += 1
         for sensor, err in score.sensor_errors.items():
             self.sums[sensor] = self.sums.get(sensor, 0.0) + err
@@ -165,6 +167,8 @@ class _AssetAlerts:
     cooldown_until_ms: int = _NEVER
     restored: bool = False
     backlog: list[AlertEvent] = field(default_factory=list)
+    ewma: float | None = None  # the smoothed score after the window ending at ewma_end_ms
+    ewma_end_ms: int = _NEVER
 
 
 @dataclass
@@ -216,6 +220,9 @@ class AlertEngine:
             state.current = _Open.restore(open_alert, rule.config, self._sensors[group])
             floor = max(floor, open_alert.last_seen_ms)
         state.last_end_ms = floor  # windows up to here are in the stored alerts already
+        if recent:
+            latest = max(recent, key=lambda s: s.end_ms)
+            state.ewma, state.ewma_end_ms = latest.smoothed, latest.end_ms
         for score in sorted(recent, key=lambda s: s.end_ms):
             if score.end_ms <= state.last_end_ms:
                 continue
@@ -233,6 +240,34 @@ class AlertEngine:
             self._assets.pop(asset, None)
             self._backlogged.discard(asset)
 
+    def smooth(self, scores: Iterable[Score], alphas: Mapping[str, float | None]) -> list[Score]:
+        """The scores (sorted by asset and window end) with ``smoothed`` set where their group's ``alphas`` entry is
+        not None: ``alpha * score + (1 - alpha) * previous smoothed`` of the asset (the score itself for its first).
+
+        The state continues across calls and, through ``restore`` (the latest stored smoothed score), across
+        restarts; windows at or before the last one smoothed (replays) are returned unchanged. Call ``restore``
+        first for assets the process has not seen, and ``forget`` when the transaction storing the result fails.
+        """
+        out: list[Score] = []
+        for score in sorted(scores, key=lambda s: (s.asset, s.end_ms)):
+            state = self._state_of(score)
+            alpha = alphas.get(score.group)
+            if alpha is None:
+                state.ewma, state.ewma_end_ms = None, max(state.ewma_end_ms, score.end_ms)
+                out.append(score)
+                continue
+            if score.end_ms <= state.ewma_end_ms:
+                out.append(score)
+                continue
+            level = score.score if state.ewma is None else alpha * score.score + (1.0 - alpha) * state.ewma
+            state.ewma, state.ewma_end_ms = level, score.end_ms
+            out.append(replace(score, smoothed=level))
+        return out
+
+    def _state_of(self, score: Score) -> _AssetAlerts:
+        n = self._rules[score.group].config.n
+        return self._assets.setdefault(score.asset, _AssetAlerts(recent=deque(maxlen=n)))
+
     def process(self, scores: Iterable[Score]) -> list[AlertEvent]:
         """Feed scores (any order across assets; sorted by window end per asset here) and return alert events."""
         events: list[AlertEvent] = []
@@ -242,7 +277,7 @@ class AlertEngine:
         self._backlogged.clear()
         for score in sorted(scores, key=lambda s: (s.asset, s.end_ms)):
             rule = self._rules[score.group]
-            state = self._assets.setdefault(score.asset, _AssetAlerts(recent=deque(maxlen=rule.config.n)))
+            state = self._state_of(score)
             if score.end_ms <= state.last_end_ms:
                 continue
             state.last_end_ms = score.end_ms
@@ -297,15 +332,15 @@ class AlertEngine:
             current.below = 0
             for sensor, err in score.sensor_errors.items():
                 current.error_sums[sensor] = current.error_sums.get(sensor, 0.0) + err
-            current.ratio = max(current.ratio, _ratio(score.score, score.threshold))
+            current.ratio = max(current.ratio, _ratio(score.level, score.threshold))
             current.rank = max(current.rank, _tier_rank(current.ratio, cfg))
             current.record = replace(
-                previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.score),
+                previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.level),
                 window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)
-        if score.score > cfg.exit_level * score.threshold:
+        if score.level > cfg.exit_level * score.threshold:
             current.below = 0  # between the exit level and the threshold: still inside the incident
             return None
         current.below += 1

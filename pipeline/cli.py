@@ -330,16 +330,20 @@ def alerts_show(
     out.print(sensors)
     table = Table(title=f"score history ({len(history)} windows; > = above threshold, * = inside the alert)",
                   title_justify="left")
-    for column in ("window end (UTC)", "", "score", "threshold", "ratio", "top sensor", ""):
+    smoothing = any(item["smoothed"] is not None for item in history)  # the threshold applies to the EWMA then
+    columns = ("window end (UTC)", "", "score", *(("smoothed",) if smoothing else ()), "threshold", "ratio",
+               "top sensor", "")
+    for column in columns:
         table.add_column(column, no_wrap=True)
     for item in elide(history, max_rows):
         if item is None:
-            table.add_row("...", "", "", "", "", "", "")
+            table.add_row("...", *[""] * (len(columns) - 1))
             continue
         ratio_value = item["ratio"] or 0.0
         mark = (">" if item["above"] else " ") + ("*" if item["in_alert"] else " ")
+        smoothed = (("-" if item["smoothed"] is None else f"{item['smoothed']:.4g}"),) if smoothing else ()
         table.add_row(str(item["window_end"]).replace("T", " ").removesuffix("Z")[:19], mark,
-                      f"{item['score']:.4g}", f"{item['threshold']:.4g}", f"{ratio_value:.2f}",
+                      f"{item['score']:.4g}", *smoothed, f"{item['threshold']:.4g}", f"{ratio_value:.2f}",
                       f"{item['top_sensor']} {item['top_share']:.0%}", "▇" * min(round(ratio_value * 10), 40))
     out.print(table)
 

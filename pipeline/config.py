@@ -224,8 +224,11 @@ class ThresholdConfig(_Strict):
     ``mean_std``: mean + ``k`` standard deviations of validation window scores, times ``multiplier``.
     ``pot``: peaks over threshold: a generalised Pareto tail fitted above the ``tail_quantile`` of validation scores,
     the score exceeded at ``target_rate`` (false alarms per window), times ``multiplier``.
-    (EWMA smoothing of the score stream, ``models.thresholds.ewma``, is used by the SKAB evaluation detector; the
-    streaming pipeline compares raw window scores, so it is not offered here.)
+
+    ``ewma_alpha`` (optional, in (0, 1]): the threshold applies to an exponentially weighted moving average of each
+    asset's window scores, ``alpha * score + (1 - alpha) * previous``, instead of the raw scores; it is fitted on the
+    validation scores smoothed the same way, per asset. Smaller alpha smooths more: fewer one-window false alarms,
+    slower to react. The pipeline keeps the smoothed stream across batches and restarts (``smoothed_score``).
     """
 
     method: Literal["percentile", "mean_std", "pot"] = "percentile"
@@ -234,10 +237,12 @@ class ThresholdConfig(_Strict):
     target_rate: Annotated[float, Field(gt=0, lt=0.5)] = 1e-3
     tail_quantile: Annotated[float, Field(ge=0.5, lt=1)] = 0.98
     multiplier: PositiveFloat = 1.0
+    ewma_alpha: Annotated[float, Field(gt=0, le=1)] | None = None
 
     def fit_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``models.thresholds.fit_threshold`` (all but the method)."""
-        return self.model_dump(exclude={"method"})
+        """Keyword arguments of ``models.thresholds.fit_threshold`` (all but the method and the smoothing, which
+        ``pipeline.train`` applies per asset)."""
+        return self.model_dump(exclude={"method", "ewma_alpha"})
 
 
 class SeverityTier(_Strict):

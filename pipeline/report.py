@@ -361,6 +361,9 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         thresholds = np.array([s.threshold for s in data.scores])
         ratio = float(np.nanmax(scores) / max(float(np.nanmin(thresholds)), 1e-12))
         series = [_Series("score", ts, scores, "#222"), _Series("threshold", ts, thresholds, "#d62728", "6,3")]
+        if any(s.smoothed is not None for s in data.scores):  # the threshold applies to the smoothed score then
+            smoothed = np.array([np.nan if s.smoothed is None else s.smoothed for s in data.scores])
+            series.insert(1, _Series("smoothed score (EWMA)", ts, smoothed, "#ff7f0e"))
         if data.exit_level < 1:
             series.append(_Series("exit level", ts, thresholds * data.exit_level, "#2ca02c", "2,3", 1.0))
         parts.append(svg_plot(plot_id="score", title="window score vs threshold (log scale)" if ratio > 30 else

@@ -33,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.detector import Detector
+from models.thresholds import ewma_by_key
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
@@ -200,9 +201,13 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
 
 
 def _scores(detector: Detector, windows: Sequence[Window]) -> np.ndarray:
+    """What the pipeline holds to ``detector``'s threshold: raw scores, or each asset's smoothed scores when the
+    detector smooths (``windows`` in time order per asset)."""
     if not windows:
         return np.empty(0)
-    return detector.score(np.stack([w.values for w in windows]))[0]
+    raw = detector.score(np.stack([w.values for w in windows]))[0]
+    alpha = detector.ewma_alpha
+    return raw if alpha is None else ewma_by_key(raw, [w.asset for w in windows], alpha)
 
 
 # -- reading back ----------------------------------------------------------------------------------------------------

@@ -232,6 +232,7 @@ class Runner:
         try:
             with self._sessions.begin() as session:
                 self._restore(session, assets)
+                scores = self._alerts.smooth(scores, {g: d.ewma_alpha for g, d in self._detectors.items()})
                 events = self._alerts.process(scores)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])

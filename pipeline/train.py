@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from models.autoencoders import build_model
 from models.detector import Detector
 from models.scaler import StandardScaler
-from models.thresholds import fit_threshold
+from models.thresholds import ewma_by_key, fit_threshold
 from models.training import NotEnoughData, fit, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
@@ -79,7 +79,8 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     """
     if not windows:
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
-    stacked = np.stack([w.values for w in sorted(windows, key=lambda w: (w.start_ms, w.asset))])
+    ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
+    stacked = np.stack([w.values for w in ordered])
     scaler = StandardScaler.fit(stacked)
     scaled = scaler.transform(stacked)
     m = group.model
@@ -96,7 +97,12 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         progress=progress, description=f"training {group.name} ({m.type})",
     )
     t = group.threshold
-    threshold, threshold_info = fit_threshold(result.val_scores, t.method, **t.fit_kwargs())
+    val_scores = result.val_scores  # of the last len(val_scores) windows of ``ordered``
+    if t.ewma_alpha is not None:  # the threshold applies to each asset's smoothed stream: fit it on that
+        val_assets = [w.asset for w in ordered[len(ordered) - len(val_scores):]]
+        val_scores = ewma_by_key(val_scores, val_assets, t.ewma_alpha)
+    threshold, threshold_info = fit_threshold(val_scores, t.method, **t.fit_kwargs())
+    threshold_info["ewma_alpha"] = t.ewma_alpha
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],

@@ -75,7 +75,11 @@ class SkippedWindow:
 
 @dataclass(frozen=True, slots=True)
 class Score:
-    """The model's verdict on one window: total error, per-sensor errors, and the threshold it was held to."""
+    """The model's verdict on one window: total error, per-sensor errors, and the threshold it was held to.
+
+    ``smoothed`` is the EWMA of the asset's scores up to this window when the model's threshold applies to the
+    smoothed stream (``threshold.ewma_alpha``), else None. ``level`` is what the threshold is compared with.
+    """
 
     asset: str
     group: str
@@ -85,11 +89,17 @@ class Score:
     threshold: float
     sensor_errors: dict[str, float]
     model_version: str
+    smoothed: float | None = None
+
+    @property
+    def level(self) -> float:
+        """The value held to the threshold: the smoothed score when there is one, else the raw score."""
+        return self.score if self.smoothed is None else self.smoothed
 
     @property
     def is_anomaly(self) -> bool:
-        """True when the score exceeds the threshold."""
-        return self.score > self.threshold
+        """True when the level (smoothed or raw score) exceeds the threshold."""
+        return self.level > self.threshold
 
 
 @dataclass(frozen=True, slots=True)

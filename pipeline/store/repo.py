@@ -44,9 +44,9 @@ def insert_scores(*, session: Session, scores: Sequence[Score], now: datetime | 
     rows = [
         {
             "asset": s.asset, "group_name": s.group, "window_start": ms_to_datetime(s.start_ms),
-            "window_end": ms_to_datetime(s.end_ms), "score": s.score, "threshold": s.threshold,
-            "is_anomaly": s.is_anomaly, "sensor_errors": s.sensor_errors, "model_version": s.model_version,
-            "created_at": created,
+            "window_end": ms_to_datetime(s.end_ms), "score": s.score, "smoothed_score": s.smoothed,
+            "threshold": s.threshold, "is_anomaly": s.is_anomaly, "sensor_errors": s.sensor_errors,
+            "model_version": s.model_version, "created_at": created,
         }
         for s in scores
     ]
@@ -265,7 +265,7 @@ def score_of(row: WindowScore) -> Score:
     return Score(
         asset=row.asset, group=row.group_name, start_ms=datetime_to_ms(row.window_start),
         end_ms=datetime_to_ms(row.window_end), score=row.score, threshold=row.threshold,
-        sensor_errors=dict(row.sensor_errors), model_version=row.model_version,
+        sensor_errors=dict(row.sensor_errors), model_version=row.model_version, smoothed=row.smoothed_score,
     )
 
 

@@ -114,6 +114,7 @@ class WindowScore(Base):
     window_start: Mapped[datetime] = mapped_column(UTCDateTime())
     window_end: Mapped[datetime] = mapped_column(UTCDateTime())
     score: Mapped[float] = mapped_column(Float)
+    smoothed_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # EWMA, when the model smooths
     threshold: Mapped[float] = mapped_column(Float)
     is_anomaly: Mapped[bool] = mapped_column()
     sensor_errors: Mapped[dict[str, float]] = mapped_column(JSON)

@@ -142,6 +142,26 @@ class Deployment:
         finally:
             engine.dispose()
 
+    def smoothing_breaks(self, alpha: float) -> list[str]:
+        """Windows whose stored smoothed score is not the EWMA (``alpha``) of the asset's stored scores up to it, in
+        window order: where a restart or a replay broke the smoothed stream (empty when it is continuous)."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with make_sessionmaker(engine)() as s:
+                rows = s.execute(select(WindowScore.asset, WindowScore.window_end, WindowScore.score,
+                                        WindowScore.smoothed_score)
+                                 .order_by(WindowScore.asset, WindowScore.window_end)).all()
+        finally:
+            engine.dispose()
+        breaks: list[str] = []
+        state: dict[str, float] = {}
+        for asset, end, score, smoothed in rows:
+            expected = score if asset not in state else alpha * score + (1 - alpha) * state[asset]
+            state[asset] = expected
+            if smoothed is None or abs(smoothed - expected) > 1e-9 * max(1.0, abs(expected)):
+                breaks.append(f"{asset} {end}: stored {smoothed}, expected {expected}")
+        return breaks
+
     def debug_state(self) -> str:
         """Skipped windows, asset and consumer progress, for a failing assertion."""
         engine = make_engine(self.config.database.url)
@@ -165,7 +185,7 @@ class Deployment:
 
 def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: int, rows_per_asset: int,
            session_timeout_ms: int = 6000, ingest: dict[str, object] | None = None,
-           idle_close_s: float = 3600) -> Deployment:
+           idle_close_s: float = 3600, ewma_alpha: float | None = None) -> Deployment:
     """Write a config, migrate the database, register a quickly trained model, and prepare the stream."""
     names = [f"asset-{i:02d}" for i in range(assets)]
     raw = {
@@ -181,6 +201,7 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
             "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
             "window": {"length": 12, "stride": 6, "max_gap": 2, "idle_close_s": idle_close_s},
             "model": {"type": "dense", "hidden": [16, 4], "epochs": 2, "batch_size": 256},
+            "threshold": {"ewma_alpha": ewma_alpha},
         }],
     }
     config_path = tmp_path / "config.yaml"

@@ -39,7 +39,7 @@ def _check_exactly_once(dep: Deployment, timeout_s: float) -> tuple[int, int]:
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path) -> None:
     dep = deploy(tmp_path, bootstrap=kafka_bootstrap_servers, topic=topic_name, db_url=pg_database_url,
-                 assets=10, rows_per_asset=5000)
+                 assets=10, rows_per_asset=5000, ewma_alpha=0.3)
     rng = random.Random(20261126)
     started = time.monotonic()
     stream = dep.produce(rate_per_s=900)
@@ -57,8 +57,10 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         rows, _ = _check_exactly_once(dep, timeout_s=240)
     finally:
         dep.stop_all()
+    breaks = dep.smoothing_breaks(0.3)  # the EWMA score stream carried on across every kill
+    assert not breaks, f"{len(breaks)} windows off the smoothed stream, e.g. {breaks[:3]}"
     print(f"\nSIGKILL: {len(dep.messages)} readings, {len(kills)} kills at (s, rows stored) {kills}; "
-          f"{rows} windows stored == {len(dep.expected)} expected, 0 duplicates, "
+          f"{rows} windows stored == {len(dep.expected)} expected, 0 duplicates, smoothed stream continuous, "
           f"{time.monotonic() - started:.0f}s")
     assert sum(stored < len(dep.expected) for _, stored in kills) >= 5  # mid-stream, not after the end
     assert len(dep.messages) >= 50_000

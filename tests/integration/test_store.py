@@ -83,3 +83,28 @@ def test_activating_a_model_retires_the_previous_one(db_url: str) -> None:
         with pytest.raises(KeyError):
             repo.activate_model_version(session=s, version="nope")
     engine.dispose()
+
+
+def test_migration_0004_adds_smoothed_scores_and_rolls_back(db_url: str) -> None:
+    from dataclasses import replace
+
+    from alembic import command
+
+    from pipeline.store.db import alembic_config
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    assert "smoothed_score" in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=[_score("a", 1, 3.0), replace(_score("a", 2, 3.0), smoothed=1.5)])
+    with sessions() as s:
+        stored = [repo.score_of(r) for r in repo.recent_scores(session=s, assets=["a"], limit=5)["a"]]
+    assert [(x.smoothed, x.is_anomaly) for x in stored] == [(None, True), (1.5, False)]  # threshold 2.0
+    engine.dispose()
+    command.downgrade(alembic_config(db_url), "0003")
+    engine = make_engine(db_url)
+    assert "smoothed_score" not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    assert pending_migrations(engine)
+    engine.dispose()
+    upgrade(db_url)

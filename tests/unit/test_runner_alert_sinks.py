@@ -27,7 +27,7 @@ T0 = 1772326800000  # 2026-03-01T01:00:00Z
 class _MeanDetector:
     """Scores a window by the mean of each sensor (a stand-in for a trained autoencoder)."""
 
-    version, group, sensors, threshold, window = "fake-1", "g", ["x", "y"], 1.0, 4
+    version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_sensor = np.abs(windows).mean(axis=1)

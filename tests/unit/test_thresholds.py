@@ -66,8 +66,9 @@ def test_threshold_config_feeds_fit_threshold() -> None:
     errors = np.random.default_rng(1).exponential(1.0, 5000)
     value, info = fit_threshold(errors, config.method, **config.fit_kwargs())
     assert info["target_rate"] == 1e-3 and value > 0
-    with pytest.raises(ValueError):  # the streaming pipeline compares raw scores: no EWMA option in its config
-        ThresholdConfig(method="pot", ewma_alpha=0.5)
+    assert "ewma_alpha" not in ThresholdConfig(ewma_alpha=0.5).fit_kwargs()  # pipeline.train smooths per asset
+    with pytest.raises(ValueError):
+        ThresholdConfig(method="pot", ewma_alpha=1.5)
 
 
 def test_ewma_step_response_and_constants() -> None:
