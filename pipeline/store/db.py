@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from alembic import command
@@ -11,7 +12,17 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import sessionmaker
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: ``migrations/`` of the source tree, installed as the ``sensorwatch_migrations``
+    package (so a wheel install has them too). RuntimeError when neither is there."""
+    spec = importlib.util.find_spec("sensorwatch_migrations")
+    candidates = [*(spec.submodule_search_locations or [] if spec else []),
+                  str(Path(__file__).resolve().parents[2] / "migrations")]
+    for candidate in candidates:
+        if (Path(candidate) / "env.py").is_file():
+            return Path(candidate)
+    raise RuntimeError("sensorwatch's migrations are not installed (no sensorwatch_migrations package)")
 
 
 def make_engine(url: str) -> Engine:
@@ -38,7 +49,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker:
 def alembic_config(url: str) -> AlembicConfig:
     """Alembic configuration pointing at ``migrations/`` with ``url`` (passed in memory, never written or logged)."""
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["url"] = url
     return cfg
 

@@ -1,0 +1,1 @@
+"""Alembic migrations of the sensorwatch schema (installed as ``sensorwatch_migrations``)."""
