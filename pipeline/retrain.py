@@ -1,7 +1,8 @@
 """Retraining on recent normal data: read back, keep the normal windows, train a candidate, gate it, promote or not.
 
 One run of one group (``retrain_group``):
-  lock     a per-group row in ``retrain_locks`` (atomic upsert with expiry); a concurrent second run is refused
+  lock     a per-group row in ``retrain_locks`` (atomic upsert with expiry); a concurrent second run is refused; the
+           run renews it every third of ``lock_ttl_s``, and promotes only while it still holds it
   read     the last ``retrain.lookback_days`` of the readings topic by record timestamp (``kafka_io.read_since``, a
            consumer outside the pipeline's group), decoded and cut by the pipeline's own Decoder and Windower, so these
            are the windows the pipeline scored
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -298,6 +300,42 @@ def _holder() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+class _LockKeeper:
+    """Renews a retrain lock every third of its time to live from a background thread while a run lasts, so a run
+    longer than ``lock_ttl_s`` keeps it; ``lost`` turns True when a renewal finds another holder. Database errors
+    are logged and retried at the next renewal."""
+
+    def __init__(self, sessions: sessionmaker[Session], group: str, holder: str, ttl_s: float,
+                 clock: Callable[[], datetime]) -> None:
+        self._sessions, self._group, self._holder, self._ttl_s, self._clock = sessions, group, holder, ttl_s, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"retrain-lock-{group}", daemon=True)
+        self.lost = False
+
+    def __enter__(self) -> _LockKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._ttl_s / 3):
+            try:
+                with self._sessions.begin() as session:
+                    held = repo.renew_retrain_lock(session=session, group=self._group, holder=self._holder,
+                                                   now=self._clock(), ttl_s=self._ttl_s)
+            except SQLAlchemyError as exc:
+                log.warning("%s: could not renew the retrain lock (%s); retrying", self._group, type(exc).__name__)
+                continue
+            if not held:
+                self.lost = True
+                log.error("%s: the retrain lock was taken over by another run; this run will not promote",
+                          self._group)
+                return
+
+
 def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Session], trigger: str = "manual",
                   clock: Callable[[], datetime] = _utcnow) -> RetrainResult:
     """One retrain run of one group, recorded in ``retrain_runs`` whatever happens.
@@ -332,7 +370,9 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
         return RetrainResult(group.name, "refused", reason, run.id)
     progress = _Progress()
     try:
-        return _run_locked(config, group, sessions=sessions, run_id=run.id, progress=progress, clock=clock)
+        with _LockKeeper(sessions, group.name, holder, rc.lock_ttl_s, clock):
+            return _run_locked(config, group, sessions=sessions, run_id=run.id, holder=holder, progress=progress,
+                               clock=clock)
     except Exception as exc:
         return _record_failure(group.name, sessions=sessions, run_id=run.id, progress=progress, exc=exc, clock=clock)
     finally:
@@ -377,7 +417,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     return split
 
 
-def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int,
+def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int, holder: str,
                 progress: _Progress, clock: Callable[[], datetime]) -> RetrainResult:
     rc = config.retrain
     with sessions() as session:
@@ -420,8 +460,14 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
              recall_active=active_eval.recall if active_eval else None,
              p99_ratio_active=active_eval.p99_ratio if active_eval else None, tolerance=rc.tolerance)
     with sessions.begin() as session:
+        # fencing: still holding the lock (renewed here, in the promoting transaction), and nobody else promoted
+        held = repo.renew_retrain_lock(session=session, group=group.name, holder=holder, now=clock(),
+                                       ttl_s=rc.lock_ttl_s)
         current = repo.active_model_versions(session=session).get(group.name)
-        if decision.promote and (current.version if current else None) != progress.active_version:
+        if not held:
+            decision = GateDecision(False, ("this run lost the retrain lock (it expired and another run took it "
+                                            "over): not promoting",))
+        elif decision.promote and (current.version if current else None) != progress.active_version:
             decision = GateDecision(False, (f"the active model changed during the run (now "
                                             f"{current.version if current else 'none'}): not overriding it",))
         outcome = "promoted" if decision.promote else "rejected"

@@ -406,6 +406,14 @@ def acquire_retrain_lock(*, session: Session, group: str, holder: str, now: date
     return session.scalar(select(RetrainLock.holder).where(RetrainLock.group_name == group)) == holder
 
 
+def renew_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:
+    """Extend ``holder``'s lock on ``group`` to ``now + ttl_s``. False when ``holder`` no longer holds it (it expired
+    and another run took it over, or it was released)."""
+    result = session.execute(update(RetrainLock).where(RetrainLock.group_name == group, RetrainLock.holder == holder)
+                             .values(expires_at=now + timedelta(seconds=ttl_s)))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def retrain_lock(*, session: Session, group: str) -> RetrainLock | None:
     """The current lock row of ``group`` (possibly expired), or None."""
     return session.get(RetrainLock, group)

@@ -492,3 +492,43 @@ def test_the_scheduler_fires_on_its_trigger_and_keeps_its_job_across_a_restart(d
         log.close()
     assert "scheduler stopped" in (d.path.parent / "scheduler.log").read_text()
     assert store.lookup_job(JOB_ID) is not None
+
+
+def test_a_long_run_keeps_its_lock_and_a_run_that_lost_it_does_not_promote(
+        deployment: Deployment, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = deployment
+    cfg = d.config.model_copy(update={"retrain": d.config.retrain.model_copy(update={"lock_ttl_s": 1.5})})
+    stream = Stream(cfg, _drifted(DAY))
+    stream.send()
+    stream.close()
+    real_train = train_group
+    steals: list[bool] = []
+
+    def slow_train(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(3.0)  # twice the lock's time to live: without renewal it would have expired by now
+        with d.sessions.begin() as s:
+            steals.append(repo.acquire_retrain_lock(session=s, group="fleet", holder="intruder",
+                                                    now=datetime.now(UTC), ttl_s=60))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr("pipeline.retrain.train_group", slow_train)
+    kept = retrain_group(cfg, "fleet", sessions=d.sessions)
+    assert steals == [False]  # renewed in the background: still held after 2x its time to live
+    assert kept.outcome in ("promoted", "rejected") and "lost the retrain lock" not in kept.reason, kept.summary()
+    assert d.count(RetrainLock) == 0
+    active_before = {v for v, status in d.versions().items() if status == "active"}
+
+    def train_then_lose_the_lock(*args: Any, **kwargs: Any) -> Any:
+        trained = real_train(*args, **kwargs)
+        with d.sessions.begin() as s:  # as if this run had stalled past its expiry and another run took over
+            s.execute(RetrainLock.__table__.update().values(holder="intruder"))
+        return trained
+
+    monkeypatch.setattr("pipeline.retrain.train_group", train_then_lose_the_lock)
+    lost = retrain_group(cfg, "fleet", sessions=d.sessions)
+    print(f"\n[lock] long run: {kept.summary()}\n[lock] lost lock: {lost.summary()}")
+    assert lost.outcome == "rejected" and "lost the retrain lock" in lost.reason
+    assert {v for v, status in d.versions().items() if status == "active"} == active_before
+    assert d.versions()[lost.candidate_version] == "rejected"
+    with d.sessions() as s:
+        assert [lock.holder for lock in s.scalars(select(RetrainLock))] == ["intruder"]  # not ours to release
