@@ -49,7 +49,7 @@ class _AssetState:
     max_slot: int = -(2**62)
     last_arrival_ms: int = 0
     rows: dict[int, list[float]] = field(default_factory=dict)
-    offsets: dict[int, int] = field(default_factory=dict)
+    offsets: dict[tuple[int, int], int] = field(default_factory=dict)  # (slot, partition) -> smallest offset
 
 
 @dataclass
@@ -130,8 +130,9 @@ class Windower:
                 continue
             for c, value in zip(columns, reading.values.values(), strict=True):
                 row[c] = value
-            previous = state.offsets.get(slot)
-            state.offsets[slot] = reading.offset if previous is None else min(previous, reading.offset)
+            key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
+            previous = state.offsets.get(key)
+            state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)
             state.partition = reading.partition
             state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
             if slot > state.max_slot:
@@ -200,16 +201,17 @@ class Windower:
         keep_from = state.next_start - self._lookback[state.group.name]
         for slot in [s for s in state.rows if s < keep_from]:
             del state.rows[slot]
-            del state.offsets[slot]
+        for key in [k for k in state.offsets if k[0] < keep_from]:
+            del state.offsets[key]
 
     # -- offsets and rebalances ------------------------------------------------------------------------------------
     def safe_offsets(self) -> dict[int, int]:
-        """Per partition, the smallest offset that an open window still needs (commit no further than this)."""
+        """Per partition, the smallest offset that an open window still needs (commit no further than this); that
+        includes readings an asset sent on a partition it has since moved away from."""
         safe: dict[int, int] = {}
         for state in self._assets.values():
-            if state.offsets:
-                oldest = min(state.offsets.values())
-                safe[state.partition] = min(oldest, safe.get(state.partition, oldest))
+            for (_, partition), offset in state.offsets.items():
+                safe[partition] = min(offset, safe.get(partition, offset))
         return safe
 
     def forget_partitions(self, partitions: Iterable[int]) -> list[str]:

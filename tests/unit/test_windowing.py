@@ -75,6 +75,16 @@ def test_safe_offsets_point_at_oldest_reading_an_open_window_needs() -> None:
     assert w.safe_offsets() == {}
 
 
+def test_safe_offsets_hold_back_a_partition_an_asset_moved_away_from() -> None:
+    w = Windower([_group(length=4, stride=2, max_gap=0)])
+    w.add(_readings("a", list(range(0, 9))))  # partition 0, offsets 0..8; the window [8, 12) is open
+    moved = [Reading("a", slot * 1000, {"x": 1.0, "y": 1.0}, 1, 100 + slot) for slot in (9, 10)]
+    w.add(moved)  # the topic was re-partitioned: a's readings now arrive on partition 1
+    assert w.partition_of("a") == 1
+    # slot 8 (offset 8 on partition 0) is still needed by the open window: partition 0 must not commit past it
+    assert w.safe_offsets() == {0: 8, 1: 109}
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.permutations(list(range(0, 24))), st.integers(min_value=0, max_value=3))
 def test_any_arrival_order_within_lateness_gives_the_same_windows(order: list[int], seed: int) -> None:
