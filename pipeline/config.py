@@ -148,6 +148,9 @@ class WindowConfig(_Strict):
     A window closes once the asset has reported ``lateness`` slots past its end; readings for closed windows are late.
     When an asset stops reporting, its event time is advanced by the wall-clock time elapsed beyond ``idle_close_s``,
     so its open windows still close (and are scored or skipped).
+    ``smooth`` (slots, 1 = off): each value of a window is the causal rolling mean of the sensor over the ``smooth``
+    slots ending at it (of the values present, after gap filling): noisy or quantised sensors then show level shifts
+    as shifts rather than as noise. Training windows are cut the same way.
     """
 
     length: Annotated[int, Field(ge=2)] = 30
@@ -155,6 +158,7 @@ class WindowConfig(_Strict):
     max_gap: Annotated[int, Field(ge=0)] = 3
     lateness: Annotated[int, Field(ge=0)] = 0
     idle_close_s: PositiveFloat = 120.0
+    smooth: Annotated[int, Field(ge=1, le=10_000)] = 1
 
     @model_validator(mode="after")
     def _stride_fits(self) -> WindowConfig:

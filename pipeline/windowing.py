@@ -41,6 +41,18 @@ def forward_fill(values: np.ndarray, limit: int | np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values) & fillable, filled, values)
 
 
+def causal_mean(values: np.ndarray, span: int) -> np.ndarray:
+    """Per column of ``values`` [T, F]: the mean of the non-NaN values among the ``span`` rows ending at each row.
+    A row that is NaN stays NaN (a missing value is never invented by smoothing)."""
+    present = ~np.isnan(values)
+    sums = np.cumsum(np.where(present, values, 0.0), axis=0)
+    counts = np.cumsum(present, axis=0)
+    sums[span:] = sums[span:] - sums[:-span]
+    counts[span:] = counts[span:] - counts[:-span]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, sums / counts, np.nan)
+
+
 @dataclass
 class _AssetState:
     group: GroupConfig
@@ -72,7 +84,9 @@ class Windower:
             g.name: {s: i for i, s in enumerate(g.sensor_names)} for g in self._group_of.values()
         }
         self._gaps: dict[str, np.ndarray] = {g.name: np.array(g.max_gaps()) for g in self._group_of.values()}
-        self._lookback: dict[str, int] = {name: int(gaps.max()) for name, gaps in self._gaps.items()}
+        # slots kept before a window's start: for gap filling, plus the rolling mean's earlier slots
+        self._lookback: dict[str, int] = {g.name: int(self._gaps[g.name].max()) + g.window.smooth - 1
+                                          for g in self._group_of.values()}
         self._assets: dict[str, _AssetState] = {}
         self._resume: dict[str, int] = {}
         self._replay_upto: dict[int, int] = {}
@@ -195,7 +209,10 @@ class Windower:
         lookback = self._lookback[state.group.name]
         empty = [math.nan] * len(gaps)
         span = np.array([state.rows.get(slot, empty) for slot in range(start - lookback, start + w.length)])
-        return forward_fill(span, gaps)[lookback:]
+        filled = forward_fill(span, gaps)
+        if w.smooth > 1:
+            filled = causal_mean(filled, w.smooth)
+        return filled[lookback:]
 
     def _prune(self, state: _AssetState) -> None:
         keep_from = state.next_start - self._lookback[state.group.name]

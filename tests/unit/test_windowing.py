@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,11 +12,11 @@ from pipeline.types import Reading
 from pipeline.windowing import Windower, forward_fill
 
 
-def _group(length: int = 4, stride: int = 2, max_gap: int = 1, lateness: int = 0):
+def _group(length: int = 4, stride: int = 2, max_gap: int = 1, lateness: int = 0, smooth: int = 1):
     return parse_config({"groups": [{"name": "g", "assets": ["a", "b"], "sampling_period_s": 1,
                                      "sensors": [{"name": "x"}, {"name": "y"}],
                                      "window": {"length": length, "stride": stride, "max_gap": max_gap,
-                                                "lateness": lateness}}]}, env={}).groups[0]
+                                                "lateness": lateness, "smooth": smooth}}]}, env={}).groups[0]
 
 
 def _readings(asset: str, slots: list[int], offset0: int = 0) -> list[Reading]:
@@ -154,3 +155,34 @@ def test_resume_after_restart_skips_closed_windows_and_recognises_replay() -> No
     again.resume("a", resume_at + 4000)
     again.set_replay_boundary(0, 12)
     assert again.add(stream[4:]).replayed == 6  # slots 4..9 belong to closed windows: replay, not late
+
+
+def test_smoothed_windows_hold_the_causal_rolling_mean_of_each_sensor() -> None:
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=40)
+    stream = [Reading("a", i * 1000, {"x": float(v), "y": 1.0}, 0, i) for i, v in enumerate(values)]
+    windows = Windower([_group(length=6, stride=3, max_gap=0, smooth=5)]).add(stream).windows
+    rolling = pd.Series(values).rolling(5, min_periods=1).mean().to_numpy()  # partial at the very start only
+    assert len(windows) >= 10
+    for w in windows:
+        first = w.start_ms // 1000
+        np.testing.assert_allclose(w.values[:, 0], rolling[first : first + 6])
+        np.testing.assert_allclose(w.values[:, 1], 1.0)
+
+
+def test_smoothing_never_fills_a_missing_slot_and_survives_a_restart_unchanged() -> None:
+    slots = [s for s in range(40) if s not in (17, 18, 19)]  # a 3-slot hole: beyond max_gap 1
+    stream = _readings("a", slots)
+    whole = Windower([_group(length=4, stride=2, max_gap=1, smooth=4)]).add(stream)
+    assert {(s.start_ms // 1000, s.missing) for s in whole.skipped} >= {(16, 2), (18, 2)}
+    assert all(not np.isnan(w.values).any() for w in whole.windows)
+    first = Windower([_group(length=4, stride=2, max_gap=1, smooth=4)])
+    before = first.add(stream[:25])
+    resume_at, safe = first.next_window_starts()["a"], first.safe_offsets()[0]
+    restarted = Windower([_group(length=4, stride=2, max_gap=1, smooth=4)])
+    restarted.resume("a", resume_at)
+    restarted.set_replay_boundary(0, 25)
+    after = restarted.add(stream[safe:])  # replay from the committed offset, as after a crash
+    got = before.windows + after.windows
+    assert [w.start_ms for w in got] == [w.start_ms for w in whole.windows]
+    assert all(np.array_equal(a.values, b.values) for a, b in zip(got, whole.windows, strict=True))
