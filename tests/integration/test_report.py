@@ -3,6 +3,7 @@ alert's shaded spans (where and when), its top sensors, and that it needs nothin
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -135,6 +136,9 @@ def test_report_data_and_render_without_scores_or_csv(db_url: str) -> None:
     assert page.find("rect", "score", data_severity="warning")
     quiet = render_html(empty)
     assert "No window scores in this span." in quiet and "No alerts in this span." in quiet
+    assert 'data-series="smoothed score (EWMA)"' not in render_html(data)
+    smoothed = replace(data, scores=[replace(x, smoothed=x.score * 0.5) for x in data.scores])
+    assert 'data-series="smoothed score (EWMA)"' in render_html(smoothed)  # drawn when the model smooths
 
 
 def test_report_rejects_an_unknown_asset_and_a_reversed_span(tmp_path: Path) -> None:
