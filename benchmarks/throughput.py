@@ -55,14 +55,16 @@ def _database(kind: str, workdir: Path) -> Iterator[str]:
             yield pg.url
 
 
-def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path) -> Config:
+def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, smooth: int = 1,
+            ewma_alpha: float | None = None) -> Config:
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{time.time_ns()}", "group_id": "bench",
                   "max_poll_records": 5000},
         "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
         "groups": [{"name": "fleet", "assets": assets, "sampling_period_s": 10,
                     "sensors": [{"name": s.name, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
-                    "window": {"length": 30, "stride": 5}, "model": {"type": "dense", "epochs": 3}}],
+                    "window": {"length": 30, "stride": 5, "smooth": smooth}, "model": {"type": "dense", "epochs": 3},
+                    "threshold": {"ewma_alpha": ewma_alpha}}],
     }, env={})
 
 
@@ -71,11 +73,13 @@ def main() -> None:
     parser.add_argument("--assets", type=int, default=20)
     parser.add_argument("--rows", type=int, default=5000, help="readings per asset")
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
+    parser.add_argument("--smooth", type=int, default=1, help="window.smooth (rolling mean over this many steps)")
+    parser.add_argument("--ewma-alpha", type=float, default=None, help="threshold.ewma_alpha (smoothed scores)")
     args = parser.parse_args()
     assets = [f"asset-{i:03d}" for i in range(args.assets)]
     start = pd.Timestamp("2026-06-01T00:00:00Z")
     with tempfile.TemporaryDirectory() as tmp, _kafka() as bootstrap, _database(args.database, Path(tmp)) as db_url:
-        cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models")
+        cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models", smooth=args.smooth, ewma_alpha=args.ewma_alpha)
         group = cfg.groups[0]
         upgrade(db_url)
         train = simulate_normal(assets[0], start - pd.Timedelta(days=1), 4000, 10, seed=1).reset_index()
@@ -114,7 +118,8 @@ def main() -> None:
         stats = run_pipeline(cfg, stop=stop, idle_stop_s=30, on_batch=on_batch)
         elapsed = (done[0] if done else time.perf_counter()) - (first[0] if first else started)
         print(json.dumps({
-            "database": args.database, "assets": args.assets, "readings": stats.readings,
+            "database": args.database, "smooth": args.smooth, "ewma_alpha": args.ewma_alpha, "assets": args.assets,
+            "readings": stats.readings,
             "windows_scored": stats.windows_scored, "batches": stats.batches,
             "seconds_processing": round(elapsed, 2),
             "readings_per_s": round(stats.readings / elapsed), "windows_per_s": round(stats.windows_scored / elapsed),
