@@ -167,8 +167,9 @@ class _AssetAlerts:
     cooldown_until_ms: int = _NEVER
     restored: bool = False
     backlog: list[AlertEvent] = field(default_factory=list)
-    ewma: float | None = None  # the smoothed score after the window ending at ewma_end_ms
+    ewma: float | None = None  # the smoothed score after the window ending at ewma_end_ms, by model ewma_version
     ewma_end_ms: int = _NEVER
+    ewma_version: str | None = None
 
 
 @dataclass
@@ -222,7 +223,7 @@ class AlertEngine:
         state.last_end_ms = floor  # windows up to here are in the stored alerts already
         if recent:
             latest = max(recent, key=lambda s: s.end_ms)
-            state.ewma, state.ewma_end_ms = latest.smoothed, latest.end_ms
+            state.ewma, state.ewma_end_ms, state.ewma_version = latest.smoothed, latest.end_ms, latest.model_version
         for score in sorted(recent, key=lambda s: s.end_ms):
             if score.end_ms <= state.last_end_ms:
                 continue
@@ -242,25 +243,29 @@ class AlertEngine:
 
     def smooth(self, scores: Iterable[Score], alphas: Mapping[str, float | None]) -> list[Score]:
         """The scores (sorted by asset and window end) with ``smoothed`` set where their group's ``alphas`` entry is
-        not None: ``alpha * score + (1 - alpha) * previous smoothed`` of the asset (the score itself for its first).
+        not None: ``alpha * score + (1 - alpha) * previous smoothed`` of the asset. The stream starts again from the
+        raw score at an asset's first window, after a maintenance window, and when the model version changes (a
+        new model's scores are on its own scale).
 
         The state continues across calls and, through ``restore`` (the latest stored smoothed score), across
-        restarts; windows at or before the last one smoothed (replays) are returned unchanged. Call ``restore``
-        first for assets the process has not seen, and ``forget`` when the transaction storing the result fails.
+        restarts; windows at or before the last one smoothed (replays) and maintenance windows are returned
+        unchanged. Call ``restore`` first for assets the process has not seen, and ``forget`` when the transaction
+        storing the result fails.
         """
         out: list[Score] = []
         for score in sorted(scores, key=lambda s: (s.asset, s.end_ms)):
             state = self._state_of(score)
             alpha = alphas.get(score.group)
-            if alpha is None:
-                state.ewma, state.ewma_end_ms = None, max(state.ewma_end_ms, score.end_ms)
-                out.append(score)
-                continue
             if score.end_ms <= state.ewma_end_ms:
                 out.append(score)
                 continue
-            level = score.score if state.ewma is None else alpha * score.score + (1.0 - alpha) * state.ewma
-            state.ewma, state.ewma_end_ms = level, score.end_ms
+            if alpha is None or self._rules[score.group].in_maintenance(score):
+                state.ewma, state.ewma_end_ms = None, score.end_ms
+                out.append(score)
+                continue
+            fresh = state.ewma is None or state.ewma_version != score.model_version
+            level = score.score if fresh else alpha * score.score + (1.0 - alpha) * state.ewma  # type: ignore[operator]
+            state.ewma, state.ewma_end_ms, state.ewma_version = level, score.end_ms, score.model_version
             out.append(replace(score, smoothed=level))
         return out
 

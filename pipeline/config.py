@@ -158,7 +158,7 @@ class WindowConfig(_Strict):
     max_gap: Annotated[int, Field(ge=0)] = 3
     lateness: Annotated[int, Field(ge=0)] = 0
     idle_close_s: PositiveFloat = 120.0
-    smooth: Annotated[int, Field(ge=1, le=10_000)] = 1
+    smooth: Annotated[int, Field(ge=1, le=1000)] = 1
 
     @model_validator(mode="after")
     def _stride_fits(self) -> WindowConfig:
@@ -232,7 +232,8 @@ class ThresholdConfig(_Strict):
     ``ewma_alpha`` (optional, in (0, 1]): the threshold applies to an exponentially weighted moving average of each
     asset's window scores, ``alpha * score + (1 - alpha) * previous``, instead of the raw scores; it is fitted on the
     validation scores smoothed the same way, per asset. Smaller alpha smooths more: fewer one-window false alarms,
-    slower to react. The pipeline keeps the smoothed stream across batches and restarts (``smoothed_score``).
+    slower to react. The pipeline keeps the smoothed stream across batches and restarts (``smoothed_score``). A model
+    carries the alpha it was trained with, so a change takes effect with the next trained model.
     """
 
     method: Literal["percentile", "mean_std", "pot"] = "percentile"

@@ -45,7 +45,8 @@ def register(*, session: Session, detector: Detector, group: GroupConfig, model_
 
 
 def load_version(row: ModelVersion, group: GroupConfig) -> Detector:
-    """The verified detector of a registry row: checksum, sensors and window length must match ``group``.
+    """The verified detector of a registry row: checksum, sensors, window length and input smoothing
+    (``window.smooth``) must match ``group``.
 
     ModelError otherwise (the caller keeps whatever it was using).
     """
@@ -57,6 +58,12 @@ def load_version(row: ModelVersion, group: GroupConfig) -> Detector:
         raise ModelError(
             f"model {row.version} was trained on windows of {detector.window} steps, "
             f"group {group.name!r} is configured for {group.window.length}"
+        )
+    smooth = int(detector.metadata.get("window_smooth", 1))  # bundles from before the option: unsmoothed
+    if smooth != group.window.smooth:
+        raise ModelError(
+            f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
+            f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
     return detector
 

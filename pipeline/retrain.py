@@ -74,6 +74,7 @@ class WindowSplit:
     near_alert: int
     flagged: int
     anomalous: int  # near an alert or flagged (each window counted once)
+    windows: list[Window] = field(default_factory=list)  # all of them, by start time (the context of smoothing)
 
     @property
     def anomalous_fraction(self) -> float:
@@ -122,7 +123,7 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
                 holdout.append(w)
         elif w.end_ms <= cut and not (is_near or is_flagged):
             train.append(w)
-    return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous)
+    return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous, ordered)
 
 
 def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
@@ -194,12 +195,20 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     return GateDecision(True, (f"not worse than {active.version} beyond {_pct(tolerance)}: {summary}",))
 
 
-def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window]) -> ModelEval:
-    """``detector`` on the held-out normal windows and the alert windows."""
-    held = _scores(detector, holdout)
+def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window],
+             context: Sequence[Window] = ()) -> ModelEval:
+    """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
+    run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
+    two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own."""
+    if detector.ewma_alpha is not None and context:
+        levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context), strict=True))
+        held = np.array([levels[(w.asset, w.end_ms)] for w in holdout])
+        alerted = np.array([levels[(w.asset, w.end_ms)] for w in alert_windows])
+    else:
+        held, alerted = _scores(detector, holdout), _scores(detector, alert_windows)
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
-                     exceed_rate(_scores(detector, alert_windows), detector.threshold), p99)
+                     exceed_rate(alerted, detector.threshold), p99)
 
 
 def _scores(detector: Detector, windows: Sequence[Window]) -> np.ndarray:
@@ -318,17 +327,27 @@ class _LockKeeper:
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=30)  # a renewal stuck on a dead connection must not hold up the run's end
+
+    def check(self) -> None:
+        """RuntimeError when a renewal found that another run holds the lock now (stop before wasting work)."""
+        if self.lost:
+            raise RuntimeError("this run lost the retrain lock (it expired and another run took it over)")
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._ttl_s / 3):
+        interval = self._ttl_s / 3
+        wait = interval
+        while not self._stop.wait(wait):
             try:
                 with self._sessions.begin() as session:
                     held = repo.renew_retrain_lock(session=session, group=self._group, holder=self._holder,
                                                    now=self._clock(), ttl_s=self._ttl_s)
-            except SQLAlchemyError as exc:
-                log.warning("%s: could not renew the retrain lock (%s); retrying", self._group, type(exc).__name__)
+            except Exception as exc:  # the database is down or the connection broke: try again soon
+                wait = min(interval, 30.0)
+                log.warning("%s: could not renew the retrain lock (%s); retrying in %.0fs", self._group,
+                            type(exc).__name__, wait)
                 continue
+            wait = interval
             if not held:
                 self.lost = True
                 log.error("%s: the retrain lock was taken over by another run; this run will not promote",
@@ -370,9 +389,9 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
         return RetrainResult(group.name, "refused", reason, run.id)
     progress = _Progress()
     try:
-        with _LockKeeper(sessions, group.name, holder, rc.lock_ttl_s, clock):
-            return _run_locked(config, group, sessions=sessions, run_id=run.id, holder=holder, progress=progress,
-                               clock=clock)
+        with _LockKeeper(sessions, group.name, holder, rc.lock_ttl_s, clock) as keeper:
+            return _run_locked(config, group, sessions=sessions, run_id=run.id, holder=holder, keeper=keeper,
+                               progress=progress, clock=clock)
     except Exception as exc:
         return _record_failure(group.name, sessions=sessions, run_id=run.id, progress=progress, exc=exc, clock=clock)
     finally:
@@ -418,7 +437,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
 
 
 def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int, holder: str,
-                progress: _Progress, clock: Callable[[], datetime]) -> RetrainResult:
+                keeper: _LockKeeper, progress: _Progress, clock: Callable[[], datetime]) -> RetrainResult:
     rc = config.retrain
     with sessions() as session:
         active_row = repo.active_model_versions(session=session).get(group.name)
@@ -439,8 +458,10 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         return _finish(group.name, "skipped", "no held-out normal windows to validate on", sessions=sessions,
                        run_id=run_id, progress=progress, clock=clock)
 
+    keeper.check()
     trained = train_group(split.train, group, progress=False, warm_start=active if rc.warm_start else None,
                           epochs=rc.epochs)
+    keeper.check()
     candidate = trained.detector
     with sessions.begin() as session:
         register(session=session, detector=candidate, group=group, model_dir=config.model_dir, status="candidate",
@@ -449,8 +470,8 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
     progress.candidate_version = candidate.version
 
-    cand_eval = evaluate(candidate, split.holdout, split.alert_windows)
-    active_eval = evaluate(active, split.holdout, split.alert_windows) if active is not None else None
+    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows)
+    active_eval = evaluate(active, split.holdout, split.alert_windows, split.windows) if active is not None else None
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)
     m.update(trained.metrics)

@@ -121,6 +121,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
                 "end": ms_to_datetime(end_ms).isoformat(),
             },
             "windows_used": len(windows),
+            "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
         },
     )
     return TrainedModel(detector, len(windows), start_ms, end_ms, metrics)

@@ -45,12 +45,15 @@ def causal_mean(values: np.ndarray, span: int) -> np.ndarray:
     """Per column of ``values`` [T, F]: the mean of the non-NaN values among the ``span`` rows ending at each row.
     A row that is NaN stays NaN (a missing value is never invented by smoothing)."""
     present = ~np.isnan(values)
-    sums = np.cumsum(np.where(present, values, 0.0), axis=0)
+    # centre each column on its first value so that running sums of large levels keep their precision
+    first = values[np.argmax(present, axis=0), np.arange(values.shape[1])]
+    reference = np.where(present.any(axis=0), first, 0.0)
+    sums = np.cumsum(np.where(present, values - reference, 0.0), axis=0)
     counts = np.cumsum(present, axis=0)
     sums[span:] = sums[span:] - sums[:-span]
     counts[span:] = counts[span:] - counts[:-span]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(present, sums / counts, np.nan)
+        return np.where(present, reference + sums / np.maximum(counts, 1), np.nan)
 
 
 @dataclass

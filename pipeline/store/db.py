@@ -14,11 +14,13 @@ from sqlalchemy.orm import sessionmaker
 
 
 def migrations_dir() -> Path:
-    """The Alembic scripts: ``migrations/`` of the source tree, installed as the ``sensorwatch_migrations``
-    package (so a wheel install has them too). RuntimeError when neither is there."""
+    """The Alembic scripts: in a source checkout the ``migrations/`` beside this code (whatever else is installed),
+    otherwise the installed ``sensorwatch_migrations`` package (a wheel install). RuntimeError when neither is there.
+    """
+    tree = Path(__file__).resolve().parents[2]
+    candidates = [str(tree / "migrations")] if (tree / "pyproject.toml").is_file() else []
     spec = importlib.util.find_spec("sensorwatch_migrations")
-    candidates = [*(spec.submodule_search_locations or [] if spec else []),
-                  str(Path(__file__).resolve().parents[2] / "migrations")]
+    candidates += list(spec.submodule_search_locations or []) if spec else []
     for candidate in candidates:
         if (Path(candidate) / "env.py").is_file():
             return Path(candidate)

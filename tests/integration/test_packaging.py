@@ -4,6 +4,7 @@ migrations it ships (``sensorwatch_migrations``) and brings a new SQLite databas
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,9 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_wheel_install_migrates_a_database_without_the_source_tree(tmp_path: Path) -> None:
+    source = tmp_path / "src"  # build from a copy: a build writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__",
+                                                                "demo-output", "*.db"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheels), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    str(wheels), str(source)], check=True, capture_output=True, cwd=tmp_path)
     [wheel] = wheels.glob("sensorwatch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     revisions = sorted(p.name for p in (ROOT / "migrations" / "versions").glob("0*.py"))

@@ -525,7 +525,7 @@ def test_a_long_run_keeps_its_lock_and_a_run_that_lost_it_does_not_promote(
         return trained
 
     monkeypatch.setattr("pipeline.retrain.train_group", train_then_lose_the_lock)
-    lost = retrain_group(cfg, "fleet", sessions=d.sessions)
+    lost = retrain_group(d.config, "fleet", sessions=d.sessions)  # a 6 h lock: caught by the promoting transaction
     print(f"\n[lock] long run: {kept.summary()}\n[lock] lost lock: {lost.summary()}")
     assert lost.outcome == "rejected" and "lost the retrain lock" in lost.reason
     assert {v for v, status in d.versions().items() if status == "active"} == active_before

@@ -4,6 +4,7 @@ SQLite, and the runner's hot reload refusing a broken bundle while the current m
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.runner import Runner
 from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import RetrainLock
 from pipeline.train import train_group
 from pipeline.types import Window
 
@@ -165,6 +167,33 @@ def test_retrain_lock_admits_one_holder_until_released_or_expired(tmp_path: Path
     with sessions.begin() as s:
         repo.release_retrain_lock(session=s, group="g", holder="two")
     assert take("three", now + timedelta(seconds=62))
+    engine.dispose()
+
+
+def test_the_lock_keeper_renews_and_notices_a_takeover(tmp_path: Path) -> None:
+    from pipeline.retrain import _LockKeeper
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+
+    def now() -> datetime:
+        return datetime.now(UTC)
+
+    with sessions.begin() as s:
+        assert repo.acquire_retrain_lock(session=s, group="g", holder="me", now=now(), ttl_s=0.3)
+    with _LockKeeper(sessions, "g", "me", 0.3, now) as keeper:
+        time.sleep(0.9)  # three times the time to live
+        with sessions.begin() as s:
+            assert not repo.acquire_retrain_lock(session=s, group="g", holder="other", now=now(), ttl_s=60)
+        keeper.check()  # still ours
+        with sessions.begin() as s:
+            s.execute(RetrainLock.__table__.update().values(holder="other"))  # as if it had expired and been taken
+        time.sleep(0.5)
+        assert keeper.lost
+        with pytest.raises(RuntimeError, match="lost the retrain lock"):
+            keeper.check()
     engine.dispose()
 
 

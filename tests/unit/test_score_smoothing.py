@@ -57,6 +57,25 @@ def test_engine_smooths_per_asset_and_leaves_replays_and_raw_groups_alone() -> N
     assert plain.smoothed is None and plain.level == 5.0
 
 
+def test_smoothing_starts_afresh_after_maintenance_and_with_a_new_model() -> None:
+    raw = _raw()
+    raw["groups"][0]["alert"]["maintenance"] = [{"start": "2026-03-01T01:00:10Z", "end": "2026-03-01T01:00:20Z"}]
+    engine = AlertEngine(parse_config(raw, env={}).groups)
+    base = T0 // 1000
+    stream = [_score("a", base + 4 + 2 * i, 50.0 if 12 <= 4 + 2 * i <= 22 else 0.2) for i in range(16)]
+    smoothed = engine.smooth(stream, {"g": 0.3})
+    inside = [x for x in smoothed if x.score == 50.0]
+    after = [x for x in smoothed if x.end_ms > (base + 22) * 1000]
+    assert inside and all(x.smoothed is None for x in inside)  # maintenance windows: not smoothed, state dropped
+    assert after[0].smoothed == pytest.approx(0.2)  # starts again from the raw score, not from the 50s
+    assert engine.process(smoothed) == []  # so no alert follows the maintenance
+    old = [replace(_score("b", 4 + 2 * i, 5.0, threshold=10.0), model_version="v1") for i in range(5)]
+    new = [replace(_score("b", 14 + 2 * i, 0.2), model_version="v2") for i in range(5)]
+    swapped = engine.smooth(old + new, {"g": 0.3})
+    assert swapped[5].smoothed == pytest.approx(0.2)  # a new model's scale: not mixed with the old model's level
+    assert engine.process(swapped) == []
+
+
 def test_engine_restores_the_smoothed_state_from_the_latest_stored_score() -> None:
     engine = AlertEngine(parse_config(_raw(), env={}).groups)
     stored = [_score("a", 4, 2.0), _score("a", 6, 4.0)]
@@ -181,3 +200,55 @@ def test_alert_history_judges_the_smoothed_level_when_there_is_one() -> None:
     rows = history_rows([row(0, 3.0, 0.8), row(1, 0.5, 1.2), row(2, 2.0, None)], alert)
     assert [(r["smoothed"], r["ratio"], r["above"]) for r in rows] == [(0.8, 0.8, False), (1.2, 1.2, True),
                                                                        (None, 2.0, True)]
+
+
+def test_a_failed_transaction_leaves_the_smoothed_stream_continuous(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.store import repo
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    runner = Runner(_config(url), sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                    producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    records = _records(0, 90)
+    runner.process(records[:70], T0 + 35_000)
+    real_insert, failures = repo.insert_scores, []
+
+    def flaky_insert(**kwargs: object) -> None:
+        if not failures:
+            failures.append(1)  # the database drops the connection once, after the scores were smoothed
+            raise OperationalError("INSERT INTO window_scores", {}, Exception("connection lost"))
+        real_insert(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "insert_scores", flaky_insert)
+    runner.process(records[70:], T0 + 90_000)  # retried after the failure
+    assert failures == [1]
+    with sessions() as s:
+        rows = s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)).all()
+    for asset in ("a", "b"):
+        mine = [r for r in rows if r.asset == asset]
+        np.testing.assert_allclose([r.smoothed_score for r in mine], ewma(np.array([r.score for r in mine]), 0.4))
+    engine.dispose()
+
+
+def test_retrain_evaluation_judges_subsets_on_the_stream_smoothed_in_context() -> None:
+    from pipeline.retrain import evaluate
+
+    class Smoothing:
+        version, threshold, ewma_alpha = "v", 1.0, 0.5
+
+        def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return windows[:, 0, 0], windows[:, 0, :]
+
+    raw = [0.0, 0.0, 0.0, 0.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    context = [Window("a", "g", i * 1000, i * 1000 + 4000, np.full((4, 2), v)) for i, v in enumerate(raw)]
+    alerts, holdout = context[4:6], context[6:]
+    in_context = evaluate(Smoothing(), holdout, alerts, context)  # type: ignore[arg-type]
+    alone = evaluate(Smoothing(), holdout, alerts)  # type: ignore[arg-type]
+    # in the pipeline the level after the incident decays 1.125, 0.56, ...: the first held-out window still exceeds
+    assert in_context.far == pytest.approx(0.25) and in_context.recall == pytest.approx(1.0)
+    assert alone.far == 0.0  # smoothed on its own, the held-out stretch would start from scratch

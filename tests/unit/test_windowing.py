@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +189,26 @@ def test_smoothing_never_fills_a_missing_slot_and_survives_a_restart_unchanged()
     got = before.windows + after.windows
     assert [w.start_ms for w in got] == [w.start_ms for w in whole.windows]
     assert all(np.array_equal(a.values, b.values) for a, b in zip(got, whole.windows, strict=True))
+
+
+def test_a_model_trained_on_other_smoothing_is_refused(tmp_path: Path) -> None:
+    from pipeline.errors import ModelError
+    from pipeline.registry import load_version, register
+    from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+    from pipeline.train import train_group
+    from pipeline.types import Window
+
+    smooth4 = _group(smooth=4)
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(64)]
+    detector = train_group(windows, smooth4, progress=False).detector
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        row = register(session=s, detector=detector, group=smooth4, model_dir=tmp_path / "models", status="candidate",
+                       data_range=None, windows_used=64, metrics={})
+    engine.dispose()
+    assert load_version(row, smooth4).version == detector.version
+    with pytest.raises(ModelError, match=r"smoothed over 4 step\(s\).*window.smooth 1"):
+        load_version(row, _group(smooth=1))
