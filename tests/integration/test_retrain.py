@@ -215,7 +215,8 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str, pipeline: 
         if pipeline is not None and pipeline.error is not None:
             raise AssertionError(f"pipeline failed while waiting for {what}") from pipeline.error
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+            alive = pipeline.thread.is_alive() if pipeline is not None else None
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what} (pipeline alive: {alive})")
         time.sleep(0.2)
 
 
@@ -263,7 +264,7 @@ def test_retrain_promotes_on_drift_and_the_pipeline_switches_mid_stream_then_fol
     try:
         stream.send(2 * DAY * len(ASSETS))  # two days of drifting readings: what the nightly run looks back on
         phase_one = len(stream.expected())
-        _wait(lambda: d.count(WindowScore) >= phase_one, 60, "the first two days to be scored", pipeline)
+        _wait(lambda: d.count(WindowScore) >= phase_one, 120, "the first two days to be scored", pipeline)
 
         paced = stream.paced(300, paced_stop)  # readings keep arriving while the candidate trains
         result = retrain_group(cfg, "fleet", sessions=d.sessions)
@@ -318,7 +319,7 @@ def test_retrain_on_mostly_anomalous_data_is_rejected_and_the_active_model_keeps
     try:
         stream.send(2 * DAY * len(ASSETS))
         phase_one = len(stream.expected())
-        _wait(lambda: d.count(WindowScore) >= phase_one, 60, "the two days to be scored", pipeline)
+        _wait(lambda: d.count(WindowScore) >= phase_one, 120, "the two days to be scored", pipeline)
         assert d.count(Alert) > 0
 
         result = retrain_group(cfg, "fleet", sessions=d.sessions)
