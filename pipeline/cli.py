@@ -93,7 +93,7 @@ def train(
     activate: Annotated[bool, typer.Option(help="Make the new model the active one.")] = True,
 ) -> None:
     """Train a group's autoencoder on historical normal data, save the bundle and register the version."""
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
     from pipeline.train import read_readings_csv, register_trained, train_group, windows_from_frame
 
     cfg = _load(config)
@@ -105,8 +105,7 @@ def train(
         trained = train_group(windows, group_cfg)
     except (ConfigError, ValueError) as exc:
         raise _fail(exc, 2) from None
-    engine = make_engine(cfg.database.url)
-    with make_sessionmaker(engine).begin() as session:
+    with session_scope(cfg.database.url, write=True) as session:
         row = register_trained(session=session, trained=trained, group=group_cfg, model_dir=cfg.model_dir,
                                activate=activate)
     console.print(
@@ -226,20 +225,16 @@ def alerts_list(
     """List alerts, newest first."""
     from pipeline.alert_format import alert_dict, duration_text, to_csv
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json", "csv"), "--format")
     _choice(status, ("open", "resolved"), "--status")
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
-                                    since=start, until=end, acknowledged=acknowledged, limit=limit)
-    finally:
-        engine.dispose()
+    with session_scope(cfg.database.url) as session:
+        rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
+                                since=start, until=end, acknowledged=acknowledged, limit=limit)
     if output == "json":
         typer.echo(json.dumps([alert_dict(r) for r in rows], indent=2))
         return
@@ -274,26 +269,22 @@ def alerts_show(
 
     from pipeline.alert_format import alert_dict, duration_text, elide, history_rows
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            row = repo.get_alert(session=session, alert_id=alert_id)
-            if row is None:
-                raise _fail(KeyError(f"no alert with id {alert_id}"), 2)
-            groups = {g.name: g for g in cfg.groups}
-            group = groups.get(row.group_name)
-            stride_s = group.window.stride * group.sampling_period_s if group else 60.0
-            length_s = group.window.length * group.sampling_period_s if group else 0.0
-            margin = timedelta(seconds=stride_s * context)
-            first_end = row.opened_at + timedelta(seconds=length_s)  # the end of the alert's first window
-            scores = repo.scores_between(session=session, asset=row.asset, start=first_end - margin,
-                                         end=(row.closed_at or row.last_seen_at) + margin)
-    finally:
-        engine.dispose()
+    with session_scope(cfg.database.url) as session:
+        row = repo.get_alert(session=session, alert_id=alert_id)
+        if row is None:
+            raise _fail(KeyError(f"no alert with id {alert_id}"), 2)
+        groups = {g.name: g for g in cfg.groups}
+        group = groups.get(row.group_name)
+        stride_s = group.window.stride * group.sampling_period_s if group else 60.0
+        length_s = group.window.length * group.sampling_period_s if group else 0.0
+        margin = timedelta(seconds=stride_s * context)
+        first_end = row.opened_at + timedelta(seconds=length_s)  # the end of the alert's first window
+        scores = repo.scores_between(session=session, asset=row.asset, start=first_end - margin,
+                                     end=(row.closed_at or row.last_seen_at) + margin)
     alert = alert_dict(row)
     history = history_rows(scores, row)
     if output == "json":
@@ -357,19 +348,16 @@ def alerts_ack(
 ) -> None:
     """Acknowledge an alert (open or resolved): who, when, and a comment. A second ack replaces the first."""
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     if not by.strip():
         raise typer.BadParameter("must not be empty", param_hint="--by")
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
     try:
-        with make_sessionmaker(engine).begin() as session:
+        with session_scope(cfg.database.url, write=True) as session:
             row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=by.strip(), comment=comment)
     except KeyError:
         raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
-    finally:
-        engine.dispose()
     console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.status}, {row.severity}) acknowledged by "
                   f"{row.acknowledged_by}")
 
@@ -379,10 +367,10 @@ def models_list(config: ConfigOption, group: Annotated[str | None, typer.Option(
                 ) -> None:
     """List registered model versions, newest first."""
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     cfg = _load(config)
-    with make_sessionmaker(make_engine(cfg.database.url))() as session:
+    with session_scope(cfg.database.url) as session:
         rows = repo.list_model_versions(session=session, group=group)
     table = Table(title="model versions")
     for column in ("version", "group", "type", "status", "created", "threshold", "windows"):
@@ -400,22 +388,18 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
     pipelines switch to it within retrain.reload_interval_s."""
     from pipeline.registry import load_version
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
-    try:
-        with make_sessionmaker(engine).begin() as session:
-            found = repo.get_model_version(session=session, version=version)
-            if found is None:
-                raise _fail(ModelError(f"no model version {version!r}"), 2)
-            try:
-                load_version(found, cfg.group(found.group_name))
-            except (ModelError, ConfigError) as exc:
-                raise _fail(exc, 2) from None
-            row = repo.activate_model_version(session=session, version=version)
-    finally:
-        engine.dispose()
+    with session_scope(cfg.database.url, write=True) as session:
+        found = repo.get_model_version(session=session, version=version)
+        if found is None:
+            raise _fail(ModelError(f"no model version {version!r}"), 2)
+        try:
+            load_version(found, cfg.group(found.group_name))
+        except (ModelError, ConfigError) as exc:
+            raise _fail(exc, 2) from None
+        row = repo.activate_model_version(session=session, version=version)
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
 
 
@@ -428,17 +412,13 @@ def models_show(
     """One model version: status, data range, windows used, threshold, metrics (false-alarm rates of candidate and
     active model when it came from a retrain), artifact path and checksum, and the retrain run that produced it."""
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            row = repo.get_model_version(session=session, version=version)
-            runs = repo.list_retrain_runs(session=session, candidate_version=version, limit=1)
-    finally:
-        engine.dispose()
+    with session_scope(cfg.database.url) as session:
+        row = repo.get_model_version(session=session, version=version)
+        runs = repo.list_retrain_runs(session=session, candidate_version=version, limit=1)
     if row is None:
         raise _fail(ModelError(f"no model version {version!r}"), 2)
 
@@ -487,15 +467,11 @@ def models_runs(
 ) -> None:
     """Recent retrain runs, newest first: when, outcome (promoted, rejected, skipped, failed, refused) and why."""
     from pipeline.store import repo
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     cfg = _load(config)
-    engine = make_engine(cfg.database.url)
-    try:
-        with make_sessionmaker(engine)() as session:
-            rows = repo.list_retrain_runs(session=session, group=group, limit=limit)
-    finally:
-        engine.dispose()
+    with session_scope(cfg.database.url) as session:
+        rows = repo.list_retrain_runs(session=session, group=group, limit=limit)
     table = Table(title=f"retrain runs ({len(rows)})", title_justify="left")
     for column in ("id", "group", "trigger", "started (UTC)", "seconds", "outcome", "candidate", "windows", "reason"):
         table.add_column(column, no_wrap=column != "reason")
@@ -519,7 +495,7 @@ def report(
     """Write a self-contained HTML report of one asset: score vs threshold, per-sensor error contributions (and raw
     signals from --csv), alert spans shaded, and each alert's top sensors."""
     from pipeline.report import load_report_data, write_report
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.store.db import session_scope
 
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
@@ -530,15 +506,12 @@ def report(
     group = cfg.asset_groups().get(asset)
     if group is None:
         raise _fail(ConfigError(f"asset {asset!r} is in no group of {config}"), 2)
-    engine = make_engine(cfg.database.url)
     try:
-        with make_sessionmaker(engine)() as session:
+        with session_scope(cfg.database.url) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
                                     csv_path=csv_path)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
-    finally:
-        engine.dispose()
     write_report(out, data)
     console.print(f"[green]wrote[/green] {out}: {len(data.scores)} windows, {len(data.alerts)} alert(s), "
                   f"{len(data.sensors)} sensors{', raw signals from ' + csv_path.name if csv_path else ''}")

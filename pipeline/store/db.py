@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
@@ -10,7 +12,7 @@ from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 
 def migrations_dir() -> Path:
@@ -46,6 +48,19 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker:
     """Sessions that do not expire objects on commit (rows are read after the transaction ends)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(url: str, *, write: bool = False) -> Iterator[Session]:
+    """One session on a fresh engine for ``url`` (for one-shot commands), disposed on exit. With ``write`` the
+    session is a transaction, committed on a normal exit and rolled back on an exception."""
+    engine = make_engine(url)
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions.begin() if write else sessions() as session:
+            yield session
+    finally:
+        engine.dispose()
 
 
 def alembic_config(url: str) -> AlembicConfig:

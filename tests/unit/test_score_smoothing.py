@@ -5,6 +5,7 @@ SQLite and a stand-in detector where a runner is involved: no broker."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import numpy as np
 import orjson
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.thresholds import ewma, ewma_by_key, fit_threshold
 from pipeline.alerting import AlertEngine
-from pipeline.config import Config, parse_config
+from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
@@ -148,27 +150,36 @@ def _records(start_s: int, stop_s: int) -> list[RawRecord]:
     return out
 
 
-def _config(url: str) -> Config:
-    return parse_config({"database": {"url": url}, **_raw(0.4, k=2, n=3, clear_after=2)}, env={})
-
-
-def test_a_restarted_runner_continues_the_smoothed_stream_exactly(tmp_path: Path) -> None:
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """Sessions on a migrated SQLite database (its URL in ``sessions.kw["bind"].url``)."""
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
     engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
+    yield make_sessionmaker(engine)
+    engine.dispose()
 
-    def runner() -> Runner:
-        return Runner(_config(url), sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
-                      producer=None, stop=threading.Event())  # type: ignore[arg-type]
 
-    records = _records(0, 90)  # two per second: a on partition 0, b on partition 1
-    first = runner()
-    first.process(records[:70], T0 + 35_000)  # up to second 34: mid-anomaly
-    second = runner()  # a restart: all in-memory state gone
-    second.process(records[60:], T0 + 90_000)  # seconds 30-34 again (a replay, as after a crash), then new ones
+def _runner(sessions: sessionmaker[Session]) -> Runner:
+    """A runner (a fresh process, as after a restart) with the smoothing stand-in detector; no broker."""
+    url = str(sessions.kw["bind"].url)
+    config = parse_config({"database": {"url": url}, **_raw(0.4, k=2, n=3, clear_after=2)}, env={})
+    return Runner(config, sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                  producer=None, stop=threading.Event())  # type: ignore[arg-type]
+
+
+def _stored_scores(sessions: sessionmaker[Session]) -> list[WindowScore]:
     with sessions() as s:
-        rows = s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)).all()
+        return list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
+
+
+def test_a_restarted_runner_continues_the_smoothed_stream_exactly(sessions: sessionmaker[Session]) -> None:
+    records = _records(0, 90)  # two per second: a on partition 0, b on partition 1
+    _runner(sessions).process(records[:70], T0 + 35_000)  # up to second 34: mid-anomaly
+    # a restart (all in-memory state gone): seconds 30-34 again (a replay, as after a crash), then new ones
+    _runner(sessions).process(records[60:], T0 + 90_000)
+    rows = _stored_scores(sessions)
+    with sessions() as s:
         alerts = s.scalars(select(Alert)).all()
     for asset in ("a", "b"):
         mine = [r for r in rows if r.asset == asset]
@@ -180,7 +191,6 @@ def test_a_restarted_runner_continues_the_smoothed_stream_exactly(tmp_path: Path
     assert [a.asset for a in alerts] == ["a"]  # the anomaly on a alerts; b's noise does not
     assert alerts[0].status == "resolved" and alerts[0].peak_score == pytest.approx(max(
         r.smoothed_score for r in rows if r.asset == "a"))
-    engine.dispose()
 
 
 def test_alert_history_judges_the_smoothed_level_when_there_is_one() -> None:
@@ -202,18 +212,13 @@ def test_alert_history_judges_the_smoothed_level_when_there_is_one() -> None:
                                                                        (None, 2.0, True)]
 
 
-def test_a_failed_transaction_leaves_the_smoothed_stream_continuous(tmp_path: Path,
+def test_a_failed_transaction_leaves_the_smoothed_stream_continuous(sessions: sessionmaker[Session],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from sqlalchemy.exc import OperationalError
 
     from pipeline.store import repo
 
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    runner = Runner(_config(url), sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
-                    producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    runner = _runner(sessions)
     records = _records(0, 90)
     runner.process(records[:70], T0 + 35_000)
     real_insert, failures = repo.insert_scores, []
@@ -227,12 +232,10 @@ def test_a_failed_transaction_leaves_the_smoothed_stream_continuous(tmp_path: Pa
     monkeypatch.setattr(repo, "insert_scores", flaky_insert)
     runner.process(records[70:], T0 + 90_000)  # retried after the failure
     assert failures == [1]
-    with sessions() as s:
-        rows = s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)).all()
+    rows = _stored_scores(sessions)
     for asset in ("a", "b"):
         mine = [r for r in rows if r.asset == asset]
         np.testing.assert_allclose([r.smoothed_score for r in mine], ewma(np.array([r.score for r in mine]), 0.4))
-    engine.dispose()
 
 
 def test_retrain_evaluation_judges_subsets_on_the_stream_smoothed_in_context() -> None:
