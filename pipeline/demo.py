@@ -109,8 +109,10 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
-    now = datetime.now(UTC).replace(second=0, microsecond=0)
-    test_start = pd.Timestamp(now - timedelta(hours=hours))
+    # the simulated plant has a daily cycle: end the stream at the last UTC midnight, so every run streams the same
+    # hours of the day and gets the same figures (not ones that depend on when the demo is started)
+    end = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    test_start = pd.Timestamp(end - timedelta(hours=hours))
     train_start = test_start - pd.Timedelta(seconds=train_periods * PERIOD_S)
 
     with _broker(console) as bootstrap:
