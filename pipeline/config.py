@@ -381,7 +381,10 @@ class RetrainConfig(_Strict):
     ``warm_start``; ``epochs`` overrides the group's training epochs). Skipped when fewer than ``min_windows`` remain.
     The candidate is promoted only if its false-alarm rate on the held-out windows is at most the active model's plus
     ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, and at most
-    ``max_anomalous_fraction`` of the recent windows were anomalous. ``cron`` has five fields (or a macro such as
+    ``max_anomalous_fraction`` of the recent windows were anomalous. At most about ``max_windows`` windows per group
+    are held in memory: when the lookback holds more (assets x lookback / window step), only every k-th window of
+    each asset is kept, with k the smallest that fits, and score smoothing is adjusted to span the same time.
+    ``cron`` has five fields (or a macro such as
     ``@daily``) read in ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed
     runs are run once when ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
     Running pipelines check for a newly active model every ``reload_interval_s``.
@@ -392,6 +395,7 @@ class RetrainConfig(_Strict):
     timezone: str = "UTC"
     lookback_days: PositiveFloat = 7.0
     min_windows: Annotated[int, Field(ge=32)] = 500
+    max_windows: Annotated[int, Field(ge=1000)] = 200_000
     alert_margin_s: Annotated[float, Field(ge=0)] = 600.0
     holdout_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.2
     tolerance: Annotated[float, Field(ge=0, lt=1)] = 0.02
@@ -403,6 +407,12 @@ class RetrainConfig(_Strict):
     lock_ttl_s: PositiveFloat = 6 * 3600.0
     read_timeout_s: PositiveFloat = 600.0
     reload_interval_s: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _window_bounds(self) -> RetrainConfig:
+        if self.max_windows < self.min_windows:
+            raise ValueError(f"max_windows ({self.max_windows}) is below min_windows ({self.min_windows})")
+        return self
 
     @field_validator("cron")
     @classmethod

@@ -5,7 +5,8 @@ One run of one group (``retrain_group``):
            run renews it every third of ``lock_ttl_s``, and promotes only while it still holds it
   read     the last ``retrain.lookback_days`` of the readings topic by record timestamp (``kafka_io.read_since``, a
            consumer outside the pipeline's group), decoded and cut by the pipeline's own Decoder and Windower, so these
-           are the windows the pipeline scored
+           are the windows the pipeline scored; beyond ``retrain.max_windows`` only every k-th window of each asset
+           is kept (``thinning_factor``), so memory stays bounded for large fleets and long lookbacks
   filter   windows overlapping an alert (widened by ``alert_margin_s``) or scored above threshold (a stored score of
            any version, or the active model now) are not training data; too few left: the run is skipped
   train    a candidate on the older windows, optionally starting from the active model's weights
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -35,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.detector import Detector
-from models.thresholds import ewma_by_key
+from models.thresholds import ewma_by_key, thinned_alpha
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
@@ -126,6 +128,21 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
     return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous, ordered)
 
 
+def thinning_factor(n_assets: int, lookback_ms: int, step_ms: int, max_windows: int) -> int:
+    """The smallest k such that keeping every k-th window of each asset holds at most ``max_windows`` of the
+    ``n_assets * lookback_ms / step_ms`` windows a full lookback has (``step_ms``: stride x sampling period)."""
+    if min(n_assets, lookback_ms, step_ms, max_windows) < 1:
+        raise ValueError("n_assets, lookback_ms, step_ms and max_windows must be positive")
+    expected = n_assets * math.ceil(lookback_ms / step_ms)
+    return max(1, math.ceil(expected / max_windows))
+
+
+def keeps(window: Window, step_ms: int, keep_every: int) -> bool:
+    """True for every ``keep_every``-th window on the window grid (start at a multiple of ``step_ms``): the same
+    windows on every read, whatever the read starts with."""
+    return (window.start_ms // step_ms) % keep_every == 0
+
+
 def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
     """Fraction of ``scores`` above ``threshold`` (how the pipeline flags a window); None when there are none."""
     return float(np.mean(scores > threshold)) if len(scores) else None
@@ -196,29 +213,32 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
 
 def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window],
-             context: Sequence[Window] = ()) -> ModelEval:
+             context: Sequence[Window] = (), keep_every: int = 1) -> ModelEval:
     """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
     run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
-    two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own."""
+    two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
+    ``keep_every``: the windows are every k-th of each asset's stream (see ``_scores``)."""
     if detector.ewma_alpha is not None and context:
-        levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context), strict=True))
+        levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context, keep_every),
+                          strict=True))
         held = np.array([levels[(w.asset, w.end_ms)] for w in holdout])
         alerted = np.array([levels[(w.asset, w.end_ms)] for w in alert_windows])
     else:
-        held, alerted = _scores(detector, holdout), _scores(detector, alert_windows)
+        held, alerted = _scores(detector, holdout, keep_every), _scores(detector, alert_windows, keep_every)
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
                      exceed_rate(alerted, detector.threshold), p99)
 
 
-def _scores(detector: Detector, windows: Sequence[Window]) -> np.ndarray:
+def _scores(detector: Detector, windows: Sequence[Window], keep_every: int = 1) -> np.ndarray:
     """What the pipeline holds to ``detector``'s threshold: raw scores, or each asset's smoothed scores when the
-    detector smooths (``windows`` in time order per asset)."""
+    detector smooths (``windows`` in time order per asset; when they are every ``keep_every``-th window, smoothed
+    with the weight that spans the same time)."""
     if not windows:
         return np.empty(0)
     raw = detector.score(np.stack([w.values for w in windows]))[0]
     alpha = detector.ewma_alpha
-    return raw if alpha is None else ewma_by_key(raw, [w.asset for w in windows], alpha)
+    return raw if alpha is None else ewma_by_key(raw, [w.asset for w in windows], thinned_alpha(alpha, keep_every))
 
 
 # -- reading back ----------------------------------------------------------------------------------------------------
@@ -231,13 +251,15 @@ class RecentData:
     rejected: int
 
 
-def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int) -> RecentData:
+def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, keep_every: int = 1) -> RecentData:
     """Read the topic back from ``since_ms`` (record timestamps) to its current end and cut ``group``'s windows with
-    the pipeline's Decoder and Windower. A record is validated against its own timestamp as the arrival time, as the
-    pipeline did when it consumed it live; rejected records are counted, not used."""
+    the pipeline's Decoder and Windower, keeping every ``keep_every``-th window of each asset (``keeps``). A record
+    is validated against its own timestamp as the arrival time, as the pipeline did when it consumed it live;
+    rejected records are counted, not used."""
     decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
     windower = Windower([group])
     assets = set(group.assets)
+    step_ms = group.window.stride * group.period_ms
     data = RecentData([], 0, 0)
     for batch in kafka_io.read_since(config.kafka, since_ms, timeout_s=config.retrain.read_timeout_s,
                                      max_records=config.kafka.max_poll_records):
@@ -251,7 +273,7 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int) ->
                 continue
             if r.asset in assets:
                 readings.append(Reading(r.asset, r.ts_ms, r.values, record.partition, record.offset))
-        data.windows += windower.add(readings).windows
+        data.windows += [w for w in windower.add(readings).windows if keeps(w, step_ms, keep_every)]
     return data
 
 
@@ -404,12 +426,13 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
 
 
 def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *, sessions: sessionmaker[Session],
-                  now: datetime, metrics: dict[str, Any]) -> WindowSplit | None:
-    """Read the lookback back from Kafka, look up its alerts and flagged windows, and split it (figures go into
-    ``metrics``). None when the lookback holds no complete window."""
+                  now: datetime, keep_every: int, metrics: dict[str, Any]) -> WindowSplit | None:
+    """Read the lookback back from Kafka (every ``keep_every``-th window), look up its alerts and flagged windows,
+    and split it (figures go into ``metrics``). None when the lookback holds no complete window."""
     rc = config.retrain
-    data = read_recent_windows(config, group, since_ms=datetime_to_ms(now) - round(rc.lookback_days * DAY_MS))
-    metrics.update(records_read=data.records, records_rejected=data.rejected)
+    data = read_recent_windows(config, group, since_ms=datetime_to_ms(now) - round(rc.lookback_days * DAY_MS),
+                               keep_every=keep_every)
+    metrics.update(records_read=data.records, records_rejected=data.rejected, window_thinning=keep_every)
     if not data.windows:
         return None
     first_ms, last_ms = min(w.start_ms for w in data.windows), max(w.end_ms for w in data.windows)
@@ -422,7 +445,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     spans = [Span(a.asset, datetime_to_ms(a.opened_at), datetime_to_ms(max(a.closed_at or a.last_seen_at,
                                                                            a.last_seen_at))) for a in alerts]
     if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
-        scores = _scores(active, data.windows)
+        scores = _scores(active, data.windows, keep_every)
         flagged |= {(w.asset, w.end_ms) for w, s in zip(data.windows, scores, strict=True) if s > active.threshold}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction)
@@ -445,7 +468,13 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     progress.active_version = active.version if active else None
     m = progress.metrics
     m.update(active_version=progress.active_version)
-    split = _recent_split(config, group, active, sessions=sessions, now=clock(), metrics=m)
+    keep_every = thinning_factor(len(group.assets), round(rc.lookback_days * DAY_MS),
+                                 group.window.stride * group.period_ms, rc.max_windows)
+    if keep_every > 1:
+        log.info("%s: the lookback holds about %d windows per asset, over retrain.max_windows = %d for %d assets: "
+                 "keeping every %d-th window", group.name, math.ceil(rc.lookback_days * DAY_MS /
+                 (group.window.stride * group.period_ms)), rc.max_windows, len(group.assets), keep_every)
+    split = _recent_split(config, group, active, sessions=sessions, now=clock(), keep_every=keep_every, metrics=m)
     if split is None:
         return _finish(group.name, "skipped", f"no complete windows in the last {rc.lookback_days:g} days "
                        f"({m['records_read']} records read)", sessions=sessions, run_id=run_id, progress=progress,
@@ -460,7 +489,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
 
     keeper.check()
     trained = train_group(split.train, group, progress=False, warm_start=active if rc.warm_start else None,
-                          epochs=rc.epochs)
+                          epochs=rc.epochs, keep_every=keep_every)
     keeper.check()
     candidate = trained.detector
     with sessions.begin() as session:
@@ -470,8 +499,9 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
     progress.candidate_version = candidate.version
 
-    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows)
-    active_eval = evaluate(active, split.holdout, split.alert_windows, split.windows) if active is not None else None
+    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, keep_every)
+    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, keep_every)
+                   if active is not None else None)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)
     m.update(trained.metrics)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from models.autoencoders import build_model
 from models.detector import Detector
 from models.scaler import StandardScaler
-from models.thresholds import ewma_by_key, fit_threshold
+from models.thresholds import ewma_by_key, fit_threshold, thinned_alpha
 from models.training import NotEnoughData, fit, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
@@ -71,11 +71,13 @@ def warm_start_compatible(detector: Detector, group: GroupConfig) -> bool:
 
 
 def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = True,
-                warm_start: Detector | None = None, epochs: int | None = None) -> TrainedModel:
+                warm_start: Detector | None = None, epochs: int | None = None, keep_every: int = 1) -> TrainedModel:
     """Fit scaler, autoencoder and threshold on ``windows`` of ``group``. NotEnoughData if there are too few.
 
     ``warm_start``: start from this detector's weights when ``warm_start_compatible`` (else from scratch; the
-    metadata records which). ``epochs`` overrides the group's configured epochs.
+    metadata records which). ``epochs`` overrides the group's configured epochs. ``keep_every``: the windows are
+    every k-th of each asset's stream (a thinned lookback), so a smoothed threshold is fitted with the EWMA weight
+    that spans the same time (``thinned_alpha``); the metadata still records the group's own ``ewma_alpha``.
     """
     if not windows:
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
@@ -100,7 +102,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     val_scores = result.val_scores  # of the last len(val_scores) windows of ``ordered``
     if t.ewma_alpha is not None:  # the threshold applies to each asset's smoothed stream: fit it on that
         val_assets = [w.asset for w in ordered[len(ordered) - len(val_scores):]]
-        val_scores = ewma_by_key(val_scores, val_assets, t.ewma_alpha)
+        val_scores = ewma_by_key(val_scores, val_assets, thinned_alpha(t.ewma_alpha, keep_every))
     threshold, threshold_info = fit_threshold(val_scores, t.method, **t.fit_kwargs())
     threshold_info["ewma_alpha"] = t.ewma_alpha
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
@@ -121,6 +123,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
                 "end": ms_to_datetime(end_ms).isoformat(),
             },
             "windows_used": len(windows),
+            "window_thinning": keep_every,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
         },
     )

@@ -41,8 +41,8 @@ from pipeline import kafka_io
 from pipeline.cli import app
 from pipeline.config import Config, load_config, parse_config
 from pipeline.decode import Decoder
-from pipeline.registry import register
-from pipeline.retrain import RetrainResult, retrain_group
+from pipeline.registry import load_version, register
+from pipeline.retrain import RetrainResult, keeps, read_recent_windows, retrain_group
 from pipeline.runner import run_pipeline
 from pipeline.scheduler import JOB_ID, JOBS_TABLE, build_scheduler, stop_when_running
 from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_normal, to_messages
@@ -402,6 +402,34 @@ def test_a_failing_training_run_is_recorded_and_the_active_model_keeps_serving(
     assert (run.outcome, run.trigger) == ("failed", "manual") and run.finished_at is not None
     assert "RuntimeError: simulated crash while training" in (run.reason or "")
     assert d.count(RetrainLock) == 0
+
+
+def test_a_long_lookback_is_thinned_to_max_windows_and_trains_on_every_kth_window(deployment: Deployment) -> None:
+    d, cfg = deployment, deployment.config
+    stream = Stream(cfg, _frames(LIVE_START, 3 * DAY, seed=4))
+    stream.send()
+    stream.close()
+    group = cfg.groups[0]
+    full = read_recent_windows(cfg, group, since_ms=0).windows
+    thinned = read_recent_windows(cfg, group, since_ms=0, keep_every=4).windows
+    step_ms = group.window.stride * group.period_ms
+    assert {(w.asset, w.start_ms) for w in thinned} == {(w.asset, w.start_ms) for w in full if keeps(w, step_ms, 4)}
+    assert len(full) / 4 - len(ASSETS) <= len(thinned) <= len(full) / 4 + len(ASSETS)
+    values = {(w.asset, w.start_ms): w.values for w in full}
+    assert all(np.array_equal(w.values, values[(w.asset, w.start_ms)]) for w in thinned)
+
+    # five days of lookback at one window every 6 minutes: 3 x 1,200 windows, over max_windows = 1,000: every 4th
+    bounded = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"lookback_days": 5,
+                                                                                "max_windows": 1000})})
+    result = retrain_group(bounded, "fleet", sessions=d.sessions)
+    _figures("thinned", result)
+    assert result.outcome in ("promoted", "rejected"), result.reason
+    assert result.metrics["window_thinning"] == 4 and result.metrics["windows_total"] == len(thinned)
+    with d.sessions() as s:
+        row = repo.get_model_version(session=s, version=result.candidate_version)
+        assert row is not None and row.metrics["window_thinning"] == 4
+    assert load_version(row, group).metadata["window_thinning"] == 4  # the bundle records it too
+    print(f"[thinned] {len(full)} windows in the lookback, {len(thinned)} kept (every 4th)")
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

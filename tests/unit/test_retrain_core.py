@@ -3,6 +3,7 @@ SQLite, and the runner's hot reload refusing a broken bundle while the current m
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -11,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.thresholds import ewma, thinned_alpha
 from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.registry import load_active, register
-from pipeline.retrain import ModelEval, Span, exceed_rate, gate, split_windows
+from pipeline.retrain import ModelEval, Span, exceed_rate, gate, keeps, split_windows, thinning_factor
 from pipeline.runner import Runner
 from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
@@ -112,6 +114,41 @@ def test_gate_without_an_active_model_checks_only_the_data() -> None:
     assert not gate(_eval(0.0), None, anomalous_fraction=0.9, max_anomalous_fraction=0.5, tolerance=0.0).promote
 
 
+# -- bounded memory: thinning a long lookback ------------------------------------------------------------------------
+def test_thinning_factor_keeps_the_lookback_within_max_windows() -> None:
+    week, step = 7 * 86_400_000, 50_000  # 10 s sampling, stride 5: 12,096 windows per asset and week
+    assert thinning_factor(10, week, step, 200_000) == 1  # 120,960 fit
+    assert thinning_factor(20, week, step, 200_000) == 2  # 241,920 do not; every 2nd does
+    assert thinning_factor(500, week, step, 200_000) == 31  # 6,048,000 / 31 = 195,097
+    for assets in (1, 20, 333, 500):
+        k = thinning_factor(assets, week, step, 200_000)
+        assert assets * math.ceil(12_096 / k) <= 200_000 + assets  # every k-th per asset fits (a partial step each)
+        assert k == 1 or assets * 12_096 / (k - 1) > 200_000  # and k is the smallest that does
+    with pytest.raises(ValueError, match="positive"):
+        thinning_factor(0, week, step, 200_000)
+
+
+def test_keeps_every_kth_window_on_the_grid_whatever_the_first_one() -> None:
+    step = 5_000
+    windows = [Window("a", "g", i * step, i * step + 30_000, np.zeros((6, 1))) for i in range(7, 40)]
+    kept = [w.start_ms // step for w in windows if keeps(w, step, 3)]
+    assert kept == [i for i in range(7, 40) if i % 3 == 0]
+    later = [w.start_ms // step for w in windows[5:] if keeps(w, step, 3)]
+    assert later == [i for i in kept if i >= 12]  # a read starting later keeps the same windows
+    assert all(keeps(w, step, 1) for w in windows)
+
+
+def test_thinned_alpha_smooths_every_kth_score_over_the_same_time() -> None:
+    # constant over each block of 3 that a kept score (every 3rd, from 0) stands for: steps at 31 and 91
+    scores = np.r_[np.zeros(31), np.full(60, 4.0), np.ones(59)]
+    full = ewma(scores, 0.1)
+    thinned = ewma(scores[::3], thinned_alpha(0.1, 3))
+    np.testing.assert_allclose(thinned, full[::3], rtol=1e-12)
+    assert thinned_alpha(0.3, 1) == 0.3 and thinned_alpha(1.0, 5) == 1.0
+    with pytest.raises(ValueError, match="keep_every"):
+        thinned_alpha(0.3, 0)
+
+
 # -- configuration and the cron trigger -------------------------------------------------------------------------------
 def _config(url: str = "sqlite://", **retrain: object) -> Config:
     return parse_config({
@@ -132,6 +169,11 @@ def test_retrain_section_defaults_and_validation() -> None:
         _config(timezone="Nowhere/Special")
     with pytest.raises(ConfigError, match=r"retrain\.min_windows"):
         _config(min_windows=10)
+    assert rc.max_windows == 200_000
+    with pytest.raises(ConfigError, match=r"retrain.*max_windows \(2000\) is below min_windows \(5000\)"):
+        _config(min_windows=5000, max_windows=2000)
+    with pytest.raises(ConfigError, match=r"retrain\.max_windows"):
+        _config(max_windows=10)
 
 
 def test_cron_trigger_reads_weekdays_as_crontab_does() -> None:
