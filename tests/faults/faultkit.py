@@ -86,6 +86,17 @@ class Deployment:
         self.procs.append(proc)
         return proc
 
+    def wait_for_log(self, index: int, text: str, timeout_s: float) -> None:
+        """Wait until the log of the ``index``-th consumer started holds ``text``; AssertionError (with the log tails)
+        after ``timeout_s``. For steps that must follow an event, not a guess of how long it takes under load."""
+        path = self.logs / f"consumer-{index}.log"
+        deadline = time.monotonic() + timeout_s
+        while text not in (path.read_text(errors="replace") if path.exists() else ""):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"consumer {index} did not log {text!r} within {timeout_s:.0f}s\n"
+                                     f"{self.log_tail()}")
+            time.sleep(0.2)
+
     def stop_all(self) -> None:
         """SIGTERM every consumer still running and wait for it."""
         for proc in self.procs:

@@ -72,12 +72,14 @@ def test_partitions_moving_between_two_consumers(
                  assets=8, rows_per_asset=3000)
     stream = dep.produce(rate_per_s=1500)
     first = dep.start_consumer()
-    time.sleep(6)
+    dep.wait_for_log(0, "partitions assigned", 90)  # each step waits for the last one's rebalance (not a guess of
+    dep.wait_progress(30)  # how long it takes on a loaded machine), so partitions really move
     second = dep.start_consumer()  # the group rebalances: partitions move to the newcomer mid-stream
-    time.sleep(6)
+    dep.wait_for_log(1, "partitions assigned", 90)
     first.send_signal(signal.SIGTERM)  # a clean leave: its partitions move back to the second consumer
     assert first.wait(timeout=60) == 0, dep.log_tail()
     third = dep.start_consumer()  # and once more when another one joins
+    dep.wait_for_log(2, "partitions assigned", 90)
     stream.join()
     try:
         rows, _ = _check_exactly_once(dep, timeout_s=180)
