@@ -43,10 +43,18 @@ def quantisation_step(rows: np.ndarray, max_levels_fraction: float = 0.1) -> np.
     return steps
 
 
+def scale_floors(rows: np.ndarray, *, level_floor: float = 0.0, step_floor: float = 0.0) -> np.ndarray:
+    """Per sensor of ``rows`` ``[T, F]``: the least scale a scaler should use, the larger of ``level_floor`` x
+    |median level| and ``step_floor`` x the quantisation step (0 where both are 0)."""
+    values = np.asarray(rows, dtype=np.float64)
+    floor = level_floor * np.abs(np.median(values, axis=0)) if level_floor else np.zeros(values.shape[1])
+    return np.maximum(floor, step_floor * quantisation_step(values)) if step_floor else floor
+
+
 def fit_floored_scaler(rows: np.ndarray, *, raw_rows: np.ndarray | None = None, level_floor: float = 0.0,
                        step_floor: float = 0.0, min_std: float = 1e-6) -> StandardScaler:
     """A StandardScaler (median centre) whose per-sensor scale is at least ``level_floor`` x |median level| and
-    ``step_floor`` x the quantisation step.
+    ``step_floor`` x the quantisation step (``scale_floors``).
 
     ``rows`` ``[T, F]`` are the values the scaler will transform (e.g. smoothed); ``raw_rows`` (default ``rows``)
     are the unsmoothed readings, from which levels and quantisation steps are measured.
@@ -54,9 +62,7 @@ def fit_floored_scaler(rows: np.ndarray, *, raw_rows: np.ndarray | None = None, 
     values = np.asarray(rows, dtype=np.float64)
     raw = values if raw_rows is None else np.asarray(raw_rows, dtype=np.float64)
     centre = np.median(values, axis=0)
-    scale = values.std(axis=0)
-    scale = np.maximum(scale, level_floor * np.abs(np.median(raw, axis=0)))
-    scale = np.maximum(scale, step_floor * quantisation_step(raw))
+    scale = np.maximum(values.std(axis=0), scale_floors(raw, level_floor=level_floor, step_floor=step_floor))
     return StandardScaler(mean=centre, std=np.where(scale < min_std, 1.0, scale))
 
 

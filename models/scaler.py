@@ -15,11 +15,12 @@ class StandardScaler:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, rows: np.ndarray, min_std: float = 1e-6) -> StandardScaler:
-        """Fit on ``rows`` [T, F] (or windows [N, W, F], flattened over time)."""
+    def fit(cls, rows: np.ndarray, min_std: float = 1e-6, floor: np.ndarray | None = None) -> StandardScaler:
+        """Fit on ``rows`` [T, F] (or windows [N, W, F], flattened over time). ``floor`` (per sensor): the least std
+        to use; a std still below ``min_std`` becomes 1."""
         flat = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
         mean = flat.mean(axis=0)
-        std = flat.std(axis=0)
+        std = flat.std(axis=0) if floor is None else np.maximum(flat.std(axis=0), floor)
         return cls(mean=mean, std=np.where(std < min_std, 1.0, std))
 
     def transform(self, values: np.ndarray) -> np.ndarray:

@@ -175,6 +175,11 @@ class ModelConfig(_Strict):
     ``kernel_size``), ``sparse`` / ``contractive`` (dense with a code penalty), ``vae`` (dense variational; ``beta``).
     Options for every type: ``noise_std`` (denoising: Gaussian input corruption while training), ``sparsity_weight``
     with ``sparsity`` l1|kl and ``sparsity_target``, ``contractive_weight``. Unset penalties use the type's default.
+
+    Scaling: each sensor is standardised by its training mean and std, but the std is at least
+    ``scale_floor_level`` x the sensor's median |level| and ``scale_floor_step`` x its quantisation step (the median
+    gap between the values of a sensor that takes few distinct values), so a sensor that barely moved in training,
+    or a meter toggling between two integers, does not turn ordinary jitter or one step into many deviations.
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
@@ -197,6 +202,8 @@ class ModelConfig(_Strict):
     validation_fraction: Annotated[float, Field(gt=0, lt=0.9)] = 0.2
     patience: PositiveInt = 6
     seed: int = 0
+    scale_floor_level: Annotated[float, Field(ge=0, lt=1)] = 0.002
+    scale_floor_step: Annotated[float, Field(ge=0)] = 0.5
 
     @field_validator("kernel_size")
     @classmethod

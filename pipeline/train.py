@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from models.autoencoders import build_model
 from models.detector import Detector
+from models.drift import scale_floors
 from models.scaler import StandardScaler
 from models.thresholds import ewma_by_key, fit_threshold, thinned_alpha
 from models.training import NotEnoughData, fit, seed_everything
@@ -83,9 +84,11 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     stacked = np.stack([w.values for w in ordered])
-    scaler = StandardScaler.fit(stacked)
-    scaled = scaler.transform(stacked)
     m = group.model
+    scaler = StandardScaler.fit(stacked, floor=scale_floors(stacked.reshape(-1, stacked.shape[-1]),
+                                                            level_floor=m.scale_floor_level,
+                                                            step_floor=m.scale_floor_step))
+    scaled = scaler.transform(stacked)
     seed_everything(m.seed)  # weight initialisation too, so a CPU training run is reproducible
     hyperparameters = m.hyperparameters()
     model = build_model(m.type, group.window.length, len(group.sensors), hyperparameters)

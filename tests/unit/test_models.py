@@ -14,6 +14,7 @@ from models.detector import Detector
 from models.scaler import StandardScaler
 from models.thresholds import fit_threshold
 from models.training import NotEnoughData, fit, seed_everything
+from pipeline.config import GroupConfig
 from pipeline.errors import ModelError
 
 W, F = 16, 3
@@ -124,3 +125,33 @@ def test_thresholds() -> None:
     assert info["method"] == "mean_std"
     with pytest.raises(ValueError, match="finite"):
         fit_threshold(np.array([np.nan]), "percentile")
+
+
+def test_scale_floors_keep_a_steady_or_quantised_sensor_from_turning_jitter_into_an_alarm() -> None:
+    from pipeline.config import parse_config
+    from pipeline.train import train_group
+    from pipeline.types import Window
+
+    def group(**model: object) -> GroupConfig:
+        return parse_config({"groups": [{
+            "name": "g", "assets": ["a"], "sampling_period_s": 1,
+            "sensors": [{"name": "flow"}, {"name": "pressure_pa"}, {"name": "speed"}],
+            "window": {"length": 8, "stride": 4, "max_gap": 0},
+            "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
+            "model": {"type": "dense", "hidden": [8, 2], "epochs": 30, "batch_size": 32, **model}}]}, env={}).groups[0]
+
+    rng = np.random.default_rng(0)
+    n = 4000  # a flow meter toggling between 32 and 33 L/min, a pressure that did not move, a noisy speed
+    rows = np.c_[np.where(rng.random(n) < 0.05, 33.0, 32.0), np.full(n, 100_000.0), 2950 + rng.normal(0, 20, n)]
+    windows = [Window("a", "g", i * 1000, (i + 8) * 1000, rows[i : i + 8]) for i in range(0, n - 7, 4)]
+    jitter = rows[:8].copy()
+    jitter[:, 1] += 100.0  # 0.1% of the pressure: ordinary jitter the training day happened not to show
+
+    floored = train_group(windows, group(), progress=False).detector  # defaults: 0.2% of the level, half a step
+    np.testing.assert_allclose(floored.scaler.std[:2], [0.5, 200.0])  # half the 1 L/min step; 0.2% of 100 kPa
+    assert abs(floored.scaler.std[2] - 20.0) < 1.0  # a sensor whose own spread is larger keeps it
+    assert floored.score(jitter[None])[0][0] < floored.threshold
+
+    bare = train_group(windows, group(scale_floor_level=0, scale_floor_step=0), progress=False).detector
+    assert bare.scaler.std[1] == 1.0 and bare.scaler.std[0] < 0.25  # 1 Pa, and a fifth of the meter's step
+    assert bare.score(jitter[None])[0][0] > 100 * bare.threshold
