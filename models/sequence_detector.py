@@ -20,7 +20,7 @@ can follow it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -106,14 +106,10 @@ class SequenceDetector:
         windows = sliding_windows(self.scaler.transform(smoothed[warm:]), s.window)
         if len(windows) < 32:
             raise NotEnoughData(f"need at least {32 + warm + s.window - 1} training rows, got {len(rows)}")
-        seed_everything(s.seed)
-        self.model = build_model(s.model_type, s.window, rows.shape[1], s.hyperparameters)
-        fit(self.model, windows, epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
-            validation_fraction=s.validation_fraction, patience=s.patience, seed=s.seed, progress=progress,
-            description=f"training {s.model_type}")
+        self._fit_networks(windows, progress=progress)
         n_val = max(int(len(windows) * s.validation_fraction), 8)
         reference = windows if s.threshold_windows == "all" else windows[-n_val:]
-        _, reference_errors = reconstruction_errors(self.model, reference)
+        reference_errors = self._errors(reference)
         self.sensor_scale = np.maximum(reference_errors.mean(axis=0), 1e-8)
         self.threshold, self.threshold_info = fit_threshold(
             self._aggregate(reference_errors), s.threshold_method, percentile=s.percentile, k=s.k,
@@ -121,6 +117,33 @@ class SequenceDetector:
         )
         self.train_seconds = time.perf_counter() - started
         return self
+
+    def _fit_networks(self, windows: np.ndarray, *, progress: bool) -> None:
+        """Train the network on the scaled training ``windows`` ``[N, W, F]`` (a hook for variants)."""
+        s = self.settings
+        seed_everything(s.seed)
+        self.model = build_model(s.model_type, s.window, windows.shape[2], s.hyperparameters)
+        fit(self.model, windows, epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate,
+            validation_fraction=s.validation_fraction, patience=s.patience, seed=s.seed, progress=progress,
+            description=f"training {s.model_type}")
+
+    def _errors(self, windows: np.ndarray) -> np.ndarray:
+        """Per-sensor reconstruction errors ``[N, F]`` of scaled ``windows`` (a hook for variants)."""
+        return reconstruction_errors(self.model, windows)[1]
+
+    def _decider(self) -> Callable[[float], bool]:
+        """A fresh per-row decision for one stream, fed each row's ratio in order: the aftermath rule (a hook for
+        variants)."""
+        s = self.settings
+        decay = 0.5 ** (1.0 / s.aftermath_half_life) if s.aftermath_half_life else 1.0
+        peak = 0.0
+
+        def decide(ratio: float) -> bool:
+            nonlocal peak
+            peak = max(peak * decay, ratio)
+            return ratio > 1.0 and ratio >= s.aftermath_relative * peak
+
+        return decide
 
     def _stream(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Score and decide row by row, in chunks of ``chunk`` rows (as a streaming consumer would).
@@ -137,15 +160,14 @@ class SequenceDetector:
         flags = np.zeros(len(rows), dtype=bool)
         baseline = self.scaler.mean.copy()
         weight = 1.0 / s.baseline_span if s.baseline_span else 0.0
-        decay = 0.5 ** (1.0 / s.aftermath_half_life) if s.aftermath_half_life else 1.0
-        peak, smoothed_score = 0.0, None
+        decide = self._decider()
+        smoothed_score = None
         first = s.smooth - 1 + s.window - 1
         for begin in range(first, len(rows), s.chunk):
             stop = min(begin + s.chunk, len(rows))
             shifted = smoothed[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
             windows = sliding_windows(self.scaler.transform(shifted), s.window)
-            _, per_sensor = reconstruction_errors(self.model, windows)
-            scores = self._aggregate(per_sensor)
+            scores = self._aggregate(self._errors(windows))
             if s.ewma_alpha is not None:
                 scores = ewma(scores, s.ewma_alpha, smoothed_score)
                 smoothed_score = float(scores[-1])
@@ -153,8 +175,7 @@ class SequenceDetector:
                 t = begin + offset
                 ratio = float(score / self.threshold)
                 ratios[t] = ratio
-                peak = max(peak * decay, ratio)
-                flags[t] = ratio > 1.0 and ratio >= s.aftermath_relative * peak
+                flags[t] = decide(ratio)
                 if not flags[t]:
                     baseline += weight * (smoothed[t] - baseline)
         return ratios, flags
