@@ -180,6 +180,11 @@ class SequenceDetector:
                     baseline += weight * (smoothed[t] - baseline)
         return ratios, flags
 
+    def decide(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, in one pass: the ``ratios`` and the ``flags``."""
+        ratios, raw = self._stream(rows)
+        return ratios, persistent_flags(raw, self.settings.consecutive)
+
     def ratios(self, rows: np.ndarray) -> np.ndarray:
         """Per row: score / threshold of the window ending at that row (NaN before the first window of fully
         smoothed rows)."""
@@ -187,7 +192,7 @@ class SequenceDetector:
 
     def flags(self, rows: np.ndarray) -> np.ndarray:
         """Per row: alarm or not (aftermath suppression, then the consecutive-rows rule)."""
-        return persistent_flags(self._stream(rows)[1], self.settings.consecutive)
+        return self.decide(rows)[1]
 
 
 def calibrate_multiplier(settings: SequenceSettings, segments: Sequence[np.ndarray], *, train_rows: int,

@@ -575,6 +575,8 @@ def evaluate(
     epochs: Annotated[int | None, typer.Option(help="Override the training epochs per file.", min=1)] = None,
     baselines: Annotated[bool, typer.Option(help="Also score flag-everything and river HalfSpaceTrees.")] = True,
     calibrate: Annotated[bool, typer.Option(help="Threshold headroom from anomaly-free.csv (normal data).")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Also write an HTML page plotting every file's score, labels "
+                                                   "and flags here.")] = None,
 ) -> None:
     """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
     from models.autoencoders import MODEL_TYPES
@@ -590,11 +592,13 @@ def evaluate(
     try:
         report = evaluate_skab(data, model, limit=files, baselines=baselines, calibrate=calibrate,
                                progress=output == "table" or console.is_terminal,
-                               overrides={"epochs": epochs} if epochs else None)
+                               overrides={"epochs": epochs} if epochs else None, plot=plot)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc, 2) from None
     for note in report["notes"]:
         console.print(f"[yellow]note[/yellow]: {note}")
+    if plot is not None:
+        console.print(f"plots: {report['plot']}")
     if output == "json":
         typer.echo(json.dumps(report, indent=2))
         return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,7 +138,9 @@ def load_report_data(*, session: Session, group: GroupConfig, asset: str, start:
 
 # -- SVG ------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class _Series:
+class Series:
+    """One line of a plot: ``ys`` over ``xs`` (epoch ms, or any number with ``svg_plot``'s ``x_ticks``)."""
+
     name: str
     xs: np.ndarray
     ys: np.ndarray
@@ -148,7 +150,9 @@ class _Series:
 
 
 @dataclass(frozen=True)
-class _Shade:
+class Shade:
+    """A shaded span of a plot, ``[start_ms, end_ms]``, with a CSS class, an optional label and a tooltip."""
+
     start_ms: int
     end_ms: int
     colour: str
@@ -224,7 +228,7 @@ class _Axes:
         return [(first + i * step, f"{first + i * step:.3g}") for i in range(int((self.yhi - first) / step) + 1)]
 
 
-def _polylines(axes: _Axes, series: _Series) -> list[str]:
+def _polylines(axes: _Axes, series: Series) -> list[str]:
     """The series as polylines, broken where the data has a gap (more than 3x the usual spacing)."""
     finite = np.isfinite(series.ys)
     xs, ys = _downsample(series.xs[finite], series.ys[finite])
@@ -242,9 +246,11 @@ def _polylines(axes: _Axes, series: _Series) -> list[str]:
             f'stroke-width="{series.width}"{dash} points="{" ".join(p)}"/>' for p in pieces if p]
 
 
-def svg_plot(*, plot_id: str, title: str, x_range: tuple[int, int], series: Sequence[_Series],
-             shades: Sequence[_Shade] = (), height: int = 130, log: bool = False, y_min: float | None = 0.0) -> str:
-    """One time-series plot as an inline ``<svg>`` (``data-plot`` = ``plot_id``) with shaded spans."""
+def svg_plot(*, plot_id: str, title: str, x_range: tuple[int, int], series: Sequence[Series],
+             shades: Sequence[Shade] = (), height: int = 130, log: bool = False, y_min: float | None = 0.0,
+             x_ticks: Callable[[int, int], list[tuple[int, str]]] | None = None) -> str:
+    """One time-series plot as an inline ``<svg>`` (``data-plot`` = ``plot_id``) with shaded spans. The x axis is
+    epoch ms with time labels, unless ``x_ticks`` (``(lo, hi) -> [(x, label)]``) labels it otherwise."""
     values = np.concatenate([s.ys[np.isfinite(s.ys)] for s in series]) if series else np.array([])
     if log:
         positive = values[values > 0]
@@ -278,7 +284,7 @@ def svg_plot(*, plot_id: str, title: str, x_range: tuple[int, int], series: Sequ
         y = axes.y(value)
         out.append(f'<line x1="{axes.left}" x2="{axes.right}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
                    f'<text x="{axes.left - 4}" y="{y + 3:.1f}" font-size="10" text-anchor="end">{_esc(label)}</text>')
-    for t, label in _time_ticks(*x_range):
+    for t, label in (x_ticks or _time_ticks)(*x_range):
         x = axes.x(t)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{axes.bottom}" y2="{axes.bottom + 4}" stroke="#888"/>'
                    f'<text x="{x:.1f}" y="{axes.bottom + 15}" font-size="10" text-anchor="middle">{_esc(label)}</text>')
@@ -297,8 +303,8 @@ def _severity_colour(severity: str, tiers: Sequence[str]) -> str:
     return _SEVERITY_COLOURS[round(rank / last * 2)] if len(tiers) <= 3 else _SEVERITY_COLOURS[min(rank, 4)]
 
 
-def _shades(data: ReportData, sensor: str | None = None) -> list[_Shade]:
-    shades = [_Shade(a, b, "#888", "maintenance", "", "maintenance") for a, b in data.maintenance]
+def _shades(data: ReportData, sensor: str | None = None) -> list[Shade]:
+    shades = [Shade(a, b, "#888", "maintenance", "", "maintenance") for a, b in data.maintenance]
     for alert in data.alerts:
         share = next((float(t["share"]) for t in alert.top_sensors if t.get("sensor") == sensor), None)
         label = f"#{alert.id}" + (f" {share:.0%}" if share is not None else "")
@@ -306,7 +312,7 @@ def _shades(data: ReportData, sensor: str | None = None) -> list[_Shade]:
             label = ""
         tip = (f"alert #{alert.id} {alert.severity} {alert.status}: {_iso(alert.start_ms)} to {_iso(alert.end_ms)}, "
                f"peak {alert.peak_score:.4g} ({alert.peak_score / alert.threshold:.1f}x threshold)")
-        shades.append(_Shade(alert.start_ms, alert.end_ms, _severity_colour(alert.severity, data.tiers),
+        shades.append(Shade(alert.start_ms, alert.end_ms, _severity_colour(alert.severity, data.tiers),
                              f"alert-span severity-{alert.severity}", label, tip,
                              {"data-alert-id": str(alert.id), "data-severity": alert.severity}))
     return shades
@@ -360,12 +366,12 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         scores = np.array([s.score for s in data.scores])
         thresholds = np.array([s.threshold for s in data.scores])
         ratio = float(np.nanmax(scores) / max(float(np.nanmin(thresholds)), 1e-12))
-        series = [_Series("score", ts, scores, "#222"), _Series("threshold", ts, thresholds, "#d62728", "6,3")]
+        series = [Series("score", ts, scores, "#222"), Series("threshold", ts, thresholds, "#d62728", "6,3")]
         if any(s.smoothed is not None for s in data.scores):  # the threshold applies to the smoothed score then
             smoothed = np.array([np.nan if s.smoothed is None else s.smoothed for s in data.scores])
-            series.insert(1, _Series("smoothed score (EWMA)", ts, smoothed, "#ff7f0e"))
+            series.insert(1, Series("smoothed score (EWMA)", ts, smoothed, "#ff7f0e"))
         if data.exit_level < 1:
-            series.append(_Series("exit level", ts, thresholds * data.exit_level, "#2ca02c", "2,3", 1.0))
+            series.append(Series("exit level", ts, thresholds * data.exit_level, "#2ca02c", "2,3", 1.0))
         parts.append(svg_plot(plot_id="score", title="window score vs threshold (log scale)" if ratio > 30 else
                               "window score vs threshold", x_range=x_range, series=series, shades=_shades(data),
                               height=240, log=ratio > 30 and bool(np.all(scores[np.isfinite(scores)] > 0))))
@@ -373,7 +379,7 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         for sensor in data.sensors:
             errors = np.array([s.sensor_errors.get(sensor, np.nan) for s in data.scores], dtype=float)
             parts.append(svg_plot(plot_id=f"sensor-error:{sensor}", title=f"{sensor}: error contribution",
-                                  x_range=x_range, series=[_Series(sensor, ts, errors, _SENSOR_COLOUR)],
+                                  x_range=x_range, series=[Series(sensor, ts, errors, _SENSOR_COLOUR)],
                                   shades=_shades(data, sensor)))
     else:
         parts.append('<p class="none">No window scores in this span.</p>')
@@ -381,7 +387,7 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         parts.append(f'<h2 id="signals">Raw signals ({_esc(data.signal_source)})</h2>')
         for sensor, (xs, ys) in data.signals.items():
             parts.append(svg_plot(plot_id=f"signal:{sensor}", title=f"{sensor}: raw signal", x_range=x_range,
-                                  series=[_Series(sensor, xs, ys, "#555", width=1.0)], shades=_shades(data, sensor),
+                                  series=[Series(sensor, xs, ys, "#555", width=1.0)], shades=_shades(data, sensor),
                                   y_min=None))
     above = sum(s.is_anomaly for s in data.scores)
     versions = sorted({s.model_version for s in data.scores})

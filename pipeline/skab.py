@@ -140,11 +140,14 @@ class RowDetector(Protocol):
 
 @dataclass
 class FileResult:
-    """One file's test-row confusion and its training time."""
+    """One file's test-row confusion and its training time; with ``keep_traces``, its rows' flags and (for a
+    detector that has ``decide``) score/threshold ratios, both over the whole file."""
 
     name: str
     confusion: Confusion
     train_seconds: float
+    flags: np.ndarray | None = None
+    ratios: np.ndarray | None = None
 
 
 @dataclass
@@ -183,12 +186,13 @@ class CausalityError(AssertionError):
 
 def evaluate_files(files: Sequence[SkabFile], make_detector: Callable[[], RowDetector], *, model: str,
                    train_rows: int = TRAIN_ROWS, settings: dict[str, Any] | None = None,
-                   progress: bool = True, check_causal: bool = True) -> EvaluationResult:
+                   progress: bool = True, check_causal: bool = True, keep_traces: bool = False) -> EvaluationResult:
     """Run the protocol: per file, a fresh detector fits rows ``[:train_rows]`` and flags the whole file; test rows
     ``[train_rows:]`` are scored against the labels.
 
     With ``check_causal`` the flags of a prefix (cut half-way through the test rows) must equal the full run's
     flags on that prefix, else CausalityError. A progress bar runs over files unless ``progress`` is False.
+    ``keep_traces`` keeps each file's flags and ratios in its ``FileResult`` (for ``pipeline.skab_plot``).
     """
     result = EvaluationResult(model=model, settings=dict(settings or {}))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[file]}"),
@@ -201,7 +205,9 @@ def evaluate_files(files: Sequence[SkabFile], make_detector: Callable[[], RowDet
                 raise ValueError(f"{skab_file.name}: {len(skab_file.values)} rows, needs more than {train_rows}")
             detector = make_detector()
             detector.fit(skab_file.values[:train_rows])
-            flags = np.asarray(detector.flags(skab_file.values), dtype=bool)
+            decide = getattr(detector, "decide", None)
+            ratios, flags = decide(skab_file.values) if decide else (None, detector.flags(skab_file.values))
+            flags = np.asarray(flags, dtype=bool)
             if flags.shape != (len(skab_file.values),):
                 raise ValueError(f"{model}: flags of shape {flags.shape} for {len(skab_file.values)} rows")
             if check_causal:
@@ -210,7 +216,8 @@ def evaluate_files(files: Sequence[SkabFile], make_detector: Callable[[], RowDet
                 if not np.array_equal(prefix, flags[:cut]):
                     raise CausalityError(f"{model} on {skab_file.name}: flags changed when later rows were added")
             result.files.append(FileResult(skab_file.name, confusion(flags[train_rows:], skab_file.labels[train_rows:]),
-                                           detector.train_seconds))
+                                           detector.train_seconds, flags if keep_traces else None,
+                                           ratios if keep_traces else None))
             bar.advance(task)
     return result
 
@@ -232,12 +239,14 @@ def calibrated_settings(settings: Any, directory: Path, files: Sequence[SkabFile
 
 def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None, baselines: bool = True,
                   calibrate: bool = False, calibration_rate: float = 0.05, progress: bool = True,
-                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  overrides: dict[str, Any] | None = None, plot: Path | None = None) -> dict[str, Any]:
     """The full comparison on one directory: ``model_type`` (``SequenceDetector`` with ``default_settings``) and,
     with ``baselines``, flag-everything and river's HalfSpaceTrees (skipped with a note when river is missing).
 
     With ``calibrate`` the threshold multiplier is instead set from normal data only (``calibrated_settings`` at
-    ``calibration_rate``). Returns ``{"model", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
+    ``calibration_rate``). With ``plot``, an HTML page of every file's ratios, labels and flags is written there
+    (``pipeline.skab_plot``; its path is ``report["plot"]``).
+    Returns ``{"model", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
     with FAR and MAR as fractions.
     """
     from models.baselines import FlagEverything, HalfSpaceTreesDetector, river_available
@@ -252,8 +261,13 @@ def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None,
         if calibration is None:
             notes.append(f"no {ANOMALY_FREE}: threshold multiplier left at {settings.multiplier}")
     main = evaluate_files(files, lambda: SequenceDetector(settings), model=model_type,
-                          settings={**settings.describe(), "calibration": calibration}, progress=progress)
+                          settings={**settings.describe(), "calibration": calibration}, progress=progress,
+                          keep_traces=plot is not None)
     report = main.to_dict()
+    if plot is not None:
+        from pipeline.skab_plot import write_evaluation_html
+
+        report["plot"] = str(write_evaluation_html(plot, main, files))
     report["baselines"] = []
     if baselines:
         report["baselines"].append(

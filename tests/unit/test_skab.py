@@ -24,6 +24,7 @@ from pipeline.skab import (
     load_skab,
     normal_segments,
 )
+from pipeline.skab_plot import render_evaluation_html, runs
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_SKAB = ROOT.parent / "shared" / "datasets" / "skab"
@@ -144,6 +145,19 @@ def test_drift_helpers() -> None:
     assert persistent_flags(np.array([1, 1, 0, 1, 1, 1], bool), 2).tolist() == [False, True, False, False, True, True]
 
 
+def test_the_evaluation_page_shows_each_files_labels_flags_and_counts(skab_dir: Path) -> None:
+    files = load_skab(skab_dir)
+    result = evaluate_files(files, FixedRows, model="fixed", progress=False, keep_traces=True)
+    page = render_evaluation_html(result, files)
+    assert page.count('<svg class="plot"') == 4 and all(f'data-plot="file:{i}"' in page for i in range(4))
+    assert page.count("rows 450-519: labelled anomaly") == 4 and page.count("rows 440-479: flagged") == 4
+    assert page.count("(TP 30, FP 10, FN 40, TN 120)") == 4  # the hand counts of each file
+    assert "TP 120, FP 40, FN 160, TN 480" in page and 'data-series="flagged"' in page  # no ratios: flags drawn
+    assert runs(np.array([0, 1, 1, 0, 1], bool)) == [(1, 3), (4, 5)] and runs(np.zeros(3, bool)) == []
+    with pytest.raises(ValueError, match="keep_traces"):
+        render_evaluation_html(evaluate_files(files, FixedRows, model="fixed", progress=False), files)
+
+
 runner = CliRunner()
 
 
@@ -155,6 +169,18 @@ def test_evaluate_command_on_synthetic_directory(skab_dir: Path) -> None:
     assert {"model", "f1", "far", "mar", "files", "baselines"} <= set(report) and report["files"] == 2
     flag_all = next(b for b in report["baselines"] if b["model"] == "flag-everything")
     assert flag_all["far"] == 1.0 and flag_all["mar"] == 0.0
+
+
+def test_evaluate_command_writes_the_plot_page(skab_dir: Path, tmp_path: Path) -> None:
+    page = tmp_path / "out" / "skab.html"
+    result = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--model", "dense", "--output", "json",
+                                 "--files", "2", "--epochs", "3", "--no-baselines", "--plot", str(page)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    text = page.read_text()
+    assert report["plot"] == str(page) and text.count('<svg class="plot"') == 2
+    assert text.count('data-series="score / threshold"') == 2 and text.count('data-series="threshold"') == 2
+    assert text.count("rows 450-519: labelled anomaly") == 2 and "valve1/0.csv: F1" in text
 
 
 def test_evaluate_command_rejects_bad_arguments(skab_dir: Path) -> None:
