@@ -17,11 +17,12 @@ class StandardScaler:
     @classmethod
     def fit(cls, rows: np.ndarray, min_std: float = 1e-6, floor: np.ndarray | None = None) -> StandardScaler:
         """Fit on ``rows`` [T, F] (or windows [N, W, F], flattened over time). ``floor`` (per sensor): the least std
-        to use; a std still below ``min_std`` becomes 1."""
+        to use. A sensor that never moved (std below ``min_std``) gets std 1, or its floor when that is larger."""
         flat = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
         mean = flat.mean(axis=0)
-        std = flat.std(axis=0) if floor is None else np.maximum(flat.std(axis=0), floor)
-        return cls(mean=mean, std=np.where(std < min_std, 1.0, std))
+        std = flat.std(axis=0)
+        least = np.zeros_like(std) if floor is None else np.asarray(floor, dtype=np.float64)
+        return cls(mean=mean, std=np.where(std < min_std, np.maximum(1.0, least), np.maximum(std, least)))
 
     def transform(self, values: np.ndarray) -> np.ndarray:
         """Standardise along the last axis; returns float32 (values beyond its range become +-inf: scored maximal)."""

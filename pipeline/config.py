@@ -177,9 +177,11 @@ class ModelConfig(_Strict):
     with ``sparsity`` l1|kl and ``sparsity_target``, ``contractive_weight``. Unset penalties use the type's default.
 
     Scaling: each sensor is standardised by its training mean and std, but the std is at least
-    ``scale_floor_level`` x the sensor's median |level| and ``scale_floor_step`` x its quantisation step (the median
-    gap between the values of a sensor that takes few distinct values), so a sensor that barely moved in training,
-    or a meter toggling between two integers, does not turn ordinary jitter or one step into many deviations.
+    ``scale_floor_step`` x its quantisation step (the median gap between the values of a sensor that takes few
+    distinct values, as the model sees them: after ``window.smooth``), so a meter toggling between two integers does
+    not turn one step into many deviations; and, opt-in, at least ``scale_floor_level`` x the sensor's median |level|
+    (e.g. 0.002: changes under 0.2% of the level are not anomalies; this depends on where the unit puts zero, so set
+    it only for sensors measured from a true zero). A sensor that never moved in training gets std 1 (or its floor).
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
@@ -202,7 +204,7 @@ class ModelConfig(_Strict):
     validation_fraction: Annotated[float, Field(gt=0, lt=0.9)] = 0.2
     patience: PositiveInt = 6
     seed: int = 0
-    scale_floor_level: Annotated[float, Field(ge=0, lt=1)] = 0.002
+    scale_floor_level: Annotated[float, Field(ge=0, lt=1)] = 0.0
     scale_floor_step: Annotated[float, Field(ge=0)] = 0.5
 
     @field_validator("kernel_size")

@@ -85,9 +85,10 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     stacked = np.stack([w.values for w in ordered])
     m = group.model
-    scaler = StandardScaler.fit(stacked, floor=scale_floors(stacked.reshape(-1, stacked.shape[-1]),
-                                                            level_floor=m.scale_floor_level,
-                                                            step_floor=m.scale_floor_step))
+    # floors measured on each window's first ``stride`` rows: the readings without the windows' overlap
+    distinct_rows = stacked[:, : min(group.window.stride, group.window.length), :].reshape(-1, stacked.shape[-1])
+    floors = scale_floors(distinct_rows, level_floor=m.scale_floor_level, step_floor=m.scale_floor_step)
+    scaler = StandardScaler.fit(stacked, floor=floors)
     scaled = scaler.transform(stacked)
     seed_everything(m.seed)  # weight initialisation too, so a CPU training run is reproducible
     hyperparameters = m.hyperparameters()
@@ -128,6 +129,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
             "windows_used": len(windows),
             "window_thinning": keep_every,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
+            "scale_floors": {"level": m.scale_floor_level, "step": m.scale_floor_step, "values": floors.tolist()},
         },
     )
     return TrainedModel(detector, len(windows), start_ms, end_ms, metrics)

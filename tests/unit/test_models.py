@@ -147,11 +147,21 @@ def test_scale_floors_keep_a_steady_or_quantised_sensor_from_turning_jitter_into
     jitter = rows[:8].copy()
     jitter[:, 1] += 100.0  # 0.1% of the pressure: ordinary jitter the training day happened not to show
 
-    floored = train_group(windows, group(), progress=False).detector  # defaults: 0.2% of the level, half a step
-    np.testing.assert_allclose(floored.scaler.std[:2], [0.5, 200.0])  # half the 1 L/min step; 0.2% of 100 kPa
-    assert abs(floored.scaler.std[2] - 20.0) < 1.0  # a sensor whose own spread is larger keeps it
-    assert floored.score(jitter[None])[0][0] < floored.threshold
+    default = train_group(windows, group(), progress=False).detector  # the step floor only
+    np.testing.assert_allclose(default.scaler.std[:2], [0.5, 1.0])  # half the 1 L/min step; never moved: 1 Pa
+    assert abs(default.scaler.std[2] - 20.0) < 1.0  # a sensor whose own spread is larger keeps it
+    assert default.metadata["scale_floors"]["values"][0] == 0.5
+
+    levelled = train_group(windows, group(scale_floor_level=0.002), progress=False).detector
+    assert levelled.scaler.std[1] == 200.0  # 0.2% of 100 kPa
+    assert levelled.score(jitter[None])[0][0] < levelled.threshold
 
     bare = train_group(windows, group(scale_floor_level=0, scale_floor_step=0), progress=False).detector
     assert bare.scaler.std[1] == 1.0 and bare.scaler.std[0] < 0.25  # 1 Pa, and a fifth of the meter's step
     assert bare.score(jitter[None])[0][0] > 100 * bare.threshold
+
+
+def test_a_floor_never_makes_a_sensor_that_never_moved_more_sensitive() -> None:
+    rows = np.c_[np.full(50, 5.0), np.full(50, 100_000.0), np.linspace(0, 1, 50)]
+    scaler = StandardScaler.fit(rows, floor=np.array([0.01, 200.0, 0.0]))
+    np.testing.assert_allclose(scaler.std, [1.0, 200.0, rows[:, 2].std()])  # 1 unless the floor is larger
