@@ -175,16 +175,6 @@ def ewma(scores: np.ndarray, alpha: float, initial: float | None = None) -> np.n
     return out
 
 
-def thinned_alpha(alpha: float, keep_every: int) -> float:
-    """The EWMA weight that, applied to every ``keep_every``-th score, decays over the same time as ``alpha`` does
-    over every score: ``1 - (1 - alpha) ** keep_every`` (``alpha`` itself for 1)."""
-    if not 0 < alpha <= 1:
-        raise ValueError("ewma alpha must lie in (0, 1]")
-    if keep_every < 1:
-        raise ValueError("keep_every must be >= 1")
-    return alpha if keep_every == 1 else 1.0 - (1.0 - alpha) ** keep_every
-
-
 def ewma_by_key(scores: np.ndarray, keys: Sequence[Hashable], alpha: float) -> np.ndarray:
     """``ewma`` of each key's scores separately (e.g. per asset), in the order given; output aligned with ``scores``.
 

@@ -390,9 +390,10 @@ class RetrainConfig(_Strict):
     ``warm_start``; ``epochs`` overrides the group's training epochs). Skipped when fewer than ``min_windows`` remain.
     The candidate is promoted only if its false-alarm rate on the held-out windows is at most the active model's plus
     ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, and at most
-    ``max_anomalous_fraction`` of the recent windows were anomalous. At most about ``max_windows`` windows per group
-    are held in memory: when the lookback holds more (assets x lookback / window step), only every k-th window of
-    each asset is kept, with k the smallest that fits, and score smoothing is adjusted to span the same time.
+    ``max_anomalous_fraction`` of the recent windows were anomalous. About ``max_windows`` windows per group are held
+    in memory at most: when the lookback holds more, only every k-th block of consecutive windows of each asset is
+    kept (k doubling until they fit), plus every window near an alert; smoothed scores are computed per block
+    (``pipeline.thinning``). ``max_windows`` must leave room for ``min_windows`` after the holdout.
     ``cron`` has five fields (or a macro such as
     ``@daily``) read in ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed
     runs are run once when ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
@@ -419,8 +420,11 @@ class RetrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _window_bounds(self) -> RetrainConfig:
-        if self.max_windows < self.min_windows:
-            raise ValueError(f"max_windows ({self.max_windows}) is below min_windows ({self.min_windows})")
+        room = self.max_windows * (1 - self.holdout_fraction)
+        if room < 2 * self.min_windows:
+            raise ValueError(f"max_windows ({self.max_windows}) leaves {room:.0f} windows for training after the "
+                             f"holdout ({self.holdout_fraction:g}); it needs at least twice min_windows "
+                             f"({self.min_windows})")
         return self
 
     @field_validator("cron")

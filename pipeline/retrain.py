@@ -5,8 +5,8 @@ One run of one group (``retrain_group``):
            run renews it every third of ``lock_ttl_s``, and promotes only while it still holds it
   read     the last ``retrain.lookback_days`` of the readings topic by record timestamp (``kafka_io.read_since``, a
            consumer outside the pipeline's group), decoded and cut by the pipeline's own Decoder and Windower, so these
-           are the windows the pipeline scored; beyond ``retrain.max_windows`` only every k-th window of each asset
-           is kept (``thinning_factor``), so memory stays bounded for large fleets and long lookbacks
+           are the windows the pipeline scored; beyond ``retrain.max_windows`` only every k-th block of each asset's
+           windows is kept, and every window near an alert (``pipeline.thinning``), so memory stays bounded
   filter   windows overlapping an alert (widened by ``alert_margin_s``) or scored above threshold (a stored score of
            any version, or the active model now) are not training data; too few left: the run is skipped
   train    a candidate on the older windows, optionally starting from the active model's weights
@@ -19,9 +19,9 @@ An exception anywhere leaves the active model untouched and records the run as f
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
@@ -37,7 +37,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.detector import Detector
-from models.thresholds import ewma_by_key, thinned_alpha
+from models.thresholds import ewma_by_key
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
@@ -45,6 +45,7 @@ from pipeline.errors import InvalidReading, ModelError, TransientError
 from pipeline.registry import load_version, register
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
+from pipeline.thinning import Thinning
 from pipeline.train import train_group
 from pipeline.types import Reading, Window, datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
@@ -89,6 +90,29 @@ def _overlaps(window: Window, spans: Iterable[Span], margin_ms: int) -> bool:
     return any(window.start_ms < s.end_ms + margin_ms and window.end_ms > s.start_ms - margin_ms for s in spans)
 
 
+def near_alerts(spans: Iterable[Span], margin_ms: int) -> Callable[[Window], bool]:
+    """A test for "does this window meet an alert widened by ``margin_ms``" (as ``_overlaps``), in O(log n) per
+    window: the widened spans are merged per asset and searched by bisection."""
+    merged: dict[str, list[list[int]]] = defaultdict(list)
+    for span in sorted(spans, key=lambda s: (s.asset, s.start_ms)):
+        runs = merged[span.asset]
+        lo, hi = span.start_ms - margin_ms, span.end_ms + margin_ms
+        if runs and lo <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], hi)
+        else:
+            runs.append([lo, hi])
+    starts = {asset: [r[0] for r in runs] for asset, runs in merged.items()}
+
+    def near(window: Window) -> bool:
+        runs = merged.get(window.asset)
+        if not runs:
+            return False
+        i = bisect.bisect_left(starts[window.asset], window.end_ms) - 1  # the last run starting before the end
+        return i >= 0 and runs[i][1] > window.start_ms
+
+    return near
+
+
 def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged: set[tuple[str, int]],
                   margin_ms: int, holdout_fraction: float) -> WindowSplit:
     """Sort recent windows for training and validation.
@@ -126,21 +150,6 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
         elif w.end_ms <= cut and not (is_near or is_flagged):
             train.append(w)
     return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous, ordered)
-
-
-def thinning_factor(n_assets: int, lookback_ms: int, step_ms: int, max_windows: int) -> int:
-    """The smallest k such that keeping every k-th window of each asset holds at most ``max_windows`` of the
-    ``n_assets * lookback_ms / step_ms`` windows a full lookback has (``step_ms``: stride x sampling period)."""
-    if min(n_assets, lookback_ms, step_ms, max_windows) < 1:
-        raise ValueError("n_assets, lookback_ms, step_ms and max_windows must be positive")
-    expected = n_assets * math.ceil(lookback_ms / step_ms)
-    return max(1, math.ceil(expected / max_windows))
-
-
-def keeps(window: Window, step_ms: int, keep_every: int) -> bool:
-    """True for every ``keep_every``-th window on the window grid (start at a multiple of ``step_ms``): the same
-    windows on every read, whatever the read starts with."""
-    return (window.start_ms // step_ms) % keep_every == 0
 
 
 def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
@@ -213,32 +222,35 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
 
 def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window],
-             context: Sequence[Window] = (), keep_every: int = 1) -> ModelEval:
+             context: Sequence[Window] = (), thinning: Thinning | None = None) -> ModelEval:
     """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
     run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
     two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
-    ``keep_every``: the windows are every k-th of each asset's stream (see ``_scores``)."""
+    ``thinning``: how the windows were thinned (each kept block is its own stream; the false-alarm rate counts
+    settled windows only)."""
+    thin = thinning or Thinning(1)
+    holdout = [w for w in holdout if thin.settled(w)]
     if detector.ewma_alpha is not None and context:
-        levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context, keep_every),
-                          strict=True))
+        levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context, thin), strict=True))
         held = np.array([levels[(w.asset, w.end_ms)] for w in holdout])
         alerted = np.array([levels[(w.asset, w.end_ms)] for w in alert_windows])
     else:
-        held, alerted = _scores(detector, holdout, keep_every), _scores(detector, alert_windows, keep_every)
+        held, alerted = _scores(detector, holdout, thin), _scores(detector, alert_windows, thin)
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
                      exceed_rate(alerted, detector.threshold), p99)
 
 
-def _scores(detector: Detector, windows: Sequence[Window], keep_every: int = 1) -> np.ndarray:
+def _scores(detector: Detector, windows: Sequence[Window], thinning: Thinning | None = None) -> np.ndarray:
     """What the pipeline holds to ``detector``'s threshold: raw scores, or each asset's smoothed scores when the
-    detector smooths (``windows`` in time order per asset; when they are every ``keep_every``-th window, smoothed
-    with the weight that spans the same time)."""
+    detector smooths (``windows`` in time order per asset; each kept block on its own when ``thinning`` dropped
+    blocks)."""
     if not windows:
         return np.empty(0)
     raw = detector.score(np.stack([w.values for w in windows]))[0]
     alpha = detector.ewma_alpha
-    return raw if alpha is None else ewma_by_key(raw, [w.asset for w in windows], thinned_alpha(alpha, keep_every))
+    thin = thinning or Thinning(1)
+    return raw if alpha is None else ewma_by_key(raw, [thin.stream(w) for w in windows], alpha)
 
 
 # -- reading back ----------------------------------------------------------------------------------------------------
@@ -249,17 +261,24 @@ class RecentData:
     windows: list[Window]
     records: int
     rejected: int
+    thinning: Thinning | None = None  # how the windows were thinned (the reader's final choice)
 
 
-def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, keep_every: int = 1) -> RecentData:
+def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, thinning: Thinning | None = None,
+                        max_windows: int | None = None, keep: Callable[[Window], bool] | None = None) -> RecentData:
     """Read the topic back from ``since_ms`` (record timestamps) to its current end and cut ``group``'s windows with
-    the pipeline's Decoder and Windower, keeping every ``keep_every``-th window of each asset (``keeps``). A record
-    is validated against its own timestamp as the arrival time, as the pipeline did when it consumed it live;
-    rejected records are counted, not used."""
+    the pipeline's Decoder and Windower. A record is validated against its own timestamp as the arrival time, as the
+    pipeline did when it consumed it live; rejected records are counted, not used.
+
+    The windows ``thinning`` keeps, and all those ``keep`` says must stay (e.g. near an alert), are kept; whenever
+    more than ``max_windows`` are held, the thinning becomes ``coarser`` (until only windows that must stay are left).
+    The result's ``thinning`` is the final one.
+    """
+    thin = thinning or Thinning(group.window.stride * group.period_ms)
+    must = keep or (lambda _w: False)
     decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
     windower = Windower([group])
     assets = set(group.assets)
-    step_ms = group.window.stride * group.period_ms
     data = RecentData([], 0, 0)
     for batch in kafka_io.read_since(config.kafka, since_ms, timeout_s=config.retrain.read_timeout_s,
                                      max_records=config.kafka.max_poll_records):
@@ -273,8 +292,22 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, ke
                 continue
             if r.asset in assets:
                 readings.append(Reading(r.asset, r.ts_ms, r.values, record.partition, record.offset))
-        data.windows += [w for w in windower.add(readings).windows if keeps(w, step_ms, keep_every)]
+        data.windows += [w for w in windower.add(readings).windows if thin.keeps(w) or must(w)]
+        while max_windows is not None and len(data.windows) > max_windows:
+            coarser = thin.coarser()
+            kept = [w for w in data.windows if coarser.keeps(w) or must(w)]
+            if len(kept) == len(data.windows):  # only windows that must stay are left
+                break
+            log.info("%s: %d windows read back, over retrain.max_windows = %d: keeping every %d%s block of %d "
+                     "windows of each asset", group.name, len(data.windows), max_windows, coarser.keep_every,
+                     _ordinal(coarser.keep_every), coarser.block)
+            thin, data.windows = coarser, kept
+    data.thinning = thin
     return data
+
+
+def _ordinal(n: int) -> str:
+    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 # -- one run ---------------------------------------------------------------------------------------------------------
@@ -425,27 +458,44 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
                       type(exc).__name__, rc.lock_ttl_s)
 
 
+def _spans(alerts: Iterable[Any]) -> list[Span]:
+    return [Span(a.asset, datetime_to_ms(a.opened_at), datetime_to_ms(max(a.closed_at or a.last_seen_at,
+                                                                          a.last_seen_at))) for a in alerts]
+
+
 def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *, sessions: sessionmaker[Session],
-                  now: datetime, keep_every: int, metrics: dict[str, Any]) -> WindowSplit | None:
-    """Read the lookback back from Kafka (every ``keep_every``-th window), look up its alerts and flagged windows,
-    and split it (figures go into ``metrics``). None when the lookback holds no complete window."""
+                  now: datetime, metrics: dict[str, Any]) -> tuple[WindowSplit, Thinning] | None:
+    """Read the lookback back from Kafka (thinned to ``retrain.max_windows``, keeping every window near an alert),
+    look up its alerts and flagged windows, and split it (figures go into ``metrics``). None when the lookback holds
+    no complete window."""
     rc = config.retrain
-    data = read_recent_windows(config, group, since_ms=datetime_to_ms(now) - round(rc.lookback_days * DAY_MS),
-                               keep_every=keep_every)
-    metrics.update(records_read=data.records, records_rejected=data.rejected, window_thinning=keep_every)
+    since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
+    margin_ms = round(rc.alert_margin_s * 1000)
+    # the alerts the lookback's windows can meet (readings may be as old as ingest.max_age_s when they arrive), so
+    # that thinning keeps their windows
+    max_age_ms = round(config.ingest.max_age_s * 1000) if config.ingest.max_age_s is not None else None
+    alerts_since = ms_to_datetime(since_ms - max_age_ms - margin_ms) if max_age_ms is not None else None
+    with sessions() as session:
+        near = near_alerts(_spans(repo.list_alerts(session=session, group=group.name, since=alerts_since,
+                                                   limit=None)), margin_ms)
+    alphas = [group.threshold.ewma_alpha, active.ewma_alpha if active is not None else None]
+    data = read_recent_windows(config, group, since_ms=since_ms, max_windows=rc.max_windows,
+                               thinning=Thinning.for_smoothing(group.window.stride * group.period_ms, alphas),
+                               keep=near)
+    thinning = data.thinning or Thinning(1)
+    metrics.update(records_read=data.records, records_rejected=data.rejected, window_thinning=thinning.keep_every,
+                   window_thinning_block=thinning.block)
     if not data.windows:
         return None
     first_ms, last_ms = min(w.start_ms for w in data.windows), max(w.end_ms for w in data.windows)
-    margin_ms = round(rc.alert_margin_s * 1000)
     with sessions() as session:
         alerts = repo.list_alerts(session=session, group=group.name, since=ms_to_datetime(first_ms - margin_ms),
                                   until=ms_to_datetime(last_ms + margin_ms), limit=None)
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
-    spans = [Span(a.asset, datetime_to_ms(a.opened_at), datetime_to_ms(max(a.closed_at or a.last_seen_at,
-                                                                           a.last_seen_at))) for a in alerts]
+    spans = _spans(alerts)
     if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
-        scores = _scores(active, data.windows, keep_every)
+        scores = _scores(active, data.windows, thinning)
         flagged |= {(w.asset, w.end_ms) for w, s in zip(data.windows, scores, strict=True) if s > active.threshold}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction)
@@ -456,7 +506,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
                    data_end=ms_to_datetime(last_ms).isoformat())
     log.info("%s: %d windows read back (%d records), %d for training, %d held out, %d alert windows", group.name,
              split.total, data.records, len(split.train), len(split.holdout), len(split.alert_windows))
-    return split
+    return split, thinning
 
 
 def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int, holder: str,
@@ -468,20 +518,17 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     progress.active_version = active.version if active else None
     m = progress.metrics
     m.update(active_version=progress.active_version)
-    keep_every = thinning_factor(len(group.assets), round(rc.lookback_days * DAY_MS),
-                                 group.window.stride * group.period_ms, rc.max_windows)
-    if keep_every > 1:
-        log.info("%s: the lookback holds about %d windows per asset, over retrain.max_windows = %d for %d assets: "
-                 "keeping every %d-th window", group.name, math.ceil(rc.lookback_days * DAY_MS /
-                 (group.window.stride * group.period_ms)), rc.max_windows, len(group.assets), keep_every)
-    split = _recent_split(config, group, active, sessions=sessions, now=clock(), keep_every=keep_every, metrics=m)
-    if split is None:
+    recent = _recent_split(config, group, active, sessions=sessions, now=clock(), metrics=m)
+    if recent is None:
         return _finish(group.name, "skipped", f"no complete windows in the last {rc.lookback_days:g} days "
                        f"({m['records_read']} records read)", sessions=sessions, run_id=run_id, progress=progress,
                        clock=clock)
+    split, thinning = recent
     if len(split.train) < rc.min_windows:
+        thinned = (f"; the lookback was thinned to every {thinning.keep_every}{_ordinal(thinning.keep_every)} block "
+                   f"by retrain.max_windows = {rc.max_windows}" if thinning.keep_every > 1 else "")
         return _finish(group.name, "skipped", f"only {len(split.train)} normal windows to train on (need "
-                       f"retrain.min_windows = {rc.min_windows})", sessions=sessions, run_id=run_id,
+                       f"retrain.min_windows = {rc.min_windows}){thinned}", sessions=sessions, run_id=run_id,
                        progress=progress, clock=clock)
     if not split.holdout:
         return _finish(group.name, "skipped", "no held-out normal windows to validate on", sessions=sessions,
@@ -489,7 +536,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
 
     keeper.check()
     trained = train_group(split.train, group, progress=False, warm_start=active if rc.warm_start else None,
-                          epochs=rc.epochs, keep_every=keep_every)
+                          epochs=rc.epochs, thinning=thinning)
     keeper.check()
     candidate = trained.detector
     with sessions.begin() as session:
@@ -499,8 +546,8 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
     progress.candidate_version = candidate.version
 
-    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, keep_every)
-    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, keep_every)
+    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning)
+    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, thinning)
                    if active is not None else None)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)

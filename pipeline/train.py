@@ -14,13 +14,14 @@ from models.autoencoders import build_model
 from models.detector import Detector
 from models.drift import scale_floors
 from models.scaler import StandardScaler
-from models.thresholds import ewma_by_key, fit_threshold, thinned_alpha
+from models.thresholds import ewma_by_key, fit_threshold
 from models.training import NotEnoughData, fit, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
 from pipeline.store import repo
 from pipeline.store.tables import ModelVersion
+from pipeline.thinning import Thinning
 from pipeline.types import Reading, Window, ms_to_datetime
 from pipeline.windowing import Windower
 
@@ -72,13 +73,14 @@ def warm_start_compatible(detector: Detector, group: GroupConfig) -> bool:
 
 
 def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = True,
-                warm_start: Detector | None = None, epochs: int | None = None, keep_every: int = 1) -> TrainedModel:
+                warm_start: Detector | None = None, epochs: int | None = None,
+                thinning: Thinning | None = None) -> TrainedModel:
     """Fit scaler, autoencoder and threshold on ``windows`` of ``group``. NotEnoughData if there are too few.
 
     ``warm_start``: start from this detector's weights when ``warm_start_compatible`` (else from scratch; the
-    metadata records which). ``epochs`` overrides the group's configured epochs. ``keep_every``: the windows are
-    every k-th of each asset's stream (a thinned lookback), so a smoothed threshold is fitted with the EWMA weight
-    that spans the same time (``thinned_alpha``); the metadata still records the group's own ``ewma_alpha``.
+    metadata records which). ``epochs`` overrides the group's configured epochs. ``thinning``: how the windows
+    were thinned (a retrain's long lookback): a smoothed threshold is then fitted on each kept block's own stream,
+    over its settled windows only.
     """
     if not windows:
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
@@ -105,8 +107,12 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     t = group.threshold
     val_scores = result.val_scores  # of the last len(val_scores) windows of ``ordered``
     if t.ewma_alpha is not None:  # the threshold applies to each asset's smoothed stream: fit it on that
-        val_assets = [w.asset for w in ordered[len(ordered) - len(val_scores):]]
-        val_scores = ewma_by_key(val_scores, val_assets, thinned_alpha(t.ewma_alpha, keep_every))
+        thin = thinning or Thinning(1)
+        val_windows = ordered[len(ordered) - len(val_scores):]
+        val_scores = ewma_by_key(val_scores, [thin.stream(w) for w in val_windows], t.ewma_alpha)
+        settled = np.array([thin.settled(w) for w in val_windows])
+        if settled.any():
+            val_scores = val_scores[settled]
     threshold, threshold_info = fit_threshold(val_scores, t.method, **t.fit_kwargs())
     threshold_info["ewma_alpha"] = t.ewma_alpha
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
@@ -127,7 +133,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
                 "end": ms_to_datetime(end_ms).isoformat(),
             },
             "windows_used": len(windows),
-            "window_thinning": keep_every,
+            "window_thinning": (thinning or Thinning(1)).keep_every,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
             "scale_floors": {"level": m.scale_floor_level, "step": m.scale_floor_step, "values": floors.tolist()},
         },

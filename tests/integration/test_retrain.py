@@ -42,7 +42,7 @@ from pipeline.cli import app
 from pipeline.config import Config, load_config, parse_config
 from pipeline.decode import Decoder
 from pipeline.registry import load_version, register
-from pipeline.retrain import RetrainResult, keeps, read_recent_windows, retrain_group
+from pipeline.retrain import RetrainResult, Span, near_alerts, read_recent_windows, retrain_group
 from pipeline.runner import run_pipeline
 from pipeline.scheduler import JOB_ID, JOBS_TABLE, build_scheduler, stop_when_running
 from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_normal, to_messages
@@ -404,32 +404,46 @@ def test_a_failing_training_run_is_recorded_and_the_active_model_keeps_serving(
     assert d.count(RetrainLock) == 0
 
 
-def test_a_long_lookback_is_thinned_to_max_windows_and_trains_on_every_kth_window(deployment: Deployment) -> None:
+def test_a_long_lookback_is_thinned_to_max_windows_keeping_the_windows_near_alerts(deployment: Deployment) -> None:
     d, cfg = deployment, deployment.config
     stream = Stream(cfg, _frames(LIVE_START, 3 * DAY, seed=4))
     stream.send()
     stream.close()
+    opened = LIVE_START + pd.Timedelta(hours=30)
+    with d.sessions.begin() as s:  # a past incident of pump-a: its windows must survive thinning
+        s.add(Alert(asset="pump-a", group_name="fleet", opened_at=opened.to_pydatetime(),
+                    last_seen_at=(opened + pd.Timedelta(minutes=30)).to_pydatetime(),
+                    closed_at=(opened + pd.Timedelta(minutes=30)).to_pydatetime(), peak_score=3.0, threshold=1.5,
+                    severity="warning", status="resolved", window_count=5, top_sensors=[], model_version=d.first,
+                    updated_at=datetime.now(UTC)))
     group = cfg.groups[0]
+    near = near_alerts([Span("pump-a", datetime_to_ms(opened.to_pydatetime()),
+                             datetime_to_ms((opened + pd.Timedelta(minutes=30)).to_pydatetime()))],
+                       round(cfg.retrain.alert_margin_s * 1000))
     full = read_recent_windows(cfg, group, since_ms=0).windows
-    thinned = read_recent_windows(cfg, group, since_ms=0, keep_every=4).windows
-    step_ms = group.window.stride * group.period_ms
-    assert {(w.asset, w.start_ms) for w in thinned} == {(w.asset, w.start_ms) for w in full if keeps(w, step_ms, 4)}
-    assert len(full) / 4 - len(ASSETS) <= len(thinned) <= len(full) / 4 + len(ASSETS)
+    data = read_recent_windows(cfg, group, since_ms=0, max_windows=1000, keep=near)
+    assert data.thinning is not None and data.thinning.keep_every == 4  # 2,157 windows: every 2nd is still > 1,000
+    expected = {(w.asset, w.start_ms) for w in full if data.thinning.keeps(w) or near(w)}
+    assert {(w.asset, w.start_ms) for w in data.windows} == expected and len(data.windows) <= 1000
+    kept_near = [w for w in data.windows if near(w)]
+    assert len(kept_near) == sum(near(w) for w in full) >= 10  # every window near the alert stayed
     values = {(w.asset, w.start_ms): w.values for w in full}
-    assert all(np.array_equal(w.values, values[(w.asset, w.start_ms)]) for w in thinned)
+    assert all(np.array_equal(w.values, values[(w.asset, w.start_ms)]) for w in data.windows)
 
-    # five days of lookback at one window every 6 minutes: 3 x 1,200 windows, over max_windows = 1,000: every 4th
-    bounded = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"lookback_days": 5,
-                                                                                "max_windows": 1000})})
+    bounded = cfg.model_copy(update={"retrain": cfg.retrain.model_copy(update={"max_windows": 1000})})
     result = retrain_group(bounded, "fleet", sessions=d.sessions)
     _figures("thinned", result)
     assert result.outcome in ("promoted", "rejected"), result.reason
-    assert result.metrics["window_thinning"] == 4 and result.metrics["windows_total"] == len(thinned)
+    assert result.metrics["window_thinning"] == 4 and result.metrics["windows_total"] == len(data.windows)
+    inside = near_alerts([Span("pump-a", datetime_to_ms(opened.to_pydatetime()),
+                               datetime_to_ms((opened + pd.Timedelta(minutes=30)).to_pydatetime()))], 0)
+    assert result.metrics["windows_alert"] == sum(inside(w) for w in full) > 0  # the gate saw all of them
     with d.sessions() as s:
         row = repo.get_model_version(session=s, version=result.candidate_version)
         assert row is not None and row.metrics["window_thinning"] == 4
     assert load_version(row, group).metadata["window_thinning"] == 4  # the bundle records it too
-    print(f"[thinned] {len(full)} windows in the lookback, {len(thinned)} kept (every 4th)")
+    print(f"[thinned] {len(full)} windows in the lookback, {len(data.windows)} kept (every 4th, and all "
+          f"{len(kept_near)} near the alert)")
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

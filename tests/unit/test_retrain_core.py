@@ -3,7 +3,6 @@ SQLite, and the runner's hot reload refusing a broken bundle while the current m
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.thresholds import ewma, thinned_alpha
+from models.thresholds import ewma, ewma_by_key
 from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.registry import load_active, register
-from pipeline.retrain import ModelEval, Span, exceed_rate, gate, keeps, split_windows, thinning_factor
+from pipeline.retrain import ModelEval, Span, _overlaps, exceed_rate, gate, near_alerts, split_windows
 from pipeline.runner import Runner
 from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import RetrainLock
+from pipeline.thinning import Thinning
 from pipeline.train import train_group
 from pipeline.types import Window
 
@@ -115,38 +115,55 @@ def test_gate_without_an_active_model_checks_only_the_data() -> None:
 
 
 # -- bounded memory: thinning a long lookback ------------------------------------------------------------------------
-def test_thinning_factor_keeps_the_lookback_within_max_windows() -> None:
-    week, step = 7 * 86_400_000, 50_000  # 10 s sampling, stride 5: 12,096 windows per asset and week
-    assert thinning_factor(10, week, step, 200_000) == 1  # 120,960 fit
-    assert thinning_factor(20, week, step, 200_000) == 2  # 241,920 do not; every 2nd does
-    assert thinning_factor(500, week, step, 200_000) == 31  # 6,048,000 / 31 = 195,097
-    for assets in (1, 20, 333, 500):
-        k = thinning_factor(assets, week, step, 200_000)
-        assert assets * math.ceil(12_096 / k) <= 200_000 + assets  # every k-th per asset fits (a partial step each)
-        assert k == 1 or assets * 12_096 / (k - 1) > 200_000  # and k is the smallest that does
-    with pytest.raises(ValueError, match="positive"):
-        thinning_factor(0, week, step, 200_000)
+def _grid_windows(asset: str, first: int, last: int, step: int = 5_000) -> list[Window]:
+    return [Window(asset, "g", i * step, i * step + 30_000, np.zeros((6, 1))) for i in range(first, last)]
 
 
-def test_keeps_every_kth_window_on_the_grid_whatever_the_first_one() -> None:
-    step = 5_000
-    windows = [Window("a", "g", i * step, i * step + 30_000, np.zeros((6, 1))) for i in range(7, 40)]
-    kept = [w.start_ms // step for w in windows if keeps(w, step, 3)]
-    assert kept == [i for i in range(7, 40) if i % 3 == 0]
-    later = [w.start_ms // step for w in windows[5:] if keeps(w, step, 3)]
-    assert later == [i for i in kept if i >= 12]  # a read starting later keeps the same windows
-    assert all(keeps(w, step, 1) for w in windows)
+def test_thinning_keeps_whole_blocks_and_coarser_keeps_a_subset() -> None:
+    thin = Thinning.for_smoothing(5_000, [0.1, None])
+    assert (thin.block, thin.warmup, thin.keep_every) == (300, 30, 1)  # max(256, 30 / 0.1) windows; 3 / 0.1 settle
+    assert Thinning.for_smoothing(5_000, [None]).block == 1 and Thinning.for_smoothing(5_000, [0.01]).block == 3000
+    windows = _grid_windows("a", 7, 2_000)
+    assert all(thin.keeps(w) and thin.settled(w) for w in windows)  # keep_every 1: everything, one stream per asset
+    assert {thin.stream(w) for w in windows} == {"a"}
+    half, quarter = thin.coarser(), thin.coarser().coarser()
+    kept = [thin.index(w) for w in windows if half.keeps(w)]
+    assert kept == [i for i in range(7, 2_000) if (i // 300) % 2 == 0]  # blocks 0, 2, 4, 6 (block 0 from 7)
+    assert {w.start_ms for w in windows if quarter.keeps(w)} <= {w.start_ms for w in windows if half.keeps(w)}
+    later = [thin.index(w) for w in windows[500:] if half.keeps(w)]
+    assert later == [i for i in kept if i >= 507]  # a read starting later keeps the same windows
+    assert {half.stream(w) for w in windows if half.keeps(w)} == {("a", 0), ("a", 2), ("a", 4), ("a", 6)}
+    assert [half.settled(w) for w in windows[621:625]] == [False, False, True, True]  # 600..629 settle block 2
 
 
-def test_thinned_alpha_smooths_every_kth_score_over_the_same_time() -> None:
-    # constant over each block of 3 that a kept score (every 3rd, from 0) stands for: steps at 31 and 91
-    scores = np.r_[np.zeros(31), np.full(60, 4.0), np.ones(59)]
-    full = ewma(scores, 0.1)
-    thinned = ewma(scores[::3], thinned_alpha(0.1, 3))
-    np.testing.assert_allclose(thinned, full[::3], rtol=1e-12)
-    assert thinned_alpha(0.3, 1) == 0.3 and thinned_alpha(1.0, 5) == 1.0
-    with pytest.raises(ValueError, match="keep_every"):
-        thinned_alpha(0.3, 0)
+def test_near_alerts_agrees_with_the_plain_overlap_test() -> None:
+    rng = np.random.default_rng(5)
+    spans = [Span(str(rng.integers(3)), int(a), int(a + rng.integers(1, 40))) for a in rng.integers(0, 1000, 60)]
+    windows = [Window(str(rng.integers(4)), "g", int(a), int(a + 10), np.zeros((1, 1))) for a in range(-60, 1100, 3)]
+    for margin in (0, 5, 50):
+        near = near_alerts(spans, margin)
+        assert [near(w) for w in windows] == [_overlaps(w, [s for s in spans if s.asset == w.asset], margin)
+                                              for w in windows]
+    assert not near_alerts([], 10)(windows[0])
+
+
+def test_a_thinned_smoothed_threshold_matches_the_full_streams() -> None:
+    """Each kept block smoothed on its own with the pipeline's alpha, settled windows only: the same tail as the
+    stream the pipeline holds to the threshold (every k-th window alone, even re-weighted, would be noisier)."""
+    rng = np.random.default_rng(3)
+    n, alpha = 200_000, 0.1
+    raw = np.convolve(np.abs(rng.normal(size=n + 5)), np.ones(6) / 6, mode="valid")[:n]  # overlapping windows
+    windows = _grid_windows("a", 0, n)
+    full = np.percentile(ewma(raw, alpha), 99.5)
+    thin = Thinning.for_smoothing(5_000, [alpha])
+    for _ in range(5):  # keep every 32nd block
+        thin = thin.coarser()
+    kept = [i for i, w in enumerate(windows) if thin.keeps(w)]
+    levels = ewma_by_key(raw[kept], [thin.stream(windows[i]) for i in kept], alpha)
+    settled = np.array([thin.settled(windows[i]) for i in kept])
+    assert len(kept) < n / 25 and abs(np.percentile(levels[settled], 99.5) / full - 1) < 0.05
+    every_kth = ewma(raw[::32], 1 - (1 - alpha) ** 32)  # what this replaced: 1.3x too high a threshold
+    assert np.percentile(every_kth, 99.5) / full > 1.15
 
 
 # -- configuration and the cron trigger -------------------------------------------------------------------------------
@@ -170,8 +187,9 @@ def test_retrain_section_defaults_and_validation() -> None:
     with pytest.raises(ConfigError, match=r"retrain\.min_windows"):
         _config(min_windows=10)
     assert rc.max_windows == 200_000
-    with pytest.raises(ConfigError, match=r"retrain.*max_windows \(2000\) is below min_windows \(5000\)"):
-        _config(min_windows=5000, max_windows=2000)
+    with pytest.raises(ConfigError, match=r"retrain.*max_windows \(10000\) leaves 8000 windows for training after "
+                                          r"the holdout \(0.2\); it needs at least twice min_windows \(5000\)"):
+        _config(min_windows=5000, max_windows=10000)
     with pytest.raises(ConfigError, match=r"retrain\.max_windows"):
         _config(max_windows=10)
 
