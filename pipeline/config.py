@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -393,7 +394,7 @@ class RetrainConfig(_Strict):
     ``max_anomalous_fraction`` of the recent windows were anomalous. About ``max_windows`` windows per group are held
     in memory at most: when the lookback holds more, only every k-th block of consecutive windows of each asset is
     kept (k doubling until they fit), plus every window near an alert; smoothed scores are computed per block
-    (``pipeline.thinning``). ``max_windows`` must leave room for ``min_windows`` after the holdout.
+    (``pipeline.thinning``). ``max_windows`` must leave room for twice ``min_windows`` after the holdout.
     ``cron`` has five fields (or a macro such as
     ``@daily``) read in ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed
     runs are run once when ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
@@ -420,10 +421,10 @@ class RetrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _window_bounds(self) -> RetrainConfig:
-        room = self.max_windows * (1 - self.holdout_fraction)
-        if room < 2 * self.min_windows:
-            raise ValueError(f"max_windows ({self.max_windows}) leaves {room:.0f} windows for training after the "
-                             f"holdout ({self.holdout_fraction:g}); it needs at least twice min_windows "
+        least = math.ceil(round(2 * self.min_windows / (1 - self.holdout_fraction), 6))
+        if self.max_windows < least:
+            raise ValueError(f"max_windows ({self.max_windows}) must be at least {least}: after the holdout "
+                             f"({self.holdout_fraction:g}) it must leave room for twice min_windows "
                              f"({self.min_windows})")
         return self
 

@@ -114,7 +114,8 @@ def near_alerts(spans: Iterable[Span], margin_ms: int) -> Callable[[Window], boo
 
 
 def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged: set[tuple[str, int]],
-                  margin_ms: int, holdout_fraction: float) -> WindowSplit:
+                  margin_ms: int, holdout_fraction: float,
+                  counted: Callable[[Window], bool] | None = None) -> WindowSplit:
     """Sort recent windows for training and validation.
 
     The cut is the start of the window that leaves the newest ``holdout_fraction`` of all windows (by start time)
@@ -122,14 +123,20 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
     (windows above threshold stay in: they are the false alarms being measured). Training: windows ending at or before
     the cut (so no reading is in both) that are neither near an alert nor in ``flagged`` (``(asset, window end ms)``
     scored above threshold). Alert windows: every window overlapping an alert itself (no margin).
+
+    ``counted`` (default: all): the windows that stand for the lookback in the counts and the cut (a thinned read
+    keeps every window near an alert but only a sample of the others; counting those extra windows would inflate
+    the anomalous fraction).
     """
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     if not ordered:
         return WindowSplit([], [], [], 0, 0, 0, 0)
+    counts = counted or (lambda _w: True)
+    sample = [w for w in ordered if counts(w)] or ordered
     spans_of: dict[str, list[Span]] = defaultdict(list)
     for span in alerts:
         spans_of[span.asset].append(span)
-    cut = ordered[min(int(len(ordered) * (1.0 - holdout_fraction)), len(ordered) - 1)].start_ms
+    cut = sample[min(int(len(sample) * (1.0 - holdout_fraction)), len(sample) - 1)].start_ms
     train: list[Window] = []
     holdout: list[Window] = []
     alert_windows: list[Window] = []
@@ -139,9 +146,10 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
         in_alert = _overlaps(w, spans, 0)
         is_near = in_alert or _overlaps(w, spans, margin_ms)
         is_flagged = (w.asset, w.end_ms) in flagged
-        near += is_near
-        flagged_count += is_flagged
-        anomalous += is_near or is_flagged
+        if counts(w):
+            near += is_near
+            flagged_count += is_flagged
+            anomalous += is_near or is_flagged
         if in_alert:
             alert_windows.append(w)
         if w.start_ms >= cut:
@@ -149,7 +157,7 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
                 holdout.append(w)
         elif w.end_ms <= cut and not (is_near or is_flagged):
             train.append(w)
-    return WindowSplit(train, holdout, alert_windows, len(ordered), near, flagged_count, anomalous, ordered)
+    return WindowSplit(train, holdout, alert_windows, len(sample), near, flagged_count, anomalous, ordered)
 
 
 def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
@@ -226,10 +234,13 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
     """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
     run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
     two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
-    ``thinning``: how the windows were thinned (each kept block is its own stream; the false-alarm rate counts
-    settled windows only)."""
-    thin = thinning or Thinning(1)
-    holdout = [w for w in holdout if thin.settled(w)]
+    ``thinning``: how the windows were thinned and smoothed (``Thinning.streams``); the false-alarm rate counts the
+    held-out windows whose smoothed level has settled in the context, the same windows for every detector."""
+    thin = thinning or Thinning.unthinned()
+    basis = list(context) or list(holdout)
+    _, settled = thin.streams(basis)
+    measured = {(w.asset, w.end_ms) for w, ok in zip(basis, settled, strict=True) if ok}
+    holdout = [w for w in holdout if (w.asset, w.end_ms) in measured]
     if detector.ewma_alpha is not None and context:
         levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context, thin), strict=True))
         held = np.array([levels[(w.asset, w.end_ms)] for w in holdout])
@@ -249,8 +260,7 @@ def _scores(detector: Detector, windows: Sequence[Window], thinning: Thinning | 
         return np.empty(0)
     raw = detector.score(np.stack([w.values for w in windows]))[0]
     alpha = detector.ewma_alpha
-    thin = thinning or Thinning(1)
-    return raw if alpha is None else ewma_by_key(raw, [thin.stream(w) for w in windows], alpha)
+    return raw if alpha is None else ewma_by_key(raw, (thinning or Thinning.unthinned()).streams(windows)[0], alpha)
 
 
 # -- reading back ----------------------------------------------------------------------------------------------------
@@ -271,11 +281,12 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
     pipeline did when it consumed it live; rejected records are counted, not used.
 
     The windows ``thinning`` keeps, and all those ``keep`` says must stay (e.g. near an alert), are kept; whenever
-    more than ``max_windows`` are held, the thinning becomes ``coarser`` (until only windows that must stay are left).
-    The result's ``thinning`` is the final one.
+    more than ``max_windows`` are held, the thinning becomes ``coarser`` (unless only windows that must stay are
+    left: then a warning says so). The result's ``thinning`` is the final one.
     """
     thin = thinning or Thinning(group.window.stride * group.period_ms)
     must = keep or (lambda _w: False)
+    warned = False
     decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
     windower = Windower([group])
     assets = set(group.assets)
@@ -294,14 +305,18 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
                 readings.append(Reading(r.asset, r.ts_ms, r.values, record.partition, record.offset))
         data.windows += [w for w in windower.add(readings).windows if thin.keeps(w) or must(w)]
         while max_windows is not None and len(data.windows) > max_windows:
-            coarser = thin.coarser()
-            kept = [w for w in data.windows if coarser.keeps(w) or must(w)]
-            if len(kept) == len(data.windows):  # only windows that must stay are left
+            if all(must(w) for w in data.windows):
+                if not warned:
+                    log.warning("%s: %d windows near alerts alone are over retrain.max_windows = %d; keeping them",
+                                group.name, len(data.windows), max_windows)
+                    warned = True
                 break
+            thin = thin.coarser()
+            before = len(data.windows)
+            data.windows = [w for w in data.windows if thin.keeps(w) or must(w)]
             log.info("%s: %d windows read back, over retrain.max_windows = %d: keeping every %d%s block of %d "
-                     "windows of each asset", group.name, len(data.windows), max_windows, coarser.keep_every,
-                     _ordinal(coarser.keep_every), coarser.block)
-            thin, data.windows = coarser, kept
+                     "windows of each asset (%d left)", group.name, before, max_windows, thin.keep_every,
+                     _ordinal(thin.keep_every), thin.block, len(data.windows))
     data.thinning = thin
     return data
 
@@ -482,7 +497,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     data = read_recent_windows(config, group, since_ms=since_ms, max_windows=rc.max_windows,
                                thinning=Thinning.for_smoothing(group.window.stride * group.period_ms, alphas),
                                keep=near)
-    thinning = data.thinning or Thinning(1)
+    thinning = data.thinning or Thinning.unthinned()
     metrics.update(records_read=data.records, records_rejected=data.rejected, window_thinning=thinning.keep_every,
                    window_thinning_block=thinning.block)
     if not data.windows:
@@ -498,7 +513,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         scores = _scores(active, data.windows, thinning)
         flagged |= {(w.asset, w.end_ms) for w, s in zip(data.windows, scores, strict=True) if s > active.threshold}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
-                          holdout_fraction=rc.holdout_fraction)
+                          holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),
                    windows_alert=len(split.alert_windows), windows_near_alert=split.near_alert,
                    windows_flagged=split.flagged, anomalous_fraction=round(split.anomalous_fraction, 4),

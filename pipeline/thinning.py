@@ -2,22 +2,26 @@
 
 A retrain reads back every window of its lookback; for a large fleet or a long lookback that can be more than fits in
 memory (``retrain.max_windows``). ``Thinning`` then keeps whole blocks of consecutive windows of each asset: block
-``b`` (``block`` windows on the window grid) is kept when ``b % keep_every == 0``. Whole blocks rather than single
-windows, so that a smoothed score (``threshold.ewma_alpha``) is computed over each block exactly as the pipeline
-computes it, with the same alpha (every k-th window alone would average k times fewer scores: a noisier level and a
-threshold fitted too high). The first ``warmup`` windows of a block, whose smoothed level has not settled yet, are
-left out of what is measured (the threshold fit, the gate's false-alarm rate). Without score smoothing a block is one
-window: every k-th window is kept.
+``b`` of ``block`` windows is kept when ``b % keep_every == 0``. Each asset's blocks start at its own stable phase, so
+the assets keep different stretches of time and doubling ``keep_every`` halves what the fleet keeps. Whole blocks
+rather than single windows, so that a smoothed score (``threshold.ewma_alpha``) runs over each kept stretch as the
+pipeline runs it, with the same alpha (every k-th window alone averages k times fewer scores: a noisier level and a
+threshold fitted too high).
 
-The choice uses the absolute window index, so every read keeps the same windows, and keeping every 2k-th block keeps
-a subset of every k-th: a reader doubles ``keep_every`` whenever it holds more than it may (``coarser``). Pure.
+``streams`` says which smoothed stream each window belongs to (its asset; once thinned, a new stream wherever the
+asset's windows jump) and whether its level has settled (at least ``warmup`` windows into its stream): only settled
+windows are measured (threshold fit, false-alarm rate). The choice uses the absolute window index, so every read keeps
+the same windows, and keeping every 2k-th block keeps a subset of every k-th (``coarser``). Pure.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable
+import zlib
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
+
+import numpy as np
 
 from pipeline.types import Window
 
@@ -27,8 +31,9 @@ MIN_BLOCK = 256
 
 @dataclass(frozen=True)
 class Thinning:
-    """Keep block ``b`` of ``block`` consecutive windows (window index = start / ``step_ms``) when
-    ``b % keep_every == 0``; the first ``warmup`` windows of a block are not settled. ``keep_every`` 1 keeps all."""
+    """Keep block ``b`` (``block`` consecutive windows of one asset, window index = start / ``step_ms``) when
+    ``b % keep_every == 0``; ``warmup``: windows a smoothed stream needs before its level counts. ``keep_every`` 1
+    keeps everything."""
 
     step_ms: int
     keep_every: int = 1
@@ -37,33 +42,49 @@ class Thinning:
 
     @classmethod
     def for_smoothing(cls, step_ms: int, alphas: Iterable[float | None]) -> Thinning:
-        """Keeping everything, with blocks sized for the strongest of the score smoothings ``alphas`` (None: raw
-        scores): ``max(MIN_BLOCK, 30 / alpha)`` windows, of which the first ``3 / alpha`` settle the level (the
+        """Keeping everything, sized for the strongest of the score smoothings ``alphas`` (None or 1: raw scores):
+        blocks of ``max(MIN_BLOCK, 30 / alpha)`` windows, of which the first ``3 / alpha`` settle the level (the
         starting score then weighs (1 - alpha) ** (3 / alpha) < 5%)."""
-        smoothing = [a for a in alphas if a is not None]
+        smoothing = [a for a in alphas if a is not None and a < 1]
         if not smoothing:
             return cls(step_ms)
         alpha = min(smoothing)
         return cls(step_ms, block=max(MIN_BLOCK, math.ceil(30 / alpha)), warmup=math.ceil(3 / alpha))
 
+    @classmethod
+    def unthinned(cls, warmup: int = 0) -> Thinning:
+        """Keeping everything (the window step then only matters for thinning, so it is left at 1)."""
+        return cls(1, warmup=warmup)
+
     def index(self, window: Window) -> int:
         """The window's position on its asset's window grid."""
         return window.start_ms // self.step_ms
 
+    def _block_of(self, window: Window) -> int:
+        phase = zlib.crc32(window.asset.encode()) % (self.block * 1024)  # stable per asset, across processes
+        return (self.index(window) + phase) // self.block
+
     def keeps(self, window: Window) -> bool:
         """True when the window's block is kept."""
-        return (self.index(window) // self.block) % self.keep_every == 0
+        return self.keep_every == 1 or self._block_of(window) % self.keep_every == 0
 
     def coarser(self) -> Thinning:
         """Keep half as many blocks (a subset of what this keeps)."""
         return replace(self, keep_every=self.keep_every * 2)
 
-    def stream(self, window: Window) -> Hashable:
-        """The score stream the window's smoothed level belongs to: its asset, or (asset, block) once blocks are
-        dropped (each kept block is smoothed on its own)."""
-        return window.asset if self.keep_every == 1 else (window.asset, self.index(window) // self.block)
-
-    def settled(self, window: Window) -> bool:
-        """False for the first ``warmup`` windows of a block once blocks are dropped (their smoothed level still
-        leans on where the block started)."""
-        return self.keep_every == 1 or self.index(window) % self.block >= self.warmup
+    def streams(self, windows: Sequence[Window]) -> tuple[list[Hashable], np.ndarray]:
+        """For ``windows`` (time-ordered per asset): each one's smoothed-score stream key, and whether its level has
+        settled. Unthinned, an asset is one stream; thinned, its stream restarts wherever its windows jump (a dropped
+        stretch). A window has settled once ``warmup`` windows of its stream came before it."""
+        keys: list[Hashable] = []
+        settled = np.zeros(len(windows), dtype=bool)
+        state: dict[str, tuple[int, int, int]] = {}  # asset -> (last index, stream number, windows in the stream)
+        for i, window in enumerate(windows):
+            index = self.index(window)
+            last, number, count = state.get(window.asset, (index - 1, 0, 0))
+            if self.keep_every > 1 and index - last > 1:
+                number, count = number + 1, 0
+            keys.append(window.asset if self.keep_every == 1 else (window.asset, number))
+            settled[i] = count >= self.warmup
+            state[window.asset] = (index, number, count + 1)
+        return keys, settled

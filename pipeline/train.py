@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ from pipeline.thinning import Thinning
 from pipeline.types import Reading, Window, ms_to_datetime
 from pipeline.windowing import Windower
 
+log = logging.getLogger(__name__)
+
+#: Fewer validation windows than this with a settled smoothed score: the threshold is fitted on all of them.
+MIN_SETTLED = 50
 
 @dataclass
 class TrainedModel:
@@ -78,9 +83,9 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     """Fit scaler, autoencoder and threshold on ``windows`` of ``group``. NotEnoughData if there are too few.
 
     ``warm_start``: start from this detector's weights when ``warm_start_compatible`` (else from scratch; the
-    metadata records which). ``epochs`` overrides the group's configured epochs. ``thinning``: how the windows
-    were thinned (a retrain's long lookback): a smoothed threshold is then fitted on each kept block's own stream,
-    over its settled windows only.
+    metadata records which). ``epochs`` overrides the group's configured epochs. A smoothed threshold is fitted on
+    each asset's smoothed validation stream, leaving out the first windows of each stream whose level has not
+    settled (``Thinning.streams``); ``thinning``: how a retrain's long lookback was thinned (default: not at all).
     """
     if not windows:
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
@@ -107,14 +112,17 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     t = group.threshold
     val_scores = result.val_scores  # of the last len(val_scores) windows of ``ordered``
     if t.ewma_alpha is not None:  # the threshold applies to each asset's smoothed stream: fit it on that
-        thin = thinning or Thinning(1)
-        val_windows = ordered[len(ordered) - len(val_scores):]
-        val_scores = ewma_by_key(val_scores, [thin.stream(w) for w in val_windows], t.ewma_alpha)
-        settled = np.array([thin.settled(w) for w in val_windows])
-        if settled.any():
+        thin = thinning or Thinning.for_smoothing(group.window.stride * group.period_ms, [t.ewma_alpha])
+        keys, settled = thin.streams(ordered[len(ordered) - len(val_scores):])
+        val_scores = ewma_by_key(val_scores, keys, t.ewma_alpha)
+        if settled.sum() >= MIN_SETTLED:
             val_scores = val_scores[settled]
+        else:
+            log.warning("group %s: only %d of %d validation windows have a settled smoothed score; fitting the "
+                        "threshold on all of them", group.name, int(settled.sum()), len(val_scores))
     threshold, threshold_info = fit_threshold(val_scores, t.method, **t.fit_kwargs())
     threshold_info["ewma_alpha"] = t.ewma_alpha
+    threshold_info["windows"] = len(val_scores)
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
@@ -133,7 +141,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
                 "end": ms_to_datetime(end_ms).isoformat(),
             },
             "windows_used": len(windows),
-            "window_thinning": (thinning or Thinning(1)).keep_every,
+            "window_thinning": thinning.keep_every if thinning is not None else 1,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
             "scale_floors": {"level": m.scale_floor_level, "step": m.scale_floor_step, "values": floors.tolist()},
         },

@@ -3,6 +3,7 @@ SQLite, and the runner's hot reload refusing a broken bundle while the current m
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -119,21 +120,35 @@ def _grid_windows(asset: str, first: int, last: int, step: int = 5_000) -> list[
     return [Window(asset, "g", i * step, i * step + 30_000, np.zeros((6, 1))) for i in range(first, last)]
 
 
-def test_thinning_keeps_whole_blocks_and_coarser_keeps_a_subset() -> None:
+def test_thinning_keeps_whole_blocks_per_asset_and_doubling_halves_the_fleet() -> None:
     thin = Thinning.for_smoothing(5_000, [0.1, None])
     assert (thin.block, thin.warmup, thin.keep_every) == (300, 30, 1)  # max(256, 30 / 0.1) windows; 3 / 0.1 settle
-    assert Thinning.for_smoothing(5_000, [None]).block == 1 and Thinning.for_smoothing(5_000, [0.01]).block == 3000
-    windows = _grid_windows("a", 7, 2_000)
-    assert all(thin.keeps(w) and thin.settled(w) for w in windows)  # keep_every 1: everything, one stream per asset
-    assert {thin.stream(w) for w in windows} == {"a"}
-    half, quarter = thin.coarser(), thin.coarser().coarser()
-    kept = [thin.index(w) for w in windows if half.keeps(w)]
-    assert kept == [i for i in range(7, 2_000) if (i // 300) % 2 == 0]  # blocks 0, 2, 4, 6 (block 0 from 7)
-    assert {w.start_ms for w in windows if quarter.keeps(w)} <= {w.start_ms for w in windows if half.keeps(w)}
-    later = [thin.index(w) for w in windows[500:] if half.keeps(w)]
-    assert later == [i for i in kept if i >= 507]  # a read starting later keeps the same windows
-    assert {half.stream(w) for w in windows if half.keeps(w)} == {("a", 0), ("a", 2), ("a", 4), ("a", 6)}
-    assert [half.settled(w) for w in windows[621:625]] == [False, False, True, True]  # 600..629 settle block 2
+    assert Thinning.for_smoothing(5_000, [None, 1.0]).block == 1 and Thinning.for_smoothing(5_000, [0.01]).block == 3000
+    fleet = [w for a in range(200) for w in _grid_windows(f"pump-{a}", 1_000, 3_016)]  # a week of 5-min windows
+    assert all(thin.keeps(w) for w in fleet)
+    counts, kept = [len(fleet)], fleet
+    for _ in range(4):
+        thin, previous = thin.coarser(), {id(w) for w in kept}
+        kept = [w for w in fleet if thin.keeps(w)]
+        counts.append(len(kept))
+        assert {id(w) for w in kept} <= previous  # every 2k-th block is one of the k-th
+    assert all(0.35 < b / a < 0.65 for a, b in itertools.pairwise(counts)), counts  # assets keep different times
+    mine = [thin.index(w) for w in kept if w.asset == "pump-7"]
+    runs = np.split(mine, np.flatnonzero(np.diff(mine) > 1) + 1)
+    assert all(len(r) == 300 for r in runs[1:-1])  # whole blocks of consecutive windows
+    later = [w for w in fleet if w.asset == "pump-7" and thin.index(w) >= 2_000]
+    assert [thin.index(w) for w in later if thin.keeps(w)] == [i for i in mine if i >= 2_000]  # same on every read
+
+
+def test_streams_restart_where_thinning_dropped_windows_and_settle_after_the_warmup() -> None:
+    windows = _grid_windows("a", 0, 10) + _grid_windows("b", 0, 3) + _grid_windows("a", 50, 55)
+    keys, settled = Thinning(5_000, warmup=3).streams(windows)  # unthinned: one stream per asset
+    assert keys == ["a"] * 10 + ["b"] * 3 + ["a"] * 5
+    assert settled.tolist() == [False] * 3 + [True] * 7 + [False] * 3 + [True] * 5
+    keys, settled = Thinning(5_000, keep_every=2, block=4, warmup=3).streams(windows)
+    assert keys == [("a", 0)] * 10 + [("b", 0)] * 3 + [("a", 1)] * 5  # the jump 9 -> 50 starts a new stream
+    assert settled.tolist() == [False] * 3 + [True] * 7 + [False] * 3 + [False] * 3 + [True] * 2
+    assert Thinning.unthinned().streams(windows)[1].all()
 
 
 def test_near_alerts_agrees_with_the_plain_overlap_test() -> None:
@@ -159,8 +174,8 @@ def test_a_thinned_smoothed_threshold_matches_the_full_streams() -> None:
     for _ in range(5):  # keep every 32nd block
         thin = thin.coarser()
     kept = [i for i, w in enumerate(windows) if thin.keeps(w)]
-    levels = ewma_by_key(raw[kept], [thin.stream(windows[i]) for i in kept], alpha)
-    settled = np.array([thin.settled(windows[i]) for i in kept])
+    keys, settled = thin.streams([windows[i] for i in kept])
+    levels = ewma_by_key(raw[kept], keys, alpha)
     assert len(kept) < n / 25 and abs(np.percentile(levels[settled], 99.5) / full - 1) < 0.05
     every_kth = ewma(raw[::32], 1 - (1 - alpha) ** 32)  # what this replaced: 1.3x too high a threshold
     assert np.percentile(every_kth, 99.5) / full > 1.15
@@ -187,9 +202,10 @@ def test_retrain_section_defaults_and_validation() -> None:
     with pytest.raises(ConfigError, match=r"retrain\.min_windows"):
         _config(min_windows=10)
     assert rc.max_windows == 200_000
-    with pytest.raises(ConfigError, match=r"retrain.*max_windows \(10000\) leaves 8000 windows for training after "
-                                          r"the holdout \(0.2\); it needs at least twice min_windows \(5000\)"):
+    with pytest.raises(ConfigError, match=r"retrain.*max_windows \(10000\) must be at least 12500: after the holdout "
+                                          r"\(0.2\) it must leave room for twice min_windows \(5000\)"):
         _config(min_windows=5000, max_windows=10000)
+    assert _config(min_windows=455, max_windows=1300, holdout_fraction=0.3).retrain.max_windows == 1300  # exact edge
     with pytest.raises(ConfigError, match=r"retrain\.max_windows"):
         _config(max_windows=10)
 
