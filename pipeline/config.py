@@ -241,7 +241,8 @@ class ThresholdConfig(_Strict):
 
     ``ewma_alpha`` (optional, in (0, 1]): the threshold applies to an exponentially weighted moving average of each
     asset's window scores, ``alpha * score + (1 - alpha) * previous``, instead of the raw scores; it is fitted on the
-    validation scores smoothed the same way, per asset. Smaller alpha smooths more: fewer one-window false alarms,
+    validation scores smoothed the same way, per asset (leaving out each stream's first ``3 / alpha`` windows, whose
+    level still leans on where the stream started). Smaller alpha smooths more: fewer one-window false alarms,
     slower to react. The pipeline keeps the smoothed stream across batches and restarts (``smoothed_score``). A model
     carries the alpha it was trained with, so a change takes effect with the next trained model.
     """
