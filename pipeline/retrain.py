@@ -27,7 +27,7 @@ import socket
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -230,19 +230,23 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
 
 def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window],
-             context: Sequence[Window] = (), thinning: Thinning | None = None) -> ModelEval:
+             context: Sequence[Window] = (), thinning: Thinning | None = None,
+             levels: Mapping[tuple[str, int], float] | None = None) -> ModelEval:
     """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
     run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
     two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
     ``thinning``: how the windows were thinned and smoothed (``Thinning.streams``); the false-alarm rate counts the
-    held-out windows whose smoothed level has settled in the context, the same windows for every detector."""
+    held-out windows whose smoothed level has settled in the context, the same windows for every detector.
+    ``levels``: the detector's scores (smoothed over ``context`` when it smooths) by ``(asset, window end ms)``,
+    when they were computed already."""
     thin = thinning or Thinning.unthinned()
     basis = list(context) or list(holdout)
     _, settled = thin.streams(basis)
     measured = {(w.asset, w.end_ms) for w, ok in zip(basis, settled, strict=True) if ok}
     holdout = [w for w in holdout if (w.asset, w.end_ms) in measured]
-    if detector.ewma_alpha is not None and context:
+    if levels is None and detector.ewma_alpha is not None and context:
         levels = dict(zip(((w.asset, w.end_ms) for w in context), _scores(detector, context, thin), strict=True))
+    if levels is not None:
         held = np.array([levels[(w.asset, w.end_ms)] for w in holdout])
         alerted = np.array([levels[(w.asset, w.end_ms)] for w in alert_windows])
     else:
@@ -479,10 +483,11 @@ def _spans(alerts: Iterable[Any]) -> list[Span]:
 
 
 def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *, sessions: sessionmaker[Session],
-                  now: datetime, metrics: dict[str, Any]) -> tuple[WindowSplit, Thinning] | None:
+                  now: datetime, metrics: dict[str, Any]
+                  ) -> tuple[WindowSplit, Thinning, dict[tuple[str, int], float] | None] | None:
     """Read the lookback back from Kafka (thinned to ``retrain.max_windows``, keeping every window near an alert),
-    look up its alerts and flagged windows, and split it (figures go into ``metrics``). None when the lookback holds
-    no complete window."""
+    look up its alerts and flagged windows, and split it (figures go into ``metrics``). Also returns the active
+    model's levels over the windows (for the gate). None when the lookback holds no complete window."""
     rc = config.retrain
     since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
     margin_ms = round(rc.alert_margin_s * 1000)
@@ -509,9 +514,11 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
     spans = _spans(alerts)
+    levels = None
     if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
-        scores = _scores(active, data.windows, thinning)
-        flagged |= {(w.asset, w.end_ms) for w, s in zip(data.windows, scores, strict=True) if s > active.threshold}
+        levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),
+                          strict=True))
+        flagged |= {key for key, level in levels.items() if level > active.threshold}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),
@@ -521,7 +528,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
                    data_end=ms_to_datetime(last_ms).isoformat())
     log.info("%s: %d windows read back (%d records), %d for training, %d held out, %d alert windows", group.name,
              split.total, data.records, len(split.train), len(split.holdout), len(split.alert_windows))
-    return split, thinning
+    return split, thinning, levels
 
 
 def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Session], run_id: int, holder: str,
@@ -538,7 +545,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         return _finish(group.name, "skipped", f"no complete windows in the last {rc.lookback_days:g} days "
                        f"({m['records_read']} records read)", sessions=sessions, run_id=run_id, progress=progress,
                        clock=clock)
-    split, thinning = recent
+    split, thinning, active_levels = recent
     if len(split.train) < rc.min_windows:
         thinned = (f"; the lookback was thinned to every {thinning.keep_every}{_ordinal(thinning.keep_every)} block "
                    f"by retrain.max_windows = {rc.max_windows}" if thinning.keep_every > 1 else "")
@@ -562,7 +569,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     progress.candidate_version = candidate.version
 
     cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning)
-    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, thinning)
+    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, thinning, active_levels)
                    if active is not None else None)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)

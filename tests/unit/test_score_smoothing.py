@@ -255,3 +255,5 @@ def test_retrain_evaluation_judges_subsets_on_the_stream_smoothed_in_context() -
     # in the pipeline the level after the incident decays 1.125, 0.56, ...: the first held-out window still exceeds
     assert in_context.far == pytest.approx(0.25) and in_context.recall == pytest.approx(1.0)
     assert alone.far == 0.0  # smoothed on its own, the held-out stretch would start from scratch
+    levels = dict(zip(((w.asset, w.end_ms) for w in context), ewma(np.array(raw), 0.5), strict=True))
+    assert evaluate(Smoothing(), holdout, alerts, context, levels=levels) == in_context  # type: ignore[arg-type]
