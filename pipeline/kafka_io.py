@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,10 +53,13 @@ class _Rebalance(ConsumerRebalanceListener):
 
 def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | None = None,
                   on_assigned: Callable[[set[int]], None] | None = None,
-                  on_lost: Callable[[set[int]], None] | None = None) -> KafkaConsumer:
+                  on_lost: Callable[[set[int]], None] | None = None,
+                  stop: threading.Event | None = None) -> KafkaConsumer:
     """A consumer in ``cfg.group_id`` subscribed to the readings topic, with auto-commit off.
 
     ``on_lost`` is called when the group evicted this consumer (its fetch positions are gone); default: on_revoked.
+    It joins the group only once the broker reports the topic's partitions (``wait_for_partitions``; ``stop`` ends
+    the wait).
     """
     consumer = KafkaConsumer(
         group_id=cfg.group_id,
@@ -70,8 +74,37 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
     )
     revoked = on_revoked or (lambda _p: None)
     listener = _Rebalance(revoked, on_assigned or (lambda _p: None), on_lost or revoked)
+    try:
+        wait_for_partitions(consumer, cfg.topic, stop)
+    except BaseException:
+        consumer.close(autocommit=False)
+        raise
     consumer.subscribe([cfg.topic], listener=listener)
     return consumer
+
+
+def wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event | None = None, *,
+                        interval_s: float = 1.0, warn_every_s: float = 30.0) -> set[int]:
+    """Block until the broker reports partitions of ``topic`` (a warning every ``warn_every_s`` while it does not);
+    returns them, or an empty set when ``stop`` is set first.
+
+    Why: a consumer that joins its group before it knows the topic's partitions is assigned nothing, and the
+    rebalance that follows once they appear can be lost by kafka-python 3.0 when a poll times out during its
+    SyncGroup: the group counts the member as assigned, the consumer fetches nothing, and it stays idle until the
+    next rebalance (seen in this project's tests as minutes without a single window scored).
+    """
+    waited = 0.0
+    while True:
+        partitions = consumer.partitions_for_topic(topic)
+        if partitions or (stop is not None and stop.is_set()):
+            return set(partitions or ())
+        if waited % warn_every_s < interval_s:
+            log.warning("topic %s has no partitions yet (does it exist?): waiting before joining the group", topic)
+        if stop is not None:
+            stop.wait(interval_s)
+        else:
+            time.sleep(interval_s)
+        waited += interval_s
 
 
 def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:

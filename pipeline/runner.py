@@ -403,7 +403,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
                         sinks=sinks)
         consumer = kafka_io.make_consumer(
             config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
-            on_lost=runner.partitions_lost,
+            on_lost=runner.partitions_lost, stop=stop,
         )
         log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                  config.database.safe_url, {g: d.version for g, d in detectors.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -155,3 +156,39 @@ def simulate_normal_frame(asset: str, start: pd.Timestamp) -> pd.DataFrame:
 
 def test_ms_round_trip() -> None:
     assert datetime_to_ms(ms_to_datetime(1767225610123)) == 1767225610123
+
+
+def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
+        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It waits for the topic's partitions before joining its group; joining first would be assigned nothing, and
+    kafka-python 3.0 could then lose the assignment of the rebalance that follows (an idle consumer)."""
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    group = cfg.groups[0]
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    normal, _ = simulate_fleet(ASSETS, START, 720, PERIOD, seed=3, anomalous_assets=[])
+    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
+    with make_sessionmaker(engine).begin() as s:
+        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
+                         group=group, model_dir=cfg.model_dir)
+    engine.dispose()
+    messages = to_messages({a: f.iloc[:240] for a, f in normal.items()})
+    result: list[RunStats] = []
+    pipeline = threading.Thread(target=lambda: result.append(
+        _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90)), daemon=True)
+    with caplog.at_level("WARNING", logger="pipeline.kafka_io"):
+        pipeline.start()
+        deadline = time.monotonic() + 30
+        while "has no partitions yet" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "has no partitions yet" in caplog.text  # it noticed, and waits
+        kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+        producer = kafka_io.make_producer(cfg.kafka)
+        for asset, payload in messages:
+            producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+        producer.flush()
+        producer.close()
+        pipeline.join(timeout=120)
+    assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
+    assert result[0].windows_scored > 0
