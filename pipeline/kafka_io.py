@@ -114,14 +114,35 @@ def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
 
 
 def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int) -> list[RawRecord]:
-    """One poll, flattened and ordered by partition then offset."""
+    """One poll, flattened and ordered by partition then offset (``recover_lost_assignment`` after it)."""
     batches = consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+    recover_lost_assignment(consumer)
     records = [
         RawRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
         for tp in sorted(batches, key=lambda t: t.partition)
         for r in batches[tp]
     ]
     return records
+
+
+def recover_lost_assignment(consumer: KafkaConsumer) -> bool:
+    """Undo a kafka-python 3.0 race; True when it asked the group for a rejoin.
+
+    A poll that times out while a JoinGroup/SyncGroup is in flight leaves the join running. When the rejoin was
+    caused by new topic metadata (the leader's assignment snapshot), the leader's snapshot is updated inside that
+    join, so the next poll sees nothing to rejoin and never applies the finished join's assignment: the group counts
+    the member as owning partitions, and the consumer fetches nothing until the next rebalance. That state (a
+    finished join that was never taken up, and no rejoin pending) is recognised here and a rejoin is requested. It
+    reads the coordinator's internals, guarded: with a library that lacks them this does nothing.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    task = getattr(coordinator, "_join_task", None)
+    if coordinator is None or task is None or not getattr(task, "is_done", False) or coordinator.need_rejoin():
+        return False
+    log.warning("the consumer group's last join finished but its assignment was never applied (a kafka-python "
+                "race): rejoining the group")
+    coordinator.request_rejoin()
+    return True
 
 
 def _dead_letter_value(rejected: Rejected, max_value_bytes: int) -> bytes:

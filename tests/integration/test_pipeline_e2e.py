@@ -192,3 +192,29 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         pipeline.join(timeout=120)
     assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
     assert result[0].windows_scored > 0
+
+
+def test_polls_that_time_out_during_every_rebalance_still_end_up_consuming(
+        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path) -> None:
+    """Polls of 1 ms time out in the middle of the group join. kafka-python 3.0 then can lose the assignment of a
+    rejoin (``kafka_io.recover_lost_assignment``); the pipeline must consume everything regardless."""
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    cfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"poll_timeout_ms": 1})})
+    group = cfg.groups[0]
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    normal, _ = simulate_fleet(ASSETS, START, 720, PERIOD, seed=3, anomalous_assets=[])
+    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
+    with make_sessionmaker(engine).begin() as s:
+        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
+                         group=group, model_dir=cfg.model_dir)
+    engine.dispose()
+    messages = to_messages({a: f.iloc[:240] for a, f in normal.items()})
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+    producer = kafka_io.make_producer(cfg.kafka)
+    for asset, payload in messages:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.flush()
+    producer.close()
+    stats = _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=60)
+    assert stats.readings == len(messages)
