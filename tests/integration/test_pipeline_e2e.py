@@ -158,22 +158,36 @@ def test_ms_round_trip() -> None:
     assert datetime_to_ms(ms_to_datetime(1767225610123)) == 1767225610123
 
 
-def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
-        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture) -> None:
-    """It waits for the topic's partitions before joining its group; joining first would be assigned nothing, and
-    kafka-python 3.0 could then lose the assignment of the rebalance that follows (an idle consumer)."""
-    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+def _deploy_small(cfg: Config, db_url: str) -> list[tuple[str, dict[str, object]]]:
+    """Migrate, train and activate a model on two hours of normal data; returns 40 minutes of readings to send."""
     group = cfg.groups[0]
-    upgrade(pg_database_url)
-    engine = make_engine(pg_database_url)
+    upgrade(db_url)
+    engine = make_engine(db_url)
     normal, _ = simulate_fleet(ASSETS, START, 720, PERIOD, seed=3, anomalous_assets=[])
     table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
     with make_sessionmaker(engine).begin() as s:
         register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
                          group=group, model_dir=cfg.model_dir)
     engine.dispose()
-    messages = to_messages({a: f.iloc[:240] for a, f in normal.items()})
+    return to_messages({a: f.iloc[:240] for a, f in normal.items()})
+
+
+def _send(cfg: Config, messages: list[tuple[str, dict[str, object]]]) -> None:
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+    producer = kafka_io.make_producer(cfg.kafka)
+    for asset, payload in messages:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.flush()
+    producer.close()
+
+
+def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
+        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It waits for the topic's partitions before joining its group; joining first would be assigned nothing, and
+    kafka-python 3.0 could then lose the assignment of the rebalance that follows (an idle consumer)."""
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    messages = _deploy_small(cfg, pg_database_url)
     result: list[RunStats] = []
     pipeline = threading.Thread(target=lambda: result.append(
         _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90)), daemon=True)
@@ -183,12 +197,7 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         while "has no partitions yet" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "has no partitions yet" in caplog.text  # it noticed, and waits
-        kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
-        producer = kafka_io.make_producer(cfg.kafka)
-        for asset, payload in messages:
-            producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
-        producer.flush()
-        producer.close()
+        _send(cfg, messages)
         pipeline.join(timeout=120)
     assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
     assert result[0].windows_scored > 0
@@ -200,21 +209,7 @@ def test_polls_that_time_out_during_every_rebalance_still_end_up_consuming(
     rejoin (``kafka_io.recover_lost_assignment``); the pipeline must consume everything regardless."""
     cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
     cfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"poll_timeout_ms": 1})})
-    group = cfg.groups[0]
-    upgrade(pg_database_url)
-    engine = make_engine(pg_database_url)
-    normal, _ = simulate_fleet(ASSETS, START, 720, PERIOD, seed=3, anomalous_assets=[])
-    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
-    with make_sessionmaker(engine).begin() as s:
-        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
-                         group=group, model_dir=cfg.model_dir)
-    engine.dispose()
-    messages = to_messages({a: f.iloc[:240] for a, f in normal.items()})
-    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
-    producer = kafka_io.make_producer(cfg.kafka)
-    for asset, payload in messages:
-        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
-    producer.flush()
-    producer.close()
+    messages = _deploy_small(cfg, pg_database_url)
+    _send(cfg, messages)
     stats = _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=60)
     assert stats.readings == len(messages)
