@@ -85,14 +85,10 @@ class WindowSplit:
         return self.anomalous / self.total if self.total else 0.0
 
 
-def _overlaps(window: Window, spans: Iterable[Span], margin_ms: int) -> bool:
-    """True when the window ``[start_ms, end_ms)`` meets a span ``[start_ms, end_ms)`` widened by ``margin_ms``."""
-    return any(window.start_ms < s.end_ms + margin_ms and window.end_ms > s.start_ms - margin_ms for s in spans)
-
-
 def near_alerts(spans: Iterable[Span], margin_ms: int) -> Callable[[Window], bool]:
-    """A test for "does this window meet an alert widened by ``margin_ms``" (as ``_overlaps``), in O(log n) per
-    window: the widened spans are merged per asset and searched by bisection."""
+    """A test for "does this window ``[start_ms, end_ms)`` meet an alert span ``[start_ms, end_ms)`` of its asset
+    widened by ``margin_ms``", in O(log n) per window: the widened spans are merged per asset and searched by
+    bisection."""
     merged: dict[str, list[list[int]]] = defaultdict(list)
     for span in sorted(spans, key=lambda s: (s.asset, s.start_ms)):
         runs = merged[span.asset]
@@ -133,18 +129,15 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
         return WindowSplit([], [], [], 0, 0, 0, 0)
     counts = counted or (lambda _w: True)
     sample = [w for w in ordered if counts(w)] or ordered
-    spans_of: dict[str, list[Span]] = defaultdict(list)
-    for span in alerts:
-        spans_of[span.asset].append(span)
+    inside, near_one = near_alerts(alerts, 0), near_alerts(alerts, margin_ms)
     cut = sample[min(int(len(sample) * (1.0 - holdout_fraction)), len(sample) - 1)].start_ms
     train: list[Window] = []
     holdout: list[Window] = []
     alert_windows: list[Window] = []
     near = flagged_count = anomalous = 0
     for w in ordered:
-        spans = spans_of.get(w.asset, [])
-        in_alert = _overlaps(w, spans, 0)
-        is_near = in_alert or _overlaps(w, spans, margin_ms)
+        in_alert = inside(w)
+        is_near = in_alert or near_one(w)
         is_flagged = (w.asset, w.end_ms) in flagged
         if counts(w):
             near += is_near
@@ -491,13 +484,13 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     rc = config.retrain
     since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
     margin_ms = round(rc.alert_margin_s * 1000)
-    # the alerts the lookback's windows can meet (readings may be as old as ingest.max_age_s when they arrive), so
-    # that thinning keeps their windows
+    # the alerts the lookback's windows can meet (readings may be as old as ingest.max_age_s when they arrive): they
+    # decide which windows thinning must keep, and which are near an alert in the split
     max_age_ms = round(config.ingest.max_age_s * 1000) if config.ingest.max_age_s is not None else None
     alerts_since = ms_to_datetime(since_ms - max_age_ms - margin_ms) if max_age_ms is not None else None
     with sessions() as session:
-        near = near_alerts(_spans(repo.list_alerts(session=session, group=group.name, since=alerts_since,
-                                                   limit=None)), margin_ms)
+        spans = _spans(repo.list_alerts(session=session, group=group.name, since=alerts_since, limit=None))
+    near = near_alerts(spans, margin_ms)
     alphas = [group.threshold.ewma_alpha, active.ewma_alpha if active is not None else None]
     data = read_recent_windows(config, group, since_ms=since_ms, max_windows=rc.max_windows,
                                thinning=Thinning.for_smoothing(group.window.stride * group.period_ms, alphas),
@@ -508,12 +501,9 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     if not data.windows:
         return None
     first_ms, last_ms = min(w.start_ms for w in data.windows), max(w.end_ms for w in data.windows)
-    with sessions() as session:
-        alerts = repo.list_alerts(session=session, group=group.name, since=ms_to_datetime(first_ms - margin_ms),
-                                  until=ms_to_datetime(last_ms + margin_ms), limit=None)
+    with sessions() as session:  # the alerts were read above: every one the lookback's windows can meet
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
-    spans = _spans(alerts)
     levels = None
     if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),

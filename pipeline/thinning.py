@@ -16,6 +16,7 @@ the same windows, and keeping every 2k-th block keeps a subset of every k-th (``
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Hashable, Iterable, Sequence
@@ -24,6 +25,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from pipeline.types import Window
+
+
+@functools.cache
+def _phase(asset: str) -> int:
+    """Where the asset's blocks start: stable per asset and across processes (computed once per asset)."""
+    return zlib.crc32(asset.encode())
+
 
 #: Windows per kept block when scores are smoothed: at least this many, and at least 30 / alpha.
 MIN_BLOCK = 256
@@ -61,8 +69,7 @@ class Thinning:
         return window.start_ms // self.step_ms
 
     def _block_of(self, window: Window) -> int:
-        phase = zlib.crc32(window.asset.encode()) % (self.block * 1024)  # stable per asset, across processes
-        return (self.index(window) + phase) // self.block
+        return (self.index(window) + _phase(window.asset) % (self.block * 1024)) // self.block
 
     def keeps(self, window: Window) -> bool:
         """True when the window's block is kept."""

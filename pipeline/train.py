@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 #: Fewer validation windows than this with a settled smoothed score: the threshold is fitted on all of them.
 MIN_SETTLED = 50
 
+
 @dataclass
 class TrainedModel:
     """A trained detector and what it was trained on."""
