@@ -6,7 +6,10 @@ runs the demo's chain for each end hour: simulate a normal day, train the demo's
 config), simulate the 12 test hours with the demo's injected anomalies, cut windows, score them and feed the scores
 to the alert engine, then score the alerts against the ground truth (event level, as the demo does).
 
-    python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--output demo_hours.json]
+    python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath 0.3,21600]
+                                    [--output demo_hours.json]
+
+``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rich.progress import track
 from rich.table import Table
 
 from pipeline.alerting import AlertEngine
+from pipeline.config import AftermathConfig
 from pipeline.demo import PERIOD_S, demo_config
 from pipeline.evaluation import Span, score_events
 from pipeline.scoring import score_windows
@@ -35,12 +39,15 @@ def _frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat([f.assign(asset=a) for a, f in frames.items()]).reset_index()
 
 
-def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path) -> dict[str, object]:
+def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path,
+             aftermath: AftermathConfig | None = None) -> dict[str, object]:
     """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts."""
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     cfg = demo_config(bootstrap="unused:9092", database_url="sqlite://", model_dir=model_dir, assets=assets,
                       run_id="hours")
     group = cfg.groups[0]
+    if aftermath is not None:
+        group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     test_start = pd.Timestamp(end - timedelta(hours=hours))
@@ -51,10 +58,10 @@ def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir
     frames, truth = simulate_fleet(assets, test_start, test_periods, PERIOD_S, seed + 1,
                                    anomalous_assets=assets[:-1], anomalies_per_asset=2)
     scores = score_windows(windows_from_frame(_frame(frames), group), {group.name: detector})
-    engine = AlertEngine(cfg.groups)
-    scores = engine.smooth(scores, {group.name: detector.ewma_alpha})
+    engine = AlertEngine([group])
+    _, events = engine.judge(engine.smooth(scores, {group.name: detector.ewma_alpha}))
     alerts: dict[tuple[str, int], Span] = {}  # the latest state of each incident
-    for event in engine.process(scores):
+    for event in events:
         a = event.alert
         alerts[(a.asset, a.opened_ms)] = Span(a.asset, a.opened_ms, a.last_seen_ms)
     truth_spans = [Span(t.asset, datetime_to_ms(t.start.to_pydatetime()), datetime_to_ms(t.end.to_pydatetime()),
@@ -71,14 +78,20 @@ def main() -> None:
     parser.add_argument("--assets", type=int, default=4, help="simulated pumps (the demo's 4)")
     parser.add_argument("--seed", type=int, default=11, help="simulation seed (the demo's 11)")
     parser.add_argument("--date", default="2026-01-01", help="UTC date whose 24 end hours are run")
+    parser.add_argument("--aftermath", metavar="RELATIVE,HALF_LIFE_S",
+                        help="set the alert rule's aftermath, e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
+    aftermath = None
+    if args.aftermath:
+        relative, half_life_s = (float(x) for x in args.aftermath.split(","))
+        aftermath = AftermathConfig(relative=relative, half_life_s=half_life_s)
     day = datetime.fromisoformat(args.date).replace(tzinfo=UTC)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hour in track(range(24), description="end hours"):
             rows.append(run_hour(day + timedelta(hours=hour), hours=args.hours, n_assets=args.assets,
-                                 seed=args.seed, model_dir=Path(tmp)))
+                                 seed=args.seed, model_dir=Path(tmp), aftermath=aftermath))
     table = Table("end hour (UTC)", "caught", "alerts", "false", "recall", "precision", "threshold")
     for r in rows:
         table.add_row(f"{r['end_hour_utc']:02d}:00", f"{r['caught']}/{r['anomalies']}", str(r["alerts"]),

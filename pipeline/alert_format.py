@@ -76,19 +76,23 @@ def to_csv(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def history_rows(scores: Sequence[WindowScore], alert: Alert) -> list[dict[str, Any]]:
     """The score history around an alert: per window its score, smoothed score (None unless the model smooths),
-    threshold, ratio of the level held to the threshold (smoothed when present), whether it exceeded, whether it
-    lies inside the alert, and its largest sensor contribution."""
+    threshold, aftermath floor (None unless a recent large incident raised the bar), ratio of the level held to the
+    threshold (smoothed when present), whether it exceeded the bar (the threshold, or the floor when higher), whether
+    it lies inside the alert, and its largest sensor contribution."""
     start, end = alert.opened_at, alert.closed_at or alert.last_seen_at
     rows = []
     for s in scores:
         total = sum(s.sensor_errors.values()) or 1.0
         top = max(s.sensor_errors.items(), key=lambda kv: kv[1], default=("", 0.0))
         level = s.score if s.smoothed_score is None else s.smoothed_score
+        bar = s.threshold if s.aftermath_floor is None else max(s.threshold, s.aftermath_floor)
         rows.append({
             "window_start": _ts(s.window_start), "window_end": _ts(s.window_end), "score": round(s.score, 6),
             "smoothed": None if s.smoothed_score is None else round(s.smoothed_score, 6),
-            "threshold": round(s.threshold, 6), "ratio": round(level / s.threshold, 3) if s.threshold > 0 else None,
-            "above": bool(level > s.threshold), "in_alert": bool(start <= s.window_start and s.window_end <= end),
+            "threshold": round(s.threshold, 6),
+            "aftermath_floor": None if s.aftermath_floor is None else round(s.aftermath_floor, 6),
+            "ratio": round(level / s.threshold, 3) if s.threshold > 0 else None, "above": bool(level > bar),
+            "in_alert": bool(start <= s.window_start and s.window_end <= end),
             "top_sensor": top[0], "top_share": round(top[1] / total, 4),
         })
     return rows

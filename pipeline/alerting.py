@@ -15,10 +15,14 @@ Per asset, following its group's ``AlertConfig``:
   before it (k-of-n history, time pending, resolve count) is dropped; an open alert stays open, unchanged.
 - **smoothing**: when the model's threshold applies to smoothed scores, ``smooth`` sets each score's EWMA
   (``Score.smoothed``) first and every rule above compares that level (``Score.level``) instead of the raw score.
+- **aftermath** (optional): after an incident that reached a large multiple of the threshold, the asset's windows are
+  held to a raised bar (``Score.aftermath_floor``): ``relative`` x the decayed peak ratio of the windows of its
+  incidents so far, at most the top severity tier's multiple. Every rule above (k-of-n, the exit level) compares
+  the level with that bar (``Score.bar``) instead of the threshold; severity stays relative to the threshold.
 - **restart**: ``restore`` rebuilds an asset from its stored open alert (optionally the last resolved one, for the
-  cooldown) and its latest stored scores, replayed without opening anything; transitions the replay implies for the
-  open alert are returned by the next ``process`` call. Windows at or before the last one processed are ignored, which
-  makes replays harmless.
+  cooldown), its latest stored scores, replayed without opening anything, and its stored incident windows (aftermath);
+  transitions the replay implies for the open alert are returned by the next ``process`` call. Windows at or before
+  the last one processed are ignored, which makes replays harmless.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from pipeline.config import AlertConfig, GroupConfig, MaintenanceWindow
+from pipeline.config import AFTERMATH_MAX_RATIO, AftermathConfig, AlertConfig, GroupConfig, MaintenanceWindow
 from pipeline.cron import CronSchedule
 from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
@@ -59,6 +63,42 @@ def top_sensors(error_sums: Mapping[str, float], count: int) -> list[dict[str, f
     named = [(k, v) for k, v in error_sums.items() if k != _REST]
     ranked = sorted(named, key=lambda kv: kv[1], reverse=True)[:count]
     return [{"sensor": name, "share": round(value / total, 4), "error": round(value, 6)} for name, value in ranked]
+
+
+Excursion = tuple[float, int]  # (ratio to the threshold, capped at AFTERMATH_MAX_RATIO; window end ms)
+
+
+def _decayed(excursion: Excursion, end_ms: int, half_life_s: float) -> float:
+    ratio, at_ms = excursion
+    return ratio * 0.5 ** ((end_ms - at_ms) / (half_life_s * 1000))
+
+
+def _larger(a: Excursion | None, b: Excursion | None, half_life_s: float) -> Excursion | None:
+    """Of two excursions, the one whose decayed ratio is larger from now on (the order of ``r * 2^-((t - t_i) / h)``
+    does not depend on ``t``, so one comparison settles it for good)."""
+    if a is None or b is None:
+        return b if a is None else a
+    at = max(a[1], b[1])
+    return a if _decayed(a, at, half_life_s) >= _decayed(b, at, half_life_s) else b
+
+
+def _excursion_of(score: Score, cfg: AftermathConfig | None) -> Excursion | None:
+    """A window's excursion, or None when it could never raise the bar (ratio at most ``1 / relative``, or no
+    positive threshold, or no aftermath rule)."""
+    if cfg is None or score.threshold <= 0:
+        return None
+    ratio = min(score.level / score.threshold, AFTERMATH_MAX_RATIO)
+    return (ratio, score.end_ms) if ratio * cfg.relative > 1.0 else None
+
+
+def _aftermath_floor(excursion: Excursion | None, score: Score, rule: AlertConfig) -> float | None:
+    """The raised bar for ``score`` (score units) after ``excursion``: ``relative`` x its decayed ratio, at most the
+    top severity tier's multiple, x the threshold; None when that is not above the threshold."""
+    cfg = rule.aftermath
+    if cfg is None or excursion is None or score.threshold <= 0:
+        return None
+    bar = min(cfg.relative * _decayed(excursion, score.end_ms, cfg.half_life_s), rule.tiers[-1].multiple)
+    return bar * score.threshold if bar > 1.0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +151,18 @@ class _Evidence:
     ratio: float
     count: int
     sums: dict[str, float]
+    excursion: Excursion | None = None  # the windows' largest (aftermath), counted once the incident opens
 
     @classmethod
-    def of(cls, scores: Sequence[Score]) -> _Evidence:
+    def of(cls, scores: Sequence[Score], aftermath: AftermathConfig | None) -> _Evidence:
         evidence = cls(scores[0].start_ms, -math.inf, 0.0, 0, {})
         for score in scores:
-            evidence.add(score)
+            evidence.add(score, aftermath)
         return evidence
 
-    def add(self, score: Score) -> None:
+    def add(self, score: Score, aftermath: AftermathConfig | None) -> None:
+        if aftermath is not None:
+            self.excursion = _larger(self.excursion, _excursion_of(score, aftermath), aftermath.half_life_s)
         self.first_start_ms = min(self.first_start_ms, score.start_ms)
         self.peak = max(self.peak, score.level)
         self.ratio = max(self.ratio, _ratio(score.level, score.threshold))
@@ -170,6 +213,7 @@ class _AssetAlerts:
     ewma: float | None = None  # the smoothed score after the window ending at ewma_end_ms, by model ewma_version
     ewma_end_ms: int = _NEVER
     ewma_version: str | None = None
+    excursion: Excursion | None = None  # aftermath: of the windows of its incidents, the largest decayed ratio
 
 
 @dataclass
@@ -199,14 +243,25 @@ class AlertEngine:
             needed = max(needed, c.n, c.clear_after, pending)
         return needed
 
+    def aftermath_lookback_ms(self, group: str) -> int | None:
+        """How far before an asset's latest window its stored excursions can still raise the bar (None: the group
+        has no aftermath rule): a ratio of at most ``AFTERMATH_MAX_RATIO`` decays below ``1 / relative`` by then."""
+        cfg = self._rules[group].config.aftermath
+        if cfg is None:
+            return None
+        return math.ceil(cfg.half_life_s * 1000 * math.log2(AFTERMATH_MAX_RATIO * cfg.relative))
+
     def unrestored(self, assets: Iterable[str]) -> list[str]:
         """Assets whose state has not been loaded from the database yet in this process."""
         return sorted({a for a in assets if a not in self._assets or not self._assets[a].restored})
 
     def restore(self, asset: str, group: str, *, open_alert: AlertRecord | None, recent: Sequence[Score],
-                last_resolved: AlertRecord | None = None) -> None:
+                last_resolved: AlertRecord | None = None, excursions: Sequence[Score] = ()) -> None:
         """Rebuild an asset's state from its stored open alert, its latest scores (any order) and, when given, its
-        latest resolved alert (restores the cooldown and keeps that incident's windows out of the next one).
+        latest resolved alert (restores the cooldown and keeps that incident's windows out of the next one) and,
+        for the aftermath peak, the exceeding windows of its stored incidents whose level exceeded ``1 / relative`` x
+        their threshold within ``aftermath_lookback_ms`` of its latest window (older or smaller ones cannot raise the
+        bar; ``repo.excursions``).
 
         The scores are replayed without opening an alert; updates or a resolution of ``open_alert`` that they imply
         (e.g. after a configuration change) are returned by the next ``process`` call.
@@ -224,6 +279,11 @@ class AlertEngine:
         if recent:
             latest = max(recent, key=lambda s: s.end_ms)
             state.ewma, state.ewma_end_ms, state.ewma_version = latest.smoothed, latest.end_ms, latest.model_version
+        aftermath = rule.config.aftermath
+        if aftermath is not None:
+            for score in excursions:
+                if not rule.in_maintenance(score):
+                    state.excursion = _larger(state.excursion, _excursion_of(score, aftermath), aftermath.half_life_s)
         for score in sorted(recent, key=lambda s: s.end_ms):
             if score.end_ms <= state.last_end_ms:
                 continue
@@ -275,21 +335,39 @@ class AlertEngine:
 
     def process(self, scores: Iterable[Score]) -> list[AlertEvent]:
         """Feed scores (any order across assets; sorted by window end per asset here) and return alert events."""
+        return self.judge(scores)[1]
+
+    def judge(self, scores: Iterable[Score]) -> tuple[list[Score], list[AlertEvent]]:
+        """Feed scores (any order across assets) and return them, sorted by asset and window end, with their
+        ``aftermath_floor`` set where the group's rule has an ``aftermath`` and an earlier incident raised the bar
+        (store these: their ``is_anomaly`` is what the rules judged), and the alert events.
+
+        Windows at or before the last one judged (replays) are returned unchanged and judged no further. Floors are
+        exact in any batching and, through ``restore``, across restarts: the largest decayed ratio of past incident
+        windows has the same arg max at every later time, so one (ratio, time) pair per asset carries it.
+        """
         events: list[AlertEvent] = []
         for asset in sorted(self._backlogged):
             events.extend(self._assets[asset].backlog)
             self._assets[asset].backlog.clear()
         self._backlogged.clear()
+        judged: list[Score] = []
         for score in sorted(scores, key=lambda s: (s.asset, s.end_ms)):
             rule = self._rules[score.group]
             state = self._state_of(score)
             if score.end_ms <= state.last_end_ms:
+                judged.append(score)
                 continue
             state.last_end_ms = score.end_ms
+            if rule.config.aftermath is not None and not rule.in_maintenance(score):
+                floor = _aftermath_floor(state.excursion, score, rule.config)
+                if floor is not None:
+                    score = replace(score, aftermath_floor=floor)
+            judged.append(score)
             event = self._step(state, score, rule, replay=False)
             if event is not None:
                 events.append(event)
-        return events
+        return judged, events
 
     @staticmethod
     def _step(state: _AssetAlerts, score: Score, rule: _Rule, *, replay: bool) -> AlertEvent | None:
@@ -311,9 +389,9 @@ class AlertEngine:
             state.pending = None  # in a cooldown the time pending does not run (k-of-n history still fills)
             return None
         if state.pending is None:
-            state.pending = _Pending(score.end_ms, _Evidence.of(flagged))
+            state.pending = _Pending(score.end_ms, _Evidence.of(flagged, cfg.aftermath))
         elif score.is_anomaly:
-            state.pending.evidence.add(score)
+            state.pending.evidence.add(score, cfg.aftermath)
         if replay or not score.is_anomaly:
             return None
         if score.end_ms - state.pending.since_ms < cfg.min_duration_s * 1000:
@@ -328,6 +406,8 @@ class AlertEngine:
         )
         state.current = _Open(record, dict(evidence.sums), evidence.ratio, rank)
         state.pending = None
+        if cfg.aftermath is not None:  # the incident's windows count towards the aftermath from now on
+            state.excursion = _larger(state.excursion, evidence.excursion, cfg.aftermath.half_life_s)
         return AlertEvent("opened", record)
 
     @staticmethod
@@ -335,6 +415,9 @@ class AlertEngine:
         previous = current.record
         if score.is_anomaly:
             current.below = 0
+            if cfg.aftermath is not None:
+                state.excursion = _larger(state.excursion, _excursion_of(score, cfg.aftermath),
+                                          cfg.aftermath.half_life_s)
             for sensor, err in score.sensor_errors.items():
                 current.error_sums[sensor] = current.error_sums.get(sensor, 0.0) + err
             current.ratio = max(current.ratio, _ratio(score.level, score.threshold))
@@ -345,7 +428,7 @@ class AlertEngine:
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)
-        if score.level > cfg.exit_level * score.threshold:
+        if score.level > cfg.exit_level * score.bar:
             current.below = 0  # between the exit level and the threshold: still inside the incident
             return None
         current.below += 1

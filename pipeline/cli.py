@@ -319,11 +319,13 @@ def alerts_show(
         sensors.add_row(str(rank), str(item["sensor"]), f"{share:.1%}", f"{float(item['error']):.4g}",
                         "█" * max(round(share * 30), 1))
     out.print(sensors)
-    table = Table(title=f"score history ({len(history)} windows; > = above threshold, * = inside the alert)",
-                  title_justify="left")
     smoothing = any(item["smoothed"] is not None for item in history)  # the threshold applies to the EWMA then
-    columns = ("window end (UTC)", "", "score", *(("smoothed",) if smoothing else ()), "threshold", "ratio",
-               "top sensor", "")
+    raised = any(item["aftermath_floor"] is not None for item in history)  # the aftermath rule raised the bar
+    bar = "the bar (threshold or aftermath floor)" if raised else "threshold"
+    table = Table(title=f"score history ({len(history)} windows; > = above {bar}, * = inside the alert)",
+                  title_justify="left")
+    columns = ("window end (UTC)", "", "score", *(("smoothed",) if smoothing else ()), "threshold",
+               *(("aftermath floor",) if raised else ()), "ratio", "top sensor", "")
     for column in columns:
         table.add_column(column, no_wrap=True)
     for item in elide(history, max_rows):
@@ -333,8 +335,9 @@ def alerts_show(
         ratio_value = item["ratio"] or 0.0
         mark = (">" if item["above"] else " ") + ("*" if item["in_alert"] else " ")
         smoothed = (("-" if item["smoothed"] is None else f"{item['smoothed']:.4g}"),) if smoothing else ()
+        floor = (("-" if item["aftermath_floor"] is None else f"{item['aftermath_floor']:.4g}"),) if raised else ()
         table.add_row(str(item["window_end"]).replace("T", " ").removesuffix("Z")[:19], mark,
-                      f"{item['score']:.4g}", *smoothed, f"{item['threshold']:.4g}", f"{ratio_value:.2f}",
+                      f"{item['score']:.4g}", *smoothed, f"{item['threshold']:.4g}", *floor, f"{ratio_value:.2f}",
                       f"{item['top_sensor']} {item['top_share']:.0%}", "▇" * min(round(ratio_value * 10), 40))
     out.print(table)
 

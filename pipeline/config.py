@@ -301,6 +301,23 @@ class MaintenanceWindow(_Strict):
         return self
 
 
+AFTERMATH_MAX_RATIO = 1000.0  # larger ratios count as this much towards the aftermath peak (bounds its memory)
+
+
+class AftermathConfig(_Strict):
+    """After an incident that reached a large multiple of the threshold, hold the asset's windows to a raised bar for
+    a while, so the plant settling into a slightly different state does not keep (or re-open) the alarm.
+
+    A window counts as exceeding only when its level is above both the threshold and ``relative`` x the peak ratio
+    (level / threshold) of the asset's incident windows so far, each halving every ``half_life_s`` of event time. The
+    raised bar never exceeds the top severity tier's multiple, so a level at that tier always counts; windows that
+    opened no incident (a lone spike) never raise it. Ratios above ``AFTERMATH_MAX_RATIO`` count as that much, so an
+    incident stops mattering after at most ~10 half-lives."""
+
+    relative: Annotated[float, Field(gt=1 / AFTERMATH_MAX_RATIO, lt=1)] = 0.3
+    half_life_s: PositiveFloat = 21600.0
+
+
 class AlertConfig(_Strict):
     """Alert rule of a group (all times are event time, from window ends).
 
@@ -308,7 +325,9 @@ class AlertConfig(_Strict):
     after ``clear_after`` consecutive windows at or below ``exit_level`` x threshold (hysteresis; a window between the
     exit level and the threshold keeps the alert open). After a resolution the asset opens nothing for ``cooldown_s``.
     Severity: the highest of ``severities`` reached (default: warning at 1x, critical at ``critical_multiplier`` x);
-    it only rises during an incident. Windows overlapping a ``maintenance`` window are ignored."""
+    it only rises during an incident. Windows overlapping a ``maintenance`` window are ignored. ``aftermath``
+    (optional) raises the bar after a large incident (``AftermathConfig``); "the threshold" above then means the
+    raised bar, for opening and for the exit level alike."""
 
     k: PositiveInt = 2
     n: PositiveInt = 3
@@ -320,6 +339,7 @@ class AlertConfig(_Strict):
     min_duration_s: Annotated[float, Field(ge=0)] = 0.0
     cooldown_s: Annotated[float, Field(ge=0)] = 0.0
     maintenance: list[MaintenanceWindow] = Field(default_factory=list)
+    aftermath: AftermathConfig | None = None
 
     @model_validator(mode="after")
     def _k_within_n(self) -> AlertConfig:
@@ -336,6 +356,8 @@ class AlertConfig(_Strict):
             names = [t.name for t in self.severities]
             if len(set(names)) != len(names):
                 raise ValueError("severity names must be unique")
+        if self.aftermath is not None and self.tiers[-1].multiple <= 1:
+            raise ValueError("aftermath needs a severity tier above 1x: its raised bar never exceeds the top tier")
         return self
 
     @property

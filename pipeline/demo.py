@@ -72,7 +72,8 @@ def demo_config(*, bootstrap: str, database_url: str, model_dir: Path, assets: l
             "window": {"length": 30, "stride": 5, "max_gap": 3},
             "model": {"type": "dense", "hidden": [64, 16], "epochs": 40, "batch_size": 128, "seed": 0},
             "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
-            "alert": {"k": 2, "n": 3, "clear_after": 3, "critical_multiplier": 4.0},
+            "alert": {"k": 2, "n": 3, "clear_after": 3, "critical_multiplier": 4.0,
+                      "aftermath": {"relative": 0.3, "half_life_s": 21600}},
         }],
     }, env={})
 

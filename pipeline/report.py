@@ -370,8 +370,12 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         if any(s.smoothed is not None for s in data.scores):  # the threshold applies to the smoothed score then
             smoothed = np.array([np.nan if s.smoothed is None else s.smoothed for s in data.scores])
             series.insert(1, Series("smoothed score (EWMA)", ts, smoothed, "#ff7f0e"))
+        if any(s.aftermath_floor is not None for s in data.scores):  # a recent excursion raised the bar there
+            floors = np.array([np.nan if s.aftermath_floor is None else s.aftermath_floor for s in data.scores])
+            series.append(Series("aftermath floor", ts, floors, "#9467bd", "4,2"))
         if data.exit_level < 1:
-            series.append(Series("exit level", ts, thresholds * data.exit_level, "#2ca02c", "2,3", 1.0))
+            bars = np.array([s.bar for s in data.scores])  # the exit level applies to the raised bar, if any
+            series.append(Series("exit level", ts, bars * data.exit_level, "#2ca02c", "2,3", 1.0))
         parts.append(svg_plot(plot_id="score", title="window score vs threshold (log scale)" if ratio > 30 else
                               "window score vs threshold", x_range=x_range, series=series, shades=_shades(data),
                               height=240, log=ratio > 30 and bool(np.all(scores[np.isfinite(scores)] > 0))))
@@ -399,7 +403,7 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
         f"<title>sensorwatch report: {_esc(data.asset)}</title><style>{_CSS}</style></head><body>\n"
         f"<h1>{_esc(data.asset)} <small>(group {_esc(data.group)})</small></h1>\n"
         f'<p class="meta">{_iso(data.start_ms)} to {_iso(data.end_ms)} (UTC) &middot; {len(data.scores)} windows '
-        f"scored, {above} above threshold &middot; {len(data.alerts)} alert(s) &middot; model(s) "
+        f"scored, {above} flagged &middot; {len(data.alerts)} alert(s) &middot; model(s) "
         f"{_esc(', '.join(versions) or 'none')} &middot; generated {stamp}</p>\n"
         f'<p class="legend">{legend}<span>grey: maintenance</span><span>dashed red: threshold</span>'
         "<span>scores are drawn at their window's end; an alert spans from the start of its first exceeding window"

@@ -18,9 +18,10 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -40,6 +41,7 @@ from pipeline.scoring import score_windows
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
+from pipeline.store.tables import WindowScore
 from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
 from pipeline.windowing import WindowBatch, Windower
 
@@ -233,7 +235,7 @@ class Runner:
             with self._sessions.begin() as session:
                 self._restore(session, assets)
                 scores = self._alerts.smooth(scores, {g: d.ewma_alpha for g, d in self._detectors.items()})
-                events = self._alerts.process(scores)
+                scores, events = self._alerts.judge(scores)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
                 repo.insert_skipped(session=session, skipped=skipped)
@@ -258,11 +260,30 @@ class Runner:
         recent = repo.recent_scores(session=session, assets=todo, limit=self._history)
         closed = repo.last_resolved_alerts(session=session, assets=todo)
         resolved = {row.asset: repo.alert_record(row) for row in closed}
+        excursions = self._stored_excursions(session, {a: recent[a] for a in todo if recent.get(a)})
         for asset in todo:
             self._alerts.restore(
                 asset, self._groups[asset].name, open_alert=opened.get(asset),
                 recent=[repo.score_of(row) for row in recent.get(asset, [])], last_resolved=resolved.get(asset),
+                excursions=excursions.get(asset, []),
             )
+
+    def _stored_excursions(self, session: Session, recent: dict[str, list[WindowScore]]) -> dict[str, list[Score]]:
+        """Per asset with stored scores whose group has an aftermath rule: the stored incident windows that can still
+        raise its bar (those within ``aftermath_lookback_ms`` of its latest stored window; one query per group)."""
+        by_group: dict[str, dict[str, datetime]] = defaultdict(dict)
+        for asset, series in recent.items():
+            group = self._groups[asset]
+            lookback = self._alerts.aftermath_lookback_ms(group.name)
+            if lookback is not None:
+                by_group[group.name][asset] = series[-1].window_end - timedelta(milliseconds=lookback)
+        out: dict[str, list[Score]] = {}
+        for since in by_group.values():
+            aftermath = self._groups[next(iter(since))].alert.aftermath
+            assert aftermath is not None  # a lookback exists only with an aftermath rule
+            rows = repo.excursions(session=session, since=since, relative=aftermath.relative)
+            out.update({a: [repo.score_of(r) for r in series] for a, series in rows.items()})
+        return out
 
     def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
                  scores: list[Score], events: list[AlertEvent], seconds: float) -> None:

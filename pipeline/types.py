@@ -79,6 +79,8 @@ class Score:
 
     ``smoothed`` is the EWMA of the asset's scores up to this window when the model's threshold applies to the
     smoothed stream (``threshold.ewma_alpha``), else None. ``level`` is what the threshold is compared with.
+    ``aftermath_floor`` is the raised bar of the alert rule's ``aftermath`` (score units) when a recent large
+    incident of the asset set one above the threshold, else None.
     """
 
     asset: str
@@ -90,6 +92,7 @@ class Score:
     sensor_errors: dict[str, float]
     model_version: str
     smoothed: float | None = None
+    aftermath_floor: float | None = None
 
     @property
     def level(self) -> float:
@@ -97,9 +100,15 @@ class Score:
         return self.score if self.smoothed is None else self.smoothed
 
     @property
+    def bar(self) -> float:
+        """What the level must exceed: the threshold, or the aftermath floor when one is set above it."""
+        return self.threshold if self.aftermath_floor is None else max(self.threshold, self.aftermath_floor)
+
+    @property
     def is_anomaly(self) -> bool:
-        """True when the level (smoothed or raw score) exceeds the threshold."""
-        return self.level > self.threshold
+        """True when the level (smoothed or raw score) exceeds the bar (the threshold, raised by the aftermath rule
+        after a large excursion)."""
+        return self.level > self.bar
 
 
 @dataclass(frozen=True, slots=True)

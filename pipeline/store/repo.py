@@ -5,11 +5,11 @@ Writes are idempotent (``ON CONFLICT``), so replaying a batch after a crash chan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -45,7 +45,8 @@ def insert_scores(*, session: Session, scores: Sequence[Score], now: datetime | 
         {
             "asset": s.asset, "group_name": s.group, "window_start": ms_to_datetime(s.start_ms),
             "window_end": ms_to_datetime(s.end_ms), "score": s.score, "smoothed_score": s.smoothed,
-            "threshold": s.threshold, "is_anomaly": s.is_anomaly, "sensor_errors": s.sensor_errors,
+            "aftermath_floor": s.aftermath_floor, "threshold": s.threshold, "is_anomaly": s.is_anomaly,
+            "sensor_errors": s.sensor_errors,
             "model_version": s.model_version, "created_at": created,
         }
         for s in scores
@@ -117,6 +118,34 @@ def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dic
         else:
             series.append(row)
     return {asset: series[-limit:] for asset, series in out.items()}
+
+
+def excursions(*, session: Session, since: Mapping[str, datetime], relative: float,
+               chunk: int = 200) -> dict[str, list[WindowScore]]:
+    """Per asset of ``since``: the windows ending at or after its ``since`` that the aftermath rule's peak can come
+    from: exceeding windows (``is_anomaly``) inside one of the asset's stored incidents (``opened_at`` to
+    ``last_seen_at``) whose level (smoothed score when stored, else the score) exceeds ``1 / relative`` x a positive
+    threshold. Of a window scored by several model versions only the first stored row counts (later ones are
+    replays the alert engine skipped). Oldest first; ``chunk`` assets per query."""
+    out: dict[str, list[WindowScore]] = {}
+    assets = sorted(since)
+    for i in range(0, len(assets), chunk):
+        part = assets[i:i + chunk]
+        ranges = or_(*(and_(WindowScore.asset == a, WindowScore.window_end >= since[a]) for a in part))
+        first = (select(func.min(WindowScore.id).label("id")).where(ranges)
+                 .group_by(WindowScore.asset, WindowScore.window_end).subquery())
+        in_incident = exists().where(Alert.asset == WindowScore.asset, Alert.opened_at <= WindowScore.window_start,
+                                     WindowScore.window_end <= Alert.last_seen_at)
+        level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
+        rows = session.scalars(
+            select(WindowScore).join(first, first.c.id == WindowScore.id)
+            .where(WindowScore.is_anomaly.is_(True), WindowScore.threshold > 0,
+                   level * relative > WindowScore.threshold, in_incident)
+            .order_by(WindowScore.asset, WindowScore.window_end)
+        )
+        for row in rows:
+            out.setdefault(row.asset, []).append(row)
+    return out
 
 
 def list_alerts(*, session: Session, status: str | None = None, asset: str | None = None, group: str | None = None,
@@ -266,6 +295,7 @@ def score_of(row: WindowScore) -> Score:
         asset=row.asset, group=row.group_name, start_ms=datetime_to_ms(row.window_start),
         end_ms=datetime_to_ms(row.window_end), score=row.score, threshold=row.threshold,
         sensor_errors=dict(row.sensor_errors), model_version=row.model_version, smoothed=row.smoothed_score,
+        aftermath_floor=row.aftermath_floor,
     )
 
 
@@ -378,7 +408,7 @@ def count_skipped(*, session: Session, asset: str | None = None) -> int:
 
 def flagged_windows(*, session: Session, group: str, start: datetime, end: datetime) -> set[tuple[str, int]]:
     """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` that some model version scored
-    above its threshold."""
+    above its bar (the threshold, or the aftermath floor when one was set above it)."""
     rows = session.execute(
         select(WindowScore.asset, WindowScore.window_end).where(
             WindowScore.group_name == group, WindowScore.is_anomaly.is_(True),

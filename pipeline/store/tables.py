@@ -115,6 +115,7 @@ class WindowScore(Base):
     window_end: Mapped[datetime] = mapped_column(UTCDateTime())
     score: Mapped[float] = mapped_column(Float)
     smoothed_score: Mapped[float | None] = mapped_column(Float, nullable=True)  # EWMA, when the model smooths
+    aftermath_floor: Mapped[float | None] = mapped_column(Float, nullable=True)  # raised bar after an excursion
     threshold: Mapped[float] = mapped_column(Float)
     is_anomaly: Mapped[bool] = mapped_column()
     sensor_errors: Mapped[dict[str, float]] = mapped_column(JSON)

@@ -22,12 +22,14 @@ import yaml
 from sqlalchemy import func, select, text
 
 from pipeline import kafka_io
+from pipeline.alerting import AlertEngine
 from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import WindowScore
+from pipeline.store.tables import Alert, WindowScore
 from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.types import Score, datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
 
 PERIOD = 10.0
@@ -173,6 +175,33 @@ class Deployment:
                 breaks.append(f"{asset} {end}: stored {smoothed}, expected {expected}")
         return breaks
 
+    def judged_breaks(self) -> tuple[list[str], int]:
+        """Windows whose stored aftermath floor or anomaly flag, and alerts whose stored state, differ from what one
+        unbroken alert engine decides from the same stored scores in window order (no restarts, no batches); and how
+        many stored windows have a floor (so the check is not vacuous)."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with make_sessionmaker(engine)() as s:
+                rows = list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
+                alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count)
+                                for a in s.scalars(select(Alert)))
+        finally:
+            engine.dispose()
+        scores = [Score(r.asset, r.group_name, datetime_to_ms(r.window_start), datetime_to_ms(r.window_end), r.score,
+                        r.threshold, dict(r.sensor_errors), r.model_version, smoothed=r.smoothed_score) for r in rows]
+        judged, events = AlertEngine(self.config.groups).judge(scores)
+        breaks = [f"{r.asset} {r.window_end}: stored floor {r.aftermath_floor} anomaly {r.is_anomaly}, unbroken "
+                  f"{j.aftermath_floor} {j.is_anomaly}" for r, j in zip(rows, judged, strict=True)
+                  if (r.aftermath_floor, r.is_anomaly) != (j.aftermath_floor, j.is_anomaly)]
+        final = {(e.alert.asset, e.alert.opened_ms): e.alert for e in events}
+        expected = sorted((a.asset, ms_to_datetime(a.opened_ms), ms_to_datetime(a.last_seen_ms),
+                           None if a.closed_ms is None else ms_to_datetime(a.closed_ms), a.window_count)
+                          for a in final.values())
+        if alerts != expected:
+            breaks.append(f"alerts stored {alerts[:3]}..., unbroken {expected[:3]}... ({len(alerts)} vs "
+                          f"{len(expected)})")
+        return breaks, sum(r.aftermath_floor is not None for r in rows)
+
     def debug_state(self) -> str:
         """Skipped windows, asset and consumer progress, for a failing assertion."""
         engine = make_engine(self.config.database.url)
@@ -196,7 +225,8 @@ class Deployment:
 
 def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: int, rows_per_asset: int,
            session_timeout_ms: int = 6000, ingest: dict[str, object] | None = None,
-           idle_close_s: float = 3600, ewma_alpha: float | None = None) -> Deployment:
+           idle_close_s: float = 3600, ewma_alpha: float | None = None,
+           aftermath: dict[str, float] | None = None) -> Deployment:
     """Write a config, migrate the database, register a quickly trained model, and prepare the stream."""
     names = [f"asset-{i:02d}" for i in range(assets)]
     raw = {
@@ -213,6 +243,7 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
             "window": {"length": 12, "stride": 6, "max_gap": 2, "idle_close_s": idle_close_s},
             "model": {"type": "dense", "hidden": [16, 4], "epochs": 2, "batch_size": 256},
             "threshold": {"ewma_alpha": ewma_alpha},
+            "alert": {"aftermath": aftermath},
         }],
     }
     config_path = tmp_path / "config.yaml"

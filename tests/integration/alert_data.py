@@ -62,15 +62,15 @@ def scores(asset: str, count: int, bumps: Sequence[tuple[int, int, float, str]],
 
 
 def populate(db_url: str, config: Config, stream: Sequence[Score], batch: int = 40) -> list[AlertEvent]:
-    """Run ``stream`` through the alert engine and store scores and alerts (one transaction per batch)."""
+    """Run ``stream`` through the alert engine (its aftermath rule, then the alert rules) and store scores and
+    alerts (one transaction per batch)."""
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
     alerts = AlertEngine(config.groups)
     events: list[AlertEvent] = []
     for i in range(0, len(stream), batch):
-        chunk = list(stream[i:i + batch])
         with sessions.begin() as session:
-            new = alerts.process(chunk)
+            chunk, new = alerts.judge(stream[i:i + batch])
             repo.insert_scores(session=session, scores=chunk)
             repo.upsert_alerts(session=session, alerts=[e.alert for e in new])
         events += new

@@ -214,3 +214,40 @@ def test_the_documented_example_queries_run(loaded: tuple[str, int, int, int]) -
             ran += 1
     engine.dispose()
     assert ran == len(statements) - 1
+
+
+def test_aftermath_floors_are_stored_shown_and_plotted(db_url: str, tmp_path: Path) -> None:
+    """pump-1 jumps to ~10x its threshold, then settles at ~2x for an hour: with the aftermath rule that is one
+    incident that resolves once the level falls well below its peak, and the history shows the raised bar."""
+    from alert_data import populate, scores
+
+    from pipeline.report import load_report_data, render_html
+
+    upgrade(db_url)
+    rule = {"aftermath": {"relative": 0.3, "half_life_s": 6 * 3600}}
+    config = make_config(db_url, **rule)
+    stream = scores("pump-1", 140, [(40, 50, 10.0, "vibration"), (51, 110, 2.0, "vibration")], seed=4)
+    events = populate(db_url, config, stream)
+    assert [e.kind for e in events if e.kind != "updated"] == ["opened", "resolved"]
+    resolved = events[-1].alert
+    assert resolved.window_count == 11 and resolved.closed_ms == stream[53].end_ms  # 3 windows (clear_after) later
+    config_path = write_config(tmp_path / "sw.yaml", db_url, **rule)
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        [alert] = repo.list_alerts(session=s)
+        data = load_report_data(session=s, group=config.groups[0], asset="pump-1", start=START,
+                                end=START + timedelta(hours=4))
+    engine.dispose()
+    cli = CliRunner()
+    shown = cli.invoke(app, ["alerts", "show", "-c", str(config_path), str(alert.id), "--format", "json",
+                             "--context", "12"])
+    assert shown.exit_code == 0, shown.output
+    history = json.loads(shown.output)["history"]
+    settling = [h for h in history if 1.5 < h["ratio"] < 3.0]  # the ~2x windows after the peak
+    assert settling and all(h["aftermath_floor"] > 2.5 and not h["above"] for h in settling)
+    assert all(h["above"] and h["in_alert"] for h in history if h["ratio"] > 5)
+    table = cli.invoke(app, ["alerts", "show", "-c", str(config_path), str(alert.id), "--context", "12"])
+    assert table.exit_code == 0 and "aftermath floor" in table.output
+    stored = [s for s in data.scores if s.aftermath_floor is not None]
+    assert len(stored) >= 60 and not any(s.is_anomaly for s in stored if s.score < 3.0)
+    assert "aftermath floor" in render_html(data)

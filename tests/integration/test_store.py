@@ -10,7 +10,7 @@ from sqlalchemy import inspect
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations, upgrade
 from pipeline.store.tables import ModelVersion
-from pipeline.types import AlertRecord, Score
+from pipeline.types import AlertRecord, Score, datetime_to_ms
 
 
 def _score(asset: str, i: int, value: float = 1.0, version: str = "m1") -> Score:
@@ -105,6 +105,56 @@ def test_migration_0004_adds_smoothed_scores_and_rolls_back(db_url: str) -> None
     command.downgrade(alembic_config(db_url), "0003")
     engine = make_engine(db_url)
     assert "smoothed_score" not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    assert pending_migrations(engine)
+    engine.dispose()
+    upgrade(db_url)
+
+
+def test_migration_0005_stores_aftermath_floors_and_finds_excursions(db_url: str) -> None:
+    from dataclasses import replace
+
+    from alembic import command
+
+    from pipeline.store.db import alembic_config
+    from pipeline.types import ms_to_datetime
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    assert "aftermath_floor" in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    sessions = make_sessionmaker(engine)
+    scores = [
+        _score("a", 1, 9.0),  # 4.5x the threshold of 2.0: an excursion for relative 0.3 (beyond 1 / 0.3)...
+        replace(_score("a", 2, 3.0), smoothed=8.0),  # ...and so is a smoothed level of 4x (the level counts)
+        _score("a", 3, 6.0),  # 3x: cannot raise the bar at relative 0.3
+        replace(_score("a", 4, 8.0), aftermath_floor=9.0),  # 4x but under its raised bar: not an exceeding window
+        _score("a", 5, 2.5, version="m1"), _score("a", 5, 12.0, version="m2"),  # the first row counts, not the replay
+        _score("a", 6, 20.0),  # 10x, but in no incident (a lone window)
+        _score("b", 1, 50.0),
+    ]
+    incidents = [AlertRecord("a", "g", 1_000, 10_000, None, 12.0, 2.0, "critical", "open", 5, [], "m1"),
+                 AlertRecord("b", "g", 1_000, 6_000, 7_000, 50.0, 2.0, "critical", "resolved", 1, [], "m1")]
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=scores)
+        repo.upsert_alerts(session=s, alerts=incidents)
+    with sessions() as s:
+        stored = [repo.score_of(r) for r in repo.recent_scores(session=s, assets=["a"], limit=4)["a"]]
+        found = repo.excursions(session=s, since={"a": ms_to_datetime(5_000)}, relative=0.3)
+        since = {"a": ms_to_datetime(7_000), "b": ms_to_datetime(6_000)}
+        later = repo.excursions(session=s, since=since, relative=0.3)
+        chunked = repo.excursions(session=s, since=since, relative=0.3, chunk=1)
+        loose = repo.excursions(session=s, since={"a": ms_to_datetime(0)}, relative=0.6)
+    assert [(x.end_ms, x.aftermath_floor, x.is_anomaly) for x in stored] == [
+        (8_000, None, True), (9_000, 9.0, False), (10_000, None, True), (11_000, None, True)]
+    assert [(datetime_to_ms(r.window_end), r.model_version) for r in found["a"]] == [(6_000, "m1"), (7_000, "m1")]
+    assert {a: [datetime_to_ms(r.window_end) for r in rows] for a, rows in later.items()} == {
+        "a": [7_000], "b": [6_000]}  # each asset from its own start
+    assert {a: [r.id for r in rows] for a, rows in chunked.items()} == {a: [r.id for r in rows]
+                                                                         for a, rows in later.items()}
+    assert [datetime_to_ms(r.window_end) for r in loose["a"]] == [6_000, 7_000, 8_000]  # above 1 / 0.6 = 1.67x
+    engine.dispose()
+    command.downgrade(alembic_config(db_url), "0004")
+    engine = make_engine(db_url)
+    assert "aftermath_floor" not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
     assert pending_migrations(engine)
     engine.dispose()
     upgrade(db_url)

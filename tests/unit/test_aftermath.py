@@ -1,0 +1,290 @@
+"""The alert rule's aftermath (``alert.aftermath``): after a large excursion the bar is raised to ``relative`` x the
+decayed peak ratio, exactly however the stream is batched and across restarts; alerts resolve under the raised bar.
+A runner on SQLite with a stand-in detector where a restart is involved: no broker."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.alerting import AFTERMATH_MAX_RATIO, AlertEngine
+from pipeline.config import Config, parse_config
+from pipeline.errors import ConfigError
+from pipeline.kafka_io import RawRecord
+from pipeline.runner import Runner
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import Alert, WindowScore
+from pipeline.types import AlertEvent, Score, datetime_to_ms, ms_to_datetime
+
+T0 = 1772326800000  # 2026-03-01T01:00:00Z
+HALF_LIFE_S = 20.0
+RUNNER_HALF_LIFE_S = 120.0  # the runner test's: long enough to hold back all of its 30 s aftermath
+
+
+def _raw(aftermath: dict | None = None, **alert: object) -> dict:
+    rule = {"k": 1, "n": 1, "clear_after": 2} | alert
+    if aftermath is not None:
+        rule["aftermath"] = aftermath
+    return {"groups": [{"name": "g", "assets": ["a", "b"], "sampling_period_s": 1,
+                        "sensors": [{"name": "x"}, {"name": "y"}], "window": {"length": 4, "stride": 2, "max_gap": 0},
+                        "alert": rule}]}
+
+
+def _engine(relative: float = 0.3, half_life_s: float = HALF_LIFE_S, **alert: object) -> AlertEngine:
+    raw = _raw({"relative": relative, "half_life_s": half_life_s}, **alert)
+    return AlertEngine(parse_config(raw, env={}).groups)
+
+
+def _score(asset: str, end_s: float, value: float, threshold: float = 1.0) -> Score:
+    end = T0 + round(end_s * 1000)
+    return Score(asset, "g", end - 4000, end, value, threshold, {"x": value, "y": 0.0}, "v1")
+
+
+def _judge(engine: AlertEngine, scores: list[Score]) -> list[Score]:
+    return engine.judge(scores)[0]
+
+
+def _reference_floors(judged: list[Score], events: list[AlertEvent], *, relative: float = 0.3,
+                      half_life_s: float = HALF_LIFE_S, top: float = 3.0) -> list[float | None]:
+    """Brute force, from one asset's judged windows and its alert events: a window of an incident counts once both it
+    and the incident's opening window have ended; the floor is relative x the largest decayed (capped) ratio of the
+    counted windows, at most ``top``, x the threshold (None when not above it)."""
+    incidents: dict[int, tuple[int, int]] = {}  # opened_ms -> (end of the opening window, last seen)
+    for e in events:
+        opening = incidents.get(e.alert.opened_ms, (e.alert.last_seen_ms, 0))[0]
+        incidents[e.alert.opened_ms] = (opening, e.alert.last_seen_ms)
+    floors: list[float | None] = []
+    for score in judged:
+        decayed = [
+            min(w.level / w.threshold, AFTERMATH_MAX_RATIO) * 0.5 ** ((score.end_ms - w.end_ms) / 1000 / half_life_s)
+            for w in judged if w.is_anomaly and any(
+                opened <= w.start_ms and w.end_ms <= last and max(w.end_ms, opening) < score.end_ms
+                for opened, (opening, last) in incidents.items())
+        ]
+        bar = min(relative * max(decayed, default=0.0), top)
+        floors.append(bar * score.threshold if bar > 1 else None)
+    return floors
+
+
+def _assert_same_floors(actual: list[float | None], expected: list[float | None]) -> None:
+    assert [a is None for a in actual] == [e is None for e in expected]
+    assert [a for a in actual if a is not None] == pytest.approx([e for e in expected if e is not None], rel=1e-9)
+
+
+def test_aftermath_is_validated_with_its_key() -> None:
+    group = parse_config(_raw({"relative": 0.25, "half_life_s": 60}), env={}).groups[0]
+    assert group.alert.aftermath is not None and group.alert.aftermath.relative == 0.25
+    assert parse_config(_raw(), env={}).groups[0].alert.aftermath is None  # off unless configured
+    for bad, key in (({"relative": 1.0}, "relative"), ({"relative": 0.001}, "relative"),
+                     ({"half_life_s": 0}, "half_life_s"), ({"relativ": 0.3}, "relativ")):
+        with pytest.raises(ConfigError, match=rf"groups\[0\]\.alert\.aftermath\.{key}"):
+            parse_config(_raw(bad), env={})
+    one_tier = _raw({}, severities=[{"name": "warning", "multiple": 1}])
+    with pytest.raises(ConfigError, match=r"groups\[0\]\.alert.*severity tier above 1x"):
+        parse_config(one_tier, env={})
+
+
+def test_an_incident_raises_the_bar_up_to_the_top_tier_and_it_decays() -> None:
+    engine = _engine()  # k=1 of n=1; tiers warning 1x, critical 3x
+    out = _judge(engine, [_score("a", 2, 0.5), _score("a", 4, 20.0), _score("a", 6, 2.5), _score("a", 8, 3.5),
+                          _score("a", 4 + 2 * HALF_LIFE_S, 1.4), _score("a", 4 + 3 * HALF_LIFE_S, 1.2)])
+    assert [s.aftermath_floor for s in out[:2]] == [None, None]  # nothing before; an incident never raises its own
+    assert out[2].aftermath_floor == pytest.approx(3.0) and not out[2].is_anomaly  # 0.3 x 20 = 6, capped at 3x
+    assert out[3].is_anomaly  # a level above the top tier always counts
+    assert out[4].aftermath_floor == pytest.approx(0.3 * 20 / 4) and not out[4].is_anomaly  # two half-lives: 1.5
+    assert out[5].aftermath_floor is None and out[5].is_anomaly  # 0.3 x 20 / 8 < 1: the threshold alone again
+    [other] = _judge(engine, [_score("b", 6, 2.5)])
+    assert other.aftermath_floor is None and other.is_anomaly  # per asset
+    plain = AlertEngine(parse_config(_raw(), env={}).groups)
+    assert all(s.aftermath_floor is None for s in _judge(plain, [_score("a", 4, 20.0), _score("a", 6, 2.5)]))
+
+
+def test_a_lone_spike_raises_no_bar_and_hides_no_fault() -> None:
+    engine = _engine(k=2, n=3)
+    stream = [_score("a", 2 * i, v) for i, v in enumerate([0.2, 1000.0, 0.2, 0.2, 0.2, *[2.0] * 6])]
+    judged, events = engine.judge(stream)
+    assert all(s.aftermath_floor is None for s in judged)  # the spike opened no incident: no aftermath
+    assert [e.kind for e in events][:1] == ["opened"] and events[0].alert.opened_ms == stream[5].start_ms
+    # once an incident has opened, its windows do raise the bar: the same fault right after a 1000x incident waits
+    after = _engine(k=2, n=3)
+    _, events = after.judge([_score("a", 2 * i, v) for i, v in enumerate([1000.0, 1000.0, 0.2, 0.2, *[2.0] * 6])])
+    assert [e.kind for e in events if e.kind != "updated"] == ["opened", "resolved"]
+
+
+@pytest.mark.parametrize("rule", [{"k": 2, "n": 3}, {"k": 2, "n": 3, "min_duration_s": 6, "cooldown_s": 10}])
+def test_floors_are_exact_in_any_batching_and_skip_replays(rule: dict[str, float]) -> None:
+    rng = np.random.default_rng(7)
+    values = np.exp(rng.normal(-0.5, 1.2, size=1000))  # ratios from 0.01x to ~100x the threshold
+    stream = [_score("a", 2 * i + rng.uniform(0, 1), float(v), threshold=float(rng.uniform(0.5, 2)))
+              for i, v in enumerate(values)]
+    whole, events = _engine(**rule).judge(stream)
+    _assert_same_floors([s.aftermath_floor for s in whole], _reference_floors(whole, events))
+    assert sum(s.aftermath_floor is not None for s in whole) >= 25  # the check above is not vacuous
+    assert sum(s.level > s.threshold and not s.is_anomaly for s in whole) >= 3  # and some windows were held back
+    engine, pieces, piece_events, i = _engine(**rule), [], [], 0
+    while i < len(stream):
+        size = int(rng.integers(1, 30))
+        judged, new = engine.judge(stream[i : i + size])
+        pieces += judged
+        piece_events += new
+        replayed, none = engine.judge(stream[max(i - 3, 0) : i + size])  # a replay: unchanged, state untouched
+        assert replayed == stream[max(i - 3, 0) : i + size] and none == []
+        i += size
+    assert pieces == whole and piece_events == events
+
+
+def test_maintenance_windows_neither_get_a_floor_nor_count_as_incident_windows() -> None:
+    raw = _raw({"relative": 0.3, "half_life_s": HALF_LIFE_S})
+    raw["groups"][0]["alert"]["maintenance"] = [{"start": "2026-03-01T01:00:05Z", "end": "2026-03-01T01:00:09Z"}]
+    engine = AlertEngine(parse_config(raw, env={}).groups)
+    out, events = engine.judge([_score("a", 12, 50.0), _score("a", 14, 2.0)])  # the first overlaps maintenance
+    assert [s.aftermath_floor for s in out] == [None, None] and out[1].is_anomaly
+    assert [e.kind for e in events] == ["opened"]
+
+
+def test_an_alert_resolves_once_the_level_falls_well_below_its_peak() -> None:
+    # an incident peaking at 20x, after which the plant settles at 2x the threshold
+    stream = [_score("a", 2 * i, v) for i, v in enumerate([0.2, 0.2, 8.0, 20.0, 12.0, *[2.0] * 10, 0.2, 0.2])]
+    plain = AlertEngine(parse_config(_raw(), env={}).groups)
+    [*_, closing] = plain.process(stream)  # without the rule, 2x keeps the incident open until the level drops
+    assert closing.kind == "resolved" and closing.alert.closed_ms == stream[-1].end_ms
+    engine = _engine(half_life_s=3600)
+    events = engine.process(stream)
+    kinds = [e.kind for e in events]
+    assert kinds.count("opened") == 1 and kinds[-1] == "resolved"  # and nothing re-opens while the bar is raised
+    resolved = events[-1].alert
+    assert resolved.closed_ms == stream[6].end_ms  # two windows (clear_after) at 2x, under the 3x bar
+    assert resolved.peak_score == 20.0 and resolved.window_count == 3 and resolved.severity == "critical"
+    hysteresis = _engine(half_life_s=3600, exit_level=0.5)
+    events = hysteresis.process(stream)
+    # exit level 0.5 of the 3x bar: 2x stays above it, so the alert stays open until the level falls further
+    assert [e.kind for e in events][-1] == "resolved" and events[-1].alert.closed_ms == stream[-1].end_ms
+
+
+def _value(asset: str, second: int) -> float:
+    """a: an incident at 9x, then 30 s settling at 1.5x; later one at 8x, settling at 1.6x. b: one at 5x."""
+    if asset == "a":
+        for first, last, value in ((30, 39, 9.0), (40, 69, 1.5), (150, 159, 8.0), (160, 189, 1.6)):
+            if first <= second <= last:
+                return value
+    elif 60 <= second < 80:
+        return 5.0
+    return 0.2
+
+
+def _far_back(asset: str, second: int) -> float:
+    """a: a 2000x incident at 30-39 s, quiet until 100 s, then 2x: held back by a bar that is 61 s old at 100 s."""
+    if asset == "a" and 30 <= second < 40:
+        return 2000.0
+    return 2.0 if asset == "a" and second >= 100 else 0.2
+
+
+def _records(start_s: int, stop_s: int, value: Callable[[str, int], float] = _value) -> list[RawRecord]:
+    out = []
+    for i in range(start_s, stop_s):
+        for partition, asset in enumerate(("a", "b")):
+            payload = {"asset": asset, "ts": T0 + i * 1000, "values": {"x": value(asset, i), "y": 0.1}}
+            out.append(RawRecord("readings", partition, i, asset.encode(), orjson.dumps(payload), T0 + i * 1000))
+    return out
+
+
+class _MeanDetector:
+    """Scores a window by the mean absolute value of each sensor; no smoothing."""
+
+    version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per_sensor = np.abs(windows).mean(axis=1)
+        return per_sensor.sum(axis=1), per_sensor
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _config(sessions: sessionmaker[Session], half_life_s: float) -> Config:
+    raw = _raw({"relative": 0.3, "half_life_s": half_life_s}, k=2, n=3)
+    return parse_config({"database": {"url": str(sessions.kw["bind"].url)}, **raw}, env={})
+
+
+def _run_with_restarts(sessions: sessionmaker[Session], spans: list[tuple[int, int]], half_life_s: float,
+                       value: Callable[[str, int], float]) -> tuple[list[WindowScore], list[Score], list[Any]]:
+    """One fresh runner (a new process, no broker) per span of seconds; then the stored rows, the scores an unbroken
+    engine judges from the same raw scores, and the stored alerts (asset, opened, last seen, closed, windows)."""
+    for first_s, last_s in spans:
+        runner = Runner(_config(sessions, half_life_s), sessions=sessions,
+                        detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                        producer=None, stop=threading.Event())  # type: ignore[arg-type]
+        runner.process(_records(first_s, last_s, value), T0 + last_s * 1000)
+    with sessions() as s:
+        rows = list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
+        stored_alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count)
+                               for a in s.scalars(select(Alert)))
+    raw = [Score(r.asset, "g", datetime_to_ms(r.window_start), datetime_to_ms(r.window_end), r.score, r.threshold,
+                 dict(r.sensor_errors), r.model_version) for r in rows]
+    unbroken, events = AlertEngine(_config(sessions, half_life_s).groups).judge(raw)
+    assert [r.aftermath_floor for r in rows] == [s.aftermath_floor for s in unbroken]
+    assert [r.is_anomaly for r in rows] == [s.is_anomaly for s in unbroken]
+    final = {(e.alert.asset, e.alert.opened_ms): e.alert for e in events}
+    assert stored_alerts == sorted((a.asset, ms_to_datetime(a.opened_ms), ms_to_datetime(a.last_seen_ms),
+                                    None if a.closed_ms is None else ms_to_datetime(a.closed_ms), a.window_count)
+                                   for a in final.values())
+    for asset in ("a", "b"):
+        mine = [s for s in unbroken if s.asset == asset]
+        _assert_same_floors([s.aftermath_floor for s in mine], _reference_floors(
+            mine, [e for e in events if e.alert.asset == asset], half_life_s=half_life_s))
+    return rows, unbroken, stored_alerts
+
+
+def test_a_restart_finds_an_incident_just_inside_the_lookback(sessions: sessionmaker[Session]) -> None:
+    engine = AlertEngine(_config(sessions, 10.0).groups)
+    assert engine.aftermath_lookback_ms("g") == math.ceil(10_000 * math.log2(AFTERMATH_MAX_RATIO * 0.3))  # 82.3 s
+    _, unbroken, _ = _run_with_restarts(sessions, [(0, 100), (100, 140)], 10.0, _far_back)
+    held = {s.end_ms // 1000 - T0 // 1000 for s in unbroken if s.level > s.threshold and not s.is_anomaly}
+    assert {104, 106, 108} <= held  # after the restart, by the incident that ended 61+ s before it
+
+
+def test_restarted_runners_store_what_an_unbroken_engine_decides(sessions: sessionmaker[Session]) -> None:
+    # four processes; each restart replays the last 10 s of the previous one (as after a crash)
+    rows, unbroken, stored_alerts = _run_with_restarts(
+        sessions, [(0, 60), (50, 110), (100, 170), (160, 240)], RUNNER_HALF_LIFE_S, _value)
+    ends = [(r.asset, r.window_end) for r in rows]
+    assert ends == sorted(set(ends)) and len(rows) >= 2 * 115  # every window once
+    held = [s for s in unbroken if s.level > s.threshold and not s.is_anomaly]
+    # the settling after each of a's incidents is held back, across the restarts at 60 and 170 s
+    assert {s.end_ms // 1000 - T0 // 1000 for s in held} >= {44, 58, 62, 70, 164, 168, 172, 190}
+    assert sorted(a[0] for a in stored_alerts) == ["a", "a", "b"]  # one incident each, not one per settling
+
+
+def test_alert_history_marks_windows_above_the_raised_bar_only() -> None:
+    from datetime import timedelta
+
+    from pipeline.alert_format import history_rows
+    from pipeline.types import ms_to_datetime
+
+    start = ms_to_datetime(T0)
+
+    def row(i: int, score: float, floor: float | None) -> WindowScore:
+        return WindowScore(asset="a", group_name="g", window_start=start + timedelta(seconds=2 * i),
+                           window_end=start + timedelta(seconds=2 * i + 4), score=score, smoothed_score=None,
+                           aftermath_floor=floor, threshold=1.0, is_anomaly=False, sensor_errors={"x": score},
+                           model_version="v1")
+
+    alert = Alert(asset="a", opened_at=start, last_seen_at=start + timedelta(seconds=10), closed_at=None)
+    rows = history_rows([row(0, 20.0, None), row(1, 3.0, 6.0), row(2, 7.0, 6.0)], alert)
+    assert [(r["aftermath_floor"], r["ratio"], r["above"]) for r in rows] == [(None, 20.0, True), (6.0, 3.0, False),
+                                                                              (6.0, 7.0, True)]
