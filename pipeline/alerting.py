@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from pipeline.config import AFTERMATH_MAX_RATIO, AftermathConfig, AlertConfig, GroupConfig, MaintenanceWindow
+from pipeline.config import AlertConfig, GroupConfig, MaintenanceWindow
 from pipeline.cron import CronSchedule
 from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
@@ -65,7 +65,7 @@ def top_sensors(error_sums: Mapping[str, float], count: int) -> list[dict[str, f
     return [{"sensor": name, "share": round(value / total, 4), "error": round(value, 6)} for name, value in ranked]
 
 
-Excursion = tuple[float, int]  # (ratio to the threshold, capped at AFTERMATH_MAX_RATIO; window end ms)
+Excursion = tuple[float, int]  # (ratio to the threshold, capped at top tier / relative; window end ms)
 
 
 def _decayed(excursion: Excursion, end_ms: int, half_life_s: float) -> float:
@@ -82,22 +82,24 @@ def _larger(a: Excursion | None, b: Excursion | None, half_life_s: float) -> Exc
     return a if _decayed(a, at, half_life_s) >= _decayed(b, at, half_life_s) else b
 
 
-def _excursion_of(score: Score, cfg: AftermathConfig | None) -> Excursion | None:
-    """A window's excursion, or None when it could never raise the bar (ratio at most ``1 / relative``, or no
-    positive threshold, or no aftermath rule)."""
+def _excursion_of(score: Score, rule: AlertConfig) -> Excursion | None:
+    """A window's excursion: its ratio to the threshold, capped where the bar would reach the top severity tier
+    (``top / relative``), so a spike of any size holds a level L back for at most ``half_life_s`` x log2(top / L).
+    None when it could never raise the bar (ratio at most ``1 / relative``, no positive threshold, no rule)."""
+    cfg = rule.aftermath
     if cfg is None or score.threshold <= 0:
         return None
-    ratio = min(score.level / score.threshold, AFTERMATH_MAX_RATIO)
+    ratio = min(score.level / score.threshold, rule.tiers[-1].multiple / cfg.relative)
     return (ratio, score.end_ms) if ratio * cfg.relative > 1.0 else None
 
 
 def _aftermath_floor(excursion: Excursion | None, score: Score, rule: AlertConfig) -> float | None:
-    """The raised bar for ``score`` (score units) after ``excursion``: ``relative`` x its decayed ratio, at most the
-    top severity tier's multiple, x the threshold; None when that is not above the threshold."""
+    """The raised bar for ``score`` (score units) after ``excursion``: ``relative`` x its decayed ratio (at most the
+    top severity tier's multiple, by the cap) x the threshold; None when that is not above the threshold."""
     cfg = rule.aftermath
     if cfg is None or excursion is None or score.threshold <= 0:
         return None
-    bar = min(cfg.relative * _decayed(excursion, score.end_ms, cfg.half_life_s), rule.tiers[-1].multiple)
+    bar = cfg.relative * _decayed(excursion, score.end_ms, cfg.half_life_s)
     return bar * score.threshold if bar > 1.0 else None
 
 
@@ -154,15 +156,15 @@ class _Evidence:
     excursion: Excursion | None = None  # the windows' largest (aftermath), counted once the incident opens
 
     @classmethod
-    def of(cls, scores: Sequence[Score], aftermath: AftermathConfig | None) -> _Evidence:
+    def of(cls, scores: Sequence[Score], rule: AlertConfig) -> _Evidence:
         evidence = cls(scores[0].start_ms, -math.inf, 0.0, 0, {})
         for score in scores:
-            evidence.add(score, aftermath)
+            evidence.add(score, rule)
         return evidence
 
-    def add(self, score: Score, aftermath: AftermathConfig | None) -> None:
-        if aftermath is not None:
-            self.excursion = _larger(self.excursion, _excursion_of(score, aftermath), aftermath.half_life_s)
+    def add(self, score: Score, rule: AlertConfig) -> None:
+        if rule.aftermath is not None:
+            self.excursion = _larger(self.excursion, _excursion_of(score, rule), rule.aftermath.half_life_s)
         self.first_start_ms = min(self.first_start_ms, score.start_ms)
         self.peak = max(self.peak, score.level)
         self.ratio = max(self.ratio, _ratio(score.level, score.threshold))
@@ -239,17 +241,19 @@ class AlertEngine:
         needed = 1
         for name, rule in self._rules.items():
             c = rule.config
-            pending = c.n + math.ceil(c.min_duration_s * 1000 / max(self._strides_ms[name], 1))
+            # a pending incident's evidence reaches n - 1 windows before k-of-n first held, which can be up to
+            # min_duration_s plus n windows (the next exceeding window) before the incident opens
+            pending = 2 * c.n + math.ceil(c.min_duration_s * 1000 / max(self._strides_ms[name], 1))
             needed = max(needed, c.n, c.clear_after, pending)
         return needed
 
     def aftermath_lookback_ms(self, group: str) -> int | None:
-        """How far before an asset's latest window its stored excursions can still raise the bar (None: the group
-        has no aftermath rule): a ratio of at most ``AFTERMATH_MAX_RATIO`` decays below ``1 / relative`` by then."""
-        cfg = self._rules[group].config.aftermath
-        if cfg is None:
+        """How far before an asset's latest window its stored incident windows can still raise the bar (None: the
+        group has no aftermath rule): the highest bar, the top tier's multiple, decays to 1 by then."""
+        rule = self._rules[group].config
+        if rule.aftermath is None:
             return None
-        return math.ceil(cfg.half_life_s * 1000 * math.log2(AFTERMATH_MAX_RATIO * cfg.relative))
+        return math.ceil(rule.aftermath.half_life_s * 1000 * math.log2(rule.tiers[-1].multiple))
 
     def unrestored(self, assets: Iterable[str]) -> list[str]:
         """Assets whose state has not been loaded from the database yet in this process."""
@@ -283,7 +287,8 @@ class AlertEngine:
         if aftermath is not None:
             for score in excursions:
                 if not rule.in_maintenance(score):
-                    state.excursion = _larger(state.excursion, _excursion_of(score, aftermath), aftermath.half_life_s)
+                    state.excursion = _larger(state.excursion, _excursion_of(score, rule.config),
+                                              aftermath.half_life_s)
         for score in sorted(recent, key=lambda s: s.end_ms):
             if score.end_ms <= state.last_end_ms:
                 continue
@@ -389,9 +394,9 @@ class AlertEngine:
             state.pending = None  # in a cooldown the time pending does not run (k-of-n history still fills)
             return None
         if state.pending is None:
-            state.pending = _Pending(score.end_ms, _Evidence.of(flagged, cfg.aftermath))
+            state.pending = _Pending(score.end_ms, _Evidence.of(flagged, cfg))
         elif score.is_anomaly:
-            state.pending.evidence.add(score, cfg.aftermath)
+            state.pending.evidence.add(score, cfg)
         if replay or not score.is_anomaly:
             return None
         if score.end_ms - state.pending.since_ms < cfg.min_duration_s * 1000:
@@ -416,8 +421,7 @@ class AlertEngine:
         if score.is_anomaly:
             current.below = 0
             if cfg.aftermath is not None:
-                state.excursion = _larger(state.excursion, _excursion_of(score, cfg.aftermath),
-                                          cfg.aftermath.half_life_s)
+                state.excursion = _larger(state.excursion, _excursion_of(score, cfg), cfg.aftermath.half_life_s)
             for sensor, err in score.sensor_errors.items():
                 current.error_sums[sensor] = current.error_sums.get(sensor, 0.0) + err
             current.ratio = max(current.ratio, _ratio(score.level, score.threshold))

@@ -301,20 +301,17 @@ class MaintenanceWindow(_Strict):
         return self
 
 
-AFTERMATH_MAX_RATIO = 1000.0  # larger ratios count as this much towards the aftermath peak (bounds its memory)
-
-
 class AftermathConfig(_Strict):
     """After an incident that reached a large multiple of the threshold, hold the asset's windows to a raised bar for
     a while, so the plant settling into a slightly different state does not keep (or re-open) the alarm.
 
     A window counts as exceeding only when its level is above both the threshold and ``relative`` x the peak ratio
-    (level / threshold) of the asset's incident windows so far, each halving every ``half_life_s`` of event time. The
-    raised bar never exceeds the top severity tier's multiple, so a level at that tier always counts; windows that
-    opened no incident (a lone spike) never raise it. Ratios above ``AFTERMATH_MAX_RATIO`` count as that much, so an
-    incident stops mattering after at most ~10 half-lives."""
+    (level / threshold) of the asset's incident windows so far, each halving every ``half_life_s`` of event time.
+    Windows count from their incident's opening on; a lone spike that opens no incident raises nothing. Ratios count
+    up to ``top / relative`` (top: the highest severity tier's multiple), so the bar is at most ``top``, a level above
+    it always counts, and a level L is held back for at most ``half_life_s`` x log2(top / L) after the peak."""
 
-    relative: Annotated[float, Field(gt=1 / AFTERMATH_MAX_RATIO, lt=1)] = 0.3
+    relative: Annotated[float, Field(gt=0, lt=1)] = 0.3
     half_life_s: PositiveFloat = 21600.0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from pipeline.store.tables import (
     Alert,
@@ -91,7 +91,8 @@ def open_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:
 
 
 def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dict[str, list[WindowScore]]:
-    """The latest ``limit`` window scores per asset (newest last), one row per window end."""
+    """The latest ``limit`` window scores per asset (newest last), one row per window end: the first stored (the
+    one the alert engine judged; a later model version's row for the same window is a replay it skipped)."""
     if not assets:
         return {}
     ranked = (
@@ -113,10 +114,8 @@ def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dic
     out: dict[str, list[WindowScore]] = {}
     for row in rows:
         series = out.setdefault(row.asset, [])
-        if series and series[-1].window_end == row.window_end:
-            series[-1] = row  # several model versions scored this window: keep the newest row
-        else:
-            series.append(row)
+        if not series or series[-1].window_end != row.window_end:
+            series.append(row)  # several model versions scored this window: the first row is what was judged
     return {asset: series[-limit:] for asset, series in out.items()}
 
 
@@ -126,21 +125,28 @@ def excursions(*, session: Session, since: Mapping[str, datetime], relative: flo
     from: exceeding windows (``is_anomaly``) inside one of the asset's stored incidents (``opened_at`` to
     ``last_seen_at``) whose level (smoothed score when stored, else the score) exceeds ``1 / relative`` x a positive
     threshold. Of a window scored by several model versions only the first stored row counts (later ones are
-    replays the alert engine skipped). Oldest first; ``chunk`` assets per query."""
+    replays the alert engine skipped). Oldest first; ``chunk`` assets per query, and only assets with an incident
+    seen since their ``since`` are searched."""
     out: dict[str, list[WindowScore]] = {}
     assets = sorted(since)
+    earlier = aliased(WindowScore)
     for i in range(0, len(assets), chunk):
         part = assets[i:i + chunk]
-        ranges = or_(*(and_(WindowScore.asset == a, WindowScore.window_end >= since[a]) for a in part))
-        first = (select(func.min(WindowScore.id).label("id")).where(ranges)
-                 .group_by(WindowScore.asset, WindowScore.window_end).subquery())
+        seen = session.execute(select(Alert.asset, func.max(Alert.last_seen_at)).where(Alert.asset.in_(part))
+                               .group_by(Alert.asset))
+        recent = [a for a, last_seen in seen if last_seen is not None and last_seen >= since[a]]
+        if not recent:
+            continue
+        ranges = or_(*(and_(WindowScore.asset == a, WindowScore.window_end >= since[a]) for a in recent))
         in_incident = exists().where(Alert.asset == WindowScore.asset, Alert.opened_at <= WindowScore.window_start,
                                      WindowScore.window_end <= Alert.last_seen_at)
+        replay = exists().where(earlier.asset == WindowScore.asset, earlier.window_end == WindowScore.window_end,
+                                earlier.id < WindowScore.id)
         level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
         rows = session.scalars(
-            select(WindowScore).join(first, first.c.id == WindowScore.id)
-            .where(WindowScore.is_anomaly.is_(True), WindowScore.threshold > 0,
-                   level * relative > WindowScore.threshold, in_incident)
+            select(WindowScore)
+            .where(ranges, WindowScore.is_anomaly.is_(True), WindowScore.threshold > 0,
+                   level * relative > WindowScore.threshold, in_incident, ~replay)
             .order_by(WindowScore.asset, WindowScore.window_end)
         )
         for row in rows:

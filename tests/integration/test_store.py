@@ -143,8 +143,9 @@ def test_migration_0005_stores_aftermath_floors_and_finds_excursions(db_url: str
         later = repo.excursions(session=s, since=since, relative=0.3)
         chunked = repo.excursions(session=s, since=since, relative=0.3, chunk=1)
         loose = repo.excursions(session=s, since={"a": ms_to_datetime(0)}, relative=0.6)
-    assert [(x.end_ms, x.aftermath_floor, x.is_anomaly) for x in stored] == [
-        (8_000, None, True), (9_000, 9.0, False), (10_000, None, True), (11_000, None, True)]
+    assert [(x.end_ms, x.score, x.aftermath_floor, x.is_anomaly) for x in stored] == [
+        (8_000, 6.0, None, True), (9_000, 8.0, 9.0, False), (10_000, 2.5, None, True),  # the first row: what was judged
+        (11_000, 20.0, None, True)]
     assert [(datetime_to_ms(r.window_end), r.model_version) for r in found["a"]] == [(6_000, "m1"), (7_000, "m1")]
     assert {a: [datetime_to_ms(r.window_end) for r in rows] for a, rows in later.items()} == {
         "a": [7_000], "b": [6_000]}  # each asset from its own start

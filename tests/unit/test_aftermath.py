@@ -16,14 +16,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.alerting import AFTERMATH_MAX_RATIO, AlertEngine
+from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
-from pipeline.types import AlertEvent, Score, datetime_to_ms, ms_to_datetime
+from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
 HALF_LIFE_S = 20.0
@@ -57,7 +57,7 @@ def _reference_floors(judged: list[Score], events: list[AlertEvent], *, relative
                       half_life_s: float = HALF_LIFE_S, top: float = 3.0) -> list[float | None]:
     """Brute force, from one asset's judged windows and its alert events: a window of an incident counts once both it
     and the incident's opening window have ended; the floor is relative x the largest decayed (capped) ratio of the
-    counted windows, at most ``top``, x the threshold (None when not above it)."""
+    counted windows (each ratio at most ``top / relative``), x the threshold (None when not above it)."""
     incidents: dict[int, tuple[int, int]] = {}  # opened_ms -> (end of the opening window, last seen)
     for e in events:
         opening = incidents.get(e.alert.opened_ms, (e.alert.last_seen_ms, 0))[0]
@@ -65,12 +65,12 @@ def _reference_floors(judged: list[Score], events: list[AlertEvent], *, relative
     floors: list[float | None] = []
     for score in judged:
         decayed = [
-            min(w.level / w.threshold, AFTERMATH_MAX_RATIO) * 0.5 ** ((score.end_ms - w.end_ms) / 1000 / half_life_s)
+            min(w.level / w.threshold, top / relative) * 0.5 ** ((score.end_ms - w.end_ms) / 1000 / half_life_s)
             for w in judged if w.is_anomaly and any(
                 opened <= w.start_ms and w.end_ms <= last and max(w.end_ms, opening) < score.end_ms
                 for opened, (opening, last) in incidents.items())
         ]
-        bar = min(relative * max(decayed, default=0.0), top)
+        bar = relative * max(decayed, default=0.0)
         floors.append(bar * score.threshold if bar > 1 else None)
     return floors
 
@@ -84,7 +84,7 @@ def test_aftermath_is_validated_with_its_key() -> None:
     group = parse_config(_raw({"relative": 0.25, "half_life_s": 60}), env={}).groups[0]
     assert group.alert.aftermath is not None and group.alert.aftermath.relative == 0.25
     assert parse_config(_raw(), env={}).groups[0].alert.aftermath is None  # off unless configured
-    for bad, key in (({"relative": 1.0}, "relative"), ({"relative": 0.001}, "relative"),
+    for bad, key in (({"relative": 1.0}, "relative"), ({"relative": 0}, "relative"),
                      ({"half_life_s": 0}, "half_life_s"), ({"relativ": 0.3}, "relativ")):
         with pytest.raises(ConfigError, match=rf"groups\[0\]\.alert\.aftermath\.{key}"):
             parse_config(_raw(bad), env={})
@@ -96,12 +96,13 @@ def test_aftermath_is_validated_with_its_key() -> None:
 def test_an_incident_raises_the_bar_up_to_the_top_tier_and_it_decays() -> None:
     engine = _engine()  # k=1 of n=1; tiers warning 1x, critical 3x
     out = _judge(engine, [_score("a", 2, 0.5), _score("a", 4, 20.0), _score("a", 6, 2.5), _score("a", 8, 3.5),
-                          _score("a", 4 + 2 * HALF_LIFE_S, 1.4), _score("a", 4 + 3 * HALF_LIFE_S, 1.2)])
+                          _score("a", 4 + HALF_LIFE_S, 1.4), _score("a", 4 + 2 * HALF_LIFE_S, 1.2)])
     assert [s.aftermath_floor for s in out[:2]] == [None, None]  # nothing before; an incident never raises its own
-    assert out[2].aftermath_floor == pytest.approx(3.0) and not out[2].is_anomaly  # 0.3 x 20 = 6, capped at 3x
+    # 20x counts as 3 / 0.3 = 10x (where the bar reaches the 3x top tier), decayed for 2 s
+    assert out[2].aftermath_floor == pytest.approx(3.0 * 0.5 ** (2 / HALF_LIFE_S)) and not out[2].is_anomaly
     assert out[3].is_anomaly  # a level above the top tier always counts
-    assert out[4].aftermath_floor == pytest.approx(0.3 * 20 / 4) and not out[4].is_anomaly  # two half-lives: 1.5
-    assert out[5].aftermath_floor is None and out[5].is_anomaly  # 0.3 x 20 / 8 < 1: the threshold alone again
+    assert out[4].aftermath_floor == pytest.approx(1.5) and not out[4].is_anomaly  # one half-life: 0.3 x 10 / 2
+    assert out[5].aftermath_floor is None and out[5].is_anomaly  # 0.3 x 10 / 4 < 1: the threshold alone again
     [other] = _judge(engine, [_score("b", 6, 2.5)])
     assert other.aftermath_floor is None and other.is_anomaly  # per asset
     plain = AlertEngine(parse_config(_raw(), env={}).groups)
@@ -115,7 +116,7 @@ def test_a_lone_spike_raises_no_bar_and_hides_no_fault() -> None:
     assert all(s.aftermath_floor is None for s in judged)  # the spike opened no incident: no aftermath
     assert [e.kind for e in events][:1] == ["opened"] and events[0].alert.opened_ms == stream[5].start_ms
     # once an incident has opened, its windows do raise the bar: the same fault right after a 1000x incident waits
-    after = _engine(k=2, n=3)
+    after = _engine(k=2, n=3, half_life_s=3600)
     _, events = after.judge([_score("a", 2 * i, v) for i, v in enumerate([1000.0, 1000.0, 0.2, 0.2, *[2.0] * 6])])
     assert [e.kind for e in events if e.kind != "updated"] == ["opened", "resolved"]
 
@@ -170,6 +171,70 @@ def test_an_alert_resolves_once_the_level_falls_well_below_its_peak() -> None:
     assert [e.kind for e in events][-1] == "resolved" and events[-1].alert.closed_ms == stream[-1].end_ms
 
 
+def _stored_state(events: list[AlertEvent]) -> tuple[AlertRecord | None, AlertRecord | None, list[tuple[int, int]]]:
+    """The open alert, the last resolved alert and every incident's span, as the database holds them."""
+    latest = {e.alert.opened_ms: e.alert for e in events}
+    records = sorted(latest.values(), key=lambda r: r.opened_ms)
+    open_ = next((r for r in reversed(records) if r.status == "open"), None)
+    resolved = [r for r in records if r.status == "resolved"]
+    last = max(resolved, key=lambda r: r.closed_ms or 0) if resolved else None
+    return open_, last, [(r.opened_ms, r.last_seen_ms) for r in records]
+
+
+@pytest.mark.parametrize("rule", [{"k": 2, "n": 3}, {"k": 1, "n": 1}, {"k": 2, "n": 4, "min_duration_s": 4},
+                                  {"k": 2, "n": 3, "cooldown_s": 10, "exit_level": 0.6, "min_duration_s": 2}],
+                         ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()))
+def test_restart_at_any_point_reproduces_the_unbroken_floors_and_events(rule: dict[str, float]) -> None:
+    """The runner's restore, emulated: the latest ``history_windows`` judged scores, the stored alerts, and the
+    stored incident windows above 1 / relative within the lookback (``repo.excursions``)."""
+    rng = np.random.default_rng(5)
+    values = np.exp(rng.normal(-1.0, 0.6, size=240))
+    for start in (20, 90, 170):  # incidents peaking at 50x, each followed by a 2x settling with brief dips
+        values[start : start + 3] = [50.0, 1.5, 1.5]
+        values[start + 3 : start + 40] = 2.0 * (rng.uniform(size=37) > 0.15)
+    stream = [_score("a", 2 * i + 4, float(v)) for i, v in enumerate(values)]
+    whole, events = _engine(half_life_s=120, **rule).judge(stream)
+    assert sum(s.level > s.threshold and not s.is_anomaly for s in whole) > 30  # the rule holds windows back
+    for split in range(1, len(stream)):
+        _assert_restart_reproduces(rule, stream, split, whole, events)
+
+
+def _assert_restart_reproduces(rule: dict[str, float], stream: list[Score], split: int, whole: list[Score],
+                               events: list[AlertEvent]) -> None:
+    """Restart after window ``split`` as the runner does (the latest ``history_windows`` judged scores, the stored
+    alerts, the stored incident windows above 1 / relative within the lookback: ``repo.excursions`` emulated) and
+    check the floors and events equal the unbroken run's."""
+    probe = _engine(half_life_s=120, **rule)
+    history, lookback = probe.history_windows(), probe.aftermath_lookback_ms("g")
+    assert lookback is not None
+    before_scores, before = _engine(half_life_s=120, **rule).judge(stream[:split])
+    open_alert, last_resolved, spans = _stored_state(before)
+    latest = before_scores[-1].end_ms
+    excursions = [s for s in before_scores if s.is_anomaly and s.end_ms >= latest - lookback
+                  and s.level * 0.3 > s.threshold and any(o <= s.start_ms and s.end_ms <= e for o, e in spans)]
+    restarted = _engine(half_life_s=120, **rule)
+    restarted.restore("a", "g", open_alert=open_alert, recent=before_scores[max(split - history, 0):],
+                      last_resolved=last_resolved, excursions=excursions)
+    after_scores, after = restarted.judge(stream)  # the windows before the split are replays
+    assert after_scores[split:] == whole[split:], f"restart after window {split}"
+    got = [(e.kind, e.alert.opened_ms, e.alert.last_seen_ms, e.alert.closed_ms, e.alert.window_count)
+           for e in before + after]
+    assert got == [(e.kind, e.alert.opened_ms, e.alert.last_seen_ms, e.alert.closed_ms, e.alert.window_count)
+                   for e in events], f"restart after window {split}"
+
+
+def test_a_restart_while_an_incident_is_pending_keeps_its_earliest_evidence() -> None:
+    # k-of-n first holds at window 23 with evidence back to the 50x window 20; min_duration holds the opening to 27
+    rule = {"k": 2, "n": 4, "min_duration_s": 4}
+    values = [0.2] * 20 + [50.0, 0.2, 0.2, 1.5, 1.5, 0.2, 0.2] + [2.0] * 20
+    stream = [_score("a", 2 * i + 4, v) for i, v in enumerate(values)]
+    whole, events = _engine(half_life_s=120, **rule).judge(stream)
+    assert events[0].kind == "opened" and events[0].alert.opened_ms == stream[20].start_ms
+    assert events[0].alert.last_seen_ms == stream[27].end_ms
+    assert not any(s.is_anomaly for s in whole[29:])  # the 2x settling is held back by the 50x evidence
+    _assert_restart_reproduces(rule, stream, 27, whole, events)  # restart after window 26: pending since 23
+
+
 def _value(asset: str, second: int) -> float:
     """a: an incident at 9x, then 30 s settling at 1.5x; later one at 8x, settling at 1.6x. b: one at 5x."""
     if asset == "a":
@@ -182,10 +247,10 @@ def _value(asset: str, second: int) -> float:
 
 
 def _far_back(asset: str, second: int) -> float:
-    """a: a 2000x incident at 30-39 s, quiet until 100 s, then 2x: held back by a bar that is 61 s old at 100 s."""
+    """a: a 2000x incident at 30-39 s, quiet until 150 s, then 1.1x: held back by a bar that is 110 s old at 150 s."""
     if asset == "a" and 30 <= second < 40:
         return 2000.0
-    return 2.0 if asset == "a" and second >= 100 else 0.2
+    return 1.1 if asset == "a" and second >= 150 else 0.2
 
 
 def _records(start_s: int, stop_s: int, value: Callable[[str, int], float] = _value) -> list[RawRecord]:
@@ -251,11 +316,11 @@ def _run_with_restarts(sessions: sessionmaker[Session], spans: list[tuple[int, i
 
 
 def test_a_restart_finds_an_incident_just_inside_the_lookback(sessions: sessionmaker[Session]) -> None:
-    engine = AlertEngine(_config(sessions, 10.0).groups)
-    assert engine.aftermath_lookback_ms("g") == math.ceil(10_000 * math.log2(AFTERMATH_MAX_RATIO * 0.3))  # 82.3 s
-    _, unbroken, _ = _run_with_restarts(sessions, [(0, 100), (100, 140)], 10.0, _far_back)
+    engine = AlertEngine(_config(sessions, 100.0).groups)
+    assert engine.aftermath_lookback_ms("g") == math.ceil(100_000 * math.log2(3.0))  # 158.5 s: from 3x down to 1x
+    _, unbroken, _ = _run_with_restarts(sessions, [(0, 150), (150, 190)], 100.0, _far_back)
     held = {s.end_ms // 1000 - T0 // 1000 for s in unbroken if s.level > s.threshold and not s.is_anomaly}
-    assert {104, 106, 108} <= held  # after the restart, by the incident that ended 61+ s before it
+    assert {154, 160, 166} <= held  # after the restart, by the incident that ended 110 s before it
 
 
 def test_restarted_runners_store_what_an_unbroken_engine_decides(sessions: sessionmaker[Session]) -> None:

@@ -222,6 +222,7 @@ RULES = [
     {"exit_level": 0.6, "clear_after": 3},
     {"k": 3, "n": 5, "clear_after": 2, "exit_level": 0.8},
     {"min_duration_s": 40},
+    {"k": 2, "n": 4, "min_duration_s": 20},  # evidence from before k-of-n held, pending for two strides
     {"cooldown_s": 50, "min_duration_s": 20},
     {"severities": [{"name": "low", "multiple": 1}, {"name": "high", "multiple": 2.5}], "cooldown_s": 30},
     {"maintenance": [{"start": "2026-03-01T01:02:00Z", "end": "2026-03-01T01:03:00Z"}]},
@@ -286,8 +287,9 @@ def test_restored_top_sensor_shares_stay_consistent() -> None:
 
 
 def test_history_windows_covers_k_of_n_resolution_and_pending_time() -> None:
-    assert _rule_engine(n=4, clear_after=6).history_windows() == 6
-    assert _rule_engine(n=3, clear_after=2, min_duration_s=95).history_windows() == 3 + math.ceil(95 / 10)
+    assert _rule_engine(n=4, clear_after=9).history_windows() == 9
+    assert _rule_engine(n=4, clear_after=6).history_windows() == 2 * 4  # a pending incident's evidence
+    assert _rule_engine(n=3, clear_after=2, min_duration_s=95).history_windows() == 2 * 3 + math.ceil(95 / 10)
 
 
 @pytest.mark.parametrize("rule", [{}, {"exit_level": 0.6, "clear_after": 3}], ids=["default", "hysteresis"])
