@@ -88,9 +88,6 @@ def test_activating_a_model_retires_the_previous_one(db_url: str) -> None:
 def test_migration_0004_adds_smoothed_scores_and_rolls_back(db_url: str) -> None:
     from dataclasses import replace
 
-    from alembic import command
-
-    from pipeline.store.db import alembic_config
 
     upgrade(db_url)
     engine = make_engine(db_url)
@@ -102,20 +99,12 @@ def test_migration_0004_adds_smoothed_scores_and_rolls_back(db_url: str) -> None
         stored = [repo.score_of(r) for r in repo.recent_scores(session=s, assets=["a"], limit=5)["a"]]
     assert [(x.smoothed, x.is_anomaly) for x in stored] == [(None, True), (1.5, False)]  # threshold 2.0
     engine.dispose()
-    command.downgrade(alembic_config(db_url), "0003")
-    engine = make_engine(db_url)
-    assert "smoothed_score" not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
-    assert pending_migrations(engine)
-    engine.dispose()
-    upgrade(db_url)
+    _assert_downgrade_drops(db_url, "0003", "smoothed_score")
 
 
 def test_migration_0005_stores_aftermath_floors_and_finds_excursions(db_url: str) -> None:
     from dataclasses import replace
 
-    from alembic import command
-
-    from pipeline.store.db import alembic_config
     from pipeline.types import ms_to_datetime
 
     upgrade(db_url)
@@ -153,9 +142,22 @@ def test_migration_0005_stores_aftermath_floors_and_finds_excursions(db_url: str
                                                                          for a, rows in later.items()}
     assert [datetime_to_ms(r.window_end) for r in loose["a"]] == [6_000, 7_000, 8_000]  # above 1 / 0.6 = 1.67x
     engine.dispose()
-    command.downgrade(alembic_config(db_url), "0004")
+    _assert_downgrade_drops(db_url, "0004", "aftermath_floor")
+
+
+def _assert_downgrade_drops(db_url: str, revision: str, column: str) -> None:
+    """Downgrading to ``revision`` drops ``window_scores.column`` and leaves migrations pending; upgrading again
+    restores head."""
+    from alembic import command
+
+    from pipeline.store.db import alembic_config
+
+    command.downgrade(alembic_config(db_url), revision)
     engine = make_engine(db_url)
-    assert "aftermath_floor" not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    assert column not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
     assert pending_migrations(engine)
     engine.dispose()
     upgrade(db_url)
+    engine = make_engine(db_url)
+    assert column in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    engine.dispose()

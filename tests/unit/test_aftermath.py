@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
-from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
 from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
@@ -270,15 +268,6 @@ class _MeanDetector:
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_sensor = np.abs(windows).mean(axis=1)
         return per_sensor.sum(axis=1), per_sensor
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _config(sessions: sessionmaker[Session], half_life_s: float) -> Config:

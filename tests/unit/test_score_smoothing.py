@@ -5,9 +5,7 @@ SQLite and a stand-in detector where a runner is involved: no broker."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -21,7 +19,6 @@ from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
-from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
 from pipeline.train import train_group
 from pipeline.types import Score, Window, datetime_to_ms
@@ -148,16 +145,6 @@ def _records(start_s: int, stop_s: int) -> list[RawRecord]:
             payload = {"asset": asset, "ts": T0 + i * 1000, "values": {"x": value, "y": 0.1}}
             out.append(RawRecord("readings", partition, i, asset.encode(), orjson.dumps(payload), T0 + i * 1000))
     return out
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """Sessions on a migrated SQLite database (its URL in ``sessions.kw["bind"].url``)."""
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _runner(sessions: sessionmaker[Session]) -> Runner:
