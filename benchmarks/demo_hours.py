@@ -6,10 +6,11 @@ runs the demo's chain for each end hour: simulate a normal day, train the demo's
 config), simulate the 12 test hours with the demo's injected anomalies, cut windows, score them and feed the scores
 to the alert engine, then score the alerts against the ground truth (event level, as the demo does).
 
-    python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath 0.3,21600]
+    python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath off|0.3,21600]
                                     [--output demo_hours.json]
 
-``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600).
+``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600),
+``--aftermath off`` runs the rule without it.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ def _frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path,
-             aftermath: AftermathConfig | None = None) -> dict[str, object]:
-    """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts."""
+             aftermath: AftermathConfig | str | None = "demo") -> dict[str, object]:
+    """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts.
+    ``aftermath``: the alert rule's (None: without one; "demo": the demo's)."""
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     cfg = demo_config(bootstrap="unused:9092", database_url="sqlite://", model_dir=model_dir, assets=assets,
                       run_id="hours")
     group = cfg.groups[0]
-    if aftermath is not None:
+    if aftermath != "demo":
         group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
@@ -78,12 +80,14 @@ def main() -> None:
     parser.add_argument("--assets", type=int, default=4, help="simulated pumps (the demo's 4)")
     parser.add_argument("--seed", type=int, default=11, help="simulation seed (the demo's 11)")
     parser.add_argument("--date", default="2026-01-01", help="UTC date whose 24 end hours are run")
-    parser.add_argument("--aftermath", metavar="RELATIVE,HALF_LIFE_S",
-                        help="set the alert rule's aftermath, e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
+    parser.add_argument("--aftermath", metavar="off|RELATIVE,HALF_LIFE_S",
+                        help="the alert rule's aftermath: off, or e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
-    aftermath = None
-    if args.aftermath:
+    aftermath: AftermathConfig | str | None = "demo"
+    if args.aftermath == "off":
+        aftermath = None
+    elif args.aftermath:
         relative, half_life_s = (float(x) for x in args.aftermath.split(","))
         aftermath = AftermathConfig(relative=relative, half_life_s=half_life_s)
     day = datetime.fromisoformat(args.date).replace(tzinfo=UTC)

@@ -198,9 +198,13 @@ class _Open:
             if rest > 0:
                 sums[_REST] = rest
         names = [t.name for t in rule.tiers]
-        ratio = _ratio(record.peak_score, record.threshold)
-        rank = names.index(record.severity) if record.severity in names else _tier_rank(ratio, rule)
-        return cls(record, sums, ratio, rank)
+        if record.severity in names:
+            # the ratio only decides the rank, and the largest per-window ratio is not stored (peak / the opening
+            # threshold is not it when a model swap changed the threshold mid-incident): the stored tier's multiple
+            rank = names.index(record.severity)
+            return cls(record, sums, rule.tiers[rank].multiple, rank)
+        ratio = _ratio(record.peak_score, record.threshold)  # the tiers changed: rank the peak afresh
+        return cls(record, sums, ratio, _tier_rank(ratio, rule))
 
 
 @dataclass

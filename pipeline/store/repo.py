@@ -90,33 +90,35 @@ def open_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:
     return list(session.scalars(select(Alert).where(Alert.asset.in_(assets), Alert.status == "open")))
 
 
+def _replayed() -> Any:
+    """True for a window score row with an earlier row of the same window (another model version's replay, which the
+    alert engine skipped): ``WHERE NOT _replayed()`` keeps the row it judged."""
+    earlier = aliased(WindowScore)
+    return exists().where(earlier.asset == WindowScore.asset, earlier.window_end == WindowScore.window_end,
+                          earlier.id < WindowScore.id)
+
+
 def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dict[str, list[WindowScore]]:
     """The latest ``limit`` window scores per asset (newest last), one row per window end: the first stored (the
     one the alert engine judged; a later model version's row for the same window is a replay it skipped)."""
     if not assets:
         return {}
     ranked = (
-        select(
-            WindowScore.id,
-            func.row_number()
-            .over(partition_by=WindowScore.asset, order_by=(WindowScore.window_end.desc(), WindowScore.id.desc()))
-            .label("rank"),
-        )
-        .where(WindowScore.asset.in_(assets))
+        select(WindowScore.id, func.row_number().over(partition_by=WindowScore.asset,
+                                                      order_by=WindowScore.window_end.desc()).label("rank"))
+        .where(WindowScore.asset.in_(assets), ~_replayed())
         .subquery()
     )
     rows = session.scalars(
         select(WindowScore)
         .join(ranked, ranked.c.id == WindowScore.id)
-        .where(ranked.c.rank <= limit * 3)
-        .order_by(WindowScore.asset, WindowScore.window_end, WindowScore.id)
+        .where(ranked.c.rank <= limit)
+        .order_by(WindowScore.asset, WindowScore.window_end)
     )
     out: dict[str, list[WindowScore]] = {}
     for row in rows:
-        series = out.setdefault(row.asset, [])
-        if not series or series[-1].window_end != row.window_end:
-            series.append(row)  # several model versions scored this window: the first row is what was judged
-    return {asset: series[-limit:] for asset, series in out.items()}
+        out.setdefault(row.asset, []).append(row)
+    return out
 
 
 def excursions(*, session: Session, since: Mapping[str, datetime], relative: float,
@@ -129,7 +131,6 @@ def excursions(*, session: Session, since: Mapping[str, datetime], relative: flo
     seen since their ``since`` are searched."""
     out: dict[str, list[WindowScore]] = {}
     assets = sorted(since)
-    earlier = aliased(WindowScore)
     for i in range(0, len(assets), chunk):
         part = assets[i:i + chunk]
         seen = session.execute(select(Alert.asset, func.max(Alert.last_seen_at)).where(Alert.asset.in_(part))
@@ -140,13 +141,11 @@ def excursions(*, session: Session, since: Mapping[str, datetime], relative: flo
         ranges = or_(*(and_(WindowScore.asset == a, WindowScore.window_end >= since[a]) for a in recent))
         in_incident = exists().where(Alert.asset == WindowScore.asset, Alert.opened_at <= WindowScore.window_start,
                                      WindowScore.window_end <= Alert.last_seen_at)
-        replay = exists().where(earlier.asset == WindowScore.asset, earlier.window_end == WindowScore.window_end,
-                                earlier.id < WindowScore.id)
         level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
         rows = session.scalars(
             select(WindowScore)
             .where(ranges, WindowScore.is_anomaly.is_(True), WindowScore.threshold > 0,
-                   level * relative > WindowScore.threshold, in_incident, ~replay)
+                   level * relative > WindowScore.threshold, in_incident, ~_replayed())
             .order_by(WindowScore.asset, WindowScore.window_end)
         )
         for row in rows:
@@ -221,19 +220,13 @@ def last_resolved_alerts(*, session: Session, assets: Sequence[str]) -> list[Ale
 
 def scores_between(*, session: Session, asset: str, start: datetime, end: datetime) -> list[WindowScore]:
     """Window scores of ``asset`` whose window ends in ``[start, end]``, oldest first, one row per window end (the
-    newest row when several model versions scored a window)."""
-    rows = session.scalars(
+    first stored: the one the alert engine judged, when several model versions scored a window)."""
+    return list(session.scalars(
         select(WindowScore)
-        .where(WindowScore.asset == asset, WindowScore.window_end >= start, WindowScore.window_end <= end)
-        .order_by(WindowScore.window_end, WindowScore.id)
-    )
-    out: list[WindowScore] = []
-    for row in rows:
-        if out and out[-1].window_end == row.window_end:
-            out[-1] = row
-        else:
-            out.append(row)
-    return out
+        .where(WindowScore.asset == asset, WindowScore.window_end >= start, WindowScore.window_end <= end,
+               ~_replayed())
+        .order_by(WindowScore.window_end)
+    ))
 
 
 def add_model_version(*, session: Session, version: ModelVersion) -> None:

@@ -161,3 +161,25 @@ def _assert_downgrade_drops(db_url: str, revision: str, column: str) -> None:
     engine = make_engine(db_url)
     assert column in {c["name"] for c in inspect(engine).get_columns("window_scores")}
     engine.dispose()
+
+
+def test_recent_scores_and_history_keep_the_judged_row_of_rescored_windows(db_url: str) -> None:
+    """Windows re-scored by three later model versions (replays the alert engine skipped): the restore and the
+    history read the first row of each window, and still as many windows as asked for."""
+    from pipeline.types import ms_to_datetime
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=[_score("a", i, 1.0, "v1") for i in range(10)])
+    with sessions.begin() as s:
+        for version in ("v2", "v3", "v4"):
+            repo.insert_scores(session=s, scores=[_score("a", i, 9.0, version) for i in range(10)])
+    with sessions() as s:
+        recent = repo.recent_scores(session=s, assets=["a"], limit=5)["a"]
+        history = repo.scores_between(session=s, asset="a", start=ms_to_datetime(0), end=ms_to_datetime(20_000))
+    assert [(datetime_to_ms(r.window_end), r.model_version) for r in recent] == [(i * 1000 + 5000, "v1")
+                                                                                 for i in range(5, 10)]
+    assert [r.model_version for r in history] == ["v1"] * 10
+    engine.dispose()

@@ -316,3 +316,17 @@ def test_restore_without_scores_does_not_count_the_alerts_windows_twice() -> Non
     assert restarted.process(scores) == []  # every window is at or before the stored last_seen
     (event,) = restarted.process(_timed([3.0], t0=T0 + 4 * STEP))
     assert event.alert.window_count == stored.window_count + 1
+
+
+def test_a_restart_mid_incident_after_a_model_swap_keeps_the_severity() -> None:
+    """The incident opened under threshold 1.0 (v1) and went on under 1.75 (v2): 3.5 is 2x the new threshold, so it
+    stays a warning (critical at 3x), also after a restart that knows only the stored peak and opening threshold."""
+    scores = _timed([2.0, 3.5, 2.0])
+    scores[1:] = [replace(s, threshold=1.75, model_version="m2") for s in scores[1:]]
+    engine = _rule_engine(k=1, n=1)
+    expected = engine.process(scores)
+    assert [e.alert.severity for e in expected] == ["warning"] * 3
+    before = _rule_engine(k=1, n=1).process(scores[:2])
+    restarted = _rule_engine(k=1, n=1)
+    restarted.restore("a", "g", open_alert=before[-1].alert, recent=scores[:2])
+    assert [e.alert.severity for e in restarted.process(scores)] == ["warning"]  # was critical: 3.5 / 1.0
