@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from models.sequence_detector import DEFAULT_HYPERPARAMETERS
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig, parse_config
 from pipeline.scoring import score_windows
@@ -38,13 +39,6 @@ from pipeline.skab import TRAIN_ROWS, Confusion, SkabFile, confusion, load_skab
 from pipeline.train import train_group, windows_from_frame
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: row i of a file is read at T0 + i seconds
-SHAPES: dict[str, dict[str, Any]] = {
-    "dense": {"hidden": [16, 2]},
-    "lstm": {"lstm_hidden": 16, "lstm_layers": 1, "code_size": 2},
-    "conv": {"conv_channels": [16, 2], "kernel_size": 7},
-}
-
-
 def group_config(sensors: tuple[str, ...], model: str, *, aftermath: bool) -> GroupConfig:
     """The one group a SKAB file becomes (see the module docstring)."""
     alert: dict[str, Any] = {"k": 2, "n": 3, "clear_after": 3, "critical_multiplier": 3.0}
@@ -54,7 +48,7 @@ def group_config(sensors: tuple[str, ...], model: str, *, aftermath: bool) -> Gr
         "name": "skab", "assets": ["file"], "sampling_period_s": 1,
         "sensors": [{"name": s} for s in sensors],
         "window": {"length": 20, "stride": 1, "max_gap": 0, "smooth": 30},
-        "model": {"type": model, **SHAPES[model], "epochs": 40, "batch_size": 32, "patience": 6,
+        "model": {"type": model, **DEFAULT_HYPERPARAMETERS[model], "epochs": 40, "batch_size": 32, "patience": 6,
                   "validation_fraction": 0.2, "scale_floor_step": 0.5, "scale_floor_level": 0.002},
         "threshold": {"method": "percentile", "percentile": 99.9, "multiplier": 3.0},
         "alert": alert,
@@ -88,7 +82,8 @@ def flag_file(file: SkabFile, model: str, *, aftermath: bool) -> tuple[np.ndarra
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared/datasets/skab")
-    parser.add_argument("--models", default="dense,lstm,conv")
+    parser.add_argument("--models", default="dense,lstm,conv", help="comma-separated: dense, lstm, conv, sparse, "
+                        "contractive, vae (the SKAB detector's hyperparameters of each)")
     parser.add_argument("--output", type=Path, help="write the rows (and per-file counts) as JSON here")
     args = parser.parse_args()
     files = load_skab(args.data)

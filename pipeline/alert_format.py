@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pipeline.store.repo import score_of
 from pipeline.store.tables import Alert, WindowScore
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -84,14 +85,13 @@ def history_rows(scores: Sequence[WindowScore], alert: Alert) -> list[dict[str, 
     for s in scores:
         total = sum(s.sensor_errors.values()) or 1.0
         top = max(s.sensor_errors.items(), key=lambda kv: kv[1], default=("", 0.0))
-        level = s.score if s.smoothed_score is None else s.smoothed_score
-        bar = s.threshold if s.aftermath_floor is None else max(s.threshold, s.aftermath_floor)
+        judged = score_of(s)  # the level (smoothed when present) and the bar it was held to
         rows.append({
             "window_start": _ts(s.window_start), "window_end": _ts(s.window_end), "score": round(s.score, 6),
             "smoothed": None if s.smoothed_score is None else round(s.smoothed_score, 6),
             "threshold": round(s.threshold, 6),
             "aftermath_floor": None if s.aftermath_floor is None else round(s.aftermath_floor, 6),
-            "ratio": round(level / s.threshold, 3) if s.threshold > 0 else None, "above": bool(level > bar),
+            "ratio": round(judged.level / s.threshold, 3) if s.threshold > 0 else None, "above": judged.is_anomaly,
             "in_alert": bool(start <= s.window_start and s.window_end <= end),
             "top_sensor": top[0], "top_share": round(top[1] / total, 4),
         })

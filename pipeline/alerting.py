@@ -297,7 +297,7 @@ class AlertEngine:
             if score.end_ms <= state.last_end_ms:
                 continue
             state.last_end_ms = score.end_ms
-            event = self._step(state, score, rule, replay=True)
+            event = self._step(state, score, rule, replay=True, maintenance=rule.in_maintenance(score))
             if event is not None:
                 state.backlog.append(event)
         self._assets[asset] = state
@@ -368,19 +368,19 @@ class AlertEngine:
                 judged.append(score)
                 continue
             state.last_end_ms = score.end_ms
-            if rule.config.aftermath is not None and not rule.in_maintenance(score):
-                floor = _aftermath_floor(state.excursion, score, rule.config)
-                if floor is not None:
-                    score = replace(score, aftermath_floor=floor)
+            maintenance = rule.in_maintenance(score)
+            floor = None if maintenance else _aftermath_floor(state.excursion, score, rule.config)
+            if floor is not None:
+                score = replace(score, aftermath_floor=floor)
             judged.append(score)
-            event = self._step(state, score, rule, replay=False)
+            event = self._step(state, score, rule, replay=False, maintenance=maintenance)
             if event is not None:
                 events.append(event)
         return judged, events
 
     @staticmethod
-    def _step(state: _AssetAlerts, score: Score, rule: _Rule, *, replay: bool) -> AlertEvent | None:
-        if rule.in_maintenance(score):
+    def _step(state: _AssetAlerts, score: Score, rule: _Rule, *, replay: bool, maintenance: bool) -> AlertEvent | None:
+        if maintenance:
             state.recent.clear()
             state.pending = None
             if state.current is not None:

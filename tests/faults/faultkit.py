@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import orjson
@@ -26,10 +26,11 @@ from pipeline.alerting import AlertEngine
 from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
+from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
 from pipeline.train import register_trained, train_group, windows_from_frame
-from pipeline.types import Score, datetime_to_ms, ms_to_datetime
+from pipeline.types import ms_to_datetime
 from pipeline.windowing import Windower
 
 PERIOD = 10.0
@@ -187,8 +188,7 @@ class Deployment:
                                 for a in s.scalars(select(Alert)))
         finally:
             engine.dispose()
-        scores = [Score(r.asset, r.group_name, datetime_to_ms(r.window_start), datetime_to_ms(r.window_end), r.score,
-                        r.threshold, dict(r.sensor_errors), r.model_version, smoothed=r.smoothed_score) for r in rows]
+        scores = [replace(repo.score_of(r), aftermath_floor=None) for r in rows]  # as scored, before judging
         judged, events = AlertEngine(self.config.groups).judge(scores)
         breaks = [f"{r.asset} {r.window_end}: stored floor {r.aftermath_floor} anomaly {r.is_anomaly}, unbroken "
                   f"{j.aftermath_floor} {j.is_anomaly}" for r, j in zip(rows, judged, strict=True)

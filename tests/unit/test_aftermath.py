@@ -1,4 +1,4 @@
-"""The alert rule's aftermath (``alert.aftermath``): after a large excursion the bar is raised to ``relative`` x the
+"""The alert rule's aftermath (``alert.aftermath``): after a large incident the bar is raised to ``relative`` x the
 decayed peak ratio, exactly however the stream is batched and across restarts; alerts resolve under the raised bar.
 A runner on SQLite with a stand-in detector where a restart is involved: no broker."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,9 @@ from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
+from pipeline.store import repo
 from pipeline.store.tables import Alert, WindowScore
-from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
+from pipeline.types import AlertEvent, AlertRecord, Score, ms_to_datetime
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
 HALF_LIFE_S = 20.0
@@ -288,8 +290,7 @@ def _run_with_restarts(sessions: sessionmaker[Session], spans: list[tuple[int, i
         rows = list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
         stored_alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count)
                                for a in s.scalars(select(Alert)))
-    raw = [Score(r.asset, "g", datetime_to_ms(r.window_start), datetime_to_ms(r.window_end), r.score, r.threshold,
-                 dict(r.sensor_errors), r.model_version) for r in rows]
+    raw = [replace(repo.score_of(r), aftermath_floor=None) for r in rows]  # as scored, before judging
     unbroken, events = AlertEngine(_config(sessions, half_life_s).groups).judge(raw)
     assert [r.aftermath_floor for r in rows] == [s.aftermath_floor for s in unbroken]
     assert [r.is_anomaly for r in rows] == [s.is_anomaly for s in unbroken]
