@@ -464,6 +464,18 @@ class RetrainConfig(_Strict):
         return value
 
 
+class DriftConfig(_Strict):
+    """Follow slow drift of normal operation: each window is compared with the level the asset's sensors have settled
+    at rather than with the level the model was trained on.
+
+    Per asset the baseline starts at the model's training centre and moves towards the readings of every window that
+    is not anomalous, by ``stride time / span_s`` of the distance (an exponential average over about ``span_s`` of
+    event time); an anomalous window leaves it where it is. A fault that builds up more slowly than ``span_s`` is
+    absorbed as drift: leave this off for assets whose faults are slow drifts (fouling, wear)."""
+
+    span_s: PositiveFloat
+
+
 class GroupConfig(_Strict):
     """Assets that share sensors, a sampling grid, a window shape, a model and an alert rule."""
 
@@ -475,6 +487,7 @@ class GroupConfig(_Strict):
     model: ModelConfig = ModelConfig()
     threshold: ThresholdConfig = ThresholdConfig()
     alert: AlertConfig = AlertConfig()
+    drift: DriftConfig | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> GroupConfig:
@@ -497,6 +510,13 @@ class GroupConfig(_Strict):
     def period_ms(self) -> int:
         """The sampling grid step in milliseconds."""
         return round(self.sampling_period_s * 1000)
+
+    @property
+    def drift_weight(self) -> float | None:
+        """How far the drift baseline moves towards a normal window's readings (``DriftConfig``); None: no drift."""
+        if self.drift is None:
+            return None
+        return min(1.0, self.window.stride * self.sampling_period_s / self.drift.span_s)
 
     def model_hash(self) -> str:
         """Hash of everything a trained model depends on (sensors, grid, window, model, threshold)."""

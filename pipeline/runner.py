@@ -34,15 +34,15 @@ from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config
 from pipeline.decode import Decoder
+from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ModelError, TransientError
 from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_active, load_version
-from pipeline.scoring import score_windows
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
 from pipeline.store.tables import WindowScore
-from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
+from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
 from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class Runner:
         self._decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
         self._windower = Windower(config.groups)
         self._alerts = AlertEngine(config.groups)
+        self._drift = DriftTracker(config.groups)
         self._groups = config.asset_groups()
         self._history = self._alerts.history_windows()
         self._next_offset: dict[int, int] = {}
@@ -128,6 +129,7 @@ class Runner:
     def _drop_partitions(self, partitions: set[int]) -> None:
         assets = self._windower.forget_partitions(partitions)
         self._alerts.forget(assets)
+        self._drift.forget(assets)
         for asset in assets:
             self._saved_starts.pop(asset, None)
         for p in partitions:
@@ -156,14 +158,14 @@ class Runner:
         batch.skipped += idle.skipped
         rejected += self._rejects_from(records, batch)
         fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
-        scores = score_windows(batch.windows, self._detectors)
         processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
         starts = self._windower.next_window_starts()
         moved = {a: (self._groups[a].name, ms) for a, ms in starts.items() if self._saved_starts.get(a) != ms}
-        if not (fresh or scores or batch.skipped or processed or moved):
+        if not (fresh or batch.windows or batch.skipped or processed or moved):
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
-        events, scores, batch.skipped, moved, processed = self._persist_owned(scores, batch.skipped, moved, processed)
+        scores, events, batch.skipped, moved, processed = self._persist_owned(batch.windows, batch.skipped, moved,
+                                                                              processed)
         if self._sinks is not None:
             self._sinks.publish(events)  # only after the transaction holding the alerts has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
@@ -172,21 +174,22 @@ class Runner:
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
 
-    def _persist_owned(self, scores: list[Score], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
-                       processed: dict[int, int]) -> tuple[list[AlertEvent], list[Score], list[SkippedWindow],
+    def _persist_owned(self, windows: list[Window], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+                       processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent], list[SkippedWindow],
                                                            dict[str, tuple[str, int]], dict[int, int]]:
-        """Persist the batch; when another consumer owns some of its partitions now (we lost them without noticing,
-        e.g. after a long pause), drop their results and state and persist the rest. Returns what was written."""
+        """Score, judge and persist the batch; when another consumer owns some of its partitions now (we lost them
+        without noticing, e.g. after a long pause), drop their results and state and persist the rest. Returns what
+        was written."""
         while True:
             try:
-                events = self._retry(functools.partial(self._persist, scores, skipped, moved, processed))
-                return events, scores, skipped, moved, processed
+                scores, events = self._retry(functools.partial(self._persist, windows, skipped, moved, processed))
+                return scores, events, skipped, moved, processed
             except Fenced as fenced:
                 lost = fenced.partitions
                 log.warning("partitions %s are owned by another consumer: dropping their results and state",
                             sorted(lost))
                 partition_of = self._windower.partition_of  # used before _drop_partitions forgets them
-                scores = [x for x in scores if partition_of(x.asset) not in lost]
+                windows = [x for x in windows if partition_of(x.asset) not in lost]
                 skipped = [x for x in skipped if partition_of(x.asset) not in lost]
                 moved = {a: v for a, v in moved.items() if partition_of(a) not in lost}
                 processed = {p: o for p, o in processed.items() if p not in lost}
@@ -227,15 +230,14 @@ class Runner:
                 self._windower.resume(asset, start_ms)
                 self._saved_starts[asset] = start_ms
 
-    def _persist(self, scores: list[Score], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
-                 processed: dict[int, int]) -> list[AlertEvent]:
-        assets = sorted({s.asset for s in scores})
+    def _persist(self, windows: list[Window], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+                 processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent]]:
+        assets = sorted({w.asset for w in windows})
         k = self.config.kafka
         try:
             with self._sessions.begin() as session:
                 self._restore(session, assets)
-                scores = self._alerts.smooth(scores, {g: d.ewma_alpha for g, d in self._detectors.items()})
-                scores, events = self._alerts.judge(scores)
+                scores, events = score_and_judge(windows, self._detectors, self._alerts, self._drift)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
                 repo.insert_skipped(session=session, skipped=skipped)
@@ -249,11 +251,12 @@ class Runner:
                     raise Fenced(fenced)
         except BaseException:
             self._alerts.forget(assets)  # the transaction did not commit: rebuild from the database next time
+            self._drift.forget(assets)
             raise
-        return events
+        return scores, events
 
     def _restore(self, session: Session, assets: list[str]) -> None:
-        todo = self._alerts.unrestored(assets)
+        todo = sorted(set(self._alerts.unrestored(assets)) | set(self._drift.unrestored(assets)))
         if not todo:
             return
         opened = {row.asset: repo.alert_record(row) for row in repo.open_alerts(session=session, assets=todo)}
@@ -261,7 +264,9 @@ class Runner:
         closed = repo.last_resolved_alerts(session=session, assets=todo)
         resolved = {row.asset: repo.alert_record(row) for row in closed}
         excursions = self._stored_excursions(session, {a: recent[a] for a in todo if recent.get(a)})
-        for asset in todo:
+        for asset in self._drift.unrestored(todo):
+            self._drift.restore(asset, repo.score_of(recent[asset][-1]) if recent.get(asset) else None)
+        for asset in self._alerts.unrestored(todo):
             self._alerts.restore(
                 asset, self._groups[asset].name, open_alert=opened.get(asset),
                 recent=[repo.score_of(row) for row in recent.get(asset, [])], last_resolved=resolved.get(asset),

@@ -80,7 +80,9 @@ class Score:
     ``smoothed`` is the EWMA of the asset's scores up to this window when the model's threshold applies to the
     smoothed stream (``threshold.ewma_alpha``), else None. ``level`` is what the threshold is compared with.
     ``aftermath_floor`` is the raised bar of the alert rule's ``aftermath`` (score units) when a recent large
-    incident of the asset set one above the threshold, else None.
+    incident of the asset set one above the threshold, else None. ``baseline`` is the asset's drift-following
+    baseline (per sensor, in reading units) as it stands after this window, when its group follows drift
+    (``GroupConfig.drift``): the level the asset's next window is compared with.
     """
 
     asset: str
@@ -93,6 +95,7 @@ class Score:
     model_version: str
     smoothed: float | None = None
     aftermath_floor: float | None = None
+    baseline: dict[str, float] | None = None
 
     @property
     def level(self) -> float:

@@ -1,0 +1,216 @@
+"""Drift-following baselines (``groups[].drift``): slow drift of normal operation is followed, a fault is not; the
+result is the same in any batching, after a model swap it starts from the new centre, and a restarted runner (SQLite,
+no broker) stores exactly what an unbroken one does."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from sqlalchemy import select
+
+from models.scaler import StandardScaler
+from pipeline.alerting import AlertEngine
+from pipeline.config import Config, parse_config
+from pipeline.drift import DriftTracker, score_and_judge
+from pipeline.errors import ConfigError
+from pipeline.kafka_io import RawRecord
+from pipeline.runner import Runner
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import Alert, WindowScore
+from pipeline.types import Score, Window
+
+T0 = 1772326800000  # 2026-03-01T01:00:00Z
+LENGTH, STRIDE = 4, 2
+
+
+class _LevelDetector:
+    """Scores a window by each sensor's mean absolute distance from its centre (std 1); threshold 1."""
+
+    group, sensors, window, ewma_alpha, threshold = "g", ["x", "y"], LENGTH, None, 1.0
+
+    def __init__(self, version: str = "v1", centre: tuple[float, float] = (10.0, 0.0)) -> None:
+        self.version = version
+        self.scaler = StandardScaler(mean=np.array(centre), std=np.ones(2))
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per_sensor = np.abs(windows - self.scaler.mean).mean(axis=1)
+        return per_sensor.sum(axis=1), per_sensor
+
+
+def _raw(drift: dict[str, Any] | None, **alert: Any) -> dict[str, Any]:
+    group: dict[str, Any] = {
+        "name": "g", "assets": ["a", "b"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": LENGTH, "stride": STRIDE, "max_gap": 0}, "alert": {"k": 1, "n": 1} | alert}
+    if drift is not None:
+        group["drift"] = drift
+    return {"groups": [group]}
+
+
+def _groups(span_s: float | None = 20.0, **alert: Any) -> list[Any]:
+    return parse_config(_raw(None if span_s is None else {"span_s": span_s}, **alert), env={}).groups
+
+
+def _x(asset: str, second: int) -> float:
+    """x drifts up slowly (0.01 a second, 6 over the stream: far beyond the threshold without following); asset a has
+    a step fault of +5 at 300-339 s, b one of +3 at 450-469 s."""
+    fault = 5.0 if asset == "a" and 300 <= second < 340 else 3.0 if asset == "b" and 450 <= second < 470 else 0.0
+    return 10.0 + 0.01 * second + fault
+
+
+def _windows(stop_s: int = 600, x: Callable[[str, int], float] = _x) -> list[Window]:
+    out = []
+    for first in range(0, stop_s - LENGTH + 1, STRIDE):
+        for asset in ("a", "b"):
+            values = np.array([[x(asset, s), 0.0] for s in range(first, first + LENGTH)])
+            out.append(Window(asset, "g", T0 + first * 1000, T0 + (first + LENGTH) * 1000, values))
+    return out
+
+
+def _run(windows: list[Window], splits: list[int], groups: list[Any],
+         detector: _LevelDetector | None = None) -> list[Score]:
+    engine, tracker = AlertEngine(groups), DriftTracker(groups)
+    detectors = {"g": detector or _LevelDetector()}
+    out: list[Score] = []
+    for lo, hi in zip([0, *splits], [*splits, len(windows)], strict=True):
+        out += score_and_judge(windows[lo:hi], detectors, engine, tracker)[0]  # type: ignore[arg-type]
+    return sorted(out, key=lambda s: (s.asset, s.end_ms))
+
+
+def _second(score: Score) -> int:
+    return (score.end_ms - T0) // 1000 - 1  # the window's last row
+
+
+def test_drift_is_validated_with_its_key() -> None:
+    with pytest.raises(ConfigError, match=r"groups\[0\]\.drift\.span_s: Field required"):
+        parse_config(_raw({}), env={})
+    with pytest.raises(ConfigError, match=r"groups\[0\]\.drift\.span_s: Input should be greater than 0"):
+        parse_config(_raw({"span_s": 0}), env={})
+    assert _groups(20.0)[0].drift_weight == STRIDE / 20.0
+    assert _groups(1.0)[0].drift_weight == 1.0  # at most all the way
+    assert _groups(None)[0].drift_weight is None
+
+
+def test_slow_drift_is_followed_and_a_fault_is_not() -> None:
+    still = _run(_windows(), [], _groups(None))
+    following = _run(_windows(), [], _groups(20.0))
+    faulty = {("a", s) for s in range(300, 340)} | {("b", s) for s in range(450, 470)}
+
+    def flagged(scores: list[Score]) -> set[tuple[str, int]]:
+        return {(s.asset, _second(s)) for s in scores if s.is_anomaly}
+
+    assert len(flagged(still) - faulty) > 400  # without following, the drift itself alarms from ~100 s on
+    assert all(s.baseline is None for s in still)
+    # following: every window inside a fault is flagged (the baseline stays put while it lasts), none clear of one
+    ends = {(s.asset, _second(s)) for s in following}
+    inside = {(a, e) for a, e in ends if all((a, r) in faulty for r in range(e - LENGTH + 1, e + 1))}
+    touching = {(a, e) for a, e in ends if any((a, r) in faulty for r in range(e - LENGTH + 1, e + 1))}
+    assert len(inside) == 19 + 9 and inside <= flagged(following) <= touching
+    last_a = [s for s in following if s.asset == "a"][-1]
+    assert last_a.baseline is not None and abs(last_a.baseline["x"] - _x("a", 599)) < 0.2  # settled at the level
+    during = [s.baseline for s in following if s.asset == "a" and 303 <= _second(s) < 340]
+    assert during and all(b == during[0] for b in during)  # frozen through the fault
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_baselines_and_verdicts_are_the_same_in_any_batching(seed: int) -> None:
+    windows = _windows(400)
+    rng = random.Random(seed)
+    splits = sorted(rng.sample(range(1, len(windows)), 12))
+    whole = _run(windows, [], _groups(20.0, k=2, n=3))
+    assert _run(windows, splits, _groups(20.0, k=2, n=3)) == whole
+    assert _run(windows, list(range(1, len(windows))), _groups(20.0, k=2, n=3)) == whole  # window by window
+
+
+def test_rounds_hold_one_window_per_following_asset() -> None:
+    windows = _windows(20)  # 9 windows each of a and b
+    rounds = DriftTracker(_groups(20.0)).rounds(windows)
+    assert [len(r) for r in rounds] == [2] * 9
+    assert all([w.asset for w in r] == ["a", "b"] for r in rounds)
+    assert DriftTracker(_groups(None)).rounds(windows) == [sorted(windows, key=lambda w: w.end_ms)]  # one pass
+
+
+def test_a_new_model_version_starts_from_its_own_centre() -> None:
+    groups = _groups(20.0)
+    engine, tracker = AlertEngine(groups), DriftTracker(groups)
+    windows = [w for w in _windows(300) if w.asset == "a"]
+    before, _ = score_and_judge(windows[:100], {"g": _LevelDetector()}, engine, tracker)  # type: ignore[dict-item]
+    assert before[-1].baseline is not None and before[-1].baseline["x"] > 11.5  # followed 2 units of drift
+    swapped = _LevelDetector("v2", centre=(13.0, 0.0))
+    after, _ = score_and_judge(windows[100:], {"g": swapped}, engine, tracker)  # type: ignore[dict-item]
+    first = after[0]
+    expected = 13.0 + STRIDE / 20.0 * (windows[100].values[-1, 0] - 13.0)  # one step from the new centre
+    assert first.model_version == "v2" and first.baseline is not None
+    assert first.baseline["x"] == pytest.approx(expected)
+    assert first.score == pytest.approx(np.abs(windows[100].values[:, 0] - 13.0).mean())  # scored against it
+
+
+@pytest.mark.parametrize("split", [1, 37, 150, 151, 152, 200, 233])
+def test_a_restore_from_the_latest_score_continues_exactly(split: int) -> None:
+    windows = _windows(600)
+    whole = _run(windows, [], _groups(20.0))
+    groups = _groups(20.0)
+    engine, tracker = AlertEngine(groups), DriftTracker(groups)
+    first, _ = score_and_judge(windows[:split], {"g": _LevelDetector()}, engine, tracker)  # type: ignore[dict-item]
+    restarted, fresh = AlertEngine(groups), DriftTracker(groups)
+    for asset in ("a", "b"):
+        mine = [s for s in first if s.asset == asset]
+        fresh.restore(asset, mine[-1] if mine else None)
+        restarted.restore(asset, "g", open_alert=None, recent=mine[-3:], last_resolved=None)
+    replayed = windows[max(split - 6, 0):]  # a replay of the last few windows first, as after a crash
+    rest, _ = score_and_judge(replayed, {"g": _LevelDetector()}, restarted, fresh)  # type: ignore[dict-item]
+    stored = {(s.asset, s.end_ms): s for s in first}
+    for s in rest:
+        stored.setdefault((s.asset, s.end_ms), s)  # the database keeps the first row of a replayed window
+    assert sorted(stored.values(), key=lambda s: (s.asset, s.end_ms)) == whole
+
+
+def _records(start_s: int, stop_s: int) -> list[RawRecord]:
+    out = []
+    for i in range(start_s, stop_s):
+        for partition, asset in enumerate(("a", "b")):
+            payload = {"asset": asset, "ts": T0 + i * 1000, "values": {"x": _x(asset, i), "y": 0.0}}
+            out.append(RawRecord("readings", partition, i, asset.encode(), orjson.dumps(payload), T0 + i * 1000))
+    return out
+
+
+def _config(url: str) -> Config:
+    raw = _raw({"span_s": 20.0}, k=2, n=3, aftermath={"relative": 0.3, "half_life_s": 120.0})
+    return parse_config({"database": {"url": url}, **raw}, env={})
+
+
+def _stored(url: str, spans: list[tuple[int, int]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Run one fresh runner (a new process, no broker) per span of seconds on a new SQLite database; its stored
+    window scores (asset, end, score, baseline, floor, verdict) and alerts."""
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    for first_s, last_s in spans:
+        runner = Runner(_config(url), sessions=sessions, detectors={"g": _LevelDetector()},  # type: ignore[dict-item]
+                        producer=None, stop=threading.Event())  # type: ignore[arg-type]
+        runner.process(_records(first_s, last_s), T0 + last_s * 1000)
+    with sessions() as s:
+        rows = [repo.score_of(r) for r in s.scalars(select(WindowScore).order_by(WindowScore.asset,
+                                                                                 WindowScore.window_end))]
+        alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count, a.severity)
+                        for a in s.scalars(select(Alert)))
+    engine.dispose()
+    return [(r.asset, r.end_ms, r.score, r.baseline, r.aftermath_floor, r.is_anomaly) for r in rows], alerts
+
+
+def test_restarted_runners_store_what_an_unbroken_runner_does(tmp_path: Path) -> None:
+    unbroken, unbroken_alerts = _stored(f"sqlite:///{tmp_path / 'one.db'}", [(0, 600)])
+    # four processes; each restart replays the last 10 s of the one before (as after a crash)
+    restarted, restarted_alerts = _stored(f"sqlite:///{tmp_path / 'four.db'}",
+                                          [(0, 150), (140, 320), (310, 455), (445, 600)])
+    assert restarted == unbroken
+    assert restarted_alerts == unbroken_alerts
+    assert sorted(a[0] for a in unbroken_alerts) == ["a", "b"]  # the two faults, not the drift
+    assert len(unbroken) >= 2 * 290 and all(r[3] is not None for r in unbroken)
