@@ -7,10 +7,11 @@ config), simulate the 12 test hours with the demo's injected anomalies, cut wind
 to the alert engine, then score the alerts against the ground truth (event level, as the demo does).
 
     python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath off|0.3,21600]
-                                    [--output demo_hours.json]
+                                    [--drift-span-s S] [--output demo_hours.json]
 
 ``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600),
-``--aftermath off`` runs the rule without it.
+``--aftermath off`` runs the rule without it. ``--drift-span-s S`` adds a drift-following baseline (``drift.span_s``;
+the demo has none): the simulated faults include slow drifts, so this shows what following drift costs.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from rich.progress import track
 from rich.table import Table
 
 from pipeline.alerting import AlertEngine
-from pipeline.config import AftermathConfig
+from pipeline.config import AftermathConfig, DriftConfig
 from pipeline.demo import PERIOD_S, demo_config
+from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.evaluation import Span, score_events
-from pipeline.scoring import score_windows
 from pipeline.simulate import simulate_fleet
 from pipeline.train import train_group, windows_from_frame
 from pipeline.types import datetime_to_ms
@@ -41,15 +42,18 @@ def _frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path,
-             aftermath: AftermathConfig | str | None = "demo") -> dict[str, object]:
+             aftermath: AftermathConfig | str | None = "demo", drift_span_s: float | None = None
+             ) -> dict[str, object]:
     """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts.
-    ``aftermath``: the alert rule's (None: without one; "demo": the demo's)."""
+    ``aftermath``: the alert rule's (None: without one; "demo": the demo's); ``drift_span_s``: follow drift."""
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     cfg = demo_config(bootstrap="unused:9092", database_url="sqlite://", model_dir=model_dir, assets=assets,
                       run_id="hours")
     group = cfg.groups[0]
     if aftermath != "demo":
         group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
+    if drift_span_s is not None:
+        group = group.model_copy(update={"drift": DriftConfig(span_s=drift_span_s)})
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     test_start = pd.Timestamp(end - timedelta(hours=hours))
@@ -59,9 +63,8 @@ def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir
     detector = trained.detector
     frames, truth = simulate_fleet(assets, test_start, test_periods, PERIOD_S, seed + 1,
                                    anomalous_assets=assets[:-1], anomalies_per_asset=2)
-    scores = score_windows(windows_from_frame(_frame(frames), group), {group.name: detector})
-    engine = AlertEngine([group])
-    _, events = engine.judge(engine.smooth(scores, {group.name: detector.ewma_alpha}))
+    _, events = score_and_judge(windows_from_frame(_frame(frames), group), {group.name: detector},
+                                AlertEngine([group]), DriftTracker([group]))
     alerts: dict[tuple[str, int], Span] = {}  # the latest state of each incident
     for event in events:
         a = event.alert
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--date", default="2026-01-01", help="UTC date whose 24 end hours are run")
     parser.add_argument("--aftermath", metavar="off|RELATIVE,HALF_LIFE_S",
                         help="the alert rule's aftermath: off, or e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
+    parser.add_argument("--drift-span-s", type=float, help="follow drift over this span (default: off, as the demo)")
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     aftermath: AftermathConfig | str | None = "demo"
@@ -95,7 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for hour in track(range(24), description="end hours"):
             rows.append(run_hour(day + timedelta(hours=hour), hours=args.hours, n_assets=args.assets,
-                                 seed=args.seed, model_dir=Path(tmp), aftermath=aftermath))
+                                 seed=args.seed, model_dir=Path(tmp), aftermath=aftermath,
+                                 drift_span_s=args.drift_span_s))
     table = Table("end hour (UTC)", "caught", "alerts", "false", "recall", "precision", "threshold")
     for r in rows:
         table.add_row(f"{r['end_hour_utc']:02d}:00", f"{r['caught']}/{r['anomalies']}", str(r["alerts"]),

@@ -1,6 +1,7 @@
 """Pipeline throughput: readings/s and batch latency through a real broker into SQLite or PostgreSQL.
 
-    python benchmarks/throughput.py [--assets 20] [--rows 5000] [--database sqlite|postgres]
+    python benchmarks/throughput.py [--assets 20] [--rows 5000] [--database sqlite|postgres] [--smooth N]
+                                    [--ewma-alpha A] [--drift-span-s S]
 
 Starts a local Kafka broker (or uses KAFKA_BOOTSTRAP_SERVERS) and, for ``postgres``, a throwaway PostgreSQL cluster
 (or DATABASE_URL); trains a small dense model, produces the stream first, then times the pipeline consuming it.
@@ -56,7 +57,7 @@ def _database(kind: str, workdir: Path) -> Iterator[str]:
 
 
 def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, smooth: int = 1,
-            ewma_alpha: float | None = None) -> Config:
+            ewma_alpha: float | None = None, drift_span_s: float | None = None) -> Config:
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{time.time_ns()}", "group_id": "bench",
                   "max_poll_records": 5000},
@@ -64,7 +65,8 @@ def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, 
         "groups": [{"name": "fleet", "assets": assets, "sampling_period_s": 10,
                     "sensors": [{"name": s.name, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
                     "window": {"length": 30, "stride": 5, "smooth": smooth}, "model": {"type": "dense", "epochs": 3},
-                    "threshold": {"ewma_alpha": ewma_alpha}}],
+                    "threshold": {"ewma_alpha": ewma_alpha},
+                    **({"drift": {"span_s": drift_span_s}} if drift_span_s else {})}],
     }, env={})
 
 
@@ -75,11 +77,13 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--smooth", type=int, default=1, help="window.smooth (rolling mean over this many steps)")
     parser.add_argument("--ewma-alpha", type=float, default=None, help="threshold.ewma_alpha (smoothed scores)")
+    parser.add_argument("--drift-span-s", type=float, default=None, help="drift.span_s (drift-following baseline)")
     args = parser.parse_args()
     assets = [f"asset-{i:03d}" for i in range(args.assets)]
     start = pd.Timestamp("2026-06-01T00:00:00Z")
     with tempfile.TemporaryDirectory() as tmp, _kafka() as bootstrap, _database(args.database, Path(tmp)) as db_url:
-        cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models", smooth=args.smooth, ewma_alpha=args.ewma_alpha)
+        cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models", smooth=args.smooth, ewma_alpha=args.ewma_alpha,
+                      drift_span_s=args.drift_span_s)
         group = cfg.groups[0]
         upgrade(db_url)
         train = simulate_normal(assets[0], start - pd.Timedelta(days=1), 4000, 10, seed=1).reset_index()
@@ -118,7 +122,8 @@ def main() -> None:
         stats = run_pipeline(cfg, stop=stop, idle_stop_s=30, on_batch=on_batch)
         elapsed = (done[0] if done else time.perf_counter()) - (first[0] if first else started)
         print(json.dumps({
-            "database": args.database, "smooth": args.smooth, "ewma_alpha": args.ewma_alpha, "assets": args.assets,
+            "database": args.database, "smooth": args.smooth, "ewma_alpha": args.ewma_alpha,
+            "drift_span_s": args.drift_span_s, "assets": args.assets,
             "readings": stats.readings,
             "windows_scored": stats.windows_scored, "batches": stats.batches,
             "seconds_processing": round(elapsed, 2),

@@ -6,6 +6,7 @@ produced at a steady rate from a background thread so faults land mid-stream.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -21,16 +22,18 @@ import pandas as pd
 import yaml
 from sqlalchemy import func, select, text
 
+from models.detector import Detector
 from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
+from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
 from pipeline.train import register_trained, train_group, windows_from_frame
-from pipeline.types import ms_to_datetime
+from pipeline.types import Window, ms_to_datetime
 from pipeline.windowing import Windower
 
 PERIOD = 10.0
@@ -48,6 +51,8 @@ class Deployment:
     messages: list[tuple[str, bytes]]
     expected: set[tuple[str, int]]
     logs: Path
+    windows: list[Window] = field(default_factory=list)  # every window the stream closes, as one windower cuts them
+    detectors: dict[str, Detector] = field(default_factory=dict)  # the registered model
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     # -- the stream ------------------------------------------------------------------------------------------------
@@ -202,6 +207,39 @@ class Deployment:
                           f"{len(expected)})")
         return breaks, sum(r.aftermath_floor is not None for r in rows)
 
+    def scoring_breaks(self) -> tuple[list[str], int]:
+        """Stored windows whose score, smoothed score, drift baseline, aftermath floor or anomaly flag differ from what
+        one unbroken chain (``score_and_judge`` over every window at once: no restarts, no batches) computes; and how
+        many stored baselines have moved off the model's centre (so the check is not vacuous). Scores and baselines
+        agree to 1e-6 relative (a forward pass's last bits may depend on what else is in its batch); flags exactly."""
+        engine = make_engine(self.config.database.url)
+        try:
+            with make_sessionmaker(engine)() as s:
+                rows = [repo.score_of(r) for r in
+                        s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end))]
+        finally:
+            engine.dispose()
+        groups = self.config.groups
+        unbroken, _ = score_and_judge(self.windows, self.detectors, AlertEngine(groups), DriftTracker(groups))
+        unbroken.sort(key=lambda x: (x.asset, x.end_ms))
+
+        def close(a: float | None, b: float | None) -> bool:
+            return (a is None) == (b is None) and (a is None or b is None or math.isclose(a, b, rel_tol=1e-6))
+
+        breaks = []
+        for r, u in zip(rows, unbroken, strict=True):
+            same = ((r.asset, r.end_ms, r.is_anomaly) == (u.asset, u.end_ms, u.is_anomaly)
+                    and all(close(getattr(r, f), getattr(u, f)) for f in ("score", "smoothed", "aftermath_floor"))
+                    and (r.baseline or {}).keys() == (u.baseline or {}).keys()
+                    and all(close(v, (u.baseline or {})[k]) for k, v in (r.baseline or {}).items()))
+            if not same:
+                breaks.append(f"{r.asset} {r.end_ms}: stored (score, smoothed, floor, anomaly, baseline) "
+                              f"{(r.score, r.smoothed, r.aftermath_floor, r.is_anomaly, r.baseline)}, unbroken "
+                              f"{(u.score, u.smoothed, u.aftermath_floor, u.is_anomaly, u.baseline)}")
+        centre = {k: float(v) for k, v in zip(self.detectors[groups[0].name].sensors,
+                                              self.detectors[groups[0].name].scaler.mean, strict=True)}
+        return breaks, sum(r.baseline is not None and r.baseline != centre for r in rows)
+
     def debug_state(self) -> str:
         """Skipped windows, asset and consumer progress, for a failing assertion."""
         engine = make_engine(self.config.database.url)
@@ -226,7 +264,7 @@ class Deployment:
 def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: int, rows_per_asset: int,
            session_timeout_ms: int = 6000, ingest: dict[str, object] | None = None,
            idle_close_s: float = 3600, ewma_alpha: float | None = None,
-           aftermath: dict[str, float] | None = None) -> Deployment:
+           aftermath: dict[str, float] | None = None, drift: dict[str, float] | None = None) -> Deployment:
     """Write a config, migrate the database, register a quickly trained model, and prepare the stream."""
     names = [f"asset-{i:02d}" for i in range(assets)]
     raw = {
@@ -244,6 +282,7 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
             "model": {"type": "dense", "hidden": [16, 4], "epochs": 2, "batch_size": 256},
             "threshold": {"ewma_alpha": ewma_alpha},
             "alert": {"aftermath": aftermath},
+            "drift": drift,
         }],
     }
     config_path = tmp_path / "config.yaml"
@@ -276,4 +315,4 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
     expected = {(w.asset, w.end_ms) for w in closed}
     logs = tmp_path / "logs"
     logs.mkdir()
-    return Deployment(config_path, cfg, messages, expected, logs)
+    return Deployment(config_path, cfg, messages, expected, logs, closed, {group.name: trained.detector})
