@@ -7,11 +7,11 @@ config), simulate the 12 test hours with the demo's injected anomalies, cut wind
 to the alert engine, then score the alerts against the ground truth (event level, as the demo does).
 
     python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath off|0.3,21600]
-                                    [--drift-span-s S] [--output demo_hours.json]
+                                    [--drift off|3600] [--output demo_hours.json]
 
 ``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600),
-``--aftermath off`` runs the rule without it. ``--drift-span-s S`` adds a drift-following baseline (``drift.span_s``;
-the demo has none): the simulated faults include slow drifts, so this shows what following drift costs.
+``--aftermath off`` runs the rule without it. ``--drift SPAN_S`` sets drift following (``drift.span_s``; the demo's
+is 3600), ``--drift off`` runs without it.
 """
 
 from __future__ import annotations
@@ -42,18 +42,18 @@ def _frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path,
-             aftermath: AftermathConfig | str | None = "demo", drift_span_s: float | None = None
+             aftermath: AftermathConfig | str | None = "demo", drift: DriftConfig | str | None = "demo"
              ) -> dict[str, object]:
     """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts.
-    ``aftermath``: the alert rule's (None: without one; "demo": the demo's); ``drift_span_s``: follow drift."""
+    ``aftermath``: the alert rule's, ``drift``: the group's drift following (None: without; "demo": the demo's)."""
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     cfg = demo_config(bootstrap="unused:9092", database_url="sqlite://", model_dir=model_dir, assets=assets,
                       run_id="hours")
     group = cfg.groups[0]
     if aftermath != "demo":
         group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
-    if drift_span_s is not None:
-        group = group.model_copy(update={"drift": DriftConfig(span_s=drift_span_s)})
+    if drift != "demo":
+        group = group.model_copy(update={"drift": drift})
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     test_start = pd.Timestamp(end - timedelta(hours=hours))
@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--date", default="2026-01-01", help="UTC date whose 24 end hours are run")
     parser.add_argument("--aftermath", metavar="off|RELATIVE,HALF_LIFE_S",
                         help="the alert rule's aftermath: off, or e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
-    parser.add_argument("--drift-span-s", type=float, help="follow drift over this span (default: off, as the demo)")
+    parser.add_argument("--drift", metavar="off|SPAN_S",
+                        help="drift following: off, or drift.span_s (default: the demo's, 3600)")
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     aftermath: AftermathConfig | str | None = "demo"
@@ -94,13 +95,18 @@ def main() -> None:
     elif args.aftermath:
         relative, half_life_s = (float(x) for x in args.aftermath.split(","))
         aftermath = AftermathConfig(relative=relative, half_life_s=half_life_s)
+    drift: DriftConfig | str | None = "demo"
+    if args.drift == "off":
+        drift = None
+    elif args.drift:
+        drift = DriftConfig(span_s=float(args.drift))
     day = datetime.fromisoformat(args.date).replace(tzinfo=UTC)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hour in track(range(24), description="end hours"):
             rows.append(run_hour(day + timedelta(hours=hour), hours=args.hours, n_assets=args.assets,
                                  seed=args.seed, model_dir=Path(tmp), aftermath=aftermath,
-                                 drift_span_s=args.drift_span_s))
+                                 drift=drift))
     table = Table("end hour (UTC)", "caught", "alerts", "false", "recall", "precision", "threshold")
     for r in rows:
         table.add_row(f"{r['end_hour_utc']:02d}:00", f"{r['caught']}/{r['anomalies']}", str(r["alerts"]),

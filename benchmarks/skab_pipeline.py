@@ -1,19 +1,18 @@
 """SKAB through the product's own chain (no broker, no database): what the pipeline as configured in YAML flags.
 
-``sensorwatch evaluate`` scores SKAB with ``models.sequence_detector``, a detector with two parts the pipeline does not
-have (a drift-following baseline and a row-level aftermath rule). This runs the pipeline's code instead, per file:
-``windows_from_frame`` (the windower's grid, smoothing and gap rules) on the first 400 rows, ``train_group``, then
-``score_and_judge`` over the whole file (``score_windows`` and the alert engine's ``judge``, with or without
-``alert.aftermath``, and with or without a drift-following baseline, ``drift``); a test row is flagged when the window
-ending at it is ``is_anomaly``. Point-wise F1 / FAR / MAR
-over the test rows, summed over valve1/ + other/, as ``pipeline.skab`` counts them.
+``sensorwatch evaluate`` scores SKAB with ``models.sequence_detector``, the SKAB detector (a drift-following input
+baseline and a row-level aftermath rule). This runs the pipeline's code instead, per file: ``windows_from_frame``
+(the windower's grid, smoothing and gap rules) on the first 400 rows, ``train_group``, then ``score_and_judge`` over
+the whole file (the forward pass and the alert engine's ``judge``, with or without ``alert.aftermath``, and with or
+without drift following, ``drift``); a test row is flagged when the window ending at it is ``is_anomaly``. Point-wise
+F1 / FAR / MAR over the test rows, summed over valve1/ + other/, as ``pipeline.skab`` counts them.
 
 The settings (``group_config``) map the SKAB detector's recipe onto the product's configuration and were fixed before
-this ran; each (model, aftermath) pair is scored once:
+this ran; each (model, variant) pair is scored once:
 window 20 rows, stride 1, smoothing 30 rows, code size 2, scale floors (step 0.5, level 0.002), threshold 3x the
 99.9th percentile of the validation windows' scores, the default alert rule (2 of 3 to open, 3 to resolve, critical at
 3x), in the ``aftermath`` rows ``relative`` 0.3 with a 6 h half-life (no decay within a file), and in the ``drift``
-rows ``span_s`` 150 (the SKAB detector's ``baseline_span`` of 150 rows at 1 s a row).
+rows ``span_s`` 150 (the SKAB detector's ``baseline_span``: 150 rows at 1 s a row).
 
     python benchmarks/skab_pipeline.py [--data ../shared/datasets/skab] [--models dense,lstm,conv]
                                        [--variants plain,aftermath,aftermath+drift] [--output skab_pipeline.json]

@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--database", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument("--smooth", type=int, default=1, help="window.smooth (rolling mean over this many steps)")
     parser.add_argument("--ewma-alpha", type=float, default=None, help="threshold.ewma_alpha (smoothed scores)")
-    parser.add_argument("--drift-span-s", type=float, default=None, help="drift.span_s (drift-following baseline)")
+    parser.add_argument("--drift-span-s", type=float, default=None, help="drift.span_s (drift following)")
     args = parser.parse_args()
     assets = [f"asset-{i:03d}" for i in range(args.assets)]
     start = pd.Timestamp("2026-06-01T00:00:00Z")

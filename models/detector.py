@@ -9,7 +9,7 @@ import numpy as np
 from torch import nn
 
 from models.scaler import StandardScaler
-from models.training import reconstruction_errors
+from models.training import reconstruction_errors, residual_moments
 
 
 @dataclass
@@ -27,6 +27,12 @@ class Detector:
     model: nn.Module
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def _check(self, windows: np.ndarray) -> None:
+        if windows.ndim != 3 or windows.shape[1:] != (self.window, len(self.sensors)):
+            raise ValueError(
+                f"expected windows [N, {self.window}, {len(self.sensors)}], got {list(windows.shape)}"
+            )
+
     @property
     def ewma_alpha(self) -> float | None:
         """The score smoothing its threshold was fitted for (``threshold_info.ewma_alpha``), None for raw scores."""
@@ -35,8 +41,11 @@ class Detector:
 
     def score(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """Per-window scores ``[N]`` and per-sensor errors ``[N, F]``, one batched forward pass (chunked)."""
-        if windows.ndim != 3 or windows.shape[1:] != (self.window, len(self.sensors)):
-            raise ValueError(
-                f"expected windows [N, {self.window}, {len(self.sensors)}], got {list(windows.shape)}"
-            )
+        self._check(windows)
         return reconstruction_errors(self.model, self.scaler.transform(windows), batch_size)
+
+    def residual_moments(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Per window and sensor, of the standardised residual ``x - reconstruction`` over the window's steps: the mean
+        square ``[N, F]`` (what ``score`` reports per sensor) and the signed mean ``[N, F]``; one batched pass."""
+        self._check(windows)
+        return residual_moments(self.model, self.scaler.transform(windows), batch_size)

@@ -304,6 +304,15 @@ class AlertEngine:
         if state.backlog:
             self._backlogged.add(asset)
 
+    def quiet(self, score: Score) -> bool:
+        """Whether ``score``'s asset is quiet after its window was judged: the window's level is at or below the bare
+        threshold (a level the aftermath rule holds back is not quiet), it is outside maintenance, and the asset has
+        no open alert and no exceeding window in its k-of-n history. What drift following may learn from."""
+        state = self._assets.get(score.asset)
+        if state is None or score.level > score.threshold or state.current is not None:
+            return False
+        return not any(s.is_anomaly for s in state.recent) and not self._rules[score.group].in_maintenance(score)
+
     def forget(self, assets: Iterable[str]) -> None:
         """Drop in-memory state (e.g. after a partition moved away); it is restored from the database if needed."""
         for asset in assets:

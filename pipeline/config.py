@@ -465,13 +465,14 @@ class RetrainConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    """Follow slow drift of normal operation: each window is compared with the level the asset's sensors have settled
-    at rather than with the level the model was trained on.
+    """Follow slow drift of normal operation: what the model persistently fails to explain about an asset stops
+    counting as error.
 
-    Per asset the baseline starts at the model's training centre and moves towards the readings of every window that
-    is not anomalous, by ``stride time / span_s`` of the distance (an exponential average over about ``span_s`` of
-    event time); an anomalous window leaves it where it is. A fault that builds up more slowly than ``span_s`` is
-    absorbed as drift: leave this off for assets whose faults are slow drifts (fouling, wear)."""
+    Per asset and sensor, an offset of the model's residual (reading minus reconstruction, standardised) starts at 0
+    and moves towards the mean residual of every window that is not anomalous, by ``stride time / span_s`` of the
+    distance (an exponential average over about ``span_s`` of event time); errors are taken relative to it. An
+    anomalous window leaves it where it is. A fault that builds up more slowly than ``span_s`` is absorbed as drift:
+    leave this off for assets whose faults are slow drifts (fouling, wear), or make ``span_s`` much longer."""
 
     span_s: PositiveFloat
 
@@ -513,7 +514,7 @@ class GroupConfig(_Strict):
 
     @property
     def drift_weight(self) -> float | None:
-        """How far the drift baseline moves towards a normal window's readings (``DriftConfig``); None: no drift."""
+        """How far the drift offsets move towards a normal window's mean residuals (``DriftConfig``); None: no drift."""
         if self.drift is None:
             return None
         return min(1.0, self.window.stride * self.sampling_period_s / self.drift.span_s)

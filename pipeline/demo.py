@@ -74,6 +74,7 @@ def demo_config(*, bootstrap: str, database_url: str, model_dir: Path, assets: l
             "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
             "alert": {"k": 2, "n": 3, "clear_after": 3, "critical_multiplier": 4.0,
                       "aftermath": {"relative": 0.3, "half_life_s": 21600}},
+            "drift": {"span_s": 3600},
         }],
     }, env={})
 

@@ -1,17 +1,22 @@
-"""Drift-following baselines (``GroupConfig.drift``), and scoring in rounds. Pure: no I/O, no clocks.
+"""Drift following (``GroupConfig.drift``): a per-asset offset of the model's residuals, and judging in rounds. Pure:
+no I/O, no clocks.
 
-Per asset of a group that follows drift, the baseline starts at the model's training centre (its scaler's per-sensor
-centre). Each window is shifted by ``baseline - centre`` before it is scored, so the model sees the asset's readings
-relative to the level it has settled at. Once the window is judged, a window that is not anomalous
-(``Score.is_anomaly`` false) moves the baseline ``GroupConfig.drift_weight`` of the way towards its last row (the
-readings as the model sees them, smoothed when the window is); an anomalous one leaves it where it is. A new model
-version starts again from its own centre.
+A model trained on last week's data reconstructs last week's plant. When a sensor drifts slowly while the plant runs
+normally, the model's residual for it (reading minus reconstruction, in the model's standardised units) takes on a
+persistent offset, and the reconstruction error grows with it until it alarms. With drift following, each asset
+carries one offset per sensor, starting at 0. A window's error for a sensor is the mean square of (residual - offset)
+over its steps. Once the window is judged, a quiet one (``AlertEngine.quiet``: level at or below the bare threshold,
+no open alert, no exceeding window in the k-of-n history, outside maintenance) moves the offsets
+``GroupConfig.drift_weight`` of the way towards its mean residuals; any other leaves them where they are. So a slow
+drift stops counting as error while a fault keeps counting for as long as it lasts (and a state the aftermath rule
+holds back is not learnt), and what the model knows about operating states (a daily cycle, load changes) is kept:
+only what it persistently fails to explain, in quiet times, is followed. A new model version starts again from 0.
 
-Because each window's input depends on the verdict on the one before it, ``score_and_judge`` scores in rounds: round
-``r`` holds the ``r``-th window of every drift-following asset in the batch (and round 0 every window of the other
-assets), one forward pass per group and round. The result does not depend on how the stream is batched. Each score
-carries the baseline after its window (``Score.baseline``); ``restore`` resumes from the latest stored one, so a
-restart continues exactly where the previous process stopped.
+The forward pass does not depend on the offsets (per sensor, the error is mean(r^2) - 2 b mean(r) + b^2), so a batch
+still has one forward pass per group. Only the verdicts are sequential: ``score_and_judge`` judges drift-following
+assets in rounds, round ``r`` holding the ``r``-th window of each of them in the batch, and the result does not depend
+on how the stream is batched. Each score carries the offsets after its window (``Score.drift_offset``); ``restore``
+resumes from the latest stored one, so a restart continues exactly where the previous process stopped.
 """
 
 from __future__ import annotations
@@ -25,22 +30,23 @@ import numpy as np
 from models.detector import Detector
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig
-from pipeline.scoring import score_windows
+from pipeline.scoring import finite, score_of, score_windows
 from pipeline.types import AlertEvent, Score, Window
 
 _NEVER = -(2**62)
+Moments = tuple[np.ndarray, np.ndarray]  # per sensor: mean square and signed mean of a window's residuals
 
 
 @dataclass
-class _Baseline:
-    version: str  # the model version whose centre it started from
+class _Offset:
+    version: str  # the model version whose residuals it follows
     sensors: tuple[str, ...]
-    values: np.ndarray
+    values: np.ndarray  # per sensor, in the model's standardised units
     last_end_ms: int  # the latest window that could move it (a window at or before this is a replay)
 
 
 class DriftTracker:
-    """The drift baseline of every asset whose group follows drift."""
+    """The residual offsets of every asset whose group follows drift."""
 
     def __init__(self, groups: Iterable[GroupConfig]) -> None:
         self._weights: dict[str, float] = {}
@@ -48,7 +54,7 @@ class DriftTracker:
             weight = group.drift_weight
             if weight is not None:
                 self._weights[group.name] = weight
-        self._state: dict[str, _Baseline] = {}
+        self._state: dict[str, _Offset] = {}
         self._restored: set[str] = set()
 
     def follows(self, group: str) -> bool:
@@ -61,18 +67,15 @@ class DriftTracker:
         return [a for a in assets if a not in self._restored]
 
     def restore(self, asset: str, last: Score | None) -> None:
-        """Resume ``asset`` from its latest stored score (``last``; None when it has none): its baseline, model version
-        and window end. A score without a baseline (drift was off) starts again from the model's centre."""
+        """Resume ``asset`` from its latest stored score (``last``; None when it has none): its offsets, model version
+        and window end. A score without offsets (drift was off) starts again from 0."""
         self._restored.add(asset)
         self._state.pop(asset, None)
         if last is None:
             return
-        if last.baseline is None:
-            values, sensors = np.zeros(0), ()
-        else:
-            sensors = tuple(last.baseline)
-            values = np.array([last.baseline[s] for s in sensors], dtype=np.float64)
-        self._state[asset] = _Baseline(last.model_version if sensors else "", sensors, values, last.end_ms)
+        offset = last.drift_offset or {}
+        self._state[asset] = _Offset(last.model_version if offset else "", tuple(offset),
+                                     np.array(list(offset.values()), dtype=np.float64), last.end_ms)
 
     def forget(self, assets: Iterable[str]) -> None:
         """Drop the state of ``assets`` (partitions handed over, or a transaction that did not commit)."""
@@ -81,48 +84,52 @@ class DriftTracker:
             self._restored.discard(asset)
 
     # -- the work --------------------------------------------------------------------------------------------------
-    def _current(self, asset: str, detector: Detector) -> _Baseline:
+    def _current(self, asset: str, detector: Detector) -> _Offset:
         state = self._state.get(asset)
         sensors = tuple(detector.sensors)
         if state is not None and state.sensors != sensors and set(state.sensors) == set(sensors):
-            order = [state.sensors.index(s) for s in sensors]  # a stored baseline's keys may come back reordered
+            order = [state.sensors.index(s) for s in sensors]  # stored offsets' keys may come back reordered
             state = self._state[asset] = replace(state, sensors=sensors, values=state.values[order])
         if state is None or state.version != detector.version or state.sensors != sensors:
             last_end = _NEVER if state is None else state.last_end_ms
-            state = _Baseline(detector.version, tuple(detector.sensors),
-                              np.asarray(detector.scaler.mean, dtype=np.float64).copy(), last_end)
-            self._state[asset] = state
+            state = self._state[asset] = _Offset(detector.version, sensors, np.zeros(len(sensors)), last_end)
         return state
 
-    def shifted(self, window: Window, detector: Detector) -> Window:
-        """``window`` as the model should see it: shifted by the asset's ``baseline - centre`` (unchanged when its
-        group does not follow drift)."""
-        if window.group not in self._weights:
-            return window
-        shift = self._current(window.asset, detector).values - detector.scaler.mean
-        return replace(window, values=window.values - shift)
+    def moments(self, windows: Sequence[Window], detectors: Mapping[str, Detector]) -> dict[tuple[str, int], Moments]:
+        """Per window (asset, end): its residual moments, one forward pass per group."""
+        by_group: dict[str, list[Window]] = defaultdict(list)
+        for window in windows:
+            by_group[window.group].append(window)
+        out: dict[tuple[str, int], Moments] = {}
+        for group, members in by_group.items():
+            squares, means = detectors[group].residual_moments(np.stack([w.values for w in members]))
+            out.update({(w.asset, w.end_ms): (sq, m) for w, sq, m in zip(members, squares, means, strict=True)})
+        return out
 
-    def follow(self, window: Window, score: Score) -> Score:
-        """Move the asset's baseline after ``window`` was judged (``score``, its verdict), and return the score with
-        the baseline after it. Call ``shifted`` for the window first."""
-        if window.group not in self._weights:
-            return score
-        state = self._state[window.asset]
+    def score(self, window: Window, detector: Detector, moments: Moments) -> Score:
+        """The score of ``window`` with the residuals taken relative to its asset's offsets."""
+        squares, means = moments
+        offset = self._current(window.asset, detector).values
+        errors = finite(np.maximum(squares - 2 * offset * means + offset * offset, 0.0))
+        return score_of(window, detector, float(errors.mean()), errors)
+
+    def follow(self, score: Score, moments: Moments, *, quiet: bool) -> Score:
+        """After the window of ``score`` was judged (``moments``: its residual moments; ``quiet``: whether the alert
+        engine found the asset quiet after it), move the asset's offsets if quiet and return the score with the
+        offsets after it. ``score`` the window first."""
+        state = self._state[score.asset]
         if score.end_ms > state.last_end_ms:
-            if not score.is_anomaly:
-                state.values = state.values + self._weights[window.group] * (window.values[-1] - state.values)
+            if quiet:
+                state.values = state.values + self._weights[score.group] * (moments[1] - state.values)
             state.last_end_ms = score.end_ms
-        return replace(score, baseline={s: float(v) for s, v in zip(state.sensors, state.values, strict=True)})
+        return replace(score, drift_offset={s: float(v) for s, v in zip(state.sensors, state.values, strict=True)})
 
     def rounds(self, windows: Sequence[Window]) -> list[list[Window]]:
-        """Split ``windows`` into scoring rounds: round ``r`` holds the ``r``-th window (in time order) of each
-        drift-following asset; the windows of other assets all go in round 0."""
-        out: list[list[Window]] = [[]]
+        """Split the windows of drift-following assets into judging rounds: round ``r`` holds the ``r``-th window (in
+        time order) of each asset."""
+        out: list[list[Window]] = []
         count: dict[str, int] = defaultdict(int)
         for window in sorted(windows, key=lambda w: w.end_ms):  # stable: assets keep their order within a time
-            if window.group not in self._weights:
-                out[0].append(window)
-                continue
             r = count[window.asset]
             count[window.asset] += 1
             if r == len(out):
@@ -133,18 +140,21 @@ class DriftTracker:
 
 def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector], alerts: AlertEngine,
                     drift: DriftTracker) -> tuple[list[Score], list[AlertEvent]]:
-    """Score ``windows`` (``score_windows``), smooth and judge them (the alert engine), with drift baselines followed
-    round by round (see the module docstring). Returns the judged scores (each asset's in time order) and the alert
-    events. Both engines' state moves on; on a failed transaction ``forget`` the assets in both."""
+    """Score ``windows`` (one forward pass per group), smooth and judge them (the alert engine), following drift
+    round by round where the group does (see the module docstring). Returns the judged scores (each asset's in time
+    order) and the alert events. Both engines' state moves on; on a failed transaction ``forget`` the assets in both.
+    """
     alphas = {g: d.ewma_alpha for g, d in detectors.items()}
+    plain = [w for w in windows if not drift.follows(w.group)]
+    following = [w for w in windows if drift.follows(w.group)]
     scores: list[Score] = []
     events: list[AlertEvent] = []
-    for members in drift.rounds(windows):
-        if not members:
-            continue
-        shifted = [drift.shifted(w, detectors[w.group]) for w in members]
-        judged, happened = alerts.judge(alerts.smooth(score_windows(shifted, detectors), alphas))
-        by_key = {(w.asset, w.end_ms): w for w in members}
-        scores += [drift.follow(by_key[(s.asset, s.end_ms)], s) for s in judged]
+    if plain:
+        scores, events = alerts.judge(alerts.smooth(score_windows(plain, detectors), alphas))
+    moments = drift.moments(following, detectors) if following else {}
+    for members in drift.rounds(following):
+        raw = [drift.score(w, detectors[w.group], moments[(w.asset, w.end_ms)]) for w in members]
+        judged, happened = alerts.judge(alerts.smooth(raw, alphas))
+        scores += [drift.follow(s, moments[(s.asset, s.end_ms)], quiet=alerts.quiet(s)) for s in judged]
         events += happened
     return scores, events

@@ -505,10 +505,13 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
     levels = None
-    if active is not None:  # windows the pipeline has not scored (yet), or scored with an older version
+    if active is not None:
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),
                           strict=True))
-        flagged |= {key for key, level in levels.items() if level > active.threshold}
+        if group.drift is None:  # windows the pipeline has not scored (yet), or scored with an older version
+            flagged |= {key for key, level in levels.items() if level > active.threshold}
+        # a drift-following group's windows count as the pipeline judged them (relative to its followed offsets):
+        # the active model's bare levels would flag the very drift it followed, and leave it out of training
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),

@@ -25,16 +25,24 @@ def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) 
     for group, members in by_group.items():
         detector = detectors[group]
         totals, per_sensor = detector.score(np.stack([w.values for w in members]))
-        # an overflowing error is still the clearest anomaly there is: keep it finite so it can be stored and compared
-        totals = np.minimum(np.nan_to_num(totals, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
-        per_sensor = np.minimum(np.nan_to_num(per_sensor, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
-        for window, total, errors in zip(members, totals, per_sensor, strict=True):
-            scores.append(
-                Score(
-                    asset=window.asset, group=group, start_ms=window.start_ms, end_ms=window.end_ms,
-                    score=float(total), threshold=detector.threshold,
-                    sensor_errors={s: round(float(e), 6) for s, e in zip(detector.sensors, errors, strict=True)},
-                    model_version=detector.version,
-                )
-            )
+        totals, per_sensor = finite(totals), finite(per_sensor)
+        scores += [score_of(window, detector, total, errors)
+                   for window, total, errors in zip(members, totals, per_sensor, strict=True)]
     return scores
+
+
+def finite(errors: np.ndarray) -> np.ndarray:
+    """``errors`` with NaN and overflow replaced by ``MAX_ERROR``: an overflowing error is still the clearest anomaly
+    there is, kept finite so that it can be stored and compared."""
+    return np.minimum(np.nan_to_num(errors, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
+
+
+def score_of(window: Window, detector: Detector, total: float, errors: np.ndarray) -> Score:
+    """The Score of ``window`` from its (``finite``) total and per-sensor errors, in ``detector.sensors`` order;
+    per-sensor errors are rounded to 6 decimals."""
+    return Score(
+        asset=window.asset, group=window.group, start_ms=window.start_ms, end_ms=window.end_ms, score=float(total),
+        threshold=detector.threshold,
+        sensor_errors={s: round(float(e), 6) for s, e in zip(detector.sensors, errors, strict=True)},
+        model_version=detector.version,
+    )

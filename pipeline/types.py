@@ -80,9 +80,9 @@ class Score:
     ``smoothed`` is the EWMA of the asset's scores up to this window when the model's threshold applies to the
     smoothed stream (``threshold.ewma_alpha``), else None. ``level`` is what the threshold is compared with.
     ``aftermath_floor`` is the raised bar of the alert rule's ``aftermath`` (score units) when a recent large
-    incident of the asset set one above the threshold, else None. ``baseline`` is the asset's drift-following
-    baseline (per sensor, in reading units) as it stands after this window, when its group follows drift
-    (``GroupConfig.drift``): the level the asset's next window is compared with.
+    incident of the asset set one above the threshold, else None. ``drift_offset`` holds the asset's residual offsets
+    (per sensor, in the model's standardised units) after this window when its group follows drift
+    (``GroupConfig.drift``; ``pipeline.drift``): what the asset's next window's residuals are taken relative to.
     """
 
     asset: str
@@ -95,7 +95,7 @@ class Score:
     model_version: str
     smoothed: float | None = None
     aftermath_floor: float | None = None
-    baseline: dict[str, float] | None = None
+    drift_offset: dict[str, float] | None = None
 
     @property
     def level(self) -> float:

@@ -119,7 +119,7 @@ class WindowScore(Base):
     threshold: Mapped[float] = mapped_column(Float)
     is_anomaly: Mapped[bool] = mapped_column()
     sensor_errors: Mapped[dict[str, float]] = mapped_column(JSON)
-    drift_baseline: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # after this window (drift)
+    drift_offset: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # after this window (drift)
     model_version: Mapped[str] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -208,9 +208,9 @@ class Deployment:
         return breaks, sum(r.aftermath_floor is not None for r in rows)
 
     def scoring_breaks(self) -> tuple[list[str], int]:
-        """Stored windows whose score, smoothed score, drift baseline, aftermath floor or anomaly flag differ from what
+        """Stored windows whose score, smoothed score, drift offsets, aftermath floor or anomaly flag differ from what
         one unbroken chain (``score_and_judge`` over every window at once: no restarts, no batches) computes; and how
-        many stored baselines have moved off the model's centre (so the check is not vacuous). Scores and baselines
+        many stored windows have offsets that moved off 0 (so the check is not vacuous). Scores and offsets
         agree to 1e-6 relative (a forward pass's last bits may depend on what else is in its batch); flags exactly."""
         engine = make_engine(self.config.database.url)
         try:
@@ -230,15 +230,13 @@ class Deployment:
         for r, u in zip(rows, unbroken, strict=True):
             same = ((r.asset, r.end_ms, r.is_anomaly) == (u.asset, u.end_ms, u.is_anomaly)
                     and all(close(getattr(r, f), getattr(u, f)) for f in ("score", "smoothed", "aftermath_floor"))
-                    and (r.baseline or {}).keys() == (u.baseline or {}).keys()
-                    and all(close(v, (u.baseline or {})[k]) for k, v in (r.baseline or {}).items()))
+                    and (r.drift_offset or {}).keys() == (u.drift_offset or {}).keys()
+                    and all(close(v, (u.drift_offset or {})[k]) for k, v in (r.drift_offset or {}).items()))
             if not same:
-                breaks.append(f"{r.asset} {r.end_ms}: stored (score, smoothed, floor, anomaly, baseline) "
-                              f"{(r.score, r.smoothed, r.aftermath_floor, r.is_anomaly, r.baseline)}, unbroken "
-                              f"{(u.score, u.smoothed, u.aftermath_floor, u.is_anomaly, u.baseline)}")
-        centre = {k: float(v) for k, v in zip(self.detectors[groups[0].name].sensors,
-                                              self.detectors[groups[0].name].scaler.mean, strict=True)}
-        return breaks, sum(r.baseline is not None and r.baseline != centre for r in rows)
+                breaks.append(f"{r.asset} {r.end_ms}: stored (score, smoothed, floor, anomaly, offsets) "
+                              f"{(r.score, r.smoothed, r.aftermath_floor, r.is_anomaly, r.drift_offset)}, unbroken "
+                              f"{(u.score, u.smoothed, u.aftermath_floor, u.is_anomaly, u.drift_offset)}")
+        return breaks, sum(any((r.drift_offset or {}).values()) for r in rows)
 
     def debug_state(self) -> str:
         """Skipped windows, asset and consumer progress, for a failing assertion."""

@@ -38,7 +38,7 @@ def _check_exactly_once(dep: Deployment, timeout_s: float) -> tuple[int, int]:
 
 # a low bar for what counts (incident windows above 1 / 0.9 of the threshold), so this normal stream raises some bars
 AFTERMATH = {"relative": 0.9, "half_life_s": 300.0}
-DRIFT = {"span_s": 7200.0}  # 120 windows: the baselines move, and the stream still raises some bars
+DRIFT = {"span_s": 7200.0}  # 120 windows: the offsets move, and the stream still raises some bars
 
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
@@ -67,12 +67,12 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     judged_breaks, floors = dep.judged_breaks()  # floors, flags and alerts as if nothing had been killed
     assert not judged_breaks, f"{len(judged_breaks)} decisions differ from an unbroken run, e.g. {judged_breaks[:3]}"
     assert floors >= 10, f"only {floors} windows had a raised bar: the aftermath check would be vacuous"
-    scoring_breaks, moved = dep.scoring_breaks()  # scores and drift baselines as one unbroken chain computes them
+    scoring_breaks, moved = dep.scoring_breaks()  # scores and drift offsets as one unbroken chain computes them
     assert not scoring_breaks, f"{len(scoring_breaks)} windows differ from an unbroken run, e.g. {scoring_breaks[:2]}"
-    assert moved >= 1000, f"only {moved} windows moved a drift baseline: the drift check would be vacuous"
+    assert moved >= 1000, f"only {moved} windows have drift offsets off 0: the drift check would be vacuous"
     print(f"\nSIGKILL: {len(dep.messages)} readings, {len(kills)} kills at (s, rows stored) {kills}; "
           f"{rows} windows stored == {len(dep.expected)} expected, 0 duplicates, smoothed stream continuous, "
-          f"alerts, flags, {floors} aftermath floors and {moved} drift baselines as an unbroken run's, "
+          f"alerts, flags, {floors} aftermath floors and {moved} drift offsets as an unbroken run's, "
           f"{time.monotonic() - started:.0f}s")
     assert sum(stored < len(dep.expected) for _, stored in kills) >= 5  # mid-stream, not after the end
     assert len(dep.messages) >= 50_000

@@ -129,8 +129,10 @@ class Deployment:
 
 @pytest.fixture
 def deployment(kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
-               first_model: Detector) -> Iterator[Deployment]:
+               first_model: Detector, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """The deployment; an indirect parameter (a dict) is merged into the group's configuration."""
     raw = _raw_config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    raw["groups"][0].update(getattr(request, "param", {}))
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     config = load_config(path, env={})
@@ -309,6 +311,37 @@ def test_retrain_promotes_on_drift_and_the_pipeline_switches_mid_stream_then_fol
     doc = orjson.loads(shown.stdout)
     assert doc["status"] == "retired" and doc["retrain_run"]["outcome"] == "promoted"
     assert doc["metrics"]["far_candidate"] == run.metrics["far_candidate"] and doc["checksum"]
+
+
+@pytest.mark.parametrize("deployment", [{"drift": {"span_s": 3600}}], indirect=True)
+def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: Deployment) -> None:
+    """With drift following, the pipeline does not flag the drift; the retrain counts windows as the pipeline judged
+    them, not by the active model's bare levels (which would flag the drift and leave it out of training)."""
+    d, cfg = deployment, deployment.config
+    stream = Stream(cfg, _drifted(2 * DAY, per_day=10.0))
+    pipeline = Pipeline(cfg)
+    try:
+        stream.send()
+        expected = stream.expected()
+        _wait(lambda: d.count(WindowScore) >= len(expected), 120, "the two days to be scored", pipeline)
+    finally:
+        pipeline.close()
+        stream.close()
+    with d.sessions() as s:
+        stored_flags = int(s.scalar(select(func.count()).select_from(WindowScore).where(
+            WindowScore.is_anomaly.is_(True))) or 0)
+        offsets = list(s.scalars(select(WindowScore.drift_offset).order_by(WindowScore.window_end.desc()).limit(1)))
+    result = retrain_group(cfg, "fleet", sessions=d.sessions)
+    _figures("drift-following", result)
+    far_active = result.metrics["far_active"]
+    print(f"[drift-following] stored flags {stored_flags}, windows flagged for the split "
+          f"{result.metrics['windows_flagged']}, bare far_active {far_active}, last offsets {offsets[0]}")
+    assert offsets[0] and max(offsets[0]["motor_temp"], offsets[0]["bearing_temp"]) > 0.5  # the drift was followed
+    assert far_active > 0.2  # the active model's bare levels flag much of the drifted holdout...
+    assert result.metrics["windows_flagged"] <= stored_flags  # ...but the split counts the pipeline's verdicts
+    assert result.outcome == "promoted", result.reason
+    assert result.metrics["windows_train"] >= cfg.retrain.min_windows
+    assert result.metrics["far_candidate"] < 0.05  # trained on the drifted level (27.8% when it was left out)
 
 
 def test_retrain_on_mostly_anomalous_data_is_rejected_and_the_active_model_keeps_serving(

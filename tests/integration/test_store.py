@@ -145,20 +145,20 @@ def test_migration_0005_stores_aftermath_floors_and_finds_excursions(db_url: str
     _assert_downgrade_drops(db_url, "0004", "aftermath_floor")
 
 
-def test_migration_0006_round_trips_drift_baselines_exactly(db_url: str) -> None:
+def test_migration_0006_round_trips_drift_offsets_exactly(db_url: str) -> None:
     from dataclasses import replace
 
     upgrade(db_url)
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
-    baseline = {"x": 0.1 + 0.2, "y": -1234.5678901234567, "z": 1e-300}  # values a decimal rounding would change
+    offset = {"x": 0.1 + 0.2, "y": -1234.5678901234567, "z": 1e-300}  # values a decimal rounding would change
     with sessions.begin() as s:
-        repo.insert_scores(session=s, scores=[_score("a", 1), replace(_score("a", 2), baseline=baseline)])
+        repo.insert_scores(session=s, scores=[_score("a", 1), replace(_score("a", 2), drift_offset=offset)])
     with sessions() as s:
         stored = [repo.score_of(r) for r in repo.recent_scores(session=s, assets=["a"], limit=5)["a"]]
-    assert [x.baseline for x in stored] == [None, baseline]  # bit for bit: a restart resumes from it
+    assert [x.drift_offset for x in stored] == [None, offset]  # bit for bit: a restart resumes from it
     engine.dispose()
-    _assert_downgrade_drops(db_url, "0005", "drift_baseline")
+    _assert_downgrade_drops(db_url, "0005", "drift_offset")
 
 
 def _assert_downgrade_drops(db_url: str, revision: str, column: str) -> None:
