@@ -50,6 +50,19 @@ def test_anomalous_windows_score_higher_and_errors_point_at_the_broken_sensor(de
     assert (normal_scores <= detector.threshold * 2).mean() > 0.9
 
 
+def test_residual_moments_agree_with_the_score_and_show_the_sign_of_a_shift(detector: Detector) -> None:
+    normal = _normal_windows(50, seed=1)
+    shifted = normal.copy()
+    shifted[:, :, 1] += 3.0  # sensor b reads higher than the model expects
+    _, per_sensor = detector.score(shifted)
+    squares, means = detector.residual_moments(shifted)
+    assert squares.shape == means.shape == (50, F)
+    np.testing.assert_allclose(squares, per_sensor, rtol=1e-6)  # the mean square is the score's per-sensor error
+    assert (means[:, 1] > 0.5).all() and (squares >= means**2 - 1e-9).all()  # signed: above what it reconstructs
+    with pytest.raises(ValueError, match="expected windows"):
+        detector.residual_moments(shifted[:, :, :2])
+
+
 def test_training_is_reproducible_with_a_seed() -> None:
     windows = StandardScaler.fit(_normal_windows(100)).transform(_normal_windows(100))
     losses = []
