@@ -45,7 +45,8 @@ class Detector:
         return reconstruction_errors(self.model, self.scaler.transform(windows), batch_size)
 
     def residual_moments(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Per window and sensor, of the standardised residual ``x - reconstruction`` over the window's steps: the mean
-        square ``[N, F]`` (what ``score`` reports per sensor) and the signed mean ``[N, F]``; one batched pass."""
+        """Per window and sensor, of the standardised residual ``x - reconstruction`` over the window's steps: its
+        variance around its own mean ``[N, F]`` and that signed mean ``[N, F]`` (variance + mean^2 is what ``score``
+        reports per sensor); one batched pass."""
         self._check(windows)
         return residual_moments(self.model, self.scaler.transform(windows), batch_size)

@@ -40,29 +40,40 @@ def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
-    sensors, _ = residual_moments(model, windows, batch_size)
+    model.eval()
+    if len(windows) == 0:
+        return np.empty(0), np.empty((0, windows.shape[-1]))
+    per_sensor: list[np.ndarray] = []
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
+            err = (model(x) - x).pow(2).mean(dim=1)
+            per_sensor.append(err.numpy())
+    sensors = np.concatenate(per_sensor).astype(np.float64)
     return sensors.mean(axis=1), sensors
 
 
 def residual_moments(model: nn.Module, windows: np.ndarray, batch_size: int = 1024
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Per window and sensor, over the window's steps, of the residual ``x - reconstruction``: the mean square
-    ``[N, F]`` (the reconstruction error) and the signed mean ``[N, F]``.
+    """Per window and sensor, of the residual ``x - reconstruction`` over the window's steps: its variance around its
+    own mean ``[N, F]`` and that signed mean ``[N, F]`` (variance + mean^2 is the reconstruction error; kept apart so
+    that the error relative to an offset b, variance + (mean - b)^2, stays precise however large b is).
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
     model.eval()
     if len(windows) == 0:
         return np.empty((0, windows.shape[-1])), np.empty((0, windows.shape[-1]))
-    squares: list[np.ndarray] = []
+    variances: list[np.ndarray] = []
     means: list[np.ndarray] = []
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
             residual = x - model(x)
-            squares.append(residual.pow(2).mean(dim=1).numpy())
-            means.append(residual.mean(dim=1).numpy())
-    return np.concatenate(squares).astype(np.float64), np.concatenate(means).astype(np.float64)
+            mean = residual.mean(dim=1, keepdim=True)
+            variances.append((residual - mean).pow(2).mean(dim=1).numpy())
+            means.append(mean.squeeze(1).numpy())
+    return np.concatenate(variances).astype(np.float64), np.concatenate(means).astype(np.float64)
 
 
 def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, learning_rate: float,

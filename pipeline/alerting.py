@@ -305,11 +305,12 @@ class AlertEngine:
             self._backlogged.add(asset)
 
     def quiet(self, score: Score) -> bool:
-        """Whether ``score``'s asset is quiet after its window was judged: the window's level is at or below the bare
-        threshold (a level the aftermath rule holds back is not quiet), it is outside maintenance, and the asset has
-        no open alert and no exceeding window in its k-of-n history. What drift following may learn from."""
+        """Whether ``score``'s asset is quiet after its window was judged: the window's score and level (smoothed, which
+        lags) are at or below the bare threshold (a level the aftermath rule holds back is not quiet), it is outside
+        maintenance, and the asset has no open alert and no exceeding window in its k-of-n history. What drift
+        following may learn from."""
         state = self._assets.get(score.asset)
-        if state is None or score.level > score.threshold or state.current is not None:
+        if state is None or max(score.score, score.level) > score.threshold or state.current is not None:
             return False
         return not any(s.is_anomaly for s in state.recent) and not self._rules[score.group].in_maintenance(score)
 

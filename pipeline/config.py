@@ -465,14 +465,15 @@ class RetrainConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    """Follow slow drift of normal operation: what the model persistently fails to explain about an asset stops
-    counting as error.
+    """Follow slow drift of normal operation: what the model persistently fails to explain about an asset in quiet
+    times stops counting as error.
 
-    Per asset and sensor, an offset of the model's residual (reading minus reconstruction, standardised) starts at 0
-    and moves towards the mean residual of every window that is not anomalous, by ``stride time / span_s`` of the
-    distance (an exponential average over about ``span_s`` of event time); errors are taken relative to it. An
-    anomalous window leaves it where it is. A fault that builds up more slowly than ``span_s`` is absorbed as drift:
-    leave this off for assets whose faults are slow drifts (fouling, wear), or make ``span_s`` much longer."""
+    Per asset and sensor, an offset of the model's residual (reading minus reconstruction, standardised) starts at 0;
+    errors are taken relative to it. After each window that leaves the asset quiet (score and level at or below the
+    threshold, no open alert, no exceeding window in the k-of-n history, outside maintenance) it moves towards the
+    window's mean residual by ``stride time / span_s`` of the distance: an exponential average over about ``span_s``
+    of scored windows. A fault that builds up more slowly than ``span_s``, below the threshold all along, is absorbed
+    as drift: leave this off for assets whose faults are slow drifts (fouling, wear), or make ``span_s`` much longer."""
 
     span_s: PositiveFloat
 

@@ -5,15 +5,15 @@ A model trained on last week's data reconstructs last week's plant. When a senso
 normally, the model's residual for it (reading minus reconstruction, in the model's standardised units) takes on a
 persistent offset, and the reconstruction error grows with it until it alarms. With drift following, each asset
 carries one offset per sensor, starting at 0. A window's error for a sensor is the mean square of (residual - offset)
-over its steps. Once the window is judged, a quiet one (``AlertEngine.quiet``: level at or below the bare threshold,
-no open alert, no exceeding window in the k-of-n history, outside maintenance) moves the offsets
+over its steps. Once the window is judged, a quiet one (``AlertEngine.quiet``: score and level at or below the bare
+threshold, no open alert, no exceeding window in the k-of-n history, outside maintenance) moves the offsets
 ``GroupConfig.drift_weight`` of the way towards its mean residuals; any other leaves them where they are. So a slow
 drift stops counting as error while a fault keeps counting for as long as it lasts (and a state the aftermath rule
 holds back is not learnt), and what the model knows about operating states (a daily cycle, load changes) is kept:
 only what it persistently fails to explain, in quiet times, is followed. A new model version starts again from 0.
 
-The forward pass does not depend on the offsets (per sensor, the error is mean(r^2) - 2 b mean(r) + b^2), so a batch
-still has one forward pass per group. Only the verdicts are sequential: ``score_and_judge`` judges drift-following
+The forward pass does not depend on the offsets (per sensor, the error is var(r) + (mean(r) - b)^2), so a batch still
+has one forward pass per group. Only the verdicts are sequential: ``score_and_judge`` judges drift-following
 assets in rounds, round ``r`` holding the ``r``-th window of each of them in the batch, and the result does not depend
 on how the stream is batched. Each score carries the offsets after its window (``Score.drift_offset``); ``restore``
 resumes from the latest stored one, so a restart continues exactly where the previous process stopped.
@@ -34,7 +34,7 @@ from pipeline.scoring import finite, score_of, score_windows
 from pipeline.types import AlertEvent, Score, Window
 
 _NEVER = -(2**62)
-Moments = tuple[np.ndarray, np.ndarray]  # per sensor: mean square and signed mean of a window's residuals
+Moments = tuple[np.ndarray, np.ndarray]  # per sensor: variance and signed mean of a window's residuals
 
 
 @dataclass
@@ -102,15 +102,15 @@ class DriftTracker:
             by_group[window.group].append(window)
         out: dict[tuple[str, int], Moments] = {}
         for group, members in by_group.items():
-            squares, means = detectors[group].residual_moments(np.stack([w.values for w in members]))
-            out.update({(w.asset, w.end_ms): (sq, m) for w, sq, m in zip(members, squares, means, strict=True)})
+            variances, means = detectors[group].residual_moments(np.stack([w.values for w in members]))
+            out.update({(w.asset, w.end_ms): (v, m) for w, v, m in zip(members, variances, means, strict=True)})
         return out
 
     def score(self, window: Window, detector: Detector, moments: Moments) -> Score:
         """The score of ``window`` with the residuals taken relative to its asset's offsets."""
-        squares, means = moments
+        variances, means = moments
         offset = self._current(window.asset, detector).values
-        errors = finite(np.maximum(squares - 2 * offset * means + offset * offset, 0.0))
+        errors = finite(variances + (means - offset) ** 2)
         return score_of(window, detector, float(errors.mean()), errors)
 
     def follow(self, score: Score, moments: Moments, *, quiet: bool) -> Score:

@@ -504,14 +504,16 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     with sessions() as session:  # the alerts were read above: every one the lookback's windows can meet
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
+        last_scored = repo.last_scored_windows(session=session, group=group.name) if group.drift else {}
     levels = None
     if active is not None:
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),
                           strict=True))
-        if group.drift is None:  # windows the pipeline has not scored (yet), or scored with an older version
-            flagged |= {key for key, level in levels.items() if level > active.threshold}
-        # a drift-following group's windows count as the pipeline judged them (relative to its followed offsets):
-        # the active model's bare levels would flag the very drift it followed, and leave it out of training
+        # windows the pipeline has not scored (yet), or scored with an older version, count by the active model's
+        # bare levels. A drift-following group's scored windows count only as the pipeline judged them (relative to
+        # its followed offsets): the bare levels would flag the very drift it followed and leave it out of training.
+        flagged |= {key for key, level in levels.items() if level > active.threshold
+                    and (group.drift is None or key[1] > last_scored.get(key[0], -(2**62)))}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),

@@ -408,13 +408,22 @@ def count_skipped(*, session: Session, asset: str | None = None) -> int:
 
 def flagged_windows(*, session: Session, group: str, start: datetime, end: datetime) -> set[tuple[str, int]]:
     """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` that some model version scored
-    above its bar (the threshold, or the aftermath floor when one was set above it)."""
+    above its bar (the threshold, or the aftermath floor when one was set above it), or whose score or smoothed score
+    was above the threshold (a window the aftermath rule held back: not anomalous, but not normal data either)."""
     rows = session.execute(
         select(WindowScore.asset, WindowScore.window_end).where(
-            WindowScore.group_name == group, WindowScore.is_anomaly.is_(True),
-            WindowScore.window_end >= start, WindowScore.window_end <= end)
+            WindowScore.group_name == group, WindowScore.window_end >= start, WindowScore.window_end <= end,
+            or_(WindowScore.is_anomaly.is_(True), WindowScore.score > WindowScore.threshold,
+                WindowScore.smoothed_score > WindowScore.threshold))
     )
     return {(asset, datetime_to_ms(end_at)) for asset, end_at in rows}
+
+
+def last_scored_windows(*, session: Session, group: str) -> dict[str, int]:
+    """Per asset of ``group`` with stored scores: the end (ms) of its latest scored window."""
+    rows = session.execute(select(WindowScore.asset, func.max(WindowScore.window_end))
+                           .where(WindowScore.group_name == group).group_by(WindowScore.asset))
+    return {asset: datetime_to_ms(end_at) for asset, end_at in rows}
 
 
 def acquire_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:

@@ -161,6 +161,33 @@ def test_migration_0006_round_trips_drift_offsets_exactly(db_url: str) -> None:
     _assert_downgrade_drops(db_url, "0005", "drift_offset")
 
 
+def test_flagged_and_last_scored_windows_for_the_retrain(db_url: str) -> None:
+    from dataclasses import replace
+
+    from pipeline.types import ms_to_datetime
+
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    scores = [
+        _score("a", 1, 1.0),  # below the threshold of 2.0
+        _score("a", 2, 3.0),  # anomalous
+        replace(_score("a", 3, 3.0), aftermath_floor=4.0),  # held back by the aftermath rule: above the threshold
+        replace(_score("a", 4, 1.0), smoothed=2.5),  # its smoothed level above the threshold
+        replace(_score("a", 5, 3.0), smoothed=1.0),  # its raw score above, the smoothed level below
+        _score("b", 9, 1.0),
+        replace(_score("c", 1, 9.0), group="other"),
+    ]
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=scores)
+    with sessions() as s:
+        flagged = repo.flagged_windows(session=s, group="g", start=ms_to_datetime(0), end=ms_to_datetime(20_000))
+        last = repo.last_scored_windows(session=s, group="g")
+    assert flagged == {("a", 7_000), ("a", 8_000), ("a", 9_000), ("a", 10_000)}
+    assert last == {"a": 10_000, "b": 14_000}
+    engine.dispose()
+
+
 def _assert_downgrade_drops(db_url: str, revision: str, column: str) -> None:
     """Downgrading to ``revision`` drops ``window_scores.column`` and leaves migrations pending; upgrading again
     restores head."""
