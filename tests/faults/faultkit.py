@@ -210,8 +210,9 @@ class Deployment:
     def scoring_breaks(self) -> tuple[list[str], int]:
         """Stored windows whose score, smoothed score, drift offsets, aftermath floor or anomaly flag differ from what
         one unbroken chain (``score_and_judge`` over every window at once: no restarts, no batches) computes; and how
-        many stored windows have offsets that moved off 0 (so the check is not vacuous). Scores and offsets
-        agree to 1e-6 relative (a forward pass's last bits may depend on what else is in its batch); flags exactly."""
+        many stored windows have offsets that moved off 0 (so the check is not vacuous). Scores and offsets agree to
+        1e-6 (relative, or absolute near 0: a forward pass's last float32 bits may depend on what else is in its
+        batch, and offsets add that up); flags exactly."""
         engine = make_engine(self.config.database.url)
         try:
             with make_sessionmaker(engine)() as s:
@@ -224,7 +225,8 @@ class Deployment:
         unbroken.sort(key=lambda x: (x.asset, x.end_ms))
 
         def close(a: float | None, b: float | None) -> bool:
-            return (a is None) == (b is None) and (a is None or b is None or math.isclose(a, b, rel_tol=1e-6))
+            return (a is None) == (b is None) and (
+                a is None or b is None or math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6))
 
         breaks = []
         for r, u in zip(rows, unbroken, strict=True):
