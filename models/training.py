@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,21 +35,25 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _residuals(model: nn.Module, windows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
+    """``x - reconstruction`` of standardised ``windows`` ``[N, W, F]``, ``batch_size`` windows at a time, in
+    ``torch.inference_mode``."""
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(windows), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
+            yield x - model(x)
+
+
 def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int = 1024
                           ) -> tuple[np.ndarray, np.ndarray]:
     """Per-window score ``[N]`` and per-sensor errors ``[N, F]`` (mean squared error over the window's steps).
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
-    model.eval()
     if len(windows) == 0:
         return np.empty(0), np.empty((0, windows.shape[-1]))
-    per_sensor: list[np.ndarray] = []
-    with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
-            err = (model(x) - x).pow(2).mean(dim=1)
-            per_sensor.append(err.numpy())
+    per_sensor = [r.pow(2).mean(dim=1).numpy() for r in _residuals(model, windows, batch_size)]
     sensors = np.concatenate(per_sensor).astype(np.float64)
     return sensors.mean(axis=1), sensors
 
@@ -61,18 +66,14 @@ def residual_moments(model: nn.Module, windows: np.ndarray, batch_size: int = 10
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
-    model.eval()
     if len(windows) == 0:
         return np.empty((0, windows.shape[-1])), np.empty((0, windows.shape[-1]))
     variances: list[np.ndarray] = []
     means: list[np.ndarray] = []
-    with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
-            residual = x - model(x)
-            mean = residual.mean(dim=1, keepdim=True)
-            variances.append((residual - mean).pow(2).mean(dim=1).numpy())
-            means.append(mean.squeeze(1).numpy())
+    for residual in _residuals(model, windows, batch_size):
+        mean = residual.mean(dim=1, keepdim=True)
+        variances.append((residual - mean).pow(2).mean(dim=1).numpy())
+        means.append(mean.squeeze(1).numpy())
     return np.concatenate(variances).astype(np.float64), np.concatenate(means).astype(np.float64)
 
 
