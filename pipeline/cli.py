@@ -485,6 +485,46 @@ def models_runs(
     _stdout().print(table)
 
 
+@app.command("drift")
+def drift_show(
+    config: ConfigOption,
+    group: Annotated[str | None, typer.Option(help="Only this asset group.")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Show how far each drift-following asset has drifted from what its model expects: the residual offsets
+    (standard deviations of the model's scaler) followed up to its latest scored window, largest first. Offsets
+    near drift.max_offset, or growing from day to day on a sensor whose faults are slow drifts, deserve a look."""
+    from pipeline.drift import offsets_report
+    from pipeline.store import repo
+    from pipeline.store.db import session_scope
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    groups = [g for g in cfg.groups if g.drift is not None and group in (None, g.name)]
+    if group is not None and not groups:
+        raise _fail(ConfigError(f"group {group!r} does not follow drift (groups[].drift) in {config}"), 2)
+    if not groups:
+        console.print(f"no group of {config} follows drift (groups[].drift)")
+        return
+    with session_scope(cfg.database.url) as session:
+        latest = repo.recent_scores(session=session, assets=[a for g in groups for a in g.assets], limit=1)
+    limits = {g.name: g.drift_limit for g in groups}
+    rows = [offsets_report(repo.score_of(r[-1]), limits[r[-1].group_name]) for _, r in sorted(latest.items())]
+    if output == "json":
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"drift offsets ({len(rows)} assets; standard deviations)", title_justify="left")
+    for column in ("asset", "group", "latest window (UTC)", "model", "largest offsets", "limit"):
+        table.add_column(column, no_wrap=column != "largest offsets")
+    for row in rows:
+        offsets = row["offsets"]
+        assert isinstance(offsets, dict)
+        shown = ", ".join(f"{sensor} {value:+.2f}" for sensor, value in list(offsets.items())[:3]) or "none yet"
+        table.add_row(str(row["asset"]), str(row["group"]), str(row["window_end"])[:19].replace("T", " "),
+                      str(row["model_version"]), shown, "-" if row["max_offset"] is None else f"{row['max_offset']:g}")
+    _stdout().print(table)
+
+
 @app.command()
 def report(
     config: ConfigOption,

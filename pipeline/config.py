@@ -473,9 +473,12 @@ class DriftConfig(_Strict):
     threshold, no open alert, no exceeding window in the k-of-n history, outside maintenance) it moves towards the
     window's mean residual by ``stride time / span_s`` of the distance: an exponential average over about ``span_s``
     of scored windows. A fault that builds up more slowly than ``span_s``, below the threshold all along, is absorbed
-    as drift: leave this off for assets whose faults are slow drifts (fouling, wear), or make ``span_s`` much longer."""
+    as drift: leave this off for assets whose faults are slow drifts (fouling, wear), or make ``span_s`` much longer,
+    or bound what can be absorbed with ``max_offset``: each offset stays within +-``max_offset`` (standard deviations
+    of the model's scaler), so a slow fault that grows beyond that counts again."""
 
     span_s: PositiveFloat
+    max_offset: PositiveFloat | None = None
 
 
 class GroupConfig(_Strict):
@@ -512,6 +515,11 @@ class GroupConfig(_Strict):
     def period_ms(self) -> int:
         """The sampling grid step in milliseconds."""
         return round(self.sampling_period_s * 1000)
+
+    @property
+    def drift_limit(self) -> float | None:
+        """The bound on each drift offset (``DriftConfig.max_offset``); None: unbounded, or no drift following."""
+        return None if self.drift is None else self.drift.max_offset
 
     @property
     def drift_weight(self) -> float | None:

@@ -10,7 +10,9 @@ threshold, no open alert, no exceeding window in the k-of-n history, outside mai
 ``GroupConfig.drift_weight`` of the way towards its mean residuals; any other leaves them where they are. So a slow
 drift stops counting as error while a fault keeps counting for as long as it lasts (and a state the aftermath rule
 holds back is not learnt), and what the model knows about operating states (a daily cycle, load changes) is kept:
-only what it persistently fails to explain, in quiet times, is followed. A new model version starts again from 0.
+only what it persistently fails to explain, in quiet times, is followed. With ``drift.max_offset`` each offset stays
+within that many standard deviations, which bounds how much of a slow fault can be absorbed. A new model version
+starts again from 0.
 
 The forward pass does not depend on the offsets (per sensor, the error is var(r) + (mean(r) - b)^2), so a batch still
 has one forward pass per group. Only the verdicts are sequential: ``score_and_judge`` judges drift-following
@@ -31,7 +33,7 @@ from models.detector import Detector
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig
 from pipeline.scoring import finite, score_of, score_windows
-from pipeline.types import AlertEvent, Score, Window
+from pipeline.types import AlertEvent, Score, Window, ms_to_datetime
 
 _NEVER = -(2**62)
 Moments = tuple[np.ndarray, np.ndarray]  # per sensor: variance and signed mean of a window's residuals
@@ -50,10 +52,13 @@ class DriftTracker:
 
     def __init__(self, groups: Iterable[GroupConfig]) -> None:
         self._weights: dict[str, float] = {}
+        self._limits: dict[str, float] = {}
         for group in groups:
-            weight = group.drift_weight
+            weight, limit = group.drift_weight, group.drift_limit
             if weight is not None:
                 self._weights[group.name] = weight
+            if limit is not None:
+                self._limits[group.name] = limit
         self._state: dict[str, _Offset] = {}
         self._restored: set[str] = set()
 
@@ -121,6 +126,9 @@ class DriftTracker:
         if score.end_ms > state.last_end_ms:
             if quiet:
                 state.values = state.values + self._weights[score.group] * (moments[1] - state.values)
+                limit = self._limits.get(score.group)
+                if limit is not None:
+                    state.values = np.clip(state.values, -limit, limit)
             state.last_end_ms = score.end_ms
         return replace(score, drift_offset={s: float(v) for s, v in zip(state.sensors, state.values, strict=True)})
 
@@ -136,6 +144,15 @@ class DriftTracker:
                 out.append([])
             out[r].append(window)
         return out
+
+
+def offsets_report(score: Score, limit: float | None) -> dict[str, object]:
+    """What ``sensorwatch drift`` shows of an asset's latest stored score: its followed offsets, largest first, and
+    how close the largest is to ``limit`` (``drift.max_offset``; None: unbounded)."""
+    offsets = dict(sorted((score.drift_offset or {}).items(), key=lambda kv: -abs(kv[1])))
+    largest = max((abs(v) for v in offsets.values()), default=0.0)
+    return {"asset": score.asset, "group": score.group, "window_end": ms_to_datetime(score.end_ms).isoformat(),
+            "model_version": score.model_version, "offsets": offsets, "largest": largest, "max_offset": limit}
 
 
 def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector], alerts: AlertEngine,

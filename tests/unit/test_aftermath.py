@@ -11,10 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from streams import records
 
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
@@ -254,12 +254,7 @@ def _far_back(asset: str, second: int) -> float:
 
 
 def _records(start_s: int, stop_s: int, value: Callable[[str, int], float] = _value) -> list[RawRecord]:
-    out = []
-    for i in range(start_s, stop_s):
-        for partition, asset in enumerate(("a", "b")):
-            payload = {"asset": asset, "ts": T0 + i * 1000, "values": {"x": value(asset, i), "y": 0.1}}
-            out.append(RawRecord("readings", partition, i, asset.encode(), orjson.dumps(payload), T0 + i * 1000))
-    return out
+    return records(T0, start_s, stop_s, lambda asset, second: {"x": value(asset, second), "y": 0.1})
 
 
 class _MeanDetector:

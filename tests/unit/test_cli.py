@@ -40,7 +40,8 @@ def test_compose_services_run_existing_commands() -> None:
     assert not _command_exists(["no-such-command"])
 
 
-@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"],
+                                  ["drift", "--help"]])
 def test_help_texts(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0
@@ -70,3 +71,42 @@ def test_simulate_train_and_list_on_sqlite(tmp_path: Path) -> None:
     assert "active" in listed.output
     alerts = runner.invoke(app, ["alerts", "list", "--config", str(config), "--format", "json"], env=env)
     assert alerts.exit_code == 0 and alerts.output.strip() == "[]"
+
+
+def test_drift_shows_each_assets_latest_offsets_largest_first(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+    from pipeline.types import Score
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    groups = [{"name": "pumps", "assets": ["p1", "p2", "p3"], "sensors": [{"name": "flow"}, {"name": "temp"}],
+               "drift": {"span_s": 3600, "max_offset": 3}},
+              {"name": "fans", "assets": ["f1"], "sensors": [{"name": "rpm"}]}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"database": {"url": url}, "groups": groups}))
+    upgrade(url)
+    engine = make_engine(url)
+
+    def score(asset: str, end_s: int, offsets: dict[str, float] | None) -> Score:
+        return replace(Score(asset, "pumps", end_s * 1000 - 30_000, end_s * 1000, 0.1, 1.0, {"flow": 0.1},
+                             "v1"), drift_offset=offsets)
+
+    with make_sessionmaker(engine).begin() as s:
+        repo.insert_scores(session=s, scores=[
+            score("p1", 100, {"flow": 0.2, "temp": 0.1}), score("p1", 130, {"flow": 0.5, "temp": -2.5}),
+            score("p2", 130, None),  # drift turned on after its latest window
+            replace(score("f1", 130, None), group="fans"),
+        ])
+    engine.dispose()
+    result = runner.invoke(app, ["drift", "--config", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    rows = yaml.safe_load(result.stdout)
+    assert [(r["asset"], r["offsets"], r["largest"], r["max_offset"]) for r in rows] == [
+        ("p1", {"temp": -2.5, "flow": 0.5}, 2.5, 3.0),  # the latest window's, largest first
+        ("p2", {}, 0.0, 3.0)]  # p3 has no score yet; f1's group does not follow drift
+    table = runner.invoke(app, ["drift", "--config", str(path)])
+    assert table.exit_code == 0 and "temp -2.50, flow +0.50" in table.stdout and "none yet" in table.stdout
+    refused = runner.invoke(app, ["drift", "--config", str(path), "--group", "fans"])
+    assert refused.exit_code == 2 and "does not follow drift" in refused.output

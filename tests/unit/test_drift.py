@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 from sqlalchemy import select
+from streams import records
 
 from models.scaler import StandardScaler
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError
-from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
@@ -187,15 +186,6 @@ def test_a_restore_from_the_latest_score_continues_exactly(split: int) -> None:
     assert sorted(stored.values(), key=lambda s: (s.asset, s.end_ms)) == whole
 
 
-def _records(start_s: int, stop_s: int) -> list[RawRecord]:
-    out = []
-    for i in range(start_s, stop_s):
-        for partition, asset in enumerate(("a", "b")):
-            payload = {"asset": asset, "ts": T0 + i * 1000, "values": {"x": _x(asset, i), "y": 0.0}}
-            out.append(RawRecord("readings", partition, i, asset.encode(), orjson.dumps(payload), T0 + i * 1000))
-    return out
-
-
 def _config(url: str) -> Config:
     raw = _raw({"span_s": 20.0}, k=2, n=3, aftermath={"relative": 0.3, "half_life_s": 120.0})
     return parse_config({"database": {"url": url}, **raw}, env={})
@@ -210,7 +200,7 @@ def _stored(url: str, spans: list[tuple[int, int]]) -> tuple[list[tuple[Any, ...
     for first_s, last_s in spans:
         runner = Runner(_config(url), sessions=sessions, detectors={"g": _LevelDetector()},  # type: ignore[dict-item]
                         producer=None, stop=threading.Event())  # type: ignore[arg-type]
-        runner.process(_records(first_s, last_s), T0 + last_s * 1000)
+        runner.process(records(T0, first_s, last_s, lambda a, i: {"x": _x(a, i), "y": 0.0}), T0 + last_s * 1000)
     with sessions() as s:
         rows = [repo.score_of(r) for r in s.scalars(select(WindowScore).order_by(WindowScore.asset,
                                                                                  WindowScore.window_end))]
@@ -295,3 +285,19 @@ def test_a_fault_under_a_lagging_smoothed_level_is_not_learnt() -> None:
     # the fault keeps (almost) its full size of 1.5 to the end; only the window that barely touched it was learnt
     # (absorbed to 0, with no alert at all, when a window is judged quiet on its smoothed level alone)
     assert late and all(s.score > 1.3 for s in late)
+
+
+def test_max_offset_bounds_how_much_of_a_slow_fault_is_absorbed() -> None:
+    # x creeps up by 0.01 a second from 100 s on (a slow fault, 5 std by the end): followed without a bound, it never
+    # alarms; with max_offset 1 the offset stops at 1 std and the rest counts as error again
+    def x(second: int) -> float:
+        return 10.0 + 0.01 * max(second - 100, 0)
+
+    unbounded, alerts = _run_with_events(_stream(x), [], _groups(20.0))
+    assert not [a for a in alerts if a.asset == "a"]
+    bounded, alerts = _run_with_events(_stream(x), [], parse_config(_raw({"span_s": 20.0, "max_offset": 1.0}),
+                                                                    env={}).groups)
+    assert [a.asset for a in alerts] == ["a"] and alerts[0].closed_ms is None  # alarms, and stays open
+    offsets = [s.drift_offset["x"] for s in bounded if s.asset == "a" and s.drift_offset]
+    assert max(offsets) == 1.0 and all(-1.0 <= o <= 1.0 for o in offsets)
+    assert max(s.drift_offset["x"] for s in unbounded if s.asset == "a" and s.drift_offset) > 4.5
