@@ -37,6 +37,8 @@ _MAX_POINTS = 1600
 _TIME_STEPS_S = (60, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 604800, 2592000)
 _SEVERITY_COLOURS = ("#f2a900", "#e8681a", "#d62728", "#9b1d5a", "#5c0a3c")
 _SENSOR_COLOUR = "#1f77b4"
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+            "#17becf")
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,13 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
             parts.append(svg_plot(plot_id=f"sensor-error:{sensor}", title=f"{sensor}: error contribution",
                                   x_range=x_range, series=[Series(sensor, ts, errors, _SENSOR_COLOUR)],
                                   shades=_shades(data, sensor)))
+        if any(s.drift_offset for s in data.scores):  # the group follows drift: what it has followed, per sensor
+            parts.append('<h2 id="drift">Drift offsets</h2>')
+            offsets = [Series(sensor, ts, np.array([(s.drift_offset or {}).get(sensor, np.nan) for s in data.scores]),
+                              _PALETTE[i % len(_PALETTE)]) for i, sensor in enumerate(data.sensors)]
+            parts.append(svg_plot(plot_id="drift-offsets", title="followed residual offsets per sensor (standard "
+                                  "deviations; errors are taken relative to them)", x_range=x_range, series=offsets,
+                                  shades=_shades(data), y_min=None))
     else:
         parts.append('<p class="none">No window scores in this span.</p>')
     if data.signals:

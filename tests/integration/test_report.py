@@ -139,6 +139,12 @@ def test_report_data_and_render_without_scores_or_csv(db_url: str) -> None:
     assert 'data-series="smoothed score (EWMA)"' not in render_html(data)
     smoothed = replace(data, scores=[replace(x, smoothed=x.score * 0.5) for x in data.scores])
     assert 'data-series="smoothed score (EWMA)"' in render_html(smoothed)  # drawn when the model smooths
+    assert 'data-plot="drift-offsets"' not in render_html(data)
+    followed = replace(data, scores=[replace(x, drift_offset={n: 0.01 * i for n in data.sensors})
+                                     for i, x in enumerate(data.scores)])
+    page = _Page()
+    page.feed(render_html(followed))  # drawn when the group follows drift: one line per sensor
+    assert {p["data-series"] for p in page.find("polyline", "drift-offsets")} == set(data.sensors)
 
 
 def test_report_rejects_an_unknown_asset_and_a_reversed_span(tmp_path: Path) -> None:
