@@ -500,6 +500,11 @@ def drift_show(
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
+    if group is not None:
+        try:
+            cfg.group(group)
+        except ConfigError as exc:
+            raise _fail(exc, 2) from None
     groups = [g for g in cfg.groups if g.drift is not None and group in (None, g.name)]
     if group is not None and not groups:
         raise _fail(ConfigError(f"group {group!r} does not follow drift (groups[].drift) in {config}"), 2)
@@ -508,8 +513,8 @@ def drift_show(
         return
     with session_scope(cfg.database.url) as session:
         latest = repo.recent_scores(session=session, assets=[a for g in groups for a in g.assets], limit=1)
-    limits = {g.name: g.drift_limit for g in groups}
-    rows = [offsets_report(repo.score_of(r[-1]), limits[r[-1].group_name]) for _, r in sorted(latest.items())]
+    limits = {asset: g.drift_limit for g in groups for asset in g.assets}  # by the asset's group now
+    rows = [offsets_report(repo.score_of(r[-1]), limits[asset]) for asset, r in sorted(latest.items())]
     if output == "json":
         typer.echo(json.dumps(rows, indent=2))
         return

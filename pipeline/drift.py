@@ -114,8 +114,11 @@ class DriftTracker:
     def score(self, window: Window, detector: Detector, moments: Moments) -> Score:
         """The score of ``window`` with the residuals taken relative to its asset's offsets."""
         variances, means = moments
-        offset = self._current(window.asset, detector).values
-        errors = finite(variances + (means - offset) ** 2)
+        state = self._current(window.asset, detector)
+        limit = self._limits.get(window.group)
+        if limit is not None:  # offsets restored from before max_offset was set or lowered are bounded too
+            state.values = np.clip(state.values, -limit, limit)
+        errors = finite(variances + (means - state.values) ** 2)
         return score_of(window, detector, float(errors.mean()), errors)
 
     def follow(self, score: Score, moments: Moments, *, quiet: bool) -> Score:
@@ -147,10 +150,10 @@ class DriftTracker:
 
 
 def offsets_report(score: Score, limit: float | None) -> dict[str, object]:
-    """What ``sensorwatch drift`` shows of an asset's latest stored score: its followed offsets, largest first, and
-    how close the largest is to ``limit`` (``drift.max_offset``; None: unbounded)."""
+    """What ``sensorwatch drift`` shows of an asset's latest stored score: its followed offsets, largest first, the
+    largest size (None when it has no offsets yet) and ``limit`` (``drift.max_offset``; None: unbounded)."""
     offsets = dict(sorted((score.drift_offset or {}).items(), key=lambda kv: -abs(kv[1])))
-    largest = max((abs(v) for v in offsets.values()), default=0.0)
+    largest = max((abs(v) for v in offsets.values()), default=None)
     return {"asset": score.asset, "group": score.group, "window_end": ms_to_datetime(score.end_ms).isoformat(),
             "model_version": score.model_version, "offsets": offsets, "largest": largest, "max_offset": limit}
 

@@ -359,6 +359,25 @@ table.alerts td,table.alerts th{border-bottom:1px solid #eee;padding:4px 6px;tex
 """
 
 
+def _drift_plot(data: ReportData, ts: np.ndarray, x_range: tuple[int, int]) -> str:
+    """The followed drift offsets of the sensors that moved most (one line each, at most one per palette colour),
+    with a legend naming them."""
+    values = {sensor: np.array([(s.drift_offset or {}).get(sensor, np.nan) for s in data.scores], dtype=float)
+              for sensor in data.sensors}
+    size = {sensor: float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 0.0 for sensor, v in values.items()}
+    shown = sorted(data.sensors, key=lambda sensor: -size[sensor])[: len(_PALETTE)]
+    series = [Series(sensor, ts, values[sensor], colour) for sensor, colour in zip(shown, _PALETTE, strict=False)]
+    legend = "".join(f'<span><span class="badge" style="background:{line.colour}">{_esc(line.name)}</span> '
+                     f"up to {size[line.name]:.2f}</span>" for line in series)
+    more = len(data.sensors) - len(shown)
+    note = f"<span>{more} sensor(s) with smaller offsets not drawn</span>" if more > 0 else ""
+    return ('<h2 id="drift">Drift offsets</h2>\n'
+            + svg_plot(plot_id="drift-offsets", title="followed residual offsets per sensor (standard deviations; "
+                       "errors are taken relative to them)", x_range=x_range, series=series, shades=_shades(data),
+                       y_min=None)
+            + f'\n<p class="legend">{legend}{note}</p>')
+
+
 def render_html(data: ReportData, *, generated_at: datetime | None = None) -> str:
     """The whole report as one HTML document (inline CSS and SVG only)."""
     x_range = (data.start_ms, data.end_ms)
@@ -388,12 +407,7 @@ def render_html(data: ReportData, *, generated_at: datetime | None = None) -> st
                                   x_range=x_range, series=[Series(sensor, ts, errors, _SENSOR_COLOUR)],
                                   shades=_shades(data, sensor)))
         if any(s.drift_offset for s in data.scores):  # the group follows drift: what it has followed, per sensor
-            parts.append('<h2 id="drift">Drift offsets</h2>')
-            offsets = [Series(sensor, ts, np.array([(s.drift_offset or {}).get(sensor, np.nan) for s in data.scores]),
-                              _PALETTE[i % len(_PALETTE)]) for i, sensor in enumerate(data.sensors)]
-            parts.append(svg_plot(plot_id="drift-offsets", title="followed residual offsets per sensor (standard "
-                                  "deviations; errors are taken relative to them)", x_range=x_range, series=offsets,
-                                  shades=_shades(data), y_min=None))
+            parts.append(_drift_plot(data, ts, x_range))
     else:
         parts.append('<p class="none">No window scores in this span.</p>')
     if data.signals:

@@ -145,6 +145,7 @@ def test_report_data_and_render_without_scores_or_csv(db_url: str) -> None:
     page = _Page()
     page.feed(render_html(followed))  # drawn when the group follows drift: one line per sensor
     assert {p["data-series"] for p in page.find("polyline", "drift-offsets")} == set(data.sensors)
+    assert all(f"{sensor}</span> up to" in render_html(followed) for sensor in data.sensors)  # named in a legend
 
 
 def test_report_rejects_an_unknown_asset_and_a_reversed_span(tmp_path: Path) -> None:

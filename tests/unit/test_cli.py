@@ -105,8 +105,16 @@ def test_drift_shows_each_assets_latest_offsets_largest_first(tmp_path: Path) ->
     rows = yaml.safe_load(result.stdout)
     assert [(r["asset"], r["offsets"], r["largest"], r["max_offset"]) for r in rows] == [
         ("p1", {"temp": -2.5, "flow": 0.5}, 2.5, 3.0),  # the latest window's, largest first
-        ("p2", {}, 0.0, 3.0)]  # p3 has no score yet; f1's group does not follow drift
+        ("p2", {}, None, 3.0)]  # p3 has no score yet; f1's group does not follow drift
     table = runner.invoke(app, ["drift", "--config", str(path)])
     assert table.exit_code == 0 and "temp -2.50, flow +0.50" in table.stdout and "none yet" in table.stdout
     refused = runner.invoke(app, ["drift", "--config", str(path), "--group", "fans"])
     assert refused.exit_code == 2 and "does not follow drift" in refused.output
+    unknown = runner.invoke(app, ["drift", "--config", str(path), "--group", "nosuch"])
+    assert unknown.exit_code == 2 and "no group named 'nosuch'" in unknown.output
+    moved = [{**groups[0], "assets": ["p1", "p2", "p3", "f1"]}, {**groups[1], "assets": ["f2"]}]
+    path.write_text(yaml.safe_dump({"database": {"url": url}, "groups": moved}))  # f1 now follows drift
+    result = runner.invoke(app, ["drift", "--config", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["asset"], r["group"]) for r in yaml.safe_load(result.stdout)] == [
+        ("f1", "fans"), ("p1", "pumps"), ("p2", "pumps")]  # the group its latest row was scored in

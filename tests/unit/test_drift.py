@@ -301,3 +301,16 @@ def test_max_offset_bounds_how_much_of_a_slow_fault_is_absorbed() -> None:
     offsets = [s.drift_offset["x"] for s in bounded if s.asset == "a" and s.drift_offset]
     assert max(offsets) == 1.0 and all(-1.0 <= o <= 1.0 for o in offsets)
     assert max(s.drift_offset["x"] for s in unbounded if s.asset == "a" and s.drift_offset) > 4.5
+
+
+def test_offsets_restored_from_before_a_lower_max_offset_are_bounded_too() -> None:
+    windows = [w for w in _windows(400) if w.asset == "a"]  # x drifts 4 std over the stream
+    first, _ = score_and_judge(windows[:190], {"g": _LevelDetector()}, AlertEngine(_groups(20.0)),  # type: ignore
+                               DriftTracker(_groups(20.0)))
+    assert first[-1].drift_offset is not None and first[-1].drift_offset["x"] > 3.0
+    bounded = parse_config(_raw({"span_s": 20.0, "max_offset": 1.0}), env={}).groups
+    tracker = DriftTracker(bounded)
+    tracker.restore("a", first[-1])  # a restart after max_offset was set to 1
+    later, _ = score_and_judge(windows[190:], {"g": _LevelDetector()}, AlertEngine(bounded), tracker)  # type: ignore
+    assert all(s.drift_offset is not None and abs(s.drift_offset["x"]) <= 1.0 for s in later)
+    assert later[0].score > 2.0  # scored against the bounded offset (about 3 std off), not the restored one
