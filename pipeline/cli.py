@@ -625,6 +625,10 @@ def evaluate(
     calibrate: Annotated[bool, typer.Option(help="Threshold headroom from anomaly-free.csv (normal data).")] = False,
     plot: Annotated[Path | None, typer.Option(help="Also write an HTML page plotting every file's score, labels "
                                                    "and flags here.")] = None,
+    chain: Annotated[str, typer.Option(help="detector: the SKAB detector; pipeline: the streaming product's own "
+                                            "chain (windower, training, scoring, alert engine).")] = "detector",
+    aftermath: Annotated[bool, typer.Option(help="pipeline chain: with the alert rule's aftermath.")] = True,
+    drift: Annotated[bool, typer.Option(help="pipeline chain: with drift following.")] = True,
 ) -> None:
     """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
     from models.autoencoders import MODEL_TYPES
@@ -637,10 +641,12 @@ def evaluate(
                                  param_hint="--model")
     if output not in ("table", "json"):
         raise typer.BadParameter("--output must be table or json", param_hint="--output")
+    _choice(chain, ("detector", "pipeline"), "--chain")
     try:
         report = evaluate_skab(data, model, limit=files, baselines=baselines, calibrate=calibrate,
                                progress=output == "table" or console.is_terminal,
-                               overrides={"epochs": epochs} if epochs else None, plot=plot)
+                               overrides={"epochs": epochs} if epochs else None, plot=plot, chain=chain,
+                               aftermath=aftermath, drift=drift)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc, 2) from None
     for note in report["notes"]:
@@ -650,7 +656,7 @@ def evaluate(
     if output == "json":
         typer.echo(json.dumps(report, indent=2))
         return
-    table = Table(title=f"SKAB ({report['files']} files, point-wise, summed over test rows)")
+    table = Table(title=f"SKAB, {chain} chain ({report['files']} files, point-wise, summed over test rows)")
     for column in ("detector", "F1", "FAR", "MAR", "train s"):
         table.add_column(column, justify="left" if column == "detector" else "right")
     for row in [report, *report["baselines"]]:

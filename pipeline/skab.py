@@ -239,31 +239,57 @@ def calibrated_settings(settings: Any, directory: Path, files: Sequence[SkabFile
 
 def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None, baselines: bool = True,
                   calibrate: bool = False, calibration_rate: float = 0.05, progress: bool = True,
-                  overrides: dict[str, Any] | None = None, plot: Path | None = None) -> dict[str, Any]:
-    """The full comparison on one directory: ``model_type`` (``SequenceDetector`` with ``default_settings``) and,
-    with ``baselines``, flag-everything and river's HalfSpaceTrees (skipped with a note when river is missing).
+                  overrides: dict[str, Any] | None = None, plot: Path | None = None, chain: str = "detector",
+                  aftermath: bool = True, drift: bool = True) -> dict[str, Any]:
+    """The full comparison on one directory: ``model_type`` and, with ``baselines``, flag-everything and river's
+    HalfSpaceTrees (skipped with a note when river is missing).
 
-    With ``calibrate`` the threshold multiplier is instead set from normal data only (``calibrated_settings`` at
-    ``calibration_rate``). With ``plot``, an HTML page of every file's ratios, labels and flags is written there
-    (``pipeline.skab_plot``; its path is ``report["plot"]``).
-    Returns ``{"model", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
-    with FAR and MAR as fractions.
+    ``chain`` "detector" runs the SKAB detector (``SequenceDetector`` with ``default_settings`` and ``overrides``;
+    with ``calibrate`` its threshold multiplier is set from normal data only, ``calibrated_settings`` at
+    ``calibration_rate``). ``chain`` "pipeline" runs the streaming product's own chain (``pipeline.skab_chain``),
+    with the alert rule's ``aftermath`` and ``drift`` following or without; of ``overrides`` it takes ``epochs``.
+    With ``plot``, an HTML page of every file's ratios, labels and flags is written there (``pipeline.skab_plot``;
+    its path is ``report["plot"]``).
+    Returns ``{"model", "chain", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
+    with FAR and MAR as fractions. ValueError for an unknown chain or an override the chain does not take.
     """
     from models.baselines import FlagEverything, HalfSpaceTreesDetector, river_available
-    from models.sequence_detector import SequenceDetector, default_settings
 
     files = load_skab(directory, limit=limit)
-    settings = default_settings(model_type, **(overrides or {}))
     notes: list[str] = []
-    calibration: dict[str, Any] | None = None
-    if calibrate:
-        settings, calibration = calibrated_settings(settings, directory, files, false_alarm_rate=calibration_rate)
-        if calibration is None:
-            notes.append(f"no {ANOMALY_FREE}: threshold multiplier left at {settings.multiplier}")
-    main = evaluate_files(files, lambda: SequenceDetector(settings), model=model_type,
-                          settings={**settings.describe(), "calibration": calibration}, progress=progress,
+    make_detector: Callable[[], RowDetector]
+    if chain == "pipeline":
+        from pipeline.skab_chain import PipelineChain
+
+        extra = sorted(set(overrides or {}) - {"epochs"})
+        if calibrate or extra:
+            raise ValueError(f"the pipeline chain does not take {'calibration' if calibrate else ', '.join(extra)}"
+                             " (its threshold comes from the group's YAML recipe)")
+        epochs = (overrides or {}).get("epochs")
+
+        def make_detector() -> RowDetector:
+            return PipelineChain(model_type, aftermath=aftermath, drift=drift, epochs=epochs)
+
+        described = PipelineChain(model_type, aftermath=aftermath, drift=drift, epochs=epochs).describe()
+    elif chain == "detector":
+        from models.sequence_detector import SequenceDetector, default_settings
+
+        settings = default_settings(model_type, **(overrides or {}))
+        calibration: dict[str, Any] | None = None
+        if calibrate:
+            settings, calibration = calibrated_settings(settings, directory, files, false_alarm_rate=calibration_rate)
+            if calibration is None:
+                notes.append(f"no {ANOMALY_FREE}: threshold multiplier left at {settings.multiplier}")
+
+        def make_detector() -> RowDetector:
+            return SequenceDetector(settings)
+
+        described = {"chain": "detector", **settings.describe(), "calibration": calibration}
+    else:
+        raise ValueError(f"unknown chain {chain!r} (have: detector, pipeline)")
+    main = evaluate_files(files, make_detector, model=model_type, settings=described, progress=progress,
                           keep_traces=plot is not None)
-    report = main.to_dict()
+    report = {"chain": chain, **main.to_dict()}
     if plot is not None:
         from pipeline.skab_plot import write_evaluation_html
 

@@ -183,10 +183,39 @@ def test_evaluate_command_writes_the_plot_page(skab_dir: Path, tmp_path: Path) -
     assert text.count("rows 450-519: labelled anomaly") == 2 and "valve1/0.csv: F1" in text
 
 
+def test_the_pipeline_chain_is_causal_and_finds_the_shift(skab_dir: Path) -> None:
+    from pipeline.skab_chain import PipelineChain
+
+    files = load_skab(skab_dir, limit=2)
+    result = evaluate_files(files, lambda: PipelineChain("dense", epochs=5), model="dense", progress=False)
+    assert result.confusion.mar < 0.3  # check_causal ran on both files too
+    chain = PipelineChain("dense", epochs=5).fit(files[0].values[:TRAIN_ROWS])
+    ratios, flags = chain.decide(files[0].values)
+    assert np.isnan(ratios[:19]).all() and np.isfinite(ratios[19:]).all()  # from the first window of 20 rows on
+    # flags only from the anomaly's start to the end of its tail (a window of 20 rows of 30-row means still holds
+    # anomalous rows up to 48 rows after it): the recipe's lag, which the false-alarm rate here is made of
+    flagged = TRAIN_ROWS + np.flatnonzero(flags[TRAIN_ROWS:])
+    assert flagged.min() >= ANOMALY[0] and flagged.max() < ANOMALY[1] + 30 + 20 - 2
+    assert np.nanmedian(ratios[460:520]) > 10 * np.nanmedian(ratios[TRAIN_ROWS:450])
+    assert chain.describe()["drift"] == {"span_s": 150.0, "max_offset": None}
+
+
+def test_evaluate_command_runs_the_pipeline_chain(skab_dir: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--model", "dense",
+                                 "--output", "json", "--files", "2", "--epochs", "3", "--no-baselines", "--no-drift"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["chain"] == "pipeline" and report["model"] == "dense" and report["files"] == 2
+    assert report["settings"]["drift"] is None and report["settings"]["alert"]["aftermath"]["relative"] == 0.3
+    refused = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--calibrate"])
+    assert refused.exit_code == 2 and "does not take calibration" in refused.output
+
+
 def test_evaluate_command_rejects_bad_arguments(skab_dir: Path) -> None:
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--dataset", "nab"]).exit_code == 2
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--model", "gru"]).exit_code == 2
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir / "missing"), "--output", "json"]).exit_code == 2
+    assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "both"]).exit_code == 2
 
 
 @pytest.mark.skipif(not SHARED_SKAB.is_dir(), reason=f"SKAB data not found at {SHARED_SKAB}")
