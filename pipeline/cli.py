@@ -627,8 +627,10 @@ def evaluate(
                                                    "and flags here.")] = None,
     chain: Annotated[str, typer.Option(help="detector: the SKAB detector; pipeline: the streaming product's own "
                                             "chain (windower, training, scoring, alert engine).")] = "detector",
-    aftermath: Annotated[bool, typer.Option(help="pipeline chain: with the alert rule's aftermath.")] = True,
-    drift: Annotated[bool, typer.Option(help="pipeline chain: with drift following.")] = True,
+    aftermath: Annotated[bool | None, typer.Option(
+        help="pipeline chain only: with the alert rule's aftermath (default: with).")] = None,
+    drift: Annotated[bool | None, typer.Option(help="pipeline chain only: with drift following (default: with).")
+                     ] = None,
 ) -> None:
     """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
     from models.autoencoders import MODEL_TYPES

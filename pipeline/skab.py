@@ -240,14 +240,15 @@ def calibrated_settings(settings: Any, directory: Path, files: Sequence[SkabFile
 def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None, baselines: bool = True,
                   calibrate: bool = False, calibration_rate: float = 0.05, progress: bool = True,
                   overrides: dict[str, Any] | None = None, plot: Path | None = None, chain: str = "detector",
-                  aftermath: bool = True, drift: bool = True) -> dict[str, Any]:
+                  aftermath: bool | None = None, drift: bool | None = None) -> dict[str, Any]:
     """The full comparison on one directory: ``model_type`` and, with ``baselines``, flag-everything and river's
     HalfSpaceTrees (skipped with a note when river is missing).
 
     ``chain`` "detector" runs the SKAB detector (``SequenceDetector`` with ``default_settings`` and ``overrides``;
     with ``calibrate`` its threshold multiplier is set from normal data only, ``calibrated_settings`` at
     ``calibration_rate``). ``chain`` "pipeline" runs the streaming product's own chain (``pipeline.skab_chain``),
-    with the alert rule's ``aftermath`` and ``drift`` following or without; of ``overrides`` it takes ``epochs``.
+    with the alert rule's ``aftermath`` and ``drift`` following (None: with) or without; of ``overrides`` it takes
+    ``epochs``.
     With ``plot``, an HTML page of every file's ratios, labels and flags is written there (``pipeline.skab_plot``;
     its path is ``report["plot"]``).
     Returns ``{"model", "chain", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
@@ -266,13 +267,18 @@ def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None,
             raise ValueError(f"the pipeline chain does not take {'calibration' if calibrate else ', '.join(extra)}"
                              " (its threshold comes from the group's YAML recipe)")
         epochs = (overrides or {}).get("epochs")
+        with_aftermath, with_drift = aftermath is not False, drift is not False
 
         def make_detector() -> RowDetector:
-            return PipelineChain(model_type, aftermath=aftermath, drift=drift, epochs=epochs)
+            return PipelineChain(model_type, aftermath=with_aftermath, drift=with_drift, epochs=epochs)
 
-        described = PipelineChain(model_type, aftermath=aftermath, drift=drift, epochs=epochs).describe()
+        described = PipelineChain(model_type, aftermath=with_aftermath, drift=with_drift, epochs=epochs).describe()
     elif chain == "detector":
         from models.sequence_detector import SequenceDetector, default_settings
+
+        if aftermath is not None or drift is not None:
+            raise ValueError("the aftermath and drift switches apply to the pipeline chain only (the SKAB detector's "
+                             "own aftermath rule and baseline are part of its recipe)")
 
         settings = default_settings(model_type, **(overrides or {}))
         calibration: dict[str, Any] | None = None

@@ -3,7 +3,10 @@
 Per file: the rows become one asset's readings at 1 s a row; the pipeline's windower (``windows_from_frame``) cuts
 the training rows' windows and ``train_group`` fits the model; then every window of the whole file goes through
 ``score_and_judge`` (the forward pass, the alert engine's ``judge`` and, with drift following, the followed offsets),
-and a row is flagged when the window ending at it is ``is_anomaly``. Row ``t``'s flag depends on rows ``<= t`` only.
+and a row is flagged when the window ending at it is ``is_anomaly``: the window's verdict (its level above the
+threshold, or above the aftermath rule's raised bar), as stored with every score. The alert rule's k-of-n and
+resolve settings shape alerts, not these verdicts (with drift following they decide which windows are quiet). Row
+``t``'s flag depends on rows ``<= t`` only.
 
 The group (``group_config``) maps the SKAB detector's recipe onto the product's YAML: window 20 rows, stride 1,
 smoothing 30 rows, the detector's hyperparameters (code size 2), scale floors (step 0.5, level 0.002), threshold 3x the
@@ -71,7 +74,11 @@ class PipelineChain:
         sensors = self.group.sensor_names if self.group is not None else ["s0"]
         group = self.group or group_config(sensors, self.model, aftermath=self.aftermath, drift=self.drift,
                                            epochs=self.epochs)
-        return {"chain": "pipeline", **group.model_dump(mode="json", exclude={"assets", "sensors", "name"})}
+        described = group.model_dump(mode="json", exclude={"assets", "sensors", "name", "model"})
+        m = group.model
+        return {"chain": "pipeline", **described,
+                "model": {"type": m.type, **m.hyperparameters(), "epochs": m.epochs, "batch_size": m.batch_size,
+                          "scale_floor_step": m.scale_floor_step, "scale_floor_level": m.scale_floor_level}}
 
     def fit(self, rows: np.ndarray) -> PipelineChain:
         """Train the group's model on ``rows`` ``[T, F]`` (sensors named s0, s1, ...)."""

@@ -197,7 +197,9 @@ def test_the_pipeline_chain_is_causal_and_finds_the_shift(skab_dir: Path) -> Non
     flagged = TRAIN_ROWS + np.flatnonzero(flags[TRAIN_ROWS:])
     assert flagged.min() >= ANOMALY[0] and flagged.max() < ANOMALY[1] + 30 + 20 - 2
     assert np.nanmedian(ratios[460:520]) > 10 * np.nanmedian(ratios[TRAIN_ROWS:450])
-    assert chain.describe()["drift"] == {"span_s": 150.0, "max_offset": None}
+    described = chain.describe()
+    assert described["drift"] == {"span_s": 150.0, "max_offset": None}
+    assert described["model"]["hidden"] == [16, 2] and "lstm_hidden" not in described["model"]  # what was used
 
 
 def test_evaluate_command_runs_the_pipeline_chain(skab_dir: Path) -> None:
@@ -209,6 +211,8 @@ def test_evaluate_command_runs_the_pipeline_chain(skab_dir: Path) -> None:
     assert report["settings"]["drift"] is None and report["settings"]["alert"]["aftermath"]["relative"] == 0.3
     refused = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--calibrate"])
     assert refused.exit_code == 2 and "does not take calibration" in refused.output
+    ignored = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--no-drift"])  # the detector chain's default
+    assert ignored.exit_code == 2 and "pipeline chain only" in ignored.output
 
 
 def test_evaluate_command_rejects_bad_arguments(skab_dir: Path) -> None:
