@@ -220,6 +220,7 @@ class _AssetAlerts:
     ewma_end_ms: int = _NEVER
     ewma_version: str | None = None
     excursion: Excursion | None = None  # aftermath: of the windows of its incidents, the largest decayed ratio
+    maintenance: bool = False  # whether the last window judged lay in a maintenance window
 
 
 @dataclass
@@ -297,7 +298,8 @@ class AlertEngine:
             if score.end_ms <= state.last_end_ms:
                 continue
             state.last_end_ms = score.end_ms
-            event = self._step(state, score, rule, replay=True, maintenance=rule.in_maintenance(score))
+            state.maintenance = rule.in_maintenance(score)
+            event = self._step(state, score, rule, replay=True, maintenance=state.maintenance)
             if event is not None:
                 state.backlog.append(event)
         self._assets[asset] = state
@@ -305,14 +307,14 @@ class AlertEngine:
             self._backlogged.add(asset)
 
     def quiet(self, score: Score) -> bool:
-        """Whether ``score``'s asset is quiet after its window was judged: the window's score and level (smoothed, which
-        lags) are at or below the bare threshold (a level the aftermath rule holds back is not quiet), it is outside
-        maintenance, and the asset has no open alert and no exceeding window in its k-of-n history. What drift
-        following may learn from."""
+        """Whether ``score``'s asset is quiet right after its window was judged (the asset's latest): the window's
+        score and level (smoothed, which lags) are at or below the bare threshold (a level the aftermath rule holds
+        back is not quiet), it is outside maintenance, and the asset has no open alert and no exceeding window in its
+        k-of-n history. What drift following may learn from."""
         state = self._assets.get(score.asset)
         if state is None or max(score.score, score.level) > score.threshold or state.current is not None:
             return False
-        return not any(s.is_anomaly for s in state.recent) and not self._rules[score.group].in_maintenance(score)
+        return not state.maintenance and not any(s.is_anomaly for s in state.recent)
 
     def forget(self, assets: Iterable[str]) -> None:
         """Drop in-memory state (e.g. after a partition moved away); it is restored from the database if needed."""
@@ -378,12 +380,12 @@ class AlertEngine:
                 judged.append(score)
                 continue
             state.last_end_ms = score.end_ms
-            maintenance = rule.in_maintenance(score)
-            floor = None if maintenance else _aftermath_floor(state.excursion, score, rule.config)
+            state.maintenance = rule.in_maintenance(score)
+            floor = None if state.maintenance else _aftermath_floor(state.excursion, score, rule.config)
             if floor is not None:
                 score = replace(score, aftermath_floor=floor)
             judged.append(score)
-            event = self._step(state, score, rule, replay=False, maintenance=maintenance)
+            event = self._step(state, score, rule, replay=False, maintenance=state.maintenance)
             if event is not None:
                 events.append(event)
         return judged, events

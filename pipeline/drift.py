@@ -60,21 +60,15 @@ class DriftTracker:
             if limit is not None:
                 self._limits[group.name] = limit
         self._state: dict[str, _Offset] = {}
-        self._restored: set[str] = set()
 
     def follows(self, group: str) -> bool:
         """True when the group follows drift."""
         return group in self._weights
 
-    # -- restart support -------------------------------------------------------------------------------------------
-    def unrestored(self, assets: Iterable[str]) -> list[str]:
-        """Assets not restored since this tracker was created or last told to ``forget`` them."""
-        return [a for a in assets if a not in self._restored]
-
+    # -- restart support (the runner restores and forgets an asset here together with the alert engine) -----------
     def restore(self, asset: str, last: Score | None) -> None:
         """Resume ``asset`` from its latest stored score (``last``; None when it has none): its offsets, model version
         and window end. A score without offsets (drift was off) starts again from 0."""
-        self._restored.add(asset)
         self._state.pop(asset, None)
         if last is None:
             return
@@ -86,7 +80,6 @@ class DriftTracker:
         """Drop the state of ``assets`` (partitions handed over, or a transaction that did not commit)."""
         for asset in assets:
             self._state.pop(asset, None)
-            self._restored.discard(asset)
 
     # -- the work --------------------------------------------------------------------------------------------------
     def _current(self, asset: str, detector: Detector) -> _Offset:

@@ -513,7 +513,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         # bare levels. A drift-following group's scored windows count only as the pipeline judged them (relative to
         # its followed offsets): the bare levels would flag the very drift it followed and leave it out of training.
         flagged |= {key for key, level in levels.items() if level > active.threshold
-                    and (group.drift is None or key[1] > last_scored.get(key[0], -(2**62)))}
+                    and (group.drift is None or key[0] not in last_scored or key[1] > last_scored[key[0]])}
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),

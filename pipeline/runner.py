@@ -256,7 +256,7 @@ class Runner:
         return scores, events
 
     def _restore(self, session: Session, assets: list[str]) -> None:
-        todo = sorted(set(self._alerts.unrestored(assets)) | set(self._drift.unrestored(assets)))
+        todo = self._alerts.unrestored(assets)  # drift state is forgotten and restored together with it
         if not todo:
             return
         opened = {row.asset: repo.alert_record(row) for row in repo.open_alerts(session=session, assets=todo)}
@@ -264,9 +264,8 @@ class Runner:
         closed = repo.last_resolved_alerts(session=session, assets=todo)
         resolved = {row.asset: repo.alert_record(row) for row in closed}
         excursions = self._stored_excursions(session, {a: recent[a] for a in todo if recent.get(a)})
-        for asset in self._drift.unrestored(todo):
+        for asset in todo:
             self._drift.restore(asset, repo.score_of(recent[asset][-1]) if recent.get(asset) else None)
-        for asset in self._alerts.unrestored(todo):
             self._alerts.restore(
                 asset, self._groups[asset].name, open_alert=opened.get(asset),
                 recent=[repo.score_of(row) for row in recent.get(asset, [])], last_resolved=resolved.get(asset),
@@ -283,8 +282,8 @@ class Runner:
             if lookback is not None:
                 by_group[group.name][asset] = series[-1].window_end - timedelta(milliseconds=lookback)
         out: dict[str, list[Score]] = {}
-        for since in by_group.values():
-            aftermath = self._groups[next(iter(since))].alert.aftermath
+        for name, since in by_group.items():
+            aftermath = self.config.group(name).alert.aftermath
             assert aftermath is not None  # a lookback exists only with an aftermath rule
             rows = repo.excursions(session=session, since=since, relative=aftermath.relative)
             out.update({a: [repo.score_of(r) for r in series] for a, series in rows.items()})

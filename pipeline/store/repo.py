@@ -407,14 +407,14 @@ def count_skipped(*, session: Session, asset: str | None = None) -> int:
 
 
 def flagged_windows(*, session: Session, group: str, start: datetime, end: datetime) -> set[tuple[str, int]]:
-    """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` that some model version scored
-    above its bar (the threshold, or the aftermath floor when one was set above it), or whose score or smoothed score
-    was above the threshold (a window the aftermath rule held back: not anomalous, but not normal data either)."""
+    """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` whose level (the smoothed score
+    when stored, else the score) some model version scored above its threshold: every anomalous window, and every
+    window the aftermath rule held back (not anomalous, but not normal data either)."""
+    level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
     rows = session.execute(
         select(WindowScore.asset, WindowScore.window_end).where(
             WindowScore.group_name == group, WindowScore.window_end >= start, WindowScore.window_end <= end,
-            or_(WindowScore.is_anomaly.is_(True), WindowScore.score > WindowScore.threshold,
-                WindowScore.smoothed_score > WindowScore.threshold))
+            level > WindowScore.threshold)
     )
     return {(asset, datetime_to_ms(end_at)) for asset, end_at in rows}
 
