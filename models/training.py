@@ -45,15 +45,19 @@ def _residuals(model: nn.Module, windows: np.ndarray, batch_size: int) -> Iterat
             yield x - model(x)
 
 
-def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int = 1024
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-window score ``[N]`` and per-sensor errors ``[N, F]`` (mean squared error over the window's steps).
+def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int = 1024, *,
+                          last_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window score ``[N]`` and per-sensor errors ``[N, F]`` (mean squared error over the window's steps, or
+    over its last ``last_steps`` steps only).
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
     if len(windows) == 0:
         return np.empty(0), np.empty((0, windows.shape[-1]))
-    per_sensor = [r.pow(2).mean(dim=1).numpy() for r in _residuals(model, windows, batch_size)]
+    if last_steps is not None and not 1 <= last_steps <= windows.shape[1]:
+        raise ValueError(f"last_steps must be within 1..{windows.shape[1]} (the window), got {last_steps}")
+    steps = slice(-last_steps, None) if last_steps else slice(None)
+    per_sensor = [r[:, steps].pow(2).mean(dim=1).numpy() for r in _residuals(model, windows, batch_size)]
     sensors = np.concatenate(per_sensor).astype(np.float64)
     return sensors.mean(axis=1), sensors
 
