@@ -1,7 +1,7 @@
 """Variant C of the SKAB detector, declared before it was scored: the recent-rows score.
 
 C. Each window's per-sensor error is its mean squared residual over its last ``tail`` rows instead of all ``window``
-   rows (``SequenceSettings.score_rows``); the per-sensor normaliser and the threshold are fitted the same way from
+   rows (``SequenceSettings.score_steps``); the per-sensor normaliser and the threshold are fitted the same way from
    the training windows' errors under that definition. Everything else is shipped (window 20, smoothing 30,
    multiplier 3, aftermath 0.3, baseline span 150).
    Why: on ``skab_label_free.py``'s synthetic files, half the false alarms sit in the 60 rows after a fault ends,
@@ -40,7 +40,7 @@ def synthetic_row(data: Path, model: str, tail: int) -> dict[str, Any]:
     sensors = load_skab(data)[0].sensors
     segments = normal_segments(data, sensors)
     files = synthetic_files(segments, seeds=2)
-    settings = default_settings(model, score_rows=None if tail == SHIPPED_TAIL else tail)
+    settings = default_settings(model, score_steps=None if tail == SHIPPED_TAIL else tail)
     fitted = [SequenceDetector(settings).fit(s[:TRAIN_ROWS])
               for s in track(segments, description=f"{model} tail {tail}")]
     total, per_kind = Confusion(), dict.fromkeys(KINDS, Confusion())
@@ -79,7 +79,7 @@ def main() -> None:
             continue
         if model in results["looks"]:
             raise SystemExit(f"{model} was scored on SKAB already (one look per model): {results['looks'][model]}")
-        settings = default_settings(model, score_rows=tail)
+        settings = default_settings(model, score_steps=tail)
         doc = evaluate_files(load_skab(args.data), lambda s=settings: SequenceDetector(s), model=model,
                              settings=settings.describe(), progress=True).to_dict()
         results["looks"][model] = {"tail": tail, **{k: doc[k] for k in ("f1", "far", "mar", "train_seconds")}}

@@ -39,14 +39,22 @@ class Detector:
         alpha = self.metadata.get("threshold_info", {}).get("ewma_alpha")
         return None if alpha is None else float(alpha)
 
+    @property
+    def score_steps(self) -> int | None:
+        """How many of each window's last steps its score covers (``metadata.score_steps``); None: all of them."""
+        steps = self.metadata.get("score_steps")
+        return None if steps is None else int(steps)
+
     def score(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Per-window scores ``[N]`` and per-sensor errors ``[N, F]``, one batched forward pass (chunked)."""
+        """Per-window scores ``[N]`` and per-sensor errors ``[N, F]`` (over the last ``score_steps`` steps when set),
+        one batched forward pass (chunked)."""
         self._check(windows)
-        return reconstruction_errors(self.model, self.scaler.transform(windows), batch_size)
+        return reconstruction_errors(self.model, self.scaler.transform(windows), batch_size,
+                                     last_steps=self.score_steps)
 
     def residual_moments(self, windows: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """Per window and sensor, of the standardised residual ``x - reconstruction`` over the window's steps: its
-        variance around its own mean ``[N, F]`` and that signed mean ``[N, F]`` (variance + mean^2 is what ``score``
-        reports per sensor); one batched pass."""
+        """Per window and sensor, of the standardised residual ``x - reconstruction`` over the steps ``score``
+        covers: its variance around its own mean ``[N, F]`` and that signed mean ``[N, F]`` (variance + mean^2 is
+        what ``score`` reports per sensor); one batched pass."""
         self._check(windows)
-        return residual_moments(self.model, self.scaler.transform(windows), batch_size)
+        return residual_moments(self.model, self.scaler.transform(windows), batch_size, last_steps=self.score_steps)

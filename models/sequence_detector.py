@@ -9,7 +9,7 @@ fitted on the training rows only: the per-sensor normaliser and the threshold co
 (``"validation"``). ``ratios``/``flags`` are causal: row ``t``'s output depends on rows ``<= t`` only, and a window's
 score is assigned to its last row, as the streaming pipeline would see it.
 
-Score: a window's per-sensor errors are its mean squared residuals over all its rows, or over its last ``score_rows``
+Score: a window's per-sensor errors are its mean squared residuals over all its rows, or over its last ``score_steps``
 rows only (less lag where a fault starts and ends, since rows before it or after it weigh less).
 
 Drift: each sensor's level baseline starts at the training centre and follows the smoothed readings (EWMA of weight
@@ -58,7 +58,7 @@ class SequenceSettings:
     validation_fraction: float = 0.2
     seed: int = 0
     score: Literal["mean", "max"] = "mean"
-    score_rows: int | None = None
+    score_steps: int | None = None
     threshold_windows: Literal["validation", "all"] = "all"
     threshold_method: str = "percentile"
     percentile: float = 99.9
@@ -133,7 +133,7 @@ class SequenceDetector:
 
     def _errors(self, windows: np.ndarray) -> np.ndarray:
         """Per-sensor reconstruction errors ``[N, F]`` of scaled ``windows`` (a hook for variants)."""
-        return reconstruction_errors(self.model, windows, last_steps=self.settings.score_rows)[1]
+        return reconstruction_errors(self.model, windows, last_steps=self.settings.score_steps)[1]
 
     def _decider(self) -> Callable[[float], bool]:
         """A fresh per-row decision for one stream, fed each row's ratio in order: the aftermath rule (a hook for

@@ -45,36 +45,46 @@ def _residuals(model: nn.Module, windows: np.ndarray, batch_size: int) -> Iterat
             yield x - model(x)
 
 
+def _scored_steps(windows: np.ndarray, last_steps: int | None) -> slice:
+    """The steps of each window a score covers: all, or the last ``last_steps`` (1..window length)."""
+    if last_steps is None:
+        return slice(None)
+    if not 1 <= last_steps <= windows.shape[1]:
+        raise ValueError(f"last_steps must be within 1..{windows.shape[1]} (the window length), got {last_steps}")
+    return slice(windows.shape[1] - last_steps, None)
+
+
 def reconstruction_errors(model: nn.Module, windows: np.ndarray, batch_size: int = 1024, *,
                           last_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-window score ``[N]`` and per-sensor errors ``[N, F]`` (mean squared error over the window's steps, or
-    over its last ``last_steps`` steps only).
+    """Per-window score ``[N]`` and per-sensor errors ``[N, F]``: the mean squared error over the window's steps, or
+    over its last ``last_steps`` steps only (the network still sees the whole window).
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
     if len(windows) == 0:
         return np.empty(0), np.empty((0, windows.shape[-1]))
-    if last_steps is not None and not 1 <= last_steps <= windows.shape[1]:
-        raise ValueError(f"last_steps must be within 1..{windows.shape[1]} (the window), got {last_steps}")
-    steps = slice(-last_steps, None) if last_steps else slice(None)
+    steps = _scored_steps(windows, last_steps)
     per_sensor = [r[:, steps].pow(2).mean(dim=1).numpy() for r in _residuals(model, windows, batch_size)]
     sensors = np.concatenate(per_sensor).astype(np.float64)
     return sensors.mean(axis=1), sensors
 
 
-def residual_moments(model: nn.Module, windows: np.ndarray, batch_size: int = 1024
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per window and sensor, of the residual ``x - reconstruction`` over the window's steps: its variance around its
-    own mean ``[N, F]`` and that signed mean ``[N, F]`` (variance + mean^2 is the reconstruction error; kept apart so
-    that the error relative to an offset b, variance + (mean - b)^2, stays precise however large b is).
+def residual_moments(model: nn.Module, windows: np.ndarray, batch_size: int = 1024, *,
+                     last_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per window and sensor, of the residual ``x - reconstruction`` over the window's steps (or its last
+    ``last_steps``, as ``reconstruction_errors``): its variance around its own mean ``[N, F]`` and that signed mean
+    ``[N, F]`` (variance + mean^2 is the reconstruction error; kept apart so that the error relative to an offset b,
+    variance + (mean - b)^2, stays precise however large b is).
 
     ``windows`` are standardised ``[N, W, F]``. Runs in ``torch.inference_mode`` in batches.
     """
     if len(windows) == 0:
         return np.empty((0, windows.shape[-1])), np.empty((0, windows.shape[-1]))
+    steps = _scored_steps(windows, last_steps)
     variances: list[np.ndarray] = []
     means: list[np.ndarray] = []
-    for residual in _residuals(model, windows, batch_size):
+    for full in _residuals(model, windows, batch_size):
+        residual = full[:, steps]
         mean = residual.mean(dim=1, keepdim=True)
         variances.append((residual - mean).pow(2).mean(dim=1).numpy())
         means.append(mean.squeeze(1).numpy())

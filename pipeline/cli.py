@@ -631,6 +631,9 @@ def evaluate(
         help="pipeline chain only: with the alert rule's aftermath (default: with).")] = None,
     drift: Annotated[bool | None, typer.Option(help="pipeline chain only: with drift following (default: with).")
                      ] = None,
+    score_steps: Annotated[int | None, typer.Option(
+        help="Score each window by its last N steps only (the model's score_steps; default: the whole window).",
+        min=1)] = None,
 ) -> None:
     """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
     from models.autoencoders import MODEL_TYPES
@@ -647,7 +650,8 @@ def evaluate(
     try:
         report = evaluate_skab(data, model, limit=files, baselines=baselines, calibrate=calibrate,
                                progress=output == "table" or console.is_terminal,
-                               overrides={"epochs": epochs} if epochs else None, plot=plot, chain=chain,
+                               overrides={k: v for k, v in (("epochs", epochs), ("score_steps", score_steps)) if v},
+                               plot=plot, chain=chain,
                                aftermath=aftermath, drift=drift)
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc, 2) from None

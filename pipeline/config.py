@@ -183,6 +183,11 @@ class ModelConfig(_Strict):
     not turn one step into many deviations; and, opt-in, at least ``scale_floor_level`` x the sensor's median |level|
     (e.g. 0.002: changes under 0.2% of the level are not anomalies; this depends on where the unit puts zero, so set
     it only for sensors measured from a true zero). A sensor that never moved in training gets std 1 (or its floor).
+
+    Scoring: ``score_steps`` (opt-in, 1..window.length) scores each window by the reconstruction error of its last
+    ``score_steps`` steps only; the network still sees the whole window, and the threshold is fitted on the same
+    score. Alerts then open sooner after a fault starts and close sooner after it ends, because rows from before the
+    change weigh less. Unset: the whole window counts.
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
@@ -207,6 +212,7 @@ class ModelConfig(_Strict):
     seed: int = 0
     scale_floor_level: Annotated[float, Field(ge=0, lt=1)] = 0.0
     scale_floor_step: Annotated[float, Field(ge=0)] = 0.5
+    score_steps: PositiveInt | None = None
 
     @field_validator("kernel_size")
     @classmethod
@@ -500,6 +506,13 @@ class GroupConfig(_Strict):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"duplicate {label}: {', '.join(dupes)}")
+        return self
+
+    @model_validator(mode="after")
+    def _score_steps_within_window(self) -> GroupConfig:
+        steps = self.model.score_steps
+        if steps is not None and steps > self.window.length:
+            raise ValueError(f"model.score_steps ({steps}) must not exceed window.length ({self.window.length})")
         return self
 
     @property

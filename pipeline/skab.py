@@ -248,7 +248,7 @@ def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None,
     with ``calibrate`` its threshold multiplier is set from normal data only, ``calibrated_settings`` at
     ``calibration_rate``). ``chain`` "pipeline" runs the streaming product's own chain (``pipeline.skab_chain``),
     with the alert rule's ``aftermath`` and ``drift`` following (None: with) or without; of ``overrides`` it takes
-    ``epochs``.
+    ``epochs`` and ``score_steps`` (the model's, as the detector's setting of the same name).
     With ``plot``, an HTML page of every file's ratios, labels and flags is written there (``pipeline.skab_plot``;
     its path is ``report["plot"]``).
     Returns ``{"model", "chain", "f1", "far", "mar", "files", ..., "baselines": [...], "notes": [...]}``
@@ -262,17 +262,16 @@ def evaluate_skab(directory: Path, model_type: str, *, limit: int | None = None,
     if chain == "pipeline":
         from pipeline.skab_chain import PipelineChain
 
-        extra = sorted(set(overrides or {}) - {"epochs"})
+        extra = sorted(set(overrides or {}) - {"epochs", "score_steps"})
         if calibrate or extra:
             raise ValueError(f"the pipeline chain does not take {'calibration' if calibrate else ', '.join(extra)}"
                              " (its threshold comes from the group's YAML recipe)")
-        epochs = (overrides or {}).get("epochs")
-        with_aftermath, with_drift = aftermath is not False, drift is not False
+        options = {"aftermath": aftermath is not False, "drift": drift is not False, **(overrides or {})}
 
         def make_detector() -> RowDetector:
-            return PipelineChain(model_type, aftermath=with_aftermath, drift=with_drift, epochs=epochs)
+            return PipelineChain(model_type, **options)
 
-        described = PipelineChain(model_type, aftermath=with_aftermath, drift=with_drift, epochs=epochs).describe()
+        described = PipelineChain(model_type, **options).describe()
     elif chain == "detector":
         from models.sequence_detector import SequenceDetector, default_settings
 

@@ -11,7 +11,8 @@ resolve settings shape alerts, not these verdicts (with drift following they dec
 The group (``group_config``) maps the SKAB detector's recipe onto the product's YAML: window 20 rows, stride 1,
 smoothing 30 rows, the detector's hyperparameters (code size 2), scale floors (step 0.5, level 0.002), threshold 3x the
 99.9th percentile of the validation windows' scores, the default alert rule (critical at 3x); optionally the alert
-rule's aftermath (relative 0.3, half-life 6 h) and drift following (span 150 s, the detector's baseline span).
+rule's aftermath (relative 0.3, half-life 6 h) and drift following (span 150 s, the detector's baseline span), and
+the model's ``score_steps`` (default: the whole window).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: row i of a file is read at T0 + 
 
 
 def group_config(sensors: Sequence[str], model: str, *, aftermath: bool, drift: bool,
-                 epochs: int | None = None) -> GroupConfig:
+                 epochs: int | None = None, score_steps: int | None = None) -> GroupConfig:
     """The one group a SKAB file becomes (see the module docstring)."""
     if model not in DEFAULT_HYPERPARAMETERS:
         raise ValueError(f"unknown model type {model!r} (have: {', '.join(DEFAULT_HYPERPARAMETERS)})")
@@ -46,7 +47,8 @@ def group_config(sensors: Sequence[str], model: str, *, aftermath: bool, drift: 
         "sensors": [{"name": s} for s in sensors],
         "window": {"length": 20, "stride": 1, "max_gap": 0, "smooth": 30},
         "model": {"type": model, **DEFAULT_HYPERPARAMETERS[model], "epochs": epochs or 40, "batch_size": 32,
-                  "patience": 6, "validation_fraction": 0.2, "scale_floor_step": 0.5, "scale_floor_level": 0.002},
+                  "patience": 6, "validation_fraction": 0.2, "scale_floor_step": 0.5, "scale_floor_level": 0.002,
+                  "score_steps": score_steps},
         "threshold": {"method": "percentile", "percentile": 99.9, "multiplier": 3.0},
         "alert": alert,
         **({"drift": {"span_s": 150}} if drift else {}),
@@ -63,8 +65,10 @@ def _windows(rows: np.ndarray, group: GroupConfig) -> list[Window]:
 class PipelineChain:
     """A ``pipeline.skab.RowDetector`` running the product's chain (see the module docstring)."""
 
-    def __init__(self, model: str, *, aftermath: bool = True, drift: bool = True, epochs: int | None = None) -> None:
-        self.model, self.aftermath, self.drift, self.epochs = model, aftermath, drift, epochs
+    def __init__(self, model: str, *, aftermath: bool = True, drift: bool = True, epochs: int | None = None,
+                 score_steps: int | None = None) -> None:
+        self.model, self.aftermath, self.drift = model, aftermath, drift
+        self.epochs, self.score_steps = epochs, score_steps
         self.group: GroupConfig | None = None
         self.detector: Any = None
         self.train_seconds = 0.0
@@ -72,18 +76,22 @@ class PipelineChain:
     def describe(self) -> dict[str, Any]:
         """The group configuration (JSON-friendly), for the report's settings."""
         sensors = self.group.sensor_names if self.group is not None else ["s0"]
-        group = self.group or group_config(sensors, self.model, aftermath=self.aftermath, drift=self.drift,
-                                           epochs=self.epochs)
+        group = self.group or self._group(sensors)
         described = group.model_dump(mode="json", exclude={"assets", "sensors", "name", "model"})
         m = group.model
         return {"chain": "pipeline", **described,
                 "model": {"type": m.type, **m.hyperparameters(), "epochs": m.epochs, "batch_size": m.batch_size,
-                          "scale_floor_step": m.scale_floor_step, "scale_floor_level": m.scale_floor_level}}
+                          "scale_floor_step": m.scale_floor_step, "scale_floor_level": m.scale_floor_level,
+                          "score_steps": m.score_steps}}
+
+    def _group(self, sensors: Sequence[str]) -> GroupConfig:
+        return group_config(sensors, self.model, aftermath=self.aftermath, drift=self.drift, epochs=self.epochs,
+                            score_steps=self.score_steps)
 
     def fit(self, rows: np.ndarray) -> PipelineChain:
         """Train the group's model on ``rows`` ``[T, F]`` (sensors named s0, s1, ...)."""
         sensors = [f"s{i}" for i in range(rows.shape[1])]
-        self.group = group_config(sensors, self.model, aftermath=self.aftermath, drift=self.drift, epochs=self.epochs)
+        self.group = self._group(sensors)
         started = time.perf_counter()
         self.detector = train_group(_windows(rows, self.group), self.group, progress=False).detector
         self.train_seconds = time.perf_counter() - started

@@ -16,7 +16,7 @@ from models.detector import Detector
 from models.drift import scale_floors
 from models.scaler import StandardScaler
 from models.thresholds import ewma_by_key, fit_threshold
-from models.training import NotEnoughData, fit, seed_everything
+from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
@@ -112,6 +112,10 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     )
     t = group.threshold
     val_scores = result.val_scores  # of the last len(val_scores) windows of ``ordered``
+    if m.score_steps is not None:  # the threshold applies to the score the detector will report
+        validation = scaled[len(scaled) - len(val_scores):]
+        val_scores, _ = reconstruction_errors(model, validation, last_steps=m.score_steps)
+    raw_val_scores = val_scores
     if t.ewma_alpha is not None:  # the threshold applies to each asset's smoothed stream: fit it on that
         thin = thinning or Thinning.for_smoothing(group.window.stride * group.period_ms, [t.ewma_alpha])
         keys, settled = thin.streams(ordered[len(ordered) - len(val_scores):])
@@ -128,7 +132,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
         "best_epoch": result.best_epoch, "epochs_run": len(result.train_loss),
-        "train_seconds": round(result.seconds, 2), "val_score_p50": float(np.median(result.val_scores)),
+        "train_seconds": round(result.seconds, 2), "val_score_p50": float(np.median(raw_val_scores)),
         "warm_start_from": warm_from,
     }
     detector = Detector(
@@ -144,6 +148,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
             "windows_used": len(windows),
             "window_thinning": thinning.keep_every if thinning is not None else 1,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
+            "score_steps": m.score_steps,  # None: the whole window is scored
             "scale_floors": {"level": m.scale_floor_level, "step": m.scale_floor_step, "values": floors.tolist()},
         },
     )

@@ -169,6 +169,14 @@ def test_evaluate_command_on_synthetic_directory(skab_dir: Path) -> None:
     assert {"model", "f1", "far", "mar", "files", "baselines"} <= set(report) and report["files"] == 2
     flag_all = next(b for b in report["baselines"] if b["model"] == "flag-everything")
     assert flag_all["far"] == 1.0 and flag_all["mar"] == 0.0
+    assert report["settings"]["score_steps"] is None  # the whole window unless asked
+    recent = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--output", "json", "--files", "1", "--epochs",
+                                 "3", "--no-baselines", "--score-steps", "10"])
+    assert recent.exit_code == 0, recent.output
+    recent_report = json.loads(recent.stdout[recent.stdout.index("{"):])
+    assert recent_report["settings"]["score_steps"] == 10
+    counts = [{k: r["per_file"][0][k] for k in ("tp", "fp", "fn", "tn")} for r in (report, recent_report)]
+    assert counts[0] != counts[1], counts  # another score, other flags
 
 
 def test_evaluate_command_writes_the_plot_page(skab_dir: Path, tmp_path: Path) -> None:
@@ -204,11 +212,13 @@ def test_the_pipeline_chain_is_causal_and_finds_the_shift(skab_dir: Path) -> Non
 
 def test_evaluate_command_runs_the_pipeline_chain(skab_dir: Path) -> None:
     result = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--model", "dense",
-                                 "--output", "json", "--files", "2", "--epochs", "3", "--no-baselines", "--no-drift"])
+                                 "--output", "json", "--files", "2", "--epochs", "3", "--no-baselines", "--no-drift",
+                                 "--score-steps", "5"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["chain"] == "pipeline" and report["model"] == "dense" and report["files"] == 2
     assert report["settings"]["drift"] is None and report["settings"]["alert"]["aftermath"]["relative"] == 0.3
+    assert report["settings"]["model"]["score_steps"] == 5
     refused = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--calibrate"])
     assert refused.exit_code == 2 and "does not take calibration" in refused.output
     ignored = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--no-drift"])  # the detector chain's default
