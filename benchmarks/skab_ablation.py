@@ -17,6 +17,7 @@ from pipeline.skab import calibrated_settings, evaluate_files, load_skab
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("recipe as shipped", {}),
+    ("score the whole window (score_steps None)", {"score_steps": None}),
     ("no drift-following baseline", {"baseline_span": None}),
     ("no aftermath rule", {"aftermath_relative": 0.0}),
     ("neither baseline nor aftermath", {"baseline_span": None, "aftermath_relative": 0.0}),

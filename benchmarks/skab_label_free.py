@@ -109,7 +109,7 @@ def score_grid(model: str, smooth: int, window: int, segments: list[np.ndarray],
     A detector is fitted once per segment; the grid's settings act only when streaming (the threshold scales
     linearly with the multiplier), so they are swapped in on the fitted detector.
     """
-    base = default_settings(model, smooth=smooth, window=window)
+    base = default_settings(model, smooth=smooth, window=window, score_steps=None)  # the whole window, as it ran
     fitted = [SequenceDetector(replace(base, multiplier=1.0)).fit(s[:TRAIN_ROWS]) for s in segments]
     unit = [d.threshold for d in fitted]
     rows = []
@@ -138,9 +138,10 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def settings_of(model: str, row: dict[str, Any]) -> SequenceSettings:
-    """The detector settings a grid row stands for."""
+    """The detector settings a grid row stands for (scoring the whole window, as this study ran)."""
     return default_settings(model, smooth=row["smooth"], window=row["window"], multiplier=row["multiplier"],
-                            aftermath_relative=row["aftermath_relative"], baseline_span=row["baseline_span"])
+                            aftermath_relative=row["aftermath_relative"], baseline_span=row["baseline_span"],
+                            score_steps=None)
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ B. CUSUM decision (detects persistent shifts sooner at an equal false-alarm rate
     python benchmarks/skab_variants.py grid --model dense [--check]   # B's synthetic grid and pick
     python benchmarks/skab_variants.py look --variant ensemble|cusum [--models dense,lstm,conv]   # the SKAB looks
 
-Results (picks and every SKAB look) go to benchmarks/skab_variants.json; see benchmarks/README.md.
+Results (picks and every SKAB look) go to benchmarks/skab_variants.json; see benchmarks/README.md. Both ran before
+variant C (``skab_recent_rows.py``) and score the whole window (``score_steps=None``), as they did then.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run_grid(data: Path, model: str, *, seeds: int, check: bool) -> dict[str, An
     segments = normal_segments(data, skab[0].sensors)
     files = synthetic_files(segments, seeds)
     settings = grid()
-    base = default_settings(model)
+    base = default_settings(model, score_steps=None)
     if check:
         det = SequenceDetector(base).fit(segments[3][:TRAIN_ROWS])
         chosen = [f for f in files if f.segment == 3]
@@ -217,14 +218,14 @@ def run_look(data: Path, variant: str, model: str, pick: dict[str, Any] | None) 
     """One SKAB evaluation of ``variant`` for ``model`` (B: with its grid ``pick``)."""
     files = load_skab(data)
     if variant == "ensemble":
-        settings = default_settings(model)
+        settings = default_settings(model, score_steps=None)
         extra: dict[str, Any] = {"members": 5}
         result = evaluate_files(files, lambda: EnsembleSequenceDetector(settings, members=5), model=model,
                                 settings={**settings.describe(), **extra}, progress=True)
     else:
         if pick is None:
             raise ValueError(f"no grid pick for {model}: run `grid --model {model}` first")
-        settings = default_settings(model, aftermath_relative=pick["aftermath_relative"],
+        settings = default_settings(model, score_steps=None, aftermath_relative=pick["aftermath_relative"],
                                     baseline_span=pick["baseline_span"])
         cusum = Cusum(pick["k"], pick["h"], pick["cap"])
         extra = {"cusum": cusum.__dict__}

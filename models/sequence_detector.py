@@ -73,6 +73,10 @@ class SequenceSettings:
     aftermath_half_life: float | None = None
     consecutive: int = 1
 
+    def __post_init__(self) -> None:
+        if self.score_steps is not None and not 1 <= self.score_steps <= self.window:
+            raise ValueError(f"score_steps must be within 1..window ({self.window}), got {self.score_steps}")
+
     def describe(self) -> dict[str, Any]:
         """JSON-friendly form (for reports and metadata)."""
         return {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
@@ -234,9 +238,18 @@ DEFAULT_HYPERPARAMETERS: dict[str, dict[str, Any]] = {
 }
 
 
+# How many of a window's last rows its score covers (None: all 20), per model type: each picked on synthetic faults in
+# normal data only, as the best synthetic F1 of 1, 5, 10 or 20 rows (benchmarks/skab_recent_rows.py, variant C).
+DEFAULT_SCORE_STEPS: dict[str, int | None] = {
+    "dense": 10, "lstm": None, "conv": 10, "sparse": 10, "contractive": 10, "vae": 1,
+}
+
+
 def default_settings(model_type: str, **overrides: Any) -> SequenceSettings:
-    """The settings the SKAB harness uses for ``model_type`` (its default hyperparameters), with ``overrides``."""
+    """The settings the SKAB harness uses for ``model_type`` (its default hyperparameters and score steps), with
+    ``overrides``."""
     if model_type not in DEFAULT_HYPERPARAMETERS:
         raise ValueError(f"unknown model type {model_type!r} (have: {', '.join(DEFAULT_HYPERPARAMETERS)})")
-    return replace(SequenceSettings(model_type=model_type, hyperparameters=DEFAULT_HYPERPARAMETERS[model_type]),
-                   **overrides)
+    shipped = SequenceSettings(model_type=model_type, hyperparameters=DEFAULT_HYPERPARAMETERS[model_type],
+                               score_steps=DEFAULT_SCORE_STEPS[model_type])
+    return replace(shipped, **overrides)

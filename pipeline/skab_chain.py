@@ -11,8 +11,9 @@ resolve settings shape alerts, not these verdicts (with drift following they dec
 The group (``group_config``) maps the SKAB detector's recipe onto the product's YAML: window 20 rows, stride 1,
 smoothing 30 rows, the detector's hyperparameters (code size 2), scale floors (step 0.5, level 0.002), threshold 3x the
 99.9th percentile of the validation windows' scores, the default alert rule (critical at 3x); optionally the alert
-rule's aftermath (relative 0.3, half-life 6 h) and drift following (span 150 s, the detector's baseline span), and
-the model's ``score_steps`` (default: the whole window).
+rule's aftermath (relative 0.3, half-life 6 h) and drift following (span 150 s, the detector's baseline span). The
+model's ``score_steps`` is the detector's (``DEFAULT_SCORE_STEPS``: the last 10 rows for dense, conv, sparse and
+contractive, the last row for vae, the whole window for lstm) unless given (20: the whole window).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.sequence_detector import DEFAULT_HYPERPARAMETERS
+from models.sequence_detector import DEFAULT_HYPERPARAMETERS, DEFAULT_SCORE_STEPS
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig, parse_config
 from pipeline.drift import DriftTracker, score_and_judge
@@ -36,9 +37,11 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: row i of a file is read at T0 + 
 
 def group_config(sensors: Sequence[str], model: str, *, aftermath: bool, drift: bool,
                  epochs: int | None = None, score_steps: int | None = None) -> GroupConfig:
-    """The one group a SKAB file becomes (see the module docstring)."""
+    """The one group a SKAB file becomes (see the module docstring); ``score_steps`` None: the recipe's."""
     if model not in DEFAULT_HYPERPARAMETERS:
         raise ValueError(f"unknown model type {model!r} (have: {', '.join(DEFAULT_HYPERPARAMETERS)})")
+    if score_steps is None:
+        score_steps = DEFAULT_SCORE_STEPS[model]
     alert: dict[str, Any] = {"k": 2, "n": 3, "clear_after": 3, "critical_multiplier": 3.0}
     if aftermath:
         alert["aftermath"] = {"relative": 0.3, "half_life_s": 21600}

@@ -118,7 +118,9 @@ def test_a_detector_that_looks_ahead_is_caught(skab_dir: Path) -> None:
 
 def test_sequence_detector_is_causal_and_finds_the_shift(skab_dir: Path) -> None:
     files = load_skab(skab_dir, limit=2)
-    settings = default_settings("dense", epochs=5, smooth=5, window=8)
+    settings = default_settings("dense", epochs=5, smooth=5, window=8, score_steps=4)
+    with pytest.raises(ValueError, match=r"score_steps must be within 1\.\.window \(8\), got 10"):
+        default_settings("dense", window=8)
     result = evaluate_files(files, lambda: SequenceDetector(settings), model="dense", progress=False)
     assert result.confusion.mar < 0.3 and result.confusion.far < 0.1  # check_causal ran on both files too
     detector = SequenceDetector(settings).fit(files[0].values[:TRAIN_ROWS])
@@ -169,13 +171,13 @@ def test_evaluate_command_on_synthetic_directory(skab_dir: Path) -> None:
     assert {"model", "f1", "far", "mar", "files", "baselines"} <= set(report) and report["files"] == 2
     flag_all = next(b for b in report["baselines"] if b["model"] == "flag-everything")
     assert flag_all["far"] == 1.0 and flag_all["mar"] == 0.0
-    assert report["settings"]["score_steps"] is None  # the whole window unless asked
-    recent = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--output", "json", "--files", "1", "--epochs",
-                                 "3", "--no-baselines", "--score-steps", "10"])
-    assert recent.exit_code == 0, recent.output
-    recent_report = json.loads(recent.stdout[recent.stdout.index("{"):])
-    assert recent_report["settings"]["score_steps"] == 10
-    counts = [{k: r["per_file"][0][k] for k in ("tp", "fp", "fn", "tn")} for r in (report, recent_report)]
+    assert report["settings"]["score_steps"] == 10  # dense's default: the last 10 of 20 rows
+    whole = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--output", "json", "--files", "2", "--epochs",
+                                "3", "--no-baselines", "--score-steps", "20"])
+    assert whole.exit_code == 0, whole.output
+    whole_report = json.loads(whole.stdout[whole.stdout.index("{"):])
+    assert whole_report["settings"]["score_steps"] == 20
+    counts = [{k: r["per_file"][0][k] for k in ("tp", "fp", "fn", "tn")} for r in (report, whole_report)]
     assert counts[0] != counts[1], counts  # another score, other flags
 
 
@@ -208,6 +210,7 @@ def test_the_pipeline_chain_is_causal_and_finds_the_shift(skab_dir: Path) -> Non
     described = chain.describe()
     assert described["drift"] == {"span_s": 150.0, "max_offset": None}
     assert described["model"]["hidden"] == [16, 2] and "lstm_hidden" not in described["model"]  # what was used
+    assert described["model"]["score_steps"] == 10  # the detector's recipe for dense
 
 
 def test_evaluate_command_runs_the_pipeline_chain(skab_dir: Path) -> None:
@@ -230,6 +233,8 @@ def test_evaluate_command_rejects_bad_arguments(skab_dir: Path) -> None:
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--model", "gru"]).exit_code == 2
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir / "missing"), "--output", "json"]).exit_code == 2
     assert runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "both"]).exit_code == 2
+    too_long = runner.invoke(app, ["evaluate", "--data", str(skab_dir), "--chain", "pipeline", "--score-steps", "21"])
+    assert too_long.exit_code == 2 and "--score-steps" in too_long.output
 
 
 @pytest.mark.skipif(not SHARED_SKAB.is_dir(), reason=f"SKAB data not found at {SHARED_SKAB}")
