@@ -11,10 +11,12 @@ was fixed before this ran, and each (model, variant) pair is scored once: window
 rows, code size 2, scale floors (step 0.5, level 0.002), threshold 3x the 99.9th percentile of the validation
 windows' scores, the default alert rule (2 of 3 to open, 3 to resolve, critical at 3x), in the ``aftermath`` rows
 ``relative`` 0.3 with a 6 h half-life (no decay within a file), and in the ``drift`` rows ``span_s`` 150 (the SKAB
-detector's ``baseline_span``: 150 rows at 1 s a row).
+detector's ``baseline_span``: 150 rows at 1 s a row). ``score_steps`` is the detector's per model type unless
+``--score-steps`` says otherwise; rows computed before it existed scored the whole window (20).
 
     python benchmarks/skab_pipeline.py [--data ../shared/datasets/skab] [--models dense,lstm,conv]
-                                       [--variants plain,aftermath,aftermath+drift] [--output skab_pipeline.json]
+                                       [--variants plain,aftermath,aftermath+drift] [--score-steps N]
+                                       [--output skab_pipeline.json]
 
 ``--output`` replaces the rows it computed in that file and keeps the others.
 """
@@ -30,11 +32,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from models.sequence_detector import DEFAULT_SCORE_STEPS
 from pipeline.skab import evaluate_files, load_skab
 from pipeline.skab_chain import PipelineChain
 
 VARIANTS = {"plain": (False, False), "aftermath": (True, False), "drift": (False, True),
             "aftermath+drift": (True, True)}  # name: (alert.aftermath, drift)
+WHOLE_WINDOW = 20  # the recipe's window: score_steps 20 scores all of it (rows from before score_steps say 20)
 
 
 def main() -> None:
@@ -44,6 +48,8 @@ def main() -> None:
                         "contractive, vae (the SKAB detector's hyperparameters of each)")
     parser.add_argument("--variants", default="plain,aftermath,aftermath+drift",
                         help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--score-steps", type=int, default=None,
+                        help="the model's score_steps (default: the recipe's per model type; 20: the whole window)")
     parser.add_argument("--output", type=Path, help="write the rows (and per-file counts) as JSON here")
     args = parser.parse_args()
     files = load_skab(args.data)
@@ -51,21 +57,25 @@ def main() -> None:
     for model in args.models.split(","):
         for variant in args.variants.split(","):
             aftermath, drift = VARIANTS[variant]
-            result = evaluate_files(files, functools.partial(PipelineChain, model, aftermath=aftermath, drift=drift),
+            steps = args.score_steps or DEFAULT_SCORE_STEPS[model] or WHOLE_WINDOW
+            result = evaluate_files(files, functools.partial(PipelineChain, model, aftermath=aftermath, drift=drift,
+                                                             score_steps=steps),
                                     model=f"{model} {variant}", check_causal=False)
             total = result.confusion
-            rows.append({"model": model, "aftermath": aftermath, "drift": drift, "f1": round(total.f1, 3),
+            rows.append({"model": model, "aftermath": aftermath, "drift": drift, "score_steps": steps,
+                         "f1": round(total.f1, 3),
                          "far": round(100 * total.far, 2), "mar": round(100 * total.mar, 2),
                          "train_s": round(result.train_seconds, 1),
                          "files": [{"file": r.name, **r.confusion.to_dict()} for r in result.files]})
-    table = Table("model", "aftermath", "drift", "F1", "FAR %", "MAR %", "training s")
+    table = Table("model", "aftermath", "drift", "score steps", "F1", "FAR %", "MAR %", "training s")
     for r in rows:
-        table.add_row(r["model"], "yes" if r["aftermath"] else "no", "yes" if r["drift"] else "no", f"{r['f1']:.3f}",
-                      f"{r['far']:.2f}", f"{r['mar']:.2f}", f"{r['train_s']:.1f}")
+        table.add_row(r["model"], "yes" if r["aftermath"] else "no", "yes" if r["drift"] else "no",
+                      str(r["score_steps"]), f"{r['f1']:.3f}", f"{r['far']:.2f}", f"{r['mar']:.2f}",
+                      f"{r['train_s']:.1f}")
     Console().print(table)
     if args.output:
-        def key(row: dict[str, Any]) -> tuple[str, bool, bool]:
-            return row["model"], row["aftermath"], row.get("drift", False)
+        def key(row: dict[str, Any]) -> tuple[str, bool, bool, int]:
+            return row["model"], row["aftermath"], row.get("drift", False), row.get("score_steps", WHOLE_WINDOW)
 
         done = {key(r) for r in rows}
         kept = json.loads(args.output.read_text())["rows"] if args.output.exists() else []
