@@ -7,11 +7,12 @@ config), simulate the 12 test hours with the demo's injected anomalies, cut wind
 to the alert engine, then score the alerts against the ground truth (event level, as the demo does).
 
     python benchmarks/demo_hours.py [--hours 12] [--assets 4] [--seed 11] [--aftermath off|0.3,21600]
-                                    [--drift off|3600] [--output demo_hours.json]
+                                    [--drift off|3600] [--score-steps whole|N] [--output demo_hours.json]
 
 ``--aftermath RELATIVE,HALF_LIFE_S`` sets the alert rule's aftermath (``alert.aftermath``; the demo's is 0.3,21600),
 ``--aftermath off`` runs the rule without it. ``--drift SPAN_S`` sets drift following (``drift.span_s``; the demo's
-is 3600), ``--drift off`` runs without it.
+is 3600), ``--drift off`` runs without it. ``--score-steps N`` scores each window by its last N steps
+(``model.score_steps``), ``--score-steps whole`` by all of them.
 """
 
 from __future__ import annotations
@@ -42,10 +43,11 @@ def _frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir: Path,
-             aftermath: AftermathConfig | str | None = "demo", drift: DriftConfig | str | None = "demo"
-             ) -> dict[str, object]:
+             aftermath: AftermathConfig | str | None = "demo", drift: DriftConfig | str | None = "demo",
+             score_steps: int | str | None = "demo") -> dict[str, object]:
     """The demo's chain for the test stretch ending at ``end``: event recall/precision and the false alerts.
-    ``aftermath``: the alert rule's, ``drift``: the group's drift following (None: without; "demo": the demo's)."""
+    ``aftermath``: the alert rule's, ``drift``: the group's drift following, ``score_steps``: the model's (None:
+    without / the whole window; "demo": the demo's)."""
     assets = [f"pump-{i + 1}" for i in range(n_assets)]
     cfg = demo_config(bootstrap="unused:9092", database_url="sqlite://", model_dir=model_dir, assets=assets,
                       run_id="hours")
@@ -54,6 +56,8 @@ def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir
         group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
     if drift != "demo":
         group = group.model_copy(update={"drift": drift})
+    if score_steps != "demo":
+        group = group.model_copy(update={"model": group.model.model_copy(update={"score_steps": score_steps})})
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     test_start = pd.Timestamp(end - timedelta(hours=hours))
@@ -87,6 +91,9 @@ def main() -> None:
                         help="the alert rule's aftermath: off, or e.g. 0.3,3600 (default: the demo's, 0.3,21600)")
     parser.add_argument("--drift", metavar="off|SPAN_S",
                         help="drift following: off, or drift.span_s (default: the demo's, 3600)")
+    parser.add_argument("--score-steps", metavar="whole|N",
+                        help="the model's score_steps: whole (the whole window), or N of its 30 steps "
+                             "(default: the demo's)")
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
     args = parser.parse_args()
     aftermath: AftermathConfig | str | None = "demo"
@@ -100,13 +107,16 @@ def main() -> None:
         drift = None
     elif args.drift:
         drift = DriftConfig(span_s=float(args.drift))
+    score_steps: int | str | None = "demo"
+    if args.score_steps:
+        score_steps = None if args.score_steps == "whole" else int(args.score_steps)
     day = datetime.fromisoformat(args.date).replace(tzinfo=UTC)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for hour in track(range(24), description="end hours"):
             rows.append(run_hour(day + timedelta(hours=hour), hours=args.hours, n_assets=args.assets,
                                  seed=args.seed, model_dir=Path(tmp), aftermath=aftermath,
-                                 drift=drift))
+                                 drift=drift, score_steps=score_steps))
     table = Table("end hour (UTC)", "caught", "alerts", "false", "recall", "precision", "threshold")
     for r in rows:
         table.add_row(f"{r['end_hour_utc']:02d}:00", f"{r['caught']}/{r['anomalies']}", str(r["alerts"]),
