@@ -544,6 +544,8 @@ class GroupConfig(_Strict):
     def model_hash(self) -> str:
         """Hash of everything a trained model depends on (sensors, grid, window, model, threshold)."""
         relevant = self.model_dump(include={"sensors", "sampling_period_s", "window", "model", "threshold"})
+        if relevant["model"]["score_steps"] is None:  # unset: the hash of models trained before the option existed
+            del relevant["model"]["score_steps"]
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

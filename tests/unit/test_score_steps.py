@@ -13,7 +13,7 @@ from models.autoencoders import build_model
 from models.bundle import load_bundle, save_bundle
 from models.thresholds import fit_threshold
 from models.training import reconstruction_errors, residual_moments, seed_everything
-from pipeline.config import GroupConfig, parse_config
+from pipeline.config import GroupConfig, load_config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.skab_chain import _windows
 from pipeline.train import train_group
@@ -114,3 +114,9 @@ def test_scoring_the_last_steps_clears_sooner_after_a_fault_ends(trained: dict) 
     # windows still over the threshold after the fault ended (here 18 whole-window, 12 by the last 2 steps)
     assert tail[2] <= 0.75 * tail[None], tail
     assert over[2][over[2] >= start].min() <= over[None][over[None] >= start].min()  # and no later at its start
+
+
+def test_the_model_hash_changes_only_when_score_steps_is_set() -> None:
+    example = load_config(Path(__file__).resolve().parents[2] / "config" / "example.yaml", env={})
+    assert example.groups[0].model_hash() == "94851d03e92b375e"  # as before the option existed
+    assert _group(None).model_hash() != _group(2).model_hash() != _group(3).model_hash()
