@@ -29,7 +29,7 @@ from rich.progress import track
 from rich.table import Table
 
 from pipeline.alerting import AlertEngine
-from pipeline.config import AftermathConfig, DriftConfig
+from pipeline.config import AftermathConfig, DriftConfig, GroupConfig
 from pipeline.demo import PERIOD_S, demo_config
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.evaluation import Span, score_events
@@ -56,8 +56,10 @@ def run_hour(end: datetime, *, hours: float, n_assets: int, seed: int, model_dir
         group = group.model_copy(update={"alert": group.alert.model_copy(update={"aftermath": aftermath})})
     if drift != "demo":
         group = group.model_copy(update={"drift": drift})
-    if score_steps != "demo":
-        group = group.model_copy(update={"model": group.model.model_copy(update={"score_steps": score_steps})})
+    if score_steps != "demo":  # validated as the YAML would be (window.stride..window.length)
+        raw = group.model_dump()
+        raw["model"]["score_steps"] = score_steps
+        group = GroupConfig.model_validate(raw)
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     test_start = pd.Timestamp(end - timedelta(hours=hours))

@@ -68,7 +68,8 @@ class EnsembleSequenceDetector(SequenceDetector):
         self.model = self.networks[0]
 
     def _errors(self, windows: np.ndarray) -> np.ndarray:
-        return np.mean([reconstruction_errors(n, windows)[1] for n in self.networks], axis=0)
+        steps = self.settings.score_steps
+        return np.mean([reconstruction_errors(n, windows, last_steps=steps)[1] for n in self.networks], axis=0)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,8 @@ def stream_all(det: SequenceDetector, values: list[np.ndarray], settings: list[d
     of each setting; ``grid --check`` compares it with the detectors themselves.
     """
     s = det.settings
+    if s.score_steps is not None:
+        raise ValueError("the lockstep grid scores the whole window, as this study ran (score_steps=None)")
     assert det.scaler is not None and det.model is not None and det.sensor_scale is not None
     nf, ns = len(values), len(settings)
     length, n_sensors = values[0].shape

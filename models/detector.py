@@ -12,6 +12,11 @@ from models.scaler import StandardScaler
 from models.training import reconstruction_errors, residual_moments
 
 
+def scored_steps_text(score_steps: int | None) -> str:
+    """What a score covers, in words (``Detector.score_steps``)."""
+    return "the whole window" if score_steps is None else f"the last {score_steps} steps of each window"
+
+
 @dataclass
 class Detector:
     """Scores raw windows ``[N, W, F]`` (sensors in ``sensors`` order) by reconstruction error."""

@@ -250,6 +250,9 @@ def default_settings(model_type: str, **overrides: Any) -> SequenceSettings:
     ``overrides``."""
     if model_type not in DEFAULT_HYPERPARAMETERS:
         raise ValueError(f"unknown model type {model_type!r} (have: {', '.join(DEFAULT_HYPERPARAMETERS)})")
+    steps = DEFAULT_SCORE_STEPS[model_type]
+    if steps is not None:  # a shorter window than the recipe's: all of it
+        steps = min(steps, overrides.get("window", SequenceSettings.window))
     shipped = SequenceSettings(model_type=model_type, hyperparameters=DEFAULT_HYPERPARAMETERS[model_type],
-                               score_steps=DEFAULT_SCORE_STEPS[model_type])
+                               score_steps=steps)
     return replace(shipped, **overrides)

@@ -632,8 +632,8 @@ def evaluate(
     drift: Annotated[bool | None, typer.Option(help="pipeline chain only: with drift following (default: with).")
                      ] = None,
     score_steps: Annotated[int | None, typer.Option(
-        help="Score each window by its last N of 20 rows (default per model type: 10 for dense, conv, sparse and "
-             "contractive, 1 for vae, 20 = the whole window for lstm).", min=1, max=20)] = None,
+        help="Score each window by its last N of 20 rows (20: the whole window; default: the recipe's for the model "
+             "type, as the report's settings show).", min=1, max=20)] = None,
 ) -> None:
     """Run a detection benchmark: train on each file's first 400 rows, flag the rest causally, report F1/FAR/MAR."""
     from models.autoencoders import MODEL_TYPES

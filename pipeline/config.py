@@ -184,10 +184,11 @@ class ModelConfig(_Strict):
     (e.g. 0.002: changes under 0.2% of the level are not anomalies; this depends on where the unit puts zero, so set
     it only for sensors measured from a true zero). A sensor that never moved in training gets std 1 (or its floor).
 
-    Scoring: ``score_steps`` (opt-in, 1..window.length) scores each window by the reconstruction error of its last
-    ``score_steps`` steps only; the network still sees the whole window, and the threshold is fitted on the same
-    score. Alerts then open sooner after a fault starts and close sooner after it ends, because rows from before the
-    change weigh less. Unset: the whole window counts.
+    Scoring: ``score_steps`` (opt-in, window.stride..window.length) scores each window by the reconstruction error
+    of its last ``score_steps`` steps only; the network still sees the whole window, and the threshold is fitted on
+    the same score. Alerts then open sooner after a fault starts and close sooner after it ends, because rows from
+    before the change weigh less. Unset: the whole window counts. A change takes effect with the next trained model
+    (a model keeps the score its threshold was fitted on).
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
@@ -513,6 +514,9 @@ class GroupConfig(_Strict):
         steps = self.model.score_steps
         if steps is not None and steps > self.window.length:
             raise ValueError(f"model.score_steps ({steps}) must not exceed window.length ({self.window.length})")
+        if steps is not None and steps < self.window.stride:
+            raise ValueError(f"model.score_steps ({steps}) must be at least window.stride ({self.window.stride}), or "
+                             "the readings between scored steps would never count")
         return self
 
     @property

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from models.bundle import load_bundle, save_bundle
-from models.detector import Detector
+from models.detector import Detector, scored_steps_text
 from pipeline.config import Config, GroupConfig
 from pipeline.errors import ModelError
 from pipeline.store import repo
@@ -65,6 +65,10 @@ def load_version(row: ModelVersion, group: GroupConfig) -> Detector:
             f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
             f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
+    if detector.score_steps != group.model.score_steps:  # safe: its threshold was fitted on its own score
+        log.warning("model %s scores %s, group %r is configured for model.score_steps %s: the change takes effect "
+                    "with the next trained model", row.version, scored_steps_text(detector.score_steps), group.name,
+                    group.model.score_steps)
     return detector
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from models.detector import Detector
+from models.detector import Detector, scored_steps_text
 from models.thresholds import ewma_by_key
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
@@ -169,6 +169,7 @@ class ModelEval:
     far: float | None
     recall: float | None
     p99_ratio: float | None = None
+    score_steps: int | None = None  # the steps of each window its score covers (None: all)
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,8 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     contaminated by the faults), when there were no held-out windows to measure, when its false-alarm rate exceeds the
     active model's by more than ``tolerance``, or when it flags fewer alert windows than the active model by more than
     ``tolerance``. Without an active model only the first two checks apply. Rates compare each model with its own
-    threshold.
+    threshold. Recall is not compared when the two score different steps of a window (``model.score_steps``
+    changed): the active model's alert windows then include the lag after each fault that the change removes.
     """
     problems: list[str] = []
     if anomalous_fraction > max_anomalous_fraction:
@@ -208,7 +210,8 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
             and candidate.far > active.far + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the active model's "
                         f"{_pct(active.far)} by more than {_pct(tolerance)}")
-    if active is not None and candidate.recall is not None and active.recall is not None \
+    comparable = active is not None and active.score_steps == candidate.score_steps
+    if active is not None and comparable and candidate.recall is not None and active.recall is not None \
             and candidate.recall < active.recall - tolerance:
         problems.append(f"flags {_pct(candidate.recall)} of the alert windows, the active model {_pct(active.recall)} "
                         f"(more than {_pct(tolerance)} fewer)")
@@ -219,6 +222,9 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     summary = f"false-alarm rate {_pct(candidate.far)} vs active {_pct(active.far)}"
     if candidate.recall is not None:
         summary += f", alert-window recall {_pct(candidate.recall)} vs {_pct(active.recall)}"
+        if not comparable:
+            summary += (f" (not compared: the candidate scores {scored_steps_text(candidate.score_steps)}, the "
+                        f"active model {scored_steps_text(active.score_steps)})")
     return GateDecision(True, (f"not worse than {active.version} beyond {_pct(tolerance)}: {summary}",))
 
 
@@ -246,7 +252,7 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
         held, alerted = _scores(detector, holdout, thin), _scores(detector, alert_windows, thin)
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
-                     exceed_rate(alerted, detector.threshold), p99)
+                     exceed_rate(alerted, detector.threshold), p99, detector.score_steps)
 
 
 def _scores(detector: Detector, windows: Sequence[Window], thinning: Thinning | None = None) -> np.ndarray:

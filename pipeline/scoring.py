@@ -16,7 +16,8 @@ MAX_ERROR = 1e30
 def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) -> list[Score]:
     """Score every window with its group's detector. KeyError if a group has no detector.
 
-    Each score carries per-sensor errors (mean squared standardised error over the window) and the model version.
+    Each score carries per-sensor errors (mean squared standardised error over the window, or over its last
+    ``Detector.score_steps`` steps) and the model version.
     """
     by_group: dict[str, list[Window]] = defaultdict(list)
     for window in windows:

@@ -110,6 +110,20 @@ def test_gate_reports_every_failed_check_and_skips_recall_without_alert_windows(
                 tolerance=0.0).promote
 
 
+def test_gate_does_not_compare_recall_across_a_score_steps_change() -> None:
+    from dataclasses import replace
+
+    candidate, active = replace(_eval(0.01, 0.5), score_steps=10), _eval(0.01, 0.9, "a")
+    decision = gate(candidate, active, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02)
+    assert decision.promote  # the active model's alert windows hold the lag the candidate no longer has
+    assert "(not compared: the candidate scores the last 10 steps of each window, the active model the whole " \
+           "window)" in decision.reason
+    worse = replace(_eval(0.05, 0.5), score_steps=10)  # the false-alarm check still applies
+    assert not gate(worse, active, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02).promote
+    same = replace(active, version="c", recall=0.5)  # same steps: compared as before
+    assert not gate(same, active, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02).promote
+
+
 def test_gate_without_an_active_model_checks_only_the_data() -> None:
     assert gate(_eval(0.3), None, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.0).promote
     assert not gate(_eval(0.0), None, anomalous_fraction=0.9, max_anomalous_fraction=0.5, tolerance=0.0).promote

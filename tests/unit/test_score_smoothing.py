@@ -229,7 +229,7 @@ def test_retrain_evaluation_judges_subsets_on_the_stream_smoothed_in_context() -
     from pipeline.retrain import evaluate
 
     class Smoothing:
-        version, threshold, ewma_alpha = "v", 1.0, 0.5
+        version, threshold, ewma_alpha, score_steps = "v", 1.0, 0.5, None
 
         def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return windows[:, 0, 0], windows[:, 0, :]

@@ -3,6 +3,8 @@ score, bundles keeping it, and alerts clearing sooner after a fault ends."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +52,7 @@ def test_errors_cover_only_the_last_steps_and_agree_with_the_moments() -> None:
             reconstruction_errors(model, windows, last_steps=bad)
 
 
-def test_a_score_steps_longer_than_the_window_names_both_keys() -> None:
+def test_score_steps_must_lie_between_the_stride_and_the_window_length() -> None:
     raw = {"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}], "window": {"length": 10},
                        "model": {"score_steps": 11}}]}
     with pytest.raises(ConfigError, match=r"model.score_steps \(11\) must not exceed window.length \(10\)"):
@@ -58,6 +60,12 @@ def test_a_score_steps_longer_than_the_window_names_both_keys() -> None:
     raw["groups"][0]["model"]["score_steps"] = 0
     with pytest.raises(ConfigError, match="score_steps"):
         parse_config(raw, env={})
+    raw["groups"][0]["window"]["stride"] = 4  # the readings between two windows' last 3 steps would never count
+    raw["groups"][0]["model"]["score_steps"] = 3
+    with pytest.raises(ConfigError, match=r"model.score_steps \(3\) must be at least window.stride \(4\)"):
+        parse_config(raw, env={})
+    raw["groups"][0]["model"]["score_steps"] = 4
+    assert parse_config(raw, env={}).groups[0].model.score_steps == 4
 
 
 def _group(score_steps: int | None) -> GroupConfig:
@@ -82,6 +90,7 @@ def test_the_threshold_is_fitted_on_the_score_the_detector_reports(trained: dict
     group, detector = trained[2]
     assert detector.score_steps == 2 and detector.metadata["score_steps"] == 2
     windows = sorted(_windows(_rows(900, seed=0), group), key=lambda w: w.start_ms)
+    # without ewma_alpha the threshold's windows are the validation windows, the last ones in time
     validation = np.stack([w.values for w in windows[-detector.metadata["threshold_info"]["windows"]:]])
     expected, _ = fit_threshold(detector.score(validation)[0], "percentile", percentile=99.9, multiplier=3.0)
     assert group.window.smooth == 5
@@ -117,6 +126,9 @@ def test_scoring_the_last_steps_clears_sooner_after_a_fault_ends(trained: dict) 
 
 
 def test_the_model_hash_changes_only_when_score_steps_is_set() -> None:
-    example = load_config(Path(__file__).resolve().parents[2] / "config" / "example.yaml", env={})
-    assert example.groups[0].model_hash() == "94851d03e92b375e"  # as before the option existed
-    assert _group(None).model_hash() != _group(2).model_hash() != _group(3).model_hash()
+    group = load_config(Path(__file__).resolve().parents[2] / "config" / "example.yaml", env={}).groups[0]
+    relevant = group.model_dump(include={"sensors", "sampling_period_s", "window", "model", "threshold"})
+    del relevant["model"]["score_steps"]  # the hash of the same configuration before the option existed
+    assert group.model_hash() == hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    hashes = {_group(steps).model_hash() for steps in (None, 2, 3)}
+    assert len(hashes) == 3

@@ -119,8 +119,9 @@ def test_a_detector_that_looks_ahead_is_caught(skab_dir: Path) -> None:
 def test_sequence_detector_is_causal_and_finds_the_shift(skab_dir: Path) -> None:
     files = load_skab(skab_dir, limit=2)
     settings = default_settings("dense", epochs=5, smooth=5, window=8, score_steps=4)
+    assert default_settings("dense", window=8).score_steps == 8  # dense's 10, within a shorter window: all of it
     with pytest.raises(ValueError, match=r"score_steps must be within 1\.\.window \(8\), got 10"):
-        default_settings("dense", window=8)
+        default_settings("dense", window=8, score_steps=10)
     result = evaluate_files(files, lambda: SequenceDetector(settings), model="dense", progress=False)
     assert result.confusion.mar < 0.3 and result.confusion.far < 0.1  # check_causal ran on both files too
     detector = SequenceDetector(settings).fit(files[0].values[:TRAIN_ROWS])

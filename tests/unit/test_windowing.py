@@ -10,7 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import parse_config
+from models.detector import Detector
+from pipeline.config import GroupConfig, parse_config
+from pipeline.store.tables import ModelVersion
 from pipeline.types import Reading
 from pipeline.windowing import Windower, forward_fill
 
@@ -193,22 +195,47 @@ def test_smoothing_never_fills_a_missing_slot_and_survives_a_restart_unchanged()
 
 def test_a_model_trained_on_other_smoothing_is_refused(tmp_path: Path) -> None:
     from pipeline.errors import ModelError
-    from pipeline.registry import load_version, register
+    from pipeline.registry import load_version
+
+    smooth4 = _group(smooth=4)
+    row, detector = _registered(smooth4, tmp_path)
+    assert load_version(row, smooth4).version == detector.version
+    with pytest.raises(ModelError, match=r"smoothed over 4 step\(s\).*window.smooth 1"):
+        load_version(row, _group(smooth=1))
+
+
+def test_a_model_scoring_other_steps_keeps_serving_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                  ) -> None:
+    from pipeline.registry import load_version
+
+    group = _group()
+    row, _ = _registered(group, tmp_path)
+    last3 = group.model_copy(update={"model": group.model.model_copy(update={"score_steps": 3})})
+    with caplog.at_level("WARNING", logger="pipeline.registry"):
+        assert load_version(row, group).score_steps is None and not caplog.records
+        loaded = load_version(row, last3)
+    assert loaded.score_steps is None  # it keeps the score its threshold was fitted on
+    assert "scores the whole window, group 'g' is configured for model.score_steps 3: the change takes effect " \
+           "with the next trained model" in caplog.text
+
+
+def _registered(group: GroupConfig, tmp_path: Path) -> tuple[ModelVersion, Detector]:
+    """A model trained for ``group`` on noise, registered in a fresh SQLite registry under ``tmp_path``."""
+    from pipeline.registry import register
     from pipeline.store.db import make_engine, make_sessionmaker, upgrade
     from pipeline.train import train_group
     from pipeline.types import Window
 
-    smooth4 = _group(smooth=4)
     rng = np.random.default_rng(0)
     windows = [Window("a", "g", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(64)]
-    detector = train_group(windows, smooth4, progress=False).detector
+    detector = train_group(windows, group, progress=False).detector
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
     engine = make_engine(url)
-    with make_sessionmaker(engine).begin() as s:
-        row = register(session=s, detector=detector, group=smooth4, model_dir=tmp_path / "models", status="candidate",
-                       data_range=None, windows_used=64, metrics={})
-    engine.dispose()
-    assert load_version(row, smooth4).version == detector.version
-    with pytest.raises(ModelError, match=r"smoothed over 4 step\(s\).*window.smooth 1"):
-        load_version(row, _group(smooth=1))
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            row = register(session=session, detector=detector, group=group, model_dir=tmp_path / "models",
+                           status="candidate", data_range=None, windows_used=64, metrics={})
+    finally:
+        engine.dispose()
+    return row, detector
