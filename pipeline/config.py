@@ -186,9 +186,9 @@ class ModelConfig(_Strict):
 
     Scoring: ``score_steps`` (opt-in, window.stride..window.length) scores each window by the reconstruction error
     of its last ``score_steps`` steps only; the network still sees the whole window, and the threshold is fitted on
-    the same score. Alerts then open sooner after a fault starts and close sooner after it ends, because rows from
-    before the change weigh less. Unset: the whole window counts. A change takes effect with the next trained model
-    (a model keeps the score its threshold was fitted on).
+    the same score. Rows from before a change stop counting sooner, so alarms clear sooner after a fault ends (a
+    noisier score may also miss a little more). Unset: the whole window counts. A change takes effect with the next
+    trained model (a model keeps the score its threshold was fitted on).
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"

@@ -3,17 +3,16 @@ no I/O, no clocks.
 
 A model trained on last week's data reconstructs last week's plant. When a sensor drifts slowly while the plant runs
 normally, the model's residual for it (reading minus reconstruction, in the model's standardised units) takes on a
-persistent offset, and the reconstruction error grows with it until it alarms. With drift following, each asset
-carries one offset per sensor, starting at 0. A window's error for a sensor is the mean square of (residual - offset)
-over its scored steps (all, or the last ``Detector.score_steps``). Once the window is judged, a quiet one
-(``AlertEngine.quiet``: score and level at or below the bare threshold, no open alert, no exceeding window in the
-k-of-n history, outside maintenance) moves the offsets ``GroupConfig.drift_weight`` of the way towards its mean
-residuals; any other leaves them where they are. So a slow drift
-stops counting as error while a fault keeps counting for as long as it lasts (and a state the aftermath rule
-holds back is not learnt), and what the model knows about operating states (a daily cycle, load changes) is kept:
-only what it persistently fails to explain, in quiet times, is followed. With ``drift.max_offset`` each offset stays
-within that many standard deviations, which bounds how much of a slow fault can be absorbed. A new model version
-starts again from 0.
+persistent offset, and the reconstruction error grows with it until it alarms. With drift following, each asset carries
+one offset per sensor, starting at 0. A window's error for a sensor is the mean square of (residual - offset) over its
+scored steps (all, or the last ``Detector.score_steps``). Once the window is judged, a quiet one (``AlertEngine.quiet``:
+score and level at or below the bare threshold, no open alert, no exceeding window in the k-of-n history, outside
+maintenance) moves the offsets ``GroupConfig.drift_weight`` of the way towards its mean residuals; any other leaves them
+where they are. So a slow drift stops counting as error while a fault keeps counting for as long as it lasts (and a
+state the aftermath rule holds back is not learnt), and what the model knows about operating states (a daily cycle, load
+changes) is kept: only what it persistently fails to explain, in quiet times, is followed. With ``drift.max_offset``
+each offset stays within that many standard deviations, which bounds how much of a slow fault can be absorbed. A new
+model version starts again from 0.
 
 The forward pass does not depend on the offsets (per sensor, the error is var(r) + (mean(r) - b)^2), so a batch still
 has one forward pass per group. Only the verdicts are sequential: ``score_and_judge`` judges drift-following
