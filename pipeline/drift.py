@@ -24,7 +24,7 @@ resumes from the latest stored one, so a restart continues exactly where the pre
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 from models.detector import Detector
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig
-from pipeline.scoring import finite, score_of, score_windows
+from pipeline.scoring import by_group, finite, score_of, score_windows
 from pipeline.types import AlertEvent, Score, Window, ms_to_datetime
 
 _NEVER = -(2**62)
@@ -68,13 +68,18 @@ class DriftTracker:
     # -- restart support (the runner restores and forgets an asset here together with the alert engine) -----------
     def restore(self, asset: str, last: Score | None) -> None:
         """Resume ``asset`` from its latest stored score (``last``; None when it has none): its offsets, model version
-        and window end. A score without offsets (drift was off) starts again from 0."""
+        and window end. A score without offsets (drift was off) starts again from 0. Offsets stored before
+        ``max_offset`` was set or lowered are bounded by it."""
         self._state.pop(asset, None)
         if last is None:
             return
         offset = last.drift_offset or {}
-        self._state[asset] = _Offset(last.model_version if offset else "", tuple(offset),
-                                     np.array(list(offset.values()), dtype=np.float64), last.end_ms)
+        values = self._bounded(last.group, np.array(list(offset.values()), dtype=np.float64))
+        self._state[asset] = _Offset(last.model_version if offset else "", tuple(offset), values, last.end_ms)
+
+    def _bounded(self, group: str, values: np.ndarray) -> np.ndarray:
+        limit = self._limits.get(group)
+        return values if limit is None else np.clip(values, -limit, limit)
 
     def forget(self, assets: Iterable[str]) -> None:
         """Drop the state of ``assets`` (partitions handed over, or a transaction that did not commit)."""
@@ -95,11 +100,8 @@ class DriftTracker:
 
     def moments(self, windows: Sequence[Window], detectors: Mapping[str, Detector]) -> dict[tuple[str, int], Moments]:
         """Per window (asset, end): its residual moments, one forward pass per group."""
-        by_group: dict[str, list[Window]] = defaultdict(list)
-        for window in windows:
-            by_group[window.group].append(window)
         out: dict[tuple[str, int], Moments] = {}
-        for group, members in by_group.items():
+        for group, members in by_group(windows).items():
             variances, means = detectors[group].residual_moments(np.stack([w.values for w in members]))
             out.update({(w.asset, w.end_ms): (v, m) for w, v, m in zip(members, variances, means, strict=True)})
         return out
@@ -108,9 +110,6 @@ class DriftTracker:
         """The score of ``window`` with the residuals taken relative to its asset's offsets."""
         variances, means = moments
         state = self._current(window.asset, detector)
-        limit = self._limits.get(window.group)
-        if limit is not None:  # offsets restored from before max_offset was set or lowered are bounded too
-            state.values = np.clip(state.values, -limit, limit)
         errors = finite(variances + (means - state.values) ** 2)
         return score_of(window, detector, float(errors.mean()), errors)
 
@@ -121,10 +120,8 @@ class DriftTracker:
         state = self._state[score.asset]
         if score.end_ms > state.last_end_ms:
             if quiet:
-                state.values = state.values + self._weights[score.group] * (moments[1] - state.values)
-                limit = self._limits.get(score.group)
-                if limit is not None:
-                    state.values = np.clip(state.values, -limit, limit)
+                moved = state.values + self._weights[score.group] * (moments[1] - state.values)
+                state.values = self._bounded(score.group, moved)
             state.last_end_ms = score.end_ms
         return replace(score, drift_offset={s: float(v) for s, v in zip(state.sensors, state.values, strict=True)})
 
@@ -151,23 +148,55 @@ def offsets_report(score: Score, limit: float | None) -> dict[str, object]:
             "model_version": score.model_version, "offsets": offsets, "largest": largest, "max_offset": limit}
 
 
-def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector], alerts: AlertEngine,
-                    drift: DriftTracker) -> tuple[list[Score], list[AlertEvent]]:
-    """Score ``windows`` (one forward pass per group), smooth and judge them (the alert engine), following drift
-    round by round where the group does (see the module docstring). Returns the judged scores (each asset's in time
-    order) and the alert events. Both engines' state moves on; on a failed transaction ``forget`` the assets in both.
-    """
-    alphas = {g: d.ewma_alpha for g, d in detectors.items()}
-    plain = [w for w in windows if not drift.follows(w.group)]
+@dataclass(frozen=True)
+class ForwardPass:
+    """A batch's forward pass (one per group), which reads no engine state: the raw scores of the windows whose
+    group does not follow drift, and the windows and residual moments of those whose group does. ``judge`` turns it
+    into judged scores; a retried transaction judges the same forward pass again."""
+
+    plain: list[Score]
+    following: list[Window]
+    moments: dict[tuple[str, int], Moments]
+
+    @property
+    def assets(self) -> set[str]:
+        """The assets it holds windows of."""
+        return {s.asset for s in self.plain} | {w.asset for w in self.following}
+
+    def without(self, dropped: Collection[str]) -> ForwardPass:
+        """The same without the windows of the ``dropped`` assets."""
+        return ForwardPass([s for s in self.plain if s.asset not in dropped],
+                           [w for w in self.following if w.asset not in dropped],
+                           {k: v for k, v in self.moments.items() if k[0] not in dropped})
+
+
+def forward_pass(windows: Sequence[Window], detectors: Mapping[str, Detector], drift: DriftTracker) -> ForwardPass:
+    """Run ``windows`` through their groups' detectors (see ``ForwardPass``)."""
     following = [w for w in windows if drift.follows(w.group)]
+    plain = score_windows([w for w in windows if not drift.follows(w.group)], detectors)
+    return ForwardPass(plain, following, drift.moments(following, detectors) if following else {})
+
+
+def judge(forward: ForwardPass, detectors: Mapping[str, Detector], alerts: AlertEngine, drift: DriftTracker
+          ) -> tuple[list[Score], list[AlertEvent]]:
+    """Smooth and judge a forward pass's scores (the alert engine), following drift round by round where the group
+    does (see the module docstring). Returns the judged scores (each asset's in time order) and the alert events.
+    Both engines' state moves on; on a failed transaction ``forget`` the assets in both."""
+    alphas = {g: d.ewma_alpha for g, d in detectors.items()}
     scores: list[Score] = []
     events: list[AlertEvent] = []
-    if plain:
-        scores, events = alerts.judge(alerts.smooth(score_windows(plain, detectors), alphas))
-    moments = drift.moments(following, detectors) if following else {}
-    for members in drift.rounds(following):
+    if forward.plain:
+        scores, events = alerts.judge(alerts.smooth(forward.plain, alphas))
+    moments = forward.moments
+    for members in drift.rounds(forward.following):
         raw = [drift.score(w, detectors[w.group], moments[(w.asset, w.end_ms)]) for w in members]
         judged, happened = alerts.judge(alerts.smooth(raw, alphas))
         scores += [drift.follow(s, moments[(s.asset, s.end_ms)], quiet=alerts.quiet(s)) for s in judged]
         events += happened
     return scores, events
+
+
+def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector], alerts: AlertEngine,
+                    drift: DriftTracker) -> tuple[list[Score], list[AlertEvent]]:
+    """``judge`` of the ``forward_pass`` of ``windows``."""
+    return judge(forward_pass(windows, detectors, drift), detectors, alerts, drift)

@@ -34,7 +34,7 @@ from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config
 from pipeline.decode import Decoder
-from pipeline.drift import DriftTracker, score_and_judge
+from pipeline.drift import DriftTracker, ForwardPass, forward_pass, judge
 from pipeline.errors import ModelError, TransientError
 from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_active, load_version
@@ -42,7 +42,7 @@ from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations
 from pipeline.store.tables import WindowScore
-from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
+from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
 from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
@@ -164,7 +164,8 @@ class Runner:
         if not (fresh or batch.windows or batch.skipped or processed or moved):
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
-        scores, events, batch.skipped, moved, processed = self._persist_owned(batch.windows, batch.skipped, moved,
+        forward = forward_pass(batch.windows, self._detectors, self._drift)  # outside the transaction, once
+        scores, events, batch.skipped, moved, processed = self._persist_owned(forward, batch.skipped, moved,
                                                                               processed)
         if self._sinks is not None:
             self._sinks.publish(events)  # only after the transaction holding the alerts has committed
@@ -174,22 +175,22 @@ class Runner:
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
 
-    def _persist_owned(self, windows: list[Window], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+    def _persist_owned(self, forward: ForwardPass, skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
                        processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent], list[SkippedWindow],
                                                            dict[str, tuple[str, int]], dict[int, int]]:
-        """Score, judge and persist the batch; when another consumer owns some of its partitions now (we lost them
-        without noticing, e.g. after a long pause), drop their results and state and persist the rest. Returns what
-        was written."""
+        """Judge and persist the batch's forward pass; when another consumer owns some of its partitions now (we lost
+        them without noticing, e.g. after a long pause), drop their results and state and persist the rest. Returns
+        what was written."""
         while True:
             try:
-                scores, events = self._retry(functools.partial(self._persist, windows, skipped, moved, processed))
+                scores, events = self._retry(functools.partial(self._persist, forward, skipped, moved, processed))
                 return scores, events, skipped, moved, processed
             except Fenced as fenced:
                 lost = fenced.partitions
                 log.warning("partitions %s are owned by another consumer: dropping their results and state",
                             sorted(lost))
                 partition_of = self._windower.partition_of  # used before _drop_partitions forgets them
-                windows = [x for x in windows if partition_of(x.asset) not in lost]
+                forward = forward.without({a for a in forward.assets if partition_of(a) in lost})
                 skipped = [x for x in skipped if partition_of(x.asset) not in lost]
                 moved = {a: v for a, v in moved.items() if partition_of(a) not in lost}
                 processed = {p: o for p, o in processed.items() if p not in lost}
@@ -230,14 +231,14 @@ class Runner:
                 self._windower.resume(asset, start_ms)
                 self._saved_starts[asset] = start_ms
 
-    def _persist(self, windows: list[Window], skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
+    def _persist(self, forward: ForwardPass, skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
                  processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent]]:
-        assets = sorted({w.asset for w in windows})
+        assets = sorted(forward.assets)
         k = self.config.kafka
         try:
             with self._sessions.begin() as session:
                 self._restore(session, assets)
-                scores, events = score_and_judge(windows, self._detectors, self._alerts, self._drift)
+                scores, events = judge(forward, self._detectors, self._alerts, self._drift)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
                 repo.insert_skipped(session=session, skipped=skipped)

@@ -19,17 +19,22 @@ def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) 
     Each score carries per-sensor errors (mean squared standardised error over the window, or over its last
     ``Detector.score_steps`` steps) and the model version.
     """
-    by_group: dict[str, list[Window]] = defaultdict(list)
-    for window in windows:
-        by_group[window.group].append(window)
     scores: list[Score] = []
-    for group, members in by_group.items():
+    for group, members in by_group(windows).items():
         detector = detectors[group]
         totals, per_sensor = detector.score(np.stack([w.values for w in members]))
         totals, per_sensor = finite(totals), finite(per_sensor)
         scores += [score_of(window, detector, total, errors)
                    for window, total, errors in zip(members, totals, per_sensor, strict=True)]
     return scores
+
+
+def by_group(windows: Sequence[Window]) -> dict[str, list[Window]]:
+    """``windows`` per asset group, each group's in their given order (one forward pass each)."""
+    groups: dict[str, list[Window]] = defaultdict(list)
+    for window in windows:
+        groups[window.group].append(window)
+    return groups
 
 
 def finite(errors: np.ndarray) -> np.ndarray:

@@ -222,6 +222,16 @@ def _wait(condition: Callable[[], bool], timeout_s: float, what: str, pipeline: 
         time.sleep(0.2)
 
 
+def _send_and_score(d: Deployment, stream: Stream, pipeline: Pipeline, timeout_s: float, what: str,
+                    count: int | None = None) -> set:
+    """Send ``count`` more records of ``stream`` (default: the rest) and wait until every window sent so far is
+    scored; returns the expected ``(asset, window end)`` pairs."""
+    stream.send(count)
+    expected = stream.expected()
+    _wait(lambda: d.count(WindowScore) >= len(expected), timeout_s, what, pipeline)
+    return expected
+
+
 def _figures(label: str, result: RetrainResult) -> None:
     m = result.metrics
     print(f"\n[{label}] {result.summary()}")
@@ -264,9 +274,8 @@ def test_retrain_promotes_on_drift_and_the_pipeline_switches_mid_stream_then_fol
     pipeline = Pipeline(cfg)
     paced_stop = threading.Event()
     try:
-        stream.send(2 * DAY * len(ASSETS))  # two days of drifting readings: what the nightly run looks back on
-        phase_one = len(stream.expected())
-        _wait(lambda: d.count(WindowScore) >= phase_one, 120, "the first two days to be scored", pipeline)
+        # two days of drifting readings: what the nightly run looks back on
+        _send_and_score(d, stream, pipeline, 120, "the first two days to be scored", 2 * DAY * len(ASSETS))
 
         paced = stream.paced(300, paced_stop)  # readings keep arriving while the candidate trains
         result = retrain_group(cfg, "fleet", sessions=d.sessions)
@@ -282,9 +291,7 @@ def test_retrain_promotes_on_drift_and_the_pipeline_switches_mid_stream_then_fol
         rollback = CliRunner().invoke(app, ["models", "activate", "--config", str(d.path), d.first])
         assert rollback.exit_code == 0, rollback.output
         time.sleep(3 * cfg.retrain.reload_interval_s + 0.5)  # the pipeline checks every reload interval
-        stream.send(360 * len(ASSETS))  # six more hours
-        expected = stream.expected()
-        _wait(lambda: d.count(WindowScore) >= len(expected), 60, "every window to be scored", pipeline)
+        expected = _send_and_score(d, stream, pipeline, 60, "every window to be scored", 360 * len(ASSETS))
         time.sleep(1.0)  # anything extra would land now
     finally:
         paced_stop.set()
@@ -321,9 +328,7 @@ def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: D
     stream = Stream(cfg, _drifted(2 * DAY, per_day=10.0))
     pipeline = Pipeline(cfg)
     try:
-        stream.send()
-        expected = stream.expected()
-        _wait(lambda: d.count(WindowScore) >= len(expected), 120, "the two days to be scored", pipeline)
+        _send_and_score(d, stream, pipeline, 120, "the two days to be scored")
     finally:
         pipeline.close()
         stream.close()
@@ -350,9 +355,7 @@ def test_retrain_on_mostly_anomalous_data_is_rejected_and_the_active_model_keeps
     stream = Stream(cfg, _mostly_anomalous(2 * DAY + 360))
     pipeline = Pipeline(cfg)
     try:
-        stream.send(2 * DAY * len(ASSETS))
-        phase_one = len(stream.expected())
-        _wait(lambda: d.count(WindowScore) >= phase_one, 120, "the two days to be scored", pipeline)
+        _send_and_score(d, stream, pipeline, 120, "the two days to be scored", 2 * DAY * len(ASSETS))
         assert d.count(Alert) > 0
 
         result = retrain_group(cfg, "fleet", sessions=d.sessions)
@@ -360,9 +363,7 @@ def test_retrain_on_mostly_anomalous_data_is_rejected_and_the_active_model_keeps
         assert result.outcome == "rejected", result.reason
         assert "of the alert windows" in result.reason
         time.sleep(3 * cfg.retrain.reload_interval_s + 0.5)
-        stream.send()
-        expected = stream.expected()
-        _wait(lambda: d.count(WindowScore) >= len(expected), 60, "every window to be scored", pipeline)
+        expected = _send_and_score(d, stream, pipeline, 60, "every window to be scored")
     finally:
         pipeline.close()
         stream.close()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import numpy as np
 import orjson
+import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from test_runner_alert_sinks import T0, _MeanDetector
 
 from pipeline.config import parse_config
@@ -48,4 +51,41 @@ def test_fenced_partition_results_are_dropped_and_the_rest_is_written(tmp_path: 
         progress = repo.load_consumer_progress(session=s, consumer_group=cfg.kafka.group_id, topic=cfg.kafka.topic)
     assert set(offsets) == {1}  # no commit for the lost partition
     assert progress[1] == 20 and progress[0] == 10
+    engine.dispose()
+
+
+class _CountingDetector(_MeanDetector):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        return super().score(windows)
+
+
+def test_a_retried_transaction_judges_the_same_forward_pass_again(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    cfg = parse_config({"database": {"url": url}, "groups": [{
+        "name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": 4, "stride": 2, "max_gap": 0}}]}, env={})
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    detector = _CountingDetector()
+    runner = Runner(cfg, sessions=sessions, detectors={"g": detector},  # type: ignore[dict-item]
+                    producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    insert, failures = repo.insert_scores, [OperationalError("insert", {}, Exception("database is locked"))]
+
+    def flaky_insert(**kwargs: object) -> None:
+        if failures:
+            raise failures.pop()
+        insert(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "insert_scores", flaky_insert)
+    runner.process(_records(0, "a", 0, 10), now_ms=T0)
+    assert not failures  # the first transaction failed and was retried
+    assert detector.calls == 1  # one forward pass for the batch, outside the transaction
+    with sessions() as s:
+        assert repo.count_scores(session=s, asset="a") == 4  # windows ending at 4, 6, 8, 10 s, stored once
     engine.dispose()
