@@ -27,7 +27,7 @@ import numpy as np
 from rich.progress import track
 from skab_label_free import KINDS, normal_segments, synthetic_files
 
-from models.sequence_detector import SequenceDetector, default_settings
+from models.sequence_detector import SequenceDetector, SequenceSettings, default_settings
 from pipeline.skab import TRAIN_ROWS, Confusion, confusion, evaluate_files, load_skab
 
 HERE = Path(__file__).resolve().parent
@@ -36,16 +36,14 @@ TAILS = (1, 5, 10, 20)
 WHOLE_WINDOW = 20  # the detector's window: a tail of 20 scores all of it, as every model did before this study
 
 
-def synthetic_row(data: Path, model: str, tail: int) -> dict[str, Any]:
-    """Synthetic F1/FAR/MAR (total and per fault kind) of the shipped detector scoring its last ``tail`` rows, and
-    where the lag shows: false alarms in the 60 rows after each fault (``fp_after_60``) and misses before each fault is
-    first flagged (``fn_onset``)."""
+def synthetic_scores(data: Path, settings: SequenceSettings, description: str) -> dict[str, Any]:
+    """Synthetic F1/FAR/MAR (total and per fault kind) of a detector with ``settings``, and where the lag shows:
+    false alarms in the 60 rows after each fault (``fp_after_60``) and misses before each fault is first flagged
+    (``fn_onset``)."""
     sensors = load_skab(data)[0].sensors
     segments = normal_segments(data, sensors)
     files = synthetic_files(segments, seeds=2)
-    settings = default_settings(model, score_steps=None if tail == WHOLE_WINDOW else tail)
-    fitted = [SequenceDetector(settings).fit(s[:TRAIN_ROWS])
-              for s in track(segments, description=f"{model} tail {tail}")]
+    fitted = [SequenceDetector(settings).fit(s[:TRAIN_ROWS]) for s in track(segments, description=description)]
     total, per_kind = Confusion(), dict.fromkeys(KINDS, Confusion())
     fp_after_60 = fn_onset = 0
     for f in files:
@@ -56,8 +54,14 @@ def synthetic_row(data: Path, model: str, tail: int) -> dict[str, Any]:
         fp_after_60 += int(flags[end + 1 : end + 61].sum())
         caught = np.flatnonzero(flags[start : end + 1])
         fn_onset += int(caught[0]) if len(caught) else int(end + 1 - start)
-    return {"tail": tail, **total.to_dict(), "fp_after_60": fp_after_60, "fn_onset": fn_onset,
+    return {**total.to_dict(), "fp_after_60": fp_after_60, "fn_onset": fn_onset,
             "per_kind": {k: v.to_dict() for k, v in per_kind.items()}}
+
+
+def synthetic_row(data: Path, model: str, tail: int) -> dict[str, Any]:
+    """``synthetic_scores`` of the shipped detector scoring its last ``tail`` rows."""
+    settings = default_settings(model, score_steps=None if tail == WHOLE_WINDOW else tail)
+    return {"tail": tail, **synthetic_scores(data, settings, f"{model} tail {tail}")}
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:

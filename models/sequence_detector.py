@@ -18,6 +18,12 @@ absorbed but an anomaly is not. Aftermath: a row is flagged when its ratio excee
 ``aftermath_relative`` x the running peak ratio (halving every ``aftermath_half_life`` rows, None: no decay), so the
 plant settling into a slightly different state after a large excursion does not keep the alarm on, and the baseline
 can follow it.
+
+Trend (``trend_span``, None: level only): the baseline follows a linear trend as well (Holt's method): on rows that
+are not flagged, level ``L <- (L + b) + w (x - (L + b))`` with ``w = 1 / baseline_span``, and trend
+``b <- b + v ((L_new - L_old) - b)`` with ``v = 1 / trend_span``; both are frozen on flagged rows, and ``b`` starts at
+0. A steady ramp (a thermocouple warming up) is then followed without the level-only baseline's lag of about
+``slope x baseline_span``.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class SequenceSettings:
     multiplier: float = 3.0
     ewma_alpha: float | None = None
     baseline_span: int | None = 150
+    trend_span: int | None = None
     chunk: int = 10
     aftermath_relative: float = 0.3
     aftermath_half_life: float | None = None
@@ -76,6 +83,8 @@ class SequenceSettings:
     def __post_init__(self) -> None:
         if self.score_steps is not None and not 1 <= self.score_steps <= self.window:
             raise ValueError(f"score_steps must be within 1..window ({self.window}), got {self.score_steps}")
+        if self.trend_span is not None and (self.trend_span < 1 or not self.baseline_span):
+            raise ValueError(f"trend_span needs a baseline_span and must be at least 1, got {self.trend_span}")
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly form (for reports and metadata)."""
@@ -168,6 +177,8 @@ class SequenceDetector:
         flags = np.zeros(len(rows), dtype=bool)
         baseline = self.scaler.mean.copy()
         weight = 1.0 / s.baseline_span if s.baseline_span else 0.0
+        trend_weight = 1.0 / s.trend_span if s.trend_span else 0.0
+        trend = np.zeros_like(baseline)
         decide = self._decider()
         smoothed_score = None
         first = s.smooth - 1 + s.window - 1
@@ -185,7 +196,10 @@ class SequenceDetector:
                 ratios[t] = ratio
                 flags[t] = decide(ratio)
                 if not flags[t]:
-                    baseline += weight * (smoothed[t] - baseline)
+                    predicted = baseline + trend
+                    level = predicted + weight * (smoothed[t] - predicted)
+                    trend += trend_weight * ((level - baseline) - trend)
+                    baseline = level
         return ratios, flags
 
     def decide(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
