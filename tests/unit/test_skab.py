@@ -130,6 +130,23 @@ def test_sequence_detector_is_causal_and_finds_the_shift(skab_dir: Path) -> None
     assert np.nanmedian(ratios[460:520]) > 10 * np.nanmedian(ratios[TRAIN_ROWS:450])
 
 
+def test_a_trend_following_baseline_follows_a_steady_ramp_but_not_a_step() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.normal(0, 0.1, (1400, 3)) + np.array([1.0, 5.0, 20.0])
+    rows[TRAIN_ROWS:, 2] += 0.0015 * np.arange(1000)  # normal warming: 15 training stds over the test rows
+    stepped = rows.copy()
+    stepped[900:1000, 1] += 1.0  # a fault: a 10-std step on another sensor
+    flagged = {}
+    for span in (None, 150):
+        settings = default_settings("dense", epochs=5, smooth=5, window=8, score_steps=4, trend_span=span)
+        detector = SequenceDetector(settings).fit(rows[:TRAIN_ROWS])
+        flagged[span] = int(detector.flags(rows)[TRAIN_ROWS:].sum())
+        assert detector.flags(stepped)[910:1000].mean() > 0.9
+    assert flagged[None] > 300 and flagged[150] < 50  # the level-only baseline lags the ramp; the trend follows it
+    with pytest.raises(ValueError, match="trend_span needs a baseline_span"):
+        default_settings("dense", baseline_span=None, trend_span=150)
+
+
 def test_normal_segments_drop_the_duplicated_tail(skab_dir: Path) -> None:
     segments = normal_segments(skab_dir, length=500, sensors=["a", "c"])
     assert len(segments) == (2000 - DUPLICATED_TAIL_ROWS) // 500 and segments[0].shape == (500, 2)
