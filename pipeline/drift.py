@@ -24,7 +24,7 @@ resumes from the latest stored one, so a restart continues exactly where the pre
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -200,3 +200,33 @@ def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector]
                     drift: DriftTracker) -> tuple[list[Score], list[AlertEvent]]:
     """``judge`` of the ``forward_pass`` of ``windows``."""
     return judge(forward_pass(windows, detectors, drift), detectors, alerts, drift)
+
+
+def followed_levels(detector: Detector, windows: Sequence[Window], *, weight: float, limit: float | None,
+                    streams: Sequence[Hashable] | None = None) -> np.ndarray:
+    """What drift following would have held to ``detector``'s threshold over ``windows`` (time-ordered per asset,
+    one group), starting from zero offsets, as for a newly promoted model: per window, its score relative to its
+    asset's offsets (smoothed with ``detector.ewma_alpha`` per stream key of ``streams``, default: per asset). A window
+    whose score and level are at or below the threshold moves its asset's offsets ``weight`` of the way towards its
+    mean residuals (bounded by ``limit``); any other leaves them. The alert engine's quiet rule is approximated by
+    that verdict of the window itself (no k-of-n history, no open alerts). One forward pass."""
+    levels = np.empty(len(windows))
+    if not windows:
+        return levels
+    variances, means = detector.residual_moments(np.stack([w.values for w in windows]))
+    keys = list(streams) if streams is not None else [w.asset for w in windows]
+    offsets: dict[str, np.ndarray] = {}
+    smoothed: dict[Hashable, float] = {}
+    alpha, threshold = detector.ewma_alpha, detector.threshold
+    for i, window in enumerate(windows):
+        offset = offsets.setdefault(window.asset, np.zeros(variances.shape[1]))
+        score = float(finite(variances[i] + (means[i] - offset) ** 2).mean())
+        level = score
+        if alpha is not None:
+            previous = smoothed.get(keys[i], score)
+            level = smoothed[keys[i]] = alpha * score + (1.0 - alpha) * previous
+        levels[i] = level
+        if score <= threshold and level <= threshold:
+            moved = offset + weight * (means[i] - offset)
+            offsets[window.asset] = moved if limit is None else np.clip(moved, -limit, limit)
+    return levels

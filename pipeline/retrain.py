@@ -11,7 +11,9 @@ One run of one group (``retrain_group``):
            any version, or the active model now) are not training data; too few left: the run is skipped
   train    a candidate on the older windows, optionally starting from the active model's weights
   gate     on the newest ``holdout_fraction`` of windows (alert windows excluded) each model's false-alarm rate against
-           its own threshold, on the alert windows each model's recall: promote only if not worse beyond ``tolerance``
+           its own threshold, on the alert windows each model's recall: promote only if not worse beyond ``tolerance``;
+           for a drift-following group, the active model as the pipeline judged it (relative to its followed offsets)
+           and the candidate following drift from zero offsets over the lookback, as it would once promoted
   record   the candidate's registry row (active, rejected, or failed) and the run's row in ``retrain_runs``
 An exception anywhere leaves the active model untouched and records the run as failed. The decisions (``split_windows``,
 ``exceed_rate``, ``gate``) are pure functions of plain values.
@@ -41,6 +43,7 @@ from models.thresholds import ewma_by_key
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
+from pipeline.drift import followed_levels
 from pipeline.errors import InvalidReading, ModelError, TransientError
 from pipeline.registry import load_version, register
 from pipeline.store import repo
@@ -253,6 +256,21 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
                      exceed_rate(alerted, detector.threshold), p99, detector.score_steps)
+
+
+def candidate_levels(candidate: Detector, group: GroupConfig, windows: Sequence[Window], thinning: Thinning
+                     ) -> dict[tuple[str, int], float] | None:
+    """For a drift-following group, the candidate's levels over the recent ``windows`` (time-ordered per asset) had
+    it been promoted at their start: following drift from zero offsets (``drift.followed_levels``; thinned, each
+    kept window moves the offsets as far as ``keep_every`` windows would). None for other groups (``evaluate`` scores
+    them plainly)."""
+    weight = group.drift_weight
+    if weight is None or not windows:
+        return None
+    per_kept = 1.0 - (1.0 - weight) ** thinning.keep_every
+    levels = followed_levels(candidate, windows, weight=per_kept, limit=group.drift_limit,
+                             streams=thinning.streams(windows)[0])
+    return dict(zip(((w.asset, w.end_ms) for w in windows), levels, strict=True))
 
 
 def _scores(detector: Detector, windows: Sequence[Window], thinning: Thinning | None = None) -> np.ndarray:
@@ -486,7 +504,8 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
                   ) -> tuple[WindowSplit, Thinning, dict[tuple[str, int], float] | None] | None:
     """Read the lookback back from Kafka (thinned to ``retrain.max_windows``, keeping every window near an alert),
     look up its alerts and flagged windows, and split it (figures go into ``metrics``). Also returns the active
-    model's levels over the windows (for the gate). None when the lookback holds no complete window."""
+    model's levels over the windows for the gate (a drift-following group's, where the pipeline scored them with the
+    active version, as it judged them). None when the lookback holds no complete window."""
     rc = config.retrain
     since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
     margin_ms = round(rc.alert_margin_s * 1000)
@@ -511,7 +530,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
         last_scored = repo.last_scored_windows(session=session, group=group.name) if group.drift else {}
-    levels = None
+    levels = bare = None
     if active is not None:
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),
                           strict=True))
@@ -520,8 +539,17 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         # its followed offsets): the bare levels would flag the very drift it followed and leave it out of training.
         flagged |= {key for key, level in levels.items() if level > active.threshold
                     and (group.drift is None or key[0] not in last_scored or key[1] > last_scored[key[0]])}
+        if group.drift is not None:  # the gate measures it as the pipeline judged it, relative to its offsets
+            bare = dict(levels)
+            with sessions() as session:
+                judged = repo.judged_levels(session=session, group=group.name, version=active.version,
+                                            start=ms_to_datetime(first_ms), end=ms_to_datetime(last_ms))
+            levels.update((key, judged[key]) for key in levels.keys() & judged.keys())
+            metrics.update(windows_judged_by_active=sum(key in judged for key in levels))
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
+    if active is not None and bare is not None:  # how far its followed offsets carry it (a report figure)
+        metrics.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, bare).far)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),
                    windows_alert=len(split.alert_windows), windows_near_alert=split.near_alert,
                    windows_flagged=split.flagged, anomalous_fraction=round(split.anomalous_fraction, 4),
@@ -569,7 +597,8 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
     progress.candidate_version = candidate.version
 
-    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning)
+    cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning,
+                         candidate_levels(candidate, group, split.windows, thinning))
     active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, thinning, active_levels)
                    if active is not None else None)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,

@@ -19,12 +19,14 @@ from streams import records
 from models.scaler import StandardScaler
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
-from pipeline.drift import DriftTracker, score_and_judge
+from pipeline.drift import DriftTracker, followed_levels, score_and_judge
 from pipeline.errors import ConfigError
+from pipeline.retrain import candidate_levels
 from pipeline.runner import Runner
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, WindowScore
+from pipeline.thinning import Thinning
 from pipeline.types import AlertRecord, Score, Window
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
@@ -314,3 +316,52 @@ def test_offsets_restored_from_before_a_lower_max_offset_are_bounded_too() -> No
     later, _ = score_and_judge(windows[190:], {"g": _LevelDetector()}, AlertEngine(bounded), tracker)  # type: ignore
     assert all(s.drift_offset is not None and abs(s.drift_offset["x"]) <= 1.0 for s in later)
     assert later[0].score > 2.0  # scored against the bounded offset (about 3 std off), not the restored one
+
+
+def _followed(windows: list[Window], detector: _LevelDetector, limit: float | None = None
+              ) -> dict[tuple[str, int], float]:
+    levels = followed_levels(detector, windows, weight=_groups(20.0)[0].drift_weight, limit=limit)  # type: ignore
+    return {(w.asset, _second(w)): float(v) for w, v in zip(windows, levels, strict=True)}
+
+
+@pytest.mark.parametrize("alpha", [None, 0.5])
+def test_followed_levels_are_what_the_pipeline_holds_to_the_threshold_until_a_fault(alpha: float | None) -> None:
+    # what the retrain gate scores a drift-following group's candidate by: the pipeline's own levels, from zero offsets
+    detector = _LevelDetector(ewma_alpha=alpha)
+    followed = _followed(_windows(), detector)
+    judged = _run(_windows(), [], _groups(20.0), detector)
+    before = [s for s in judged if _second(s) < 300]  # the first fault starts at 300 s
+    assert len(before) > 250 and all(followed[(s.asset, _second(s))] == pytest.approx(s.level) for s in before)
+    if alpha is None:
+        faulty = {("a", t) for t in range(300, 340)} | {("b", t) for t in range(450, 470)}
+        above = {key for key, level in followed.items() if level > 1.0}
+        touching = {(a, e) for a, e in followed if any((a, r) in faulty for r in range(e - LENGTH + 1, e + 1))}
+        inside = {(a, e) for a, e in followed if all((a, r) in faulty for r in range(e - LENGTH + 1, e + 1))}
+        assert len(inside) == 19 + 9 and inside <= above <= touching  # the faults count, the drift does not
+        bare = detector.score(np.stack([w.values for w in _windows()]))[0]
+        assert (bare > 1.0).sum() > 350  # without following, the drift itself would
+
+
+def test_followed_levels_are_bounded_by_max_offset() -> None:
+    def x(second: int) -> float:  # a slow fault creeping up from 100 s on (5 std by the end)
+        return 10.0 + 0.01 * max(second - 100, 0)
+
+    unbounded, bounded = _followed(_stream(x), _LevelDetector()), _followed(_stream(x), _LevelDetector(), limit=1.0)
+    assert max(unbounded.values()) < 1.0  # absorbed
+    assert bounded[("a", 599)] > 1.0  # 1 std followed at most; the rest counts
+
+
+def test_the_retrain_gate_follows_drift_only_for_a_drift_following_group_and_as_fast_when_thinned() -> None:
+    windows = _windows(300)
+    detector = _LevelDetector()
+    assert candidate_levels(detector, _groups(None)[0], windows, Thinning.unthinned()) is None  # type: ignore
+    group = _groups(20.0)[0]
+    full = candidate_levels(detector, group, windows, Thinning.unthinned())  # type: ignore[arg-type]
+    thinning = Thinning(STRIDE * 1000, keep_every=4, block=5)  # a quarter of the windows, in blocks of 5
+    kept = [w for w in windows if thinning.keeps(w)]
+    thinned = candidate_levels(detector, group, kept, thinning)  # type: ignore[arg-type]
+    assert full is not None and thinned is not None and len(kept) < len(windows) / 3
+    # each kept window moves the offsets as far as 4 windows would: the thinned levels stay with the full ones
+    assert max(abs(thinned[k] - full[k]) for k in thinned) < 0.1
+    unscaled = followed_levels(detector, kept, weight=group.drift_weight, limit=None)  # type: ignore[arg-type]
+    assert unscaled.max() > 0.2  # moving them as far as 1 window would lags the drift
