@@ -369,6 +369,8 @@ class RetrainResult:
             if "threshold_candidate" in m:
                 figures += (f"; threshold {m['threshold_candidate']:.4g} vs active {_num(m.get('threshold_active'))}; "
                             f"FAR {_pct(m.get('far_candidate'))} vs {_pct(m.get('far_active'))}")
+                if m.get("far_active_bare") is not None:
+                    figures += f" (following drift; the active model without its offsets {_pct(m['far_active_bare'])})"
                 if m.get("recall_candidate") is not None:
                     figures += f"; alert recall {_pct(m['recall_candidate'])} vs {_pct(m.get('recall_active'))}"
                 if m.get("p99_ratio_candidate") is not None:

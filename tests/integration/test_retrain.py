@@ -347,6 +347,7 @@ def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: D
     assert offsets[0] and max(offsets[0]["motor_temp"], offsets[0]["bearing_temp"]) > 0.5  # the drift was followed
     assert far_bare > 0.2  # the active model's bare levels flag much of the drifted holdout...
     assert far_active < 0.05 and result.metrics["windows_judged_by_active"] > 0  # ...the pipeline's verdicts do not
+    assert f"the active model without its offsets {far_bare:.2%}" in result.summary()
     assert result.metrics["windows_flagged"] <= stored_flags  # ...but the split counts the pipeline's verdicts
     assert result.outcome == "promoted", result.reason
     assert result.metrics["windows_train"] >= cfg.retrain.min_windows
