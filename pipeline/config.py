@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -602,15 +603,30 @@ def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
     if not isinstance(node, str):
         return node
 
+    userinfo_end = _userinfo_end(node) if path == "database.url" else -1
+
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in env and env[name] != "":
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set and has no default")
+            value = env[name]
+        elif default is not None:
+            value = default
+        else:
+            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set and has no default")
+        # a password with '@', ':' or '/' would break the URL (and show up in the error): encode it in place
+        return quote(value, safe="") if match.start() < userinfo_end else value
 
     return _ENV_PATTERN.sub(substitute, node)
+
+
+def _userinfo_end(url: str) -> int:
+    """Where the ``user:password`` part of a URL template (``scheme://user:password@host/...``) ends: the index of its
+    ``@``, or -1 when it has none."""
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", url)
+    if scheme is None:
+        return -1
+    slash = url.find("/", scheme.end())
+    return url.rfind("@", scheme.end(), len(url) if slash < 0 else slash)
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:

@@ -18,6 +18,7 @@ from models.scaler import StandardScaler
 from models.thresholds import ewma_by_key, fit_threshold
 from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
+from pipeline.decode import MAX_ABS_VALUE
 from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
 from pipeline.store import repo
@@ -47,7 +48,9 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     """Cut a group's windows from a table of readings, through the same windower as the streaming pipeline.
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
-    column (rows without one are attributed to the group's first asset). Extra columns are ignored.
+    column (rows without one are attributed to the group's first asset). Extra columns are ignored. A row with a value
+    the pipeline would reject (outside its sensor's ``valid_range``, or above the decoder's magnitude limit) is left
+    out, as the pipeline leaves such a reading out, with a warning that counts them.
     """
     missing = [s for s in group.sensor_names if s not in frame.columns]
     if missing:
@@ -63,6 +66,15 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
     assets = data[asset_column].astype(str).to_numpy() if asset_column in data else np.full(len(data), group.assets[0])
     values = data[group.sensor_names].to_numpy(dtype=np.float64)
+    cells = _rejected_cells(values, group)
+    rejected = cells.any(axis=1)
+    if rejected.any():
+        first = int(np.flatnonzero(rejected)[0])
+        example = ", ".join(f"{s}={v:g}" for s, v, bad in zip(group.sensor_names, values[first], cells[first],
+                                                              strict=True) if bad)
+        log.warning("training data: %d of %d rows left out: a value outside its sensor's valid_range, as the pipeline "
+                    "rejects it (first: row %d, %s)", int(rejected.sum()), len(values), first, example)
+        assets, ts_ms, values = assets[~rejected], ts_ms[~rejected], values[~rejected]
     readings = [
         Reading(str(a), int(t), {s: float(v) for s, v in zip(group.sensor_names, row, strict=True) if np.isfinite(v)})
         for a, t, row in zip(assets, ts_ms, values, strict=True)
@@ -70,6 +82,18 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     order = sorted(range(len(readings)), key=lambda i: (readings[i].asset, readings[i].ts_ms))
     windower = Windower([group.model_copy(update={"assets": sorted(set(map(str, assets)))})])
     return windower.add(readings[i] for i in order).windows
+
+
+def _rejected_cells(values: np.ndarray, group: GroupConfig) -> np.ndarray:
+    """Per value of ``values`` ``[N, sensors]``: whether the decoder would reject its reading for it (finite and
+    outside the sensor's ``valid_range`` or above ``MAX_ABS_VALUE``; a missing value, NaN, is no rejection)."""
+    finite = np.isfinite(values)
+    bad = finite & (np.abs(np.where(finite, values, 0.0)) > MAX_ABS_VALUE)
+    for i, sensor in enumerate(group.sensors):
+        if sensor.valid_range is not None:
+            low, high = sensor.valid_range
+            bad[:, i] |= finite[:, i] & ((values[:, i] < low) | (values[:, i] > high))
+    return bad
 
 
 def warm_start_compatible(detector: Detector, group: GroupConfig) -> bool:

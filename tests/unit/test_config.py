@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy.engine import make_url
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
@@ -33,6 +34,17 @@ def test_env_interpolation_replaces_values_and_masks_password() -> None:
     assert cfg.kafka.client_kwargs()["bootstrap_servers"] == ["k1:9092", "k2:9092"]
     assert "s3cret" not in cfg.database.safe_url
     assert "s3cret" in cfg.database.url
+
+
+@pytest.mark.parametrize("password", ["Pa@ssw0rd", "a:b/c%d?e#f", "plain"])
+def test_a_password_from_the_environment_is_encoded_where_it_stands_in_the_database_url(password: str) -> None:
+    raw = _raw()
+    raw["database"]["url"] = "postgresql+psycopg://${PGUSER:-sw}:${PGPASSWORD}@${PGHOST}:5432/sw"
+    url = make_url(parse_config(raw, env={"PGPASSWORD": password, "PGHOST": "db.example"}).database.url)
+    assert (url.username, url.password, url.host, url.port, url.database) == ("sw", password, "db.example", 5432, "sw")
+    whole = "postgresql+psycopg://u:p%40ss@h:5432/d"  # a whole URL from the environment is taken as it is
+    raw["database"]["url"] = "${DATABASE_URL}"
+    assert parse_config(raw, env={"DATABASE_URL": whole}).database.url == whole
 
 
 def test_missing_env_var_without_default_names_the_key() -> None:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from models.detector import Detector
 from pipeline.config import GroupConfig, parse_config
 from pipeline.store.tables import ModelVersion
+from pipeline.train import windows_from_frame
 from pipeline.types import Reading
 from pipeline.windowing import Windower, forward_fill
 
@@ -239,3 +240,20 @@ def _registered(group: GroupConfig, tmp_path: Path) -> tuple[ModelVersion, Detec
     finally:
         engine.dispose()
     return row, detector
+
+
+def test_training_leaves_out_rows_the_pipeline_would_reject(caplog: pytest.LogCaptureFixture) -> None:
+    raw = {"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                       "sensors": [{"name": "x", "valid_range": [0, 250]}, {"name": "y"}],
+                       "window": {"length": 4, "stride": 4, "max_gap": 0}}]}
+    group = parse_config(raw, env={}).groups[0]
+    frame = pd.DataFrame({"ts": np.arange(40) * 1000, "x": np.full(40, 10.0), "y": np.arange(40, dtype=float)})
+    frame.loc[21, "x"] = 9999.0  # a glitch the decoder rejects as out_of_range
+    frame.loc[30, "y"] = 1e16  # above the decoder's magnitude limit
+    frame.loc[5, "x"] = np.nan  # missing, not rejected
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows = windows_from_frame(frame, group)
+    assert "2 of 40 rows left out" in caplog.text and "row 21, x=9999" in caplog.text
+    assert all(w.values[:, 0].max() <= 250 and np.abs(w.values).max() < 1e15 for w in windows)
+    # the windows holding rows 21 and 30 have a hole there (max_gap 0): neither is cut, as in the pipeline
+    assert [w.start_ms // 1000 for w in windows] == [0, 8, 12, 16, 24, 32, 36]
