@@ -7,9 +7,11 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -19,6 +21,13 @@ from rich.table import Table
 
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, ModelError, TransientError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.orm import Session
+
+    from pipeline.store.tables import ModelVersion
 
 app = typer.Typer(help="sensorwatch: streaming anomaly monitoring for industrial IoT sensors.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
@@ -40,20 +49,77 @@ def _setup_logging(verbose: bool) -> None:
         force=True,
     )
     logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported once per retry by the runner
+    logging.getLogger("kafka.cluster").addFilter(_topic_being_created)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _topic_being_created(record: logging.LogRecord) -> bool:
+    """Drop kafka-python's "Topic ... not found in cluster metadata": logged as an error when a producer first sends
+    to a topic the broker then creates (dead letters, alerts); a topic that stays missing is reported by the runner."""
+    return record.msg != "Topic %s not found in cluster metadata"
 
 
 def _load(path: Path) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        console.print(f"[red]configuration error[/red] in {path}:\n{exc}")
+        console.print(f"[red]configuration error[/red] in {escape(str(path))}:\n{escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[red]{type(exc).__name__}[/red]: {exc}")
+    console.print(f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}")
     return typer.Exit(code)
+
+
+SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"
+
+
+def _database_problem(exc: Exception, cfg: Config) -> str:
+    """One line for a database error: the (masked) URL and the driver's first line, the password scrubbed."""
+    from sqlalchemy.engine import make_url
+
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    text = reason[0] if reason else type(exc).__name__
+    password = make_url(cfg.database.url).password
+    if password:
+        text = text.replace(str(password), "***")
+    return f"cannot use the database {cfg.database.safe_url}: {text}"
+
+
+@contextmanager
+def _database_errors(cfg: Config) -> Iterator[None]:
+    """A database that cannot be reached or opened (or fails a statement) ends the command with one line, exit 1."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise _fail(TransientError(_database_problem(exc, cfg))) from None
+
+
+def _check_database(cfg: Config) -> None:
+    """Exit with one clear line unless the database can be reached and its schema is up to date."""
+    from pipeline.store.db import make_engine, pending_migrations
+
+    engine = make_engine(cfg.database.url)
+    try:
+        with _database_errors(cfg):
+            behind = pending_migrations(engine)
+    finally:
+        engine.dispose()
+    if behind:
+        raise _fail(TransientError(SCHEMA_BEHIND))
+
+
+@contextmanager
+def _session(cfg: Config, *, write: bool = False) -> Iterator[Session]:
+    """``session_scope`` on the configured database, after ``_check_database``; database errors as one line."""
+    from pipeline.store.db import session_scope
+
+    _check_database(cfg)
+    with _database_errors(cfg), session_scope(cfg.database.url, write=write) as session:
+        yield session
 
 
 @app.callback()
@@ -71,6 +137,7 @@ def run(
     from pipeline.runner import run_pipeline
 
     cfg = _load(config)
+    _check_database(cfg)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -88,24 +155,24 @@ def run(
 @app.command()
 def train(
     config: ConfigOption,
-    csv_path: Annotated[Path, typer.Option("--csv", help="CSV of readings: ts, [asset,] one column per sensor.")],
+    csv_path: Annotated[Path, typer.Option("--csv", help="CSV of readings: ts, \\[asset,] one column per sensor.")],
     group: Annotated[str | None, typer.Option(help="Group to train (default: the only group).")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new model the active one.")] = True,
 ) -> None:
     """Train a group's autoencoder on historical normal data, save the bundle and register the version."""
-    from pipeline.store.db import session_scope
     from pipeline.train import read_readings_csv, register_trained, train_group, windows_from_frame
 
     cfg = _load(config)
     if group is None and len(cfg.groups) > 1:
         raise _fail(ConfigError(f"--group is required: the config has {len(cfg.groups)} groups"), 2)
+    _check_database(cfg)  # before training, not after it
     try:
         group_cfg = cfg.group(group) if group else cfg.groups[0]
         windows = windows_from_frame(read_readings_csv(csv_path), group_cfg)
         trained = train_group(windows, group_cfg)
     except (ConfigError, ValueError) as exc:
         raise _fail(exc, 2) from None
-    with session_scope(cfg.database.url, write=True) as session:
+    with _session(cfg, write=True) as session:
         row = register_trained(session=session, trained=trained, group=group_cfg, model_dir=cfg.model_dir,
                                activate=activate)
     console.print(
@@ -147,13 +214,12 @@ def scheduler_command(config: ConfigOption) -> None:
     """Run the retrain job on the schedule of the configuration's retrain section (cron, time zone, misfire grace,
     coalescing) until SIGTERM/Ctrl-C; the schedule is kept in the database, so a restart resumes it."""
     from pipeline.scheduler import build_scheduler, stop_when_running
-    from pipeline.store.db import make_engine, pending_migrations
+    from pipeline.store.db import make_engine
 
     cfg = _load(config)
+    _check_database(cfg)
     engine = make_engine(cfg.database.url)
     try:
-        if pending_migrations(engine):
-            raise _fail(TransientError("database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"))
         try:
             scheduler = build_scheduler(cfg, config, engine=engine)
         except (ConfigError, ValueError) as exc:
@@ -177,7 +243,8 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
     from pipeline.store.db import upgrade
 
     cfg = _load(config)
-    upgrade(cfg.database.url, revision)
+    with _database_errors(cfg):
+        upgrade(cfg.database.url, revision)
     console.print(f"[green]database at {revision}[/green]: {cfg.database.safe_url}")
 
 
@@ -225,14 +292,13 @@ def alerts_list(
     """List alerts, newest first."""
     from pipeline.alert_format import alert_dict, duration_text, to_csv
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json", "csv"), "--format")
     _choice(status, ("open", "resolved"), "--status")
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
     cfg = _load(config)
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
                                 since=start, until=end, acknowledged=acknowledged, limit=limit)
     if output == "json":
@@ -269,11 +335,10 @@ def alerts_show(
 
     from pipeline.alert_format import alert_dict, duration_text, elide, history_rows
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         row = repo.get_alert(session=session, alert_id=alert_id)
         if row is None:
             raise _fail(KeyError(f"no alert with id {alert_id}"), 2)
@@ -308,7 +373,7 @@ def alerts_show(
         ("acknowledged", f"{alert['acknowledged_by']} at {str(alert['acknowledged_at'])[:19]}Z: "
          f"{alert['ack_comment'] or ''}" if alert["acknowledged_by"] else "no"),
     ):
-        summary.add_row(label, value)
+        summary.add_row(label, escape(str(value)))  # names and comments are text, not markup
     out.print(f"[bold]alert #{alert['id']}[/bold]")
     out.print(summary)
     sensors = Table(title="top sensors (share of the alert's error)", title_justify="left")
@@ -351,13 +416,12 @@ def alerts_ack(
 ) -> None:
     """Acknowledge an alert (open or resolved): who, when, and a comment. A second ack replaces the first."""
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     if not by.strip():
         raise typer.BadParameter("must not be empty", param_hint="--by")
     cfg = _load(config)
     try:
-        with session_scope(cfg.database.url, write=True) as session:
+        with _session(cfg, write=True) as session:
             row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=by.strip(), comment=comment)
     except KeyError:
         raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
@@ -366,22 +430,37 @@ def alerts_ack(
 
 
 @models_app.command("list")
-def models_list(config: ConfigOption, group: Annotated[str | None, typer.Option(help="Only this group.")] = None
-                ) -> None:
+def models_list(
+    config: ConfigOption,
+    group: Annotated[str | None, typer.Option(help="Only this group.")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
     """List registered model versions, newest first."""
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
+    _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         rows = repo.list_model_versions(session=session, group=group)
+    if output == "json":
+        typer.echo(json.dumps([{"version": r.version, "group": r.group_name, "type": r.model_type, "status": r.status,
+                                "created_at": r.created_at.isoformat(), "threshold": r.threshold,
+                                "windows_used": r.windows_used} for r in rows], indent=2))
+        return
+    _stdout().print(models_table(rows))
+
+
+def models_table(rows: Sequence[ModelVersion]) -> Table:
+    """The ``models list`` table; the version column (the id ``models activate`` takes) is never cut short,
+    whatever the terminal's width."""
     table = Table(title="model versions")
-    for column in ("version", "group", "type", "status", "created", "threshold", "windows"):
+    table.add_column("version", no_wrap=True, min_width=max((len(r.version) for r in rows), default=7))
+    for column in ("group", "type", "status", "created", "threshold", "windows"):
         table.add_column(column)
     for r in rows:
         table.add_row(r.version, r.group_name, r.model_type, r.status, r.created_at.isoformat(timespec="seconds"),
                       f"{r.threshold:.4g}", str(r.windows_used))
-    Console().print(table)
+    return table
 
 
 @models_app.command("activate")
@@ -391,10 +470,9 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
     pipelines switch to it within retrain.reload_interval_s."""
     from pipeline.registry import load_version
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     cfg = _load(config)
-    with session_scope(cfg.database.url, write=True) as session:
+    with _session(cfg, write=True) as session:
         found = repo.get_model_version(session=session, version=version)
         if found is None:
             raise _fail(ModelError(f"no model version {version!r}"), 2)
@@ -415,11 +493,10 @@ def models_show(
     """One model version: status, data range, windows used, threshold, metrics (false-alarm rates of candidate and
     active model when it came from a retrain), artifact path and checksum, and the retrain run that produced it."""
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         row = repo.get_model_version(session=session, version=version)
         runs = repo.list_retrain_runs(session=session, candidate_version=version, limit=1)
     if row is None:
@@ -470,10 +547,9 @@ def models_runs(
 ) -> None:
     """Recent retrain runs, newest first: when, outcome (promoted, rejected, skipped, failed, refused) and why."""
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     cfg = _load(config)
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         rows = repo.list_retrain_runs(session=session, group=group, limit=limit)
     table = Table(title=f"retrain runs ({len(rows)})", title_justify="left")
     for column in ("id", "group", "trigger", "started (UTC)", "seconds", "outcome", "candidate", "windows", "reason"):
@@ -496,7 +572,6 @@ def drift_show(
     near drift.max_offset, or growing from day to day on a sensor whose faults are slow drifts, deserve a look."""
     from pipeline.drift import offsets_report
     from pipeline.store import repo
-    from pipeline.store.db import session_scope
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
@@ -511,7 +586,7 @@ def drift_show(
     if not groups:
         console.print(f"no group of {config} follows drift (groups[].drift)")
         return
-    with session_scope(cfg.database.url) as session:
+    with _session(cfg) as session:
         latest = repo.recent_scores(session=session, assets=[a for g in groups for a in g.assets], limit=1)
     limits = {asset: g.drift_limit for g in groups for asset in g.assets}  # by the asset's group now
     rows = [offsets_report(repo.score_of(r[-1]), limits[asset]) for asset, r in sorted(latest.items())]
@@ -538,12 +613,12 @@ def report(
     since: Annotated[str, typer.Option(help="Start: ISO-8601 (UTC if no zone), or a span back like 24h, 7d.")] = "24h",
     until: Annotated[str, typer.Option(help="End: ISO-8601, or 'now'.")] = "now",
     csv_path: Annotated[Path | None, typer.Option(
-        "--csv", help="Optional CSV of raw readings (ts, [asset,] one column per sensor) to plot the signals.")] = None,
+        "--csv", help="Optional CSV of raw readings (ts, \\[asset,] one column per sensor) to plot the signals.",
+    )] = None,
 ) -> None:
     """Write a self-contained HTML report of one asset: score vs threshold, per-sensor error contributions (and raw
     signals from --csv), alert spans shaded, and each alert's top sensors."""
     from pipeline.report import load_report_data, write_report
-    from pipeline.store.db import session_scope
 
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
@@ -555,7 +630,7 @@ def report(
     if group is None:
         raise _fail(ConfigError(f"asset {asset!r} is in no group of {config}"), 2)
     try:
-        with session_scope(cfg.database.url) as session:
+        with _session(cfg) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
                                     csv_path=csv_path)
     except ConfigError as exc:
@@ -669,3 +744,7 @@ def evaluate(
         table.add_row(row["model"], f"{row['f1']:.3f}", f"{row['far']:.2%}", f"{row['mar']:.2%}",
                       f"{row['train_seconds']:.1f}")
     Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

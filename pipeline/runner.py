@@ -22,6 +22,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from http.server import ThreadingHTTPServer
 from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -32,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.detector import Detector
 from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
-from pipeline.config import Config
+from pipeline.config import Config, KafkaConfig
 from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, ForwardPass, forward_pass, judge
 from pipeline.errors import ModelError, TransientError
@@ -410,36 +411,56 @@ class Runner:
 
 def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | None = None,
                  on_batch: Callable[[RunStats], None] | None = None, serve_metrics: bool = False) -> RunStats:
-    """Build the clients from ``config`` and run the loop until stopped. The caller installs signal handlers."""
-    engine = make_engine(config.database.url)
-    try:
+    """Build the clients from ``config`` and run the loop until stopped. The caller installs signal handlers.
+
+    TransientError, with one line saying what to do, when the database schema is not up to date, the metrics port
+    is taken, or Kafka cannot be reached; ModelError when an active model is refused."""
+    with contextlib.ExitStack() as stack:
+        engine = make_engine(config.database.url)
+        stack.callback(engine.dispose)
         if pending_migrations(engine):
             raise TransientError("database schema is not up to date: run 'sensorwatch db upgrade --config FILE'")
         sessions = make_sessionmaker(engine)
         with sessions() as session:
             detectors = load_active(session=session, config=config)
         metrics = PipelineMetrics(config.metrics.unhealthy_after_s)
-        server = None
         if serve_metrics and config.metrics.enabled:
-            server = serve(metrics, config.metrics.host, config.metrics.port)
-            log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
-        producer = kafka_io.make_producer(config.kafka)
+            server = _serve_metrics(metrics, config)
+            stack.callback(server.shutdown)
+        producer = _connect(kafka_io.make_producer, config.kafka)
+        stack.callback(producer.close, timeout=10)
         sinks = build_sinks(config)
+        stack.callback(sinks.close, timeout_s=10)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks)
-        consumer = kafka_io.make_consumer(
-            config.kafka, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
+        consumer = _connect(functools.partial(
+            kafka_io.make_consumer, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
             on_lost=runner.partitions_lost, stop=stop,
-        )
+        ), config.kafka)
+        stack.callback(consumer.close, autocommit=False)
         log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                  config.database.safe_url, {g: d.version for g, d in detectors.items()})
-        try:
-            return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
-        finally:
-            consumer.close(autocommit=False)
-            producer.close(timeout=10)
-            sinks.close(timeout_s=10)
-            if server is not None:
-                server.shutdown()
-    finally:
-        engine.dispose()
+        return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
+
+
+def _serve_metrics(metrics: PipelineMetrics, config: Config) -> ThreadingHTTPServer:
+    """The metrics and health endpoint; TransientError when its port is taken (another process on the host)."""
+    host, port = config.metrics.host, config.metrics.port
+    try:
+        server = serve(metrics, host, port)
+    except OSError as exc:
+        raise TransientError(f"metrics endpoint: cannot listen on {host}:{port} ({exc.strerror}); give each pipeline "
+                             f"process on a host its own metrics.port (for example port: ${{METRICS_PORT:-9464}}), "
+                             f"or set metrics.enabled: false") from None
+    log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
+    return server
+
+
+def _connect(make: Callable[[KafkaConfig], T], kafka: KafkaConfig) -> T:
+    """``make(kafka)``, a Kafka client; TransientError naming the brokers when none can be reached (or the security
+    settings do not match them)."""
+    try:
+        return make(kafka)
+    except KafkaError as exc:
+        raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}); "
+                             f"check kafka.bootstrap_servers and kafka.security") from None

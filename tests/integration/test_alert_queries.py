@@ -172,7 +172,8 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
     bad = cli.invoke(app, ["alerts", "list", "-c", config, "--status", "closed"])
     assert bad.exit_code == 2
 
-    acked = cli.invoke(app, ["alerts", "ack", "-c", config, str(c), "--by", "carol", "--comment", "on site at 10:00"])
+    comment = "on site at 10:00 [motor]"
+    acked = cli.invoke(app, ["alerts", "ack", "-c", config, str(c), "--by", "carol", "--comment", comment])
     assert acked.exit_code == 0, acked.output
     assert cli.invoke(app, ["alerts", "ack", "-c", config, "424242", "--by", "carol"]).exit_code == 2
     unacked = cli.invoke(app, ["alerts", "list", "-c", config, "--format", "json", "--unacknowledged"])
@@ -181,7 +182,7 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
     shown = cli.invoke(app, ["alerts", "show", "-c", config, str(c), "--format", "json", "--context", "4"])
     assert shown.exit_code == 0, shown.output
     detail = json.loads(shown.output)
-    assert detail["alert"]["acknowledged_by"] == "carol" and detail["alert"]["ack_comment"] == "on site at 10:00"
+    assert detail["alert"]["acknowledged_by"] == "carol" and detail["alert"]["ack_comment"] == comment
     history = detail["history"]
     inside = [h for h in history if h["in_alert"]]
     assert len(history) == len(inside) + 4  # 4 windows of context before; the alert is still open at the end
@@ -194,6 +195,8 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
     for expected in (f"alert #{b}", "critical", "bearing_temp", "score history", "...", "top sensors"):
         assert expected in text_out.output
     assert cli.invoke(app, ["alerts", "show", "-c", config, "424242"]).exit_code == 2
+    acked_out = cli.invoke(app, ["alerts", "show", "-c", config, str(c)])
+    assert "carol" in acked_out.output and comment in acked_out.output  # shown as text, not as rich markup
 
 
 def test_the_documented_example_queries_run(loaded: tuple[str, int, int, int]) -> None:

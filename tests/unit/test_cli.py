@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import typer.main
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli import app, models_table
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -118,3 +120,62 @@ def test_drift_shows_each_assets_latest_offsets_largest_first(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     assert [(r["asset"], r["group"]) for r in yaml.safe_load(result.stdout)] == [
         ("f1", "fans"), ("p1", "pumps"), ("p2", "pumps")]  # the group its latest row was scored in
+
+
+def _sqlite_config(tmp_path: Path, url: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"database": {"url": url}, "model_dir": str(tmp_path / "models"),
+                                    "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    return str(path)
+
+
+def test_database_problems_are_one_line_errors_and_train_checks_before_training(tmp_path: Path) -> None:
+    missing_dir = _sqlite_config(tmp_path, f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'sw.db'}")
+    for args in (["alerts", "list"], ["models", "list"], ["db", "upgrade"], ["alerts", "show", "1"]):
+        result = runner.invoke(app, [*args, "--config", missing_dir])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert "cannot use the database" in result.output and "unable to open database file" in result.output
+    unmigrated = _sqlite_config(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}")
+    listed = runner.invoke(app, ["models", "list", "--config", unmigrated])
+    assert listed.exit_code == 1 and "database schema is not up to date" in listed.output
+    csv = tmp_path / "r.csv"
+    csv.write_text("ts,x\n" + "".join(f"{i * 1000},{i % 7}\n" for i in range(500)))
+    trained = runner.invoke(app, ["train", "--config", unmigrated, "--csv", str(csv)])
+    assert trained.exit_code == 1 and "database schema is not up to date" in trained.output
+    assert not (tmp_path / "models").exists()  # refused before training: no orphan bundle
+    secret = _sqlite_config(tmp_path, "postgresql+psycopg://sw:s3cr%40t@127.0.0.1:1/sw")  # nothing listens on :1
+    refused = runner.invoke(app, ["alerts", "list", "--config", secret])
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 1 and "cannot use the database postgresql+psycopg://sw:***@127.0.0.1:1/sw" in text
+    assert "s3cr" not in refused.output
+
+
+def test_bracketed_text_is_shown_as_written(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x, valid_range: [5, 1]}]\n")
+    result = runner.invoke(app, ["alerts", "list", "--config", str(bad)])
+    assert result.exit_code == 2 and "valid_range must be [low, high]" in result.output
+    helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "ts, [asset,] one column per sensor" in helped.output
+
+
+def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
+    from pipeline.store.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    config = _sqlite_config(tmp_path, url)
+    upgrade(url)
+    csv = tmp_path / "r.csv"
+    csv.write_text("ts,x\n" + "".join(f"{i * 1000},{(i % 7) / 7}\n" for i in range(400)))
+    trained = runner.invoke(app, ["train", "--config", config, "--csv", str(csv)])
+    assert trained.exit_code == 0, trained.output
+    (row,) = yaml.safe_load(runner.invoke(app, ["models", "list", "--config", config, "--format", "json"]).stdout)
+    assert row["group"] == "g" and row["status"] == "active" and row["version"].startswith("g-")
+    from pipeline.store import repo
+    from pipeline.store.db import session_scope
+
+    with session_scope(url) as session:
+        rows = repo.list_model_versions(session=session)
+    narrow = Console(width=60, file=io.StringIO())
+    narrow.print(models_table(rows))
+    assert row["version"] in narrow.file.getvalue()  # the id 'models activate' takes, never cut short
