@@ -203,30 +203,45 @@ def score_and_judge(windows: Sequence[Window], detectors: Mapping[str, Detector]
 
 
 def followed_levels(detector: Detector, windows: Sequence[Window], *, weight: float, limit: float | None,
-                    streams: Sequence[Hashable] | None = None) -> np.ndarray:
+                    streams: Sequence[Hashable] | None = None, steps: Sequence[int] | None = None) -> np.ndarray:
     """What drift following would have held to ``detector``'s threshold over ``windows`` (time-ordered per asset,
-    one group), starting from zero offsets, as for a newly promoted model: per window, its score relative to its
-    asset's offsets (smoothed with ``detector.ewma_alpha`` per stream key of ``streams``, default: per asset). A window
-    whose score and level are at or below the threshold moves its asset's offsets ``weight`` of the way towards its
-    mean residuals (bounded by ``limit``); any other leaves them. The alert engine's quiet rule is approximated by
-    that verdict of the window itself (no k-of-n history, no open alerts). One forward pass."""
+    one group), starting from zero offsets: per window, its score relative to its asset's offsets (smoothed with
+    ``detector.ewma_alpha`` per stream key of ``streams``, default: per asset). A window whose score and level are at
+    or below the threshold moves its asset's offsets ``weight`` of the way towards its mean residuals, bounded by
+    ``limit``; any other leaves them. ``steps[i]`` (default 1): how many windows on the grid window ``i`` comes after
+    its asset's previous one; the ``steps[i] - 1`` windows left out in between (a thinned read) count as quiet
+    windows like the previous one (when it was quiet), so the offsets get as far as the whole stream's would.
+    A simplification of the pipeline, the same for any model it measures: the alert engine's quiet rule is the
+    window's own verdict (no k-of-n history, open alert, hysteresis or maintenance) and the aftermath bar is not
+    applied. One forward pass."""
     levels = np.empty(len(windows))
     if not windows:
         return levels
     variances, means = detector.residual_moments(np.stack([w.values for w in windows]))
     keys = list(streams) if streams is not None else [w.asset for w in windows]
     offsets: dict[str, np.ndarray] = {}
+    quiet_means: dict[str, np.ndarray] = {}  # per asset: its previous window's mean residuals, if it was quiet
     smoothed: dict[Hashable, float] = {}
     alpha, threshold = detector.ewma_alpha, detector.threshold
+
+    def bounded(values: np.ndarray) -> np.ndarray:
+        return values if limit is None else np.clip(values, -limit, limit)
+
     for i, window in enumerate(windows):
-        offset = offsets.setdefault(window.asset, np.zeros(variances.shape[1]))
+        asset = window.asset
+        offset = offsets.setdefault(asset, np.zeros(variances.shape[1]))
+        skipped = 0 if steps is None else steps[i] - 1
+        if skipped > 0 and asset in quiet_means:
+            caught_up = 1.0 - (1.0 - weight) ** skipped
+            offset = offsets[asset] = bounded(offset + caught_up * (quiet_means[asset] - offset))
         score = float(finite(variances[i] + (means[i] - offset) ** 2).mean())
         level = score
         if alpha is not None:
             previous = smoothed.get(keys[i], score)
             level = smoothed[keys[i]] = alpha * score + (1.0 - alpha) * previous
         levels[i] = level
+        quiet_means.pop(asset, None)
         if score <= threshold and level <= threshold:
-            moved = offset + weight * (means[i] - offset)
-            offsets[window.asset] = moved if limit is None else np.clip(moved, -limit, limit)
+            offsets[asset] = bounded(offset + weight * (means[i] - offset))
+            quiet_means[asset] = means[i]
     return levels

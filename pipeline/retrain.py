@@ -12,8 +12,8 @@ One run of one group (``retrain_group``):
   train    a candidate on the older windows, optionally starting from the active model's weights
   gate     on the newest ``holdout_fraction`` of windows (alert windows excluded) each model's false-alarm rate against
            its own threshold, on the alert windows each model's recall: promote only if not worse beyond ``tolerance``;
-           for a drift-following group, the active model as the pipeline judged it (relative to its followed offsets)
-           and the candidate following drift from zero offsets over the lookback, as it would once promoted
+           for a drift-following group, both models following drift from zero offsets over the lookback, the same way
+           (``drift_levels``)
   record   the candidate's registry row (active, rejected, or failed) and the run's row in ``retrain_runs``
 An exception anywhere leaves the active model untouched and records the run as failed. The decisions (``split_windows``,
 ``exceed_rate``, ``gate``) are pure functions of plain values.
@@ -239,8 +239,8 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
     two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
     ``thinning``: how the windows were thinned and smoothed (``Thinning.streams``); the false-alarm rate counts the
     held-out windows whose smoothed level has settled in the context, the same windows for every detector.
-    ``levels``: the detector's scores (smoothed over ``context`` when it smooths) by ``(asset, window end ms)``,
-    when they were computed already."""
+    ``levels``: the detector's levels by ``(asset, window end ms)`` when they were computed already: its scores
+    (smoothed over ``context`` when it smooths), or for a drift-following group ``drift_levels``."""
     thin = thinning or Thinning.unthinned()
     basis = list(context) or list(holdout)
     _, settled = thin.streams(basis)
@@ -258,18 +258,25 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
                      exceed_rate(alerted, detector.threshold), p99, detector.score_steps)
 
 
-def candidate_levels(candidate: Detector, group: GroupConfig, windows: Sequence[Window], thinning: Thinning
-                     ) -> dict[tuple[str, int], float] | None:
-    """For a drift-following group, the candidate's levels over the recent ``windows`` (time-ordered per asset) had
-    it been promoted at their start: following drift from zero offsets (``drift.followed_levels``; thinned, each
-    kept window moves the offsets as far as ``keep_every`` windows would). None for other groups (``evaluate`` scores
-    them plainly)."""
+def drift_levels(detector: Detector, group: GroupConfig, windows: Sequence[Window], thinning: Thinning
+                 ) -> dict[tuple[str, int], float] | None:
+    """For a drift-following group, ``detector``'s levels over the recent ``windows`` (time-ordered per asset) had it
+    run over them following drift from zero offsets (``drift.followed_levels``): the gate measures the active model
+    and the candidate this same way. Where thinning dropped windows before one, it moves the offsets as far as the
+    dropped stretch would have (its steps on the grid); a window kept after its predecessor moves them one window's
+    worth. None for other groups (``evaluate`` scores them plainly)."""
     weight = group.drift_weight
     if weight is None or not windows:
         return None
-    per_kept = 1.0 - (1.0 - weight) ** thinning.keep_every
-    levels = followed_levels(candidate, windows, weight=per_kept, limit=group.drift_limit,
-                             streams=thinning.streams(windows)[0])
+    steps = [1] * len(windows)
+    if thinning.keep_every > 1:
+        last: dict[str, int] = {}
+        for i, window in enumerate(windows):
+            index = thinning.index(window)
+            steps[i] = max(index - last.get(window.asset, index - 1), 1)
+            last[window.asset] = index
+    levels = followed_levels(detector, windows, weight=weight, limit=group.drift_limit,
+                             streams=thinning.streams(windows)[0], steps=steps)
     return dict(zip(((w.asset, w.end_ms) for w in windows), levels, strict=True))
 
 
@@ -506,8 +513,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
                   ) -> tuple[WindowSplit, Thinning, dict[tuple[str, int], float] | None] | None:
     """Read the lookback back from Kafka (thinned to ``retrain.max_windows``, keeping every window near an alert),
     look up its alerts and flagged windows, and split it (figures go into ``metrics``). Also returns the active
-    model's levels over the windows for the gate (a drift-following group's, where the pipeline scored them with the
-    active version, as it judged them). None when the lookback holds no complete window."""
+    model's bare levels over the windows. None when the lookback holds no complete window."""
     rc = config.retrain
     since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
     margin_ms = round(rc.alert_margin_s * 1000)
@@ -532,7 +538,7 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
                                        end=ms_to_datetime(last_ms))
         last_scored = repo.last_scored_windows(session=session, group=group.name) if group.drift else {}
-    levels = bare = None
+    levels = None
     if active is not None:
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),
                           strict=True))
@@ -541,17 +547,8 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         # its followed offsets): the bare levels would flag the very drift it followed and leave it out of training.
         flagged |= {key for key, level in levels.items() if level > active.threshold
                     and (group.drift is None or key[0] not in last_scored or key[1] > last_scored[key[0]])}
-        if group.drift is not None:  # the gate measures it as the pipeline judged it, relative to its offsets
-            bare = dict(levels)
-            with sessions() as session:
-                judged = repo.judged_levels(session=session, group=group.name, version=active.version,
-                                            start=ms_to_datetime(first_ms), end=ms_to_datetime(last_ms))
-            levels.update((key, judged[key]) for key in levels.keys() & judged.keys())
-            metrics.update(windows_judged_by_active=sum(key in judged for key in levels))
     split = split_windows(data.windows, alerts=spans, flagged=flagged, margin_ms=margin_ms,
                           holdout_fraction=rc.holdout_fraction, counted=thinning.keeps)
-    if active is not None and bare is not None:  # how far its followed offsets carry it (a report figure)
-        metrics.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, bare).far)
     metrics.update(windows_total=split.total, windows_train=len(split.train), windows_holdout=len(split.holdout),
                    windows_alert=len(split.alert_windows), windows_near_alert=split.near_alert,
                    windows_flagged=split.flagged, anomalous_fraction=round(split.anomalous_fraction, 4),
@@ -600,9 +597,14 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     progress.candidate_version = candidate.version
 
     cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning,
-                         candidate_levels(candidate, group, split.windows, thinning))
-    active_eval = (evaluate(active, split.holdout, split.alert_windows, split.windows, thinning, active_levels)
-                   if active is not None else None)
+                         drift_levels(candidate, group, split.windows, thinning))
+    active_eval = None
+    if active is not None:
+        followed = drift_levels(active, group, split.windows, thinning)
+        active_eval = evaluate(active, split.holdout, split.alert_windows, split.windows, thinning,
+                               followed if followed is not None else active_levels)
+        if followed is not None:  # how much drift its offsets carry: its bare levels, as a report figure
+            m.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, active_levels).far)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)
     m.update(trained.metrics)

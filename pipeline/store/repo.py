@@ -419,19 +419,6 @@ def flagged_windows(*, session: Session, group: str, start: datetime, end: datet
     return {(asset, datetime_to_ms(end_at)) for asset, end_at in rows}
 
 
-def judged_levels(*, session: Session, group: str, version: str, start: datetime, end: datetime
-                  ) -> dict[tuple[str, int], float]:
-    """``(asset, window end ms) -> level`` (the smoothed score when stored, else the score) of the group's windows
-    ending in ``[start, end]`` that model ``version`` scored: what the pipeline held to that model's threshold."""
-    level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
-    rows = session.execute(
-        select(WindowScore.asset, WindowScore.window_end, level).where(
-            WindowScore.group_name == group, WindowScore.model_version == version, WindowScore.window_end >= start,
-            WindowScore.window_end <= end)
-    )
-    return {(asset, datetime_to_ms(end_at)): float(value) for asset, end_at, value in rows}
-
-
 def last_scored_windows(*, session: Session, group: str) -> dict[str, int]:
     """Per asset of ``group`` with stored scores: the end (ms) of its latest scored window."""
     rows = session.execute(select(WindowScore.asset, func.max(WindowScore.window_end))

@@ -324,8 +324,7 @@ def test_retrain_promotes_on_drift_and_the_pipeline_switches_mid_stream_then_fol
 def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: Deployment) -> None:
     """With drift following, the pipeline does not flag the drift; the retrain counts windows as the pipeline judged
     them, not by the active model's bare levels (which would flag the drift and leave it out of training), and its
-    gate measures both models as they would run: the active one by the pipeline's verdicts, the candidate following
-    drift."""
+    gate measures both models as they would run, following drift."""
     d, cfg = deployment, deployment.config
     stream = Stream(cfg, _drifted(2 * DAY, per_day=10.0))
     pipeline = Pipeline(cfg)
@@ -342,11 +341,11 @@ def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: D
     _figures("drift-following", result)
     far_active, far_bare = result.metrics["far_active"], result.metrics["far_active_bare"]
     print(f"[drift-following] stored flags {stored_flags}, windows flagged for the split "
-          f"{result.metrics['windows_flagged']}, far_active {far_active} (bare levels {far_bare}), windows judged "
-          f"by the active model {result.metrics['windows_judged_by_active']}, last offsets {offsets[0]}")
+          f"{result.metrics['windows_flagged']}, far_active {far_active} (bare levels {far_bare}), last offsets "
+          f"{offsets[0]}")
     assert offsets[0] and max(offsets[0]["motor_temp"], offsets[0]["bearing_temp"]) > 0.5  # the drift was followed
     assert far_bare > 0.2  # the active model's bare levels flag much of the drifted holdout...
-    assert far_active < 0.05 and result.metrics["windows_judged_by_active"] > 0  # ...the pipeline's verdicts do not
+    assert far_active < 0.05  # ...following the drift, as the pipeline does, it flags almost none
     assert f"the active model without its offsets {far_bare:.2%}" in result.summary()
     assert result.metrics["windows_flagged"] <= stored_flags  # ...but the split counts the pipeline's verdicts
     assert result.outcome == "promoted", result.reason

@@ -21,7 +21,7 @@ from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
 from pipeline.drift import DriftTracker, followed_levels, score_and_judge
 from pipeline.errors import ConfigError
-from pipeline.retrain import candidate_levels
+from pipeline.retrain import drift_levels
 from pipeline.runner import Runner
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
@@ -351,17 +351,33 @@ def test_followed_levels_are_bounded_by_max_offset() -> None:
     assert bounded[("a", 599)] > 1.0  # 1 std followed at most; the rest counts
 
 
-def test_the_retrain_gate_follows_drift_only_for_a_drift_following_group_and_as_fast_when_thinned() -> None:
-    windows = _windows(300)
+def test_the_gate_follows_drift_only_for_a_drift_following_group_and_thinned_as_the_full_stream_would() -> None:
+    # a constant shift of 1 std on x: the offset after n quiet windows is exactly 1 - (1 - w)^n, so a thinned read
+    # that moves it by each dropped stretch's worth has exactly the full stream's levels at the windows it kept
+    windows = _windows(400, lambda asset, second: 11.0)
     detector = _LevelDetector()
-    assert candidate_levels(detector, _groups(None)[0], windows, Thinning.unthinned()) is None  # type: ignore
-    group = _groups(20.0)[0]
-    full = candidate_levels(detector, group, windows, Thinning.unthinned())  # type: ignore[arg-type]
-    thinning = Thinning(STRIDE * 1000, keep_every=4, block=5)  # a quarter of the windows, in blocks of 5
-    kept = [w for w in windows if thinning.keeps(w)]
-    thinned = candidate_levels(detector, group, kept, thinning)  # type: ignore[arg-type]
-    assert full is not None and thinned is not None and len(kept) < len(windows) / 3
-    # each kept window moves the offsets as far as 4 windows would: the thinned levels stay with the full ones
-    assert max(abs(thinned[k] - full[k]) for k in thinned) < 0.1
-    unscaled = followed_levels(detector, kept, weight=group.drift_weight, limit=None)  # type: ignore[arg-type]
-    assert unscaled.max() > 0.2  # moving them as far as 1 window would lags the drift
+    assert drift_levels(detector, _groups(None)[0], windows, Thinning.unthinned()) is None  # type: ignore
+    group = _groups(200.0)[0]  # w = 0.01 a window
+    full = drift_levels(detector, group, windows, Thinning.unthinned())  # type: ignore[arg-type]
+    thinning = Thinning(STRIDE * 1000, keep_every=4, block=5)
+    first = thinning.index(windows[0])
+    kept = [w for w in windows if thinning.keeps(w) or thinning.index(w) == first  # each asset's first window
+            or 60 <= thinning.index(w) - first <= 80]  # and a stretch kept whole, as windows near an alert are
+    thinned = drift_levels(detector, group, kept, thinning)  # type: ignore[arg-type]
+    assert full is not None and thinned is not None and len(kept) < len(windows) / 2
+    assert all(thinned[k] == pytest.approx(full[k], rel=1e-9) for k in thinned)
+    last = [w for w in windows if w.asset == "a"][-1]  # after 198 quiet windows: b = 1 - 0.99^198, level (1 - b)^2 / 2
+    assert full[(last.asset, last.end_ms)] == pytest.approx((1 - 0.01) ** (2 * 198) / 2)
+
+
+def test_followed_levels_move_only_on_a_quiet_score_and_level_and_smooth_per_stream() -> None:
+    windows = [w for w in _windows(60, lambda asset, second: 13.0 if 30 <= second < 34 else 10.0) if w.asset == "a"]
+    detector = _LevelDetector(ewma_alpha=0.1)
+    scores = detector.score(np.stack([w.values for w in windows]))[0]
+    levels = followed_levels(detector, windows, weight=0.1, limit=None)
+    assert ((scores > 1.0) & (levels <= 1.0)).sum() >= 3  # the spike's windows: scores above, smoothed levels not
+    # ...so the offsets never moved off 0: the same levels as with following off
+    assert np.allclose(levels, followed_levels(detector, windows, weight=0.0, limit=None))
+    streams = ["s1" if i < 20 else "s2" for i in range(len(windows))]
+    restarted = followed_levels(detector, windows, weight=0.1, limit=None, streams=streams)
+    assert restarted[20] == pytest.approx(scores[20]) and restarted[19] == pytest.approx(levels[19])  # a new stream
