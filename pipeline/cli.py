@@ -286,7 +286,7 @@ def alerts_list(
     until: Annotated[str | None, typer.Option(help="Only alerts opened before this time (same forms).")] = None,
     acknowledged: Annotated[bool | None, typer.Option(
         "--acknowledged/--unacknowledged", help="Only acknowledged (or unacknowledged) alerts.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows.")] = 50,
+    limit: Annotated[int, typer.Option(help="At most this many rows.", min=1)] = 50,
     output: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
 ) -> None:
     """List alerts, newest first."""
@@ -297,6 +297,8 @@ def alerts_list(
     _choice(status, ("open", "resolved"), "--status")
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
+    if start is not None and end is not None and end <= start:
+        raise typer.BadParameter("--until must be after --since", param_hint="--until")
     cfg = _load(config)
     with _session(cfg) as session:
         rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
@@ -543,7 +545,7 @@ def models_show(
 def models_runs(
     config: ConfigOption,
     group: Annotated[str | None, typer.Option(help="Only this group.")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many runs.")] = 20,
+    limit: Annotated[int, typer.Option(help="At most this many runs.", min=1)] = 20,
 ) -> None:
     """Recent retrain runs, newest first: when, outcome (promoted, rejected, skipped, failed, refused) and why."""
     from pipeline.store import repo
@@ -644,9 +646,9 @@ def report(
 def simulate(
     out: Annotated[Path, typer.Option(help="Directory for readings.csv and ground_truth.json.")],
     assets: Annotated[str, typer.Option(help="Comma-separated asset ids.")] = "pump-1,pump-2,pump-3",
-    hours: Annotated[float, typer.Option(help="Hours of data per asset.")] = 24.0,
-    period: Annotated[float, typer.Option(help="Sampling period in seconds.")] = 10.0,
-    anomalies: Annotated[int, typer.Option(help="Injected anomalies per asset (0 for normal data).")] = 2,
+    hours: Annotated[float, typer.Option(help="Hours of data per asset.", min=0.01)] = 24.0,
+    period: Annotated[float, typer.Option(help="Sampling period in seconds.", min=0.001)] = 10.0,
+    anomalies: Annotated[int, typer.Option(help="Injected anomalies per asset (0 for normal data).", min=0)] = 2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
     start: Annotated[str, typer.Option(help="First timestamp (ISO-8601, UTC).")] = "2026-01-01T00:00:00",
 ) -> None:
@@ -656,10 +658,19 @@ def simulate(
     from pipeline.simulate import simulate_fleet, write_ground_truth
 
     names = [a.strip() for a in assets.split(",") if a.strip()]
-    frames, truth = simulate_fleet(
-        names, pd.Timestamp(start, tz="UTC"), int(hours * 3600 / period), period, seed,
-        anomalies_per_asset=anomalies, anomalous_assets=names if anomalies else [],
-    )
+    if not names:
+        raise typer.BadParameter("needs at least one asset id", param_hint="--assets")
+    try:
+        first = pd.Timestamp(start, tz="UTC")
+    except ValueError:
+        raise typer.BadParameter(f"{start!r} is not an ISO-8601 time", param_hint="--start") from None
+    try:
+        frames, truth = simulate_fleet(
+            names, first, int(hours * 3600 / period), period, seed,
+            anomalies_per_asset=anomalies, anomalous_assets=names if anomalies else [],
+        )
+    except ValueError as exc:  # too short for the anomalies asked for
+        raise _fail(exc, 2) from None
     out.mkdir(parents=True, exist_ok=True)
     table = pd.concat([f.assign(asset=a) for a, f in frames.items()]).reset_index().sort_values(["ts", "asset"])
     table["ts"] = table["ts"].map(lambda t: t.isoformat())

@@ -182,6 +182,8 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
 def read_readings_csv(path: Path) -> pd.DataFrame:
     """Read a CSV of readings (``ts`` column, one column per sensor, optional ``asset``); separator sniffed."""
     try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
         return pd.read_csv(path, sep=None, engine="python")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read training data {path}: {exc}") from None

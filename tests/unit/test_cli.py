@@ -179,3 +179,23 @@ def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
     narrow = Console(width=60, file=io.StringIO())
     narrow.print(models_table(rows))
     assert row["version"] in narrow.file.getvalue()  # the id 'models activate' takes, never cut short
+
+
+def test_bad_command_line_values_are_refused_without_a_traceback(tmp_path: Path) -> None:
+    for args, expected in ((["--hours", "0"], "--hours"), (["--period", "0"], "--period"),
+                           (["--start", "notadate"], "not an ISO-8601 time"), (["--anomalies", "-1"], "--anomalies"),
+                           (["--hours", "0.01"], "do not fit")):
+        result = runner.invoke(app, ["simulate", "--out", str(tmp_path / "sim"), *args])
+        assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert expected in " ".join(result.output.split()), (args, result.output)
+    config = _sqlite_config(tmp_path, f"sqlite:///{tmp_path / 'sw.db'}")
+    swapped = runner.invoke(app, ["alerts", "list", "--config", config, "--since", "1h", "--until", "2h"])
+    assert swapped.exit_code == 2 and "--until must be after --since" in " ".join(swapped.output.split())
+    assert runner.invoke(app, ["alerts", "list", "--config", config, "--limit", "0"]).exit_code == 2
+    from pipeline.store.db import upgrade
+
+    upgrade(f"sqlite:///{tmp_path / 'sw.db'}")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    result = runner.invoke(app, ["train", "--config", config, "--csv", str(empty)])
+    assert result.exit_code == 2 and "the file is empty" in " ".join(result.output.split())
