@@ -586,7 +586,9 @@ def drift_show(
     if group is not None and not groups:
         raise _fail(ConfigError(f"group {group!r} does not follow drift (groups[].drift) in {config}"), 2)
     if not groups:
-        console.print(f"no group of {config} follows drift (groups[].drift)")
+        console.print(f"no group of {escape(str(config))} follows drift (groups[].drift)")
+        if output == "json":
+            typer.echo("[]")  # still a document for scripts
         return
     with _session(cfg) as session:
         latest = repo.recent_scores(session=session, assets=[a for g in groups for a in g.assets], limit=1)

@@ -110,6 +110,10 @@ def test_drift_shows_each_assets_latest_offsets_largest_first(tmp_path: Path) ->
         ("p2", {}, None, 3.0)]  # p3 has no score yet; f1's group does not follow drift
     table = runner.invoke(app, ["drift", "--config", str(path)])
     assert table.exit_code == 0 and "temp -2.50, flow +0.50" in table.stdout and "none yet" in table.stdout
+    nobody = tmp_path / "nobody.yaml"
+    nobody.write_text(yaml.safe_dump({"database": {"url": url}, "groups": [groups[1]]}))
+    none_json = runner.invoke(app, ["drift", "--config", str(nobody), "--format", "json"])
+    assert none_json.exit_code == 0 and none_json.stdout.strip() == "[]"  # a document for scripts, even then
     refused = runner.invoke(app, ["drift", "--config", str(path), "--group", "fans"])
     assert refused.exit_code == 2 and "does not follow drift" in refused.output
     unknown = runner.invoke(app, ["drift", "--config", str(path), "--group", "nosuch"])
