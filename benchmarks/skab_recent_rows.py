@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +60,17 @@ def synthetic_scores(data: Path, settings: SequenceSettings, description: str) -
             "per_kind": {k: v.to_dict() for k, v in per_kind.items()}}
 
 
-def synthetic_row(data: Path, model: str, tail: int) -> dict[str, Any]:
-    """``synthetic_scores`` of the shipped detector scoring its last ``tail`` rows."""
-    settings = default_settings(model, score_steps=None if tail == WHOLE_WINDOW else tail)
-    return {"tail": tail, **synthetic_scores(data, settings, f"{model} tail {tail}")}
+@dataclass(frozen=True)
+class Study:
+    """A pre-registered one-setting study: ``values`` of the setting ``key`` are scored on the synthetic files, the
+    best synthetic F1 is picked per model, and SKAB scores each pick once (a pick of ``shipped``, the detector as it
+    is, takes no new look). ``settings(model, value)`` is the detector a value stands for."""
+
+    key: str
+    values: tuple[Any, ...]
+    shipped: Any
+    settings: Callable[[str, Any], SequenceSettings]
+    results: Path
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -69,37 +78,48 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return max(rows, key=lambda r: r["f1"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_study(study: Study, description: str) -> None:
+    """The command line of a study: ``choose`` (the synthetic grid and pick per model) or ``look`` (SKAB, once per
+    pick); results are kept in ``study.results``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "datasets" / "skab")
     parser.add_argument("command", choices=("choose", "look"))
     parser.add_argument("--models", default="dense,lstm,conv")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"synthetic": {}, "looks": {}}
+    key = study.key
+    results = json.loads(study.results.read_text()) if study.results.exists() else {"synthetic": {}, "looks": {}}
     for model in args.models.split(","):
         if args.command == "choose":
-            rows = [synthetic_row(args.data, model, tail) for tail in TAILS]
-            results["synthetic"][model] = {"rows": rows, "pick": choose(rows)["tail"]}
+            rows = [{key: value, **synthetic_scores(args.data, study.settings(model, value), f"{model} {key} {value}")}
+                    for value in study.values]
+            results["synthetic"][model] = {"rows": rows, "pick": choose(rows)[key]}
             for r in rows:
-                print(f"{model} tail {r['tail']}: synthetic F1 {r['f1']:.3f}, FAR {100 * r['far']:.2f}%, "
+                print(f"{model} {key} {r[key]}: synthetic F1 {r['f1']:.3f}, FAR {100 * r['far']:.2f}%, "
                       f"MAR {100 * r['mar']:.2f}%")
-            print(f"{model}: pick tail {results['synthetic'][model]['pick']}")
+            print(f"{model}: pick {key} {results['synthetic'][model]['pick']}")
             continue
-        tail = results["synthetic"].get(model, {}).get("pick")
-        if tail is None:
+        if model not in results["synthetic"]:
             raise SystemExit(f"no synthetic pick for {model}: run `choose --models {model}` first")
-        if tail == WHOLE_WINDOW:
-            print(f"{model}: the pick is the whole window (tail {WHOLE_WINDOW}), scored before; no new look")
+        value = results["synthetic"][model]["pick"]
+        if value == study.shipped:
+            print(f"{model}: the pick is the detector as shipped ({key} {value}); no new look")
             continue
         if model in results["looks"]:
             raise SystemExit(f"{model} was scored on SKAB already (one look per model): {results['looks'][model]}")
-        settings = default_settings(model, score_steps=tail)
+        settings = study.settings(model, value)
         doc = evaluate_files(load_skab(args.data), lambda s=settings: SequenceDetector(s), model=model,
                              settings=settings.describe(), progress=True).to_dict()
-        results["looks"][model] = {"tail": tail, **{k: doc[k] for k in ("f1", "far", "mar", "train_seconds")}}
-        print(f"{model} tail {tail}: F1 {doc['f1']:.3f}, FAR {100 * doc['far']:.2f}%, MAR {100 * doc['mar']:.2f}%, "
+        results["looks"][model] = {key: value, **{k: doc[k] for k in ("f1", "far", "mar", "train_seconds")}}
+        print(f"{model} {key} {value}: F1 {doc['f1']:.3f}, FAR {100 * doc['far']:.2f}%, MAR {100 * doc['mar']:.2f}%, "
               f"training {doc['train_seconds']:.1f} s")
-    RESULTS.write_text(json.dumps(results, indent=1, default=float) + "\n")
+        study.results.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    study.results.write_text(json.dumps(results, indent=1, default=float) + "\n")
+
+
+def main() -> None:
+    run_study(Study("tail", TAILS, WHOLE_WINDOW,
+                    lambda model, tail: default_settings(model, score_steps=None if tail == WHOLE_WINDOW else tail),
+                    RESULTS), __doc__ or "")
 
 
 if __name__ == "__main__":
