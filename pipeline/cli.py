@@ -49,14 +49,21 @@ def _setup_logging(verbose: bool) -> None:
         force=True,
     )
     logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported once per retry by the runner
-    logging.getLogger("kafka.cluster").addFilter(_topic_being_created)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _topic_being_created(record: logging.LogRecord) -> bool:
-    """Drop kafka-python's "Topic ... not found in cluster metadata": logged as an error when a producer first sends
-    to a topic the broker then creates (dead letters, alerts); a topic that stays missing is reported by the runner."""
-    return record.msg != "Topic %s not found in cluster metadata"
+class _TopicsBeingCreated(logging.Filter):
+    """Drops kafka-python's "Topic ... not found in cluster metadata" for the topics this process only produces to
+    (dead letters, alerts): it is logged as an error on the first send to a topic the broker then creates; a topic
+    that stays missing fails the send, which the runner reports and retries."""
+
+    def __init__(self, topics: set[str]) -> None:
+        super().__init__()
+        self.topics = topics
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Topic %s not found in cluster metadata" and record.args
+                    and record.args[0] in self.topics)
 
 
 def _load(path: Path) -> Config:
@@ -76,14 +83,19 @@ SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade 
 
 
 def _database_problem(exc: Exception, cfg: Config) -> str:
-    """One line for a database error: the (masked) URL and the driver's first line, the password scrubbed."""
+    """One line for a database error: the (masked) URL and the driver's first line, with the password (as given or
+    URL-encoded) scrubbed from it where a driver echoes it (passwords under 4 characters are left: they would match
+    anywhere, and mask nothing worth masking)."""
+    from urllib.parse import quote
+
     from sqlalchemy.engine import make_url
 
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     text = reason[0] if reason else type(exc).__name__
     password = make_url(cfg.database.url).password
-    if password:
-        text = text.replace(str(password), "***")
+    if password and len(str(password)) >= 4:
+        for form in {str(password), quote(str(password), safe="")}:
+            text = text.replace(form, "***")
     return f"cannot use the database {cfg.database.safe_url}: {text}"
 
 
@@ -138,11 +150,14 @@ def run(
 
     cfg = _load(config)
     _check_database(cfg)
+    produced = {cfg.kafka.dead_letter_topic} | ({cfg.sinks.kafka.topic} if cfg.sinks.kafka else set())
+    logging.getLogger("kafka.cluster").addFilter(_TopicsBeingCreated(produced))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        stats = run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop, serve_metrics=True)
+        with _database_errors(cfg):
+            stats = run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop, serve_metrics=True)
     except (ModelError, TransientError) as exc:
         raise _fail(exc) from None
     logging.getLogger(__name__).info(
@@ -192,8 +207,10 @@ def retrain(
     from pipeline.retrain import retrain_all
 
     cfg = _load(config)
+    _check_database(cfg)
     try:
-        results = retrain_all(cfg, group=group, trigger="manual")
+        with _database_errors(cfg):
+            results = retrain_all(cfg, group=group, trigger="manual")
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     except TransientError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -25,6 +26,8 @@ from sqlalchemy.engine import make_url
 from pipeline.cron import CronSchedule
 from pipeline.errors import ConfigError
 
+log = logging.getLogger(__name__)
+_PERCENT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -121,8 +124,11 @@ class DatabaseConfig(_Strict):
 
     @property
     def safe_url(self) -> str:
-        """The URL with its password masked."""
-        return make_url(self.url).render_as_string(hide_password=True)
+        """The URL with its password masked (also one given as a ``password`` query parameter)."""
+        url = make_url(self.url)
+        if "password" in url.query:
+            url = url.update_query_dict({"password": "***"})
+        return url.render_as_string(hide_password=True)
 
 
 class SensorConfig(_Strict):
@@ -603,7 +609,7 @@ def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
     if not isinstance(node, str):
         return node
 
-    userinfo_end = _userinfo_end(node) if path == "database.url" else -1
+    password_span = _password_span(node) if path == "database.url" else (-1, -1)
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
@@ -613,20 +619,28 @@ def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
             value = default
         else:
             raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set and has no default")
+        if not password_span[0] <= match.start() < password_span[1]:
+            return value
         # a password with '@', ':' or '/' would break the URL (and show up in the error): encode it in place
-        return quote(value, safe="") if match.start() < userinfo_end else value
+        if _PERCENT_ESCAPE.search(value):
+            log.warning("%s: the value of %s looks percent-encoded; it is encoded again here (give the password as "
+                        "it is)", path, name)
+        return quote(value, safe="")
 
     return _ENV_PATTERN.sub(substitute, node)
 
 
-def _userinfo_end(url: str) -> int:
-    """Where the ``user:password`` part of a URL template (``scheme://user:password@host/...``) ends: the index of its
-    ``@``, or -1 when it has none."""
+def _password_span(url: str) -> tuple[int, int]:
+    """Where the password of a URL template (``scheme://user:password@host/...``) lies: from after the first ``:`` of
+    its ``user:password`` part to its ``@``; ``(-1, -1)`` when it has none (a placeholder for the whole
+    ``user:password`` part is then taken as it is)."""
     scheme = re.match(r"[A-Za-z][A-Za-z0-9+.\-]*://", url)
     if scheme is None:
-        return -1
+        return -1, -1
     slash = url.find("/", scheme.end())
-    return url.rfind("@", scheme.end(), len(url) if slash < 0 else slash)
+    at = url.rfind("@", scheme.end(), len(url) if slash < 0 else slash)
+    colon = url.find(":", scheme.end(), at) if at >= 0 else -1
+    return (colon + 1, at) if colon >= 0 else (-1, -1)
 
 
 def _format_location(loc: tuple[int | str, ...]) -> str:

@@ -426,6 +426,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         metrics = PipelineMetrics(config.metrics.unhealthy_after_s)
         if serve_metrics and config.metrics.enabled:
             server = _serve_metrics(metrics, config)
+            stack.callback(server.server_close)  # the listening socket too, not only the serving thread
             stack.callback(server.shutdown)
         producer = _connect(kafka_io.make_producer, config.kafka)
         stack.callback(producer.close, timeout=10)

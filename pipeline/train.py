@@ -49,8 +49,8 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
     column (rows without one are attributed to the group's first asset). Extra columns are ignored. A row with a value
-    the pipeline would reject (outside its sensor's ``valid_range``, or above the decoder's magnitude limit) is left
-    out, as the pipeline leaves such a reading out, with a warning that counts them.
+    the decoder would reject (outside its sensor's ``valid_range``, above its magnitude limit, or infinite) is left
+    out whole, as a reading of all the row's sensors would be, with a warning that counts them.
     """
     missing = [s for s in group.sensor_names if s not in frame.columns]
     if missing:
@@ -72,8 +72,9 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         first = int(np.flatnonzero(rejected)[0])
         example = ", ".join(f"{s}={v:g}" for s, v, bad in zip(group.sensor_names, values[first], cells[first],
                                                               strict=True) if bad)
-        log.warning("training data: %d of %d rows left out: a value outside its sensor's valid_range, as the pipeline "
-                    "rejects it (first: row %d, %s)", int(rejected.sum()), len(values), first, example)
+        log.warning("training data: %d of %d rows left out: a value outside its sensor's valid_range, above the "
+                    "magnitude limit or infinite, which the pipeline rejects (first: row %d, %s)",
+                    int(rejected.sum()), len(values), first, example)
         assets, ts_ms, values = assets[~rejected], ts_ms[~rejected], values[~rejected]
     readings = [
         Reading(str(a), int(t), {s: float(v) for s, v in zip(group.sensor_names, row, strict=True) if np.isfinite(v)})
@@ -85,10 +86,10 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
 
 
 def _rejected_cells(values: np.ndarray, group: GroupConfig) -> np.ndarray:
-    """Per value of ``values`` ``[N, sensors]``: whether the decoder would reject its reading for it (finite and
-    outside the sensor's ``valid_range`` or above ``MAX_ABS_VALUE``; a missing value, NaN, is no rejection)."""
+    """Per value of ``values`` ``[N, sensors]``: whether the decoder would reject it (infinite, above
+    ``MAX_ABS_VALUE``, or outside the sensor's ``valid_range``; a missing value, NaN, is no rejection)."""
     finite = np.isfinite(values)
-    bad = finite & (np.abs(np.where(finite, values, 0.0)) > MAX_ABS_VALUE)
+    bad = ~np.isnan(values) & (~finite | (np.abs(np.where(finite, values, 0.0)) > MAX_ABS_VALUE))
     for i, sensor in enumerate(group.sensors):
         if sensor.valid_range is not None:
             low, high = sensor.valid_range

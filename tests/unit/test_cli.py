@@ -203,3 +203,33 @@ def test_bad_command_line_values_are_refused_without_a_traceback(tmp_path: Path)
     empty.write_text("")
     result = runner.invoke(app, ["train", "--config", config, "--csv", str(empty)])
     assert result.exit_code == 2 and "the file is empty" in " ".join(result.output.split())
+
+
+def test_a_database_error_never_shows_the_password(tmp_path: Path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.cli import _database_problem
+    from pipeline.config import load_config
+
+    config = load_config(_sqlite_config(tmp_path, "postgresql+psycopg://sw:p%40ss:w0rd@db.example:5432/sw"))
+    echoed = OperationalError("connect", {}, Exception("password p@ss:w0rd (or p%40ss%3Aw0rd) rejected\ndetail"))
+    text = _database_problem(echoed, config)
+    assert text == ("cannot use the database postgresql+psycopg://sw:***@db.example:5432/sw: "
+                    "password *** (or ***) rejected")
+    short = load_config(_sqlite_config(tmp_path, "postgresql+psycopg://sw:12@127.0.0.1:5432/sw"))
+    assert "127.0.0.1" in _database_problem(OperationalError("c", {}, Exception("to 127.0.0.1 failed")), short)
+
+
+def test_only_the_first_send_to_a_produced_topic_is_quietened() -> None:
+    import logging
+
+    from pipeline.cli import _TopicsBeingCreated
+
+    keep = _TopicsBeingCreated({"dlq"})
+
+    def record(topic: str, msg: str = "Topic %s not found in cluster metadata") -> logging.LogRecord:
+        return logging.LogRecord("kafka.cluster", logging.ERROR, __file__, 1, msg, (topic,), None)
+
+    assert not keep.filter(record("dlq"))
+    assert keep.filter(record("sensor-readings"))  # the topic being consumed: still an error
+    assert keep.filter(record("dlq", "Topic %s is not authorized for this client"))

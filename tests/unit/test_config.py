@@ -47,6 +47,20 @@ def test_a_password_from_the_environment_is_encoded_where_it_stands_in_the_datab
     assert parse_config(raw, env={"DATABASE_URL": whole}).database.url == whole
 
 
+def test_only_the_password_part_of_the_database_url_is_encoded(caplog: pytest.LogCaptureFixture) -> None:
+    raw = _raw()
+    raw["database"]["url"] = "postgresql+psycopg://${DB_CREDS}@db/sw"  # the whole user:password part: as it is
+    url = make_url(parse_config(raw, env={"DB_CREDS": "sw:secret"}).database.url)
+    assert (url.username, url.password) == ("sw", "secret")
+    raw["database"]["url"] = "postgresql+psycopg://sw:${PGPASSWORD}@db/sw"
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        url = make_url(parse_config(raw, env={"PGPASSWORD": "p%40ss"}).database.url)
+    assert url.password == "p%40ss" and "looks percent-encoded" in caplog.text  # encoded again, with a warning
+    raw["database"]["url"] = "postgresql+psycopg://sw@db/sw?password=${PGPASSWORD}"
+    safe = parse_config(raw, env={"PGPASSWORD": "t0ps3cret"}).database.safe_url
+    assert "t0ps3cret" not in safe and safe.startswith("postgresql+psycopg://sw@db/sw?password=")
+
+
 def test_missing_env_var_without_default_names_the_key() -> None:
     raw = _raw()
     raw["kafka"]["security"] = {"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u",

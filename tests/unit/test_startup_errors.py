@@ -35,3 +35,39 @@ def test_unreachable_brokers_are_a_clear_error() -> None:
     quick = functools.partial(kafka_io.make_producer, bootstrap_timeout_ms=2000)
     with pytest.raises(TransientError, match=r"cannot connect to Kafka at 127\.0\.0\.1:1 \(.*Unable to bootstrap"):
         _connect(quick, config.kafka)
+
+
+def test_a_failed_start_frees_the_metrics_port(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore
+    # the producer cannot reach its brokers after the metrics endpoint is up: run_pipeline stops with one line and
+    # leaves the port free (a restarted process, or a supervisor's retry in the same process, can listen again)
+    import threading
+
+    import numpy as np
+    from kafka.errors import KafkaTimeoutError
+
+    from pipeline.runner import run_pipeline
+    from pipeline.store.db import session_scope, upgrade
+    from pipeline.train import register_trained, train_group
+    from pipeline.types import Window
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    config = _config(database={"url": url}, metrics={"host": "127.0.0.1", "port": port}, model_dir=str(tmp_path))
+    upgrade(url)
+    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(200)]
+    with session_scope(url, write=True) as session:
+        register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
+                         model_dir=tmp_path)
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise KafkaTimeoutError("Unable to bootstrap from [127.0.0.1:1]")
+
+    monkeypatch.setattr(kafka_io, "make_producer", unreachable)
+    with pytest.raises(TransientError, match="cannot connect to Kafka"):
+        run_pipeline(config, stop=threading.Event(), serve_metrics=True)
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # free: the server was shut down and its socket closed

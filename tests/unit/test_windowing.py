@@ -251,9 +251,10 @@ def test_training_leaves_out_rows_the_pipeline_would_reject(caplog: pytest.LogCa
     frame.loc[21, "x"] = 9999.0  # a glitch the decoder rejects as out_of_range
     frame.loc[30, "y"] = 1e16  # above the decoder's magnitude limit
     frame.loc[5, "x"] = np.nan  # missing, not rejected
+    frame.loc[37, "y"] = np.inf  # non-finite: rejected
     with caplog.at_level("WARNING", logger="pipeline.train"):
         windows = windows_from_frame(frame, group)
-    assert "2 of 40 rows left out" in caplog.text and "row 21, x=9999" in caplog.text
+    assert "3 of 40 rows left out" in caplog.text and "row 21, x=9999" in caplog.text
     assert all(w.values[:, 0].max() <= 250 and np.abs(w.values).max() < 1e15 for w in windows)
-    # the windows holding rows 21 and 30 have a hole there (max_gap 0): neither is cut, as in the pipeline
-    assert [w.start_ms // 1000 for w in windows] == [0, 8, 12, 16, 24, 32, 36]
+    # the windows holding rows 21, 30 and 37 have a hole there (max_gap 0): neither is cut, as in the pipeline
+    assert [w.start_ms // 1000 for w in windows] == [0, 8, 12, 16, 24, 32]
