@@ -35,14 +35,20 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are: inputs go there (the CPU unless a caller moved the model)."""
+    return next(model.parameters()).device
+
+
 def _residuals(model: nn.Module, windows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
     """``x - reconstruction`` of standardised ``windows`` ``[N, W, F]``, ``batch_size`` windows at a time, in
-    ``torch.inference_mode``."""
+    ``torch.inference_mode``, on the model's device; returned on the CPU."""
     model.eval()
+    device = _device(model)
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32))
-            yield x - model(x)
+            x = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch_size], dtype=np.float32)).to(device)
+            yield (x - model(x)).cpu()
 
 
 def _scored_steps(windows: np.ndarray, last_steps: int | None) -> slice:
@@ -99,7 +105,8 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
     The objective is ``model.training_loss(batch)`` when the model defines one (every ``models.autoencoders`` type
     does: reconstruction plus its regularisation, denoising corruption included) and plain MSE otherwise; the
     validation loss is always the plain reconstruction error of the deterministic forward pass.
-    The last ``validation_fraction`` of windows (time order) is held out; training stops early after ``patience``
+    Trains where the model's weights are (the CPU unless the caller moved the model). The last
+    ``validation_fraction`` of windows (time order) is held out; training stops early after ``patience``
     epochs without validation improvement, and the best weights are restored. Learning rate halves on plateaus;
     gradients are clipped to norm 1. Raises NotEnoughData when fewer than MIN_WINDOWS windows are given.
     """
@@ -108,7 +115,7 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
     seed_everything(seed)
     started = time.perf_counter()
     n_val = max(int(len(windows) * validation_fraction), 8)
-    train = torch.from_numpy(np.ascontiguousarray(windows[:-n_val], dtype=np.float32))
+    train = torch.from_numpy(np.ascontiguousarray(windows[:-n_val], dtype=np.float32)).to(_device(model))
     val = np.ascontiguousarray(windows[-n_val:], dtype=np.float32)
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=max(patience // 2, 1))
@@ -122,7 +129,7 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
         task = bar.add_task(description, total=epochs, val=float("nan"))
         for epoch in range(epochs):
             model.train()
-            order = torch.randperm(len(train), generator=generator)
+            order = torch.randperm(len(train), generator=generator).to(train.device)
             total = 0.0
             for i in range(0, len(train), batch_size):
                 x = train[order[i : i + batch_size]]
