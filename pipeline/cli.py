@@ -501,6 +501,10 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
             raise _fail(exc, 2) from None
         row = repo.activate_model_version(session=session, version=version)
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
+    configured = cfg.group(row.group_name).model.type
+    if row.model_type != configured:
+        console.print(f"[yellow]note[/yellow]: {row.version} is a {row.model_type} model, the configuration's "
+                      f"model.type is {configured}: the next retrain trains a {configured} model from scratch")
 
 
 @models_app.command("show")

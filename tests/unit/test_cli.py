@@ -183,6 +183,12 @@ def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
     narrow = Console(width=60, file=io.StringIO())
     narrow.print(models_table(rows))
     assert row["version"] in narrow.file.getvalue()  # the id 'models activate' takes, never cut short
+    lstm = tmp_path / "lstm.yaml"
+    lstm.write_text(yaml.safe_dump({"database": {"url": url}, "model_dir": str(tmp_path / "models"), "groups": [
+        {"name": "g", "assets": ["a"], "sensors": [{"name": "x"}], "model": {"type": "lstm"}}]}))
+    rolled = runner.invoke(app, ["models", "activate", "--config", str(lstm), row["version"]])
+    text = " ".join(rolled.output.split())
+    assert rolled.exit_code == 0 and "is a dense model, the configuration's model.type is lstm" in text
 
 
 def test_bad_command_line_values_are_refused_without_a_traceback(tmp_path: Path) -> None:
