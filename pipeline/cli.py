@@ -226,6 +226,37 @@ def retrain(
         raise typer.Exit(3)
 
 
+@app.command("check")
+def check_command(
+    config: ConfigOption,
+    kafka_timeout_s: Annotated[float, typer.Option(help="How long to wait for a Kafka broker.", min=0.5)] = 10.0,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Check a deployment before starting it: the configuration, the database and its schema, every group's active
+    model, the model directory, the brokers and the topics. Exit status 0 when nothing fails (warnings allowed), 1
+    otherwise."""
+    from pipeline.preflight import run_checks
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the kafka check reports what the client would log
+    checks = run_checks(cfg, kafka_timeout_s=kafka_timeout_s)
+    if output == "json":
+        typer.echo(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        marks = {"ok": "[green]ok[/green]", "warn": "[yellow]warn[/yellow]", "fail": "[red]FAIL[/red]"}
+        table = Table(title=f"sensorwatch check: {escape(str(config))}", title_justify="left")
+        for column in ("", "check", "detail"):
+            table.add_column(column)
+        table.add_row("[green]ok[/green]", "configuration", f"{len(cfg.groups)} group(s), "
+                      f"{sum(len(g.assets) for g in cfg.groups)} asset(s)")
+        for c in checks:
+            table.add_row(marks[c.status], c.name, escape(c.detail))
+        _stdout().print(table)
+    if any(c.status == "fail" for c in checks):
+        raise typer.Exit(1)
+
+
 @app.command("scheduler")
 def scheduler_command(config: ConfigOption) -> None:
     """Run the retrain job on the schedule of the configuration's retrain section (cron, time zone, misfire grace,

@@ -286,6 +286,18 @@ def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5
         return set()
 
 
+def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: float) -> dict[str, int]:
+    """How many partitions each of ``topics`` has (0: the broker does not know it), asked of the brokers with a
+    consumer outside any group. KafkaError when no broker answers within ``timeout_s``."""
+    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, bootstrap_timeout_ms=round(timeout_s * 1000),
+                             request_timeout_ms=max(round(timeout_s * 1000), 1000), **cfg.client_kwargs())
+    try:
+        known = consumer.topics()
+        return {t: len(consumer.partitions_for_topic(t) or ()) if t in known else 0 for t in topics}
+    finally:
+        consumer.close(autocommit=False)
+
+
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:
     """Create topics that do not exist yet (replication factor 1 is for local brokers; use your ops tooling in prod)."""
     admin = KafkaAdminClient(**cfg.client_kwargs())

@@ -43,7 +43,7 @@ def test_compose_services_run_existing_commands() -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"],
-                                  ["drift", "--help"]])
+                                  ["drift", "--help"], ["check", "--help"]])
 def test_help_texts(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0
@@ -239,3 +239,25 @@ def test_only_the_first_send_to_a_produced_topic_is_quietened() -> None:
     assert not keep.filter(record("dlq"))
     assert keep.filter(record("sensor-readings"))  # the topic being consumed: still an error
     assert keep.filter(record("dlq", "Topic %s is not authorized for this client"))
+
+
+def test_check_reports_each_problem_of_a_deployment_that_cannot_start(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "database": {"url": url},
+                                    "model_dir": str(tmp_path / "models"),
+                                    "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    args = ["check", "--config", str(path), "--kafka-timeout-s", "1", "--format", "json"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 1
+    status = {c["name"]: (c["status"], c["detail"]) for c in yaml.safe_load(first.stdout)}
+    assert status["database"][0] == "fail" and "schema not up to date" in status["database"][1]
+    assert status["model_dir"] == ("ok", f"{tmp_path / 'models'}: will be created (in {tmp_path})")
+    assert status["kafka"][0] == "fail" and "127.0.0.1:1: no broker answered" in status["kafka"][1]
+    from pipeline.store.db import upgrade
+
+    upgrade(url)
+    second = {c["name"]: (c["status"], c["detail"]) for c in yaml.safe_load(runner.invoke(app, args).stdout)}
+    assert second["database"][0] == "ok" and second["models"] == ("fail", "g: no active model (sensorwatch train)")
+    table = runner.invoke(app, ["check", "--config", str(path), "--kafka-timeout-s", "1"])
+    assert table.exit_code == 1 and "FAIL" in table.stdout and "configuration" in table.stdout
