@@ -83,20 +83,10 @@ SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade 
 
 
 def _database_problem(exc: Exception, cfg: Config) -> str:
-    """One line for a database error: the (masked) URL and the driver's first line, with the password (as given or
-    URL-encoded) scrubbed from it where a driver echoes it (passwords under 4 characters are left: they would match
-    anywhere, and mask nothing worth masking)."""
-    from urllib.parse import quote
+    """One line for a database error (``store.db.describe_error``: the password masked and scrubbed)."""
+    from pipeline.store.db import describe_error
 
-    from sqlalchemy.engine import make_url
-
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    text = reason[0] if reason else type(exc).__name__
-    password = make_url(cfg.database.url).password
-    if password and len(str(password)) >= 4:
-        for form in {str(password), quote(str(password), safe="")}:
-            text = text.replace(form, "***")
-    return f"cannot use the database {cfg.database.safe_url}: {text}"
+    return f"cannot use the database {describe_error(exc, cfg.database.url)}"
 
 
 @contextmanager
@@ -229,12 +219,13 @@ def retrain(
 @app.command("check")
 def check_command(
     config: ConfigOption,
-    kafka_timeout_s: Annotated[float, typer.Option(help="How long to wait for a Kafka broker.", min=0.5)] = 10.0,
+    kafka_timeout_s: Annotated[float, typer.Option(help="Seconds to wait for a Kafka broker.", min=0.5, max=300)
+                               ] = 10.0,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
     """Check a deployment before starting it: the configuration, the database and its schema, every group's active
     model, the model directory, the brokers and the topics. Exit status 0 when nothing fails (warnings allowed), 1
-    otherwise."""
+    when a check fails, 2 for an invalid configuration."""
     from pipeline.preflight import run_checks
 
     _choice(output, ("table", "json"), "--format")
@@ -248,8 +239,6 @@ def check_command(
         table = Table(title=f"sensorwatch check: {escape(str(config))}", title_justify="left")
         for column in ("", "check", "detail"):
             table.add_column(column)
-        table.add_row("[green]ok[/green]", "configuration", f"{len(cfg.groups)} group(s), "
-                      f"{sum(len(g.assets) for g in cfg.groups)} asset(s)")
         for c in checks:
             table.add_row(marks[c.status], c.name, escape(c.detail))
         _stdout().print(table)

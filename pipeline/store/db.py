@@ -82,3 +82,22 @@ def pending_migrations(engine: Engine) -> bool:
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     return current != head
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """One line for a database error on ``url``: the URL with its password masked and the driver's first line, the
+    password (as given or URL-encoded) scrubbed from it where a driver echoes it (a password under 4 characters is
+    left: it would match anywhere, and masks nothing worth masking)."""
+    from urllib.parse import quote
+
+    from sqlalchemy.engine import make_url
+
+    from pipeline.config import DatabaseConfig
+
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    text = reason[0] if reason else type(exc).__name__
+    password = make_url(url).password
+    if password and len(str(password)) >= 4:
+        for form in {str(password), quote(str(password), safe="")}:
+            text = text.replace(form, "***")
+    return f"{DatabaseConfig(url=url).safe_url}: {text}"

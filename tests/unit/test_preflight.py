@@ -1,0 +1,57 @@
+"""``sensorwatch check``'s own checks without a broker: the model directory by trying to write, database problems as
+one line (a missing driver, an echoed password), and a bundle that fails to verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import parse_config
+from pipeline.preflight import _database_and_models, _model_dir
+
+
+def _config(url: str):  # type: ignore[no-untyped-def]
+    return parse_config({"database": {"url": url}, "groups": [{"name": "g", "assets": ["a"],
+                                                                "sensors": [{"name": "x"}]}]}, env={})
+
+
+def test_the_model_directory_is_judged_by_writing_there(tmp_path: Path) -> None:
+    assert _model_dir(tmp_path).status == "ok" and _model_dir(tmp_path).detail.endswith("writable")
+    assert _model_dir(tmp_path / "new" / "dir").detail == f"{tmp_path / 'new' / 'dir'}: will be created (in {tmp_path})"
+    file = tmp_path / "file"
+    file.write_text("")
+    assert (_model_dir(file).status, _model_dir(file).detail) == ("fail", f"{file}: exists and is not a directory")
+    assert _model_dir(file / "below").status == "fail"  # its nearest existing parent is a file
+    proc = _model_dir(Path("/proc/sensorwatch-models"))  # not writable even for root
+    assert proc.status == "fail" and "cannot write in /proc" in proc.detail
+    assert not list(tmp_path.glob(".sensorwatch-check-*"))  # the probe leaves nothing behind
+
+
+def test_database_problems_are_one_line_without_the_password(tmp_path: Path) -> None:
+    database, models = _database_and_models(_config("postgresql+pg8000://sw:s3cr3tpw@db.example/sw"))
+    assert database.status == "fail" and database.detail.startswith("postgresql+pg8000://sw:***@db.example/sw: ")
+    assert "s3cr3tpw" not in database.detail and models.status == "fail"  # no driver: no traceback either
+    database, _ = _database_and_models(_config("postgresql+psycopg://sw:s3cr3tpw@127.0.0.1:1/sw"))
+    assert database.status == "fail" and "s3cr3tpw" not in database.detail and "127.0.0.1" in database.detail
+
+
+def test_a_bundle_that_fails_to_verify_fails_the_models_check(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.store.db import session_scope, upgrade
+    from pipeline.train import register_trained, train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    config = _config(url)
+    upgrade(url)
+    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(100)]
+    with session_scope(url, write=True) as session:
+        row = register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
+                               model_dir=tmp_path / "models")
+    assert _database_and_models(config)[1].status == "ok"
+    weights = Path(row.artifact_path) / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    models = _database_and_models(config)[1]
+    assert models.status == "fail" and f"g: {row.version} refused" in models.detail
