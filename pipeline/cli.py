@@ -91,12 +91,13 @@ def _database_problem(exc: Exception, cfg: Config) -> str:
 
 @contextmanager
 def _database_errors(cfg: Config) -> Iterator[None]:
-    """A database that cannot be reached or opened (or fails a statement) ends the command with one line, exit 1."""
+    """A database that cannot be reached or opened (or fails a statement, or whose driver is not installed) ends the
+    command with one line, exit 1."""
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
         yield
-    except SQLAlchemyError as exc:
+    except (SQLAlchemyError, ImportError) as exc:
         raise _fail(TransientError(_database_problem(exc, cfg))) from None
 
 
@@ -104,12 +105,12 @@ def _check_database(cfg: Config) -> None:
     """Exit with one clear line unless the database can be reached and its schema is up to date."""
     from pipeline.store.db import make_engine, pending_migrations
 
-    engine = make_engine(cfg.database.url)
-    try:
-        with _database_errors(cfg):
+    with _database_errors(cfg):
+        engine = make_engine(cfg.database.url)
+        try:
             behind = pending_migrations(engine)
-    finally:
-        engine.dispose()
+        finally:
+            engine.dispose()
     if behind:
         raise _fail(TransientError(SCHEMA_BEHIND))
 

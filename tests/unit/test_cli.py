@@ -152,6 +152,9 @@ def test_database_problems_are_one_line_errors_and_train_checks_before_training(
     text = " ".join(refused.output.split())
     assert refused.exit_code == 1 and "cannot use the database postgresql+psycopg://sw:***@127.0.0.1:1/sw" in text
     assert "s3cr" not in refused.output
+    no_driver = _sqlite_config(tmp_path, "postgresql+pg8000://sw:s3cr%40t@db.example/sw")  # pg8000 not installed
+    result = runner.invoke(app, ["models", "list", "--config", no_driver])
+    assert result.exit_code == 1 and "No module named 'pg8000'" in " ".join(result.output.split())
 
 
 def test_bracketed_text_is_shown_as_written(tmp_path: Path) -> None:
