@@ -134,7 +134,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 @app.command()
 def run(
     config: ConfigOption,
-    idle_stop: Annotated[float | None, typer.Option(help="Exit after this many seconds without records.")] = None,
+    idle_stop: Annotated[float | None, typer.Option(
+        help="Exit after this many seconds without records (waiting for the topic to exist included).")] = None,
 ) -> None:
     """Consume readings, score windows and write scores and alerts until SIGTERM/Ctrl-C."""
     from pipeline.runner import run_pipeline

@@ -411,7 +411,8 @@ class Runner:
 
 def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | None = None,
                  on_batch: Callable[[RunStats], None] | None = None, serve_metrics: bool = False) -> RunStats:
-    """Build the clients from ``config`` and run the loop until stopped. The caller installs signal handlers.
+    """Build the clients from ``config`` and run the loop until stopped (or, with ``idle_stop_s``, until nothing
+    arrived for that long, waiting for the topic included). The caller installs signal handlers.
 
     TransientError, with one line saying what to do, when the database schema is not up to date, the metrics port
     is taken, or Kafka cannot be reached; ModelError when an active model is refused."""
@@ -434,11 +435,26 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         stack.callback(sinks.close, timeout_s=10)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks)
+        waited_too_long = threading.Event()
+        if idle_stop_s is not None:  # waiting for a topic that does not exist yet is idle time too
+            def give_up() -> None:
+                waited_too_long.set()
+                stop.set()
+
+            timer = threading.Timer(idle_stop_s, give_up)
+            timer.daemon = True
+            timer.start()
+            stack.callback(timer.cancel)
         consumer = _connect(functools.partial(
             kafka_io.make_consumer, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
             on_lost=runner.partitions_lost, stop=stop,
         ), config.kafka)
         stack.callback(consumer.close, autocommit=False)
+        if idle_stop_s is not None:
+            timer.cancel()
+            if waited_too_long.is_set():
+                log.warning("topic %s had no partitions within the idle stop (%gs): stopping", config.kafka.topic,
+                            idle_stop_s)
         log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                  config.database.safe_url, {g: d.version for g, d in detectors.items()})
         return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)

@@ -48,7 +48,8 @@ def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path) -> Config:
     }, env={})
 
 
-def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180) -> RunStats:
+def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180,
+         idle_stop_s: float = 8.0) -> RunStats:
     stop = threading.Event()
     timer = threading.Timer(timeout_s, stop.set)
     timer.start()
@@ -58,7 +59,7 @@ def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: fl
             stop.set()
 
     try:
-        return run_pipeline(cfg, stop=stop, idle_stop_s=8.0, on_batch=on_batch)
+        return run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop_s, on_batch=on_batch)
     finally:
         timer.cancel()
 
@@ -190,7 +191,7 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
     messages = _deploy_small(cfg, pg_database_url)
     result: list[RunStats] = []
     pipeline = threading.Thread(target=lambda: result.append(
-        _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90)), daemon=True)
+        _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90, idle_stop_s=60)), daemon=True)
     with caplog.at_level("WARNING", logger="pipeline.kafka_io"):
         pipeline.start()
         deadline = time.monotonic() + 30
@@ -201,6 +202,18 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         pipeline.join(timeout=120)
     assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
     assert result[0].windows_scored > 0
+
+
+def test_the_idle_stop_covers_waiting_for_a_topic_that_never_comes(
+        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    _deploy_small(cfg, pg_database_url)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="pipeline.runner"):
+        stats = run_pipeline(cfg, stop=threading.Event(), idle_stop_s=3.0)
+    assert stats.readings == 0 and time.monotonic() - started < 30  # it stops instead of waiting for ever
+    assert f"topic {topic_name} had no partitions within the idle stop (3s): stopping" in caplog.text
 
 
 def test_polls_that_time_out_during_every_rebalance_still_end_up_consuming(
