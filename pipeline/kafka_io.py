@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -288,14 +289,51 @@ def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5
 
 def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: float) -> dict[str, int]:
     """How many partitions each of ``topics`` has (0: the broker does not know it), asked of the brokers with a
-    consumer outside any group. KafkaError when no broker answers within ``timeout_s``."""
-    consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, bootstrap_timeout_ms=round(timeout_s * 1000),
-                             request_timeout_ms=max(round(timeout_s * 1000), 1000), **cfg.client_kwargs())
+    consumer outside any group. TransientError when no broker answers within ``timeout_s``, with the last connection
+    error the client met (refused, a TLS handshake, a SASL handshake or authentication)."""
+    with connection_errors() as seen:
+        try:
+            consumer = KafkaConsumer(group_id=None, enable_auto_commit=False,
+                                     bootstrap_timeout_ms=round(timeout_s * 1000),
+                                     request_timeout_ms=max(round(timeout_s * 1000), 1000), **cfg.client_kwargs())
+        except KafkaError as exc:
+            raise TransientError(f"{exc}{last_failure(seen)}") from exc
     try:
         known = consumer.topics()
         return {t: len(consumer.partitions_for_topic(t) or ()) if t in known else 0 for t in topics}
     finally:
         consumer.close(autocommit=False)
+
+
+@contextlib.contextmanager
+def connection_errors() -> Iterator[list[str]]:
+    """The warnings and errors kafka-python's network layer logs meanwhile (connection prefix and backoff note
+    dropped), kept here instead of being logged: ``last_failure`` picks the one that explains a failed start."""
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = re.sub(r"^<[^>]*>:\s*", "", record.getMessage())
+            seen.append(re.sub(r"\s*\(backoff [^)]*\)$", "", message))
+
+    logger = logging.getLogger("kafka.net")
+    handler, level, propagate = Keep(logging.WARNING), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def last_failure(seen: Sequence[str]) -> str:
+    """``"; last connection error: ..."`` from what ``connection_errors`` kept (refused, a TLS handshake, a SASL
+    handshake or authentication), or ``""`` when it kept none."""
+    failures = [m for m in seen if "failed" in m and not m.startswith("Bootstrap failed")]
+    return f"; last connection error: {failures[-1]}" if failures else ""
 
 
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:

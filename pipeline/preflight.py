@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline import kafka_io
 from pipeline.config import Config
-from pipeline.errors import ConfigError, ModelError
+from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, pending_migrations
@@ -108,9 +108,9 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
         produced.append(("alert topic", config.sinks.kafka.topic))
     try:
         partitions = kafka_io.topic_partitions(kafka, [kafka.topic, *(t for _, t in produced)], timeout_s=timeout_s)
-    except KafkaError as exc:
+    except (KafkaError, TransientError) as exc:
         return [Check("kafka", "fail", f"{kafka.bootstrap_servers}: no broker answered within {timeout_s:g} s ({exc}); "
-                      "a TLS or SASL mismatch (kafka.security) looks the same")]
+                      "check kafka.bootstrap_servers and kafka.security")]
     out = [Check("kafka", "ok", f"{kafka.bootstrap_servers}: brokers answer")]
     if partitions[kafka.topic]:
         out.append(Check("readings topic", "ok", f"{kafka.topic}: {partitions[kafka.topic]} partition(s); up to "

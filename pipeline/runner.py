@@ -448,7 +448,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         consumer = _connect(functools.partial(
             kafka_io.make_consumer, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
             on_lost=runner.partitions_lost, stop=stop,
-        ), config.kafka)
+        ), config.kafka, explain=False)  # the producer's start already showed the brokers answer
         stack.callback(consumer.close, autocommit=False)
         if idle_stop_s is not None:
             timer.cancel()
@@ -473,11 +473,14 @@ def _serve_metrics(metrics: PipelineMetrics, config: Config) -> ThreadingHTTPSer
     return server
 
 
-def _connect(make: Callable[[KafkaConfig], T], kafka: KafkaConfig) -> T:
+def _connect(make: Callable[[KafkaConfig], T], kafka: KafkaConfig, *, explain: bool = True) -> T:
     """``make(kafka)``, a Kafka client; TransientError naming the brokers when none can be reached (or the security
-    settings do not match them)."""
-    try:
-        return make(kafka)
-    except KafkaError as exc:
-        raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}); "
-                             f"check kafka.bootstrap_servers and kafka.security") from None
+    settings do not match them), with the last connection error when ``explain`` (the client's network log is then
+    held back while it starts: not for a client whose start waits for a topic)."""
+    with kafka_io.connection_errors() if explain else contextlib.nullcontext([]) as seen:
+        try:
+            return make(kafka)
+        except KafkaError as exc:
+            raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}"
+                                 f"{kafka_io.last_failure(seen)}); check kafka.bootstrap_servers and "
+                                 "kafka.security") from None

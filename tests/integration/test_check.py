@@ -54,3 +54,21 @@ def test_check_passes_a_ready_deployment_and_names_what_is_missing(kafka_bootstr
     kafka_io.ensure_topics(config.kafka, [f"{topic_name}-dlq"], partitions=1)
     code, found = statuses()
     assert code == 0 and all(status == "ok" for status, _ in found.values()), found
+
+
+@pytest.mark.parametrize(("security", "expected"), [
+    ({"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "p"},
+     "IllegalSaslState"),
+    ({"protocol": "SSL"}, "Handshake failed"),
+])
+def test_check_says_why_a_broker_with_other_security_settings_did_not_answer(
+        kafka_bootstrap_servers: str, tmp_path: Path, security: dict[str, str], expected: str) -> None:
+    path = tmp_path / "plant.yaml"  # the test broker speaks PLAINTEXT
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": kafka_bootstrap_servers, "security": security},
+        "database": {"url": f"sqlite:///{tmp_path / 'sw.db'}"},
+        "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    result = CliRunner().invoke(app, ["check", "--config", str(path), "--kafka-timeout-s", "3", "--format", "json"])
+    kafka = next(c for c in json.loads(result.stdout) if c["name"] == "kafka")
+    assert result.exit_code == 1 and kafka["status"] == "fail"
+    assert "last connection error" in kafka["detail"] and expected in kafka["detail"], kafka["detail"]

@@ -33,7 +33,8 @@ def test_a_metrics_port_another_process_holds_is_a_clear_error() -> None:
 def test_unreachable_brokers_are_a_clear_error() -> None:
     config = _config(kafka={"bootstrap_servers": "127.0.0.1:1"})  # nothing listens on port 1
     quick = functools.partial(kafka_io.make_producer, bootstrap_timeout_ms=2000)
-    with pytest.raises(TransientError, match=r"cannot connect to Kafka at 127\.0\.0\.1:1 \(.*Unable to bootstrap"):
+    with pytest.raises(TransientError, match=r"cannot connect to Kafka at 127\.0\.0\.1:1 \(.*Unable to bootstrap.*; "
+                       r"last connection error: .*ECONNREFUSED\)"):
         _connect(quick, config.kafka)
 
 
