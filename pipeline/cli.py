@@ -102,9 +102,13 @@ def _database_errors(cfg: Config) -> Iterator[None]:
 
 
 def _check_database(cfg: Config) -> None:
-    """Exit with one clear line unless the database can be reached and its schema is up to date."""
-    from pipeline.store.db import make_engine, pending_migrations
+    """Exit with one clear line unless the database can be reached and its schema is up to date (a SQLite file that
+    does not exist is not created)."""
+    from pipeline.store.db import make_engine, missing_sqlite_file, pending_migrations
 
+    missing = missing_sqlite_file(cfg.database.url)
+    if missing is not None:
+        raise _fail(TransientError(missing))
     with _database_errors(cfg):
         engine = make_engine(cfg.database.url)
         try:
@@ -523,6 +527,10 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
             raise _fail(exc, 2) from None
         row = repo.activate_model_version(session=session, version=version)
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
+    if cfg.retrain.enabled:
+        console.print(f"[yellow]note[/yellow]: the scheduled retrain ({escape(cfg.retrain.cron)} "
+                      f"{cfg.retrain.timezone}) may promote a new model over it; set retrain.enabled: false to keep "
+                      "it until you decide")
     configured = cfg.group(row.group_name).model.type
     if row.model_type != configured:
         console.print(f"[yellow]note[/yellow]: {row.version} is a {row.model_type} model, the configuration's "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
@@ -180,7 +180,8 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
         for future in futures:
             future.get(timeout=timeout_s)
     except KafkaError as exc:
-        raise TransientError(f"dead-letter topic unavailable: {exc}") from exc
+        raise TransientError(f"dead-letter topic {topic} unavailable (does it exist? a broker that does not create "
+                             f"topics on first use needs it created; `sensorwatch check` tells): {exc}") from exc
 
 
 def send_json(producer: KafkaProducer, topic: str, messages: Sequence[tuple[bytes | None, object]],
@@ -327,6 +328,25 @@ def connection_errors() -> Iterator[list[str]]:
         logger.removeHandler(handler)
         logger.setLevel(level)
         logger.propagate = propagate
+
+
+def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
+    """Whether the brokers create a topic on its first use (``auto.create.topics.enable`` of the controller, asked
+    with an admin client); None when that cannot be read (no permission to describe configs, an old broker)."""
+    try:
+        admin = KafkaAdminClient(**cfg.client_kwargs())
+    except KafkaError:
+        return None
+    try:
+        broker = str(admin.describe_cluster()["controller_id"])
+        resource = ConfigResource(ConfigResourceType.BROKER, broker, configs=["auto.create.topics.enable"])
+        found = admin.describe_configs(config_resources=[resource], config_filter="all")
+        value = found["broker"][broker]["auto.create.topics.enable"]["value"]
+        return str(value).lower() == "true"
+    except (KafkaError, KeyError, TypeError, ValueError):
+        return None
+    finally:
+        admin.close()
 
 
 def last_failure(seen: Sequence[str]) -> str:

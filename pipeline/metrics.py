@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 
 class PipelineMetrics:
@@ -41,6 +44,13 @@ class PipelineMetrics:
         self._heartbeat = time.monotonic()
         self._degraded = False
 
+    def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        """Expose the alert sinks' counters (``stats()``: sink name -> ``SinkStats``, read at each scrape) as
+        ``sensorwatch_alert_sink_events_total{sink, outcome}``, outcome delivered, failed (after retries) or dropped
+        (queue full, or undelivered at shutdown).
+        A failing sink does not make ``/healthz`` unhealthy (the pipeline itself is fine): alert on these instead."""
+        self.registry.register(_SinkCollector(stats))
+
     def set_degraded(self, degraded: bool) -> None:
         """Mark the database or broker as failing (True) or answering again (False)."""
         self._degraded = degraded
@@ -64,6 +74,21 @@ class PipelineMetrics:
         self.model_info.clear()
         for group, version in versions.items():
             self.model_info.labels(group=group, version=version).set(1)
+
+
+class _SinkCollector(Collector):
+    """Reads the alert sinks' counters at scrape time (they are kept by the sinks' own threads)."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily("sensorwatch_alert_sink_events", "Alert events per sink by outcome: delivered, "
+                                     "failed after retries, dropped", labels=["sink", "outcome"])
+        for name, s in self._stats().items():
+            for outcome in ("delivered", "failed", "dropped"):
+                events.add_metric([name, outcome], getattr(s, outcome))
+        yield events
 
 
 def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer:

@@ -5,6 +5,7 @@ Checks, in order (each independent of the others' outcome):
   database   reachable, and its schema at the newest migration
   models     every group has an active model whose bundle verifies against the configuration
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
+  metrics port  free (``run`` serves /metrics and /healthz there)
   kafka      a broker answers; the readings topic exists (with its partitions); the dead-letter and alert topics
              exist, or are only a warning (a broker that auto-creates topics creates them on the first send)
 Each check is ``ok``, ``warn`` (works, but look) or ``fail`` (the pipeline would not start, would wait, or could
@@ -13,6 +14,7 @@ not store what it produces).
 
 from __future__ import annotations
 
+import socket
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,13 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
 from pipeline.store import repo
-from pipeline.store.db import describe_error, make_engine, make_sessionmaker, pending_migrations
+from pipeline.store.db import (
+    describe_error,
+    make_engine,
+    make_sessionmaker,
+    missing_sqlite_file,
+    pending_migrations,
+)
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -48,11 +56,32 @@ def run_checks(config: Config, *, kafka_timeout_s: float = 10.0) -> list[Check]:
     """Every check of the module docstring, in order."""
     assets = sum(len(g.assets) for g in config.groups)
     return [Check("configuration", "ok", f"{len(config.groups)} group(s), {assets} asset(s)"),
-            *_database_and_models(config), _model_dir(config.model_dir), *_kafka(config, kafka_timeout_s)]
+            *_database_and_models(config), _model_dir(config.model_dir), _metrics_port(config),
+            *_kafka(config, kafka_timeout_s)]
+
+
+def _metrics_port(config: Config) -> Check:
+    """Whether ``run`` could listen on the metrics port (a second pipeline process on a host needs its own)."""
+    host, port = config.metrics.host, config.metrics.port
+    if not config.metrics.enabled:
+        return Check("metrics port", "ok", "metrics.enabled is false: no endpoint")
+    if port == 0:
+        return Check("metrics port", "ok", f"{host}: any free port")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+            probe.bind((host, port))
+    except OSError as exc:
+        return Check("metrics port", "fail", f"{host}:{port}: {exc.strerror} (a pipeline already running here? each "
+                     "process on a host needs its own metrics.port)")
+    return Check("metrics port", "ok", f"{host}:{port}: free")
 
 
 def _database_and_models(config: Config) -> list[Check]:
     url = config.database.url
+    missing = missing_sqlite_file(url)
+    if missing is not None:  # connecting would create an empty file
+        return [Check("database", "fail", missing), Check("models", "fail", "not checked")]
     try:
         engine = make_engine(url)
     except (SQLAlchemyError, ImportError) as exc:  # e.g. the URL's driver is not installed
@@ -117,10 +146,33 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
                          f"{partitions[kafka.topic]} pipeline process(es) of group {kafka.group_id} share them"))
     else:
         out.append(Check("readings topic", "fail", f"{kafka.topic}: does not exist (the pipeline waits for it)"))
-    for label, topic in produced:
-        if partitions[topic]:
-            out.append(Check(label, "ok", f"{topic}: {partitions[topic]} partition(s)"))
-        else:
-            out.append(Check(label, "warn", f"{topic}: does not exist; created on the first send only if the broker "
-                             "auto-creates topics, else sending stalls the pipeline: create it"))
+    missing = [(label, topic) for label, topic in produced if not partitions[topic]]
+    auto_create = kafka_io.auto_creates_topics(kafka) if missing else None
+    out += [produced_topic_check(label, topic, partitions[topic], auto_create) for label, topic in produced]
     return out
+
+
+#: What a missing topic the pipeline produces to costs, by its label.
+_MISSING_COST = {
+    "dead-letter topic": "the first rejected reading stalls the pipeline (nothing is committed past it) until it "
+                         "exists",
+    "alert topic": "alert events to it fail and are lost (counted as failed; the database keeps every alert)",
+}
+
+
+def produced_topic_check(label: str, topic: str, partitions: int, auto_create: bool | None) -> Check:
+    """The check of a topic the pipeline produces to: ok when it exists; when it does not, a warning if the brokers
+    create topics on first use (``auto_create``), a failure if they do not, and a warning naming both outcomes when
+    that is unknown."""
+    if partitions:
+        return Check(label, "ok", f"{topic}: {partitions} partition(s)")
+    cost = _MISSING_COST[label]
+    if auto_create:
+        return Check(label, "warn", f"{topic}: does not exist; the brokers create it on the first send "
+                     "(auto.create.topics.enable), with their default partitions and settings")
+    if auto_create is False:
+        return Check(label, "fail", f"{topic}: does not exist and the brokers do not create topics on first use: "
+                     f"{cost}; create it")
+    return Check(label, "warn", f"{topic}: does not exist; unless the brokers create topics on first use (their "
+                 f"setting could not be read), {cost}; create it")
+

@@ -294,10 +294,10 @@ class Runner:
     def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
                  scores: list[Score], events: list[AlertEvent], seconds: float) -> None:
         s, m = self.stats, self.metrics
-        placed = len(readings) - len(batch.late) - len(batch.duplicates) - batch.replayed
+        placed = len(readings) - len(batch.late) - len(batch.duplicates) - batch.replayed - batch.rebuilt
         s.batches += 1
         s.readings += placed
-        s.replayed += batch.replayed + len(rejected) - len(fresh)
+        s.replayed += batch.replayed + batch.rebuilt + len(rejected) - len(fresh)
         s.rejected.update(r.reason for r in fresh)
         s.windows_scored += len(scores)
         s.windows_skipped += len(batch.skipped)
@@ -433,6 +433,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         stack.callback(producer.close, timeout=10)
         sinks = build_sinks(config)
         stack.callback(sinks.close, timeout_s=10)
+        metrics.watch_sinks(sinks.stats)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks)
         waited_too_long = threading.Event()
@@ -455,9 +456,20 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             if waited_too_long.is_set():
                 log.warning("topic %s had no partitions within the idle stop (%gs): stopping", config.kafka.topic,
                             idle_stop_s)
-        log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
-                 config.database.safe_url, {g: d.version for g, d in detectors.items()})
+        if not stop.is_set():
+            _warn_of_missing_dead_letter_topic(consumer, config.kafka.dead_letter_topic)
+            log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
+                     config.database.safe_url, {g: d.version for g, d in detectors.items()})
         return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
+
+
+def _warn_of_missing_dead_letter_topic(consumer: KafkaConsumer, topic: str) -> None:
+    """A warning at start when the dead-letter topic does not exist: the first rejected reading would stall the
+    pipeline until it does, unless the brokers create topics on first use."""
+    with contextlib.suppress(KafkaError):
+        if topic not in consumer.topics():
+            log.warning("dead-letter topic %s does not exist: unless the brokers create topics on first use, the first "
+                        "rejected reading stalls the pipeline until it is created (`sensorwatch check` tells)", topic)
 
 
 def _serve_metrics(metrics: PipelineMetrics, config: Config) -> ThreadingHTTPServer:

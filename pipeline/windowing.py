@@ -75,7 +75,8 @@ class WindowBatch:
     skipped: list[SkippedWindow] = field(default_factory=list)
     late: list[Reading] = field(default_factory=list)
     duplicates: list[Reading] = field(default_factory=list)
-    replayed: int = 0
+    replayed: int = 0  # readings a previous owner processed, for windows it closed (dropped)
+    rebuilt: int = 0  # readings a previous owner processed, placed again to rebuild the windows it left open
 
 
 class Windower:
@@ -147,6 +148,8 @@ class Windower:
                 continue
             for c, value in zip(columns, reading.values.values(), strict=True):
                 row[c] = value
+            if reading.offset < self._replay_upto.get(reading.partition, -1):
+                out.rebuilt += 1  # counted when it was first consumed
             key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
             previous = state.offsets.get(key)
             state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)

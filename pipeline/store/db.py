@@ -84,6 +84,21 @@ def pending_migrations(engine: Engine) -> bool:
     return current != head
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """For a SQLite URL whose database file does not exist: what to say (connecting would create an empty file, and a
+    relative path is read from the current directory); None for every other URL."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    if path.exists():
+        return None
+    relative = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+    return f"database file {path.resolve()} does not exist{relative}: run 'sensorwatch db upgrade --config FILE'"
+
+
 def describe_error(exc: BaseException, url: str) -> str:
     """One line for a database error on ``url``: the URL with its password masked and the driver's first line, the
     password (as given or URL-encoded) scrubbed from it where a driver echoes it (a password under 4 characters is

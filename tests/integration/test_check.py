@@ -27,7 +27,7 @@ def test_check_passes_a_ready_deployment_and_names_what_is_missing(kafka_bootstr
     path.write_text(yaml.safe_dump({
         "kafka": {"bootstrap_servers": kafka_bootstrap_servers, "topic": topic_name,
                   "dead_letter_topic": f"{topic_name}-dlq"},
-        "database": {"url": pg_database_url}, "model_dir": str(tmp_path / "models"),
+        "database": {"url": pg_database_url}, "model_dir": str(tmp_path / "models"), "metrics": {"port": 0},
         "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}, {"name": "y"}],
                     "model": {"epochs": 1}}]}))
     config = load_config(path)

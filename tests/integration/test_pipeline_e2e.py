@@ -130,7 +130,7 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
 
     # a restart replays from the committed offsets and adds no duplicates
     again = _run(cfg, until_readings=10**9, until_rejected=10**9, timeout_s=30)
-    assert again.readings < len(messages) // 10
+    assert again.readings == 0 and again.replayed > 0  # it re-reads the open windows' readings, counts none again
     with sessions() as s:
         assert repo.count_scores(session=s) == len(expected)
         assert len(list(s.scalars(select(Alert)))) == len(alerts)

@@ -135,10 +135,16 @@ def _sqlite_config(tmp_path: Path, url: str) -> str:
 
 def test_database_problems_are_one_line_errors_and_train_checks_before_training(tmp_path: Path) -> None:
     missing_dir = _sqlite_config(tmp_path, f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'sw.db'}")
-    for args in (["alerts", "list"], ["models", "list"], ["db", "upgrade"], ["alerts", "show", "1"]):
+    for args in (["alerts", "list"], ["models", "list"], ["alerts", "show", "1"], ["db", "upgrade"]):
         result = runner.invoke(app, [*args, "--config", missing_dir])
+        text = " ".join(result.output.split())
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
-        assert "cannot use the database" in result.output and "unable to open database file" in result.output
+        if args[0] == "db":  # creating it: the directory is missing
+            assert "cannot use the database" in text and "unable to open database file" in text
+        else:  # reading it: said before connecting, which would create an empty file
+            assert f"database file {tmp_path / 'no' / 'such' / 'dir' / 'sw.db'} does not exist" in text
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "empty.db").touch()  # an empty SQLite database: no schema yet
     unmigrated = _sqlite_config(tmp_path, f"sqlite:///{tmp_path / 'empty.db'}")
     listed = runner.invoke(app, ["models", "list", "--config", unmigrated])
     assert listed.exit_code == 1 and "database schema is not up to date" in listed.output
@@ -192,6 +198,7 @@ def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
     rolled = runner.invoke(app, ["models", "activate", "--config", str(lstm), row["version"]])
     text = " ".join(rolled.output.split())
     assert rolled.exit_code == 0 and "is a dense model, the configuration's model.type is lstm" in text
+    assert "the scheduled retrain (0 2 * * * UTC) may promote a new model over it" in text  # a rollback may not last
 
 
 def test_bad_command_line_values_are_refused_without_a_traceback(tmp_path: Path) -> None:
@@ -254,7 +261,9 @@ def test_check_reports_each_problem_of_a_deployment_that_cannot_start(tmp_path: 
     first = runner.invoke(app, args)
     assert first.exit_code == 1
     status = {c["name"]: (c["status"], c["detail"]) for c in yaml.safe_load(first.stdout)}
-    assert status["database"][0] == "fail" and "schema not up to date" in status["database"][1]
+    assert status["database"] == ("fail", f"database file {tmp_path / 'sw.db'} does not exist: run 'sensorwatch db "
+                                  "upgrade --config FILE'")
+    assert not (tmp_path / "sw.db").exists()  # the check creates nothing
     assert status["model_dir"] == ("ok", f"{tmp_path / 'models'}: will be created (in {tmp_path})")
     assert status["kafka"][0] == "fail" and "127.0.0.1:1: no broker answered" in status["kafka"][1]
     from pipeline.store.db import upgrade

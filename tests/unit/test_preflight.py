@@ -55,3 +55,42 @@ def test_a_bundle_that_fails_to_verify_fails_the_models_check(tmp_path: Path) ->
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     models = _database_and_models(config)[1]
     assert models.status == "fail" and f"g: {row.version} refused" in models.detail
+
+
+def test_a_missing_sqlite_file_is_named_not_created(tmp_path: Path, monkeypatch) -> None:  # type: ignore
+    monkeypatch.chdir(tmp_path)
+    database, _ = _database_and_models(_config("sqlite:///sensorwatch.db"))
+    assert database.status == "fail" and not (tmp_path / "sensorwatch.db").exists()
+    assert database.detail == (f"database file {tmp_path / 'sensorwatch.db'} does not exist (a relative path is read "
+                               f"from the current directory, {tmp_path}): run 'sensorwatch db upgrade --config FILE'")
+    assert _database_and_models(_config("sqlite://"))[0].status == "fail"  # in memory: exists, but has no schema
+
+
+def test_a_missing_topic_to_produce_to_fails_only_where_the_brokers_do_not_create_it() -> None:
+    from pipeline.preflight import produced_topic_check
+
+    assert produced_topic_check("dead-letter topic", "dlq", 3, None).status == "ok"
+    created = produced_topic_check("dead-letter topic", "dlq", 0, True)
+    assert created.status == "warn" and "create it on the first send" in created.detail
+    stalls = produced_topic_check("dead-letter topic", "dlq", 0, False)
+    assert stalls.status == "fail" and "stalls the pipeline" in stalls.detail
+    lost = produced_topic_check("alert topic", "alerts", 0, False)
+    assert lost.status == "fail" and "lost" in lost.detail and "stalls" not in lost.detail
+    unknown = produced_topic_check("alert topic", "alerts", 0, None)
+    assert unknown.status == "warn" and "could not be read" in unknown.detail
+
+
+def test_a_taken_metrics_port_fails_the_check() -> None:
+    import socket
+
+    from pipeline.preflight import _metrics_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = parse_config({"metrics": {"host": "127.0.0.1", "port": port},
+                               "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+        busy = _metrics_port(config)
+        assert busy.status == "fail" and "its own metrics.port" in busy.detail
+    assert _metrics_port(config).status == "ok"  # free again

@@ -183,3 +183,21 @@ def test_no_sinks_configured_is_a_no_op() -> None:
     sinks.publish(_lifecycle())
     sinks.close()
     assert sinks.stats() == {}
+
+
+def test_sink_outcomes_are_metrics_a_monitoring_system_can_alert_on(server_factory: Any) -> None:
+    from prometheus_client import generate_latest
+
+    from pipeline.metrics import PipelineMetrics
+
+    failing = server_factory(lambda n: (500, 0))
+    sink = _webhook(failing.url, retries=1)
+    sinks = AlertSinks([sink])
+    metrics = PipelineMetrics()
+    metrics.watch_sinks(sinks.stats)
+    sinks.publish(_lifecycle())  # opened, escalated, resolved: three events, each failing after one retry
+    sinks.close(10)
+    text = generate_latest(metrics.registry).decode()
+    assert f'sensorwatch_alert_sink_events_total{{outcome="failed",sink="{sink.name}"}} 3.0' in text
+    assert f'sensorwatch_alert_sink_events_total{{outcome="delivered",sink="{sink.name}"}} 0.0' in text
+    assert metrics.healthy()[0]  # a failing sink is a metric to alert on, not a reason to restart the pipeline

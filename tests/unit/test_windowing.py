@@ -155,12 +155,15 @@ def test_resume_after_restart_skips_closed_windows_and_recognises_replay() -> No
     restarted.set_replay_boundary(0, 9)  # the previous owner processed offsets < 9
     replay = restarted.add([*stream[safe:], Reading("a", 1000, {"x": 0.0, "y": 0.0}, 0, 20)])
     assert replay.replayed == 0 and [r.offset for r in replay.late] == [20]  # a genuinely late reading
+    assert replay.rebuilt == 9 - safe  # offsets safe..8 rebuild the open windows; they were counted before
     both = [x.start_ms for x in done.windows + replay.windows]
     assert both == [0, 2000, 4000, 6000, 8000]  # every window exactly once across the restart
     again = Windower([_group(max_gap=0)])
     again.resume("a", resume_at + 4000)
     again.set_replay_boundary(0, 12)
-    assert again.add(stream[4:]).replayed == 6  # slots 4..9 belong to closed windows: replay, not late
+    replayed = again.add(stream[4:])
+    assert replayed.replayed == 6  # slots 4..9 belong to closed windows: replay, not late
+    assert replayed.rebuilt == 2  # slots 10, 11 (offsets below 12) rebuild an open window
 
 
 def test_smoothed_windows_hold_the_causal_rolling_mean_of_each_sensor() -> None:
