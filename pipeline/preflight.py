@@ -6,8 +6,9 @@ Checks, in order (each independent of the others' outcome):
   models     every group has an active model whose bundle verifies against the configuration
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
   metrics port  free (``run`` serves /metrics and /healthz there)
-  kafka      a broker answers; the readings topic exists (with its partitions); the dead-letter and alert topics
-             exist, or are only a warning (a broker that auto-creates topics creates them on the first send)
+  kafka      a broker answers (else the last connection error); the readings topic exists (with its partitions);
+             the dead-letter and alert topics exist, or are created on first use by the brokers (a warning), else
+             a failure (a warning when the brokers' setting cannot be read)
 Each check is ``ok``, ``warn`` (works, but look) or ``fail`` (the pipeline would not start, would wait, or could
 not store what it produces).
 """
