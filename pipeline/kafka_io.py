@@ -350,10 +350,16 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
 
 
 def last_failure(seen: Sequence[str]) -> str:
-    """``"; last connection error: ..."`` from what ``connection_errors`` kept (refused, a TLS handshake, a SASL
-    handshake or authentication), or ``""`` when it kept none."""
+    """``"; last connection error: ..."`` from what ``connection_errors`` kept, or ``""`` when it kept none. A TLS or
+    SASL failure (a handshake, authentication) explains more than a refused connection and is preferred: the log is
+    the process's, so another client's attempts can be in it too."""
     failures = [m for m in seen if "failed" in m and not m.startswith("Bootstrap failed")]
-    return f"; last connection error: {failures[-1]}" if failures else ""
+    security = [m for m in failures if _SECURITY_FAILURE.search(m)]
+    chosen = security or failures
+    return f"; last connection error: {chosen[-1]}" if chosen else ""
+
+
+_SECURITY_FAILURE = re.compile(r"sasl|ssl|tls|handshake|authenticat", re.IGNORECASE)
 
 
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:

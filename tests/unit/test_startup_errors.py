@@ -72,3 +72,13 @@ def test_a_failed_start_frees_the_metrics_port(tmp_path, monkeypatch: pytest.Mon
         run_pipeline(config, stop=threading.Event(), serve_metrics=True)
     with socket.socket() as again:
         again.bind(("127.0.0.1", port))  # free: the server was shut down and its socket closed
+
+
+def test_a_security_failure_explains_more_than_a_refused_connection() -> None:
+    seen = ["Bootstrap connection to bootstrap-0 failed: [Error 34] IllegalSaslStateError",
+            "Bootstrap connection to bootstrap-0 failed: KafkaConnectionError: 111 ECONNREFUSED",  # another client
+            "Bootstrap failed: KafkaTimeoutError: Unable to bootstrap"]
+    assert kafka_io.last_failure(seen) == ("; last connection error: Bootstrap connection to bootstrap-0 failed: "
+                                           "[Error 34] IllegalSaslStateError")
+    assert kafka_io.last_failure(seen[1:]).endswith("111 ECONNREFUSED")
+    assert kafka_io.last_failure(seen[2:]) == ""
