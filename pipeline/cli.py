@@ -79,9 +79,6 @@ def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"
-
-
 def _database_problem(exc: Exception, cfg: Config) -> str:
     """One line for a database error (``store.db.describe_error``: the password masked and scrubbed)."""
     from pipeline.store.db import describe_error
@@ -104,7 +101,7 @@ def _database_errors(cfg: Config) -> Iterator[None]:
 def _check_database(cfg: Config) -> None:
     """Exit with one clear line unless the database can be reached and its schema is up to date (a SQLite file that
     does not exist is not created)."""
-    from pipeline.store.db import make_engine, missing_sqlite_file, pending_migrations
+    from pipeline.store.db import SCHEMA_BEHIND, make_engine, missing_sqlite_file, pending_migrations
 
     missing = missing_sqlite_file(cfg.database.url)
     if missing is not None:

@@ -78,8 +78,7 @@ class DriftTracker:
         self._state[asset] = _Offset(last.model_version if offset else "", tuple(offset), values, last.end_ms)
 
     def _bounded(self, group: str, values: np.ndarray) -> np.ndarray:
-        limit = self._limits.get(group)
-        return values if limit is None else np.clip(values, -limit, limit)
+        return _clipped(values, self._limits.get(group))
 
     def forget(self, assets: Iterable[str]) -> None:
         """Drop the state of ``assets`` (partitions handed over, or a transaction that did not commit)."""
@@ -110,7 +109,7 @@ class DriftTracker:
         """The score of ``window`` with the residuals taken relative to its asset's offsets."""
         variances, means = moments
         state = self._current(window.asset, detector)
-        errors = finite(variances + (means - state.values) ** 2)
+        errors = _relative_errors(variances, means, state.values)
         return score_of(window, detector, float(errors.mean()), errors)
 
     def follow(self, score: Score, moments: Moments, *, quiet: bool) -> Score:
@@ -120,8 +119,8 @@ class DriftTracker:
         state = self._state[score.asset]
         if score.end_ms > state.last_end_ms:
             if quiet:
-                moved = state.values + self._weights[score.group] * (moments[1] - state.values)
-                state.values = self._bounded(score.group, moved)
+                state.values = _moved(state.values, moments[1], self._weights[score.group],
+                                      self._limits.get(score.group))
             state.last_end_ms = score.end_ms
         return replace(score, drift_offset={s: float(v) for s, v in zip(state.sensors, state.values, strict=True)})
 
@@ -137,6 +136,21 @@ class DriftTracker:
                 out.append([])
             out[r].append(window)
         return out
+
+
+def _relative_errors(variances: np.ndarray, means: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Per sensor, a window's error relative to ``offset`` (``finite``): the mean square of (residual - offset) is
+    var(residual) + (mean(residual) - offset)^2."""
+    return finite(variances + (means - offset) ** 2)
+
+
+def _moved(offset: np.ndarray, means: np.ndarray, weight: float, limit: float | None) -> np.ndarray:
+    """``offset`` moved ``weight`` of the way towards a quiet window's mean residuals, bounded by ``limit``."""
+    return _clipped(offset + weight * (means - offset), limit)
+
+
+def _clipped(values: np.ndarray, limit: float | None) -> np.ndarray:
+    return values if limit is None else np.clip(values, -limit, limit)
 
 
 def offsets_report(score: Score, limit: float | None) -> dict[str, object]:
@@ -223,18 +237,13 @@ def followed_levels(detector: Detector, windows: Sequence[Window], *, weight: fl
     quiet_means: dict[str, np.ndarray] = {}  # per asset: its previous window's mean residuals, if it was quiet
     smoothed: dict[Hashable, float] = {}
     alpha, threshold = detector.ewma_alpha, detector.threshold
-
-    def bounded(values: np.ndarray) -> np.ndarray:
-        return values if limit is None else np.clip(values, -limit, limit)
-
     for i, window in enumerate(windows):
         asset = window.asset
         offset = offsets.setdefault(asset, np.zeros(variances.shape[1]))
         skipped = 0 if steps is None else steps[i] - 1
         if skipped > 0 and asset in quiet_means:
-            caught_up = 1.0 - (1.0 - weight) ** skipped
-            offset = offsets[asset] = bounded(offset + caught_up * (quiet_means[asset] - offset))
-        score = float(finite(variances[i] + (means[i] - offset) ** 2).mean())
+            offset = offsets[asset] = _moved(offset, quiet_means[asset], 1.0 - (1.0 - weight) ** skipped, limit)
+        score = float(_relative_errors(variances[i], means[i], offset).mean())
         level = score
         if alpha is not None:
             previous = smoothed.get(keys[i], score)
@@ -242,6 +251,6 @@ def followed_levels(detector: Detector, windows: Sequence[Window], *, weight: fl
         levels[i] = level
         quiet_means.pop(asset, None)
         if score <= threshold and level <= threshold:
-            offsets[asset] = bounded(offset + weight * (means[i] - offset))
+            offsets[asset] = _moved(offset, means[i], weight, limit)
             quiet_means[asset] = means[i]
     return levels

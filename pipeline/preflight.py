@@ -30,6 +30,7 @@ from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
 from pipeline.store import repo
 from pipeline.store.db import (
+    SCHEMA_BEHIND,
     describe_error,
     make_engine,
     make_sessionmaker,
@@ -89,8 +90,8 @@ def _database_and_models(config: Config) -> list[Check]:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     try:
         if pending_migrations(engine):
-            return [Check("database", "fail", f"{config.database.safe_url}: schema not up to date: run "
-                          "'sensorwatch db upgrade'"), Check("models", "fail", "not checked")]
+            return [Check("database", "fail", f"{config.database.safe_url}: {SCHEMA_BEHIND}"),
+                    Check("models", "fail", "not checked")]
         with make_sessionmaker(engine)() as session:
             active = repo.active_model_versions(session=session)
     except (SQLAlchemyError, ImportError) as exc:

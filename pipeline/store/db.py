@@ -76,6 +76,10 @@ def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 
 
+#: What every command says when ``pending_migrations`` is true.
+SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"
+
+
 def pending_migrations(engine: Engine) -> bool:
     """True when the database is not at the newest migration (the pipeline refuses to start then)."""
     head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
