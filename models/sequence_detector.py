@@ -24,6 +24,13 @@ are not flagged, level ``L <- (L + b) + w (x - (L + b))`` with ``w = 1 / baselin
 ``b <- b + v ((L_new - L_old) - b)`` with ``v = 1 / trend_span``; both are frozen on flagged rows, and ``b`` starts at
 0. A steady ramp (a thermocouple warming up) is then followed without the level-only baseline's lag of about
 ``slope x baseline_span``.
+
+Release (``release_smooth``, None: off): a second, lightly smoothed view of the same rows (a causal rolling mean of
+``release_smooth`` rows instead of ``smooth``) is scored by the same network, scaler, baseline shift and per-sensor
+normaliser, against its own threshold fitted the same way on the training rows seen through that smoothing. A row the
+detector flags stays flagged only while the release view's ratio exceeds ``release_ratio``: when a fault ends, the
+lightly smoothed view drops back within ``release_smooth`` rows while the heavily smoothed one still remembers the
+fault. The release is an output filter only: the baseline and the aftermath peak follow the detector's own decision.
 """
 
 from __future__ import annotations
@@ -75,6 +82,8 @@ class SequenceSettings:
     ewma_alpha: float | None = None
     baseline_span: int | None = 150
     trend_span: int | None = None
+    release_smooth: int | None = None
+    release_ratio: float = 0.5
     chunk: int = 10
     aftermath_relative: float = 0.3
     aftermath_half_life: float | None = None
@@ -85,6 +94,8 @@ class SequenceSettings:
             raise ValueError(f"score_steps must be within 1..window ({self.window}), got {self.score_steps}")
         if self.trend_span is not None and (self.trend_span < 1 or not self.baseline_span):
             raise ValueError(f"trend_span needs a baseline_span and must be at least 1, got {self.trend_span}")
+        if self.release_smooth is not None and not 1 <= self.release_smooth <= self.smooth:
+            raise ValueError(f"release_smooth must be within 1..smooth ({self.smooth}), got {self.release_smooth}")
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly form (for reports and metadata)."""
@@ -101,6 +112,7 @@ class SequenceDetector:
         self.sensor_scale: np.ndarray | None = None
         self.threshold = float("nan")
         self.threshold_info: dict[str, Any] = {}
+        self.release_threshold = float("nan")
         self.train_seconds = 0.0
 
     def _aggregate(self, per_sensor: np.ndarray) -> np.ndarray:
@@ -132,6 +144,14 @@ class SequenceDetector:
             self._aggregate(reference_errors), s.threshold_method, percentile=s.percentile, k=s.k,
             multiplier=s.multiplier, target_rate=s.target_rate, tail_quantile=s.tail_quantile, ewma_alpha=s.ewma_alpha,
         )
+        if s.release_smooth is not None:
+            light = causal_rolling_mean(rows, s.release_smooth)[warm:]
+            light_windows = sliding_windows(self.scaler.transform(light), s.window)
+            light_reference = light_windows if s.threshold_windows == "all" else light_windows[-n_val:]
+            self.release_threshold, _ = fit_threshold(
+                self._aggregate(self._errors(light_reference)), s.threshold_method, percentile=s.percentile, k=s.k,
+                multiplier=s.multiplier, target_rate=s.target_rate, tail_quantile=s.tail_quantile,
+            )  # no EWMA: the release view's ratios are taken row by row
         self.train_seconds = time.perf_counter() - started
         return self
 
@@ -173,6 +193,7 @@ class SequenceDetector:
         s = self.settings
         rows = np.asarray(rows, dtype=np.float64)
         smoothed = causal_rolling_mean(rows, s.smooth)
+        light = causal_rolling_mean(rows, s.release_smooth) if s.release_smooth is not None else None
         ratios = np.full(len(rows), np.nan)
         flags = np.zeros(len(rows), dtype=bool)
         baseline = self.scaler.mean.copy()
@@ -187,6 +208,10 @@ class SequenceDetector:
             shifted = smoothed[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
             windows = sliding_windows(self.scaler.transform(shifted), s.window)
             scores = self._aggregate(self._errors(windows))
+            if light is not None:
+                light_shifted = light[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
+                light_ratios = self._aggregate(self._errors(sliding_windows(self.scaler.transform(light_shifted),
+                                                                            s.window))) / self.release_threshold
             if s.ewma_alpha is not None:
                 scores = ewma(scores, s.ewma_alpha, smoothed_score)
                 smoothed_score = float(scores[-1])
@@ -194,8 +219,9 @@ class SequenceDetector:
                 t = begin + offset
                 ratio = float(score / self.threshold)
                 ratios[t] = ratio
-                flags[t] = decide(ratio)
-                if not flags[t]:
+                raised = decide(ratio)
+                flags[t] = raised and (light is None or light_ratios[offset] > s.release_ratio)
+                if not raised:
                     predicted = baseline + trend
                     level = predicted + weight * (smoothed[t] - predicted)
                     trend += trend_weight * ((level - baseline) - trend)

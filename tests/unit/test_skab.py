@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,25 @@ def test_a_trend_following_baseline_follows_a_steady_ramp_but_not_a_step() -> No
     assert flagged[None] > 300 and flagged[150] < 50  # the level-only baseline lags the ramp; the trend follows it
     with pytest.raises(ValueError, match="trend_span needs a baseline_span"):
         default_settings("dense", baseline_span=None, trend_span=150)
+
+
+def test_the_fast_release_ends_the_alarm_sooner_after_a_fault_but_holds_it_inside() -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.normal(0, 0.1, (1200, 3)) + np.array([1.0, 5.0, 20.0])
+    rows[900:1000, 1] += 1.0  # a 10-std step on sensor b, rows 900..999
+    settings = default_settings("dense", epochs=5, window=8, score_steps=4)
+    plain = SequenceDetector(settings).fit(rows[:TRAIN_ROWS])
+    released = SequenceDetector(replace(settings, release_smooth=4, release_ratio=0.5)).fit(rows[:TRAIN_ROWS])
+    plain_ratios, plain_flags = plain.decide(rows)
+    released_ratios, released_flags = released.decide(rows)
+    np.testing.assert_array_equal(plain_ratios, released_ratios)  # an output filter: the detector's ratios are kept
+    assert not (released_flags & ~plain_flags).any()  # it only takes flags away
+    assert released.release_threshold > released.threshold  # the light view is noisier, so its threshold is higher
+    assert released_flags[930:1000].mean() > 0.9 and plain_flags[930:1000].mean() > 0.9
+    after_plain, after_released = int(plain_flags[1000:1060].sum()), int(released_flags[1000:1060].sum())
+    assert after_plain >= 8 and after_released <= after_plain // 2  # the 30-row mean remembers the fault; 4 rows do not
+    with pytest.raises(ValueError, match=r"release_smooth must be within 1\.\.smooth \(30\), got 40"):
+        default_settings("dense", release_smooth=40)
 
 
 def test_normal_segments_drop_the_duplicated_tail(skab_dir: Path) -> None:
