@@ -33,9 +33,12 @@ app = typer.Typer(help="sensorwatch: streaming anomaly monitoring for industrial
 db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Query alerts.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and activate model versions.", no_args_is_help=True)
+sinks_app = typer.Typer(help="The alert sinks' outbox: what waits, what failed, and queueing it again.",
+                        no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(models_app, name="models")
+app.add_typer(sinks_app, name="sinks")
 
 console = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.", exists=False)]
@@ -609,6 +612,84 @@ def models_runs(
         table.add_row(str(r.id), r.group_name, r.trigger, r.started_at.strftime("%Y-%m-%d %H:%M:%S"), seconds,
                       r.outcome, r.candidate_version or "", str(r.windows_used or ""), escape(r.reason or ""))
     _stdout().print(table)
+
+
+@sinks_app.command("status")
+def sinks_status(
+    config: ConfigOption,
+    failed: Annotated[int, typer.Option(help="Also list this many of the newest failed events.", min=0)] = 0,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """Per sink: events pending, delivered and failed in the outbox (finished ones are kept 7 days), the oldest
+    pending event's age, and who delivers it (the pipeline process holding its lease)."""
+    from sqlalchemy import select
+
+    from pipeline.sinks import configured_sinks
+    from pipeline.store import repo
+    from pipeline.store.tables import SinkLease
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    with _session(cfg) as session:
+        counts = repo.count_outbox(session=session)
+        oldest = repo.oldest_pending_outbox(session=session)
+        leases = {lease.sink: lease for lease in session.scalars(select(SinkLease))}
+        recent_failures = repo.outbox_events(session=session, status="failed", limit=failed) if failed else []
+    now = datetime.now(UTC)
+    configured = {sink.name: sink.label for sink in configured_sinks(cfg)}
+    names = sorted(set(configured) | {sink for sink, _ in counts})
+    rows = []
+    for name in names:
+        lease = leases.get(name)
+        rows.append({
+            "sink": name, "configured": configured.get(name, "not configured"),
+            **{status: counts.get((name, status), 0) for status in ("pending", "delivered", "failed")},
+            "oldest_pending_s": round((now - oldest[name]).total_seconds()) if name in oldest else None,
+            "delivered_by": lease.holder if lease is not None and lease.expires_at > now else None,
+        })
+    failures = [{"id": e.id, "sink": e.sink, "event": e.document.get("event"), "incident": e.document.get("incident"),
+                 "attempts": e.attempts, "finished_at": e.finished_at.isoformat() if e.finished_at else None,
+                 "error": e.last_error} for e in recent_failures]
+    if output == "json":
+        typer.echo(json.dumps({"sinks": rows, "failed": failures} if failed else {"sinks": rows}, indent=2))
+        return
+    if not rows:
+        console.print(f"no alert sink is configured in {escape(str(config))} (sinks.kafka, sinks.webhook) and the "
+                      "outbox is empty")
+        return
+    table = Table(title="alert sinks", title_justify="left")
+    for column in ("sink", "configured", "pending", "delivered", "failed", "oldest pending", "delivered by"):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        age = "" if r["oldest_pending_s"] is None else f"{r['oldest_pending_s']} s"
+        table.add_row(r["sink"], escape(str(r["configured"])), str(r["pending"]), str(r["delivered"]),
+                      str(r["failed"]), age, escape(r["delivered_by"] or "no running pipeline"))
+    _stdout().print(table)
+    if failures:
+        listing = Table(title=f"newest failed events ({len(failures)})", title_justify="left")
+        for column in ("id", "sink", "event", "incident", "tries", "finished (UTC)", "error"):
+            listing.add_column(column, no_wrap=column != "error")
+        for f in failures:
+            listing.add_row(str(f["id"]), f["sink"], str(f["event"]), escape(str(f["incident"])), str(f["attempts"]),
+                            str(f["finished_at"] or "")[:19].replace("T", " "), escape(f["error"] or ""))
+        _stdout().print(listing)
+
+
+@sinks_app.command("retry")
+def sinks_retry(
+    config: ConfigOption,
+    sink: Annotated[str | None, typer.Option(help="Only this sink: kafka or webhook.")] = None,
+    event_id: Annotated[list[int] | None, typer.Option("--id", help="Only these outbox events (repeatable).")] = None,
+) -> None:
+    """Queue failed events again (all, one sink's, or some by id), due at once and in their original order: after a
+    receiver's outage outlasted max_age_h, or once it accepts what it refused. A running pipeline delivers them."""
+    from pipeline.store import repo
+
+    _choice(sink, ("kafka", "webhook"), "--sink")
+    cfg = _load(config)
+    with _session(cfg, write=True) as session:
+        count = repo.requeue_outbox(session=session, now=datetime.now(UTC), sink=sink, ids=event_id or None)
+    console.print(f"{count} failed event(s) queued again" + ("" if count else " (none matched)"))
 
 
 @app.command("drift")

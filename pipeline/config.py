@@ -383,7 +383,22 @@ class AlertConfig(_Strict):
 SinkEvent = Literal["opened", "updated", "escalated", "resolved"]
 
 
-class KafkaSinkConfig(_Strict):
+class _OutboxSink(_Strict):
+    """What every sink shares: events wait in the database outbox until delivered, for at most ``max_age_h`` hours
+    (then they are marked failed; ``sensorwatch sinks retry`` queues them again). ``queue_size`` is accepted from
+    older configurations and ignored, with a warning: the outbox has no in-memory queue."""
+
+    max_age_h: PositiveFloat = 24.0
+    queue_size: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _queue_size_is_gone(self) -> _OutboxSink:
+        if self.queue_size is not None:
+            log.warning("sinks: queue_size is no longer used (alert events wait in the database outbox); remove it")
+        return self
+
+
+class KafkaSinkConfig(_OutboxSink):
     """Alert events as JSON on a Kafka topic of the ``kafka`` cluster (same security), keyed by asset.
 
     ``events`` filters kinds; ``escalated`` selects the updates that raised the severity."""
@@ -391,13 +406,13 @@ class KafkaSinkConfig(_Strict):
     enabled: bool = True
     topic: Annotated[str, Field(min_length=1)] = "sensor-alerts"
     events: list[SinkEvent] = Field(default_factory=lambda: ["opened", "updated", "resolved"])
-    queue_size: PositiveInt = 10000
     timeout_s: PositiveFloat = 10.0
 
 
-class WebhookSinkConfig(_Strict):
+class WebhookSinkConfig(_OutboxSink):
     """Alert events POSTed as JSON to ``url``; each try waits at most ``timeout_s``, failures are retried ``retries``
-    times with doubling backoff from ``backoff_s``. Header values are secrets: use ``${ENV_VAR}``."""
+    times at once with doubling backoff from ``backoff_s``, then later from the outbox. Header values are secrets: use
+    ``${ENV_VAR}``."""
 
     enabled: bool = True
     url: Annotated[str, Field(pattern=r"^https?://\S+$")]
@@ -406,11 +421,11 @@ class WebhookSinkConfig(_Strict):
     timeout_s: PositiveFloat = 5.0
     retries: Annotated[int, Field(ge=0)] = 3
     backoff_s: PositiveFloat = 1.0
-    queue_size: PositiveInt = 1000
 
 
 class SinksConfig(_Strict):
-    """Where alert events go besides the database (which always has them). Sinks never block the pipeline."""
+    """Where alert events go besides the database (which always has them): delivered at least once from the
+    database outbox. Sinks never block the pipeline."""
 
     kafka: KafkaSinkConfig | None = None
     webhook: WebhookSinkConfig | None = None

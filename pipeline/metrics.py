@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -45,9 +45,10 @@ class PipelineMetrics:
         self._degraded = False
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
-        """Expose the alert sinks' counters (``stats()``: sink name -> ``SinkStats``, read at each scrape) as
-        ``sensorwatch_alert_sink_events_total{sink, outcome}``, outcome delivered, failed (after retries) or dropped
-        (queue full, or undelivered at shutdown).
+        """Expose the alert sinks' counters (``stats()``: sink label -> ``SinkStats``, read at each scrape) as
+        ``sensorwatch_alert_sink_events_total{sink, outcome}``, outcome delivered, failed (refused, or given up after
+        the sink's max_age_h) or retried (a try failed; the event stays in the outbox), and the sink's pending outbox
+        events as ``sensorwatch_alert_sink_pending{sink}`` (counted by the process delivering it; 0 elsewhere).
         A failing sink does not make ``/healthz`` unhealthy (the pipeline itself is fine): alert on these instead."""
         self.registry.register(_SinkCollector(stats))
 
@@ -84,11 +85,15 @@ class _SinkCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         events = CounterMetricFamily("sensorwatch_alert_sink_events", "Alert events per sink by outcome: delivered, "
-                                     "failed after retries, dropped", labels=["sink", "outcome"])
+                                     "failed (refused or too old), retried (a try failed)", labels=["sink", "outcome"])
+        pending = GaugeMetricFamily("sensorwatch_alert_sink_pending", "Alert events waiting in the outbox per sink "
+                                    "(in the process that delivers it)", labels=["sink"])
         for name, s in self._stats().items():
-            for outcome in ("delivered", "failed", "dropped"):
+            for outcome in ("delivered", "failed", "retried"):
                 events.add_metric([name, outcome], getattr(s, outcome))
+            pending.add_metric([name], s.pending)
         yield events
+        yield pending
 
 
 def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer:

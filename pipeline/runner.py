@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from typing import TypeVar
 
@@ -87,7 +87,7 @@ class Runner:
         self._detectors = detectors
         self._producer = producer
         self._stop = stop
-        self._sinks = sinks  # alert notifications beyond the database; non-blocking, best effort
+        self._sinks = sinks  # alert events for Kafka/webhook: queued in the outbox, delivered by their threads
         self._decoder = Decoder(config.groups, config.kafka.max_message_bytes, config.ingest)
         self._windower = Windower(config.groups)
         self._alerts = AlertEngine(config.groups)
@@ -168,8 +168,8 @@ class Runner:
         forward = forward_pass(batch.windows, self._detectors, self._drift)  # outside the transaction, once
         scores, events, batch.skipped, moved, processed = self._persist_owned(forward, batch.skipped, moved,
                                                                               processed)
-        if self._sinks is not None:
-            self._sinks.publish(events)  # only after the transaction holding the alerts has committed
+        if self._sinks is not None and events:
+            self._sinks.notify()  # the transaction holding the alerts and their outbox rows has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._next_offset.update(processed)
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
@@ -242,6 +242,9 @@ class Runner:
                 scores, events = judge(forward, self._detectors, self._alerts, self._drift)
                 repo.insert_scores(session=session, scores=scores)
                 repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
+                if self._sinks is not None:
+                    repo.enqueue_outbox(session=session, rows=self._sinks.outbox_rows(events),
+                                        now=datetime.now(UTC))
                 repo.insert_skipped(session=session, skipped=skipped)
                 repo.save_asset_progress(session=session, progress=moved)
                 touched = {self._windower.partition_of(a) for a in
@@ -431,7 +434,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             stack.callback(server.shutdown)
         producer = _connect(kafka_io.make_producer, config.kafka)
         stack.callback(producer.close, timeout=10)
-        sinks = build_sinks(config)
+        sinks = build_sinks(config, sessions)
         stack.callback(sinks.close, timeout_s=10)
         metrics.watch_sinks(sinks.stats)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,

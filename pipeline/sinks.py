@@ -1,10 +1,20 @@
-"""Alert sinks beyond the database: a Kafka topic and an HTTP webhook, best effort and never in the pipeline's way.
+"""Alert sinks beyond the database: a Kafka topic and an HTTP webhook, delivered at least once from a database
+outbox, never in the pipeline's way.
 
-The database is the record of truth: the runner writes alerts in the transaction that holds the scores, then hands the
-events to ``AlertSinks.publish``, which only puts them on each sink's bounded queue and returns at once. One background
-thread per sink delivers them. A full queue drops the event and counts it; delivery failures are logged (without
-secrets), retried where that makes sense, and counted; nothing raises into the pipeline. Delivery is at most once:
-events still queued when the process dies are lost (the database has them).
+The database is the record of truth. The runner writes each alert event that a sink selects into ``alert_outbox``
+in the same transaction as the alert itself (``AlertSinks.outbox_rows``), so an event is queued exactly when its alert
+is stored, and a crash loses none. One background thread per sink (``OutboxDeliverer``) delivers the outbox:
+- only the pipeline process holding the sink's lease (``sink_leases``, renewed while it runs, taken over by another
+  process within 4/3 ``LEASE_S`` when the holder dies) delivers, so events go out once per try and in the order
+  queued;
+- a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429/5xx, a broker that is down)
+  leaves the event pending and holds back the ones after it (order is kept), to be tried again after a backoff that
+  doubles from ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up (failed);
+- an answer that retrying cannot fix (other 4xx) fails the event at once, and the next ones go on;
+- finished events are deleted after ``KEEP_DAYS``; ``sensorwatch sinks`` shows and re-queues them.
+Delivery is at least once: a process that dies after a send and before recording it sends that event again, so
+receivers should treat ``incident`` + ``event`` + ``alert.last_seen_at`` as the event's identity. Nothing raises into
+the pipeline; failures are logged (without secrets) and counted.
 
 Every event is one JSON document (``event_document``), keyed by asset on Kafka so one asset's events stay in order.
 """
@@ -12,21 +22,26 @@ Every event is one JSON document (``event_document``), keyed by asset on Kafka s
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import kafka_io
 from pipeline.config import Config, KafkaConfig, KafkaSinkConfig, WebhookSinkConfig
+from pipeline.store import repo
 from pipeline.types import AlertEvent, ms_to_datetime
 
 if TYPE_CHECKING:
@@ -37,6 +52,12 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 _MAX_BACKOFF_S = 30.0
 _RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+LEASE_S = 30.0  # a sink's delivery lease; another process takes over at most 4/3 of this after a crash
+RETRY_BASE_S = 5.0  # backoff before a failed event is tried again, doubling per failed try ...
+RETRY_MAX_S = 300.0  # ... up to this
+KEEP_DAYS = 7.0  # delivered and failed events are deleted this long after they finished
+POLL_S = 1.0  # how often an idle deliverer looks for events (new events wake it at once in this process)
+BATCH = 200  # events taken per round
 
 
 def _iso(ms: int | None) -> str | None:
@@ -61,6 +82,12 @@ def event_document(event: AlertEvent) -> dict[str, Any]:
     }
 
 
+def event_key(event: AlertEvent) -> str:
+    """What makes an event distinct within its sink's outbox (a replayed batch produces the same keys)."""
+    a = event.alert
+    return f"{a.asset}@{a.opened_ms}|{event.kind}|{a.last_seen_ms}|{a.window_count}|{a.severity}|{a.status}"
+
+
 def selected(kinds: Sequence[str], event: AlertEvent) -> bool:
     """True when a sink configured for ``kinds`` takes ``event`` (``escalated`` selects severity-raising updates)."""
     return event.kind in kinds or ("escalated" in kinds and event.escalated)
@@ -68,189 +95,116 @@ def selected(kinds: Sequence[str], event: AlertEvent) -> bool:
 
 @dataclass
 class SinkStats:
-    """Counters of one sink: events accepted onto the queue, delivered, failed after retries, dropped (queue full
-    or still queued at close), and the size of the batch being delivered (``in_flight``; after ``close`` it is what
-    a delivery that outlived the deadline still holds)."""
+    """Counters of one sink's deliverer in this process: events delivered, failed (refused, or given up after
+    ``max_age_h``), tries that failed and will be retried, and the sink's pending events at the last round."""
 
-    queued: int = 0
     delivered: int = 0
     failed: int = 0
-    dropped: int = 0
-    in_flight: int = 0
+    retried: int = 0
+    pending: int = 0
 
 
 Item = tuple[bytes, dict[str, Any]]  # (key, document)
+Outcome = tuple[Literal["delivered", "refused", "retry"], str | None]  # (what happened, error)
 
 
-class QueuedSink(ABC):
-    """A bounded queue and one daemon thread that hands batches (up to ``batch_size`` items) to ``deliver``; at most
-    ``queue_size + batch_size`` events are held.
+class Sink(ABC):
+    """Where alert documents go. ``name`` keys the outbox and the lease ("kafka", "webhook"); ``label`` names it in
+    logs and metrics (no secrets)."""
 
-    ``offer`` never blocks; ``close`` waits up to a deadline for the queue to drain. Subclasses implement ``deliver``
-    (count ``delivered``/``failed`` there) and may implement ``shutdown``. An exception escaping ``deliver`` is
-    logged and counts the batch as failed; the thread carries on.
-    """
-
-    def __init__(self, name: str, kinds: Sequence[str], queue_size: int, batch_size: int = 1) -> None:
-        self.name = name
-        self.batch_size = batch_size
-        self.kinds = tuple(kinds)
-        self.stats = SinkStats()
-        self._queue: queue.Queue[Item] = queue.Queue(maxsize=queue_size)
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self.aborted = threading.Event()  # set when close() runs out of time: stop waiting on retries
-        self._thread = threading.Thread(target=self._run, name=f"alert-sink-{name}", daemon=True)
-        self._thread.start()
-
-    def offer(self, item: Item) -> bool:
-        """Queue an item; False (and counted as dropped) when the queue is full or the sink is closing."""
-        if self._closing.is_set():
-            self._count(dropped=1)
-            return False
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            dropped = self._count(dropped=1)
-            if dropped == 1 or dropped % 1000 == 0:
-                log.warning("alert sink %s: queue full (%d), %d event(s) dropped so far", self.name,
-                            self._queue.maxsize, dropped)
-            return False
-        self._count(queued=1)
-        return True
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Deliver what is queued within ``timeout_s``, then stop; whatever is left counts as dropped."""
-        self._closing.set()
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            self.aborted.set()
-            self._thread.join(2.0)
-        left = 0
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-            left += 1
-        if left:
-            self._count(dropped=left)
-            log.warning("alert sink %s: %d event(s) undelivered at shutdown", self.name, left)
+    name: str
+    label: str
+    kinds: tuple[str, ...]
+    max_age_s: float
 
     @abstractmethod
-    def deliver(self, batch: list[Item]) -> None:
-        """Send a batch; called on the sink's thread only."""
+    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+        """Try ``items`` in order; one outcome per item tried. Stops after the first ``retry`` (the items after it
+        wait, to keep the order), and starts no item once ``budget_s`` has passed (the rest stay due), so the list
+        may be shorter than ``items``. Never raises."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook: most sinks hold nothing to release)
-        """Release clients; called on the sink's thread when it stops. Nothing to do by default."""
-
-    def _count(self, *, queued: int = 0, delivered: int = 0, failed: int = 0, dropped: int = 0) -> int:
-        with self._lock:
-            s = self.stats
-            s.queued += queued
-            s.delivered += delivered
-            s.failed += failed
-            s.dropped += dropped
-            return s.dropped
-
-    def _run(self) -> None:
-        try:
-            while not self.aborted.is_set():
-                try:
-                    batch = [self._queue.get(timeout=0.1)]
-                except queue.Empty:
-                    if self._closing.is_set():
-                        break
-                    continue
-                while len(batch) < self.batch_size:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                self.stats.in_flight = len(batch)
-                try:
-                    self.deliver(batch)
-                except Exception:
-                    log.exception("alert sink %s: delivery of %d event(s) failed", self.name, len(batch))
-                    self._count(failed=len(batch))
-                finally:
-                    self.stats.in_flight = 0
-        finally:
-            try:
-                self.shutdown()
-            except Exception:
-                log.exception("alert sink %s: shutdown failed", self.name)
+        """Release clients; called on the deliverer's thread when it stops."""
 
 
-class KafkaAlertSink(QueuedSink):
-    """Alert events as JSON on a Kafka topic, keyed by asset. The producer is created on the sink's thread, so an
-    unreachable broker delays only this sink (batches that cannot be sent are counted as failed and logged)."""
+class KafkaAlertSink(Sink):
+    """Alert events as JSON on a Kafka topic, keyed by asset, a batch at a time. The producer is created on the
+    deliverer's thread, so an unreachable broker delays only this sink. A batch that fails is retried whole (some of
+    it may have been written: at least once)."""
+
+    name = "kafka"
 
     def __init__(self, kafka: KafkaConfig, cfg: KafkaSinkConfig) -> None:
         self._kafka = kafka
         self._cfg = cfg
         self._producer: KafkaProducer | None = None
-        super().__init__(f"kafka:{cfg.topic}", cfg.events, cfg.queue_size, batch_size=500)
+        self.label = f"kafka:{cfg.topic}"
+        self.kinds = tuple(cfg.events)
+        self.max_age_s = cfg.max_age_h * 3600
 
-    def deliver(self, batch: list[Item]) -> None:
-        try:
+    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+        try:  # one batch, bounded by timeout_s
             if self._producer is None:
                 timeout_ms = round(self._cfg.timeout_s * 1000)
                 self._producer = kafka_io.make_producer(self._kafka, max_block_ms=timeout_ms,
                                                         request_timeout_ms=timeout_ms)
-            kafka_io.send_json(self._producer, self._cfg.topic, batch, timeout_s=self._cfg.timeout_s)
+            kafka_io.send_json(self._producer, self._cfg.topic, list(items), timeout_s=self._cfg.timeout_s)
         except Exception as exc:
-            self._count(failed=len(batch))
-            log.warning("alert sink %s: %d event(s) not delivered: %s: %s", self.name, len(batch),
-                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.aborted.wait(min(self._cfg.timeout_s, 5.0))  # do not spin against a broker that is down
-            return
-        self._count(delivered=len(batch))
+            return [("retry", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")]
+        return [("delivered", None)] * len(items)
 
     def shutdown(self) -> None:
         if self._producer is not None:
             self._producer.close(timeout=5)
 
 
-class WebhookAlertSink(QueuedSink):
+class WebhookAlertSink(Sink):
     """Alert events POSTed one by one as JSON. A try waits at most ``timeout_s``; connection errors, timeouts and
-    408/425/429/5xx answers are retried ``retries`` times with doubling backoff (``Retry-After`` is honoured up to
-    30 s); other answers are final. Logs name only the host: webhook URLs often carry a token."""
+    408/425/429/5xx answers are retried ``retries`` times at once with doubling backoff (``Retry-After`` is honoured
+    up to 30 s) before the event goes back to the outbox; other answers refuse it. Logs name only the host: webhook
+    URLs often carry a token."""
+
+    name = "webhook"
 
     def __init__(self, cfg: WebhookSinkConfig) -> None:
         self._cfg = cfg
         self._host = urlsplit(cfg.url).hostname or "?"
         self._headers = {"Content-Type": "application/json", "User-Agent": "sensorwatch-alerts",
                          **{k: v.get_secret_value() for k, v in cfg.headers.items()}}
-        super().__init__(f"webhook:{self._host}", cfg.events, cfg.queue_size)
+        self.label = f"webhook:{self._host}"
+        self.kinds = tuple(cfg.events)
+        self.max_age_s = cfg.max_age_h * 3600
 
-    def deliver(self, batch: list[Item]) -> None:
-        for _key, doc in batch:
-            if self.aborted.is_set():
-                self._count(dropped=1)
-                continue
-            error = self._post_with_retries(orjson.dumps(doc))
+    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        deadline = time.monotonic() + budget_s
+        for _key, doc in items:
+            if outcomes and time.monotonic() > deadline:
+                break
+            retry, error = self._post_with_retries(orjson.dumps(doc), aborted)
             if error is None:
-                self._count(delivered=1)
-            else:
-                self._count(failed=1)
-                log.warning("alert sink %s: gave up on %s event of %s after %d tries: %s", self.name,
-                            doc.get("event"), doc.get("incident"), self._cfg.retries + 1, error)
+                outcomes.append(("delivered", None))
+                continue
+            outcomes.append(("retry" if retry else "refused", error))
+            if retry:
+                break
+        return outcomes
 
-    def _post_with_retries(self, body: bytes) -> str | None:
-        """None on success, else the last error (short text)."""
-        error, wait_s = "not tried", 0.0
+    def _post_with_retries(self, body: bytes, aborted: threading.Event) -> tuple[bool, str | None]:
+        """(worth retrying later, None on success or else the last error, short text)."""
+        error, wait_s, retry = "not tried", 0.0, True
         for attempt in range(self._cfg.retries + 1):
             if attempt:
                 delay = wait_s or min(self._cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
-                if self.aborted.wait(delay):
-                    return f"{error} (shutting down)"
-            retry, error, wait_s = self._post(body)
-            if error is None:
-                return None
+                if aborted.wait(delay):
+                    return True, f"{error} (shutting down)"
+            retry, err, wait_s = self._post(body)
+            if err is None:
+                return False, None
+            error = err
             if not retry:
-                return error
-        return error
+                return False, error
+        return retry, error
 
     def _post(self, body: bytes) -> tuple[bool, str | None, float]:
         """One try: (worth retrying, error or None, seconds the server asked us to wait or 0)."""
@@ -269,6 +223,149 @@ class WebhookAlertSink(QueuedSink):
             return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
 
 
+def retry_delay_s(attempts: int) -> float:
+    """Seconds before an event whose ``attempts``-th try just failed is tried again."""
+    return min(RETRY_BASE_S * 2 ** max(attempts - 1, 0), RETRY_MAX_S)
+
+
+class OutboxDeliverer:
+    """Delivers one sink's outbox on a daemon thread (see the module docstring); ``notify`` wakes it for events
+    just committed, ``close`` stops it after the round in progress and hands the lease back. ``deliver_once`` is
+    one round, on the caller's thread (tests call it directly with ``start=False``)."""
+
+    def __init__(self, sink: Sink, sessions: sessionmaker[Session], *, holder: str | None = None,
+                 clock: Callable[[], datetime] | None = None, start: bool = True) -> None:
+        self.sink = sink
+        self.stats = SinkStats()
+        self._sessions = sessions
+        self._holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self.aborted = threading.Event()  # set when close() runs out of time: stop waiting on retries
+        self._next_prune = 0.0
+        self._lease_renew_at: datetime | None = None  # while we hold the lease: when to renew it
+        self._next_lease_try: datetime | None = None  # while another process holds it: when to try again
+        self._failing_db = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name=f"alert-sink-{sink.name}", daemon=True)
+            self._thread.start()
+
+    def notify(self) -> None:
+        """New events are committed: look now rather than at the next poll."""
+        self._wake.set()
+
+    def deliver_once(self) -> bool:
+        """One round: take or renew the lease, try the due head of the outbox, record the outcomes. True when
+        events are still due right away (another round would have work)."""
+        sink, now = self.sink, self._clock()
+        if not self._hold_lease(now):
+            return False
+        with self._sessions.begin() as session:
+            rows = [(r.id, r.asset, r.document, r.attempts, r.created_at, r.next_attempt_at)
+                    for r in repo.pending_outbox(session=session, sink=sink.name, limit=BATCH)]
+            pending = repo.count_outbox(session=session, sink=sink.name).get((sink.name, "pending"), 0)
+        self.stats.pending = pending
+        self._prune(now)
+        if not rows or rows[0][5] > now:
+            return False
+        cutoff = now - timedelta(seconds=sink.max_age_s)
+        expired = {r[0]: f"undelivered after {sink.max_age_s / 3600:g} h" for r in rows if r[4] < cutoff}
+        todo = [r for r in rows if r[0] not in expired]
+        # a round ends well within the lease, so the lease is renewed before another process could take it over
+        outcomes = sink.send([(r[1].encode(), r[2]) for r in todo], self.aborted, LEASE_S / 3) if todo else []
+        delivered = [r[0] for r, (what, _) in zip(todo, outcomes, strict=False) if what == "delivered"]
+        refused = {r[0]: error or "refused" for r, (what, error) in zip(todo, outcomes, strict=False)
+                   if what == "refused"}
+        retry = [(r, error or "failed") for r, (what, error) in zip(todo, outcomes, strict=False) if what == "retry"]
+        done = self._clock()
+        with self._sessions.begin() as session:
+            repo.mark_outbox_delivered(session=session, ids=delivered, now=done)
+            repo.mark_outbox_failed(session=session, failures=expired, now=done, attempted=False)
+            repo.mark_outbox_failed(session=session, failures=refused, now=done)
+            for r, error in retry:
+                repo.retry_outbox_later(session=session, event_id=r[0], error=error,
+                                        at=done + timedelta(seconds=retry_delay_s(r[3] + 1)))
+        self.stats.delivered += len(delivered)
+        self.stats.failed += len(expired) + len(refused)
+        self.stats.retried += len(retry)
+        self.stats.pending = pending - len(delivered) - len(expired) - len(refused)
+        for event_id, error in {**expired, **refused}.items():
+            log.warning("alert sink %s: gave up on outbox event %d: %s", sink.label, event_id, error)
+        for r, error in retry:
+            log.warning("alert sink %s: %s; %d event(s) wait, the next try in %.0f s", sink.label, error,
+                        len(rows) - len(delivered) - len(refused) - len(expired), retry_delay_s(r[3] + 1))
+        return not retry and (len(rows) == BATCH or len(outcomes) < len(todo))
+
+    def _hold_lease(self, now: datetime) -> bool:
+        """Whether this process delivers the sink now. The lease is renewed once a third of it has run out, and a
+        process that does not hold it tries again every third of ``LEASE_S`` (so idle rounds write nothing)."""
+        if self._lease_renew_at is not None and now < self._lease_renew_at:
+            return True
+        if self._next_lease_try is not None and now < self._next_lease_try:
+            return False
+        with self._sessions.begin() as session:
+            held = repo.take_sink_lease(session=session, sink=self.sink.name, holder=self._holder, now=now,
+                                        ttl_s=LEASE_S)
+        self._lease_renew_at = now + timedelta(seconds=LEASE_S / 3) if held else None
+        self._next_lease_try = None if held else now + timedelta(seconds=LEASE_S / 3)
+        return held
+
+    def _prune(self, now: datetime) -> None:
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + 3600
+        with self._sessions.begin() as session:
+            gone = repo.prune_outbox(session=session, finished_before=now - timedelta(days=KEEP_DAYS))
+        if gone:
+            log.info("alert sink %s: %d finished outbox event(s) older than %g days deleted", self.sink.label, gone,
+                     KEEP_DAYS)
+
+    def _run(self) -> None:
+        try:
+            while not self.aborted.is_set():
+                closing = self._closing.is_set()
+                try:
+                    more = self.deliver_once()
+                    if self._failing_db:
+                        log.info("alert sink %s: the database answers again", self.sink.label)
+                    self._failing_db = False
+                except Exception as exc:
+                    if not self._failing_db:
+                        log.warning("alert sink %s: outbox round failed (the events stay queued): %s: %s",
+                                    self.sink.label, type(exc).__name__, str(exc).splitlines()[0][:200])
+                    self._failing_db, more = True, False
+                if closing and not more:
+                    break
+                if not more:
+                    self._wake.wait(POLL_S)
+                    self._wake.clear()
+        finally:
+            try:
+                with self._sessions.begin() as session:
+                    repo.release_sink_lease(session=session, sink=self.sink.name, holder=self._holder)
+            except Exception:
+                log.warning("alert sink %s: could not hand its lease back (it expires in %.0f s)", self.sink.label,
+                            LEASE_S)
+            try:
+                self.sink.shutdown()
+            except Exception:
+                log.exception("alert sink %s: shutdown failed", self.sink.label)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish the round in progress and one more for events just committed, within ``timeout_s``; then stop.
+        Whatever is still pending stays in the outbox for the next process."""
+        self._closing.set()
+        self._wake.set()
+        if self._thread is None:
+            return
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self.aborted.set()
+            self._thread.join(5.0)
+
+
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
     """A redirect would turn the POST into a GET and send our headers (secrets) elsewhere: treat it as an error."""
 
@@ -280,44 +377,54 @@ _NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
 
 
 class AlertSinks:
-    """The configured sinks. ``publish`` is non-blocking and never raises; ``close`` flushes within a deadline."""
+    """The configured sinks and their deliverers. ``outbox_rows`` (inside the alert's transaction) queues events;
+    ``notify`` (after commit) wakes the deliverers; ``close`` stops them within a deadline."""
 
-    def __init__(self, sinks: Sequence[QueuedSink]) -> None:
-        self.sinks = list(sinks)
+    def __init__(self, deliverers: Sequence[OutboxDeliverer]) -> None:
+        self.deliverers = list(deliverers)
 
-    def publish(self, events: Sequence[AlertEvent]) -> None:
-        """Queue each event on every sink that selects its kind."""
-        if not self.sinks or not events:
-            return
-        try:
-            for event in events:
-                wanted = [s for s in self.sinks if selected(s.kinds, event)]
-                if wanted:
-                    item = (event.alert.asset.encode(), event_document(event))
-                    for sink in wanted:
-                        sink.offer(item)
-        except Exception:
-            log.exception("alert sinks: publishing failed; the events stay in the database")
+    def outbox_rows(self, events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
+        """One outbox row per (event, sink that selects its kind), for ``repo.enqueue_outbox``."""
+        rows = []
+        for event in events:
+            document = None
+            for d in self.deliverers:
+                if selected(d.sink.kinds, event):
+                    document = document or event_document(event)
+                    rows.append({"sink": d.sink.name, "event_key": event_key(event), "asset": event.alert.asset,
+                                 "document": document})
+        return rows
+
+    def notify(self) -> None:
+        """Events were committed to the outbox: wake the deliverers."""
+        for d in self.deliverers:
+            d.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Give each sink up to ``timeout_s`` (in total) to deliver what it holds, then stop it."""
+        """Give the deliverers up to ``timeout_s`` (in total) to finish their rounds, then stop them."""
         deadline = time.monotonic() + timeout_s
-        for sink in self.sinks:
-            sink.close(max(deadline - time.monotonic(), 0.1))
-            s = sink.stats
-            log.info("alert sink %s: %d delivered, %d failed, %d dropped", sink.name, s.delivered, s.failed,
-                     s.dropped)
+        for d in self.deliverers:
+            d.close(max(deadline - time.monotonic(), 0.1))
+            s = d.stats
+            log.info("alert sink %s: %d delivered, %d failed, %d tries to retry, %d pending", d.sink.label,
+                     s.delivered, s.failed, s.retried, s.pending)
 
     def stats(self) -> dict[str, SinkStats]:
-        """Counters per sink name."""
-        return {sink.name: sink.stats for sink in self.sinks}
+        """Counters per sink label."""
+        return {d.sink.label: d.stats for d in self.deliverers}
 
 
-def build_sinks(config: Config) -> AlertSinks:
-    """The sinks enabled in ``config.sinks`` (none: an AlertSinks that does nothing). Starts their threads."""
-    sinks: list[QueuedSink] = []
+def configured_sinks(config: Config) -> list[Sink]:
+    """The sinks enabled in ``config.sinks`` (no threads, no connections)."""
+    sinks: list[Sink] = []
     if config.sinks.kafka is not None and config.sinks.kafka.enabled:
         sinks.append(KafkaAlertSink(config.kafka, config.sinks.kafka))
     if config.sinks.webhook is not None and config.sinks.webhook.enabled:
         sinks.append(WebhookAlertSink(config.sinks.webhook))
-    return AlertSinks(sinks)
+    return sinks
+
+
+def build_sinks(config: Config, sessions: sessionmaker[Session]) -> AlertSinks:
+    """The sinks enabled in ``config.sinks``, each with its deliverer thread started (none: an AlertSinks that
+    queues nothing)."""
+    return AlertSinks([OutboxDeliverer(sink, sessions) for sink in configured_sinks(config)])

@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session, aliased
 
 from pipeline.store.tables import (
     Alert,
+    AlertOutbox,
     AssetProgress,
     ConsumerProgress,
     ModelVersion,
     RetrainLock,
     RetrainRun,
+    SinkLease,
     SkippedWindowRow,
     WindowScore,
 )
@@ -426,23 +428,30 @@ def last_scored_windows(*, session: Session, group: str) -> dict[str, int]:
     return {asset: datetime_to_ms(end_at) for asset, end_at in rows}
 
 
-def acquire_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:
-    """Claim the retrain lock of ``group`` for ``holder`` until ``now + ttl_s``: one atomic upsert that inserts the
-    row or takes it over only when the previous claim has expired. True when ``holder`` got it.
+def _take_lease(session: Session, table: Any, key_column: str, key: str, holder: str, now: datetime,
+                ttl_s: float) -> bool:
+    """Claim the lease row ``key`` of ``table`` for ``holder`` until ``now + ttl_s``: one atomic upsert that inserts
+    the row, or takes it over when the previous claim has expired or is ``holder``'s own. True when ``holder`` got it.
 
-    The caller commits at once (the row is the lock). Concurrent callers: exactly one wins (PostgreSQL re-checks the
+    The caller commits at once (the row is the lease). Concurrent callers: exactly one wins (PostgreSQL re-checks the
     conflict against the committed row; SQLite serialises writers).
     """
-    stmt = _insert(session, RetrainLock).values(
-        group_name=group, holder=holder, acquired_at=now, expires_at=now + timedelta(seconds=ttl_s))
+    stmt = _insert(session, table).values(
+        {key_column: key, "holder": holder, "acquired_at": now, "expires_at": now + timedelta(seconds=ttl_s)})
     stmt = stmt.on_conflict_do_update(
-        index_elements=["group_name"],
+        index_elements=[key_column],
         set_={"holder": stmt.excluded.holder, "acquired_at": stmt.excluded.acquired_at,
               "expires_at": stmt.excluded.expires_at},
-        where=RetrainLock.expires_at < stmt.excluded.acquired_at,
+        where=or_(table.expires_at < stmt.excluded.acquired_at, table.holder == stmt.excluded.holder),
     )
     session.execute(stmt)
-    return session.scalar(select(RetrainLock.holder).where(RetrainLock.group_name == group)) == holder
+    return session.scalar(select(table.holder).where(getattr(table, key_column) == key)) == holder
+
+
+def acquire_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:
+    """Claim the retrain lock of ``group`` for ``holder`` until ``now + ttl_s`` (taken over only once the previous
+    claim has expired; every run has its own holder). True when ``holder`` got it; the caller commits at once."""
+    return _take_lease(session, RetrainLock, "group_name", group, holder, now, ttl_s)
 
 
 def renew_retrain_lock(*, session: Session, group: str, holder: str, now: datetime, ttl_s: float) -> bool:
@@ -512,3 +521,98 @@ def list_retrain_runs(*, session: Session, group: str | None = None, candidate_v
     if limit is not None:
         query = query.limit(limit)
     return list(session.scalars(query))
+
+
+# -- alert outbox ---------------------------------------------------------------------------------------------------
+def enqueue_outbox(*, session: Session, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Queue alert events for their sinks (``rows``: sink, event_key, asset, document), due at once; an event
+    already queued for a sink (same event_key) is left as it is, so a replay queues nothing twice."""
+    if not rows:
+        return
+    values = [{**r, "status": "pending", "attempts": 0, "created_at": now, "next_attempt_at": now} for r in rows]
+    session.execute(_insert(session, AlertOutbox).values(values).on_conflict_do_nothing(
+        index_elements=["sink", "event_key"]))
+
+
+def take_sink_lease(*, session: Session, sink: str, holder: str, now: datetime, ttl_s: float) -> bool:
+    """Claim or renew the delivery lease of ``sink`` for ``holder``; True when ``holder`` holds it now."""
+    return _take_lease(session, SinkLease, "sink", sink, holder, now, ttl_s)
+
+
+def release_sink_lease(*, session: Session, sink: str, holder: str) -> None:
+    """Drop ``holder``'s lease on ``sink`` (nothing happens if someone else holds it now)."""
+    session.execute(delete(SinkLease).where(SinkLease.sink == sink, SinkLease.holder == holder))
+
+
+def pending_outbox(*, session: Session, sink: str, limit: int) -> list[AlertOutbox]:
+    """The oldest ``limit`` pending events of ``sink``, in the order they were queued."""
+    return list(session.scalars(select(AlertOutbox).where(AlertOutbox.sink == sink, AlertOutbox.status == "pending")
+                                .order_by(AlertOutbox.id).limit(limit)))
+
+
+def count_outbox(*, session: Session, sink: str | None = None) -> dict[tuple[str, str], int]:
+    """Events per (sink, status)."""
+    query = select(AlertOutbox.sink, AlertOutbox.status, func.count()).group_by(AlertOutbox.sink, AlertOutbox.status)
+    if sink is not None:
+        query = query.where(AlertOutbox.sink == sink)
+    return {(row[0], row[1]): int(row[2]) for row in session.execute(query)}
+
+
+def oldest_pending_outbox(*, session: Session) -> dict[str, datetime]:
+    """Per sink with pending events: when its oldest one was queued."""
+    rows = session.execute(select(AlertOutbox.sink, func.min(AlertOutbox.created_at))
+                           .where(AlertOutbox.status == "pending").group_by(AlertOutbox.sink))
+    return {sink: created if created.tzinfo else created.replace(tzinfo=UTC) for sink, created in rows}
+
+
+def outbox_events(*, session: Session, sink: str | None = None, status: str | None = None,
+                  limit: int = 50) -> list[AlertOutbox]:
+    """The newest ``limit`` outbox events, newest first (optionally of one sink and one status)."""
+    query = select(AlertOutbox).order_by(AlertOutbox.id.desc()).limit(limit)
+    if sink is not None:
+        query = query.where(AlertOutbox.sink == sink)
+    if status is not None:
+        query = query.where(AlertOutbox.status == status)
+    return list(session.scalars(query))
+
+
+def mark_outbox_delivered(*, session: Session, ids: Sequence[int], now: datetime) -> None:
+    """Events delivered (their attempt counted)."""
+    if ids:
+        session.execute(update(AlertOutbox).where(AlertOutbox.id.in_(ids)).values(
+            status="delivered", attempts=AlertOutbox.attempts + 1, finished_at=now, last_error=None))
+
+
+def mark_outbox_failed(*, session: Session, failures: Mapping[int, str], now: datetime, attempted: bool = True
+                       ) -> None:
+    """Events given up on, each with its reason (``attempted``: this round tried it, so its attempt counts)."""
+    for event_id, error in failures.items():
+        session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id).values(
+            status="failed", attempts=AlertOutbox.attempts + int(attempted), finished_at=now,
+            last_error=error[:300]))
+
+
+def retry_outbox_later(*, session: Session, event_id: int, error: str, at: datetime) -> None:
+    """A failed attempt that will be tried again at ``at``."""
+    session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id).values(
+        attempts=AlertOutbox.attempts + 1, next_attempt_at=at, last_error=error[:300]))
+
+
+def requeue_outbox(*, session: Session, now: datetime, sink: str | None = None,
+                   ids: Sequence[int] | None = None) -> int:
+    """Failed events back to pending, due at once, attempts from zero (all, one sink's, or ``ids``); their order
+    among pending events stays their original one. Returns how many."""
+    query = update(AlertOutbox).where(AlertOutbox.status == "failed")
+    if sink is not None:
+        query = query.where(AlertOutbox.sink == sink)
+    if ids is not None:
+        query = query.where(AlertOutbox.id.in_(ids))
+    result = session.execute(query.values(status="pending", attempts=0, next_attempt_at=now, finished_at=None))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def prune_outbox(*, session: Session, finished_before: datetime) -> int:
+    """Delete delivered and failed events finished before ``finished_before``; returns how many."""
+    result = session.execute(delete(AlertOutbox).where(AlertOutbox.status != "pending",
+                                                       AlertOutbox.finished_at < finished_before))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -239,6 +239,45 @@ class RetrainLock(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class AlertOutbox(Base):
+    """One alert event waiting for (or done with) one sink: written in the transaction that writes its alert, so an
+    event is queued exactly when its alert is stored, and delivered from here (at least once, in ``id`` order per
+    sink) by whichever pipeline holds the sink's lease. Unique on (sink, event_key) so a replay queues nothing twice.
+
+    ``status``: pending (``next_attempt_at`` says when it is due), delivered, or failed (refused by the receiver, or
+    still undelivered after the sink's ``max_age_h``; ``last_error`` says why).
+    """
+
+    __tablename__ = "alert_outbox"
+    __table_args__ = (
+        UniqueConstraint("sink", "event_key"),
+        Index("ix_alert_outbox_sink_status_id", "sink", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    sink: Mapped[str] = mapped_column(String(40))
+    event_key: Mapped[str] = mapped_column(String(300))
+    asset: Mapped[str] = mapped_column(String(120))
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+
+
+class SinkLease(Base):
+    """Per sink, which pipeline process delivers its outbox and until when (a crashed holder's lease expires)."""
+
+    __tablename__ = "sink_leases"
+
+    sink: Mapped[str] = mapped_column(String(40), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(120))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 # APScheduler's SQLAlchemyJobStore table (its own layout; the scheduler reads and writes it, migration 0003 creates it).
 scheduler_jobs = Table(
     "scheduler_jobs",

@@ -1,17 +1,22 @@
-"""The Kafka alert sink against a real broker: events come back as JSON, keyed by asset, in order per asset; an
-unreachable broker costs the caller nothing."""
+"""The alert outbox against the real parts: the Kafka sink delivers queued events to a real broker (JSON, keyed by
+asset, in order per asset) from SQLite and from PostgreSQL; a broker that is down keeps them queued, and once it is
+back they go out; on PostgreSQL two pipelines delivering the same outbox at once send each event exactly once."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 from kafka import KafkaConsumer
 
 from pipeline.config import KafkaConfig, KafkaSinkConfig
-from pipeline.sinks import AlertSinks, KafkaAlertSink
+from pipeline.sinks import AlertSinks, Item, KafkaAlertSink, OutboxDeliverer, Outcome, Sink
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.types import AlertEvent, AlertRecord
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
@@ -32,21 +37,45 @@ def _events(asset: str) -> list[AlertEvent]:
     ]
 
 
-@pytest.mark.integration
-def test_kafka_sink_events_are_read_back_from_the_broker(kafka_bootstrap_servers: str, topic_name: str) -> None:
-    kafka = KafkaConfig(bootstrap_servers=kafka_bootstrap_servers)
-    sink = KafkaAlertSink(kafka, KafkaSinkConfig(topic=topic_name, timeout_s=20))
-    sinks = AlertSinks([sink])
-    started = time.monotonic()
-    sinks.publish(_events("pump-1") + _events("pump-2"))
-    assert time.monotonic() - started < 0.1  # queued, not sent, on the caller's thread
-    sinks.close(timeout_s=60)
-    assert (sink.stats.delivered, sink.stats.failed, sink.stats.dropped) == (8, 0, 0)
+def _enqueue(url: str, sinks: AlertSinks, events: list[AlertEvent]) -> None:
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as session:
+        repo.enqueue_outbox(session=session, rows=sinks.outbox_rows(events), now=datetime.now(UTC))
+    engine.dispose()
 
-    consumer = KafkaConsumer(topic_name, bootstrap_servers=kafka_bootstrap_servers, auto_offset_reset="earliest",
+
+def _outbox(url: str) -> dict[tuple[str, str], int]:
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as session:
+        counts = repo.count_outbox(session=session)
+    engine.dispose()
+    return counts
+
+
+def _read_back(bootstrap: str, topic: str) -> list:
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                              consumer_timeout_ms=10000)
     records = list(consumer)
     consumer.close()
+    return records
+
+
+@pytest.mark.integration
+def test_kafka_sink_delivers_the_outbox_to_the_broker(kafka_bootstrap_servers: str, topic_name: str, db_url: str
+                                                      ) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sink = KafkaAlertSink(KafkaConfig(bootstrap_servers=kafka_bootstrap_servers),
+                          KafkaSinkConfig(topic=topic_name, timeout_s=20))
+    sinks = AlertSinks([OutboxDeliverer(sink, make_sessionmaker(engine))])
+    _enqueue(db_url, sinks, _events("pump-1") + _events("pump-2"))
+    sinks.notify()
+    sinks.close(timeout_s=60)
+    engine.dispose()
+    assert _outbox(db_url) == {("kafka", "delivered"): 8}
+    assert (sinks.deliverers[0].stats.delivered, sinks.deliverers[0].stats.failed) == (8, 0)
+
+    records = _read_back(kafka_bootstrap_servers, topic_name)
     assert len(records) == 8
     by_asset: dict[str, list[dict]] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
@@ -62,18 +91,77 @@ def test_kafka_sink_events_are_read_back_from_the_broker(kafka_bootstrap_servers
     assert set(by_asset) == {"pump-1", "pump-2"}
 
 
-def test_kafka_sink_with_an_unreachable_broker_never_blocks_or_raises() -> None:
+@pytest.mark.integration
+def test_events_wait_in_the_outbox_while_the_broker_is_down(kafka_bootstrap_servers: str, topic_name: str,
+                                                            tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    kafka = KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}")
-    sink = KafkaAlertSink(kafka, KafkaSinkConfig(topic="alerts", timeout_s=1, events=["opened", "resolved"]))
-    sinks = AlertSinks([sink])
-    started = time.monotonic()
-    sinks.publish(_events("pump-1"))
-    assert time.monotonic() - started < 0.1
-    started = time.monotonic()
-    sinks.close(timeout_s=3)
-    assert time.monotonic() - started < 3 + 2 + 1  # the deadline, then 2 s for the thread to notice
-    s = sink.stats
-    assert s.queued == 2 and s.delivered == 0 and s.failed + s.dropped + s.in_flight == 2
+    engine = make_engine(url)
+    down = KafkaAlertSink(KafkaConfig(bootstrap_servers=f"127.0.0.1:{port}"),
+                          KafkaSinkConfig(topic=topic_name, timeout_s=1, events=["opened", "resolved"]))
+    first = AlertSinks([OutboxDeliverer(down, make_sessionmaker(engine))])
+    _enqueue(url, first, _events("pump-1"))
+    first.notify()
+    first.close(timeout_s=3)  # a process that stops while its broker is unreachable: nothing is lost
+    assert _outbox(url) == {("kafka", "pending"): 2}
+
+    up = KafkaAlertSink(KafkaConfig(bootstrap_servers=kafka_bootstrap_servers),
+                        KafkaSinkConfig(topic=topic_name, timeout_s=20, events=["opened", "resolved"]))
+    second = AlertSinks([OutboxDeliverer(up, make_sessionmaker(engine))])  # the next start, the broker reachable
+    deadline = time.monotonic() + 60  # the failed try's backoff (RETRY_BASE_S) first
+    while _outbox(url) != {("kafka", "delivered"): 2} and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second.close(timeout_s=10)
+    engine.dispose()
+    assert _outbox(url) == {("kafka", "delivered"): 2}
+    assert [orjson.loads(r.value)["event"] for r in _read_back(kafka_bootstrap_servers, topic_name)] == [
+        "opened", "resolved"]
+
+
+class _SlowRecordingSink(Sink):
+    """Keeps what it is sent, slowly enough that two deliverers overlap."""
+
+    name, label, kinds, max_age_s = "webhook", "webhook:test", ("opened", "updated", "resolved"), 3600.0
+
+    def __init__(self, sent: list[str], lock: threading.Lock) -> None:
+        self._sent, self._lock = sent, lock
+
+    def send(self, items: list[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+        for _, doc in items:
+            aborted.wait(0.002)
+            with self._lock:
+                self._sent.append(f"{doc['incident']}|{doc['event']}|{doc['alert']['window_count']}")
+        return [("delivered", None)] * len(items)
+
+
+@pytest.mark.integration
+def test_two_pipelines_deliver_each_event_once_on_postgresql(pg_database_url: str) -> None:
+    upgrade(pg_database_url)
+    sent: list[str] = []
+    lock = threading.Lock()
+    engines = [make_engine(pg_database_url) for _ in range(2)]
+    deliverers = [OutboxDeliverer(_SlowRecordingSink(sent, lock), make_sessionmaker(e), holder=f"p{i}",
+                                  start=False) for i, e in enumerate(engines)]
+    events = [e for i in range(150) for e in _events(f"pump-{i}")]  # 600 events, three batches' worth
+    _enqueue(pg_database_url, AlertSinks(deliverers), events)
+    barrier = threading.Barrier(2)
+
+    def deliver(d: OutboxDeliverer) -> None:
+        barrier.wait()
+        for _ in range(20):
+            d.deliver_once()
+
+    threads = [threading.Thread(target=deliver, args=(d,)) for d in deliverers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for e in engines:
+        e.dispose()
+    assert len(sent) == 600 and len(set(sent)) == 600  # every event, once
+    assert _outbox(pg_database_url) == {("webhook", "delivered"): 600}
+    assert sent[:4] == [f"pump-0@2026-03-01T01:00:00Z|{k}|{w}" for k, w in
+                        (("opened", 2), ("updated", 3), ("updated", 4), ("resolved", 4))]  # in the order queued

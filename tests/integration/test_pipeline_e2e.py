@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -17,9 +19,10 @@ from pipeline.config import Config, parse_config
 from pipeline.decode import Decoder
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, to_messages
+from pipeline.sinks import OutboxDeliverer, WebhookAlertSink
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import Alert, WindowScore
+from pipeline.store.tables import Alert, AlertOutbox, WindowScore
 from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
@@ -31,8 +34,10 @@ PERIOD = 10.0
 START = pd.Timestamp("2026-03-01T00:00:00Z")
 
 
-def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path) -> Config:
+def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path, webhook: str | None = None) -> Config:
+    sinks = {"webhook": {"url": webhook, "retries": 0, "events": ["opened", "updated", "resolved"]}} if webhook else {}
     return parse_config({
+        "sinks": sinks,
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
                   "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500},
         "database": {"url": db_url},
@@ -64,9 +69,39 @@ def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: fl
         timer.cancel()
 
 
+class _Webhook:
+    """A local webhook receiver that answers 503 while ``down`` is set, else 200, and keeps what it accepted."""
+
+    def __init__(self) -> None:
+        self.down = threading.Event()
+        self.accepted: list[dict] = []
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.down.is_set():
+                    outer.refused += 1
+                else:
+                    outer.accepted.append(body)
+                self.send_response(503 if outer.down.is_set() else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+
 def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str,
                                       tmp_path: Path) -> None:
-    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    webhook = _Webhook()
+    webhook.down.set()  # the receiver is down while the stream is scored: its events wait in the outbox
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models", webhook.url)
     group = cfg.groups[0]
     upgrade(pg_database_url)
     engine = make_engine(pg_database_url)
@@ -128,12 +163,34 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
             assert committed[tp] is not None and 0 < committed[tp] <= ends[tp]
     assert sum(ends[tp] - committed[tp] for tp in partitions if ends[tp]) < 3 * (30 + 3) + 3
 
-    # a restart replays from the committed offsets and adds no duplicates
+    # every alert change is queued for the webhook, which has refused every try so far
+    with sessions() as s:
+        queued = [(r.status, r.document["event"], r.document["incident"]) for r in
+                  s.scalars(select(AlertOutbox).order_by(AlertOutbox.id))]
+    assert webhook.refused >= 1 and webhook.accepted == []
+    assert {status for status, _, _ in queued} == {"pending"}
+    assert [event for _, event, _ in queued].count("opened") == len(alerts)
+    assert [event for _, event, _ in queued].count("resolved") == sum(a.status == "resolved" for a in alerts)
+
+    # a restart replays from the committed offsets and adds no duplicates (nor queues any event again)
+    webhook.down.clear()
     again = _run(cfg, until_readings=10**9, until_rejected=10**9, timeout_s=30)
     assert again.readings == 0 and again.replayed > 0  # it re-reads the open windows' readings, counts none again
     with sessions() as s:
         assert repo.count_scores(session=s) == len(expected)
         assert len(list(s.scalars(select(Alert)))) == len(alerts)
+        assert sum(repo.count_outbox(session=s).values()) == len(queued)
+
+    # the receiver is back: the queued events reach it once each, in order (the restarted pipeline delivers those
+    # due within its run; a deliverer past the backoff delivers the rest)
+    deliverer = OutboxDeliverer(WebhookAlertSink(cfg.sinks.webhook), sessions, start=False,
+                                clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    while deliverer.deliver_once():
+        pass
+    assert [(d["event"], d["incident"]) for d in webhook.accepted] == [(e, i) for _, e, i in queued]
+    with sessions() as s:
+        assert repo.count_outbox(session=s) == {("webhook", "delivered"): len(queued)}
+    webhook.httpd.shutdown()
 
     # the malformed message is in the dead-letter topic with its reason and source
     dlq = KafkaConsumer(cfg.kafka.dead_letter_topic, bootstrap_servers=kafka_bootstrap_servers,

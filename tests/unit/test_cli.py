@@ -43,7 +43,8 @@ def test_compose_services_run_existing_commands() -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"],
-                                  ["drift", "--help"], ["check", "--help"]])
+                                  ["drift", "--help"], ["check", "--help"], ["sinks", "status", "--help"],
+                                  ["sinks", "retry", "--help"]])
 def test_help_texts(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0
@@ -273,3 +274,50 @@ def test_check_reports_each_problem_of_a_deployment_that_cannot_start(tmp_path: 
     assert second["database"][0] == "ok" and second["models"] == ("fail", "g: no active model (sensorwatch train)")
     table = runner.invoke(app, ["check", "--config", str(path), "--kafka-timeout-s", "1"])
     assert table.exit_code == 1 and "FAIL" in table.stdout and "configuration" in table.stdout
+
+
+def test_sinks_status_shows_the_outbox_and_retry_queues_failed_events_again(tmp_path: Path) -> None:
+    import json
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from pipeline.config import WebhookSinkConfig
+    from pipeline.sinks import AlertSinks, OutboxDeliverer, WebhookAlertSink
+    from pipeline.store import repo
+    from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+    from pipeline.types import AlertEvent, AlertRecord
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"database: {{url: '{url}'}}\nsinks:\n  webhook: {{url: 'https://hooks.example.com/x/TOKEN'}}\n"
+                      "groups:\n  - {name: g, assets: [pump-1], sensors: [{name: x}]}\n")
+    status = runner.invoke(app, ["sinks", "status", "--config", str(config), "--format", "json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.output) == {"sinks": [
+        {"sink": "webhook", "configured": "webhook:hooks.example.com", "pending": 0, "delivered": 0, "failed": 0,
+         "oldest_pending_s": None, "delivered_by": None}]}
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    sink = WebhookAlertSink(WebhookSinkConfig(url="https://hooks.example.com/x/TOKEN"))
+    record = AlertRecord("pump-1", "g", 0, 60_000, None, 2.0, 1.0, "warning", "open", 2, [], "v1")
+    events = [AlertEvent("opened", record), AlertEvent("resolved", replace(record, status="resolved"))]
+    now = datetime.now(UTC)
+    with sessions.begin() as session:
+        repo.enqueue_outbox(session=session, rows=AlertSinks([OutboxDeliverer(sink, sessions, start=False)])
+                            .outbox_rows(events), now=now)
+        repo.mark_outbox_failed(session=session, failures={1: "HTTP 400"}, now=now)
+    status = runner.invoke(app, ["sinks", "status", "--config", str(config), "--format", "json", "--failed", "5"])
+    doc = json.loads(status.output)
+    assert doc["sinks"][0]["pending"] == 1 and doc["sinks"][0]["failed"] == 1
+    assert doc["sinks"][0]["oldest_pending_s"] is not None and doc["sinks"][0]["delivered_by"] is None
+    assert [(f["id"], f["event"], f["error"]) for f in doc["failed"]] == [(1, "opened", "HTTP 400")]
+    table = runner.invoke(app, ["sinks", "status", "--config", str(config), "--failed", "5"])
+    assert "no running pipeline" in table.output and "HTTP 400" in table.output and "TOKEN" not in table.output
+    assert runner.invoke(app, ["sinks", "retry", "--config", str(config), "--sink", "nope"]).exit_code == 2
+    retried = runner.invoke(app, ["sinks", "retry", "--config", str(config), "--sink", "webhook"])
+    assert retried.exit_code == 0 and "1 failed event(s) queued again" in retried.output
+    with sessions() as session:
+        assert repo.count_outbox(session=session) == {("webhook", "pending"): 2}
+    assert "none matched" in runner.invoke(app, ["sinks", "retry", "--config", str(config)]).output
+    engine.dispose()

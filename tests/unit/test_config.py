@@ -105,3 +105,17 @@ def test_model_hash_changes_with_model_settings_only() -> None:
     assert parse_config(raw, env={}).groups[0].model_hash() == a.model_hash()
     raw["groups"][0]["window"]["length"] = 20
     assert parse_config(raw, env={}).groups[0].model_hash() != a.model_hash()
+
+
+def test_an_old_sinks_queue_size_is_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    base = {"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        cfg = parse_config({**base, "sinks": {"webhook": {"url": "https://h.example/x", "queue_size": 1000}}}, env={})
+    assert cfg.sinks.webhook is not None and cfg.sinks.webhook.max_age_h == 24
+    assert "queue_size is no longer used" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        parse_config({**base, "sinks": {"kafka": {"max_age_h": 2}}}, env={})
+    assert caplog.text == ""
+    with pytest.raises(ConfigError, match=r"sinks\.kafka\.max_age_h"):
+        parse_config({**base, "sinks": {"kafka": {"max_age_h": 0}}}, env={})

@@ -1,5 +1,6 @@
-"""The runner hands alert events to the sinks only after the transaction holding them has committed, and never
-when it did not commit. SQLite and a stand-in detector: no broker, no model training."""
+"""The runner queues alert events for the sinks in the transaction that stores their alerts (the outbox), wakes the
+deliverers only after it has committed, and queues nothing when it did not commit. SQLite and a stand-in detector:
+no broker, no model training."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from pipeline.config import Config, parse_config
 from pipeline.errors import TransientError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
-from pipeline.sinks import AlertSinks
+from pipeline.sinks import AlertSinks, Item, OutboxDeliverer, Outcome, Sink
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import Alert
-from pipeline.types import AlertEvent, datetime_to_ms, ms_to_datetime
+from pipeline.store.tables import Alert, AlertOutbox
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
 
@@ -34,21 +34,39 @@ class _MeanDetector:
         return per_sensor.sum(axis=1), per_sensor
 
 
+class _RecordingSink(Sink):
+    """A sink that keeps what it is sent."""
+
+    name, label, kinds, max_age_s = "webhook", "webhook:test", ("opened", "updated", "resolved"), 3600.0
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+
+    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+        self.sent += [doc for _, doc in items]
+        return [("delivered", None)] * len(items)
+
+
 class _CheckingSinks(AlertSinks):
-    """Records what it is given, and checks through a separate connection that the alerts are already stored."""
+    """Counts wake-ups, and checks through a separate connection that the alerts and their outbox rows are already
+    stored when it is woken."""
 
     def __init__(self, url: str) -> None:
-        super().__init__([])
+        self.sink = _RecordingSink()
         self.engine = make_engine(url)
-        self.published: list[AlertEvent] = []
+        super().__init__([OutboxDeliverer(self.sink, make_sessionmaker(self.engine), start=False)])
+        self.woken = 0
 
-    def publish(self, events: Sequence[AlertEvent]) -> None:
+    def notify(self) -> None:
         with self.engine.connect() as conn:
-            stored = {(r.asset, r.opened_at): r for r in conn.execute(select(Alert))}
-        for event in events:
-            row = stored[(event.alert.asset, ms_to_datetime(event.alert.opened_ms))]
-            assert datetime_to_ms(row.last_seen_at) >= event.alert.last_seen_ms  # committed before publish
-        self.published += events
+            alerts = conn.execute(select(func.count()).select_from(Alert)).scalar_one()
+            queued = conn.execute(select(func.count()).select_from(AlertOutbox)).scalar_one()
+        assert alerts > 0 and queued > 0  # committed before the deliverers are woken
+        self.woken += 1
+
+    def queued(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return [row.document["event"] for row in conn.execute(select(AlertOutbox).order_by(AlertOutbox.id))]
 
 
 def _config(url: str) -> Config:
@@ -74,7 +92,7 @@ def _runner(url: str, sinks: AlertSinks, stop: threading.Event) -> Runner:
                   producer=None, stop=stop, sinks=sinks)  # type: ignore[dict-item,arg-type]
 
 
-def test_events_reach_the_sinks_after_their_transaction_commits(tmp_path: Path) -> None:
+def test_events_are_queued_with_their_alerts_and_the_sinks_woken_after_the_commit(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
     sinks = _CheckingSinks(url)
@@ -85,17 +103,21 @@ def test_events_reach_the_sinks_after_their_transaction_commits(tmp_path: Path) 
         runner = _runner(url, sinks, stop)
         hot = range(20, 34)
         runner.process(_records(0, 30, hot), T0 + 30_000)
-        assert [e.kind for e in sinks.published][:1] == ["opened"]
+        assert sinks.queued()[:1] == ["opened"] and sinks.woken == 1
         runner.process(_records(30, 60, hot), T0 + 60_000)
     finally:
         guard.cancel()
-    kinds = [e.kind for e in sinks.published]
+    kinds = sinks.queued()
     assert kinds[0] == "opened" and kinds[-1] == "resolved" and set(kinds[1:-1]) <= {"updated"}
     assert runner.stats.alerts_opened == 1 and runner.stats.alerts_resolved == 1
+    sinks.deliverers[0].deliver_once()
+    assert [doc["event"] for doc in sinks.sink.sent] == kinds  # delivered from the outbox, in order
+    _runner(url, sinks, stop).process(_records(0, 60, hot), T0 + 61_000)  # a restart's replay queues nothing again
+    assert sinks.queued() == kinds
     sinks.engine.dispose()
 
 
-def test_nothing_reaches_the_sinks_when_the_transaction_fails(tmp_path: Path) -> None:
+def test_nothing_is_queued_when_the_transaction_fails(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
     sinks = _CheckingSinks(url)
@@ -107,5 +129,5 @@ def test_nothing_reaches_the_sinks_when_the_transaction_fails(tmp_path: Path) ->
     stop.set()  # so the runner gives up instead of retrying
     with pytest.raises(TransientError):
         runner.process(_records(22, 40, range(20, 40)), T0 + 40_000)
-    assert sinks.published == []
+    assert sinks.queued() == [] and sinks.woken == 0
     sinks.engine.dispose()

@@ -1,19 +1,37 @@
-"""Alert sinks: the event document, event selection, and a webhook against a local HTTP server (failures, retries,
-timeouts, a full queue). Nothing here may block or raise into the caller."""
+"""Alert sinks: the event document, event selection, and the outbox delivering to a webhook on a local HTTP server
+(in order, at least once, retried after an outage, refused events, too old events, the lease between processes,
+re-queueing, pruning), on the embedded SQLite database. Rounds run on the test's thread with a fake clock, except
+where the deliverer's own thread is the point. Nothing here may block or raise into the caller."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import WebhookSinkConfig
-from pipeline.sinks import AlertSinks, WebhookAlertSink, event_document, selected
+from pipeline.sinks import (
+    LEASE_S,
+    RETRY_BASE_S,
+    AlertSinks,
+    OutboxDeliverer,
+    WebhookAlertSink,
+    event_document,
+    event_key,
+    selected,
+)
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import AlertOutbox, SinkLease
 from pipeline.types import AlertEvent, AlertRecord
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
@@ -104,100 +122,212 @@ def test_event_document_and_selection() -> None:
     assert [selected(["updated"], e) for e in (opened, update, escalation)] == [False, True, True]
 
 
-def test_webhook_retries_after_failures_then_delivers_each_event_once(server_factory: Any) -> None:
-    server = server_factory(lambda n: (503, 0) if n < 2 else (200, 0))  # the first two tries fail
-    sink = _webhook(server.url, headers={"Authorization": "Bearer s3cret"})
-    sinks = AlertSinks([sink])
-    sinks.publish(_lifecycle())
-    sinks.close(timeout_s=10)
-    assert [d["event"] for d in server.delivered()] == ["opened", "updated", "resolved"]  # plain update filtered
+def test_event_keys_tell_every_event_of_an_incident_apart() -> None:
+    events = _lifecycle()
+    assert len({event_key(e) for e in events}) == len(events)
+    assert event_key(events[0]) == event_key(AlertEvent("opened", _record()))  # a replay gives the same key
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _deliverer(sink: WebhookAlertSink, sessions: sessionmaker[Session], clock: _Clock, holder: str = "a"
+               ) -> OutboxDeliverer:
+    return OutboxDeliverer(sink, sessions, holder=holder, clock=clock, start=False)
+
+
+def _enqueue(sessions: sessionmaker[Session], deliverers: list[OutboxDeliverer], events: list[AlertEvent],
+             now: datetime) -> None:
+    with sessions.begin() as session:
+        repo.enqueue_outbox(session=session, rows=AlertSinks(deliverers).outbox_rows(events), now=now)
+
+
+def _statuses(sessions: sessionmaker[Session]) -> list[tuple[str, int, str | None]]:
+    with sessions() as session:
+        return [(r.status, r.attempts, r.last_error) for r in reversed(repo.outbox_events(session=session))]
+
+
+def test_the_outbox_holds_events_through_an_outage_and_delivers_them_once_in_order(
+        server_factory: Any, sessions: sessionmaker[Session]) -> None:
+    down = threading.Event()
+    down.set()
+    server = server_factory(lambda n: (503, 0) if down.is_set() else (200, 0))
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, retries=1, headers={"Authorization": "Bearer s3cret"}), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)  # a replayed batch queues nothing twice
+    assert [s for s, _, _ in _statuses(sessions)] == ["pending"] * 3  # opened, escalated, resolved; no plain update
+
+    assert d.deliver_once() is False  # the head fails (two tries); the two behind it are not even tried
+    assert [doc["event"] for _, _, doc in server.requests] == ["opened", "opened"]
+    assert _statuses(sessions) == [("pending", 1, "HTTP 503"), ("pending", 0, None), ("pending", 0, None)]
+    assert (d.stats.delivered, d.stats.failed, d.stats.retried, d.stats.pending) == (0, 0, 1, 3)
+
+    down.clear()
+    assert d.deliver_once() is False and len(server.requests) == 2  # not due before the backoff has passed
+    clock.advance(RETRY_BASE_S)
+    d.deliver_once()
+    assert [doc["event"] for doc in server.delivered()] == ["opened", "updated", "resolved"]
     assert server.delivered()[1]["escalated"] is True
-    assert [status for status, _, _ in server.requests] == [503, 503, 200, 200, 200]
-    assert server.requests[0][1]["Authorization"] == "Bearer s3cret"
-    assert server.requests[0][1]["Content-Type"] == "application/json"
-    stats = sink.stats
-    assert (stats.queued, stats.delivered, stats.failed, stats.dropped) == (3, 3, 0, 0)
+    assert server.requests[-1][1]["Authorization"] == "Bearer s3cret"
+    assert server.requests[-1][1]["Content-Type"] == "application/json"
+    assert _statuses(sessions) == [("delivered", 2, None), ("delivered", 1, None), ("delivered", 1, None)]
+    d.deliver_once()
+    assert len(server.delivered()) == 3  # delivered once
+    assert (d.stats.delivered, d.stats.failed, d.stats.retried, d.stats.pending) == (3, 0, 1, 0)
 
 
-def test_webhook_timeout_is_retried(server_factory: Any) -> None:
+def test_a_webhook_timeout_is_retried_within_the_try(server_factory: Any, sessions: sessionmaker[Session]) -> None:
     server = server_factory(lambda n: (200, 3.0) if n == 0 else (200, 0))  # the first answer comes too late
-    sink = _webhook(server.url, timeout_s=0.3, events=["opened"])
-    AlertSinks([sink]).publish(_lifecycle()[:1])
-    deadline = time.monotonic() + 10
-    while sink.stats.delivered < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    sink.close(5)
-    assert sink.stats.delivered == 1 and sink.stats.failed == 0
-    assert len(server.requests) == 2
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, timeout_s=0.3, events=["opened"]), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    d.deliver_once()
+    assert len(server.requests) == 2 and _statuses(sessions) == [("delivered", 1, None)]
 
 
-def test_webhook_gives_up_on_client_errors_at_once_and_on_server_errors_after_retries(server_factory: Any,
-                                                                                       caplog: Any) -> None:
-    rejecting = server_factory(lambda n: (400, 0))
-    failing = server_factory(lambda n: (500, 0))
-    first, second = _webhook(rejecting.url, retries=3), _webhook(failing.url, retries=2)
-    sinks = AlertSinks([first, second])
-    sinks.publish(_lifecycle()[:1])
-    sinks.close(10)
-    assert len(rejecting.requests) == 1 and first.stats.failed == 1
-    assert len(failing.requests) == 3 and second.stats.failed == 1
-    assert "secret-token" not in caplog.text  # logs name the host, never the URL's token
-    assert "gave up" in caplog.text
+def test_the_backoff_doubles_and_events_too_old_are_given_up(server_factory: Any, sessions: sessionmaker[Session],
+                                                             caplog: Any) -> None:
+    server = server_factory(lambda n: (500, 0))
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, retries=0, max_age_h=0.01), sessions, clock)  # 36 s
+    _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
+    with sessions() as session:
+        due = [session.get(AlertOutbox, 1).next_attempt_at]  # type: ignore[union-attr]
+    for _ in range(3):
+        d.deliver_once()
+        with sessions() as session:
+            due.append(session.get(AlertOutbox, 1).next_attempt_at)  # type: ignore[union-attr]
+        clock.now = due[-1]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(due)]
+    assert gaps == [RETRY_BASE_S, 2 * RETRY_BASE_S, 4 * RETRY_BASE_S]  # clock moved to each due time
+    clock.advance(36)
+    d.deliver_once()
+    assert len(server.requests) == 3  # too old: given up without another try
+    assert _statuses(sessions) == [("failed", 3, "undelivered after 0.01 h")]
+    assert d.stats.failed == 1 and "gave up" in caplog.text and "secret-token" not in caplog.text
 
 
-def test_unreachable_webhook_neither_blocks_nor_raises() -> None:
+def test_a_refused_event_fails_at_once_and_the_next_ones_go_on(server_factory: Any, sessions: sessionmaker[Session]
+                                                               ) -> None:
+    server = server_factory(lambda n: (400, 0) if n == 0 else (200, 0))
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, retries=3), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    d.deliver_once()
+    assert len(server.requests) == 3  # the refusal is not retried
+    assert _statuses(sessions) == [("failed", 1, "HTTP 400"), ("delivered", 1, None), ("delivered", 1, None)]
+    with sessions.begin() as session:
+        assert repo.requeue_outbox(session=session, now=clock.now, sink="webhook") == 1
+    d.deliver_once()
+    assert [doc["event"] for doc in server.delivered()] == ["updated", "resolved", "opened"]
+    assert _statuses(sessions)[0] == ("delivered", 1, None)
+    with sessions.begin() as session:
+        assert repo.prune_outbox(session=session, finished_before=clock.now) == 0  # finished just now: kept
+        assert repo.prune_outbox(session=session, finished_before=clock.now + timedelta(days=8)) == 3
+        assert repo.count_outbox(session=session) == {}
+
+
+def test_only_the_lease_holder_delivers_and_a_dead_holders_lease_is_taken_over(
+        server_factory: Any, sessions: sessionmaker[Session]) -> None:
+    server = server_factory(lambda n: (200, 0))
+    clock = _Clock()
+    a = _deliverer(_webhook(server.url), sessions, clock, holder="a")
+    b = _deliverer(_webhook(server.url), sessions, clock, holder="b")
+    with sessions.begin() as session:
+        assert repo.take_sink_lease(session=session, sink="webhook", holder="a", now=clock.now, ttl_s=LEASE_S)
+    _enqueue(sessions, [a], _lifecycle(), clock.now)
+    assert b.deliver_once() is False and server.requests == []  # "a" holds the lease (and then dies)
+    clock.advance(LEASE_S - 1)
+    b.deliver_once()
+    assert server.requests == []
+    clock.advance(LEASE_S / 3 + 1)
+    b.deliver_once()  # the lease has expired, and "b" tries again a third of a lease after its last try: it takes over
+    assert len(server.delivered()) == 3
+    assert a.deliver_once() is False  # "b" holds it now; "a" is back but waits its turn
+    assert len(server.requests) == 3
+
+
+def test_an_unreachable_webhook_blocks_neither_the_caller_nor_close(sessions: sessionmaker[Session]) -> None:
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sink = _webhook(f"http://127.0.0.1:{port}/x", retries=1)
+    d = OutboxDeliverer(_webhook(f"http://127.0.0.1:{port}/x", retries=1), sessions)  # its own thread
+    sinks = AlertSinks([d])
     started = time.monotonic()
-    AlertSinks([sink]).publish(_lifecycle())
-    assert time.monotonic() - started < 0.1
-    sink.close(10)
-    assert sink.stats.failed == 3 and sink.stats.delivered == 0
-
-
-def test_a_full_queue_drops_and_counts_without_blocking(server_factory: Any) -> None:
-    server = server_factory(lambda n: (200, 30.0))  # hangs until released
-    sink = _webhook(server.url, queue_size=2, timeout_s=30, events=["opened", "updated", "resolved"])
-    sinks = AlertSinks([sink])
-    started = time.monotonic()
-    for i in range(10):
-        sinks.publish(_lifecycle(f"pump-{i}"))  # 40 events
+    _enqueue(sessions, [d], _lifecycle(), datetime.now(UTC))
+    sinks.notify()
     assert time.monotonic() - started < 0.5
-    deadline = time.monotonic() + 5
-    while not server.requests and time.monotonic() < deadline:
-        time.sleep(0.01)
-    s = sink.stats
-    assert s.queued + s.dropped == 40 and s.queued <= 3  # two waiting (and perhaps one in flight), the rest dropped
+    deadline = time.monotonic() + 10
+    while d.stats.retried < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
     started = time.monotonic()
-    sink.close(timeout_s=0.5)  # gives up waiting; what is still queued counts as dropped
+    sinks.close(timeout_s=5)
     assert time.monotonic() - started < 5
-    assert sink.stats.dropped == 39 and sink.stats.delivered == 0
+    assert [status for status, _, _ in _statuses(sessions)] == ["pending"] * 3  # kept for the next process
+    with sessions() as session:
+        assert session.get(SinkLease, "webhook") is None  # handed back at close
 
 
-def test_no_sinks_configured_is_a_no_op() -> None:
+def test_no_sinks_configured_queues_nothing() -> None:
     sinks = AlertSinks([])
-    sinks.publish(_lifecycle())
+    assert sinks.outbox_rows(_lifecycle()) == []
+    sinks.notify()
     sinks.close()
     assert sinks.stats() == {}
 
 
-def test_sink_outcomes_are_metrics_a_monitoring_system_can_alert_on(server_factory: Any) -> None:
+def test_sink_outcomes_are_metrics_a_monitoring_system_can_alert_on(server_factory: Any,
+                                                                     sessions: sessionmaker[Session]) -> None:
     from prometheus_client import generate_latest
 
     from pipeline.metrics import PipelineMetrics
 
-    failing = server_factory(lambda n: (500, 0))
-    sink = _webhook(failing.url, retries=1)
-    sinks = AlertSinks([sink])
+    server = server_factory(lambda n: (400, 0) if n == 0 else (503, 0))
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, retries=0), sessions, clock)
     metrics = PipelineMetrics()
-    metrics.watch_sinks(sinks.stats)
-    sinks.publish(_lifecycle())  # opened, escalated, resolved: three events, each failing after one retry
-    sinks.close(10)
+    metrics.watch_sinks(AlertSinks([d]).stats)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    d.deliver_once()  # opened refused, escalated retried later, resolved waits
     text = generate_latest(metrics.registry).decode()
-    assert f'sensorwatch_alert_sink_events_total{{outcome="failed",sink="{sink.name}"}} 3.0' in text
-    assert f'sensorwatch_alert_sink_events_total{{outcome="delivered",sink="{sink.name}"}} 0.0' in text
+    label = d.sink.label
+    assert f'sensorwatch_alert_sink_events_total{{outcome="failed",sink="{label}"}} 1.0' in text
+    assert f'sensorwatch_alert_sink_events_total{{outcome="retried",sink="{label}"}} 1.0' in text
+    assert f'sensorwatch_alert_sink_events_total{{outcome="delivered",sink="{label}"}} 0.0' in text
+    assert f'sensorwatch_alert_sink_pending{{sink="{label}"}} 2.0' in text
     assert metrics.healthy()[0]  # a failing sink is a metric to alert on, not a reason to restart the pipeline
+
+
+def test_a_round_ends_within_its_time_budget_and_says_more_is_due(server_factory: Any, sessions: sessionmaker[Session],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.sinks
+
+    monkeypatch.setattr(pipeline.sinks, "LEASE_S", 1.5)  # a round's budget is a third of it: 0.5 s
+    server = server_factory(lambda n: (200, 0.3))  # each answer takes 0.3 s
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    assert d.deliver_once() is True  # two sent within the budget; the third is still due
+    assert _statuses(sessions) == [("delivered", 1, None), ("delivered", 1, None), ("pending", 0, None)]
+    assert d.deliver_once() is False
+    assert [doc["event"] for doc in server.delivered()] == ["opened", "updated", "resolved"]
