@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -29,9 +30,10 @@ from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
+from pipeline.sinks import event_document, selected
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import Alert, WindowScore
+from pipeline.store.tables import Alert, AlertOutbox, WindowScore
 from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.types import Window, ms_to_datetime
 from pipeline.windowing import Windower
@@ -40,6 +42,40 @@ PERIOD = 10.0
 START = pd.Timestamp("2026-05-01T00:00:00Z")
 SENSORWATCH = Path(sys.executable).with_name("sensorwatch")
 Junk = Callable[[str, bytes], tuple[bytes | None, bytes | None]]
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint that accepts every POST and keeps the JSON bodies, in arrival order."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, object]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.bodies.append(orjson.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def event_identity(doc: dict[str, object]) -> str:
+    """What tells one alert event from another at a receiver (the docs' advice): incident, event, last seen, and
+    the alert's state."""
+    alert = doc["alert"]
+    assert isinstance(alert, dict)
+    return f"{doc['incident']}|{doc['event']}|{alert['last_seen_at']}|{alert['window_count']}|{alert['severity']}"
 
 
 @dataclass
@@ -207,6 +243,44 @@ class Deployment:
                           f"{len(expected)})")
         return breaks, sum(r.aftermath_floor is not None for r in rows)
 
+    def outbox_breaks(self, receiver: WebhookReceiver, timeout_s: float) -> tuple[list[str], int, int]:
+        """Wait until the webhook outbox is delivered (or the timeout); then what differs between the events one
+        unbroken alert engine raises from the stored scores, the events queued, and the events the receiver got
+        (each at least once, one incident's in order). Returns (breaks, events, duplicates received)."""
+        engine = make_engine(self.config.database.url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                with make_sessionmaker(engine)() as s:
+                    counts = repo.count_outbox(session=s)
+                    queued = [r.document for r in s.scalars(select(AlertOutbox).order_by(AlertOutbox.id))]
+                    rows = list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
+                if set(counts) <= {("webhook", "delivered")} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        finally:
+            engine.dispose()
+        scores = [replace(repo.score_of(r), aftermath_floor=None) for r in rows]
+        _, events = AlertEngine(self.config.groups).judge(scores)
+        kinds = self.config.sinks.webhook.events if self.config.sinks.webhook else []
+        unbroken = sorted(event_identity(event_document(e)) for e in events if selected(kinds, e))
+        breaks = [] if set(counts) <= {("webhook", "delivered")} else [f"outbox not delivered: {counts}"]
+        in_outbox = sorted(event_identity(d) for d in queued)
+        if in_outbox != unbroken:
+            breaks.append(f"{len(in_outbox)} events queued, {len(unbroken)} from an unbroken run; only queued "
+                          f"{sorted(set(in_outbox) - set(unbroken))[:3]}, only unbroken "
+                          f"{sorted(set(unbroken) - set(in_outbox))[:3]}")
+        received = [event_identity(d) for d in receiver.bodies]
+        if set(received) != set(in_outbox):
+            breaks.append(f"received {len(set(received))} distinct events of {len(in_outbox)} queued")
+        first_seen = list(dict.fromkeys(received))
+        order = {identity: i for i, identity in enumerate(event_identity(d) for d in queued)}
+        for incident in {d["incident"] for d in queued}:
+            mine = [i for i in first_seen if i.startswith(f"{incident}|")]
+            if mine != sorted(mine, key=lambda i: order.get(i, -1)):
+                breaks.append(f"incident {incident}: received out of order {mine[:4]}")
+        return breaks, len(in_outbox), len(received) - len(set(received))
+
     def scoring_breaks(self) -> tuple[list[str], int]:
         """Stored windows whose score, smoothed score, drift offsets, aftermath floor or anomaly flag differ from what
         one unbroken chain (``score_and_judge`` over every window at once: no restarts, no batches) computes; and how
@@ -264,8 +338,10 @@ class Deployment:
 def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: int, rows_per_asset: int,
            session_timeout_ms: int = 6000, ingest: dict[str, object] | None = None,
            idle_close_s: float = 3600, ewma_alpha: float | None = None,
-           aftermath: dict[str, float] | None = None, drift: dict[str, float] | None = None) -> Deployment:
-    """Write a config, migrate the database, register a quickly trained model, and prepare the stream."""
+           aftermath: dict[str, float] | None = None, drift: dict[str, float] | None = None,
+           webhook: str | None = None) -> Deployment:
+    """Write a config, migrate the database, register a quickly trained model, and prepare the stream (alert events
+    to the ``webhook`` URL when given)."""
     names = [f"asset-{i:02d}" for i in range(assets)]
     raw = {
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
@@ -274,6 +350,7 @@ def deploy(tmp_path: Path, *, bootstrap: str, topic: str, db_url: str, assets: i
         "database": {"url": db_url},
         "metrics": {"port": 0},
         "ingest": ingest or {},
+        "sinks": {"webhook": {"url": webhook, "events": ["opened", "updated", "resolved"]}} if webhook else {},
         "model_dir": str(tmp_path / "models"),
         "groups": [{
             "name": "fleet", "assets": names, "sampling_period_s": PERIOD,

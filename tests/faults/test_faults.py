@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from faultkit import START, Deployment, deploy
+from faultkit import START, Deployment, WebhookReceiver, deploy
 from kafka import KafkaConsumer
 
 from pipeline.runner import RunStats, run_pipeline
@@ -43,8 +43,10 @@ DRIFT = {"span_s": 7200.0}  # 120 windows: the offsets move, and the stream stil
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
         kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path) -> None:
+    receiver = WebhookReceiver()
     dep = deploy(tmp_path, bootstrap=kafka_bootstrap_servers, topic=topic_name, db_url=pg_database_url,
-                 assets=10, rows_per_asset=5000, ewma_alpha=0.3, aftermath=AFTERMATH, drift=DRIFT)
+                 assets=10, rows_per_asset=5000, ewma_alpha=0.3, aftermath=AFTERMATH, drift=DRIFT,
+                 webhook=receiver.url)
     rng = random.Random(20261126)
     started = time.monotonic()
     stream = dep.produce(rate_per_s=900)
@@ -60,8 +62,12 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     stream.join()
     try:
         rows, _ = _check_exactly_once(dep, timeout_s=240)
+        outbox_breaks, events, duplicates = dep.outbox_breaks(receiver, timeout_s=120)
     finally:
         dep.stop_all()
+        receiver.close()
+    assert not outbox_breaks, f"alert events: {outbox_breaks[:3]}"  # every event queued once, received, in order
+    assert events >= 10, f"only {events} alert events: the outbox check would be vacuous"
     breaks = dep.smoothing_breaks(0.3)  # the EWMA score stream carried on across every kill
     assert not breaks, f"{len(breaks)} windows off the smoothed stream, e.g. {breaks[:3]}"
     judged_breaks, floors = dep.judged_breaks()  # floors, flags and alerts as if nothing had been killed
@@ -73,6 +79,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     print(f"\nSIGKILL: {len(dep.messages)} readings, {len(kills)} kills at (s, rows stored) {kills}; "
           f"{rows} windows stored == {len(dep.expected)} expected, 0 duplicates, smoothed stream continuous, "
           f"alerts, flags, {floors} aftermath floors and {moved} drift offsets as an unbroken run's, "
+          f"{events} webhook events delivered as queued ({duplicates} sent twice), "
           f"{time.monotonic() - started:.0f}s")
     assert sum(stored < len(dep.expected) for _, stored in kills) >= 5  # mid-stream, not after the end
     assert len(dep.messages) >= 50_000
