@@ -4,6 +4,8 @@ Checks, in order (each independent of the others' outcome):
   configuration  valid (else the command stops before any check, naming the key)
   database   reachable, and its schema at the newest migration
   models     every group has an active model whose bundle verifies against the configuration
+  alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
+             for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
   metrics port  free (``run`` serves /metrics and /healthz there)
   kafka      a broker answers (else the last connection error); the readings topic exists (with its partitions);
@@ -18,6 +20,7 @@ from __future__ import annotations
 import socket
 import tempfile
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +31,7 @@ from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
+from pipeline.sinks import configured_sinks
 from pipeline.store import repo
 from pipeline.store.db import (
     SCHEMA_BEHIND,
@@ -94,6 +98,8 @@ def _database_and_models(config: Config) -> list[Check]:
                     Check("models", "fail", "not checked")]
         with make_sessionmaker(engine)() as session:
             active = repo.active_model_versions(session=session)
+            sinks = _alert_sinks(config, repo.count_outbox(session=session),
+                                 repo.oldest_pending_outbox(session=session))
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
@@ -110,7 +116,33 @@ def _database_and_models(config: Config) -> list[Check]:
         except (ModelError, ConfigError, OSError) as exc:
             problems.append(f"{group.name}: {row.version} refused: {exc}")
     models = Check("models", "fail", "; ".join(problems)) if problems else Check("models", "ok", "; ".join(serving))
-    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models]
+    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks]
+
+
+STALE_PENDING_S = 300.0  # a pending alert event older than this means no pipeline delivers it, or the receiver is down
+
+
+def _alert_sinks(config: Config, counts: dict[tuple[str, str], int], oldest: dict[str, datetime]) -> list[Check]:
+    """One line on the alert outbox when a sink is configured or the outbox holds events: a warning for failed
+    events, for pending events older than ``STALE_PENDING_S`` and for pending events of a sink no longer
+    configured."""
+    configured = {sink.name: sink.label for sink in configured_sinks(config)}
+    names = sorted(set(configured) | {sink for sink, _ in counts})
+    if not names:
+        return []
+    now, notes, warn = datetime.now(UTC), [], False
+    for name in names:
+        pending, failed = counts.get((name, "pending"), 0), counts.get((name, "failed"), 0)
+        note = f"{configured.get(name, name)}: {pending} pending, {failed} failed"
+        if name not in configured and pending:
+            note, warn = note + " (not configured: they wait until it is again)", True
+        age = (now - oldest[name]).total_seconds() if name in oldest else 0.0
+        if name in configured and age > STALE_PENDING_S:
+            note, warn = note + f" (the oldest for {age / 60:.0f} min: is a pipeline running, the receiver up?)", True
+        if failed:
+            note, warn = note + " (`sensorwatch sinks status --failed 10`, then `sinks retry`)", True
+        notes.append(note)
+    return [Check("alert sinks", "warn" if warn else "ok", "; ".join(notes))]
 
 
 def _model_dir(path: Path) -> Check:

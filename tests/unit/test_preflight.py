@@ -94,3 +94,24 @@ def test_a_taken_metrics_port_fails_the_check() -> None:
         busy = _metrics_port(config)
         assert busy.status == "fail" and "its own metrics.port" in busy.detail
     assert _metrics_port(config).status == "ok"  # free again
+
+
+def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.preflight import _alert_sinks
+
+    groups = [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]
+    plain = parse_config({"groups": groups}, env={})
+    hooked = parse_config({"groups": groups, "sinks": {"webhook": {"url": "https://h.example/TOKEN"}}}, env={})
+    now = datetime.now(UTC)
+    assert _alert_sinks(plain, {}, {}) == []  # nothing configured, nothing queued: no line
+    ok = _alert_sinks(hooked, {("webhook", "pending"): 2, ("webhook", "delivered"): 9}, {"webhook": now})
+    assert [(c.status, c.detail) for c in ok] == [("ok", "webhook:h.example: 2 pending, 0 failed")]
+    stale = _alert_sinks(hooked, {("webhook", "pending"): 2}, {"webhook": now - timedelta(minutes=12)})[0]
+    assert stale.status == "warn" and "the oldest for 12 min" in stale.detail
+    failed = _alert_sinks(hooked, {("webhook", "failed"): 1}, {})[0]
+    assert failed.status == "warn" and "sinks status --failed" in failed.detail
+    orphaned = _alert_sinks(plain, {("kafka", "pending"): 3}, {"kafka": now - timedelta(hours=2)})[0]
+    assert orphaned.status == "warn" and "kafka: 3 pending, 0 failed (not configured" in orphaned.detail
+    assert "TOKEN" not in ok[0].detail + stale.detail
