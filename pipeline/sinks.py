@@ -4,17 +4,20 @@ outbox, never in the pipeline's way.
 The database is the record of truth. The runner writes each alert event that a sink selects into ``alert_outbox``
 in the same transaction as the alert itself (``AlertSinks.outbox_rows``), so an event is queued exactly when its alert
 is stored, and a crash loses none. One background thread per sink (``OutboxDeliverer``) delivers the outbox:
-- only the pipeline process holding the sink's lease (``sink_leases``, renewed while it runs, taken over by another
-  process within 4/3 ``LEASE_S`` when the holder dies) delivers, so events go out once per try and in the order
-  queued;
-- a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429/5xx, a broker that is down)
+- only the pipeline process holding the sink's lease (``sink_leases``) delivers, so events go out once per try and in
+  the order queued. The lease lasts ``LEASE_S`` plus the longest one delivery may take (``Sink.worst_item_s``) and
+  is renewed before every delivery once a third of ``LEASE_S`` has passed, so it cannot run out mid-delivery; when
+  the holder dies another process takes over within that time plus ``LEASE_S / 3``;
+- a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505,
+  a broker that is down)
   leaves the event pending and holds back the ones after it (order is kept), to be tried again after a backoff that
   doubles from ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up (failed);
-- an answer that retrying cannot fix (other 4xx) fails the event at once, and the next ones go on;
-- finished events are deleted after ``KEEP_DAYS``; ``sensorwatch sinks`` shows and re-queues them.
-Delivery is at least once: a process that dies after a send and before recording it sends that event again, so
-receivers should treat ``incident`` + ``event`` + ``alert.last_seen_at`` as the event's identity. Nothing raises into
-the pipeline; failures are logged (without secrets) and counted.
+- an answer that retrying cannot fix (other 4xx, 501, 505) fails the event at once, and the next ones go on;
+- finished events are deleted after ``KEEP_DAYS``; ``sensorwatch sinks`` shows and re-queues them (``max_age_h``
+  then counts from the re-queueing).
+Delivery is at least once: a process that dies, or cannot reach the database, after a send and before recording it
+sends that event again, so receivers should treat ``incident`` + ``event`` + ``alert.last_seen_at`` as the event's
+identity. Nothing raises into the pipeline; failures are logged (without secrets) and counted.
 
 Every event is one JSON document (``event_document``), keyed by asset on Kafka so one asset's events stay in order.
 """
@@ -51,13 +54,24 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 _MAX_BACKOFF_S = 30.0
-_RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
-LEASE_S = 30.0  # a sink's delivery lease; another process takes over at most 4/3 of this after a crash
+LEASE_S = 30.0  # a sink's delivery lease, on top of the longest one delivery may take
 RETRY_BASE_S = 5.0  # backoff before a failed event is tried again, doubling per failed try ...
 RETRY_MAX_S = 300.0  # ... up to this
 KEEP_DAYS = 7.0  # delivered and failed events are deleted this long after they finished
 POLL_S = 1.0  # how often an idle deliverer looks for events (new events wake it at once in this process)
 BATCH = 200  # events taken per round
+
+
+def retryable_http(code: int) -> bool:
+    """Whether an HTTP answer may go away by itself: 408, 425, 429 and 5xx, except 501 and 505 (the server does not
+    support the request: retrying would only hold back the events behind it)."""
+    return code in (408, 425, 429) or (500 <= code <= 599 and code not in (501, 505))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and the first line of its text (which may be empty), for a log line."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
 def _iso(ms: int | None) -> str | None:
@@ -108,6 +122,22 @@ Item = tuple[bytes, dict[str, Any]]  # (key, document)
 Outcome = tuple[Literal["delivered", "refused", "retry"], str | None]  # (what happened, error)
 
 
+@dataclass
+class RoundControl:
+    """What a sink checks before each delivery of a round: the deliverer is not aborting, the round's time budget
+    is not spent (the first delivery always goes), and the lease is still ours (``renew`` renews it when due)."""
+
+    aborted: threading.Event
+    deadline: float  # time.monotonic() after which no further delivery starts
+    renew: Callable[[], bool]
+
+    def go_on(self, first: bool) -> bool:
+        """Whether to start the next delivery (``first``: none was made yet this round)."""
+        if self.aborted.is_set() or (not first and time.monotonic() > self.deadline):
+            return False
+        return self.renew()
+
+
 class Sink(ABC):
     """Where alert documents go. ``name`` keys the outbox and the lease ("kafka", "webhook"); ``label`` names it in
     logs and metrics (no secrets)."""
@@ -116,12 +146,13 @@ class Sink(ABC):
     label: str
     kinds: tuple[str, ...]
     max_age_s: float
+    worst_item_s: float  # the longest one delivery (one event, or one Kafka batch) may take, retries included
 
     @abstractmethod
-    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+    def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         """Try ``items`` in order; one outcome per item tried. Stops after the first ``retry`` (the items after it
-        wait, to keep the order), and starts no item once ``budget_s`` has passed (the rest stay due), so the list
-        may be shorter than ``items``. Never raises."""
+        wait, to keep the order), and starts no delivery that ``control.go_on`` refuses (the rest stay due), so the
+        list may be shorter than ``items``. Never raises."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook: most sinks hold nothing to release)
         """Release clients; called on the deliverer's thread when it stops."""
@@ -141,8 +172,11 @@ class KafkaAlertSink(Sink):
         self.label = f"kafka:{cfg.topic}"
         self.kinds = tuple(cfg.events)
         self.max_age_s = cfg.max_age_h * 3600
+        self.worst_item_s = 2 * cfg.timeout_s  # creating the producer, then the batch
 
-    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+    def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
+        if not control.go_on(first=True):
+            return []
         try:  # one batch, bounded by timeout_s
             if self._producer is None:
                 timeout_ms = round(self._cfg.timeout_s * 1000)
@@ -150,7 +184,7 @@ class KafkaAlertSink(Sink):
                                                         request_timeout_ms=timeout_ms)
             kafka_io.send_json(self._producer, self._cfg.topic, list(items), timeout_s=self._cfg.timeout_s)
         except Exception as exc:
-            return [("retry", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")]
+            return [("retry", _first_line(exc))]
         return [("delivered", None)] * len(items)
 
     def shutdown(self) -> None:
@@ -174,14 +208,14 @@ class WebhookAlertSink(Sink):
         self.label = f"webhook:{self._host}"
         self.kinds = tuple(cfg.events)
         self.max_age_s = cfg.max_age_h * 3600
+        self.worst_item_s = _MAX_BACKOFF_S + cfg.timeout_s  # a wait before a try, then the try (renewed before each)
 
-    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+    def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         outcomes: list[Outcome] = []
-        deadline = time.monotonic() + budget_s
         for _key, doc in items:
-            if outcomes and time.monotonic() > deadline:
+            if not control.go_on(first=not outcomes):
                 break
-            retry, error = self._post_with_retries(orjson.dumps(doc), aborted)
+            retry, error = self._post_with_retries(orjson.dumps(doc), control)
             if error is None:
                 outcomes.append(("delivered", None))
                 continue
@@ -190,14 +224,17 @@ class WebhookAlertSink(Sink):
                 break
         return outcomes
 
-    def _post_with_retries(self, body: bytes, aborted: threading.Event) -> tuple[bool, str | None]:
-        """(worth retrying later, None on success or else the last error, short text)."""
+    def _post_with_retries(self, body: bytes, control: RoundControl) -> tuple[bool, str | None]:
+        """(worth retrying later, None on success or else the last error, short text). The lease is renewed
+        before each retry; a lease that is no longer ours ends the tries (the event stays pending)."""
         error, wait_s, retry = "not tried", 0.0, True
         for attempt in range(self._cfg.retries + 1):
             if attempt:
                 delay = wait_s or min(self._cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
-                if aborted.wait(delay):
+                if control.aborted.wait(delay):
                     return True, f"{error} (shutting down)"
+                if not control.renew():
+                    return True, f"{error} (the delivery lease went to another process)"
             retry, err, wait_s = self._post(body)
             if err is None:
                 return False, None
@@ -217,7 +254,7 @@ class WebhookAlertSink(Sink):
         except urllib.error.HTTPError as exc:
             header = (exc.headers.get("Retry-After") or "") if exc.headers else ""
             wait_s = min(float(header), _MAX_BACKOFF_S) if header.strip().isdigit() else 0.0
-            return exc.code in _RETRYABLE_HTTP, f"HTTP {exc.code}", wait_s
+            return retryable_http(exc.code), f"HTTP {exc.code}", wait_s
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
@@ -261,6 +298,7 @@ class OutboxDeliverer:
         events are still due right away (another round would have work)."""
         sink, now = self.sink, self._clock()
         if not self._hold_lease(now):
+            self.stats.pending = 0  # counted by the process that delivers the sink
             return False
         with self._sessions.begin() as session:
             rows = [(r.id, r.asset, r.document, r.attempts, r.created_at, r.next_attempt_at)
@@ -273,8 +311,8 @@ class OutboxDeliverer:
         cutoff = now - timedelta(seconds=sink.max_age_s)
         expired = {r[0]: f"undelivered after {sink.max_age_s / 3600:g} h" for r in rows if r[4] < cutoff}
         todo = [r for r in rows if r[0] not in expired]
-        # a round ends well within the lease, so the lease is renewed before another process could take it over
-        outcomes = sink.send([(r[1].encode(), r[2]) for r in todo], self.aborted, LEASE_S / 3) if todo else []
+        control = RoundControl(self.aborted, time.monotonic() + LEASE_S / 3, lambda: self._hold_lease(self._clock()))
+        outcomes = sink.send([(r[1].encode(), r[2]) for r in todo], control) if todo else []
         delivered = [r[0] for r, (what, _) in zip(todo, outcomes, strict=False) if what == "delivered"]
         refused = {r[0]: error or "refused" for r, (what, error) in zip(todo, outcomes, strict=False)
                    if what == "refused"}
@@ -299,15 +337,17 @@ class OutboxDeliverer:
         return not retry and (len(rows) == BATCH or len(outcomes) < len(todo))
 
     def _hold_lease(self, now: datetime) -> bool:
-        """Whether this process delivers the sink now. The lease is renewed once a third of it has run out, and a
-        process that does not hold it tries again every third of ``LEASE_S`` (so idle rounds write nothing)."""
+        """Whether this process delivers the sink now. The lease (``LEASE_S`` + the sink's ``worst_item_s``) is
+        renewed once ``LEASE_S / 3`` has passed since it was last taken, so at least ``worst_item_s`` of it is left
+        whenever a delivery starts; a process that does not hold it tries again every ``LEASE_S / 3`` (so idle rounds
+        write nothing)."""
         if self._lease_renew_at is not None and now < self._lease_renew_at:
             return True
         if self._next_lease_try is not None and now < self._next_lease_try:
             return False
         with self._sessions.begin() as session:
             held = repo.take_sink_lease(session=session, sink=self.sink.name, holder=self._holder, now=now,
-                                        ttl_s=LEASE_S)
+                                        ttl_s=LEASE_S + self.sink.worst_item_s)
         self._lease_renew_at = now + timedelta(seconds=LEASE_S / 3) if held else None
         self._next_lease_try = None if held else now + timedelta(seconds=LEASE_S / 3)
         return held
@@ -333,8 +373,8 @@ class OutboxDeliverer:
                     self._failing_db = False
                 except Exception as exc:
                     if not self._failing_db:
-                        log.warning("alert sink %s: outbox round failed (the events stay queued): %s: %s",
-                                    self.sink.label, type(exc).__name__, str(exc).splitlines()[0][:200])
+                        log.warning("alert sink %s: outbox round failed (the events stay queued): %s",
+                                    self.sink.label, _first_line(exc))
                     self._failing_db, more = True, False
                 if closing and not more:
                     break
@@ -353,17 +393,26 @@ class OutboxDeliverer:
             except Exception:
                 log.exception("alert sink %s: shutdown failed", self.sink.label)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Finish the round in progress and one more for events just committed, within ``timeout_s``; then stop.
-        Whatever is still pending stays in the outbox for the next process."""
+    def begin_close(self) -> None:
+        """Ask the thread to finish the round in progress and one more for events just committed, then stop."""
         self._closing.set()
         self._wake.set()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop within about ``timeout_s``: after it, a delivery in progress is given up (a request already sent
+        may still take up to its own ``timeout_s``). Whatever is still pending stays in the outbox for the next
+        process."""
+        self.begin_close()
+        self.wait_closed(time.monotonic() + timeout_s)
+
+    def wait_closed(self, deadline: float) -> None:
+        """Wait for the thread until ``deadline`` (``time.monotonic()``); then abort it and wait a little more."""
         if self._thread is None:
             return
-        self._thread.join(timeout_s)
+        self._thread.join(max(deadline - time.monotonic(), 0.0))
         if self._thread.is_alive():
             self.aborted.set()
-            self._thread.join(5.0)
+            self._thread.join(1.0)
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -401,10 +450,13 @@ class AlertSinks:
             d.notify()
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Give the deliverers up to ``timeout_s`` (in total) to finish their rounds, then stop them."""
+        """Give the deliverers up to ``timeout_s`` (together) to finish their rounds, then stop them."""
         deadline = time.monotonic() + timeout_s
         for d in self.deliverers:
-            d.close(max(deadline - time.monotonic(), 0.1))
+            d.begin_close()
+        for d in self.deliverers:
+            d.wait_closed(deadline)
+        for d in self.deliverers:
             s = d.stats
             log.info("alert sink %s: %d delivered, %d failed, %d tries to retry, %d pending", d.sink.label,
                      s.delivered, s.failed, s.retried, s.pending)

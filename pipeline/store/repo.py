@@ -530,8 +530,8 @@ def enqueue_outbox(*, session: Session, rows: Sequence[Mapping[str, Any]], now: 
     if not rows:
         return
     values = [{**r, "status": "pending", "attempts": 0, "created_at": now, "next_attempt_at": now} for r in rows]
-    session.execute(_insert(session, AlertOutbox).values(values).on_conflict_do_nothing(
-        index_elements=["sink", "event_key"]))
+    stmt = _insert(session, AlertOutbox).on_conflict_do_nothing(index_elements=["sink", "event_key"])
+    session.execute(stmt, values)  # executemany: no limit on the number of bound parameters
 
 
 def take_sink_lease(*, session: Session, sink: str, holder: str, now: datetime, ttl_s: float) -> bool:
@@ -576,10 +576,14 @@ def outbox_events(*, session: Session, sink: str | None = None, status: str | No
     return list(session.scalars(query))
 
 
+_STILL_PENDING = AlertOutbox.status == "pending"  # outcomes only change pending rows (a process that lost its lease
+# meanwhile must not overwrite what the new holder recorded)
+
+
 def mark_outbox_delivered(*, session: Session, ids: Sequence[int], now: datetime) -> None:
     """Events delivered (their attempt counted)."""
     if ids:
-        session.execute(update(AlertOutbox).where(AlertOutbox.id.in_(ids)).values(
+        session.execute(update(AlertOutbox).where(AlertOutbox.id.in_(ids), _STILL_PENDING).values(
             status="delivered", attempts=AlertOutbox.attempts + 1, finished_at=now, last_error=None))
 
 
@@ -587,27 +591,28 @@ def mark_outbox_failed(*, session: Session, failures: Mapping[int, str], now: da
                        ) -> None:
     """Events given up on, each with its reason (``attempted``: this round tried it, so its attempt counts)."""
     for event_id, error in failures.items():
-        session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id).values(
+        session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id, _STILL_PENDING).values(
             status="failed", attempts=AlertOutbox.attempts + int(attempted), finished_at=now,
             last_error=error[:300]))
 
 
 def retry_outbox_later(*, session: Session, event_id: int, error: str, at: datetime) -> None:
     """A failed attempt that will be tried again at ``at``."""
-    session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id).values(
+    session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id, _STILL_PENDING).values(
         attempts=AlertOutbox.attempts + 1, next_attempt_at=at, last_error=error[:300]))
 
 
 def requeue_outbox(*, session: Session, now: datetime, sink: str | None = None,
                    ids: Sequence[int] | None = None) -> int:
-    """Failed events back to pending, due at once, attempts from zero (all, one sink's, or ``ids``); their order
-    among pending events stays their original one. Returns how many."""
+    """Failed events back to pending, due at once, attempts from zero, their age (for ``max_age_h``) from ``now``
+    (all, one sink's, or ``ids``); their order among pending events stays their original one. Returns how many."""
     query = update(AlertOutbox).where(AlertOutbox.status == "failed")
     if sink is not None:
         query = query.where(AlertOutbox.sink == sink)
     if ids is not None:
         query = query.where(AlertOutbox.id.in_(ids))
-    result = session.execute(query.values(status="pending", attempts=0, next_attempt_at=now, finished_at=None))
+    result = session.execute(query.values(status="pending", attempts=0, created_at=now, next_attempt_at=now,
+                                          finished_at=None))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -245,7 +245,8 @@ class AlertOutbox(Base):
     sink) by whichever pipeline holds the sink's lease. Unique on (sink, event_key) so a replay queues nothing twice.
 
     ``status``: pending (``next_attempt_at`` says when it is due), delivered, or failed (refused by the receiver, or
-    still undelivered after the sink's ``max_age_h``; ``last_error`` says why).
+    still undelivered after the sink's ``max_age_h``; ``last_error`` says why). ``created_at`` is when it was queued,
+    or queued again by ``sensorwatch sinks retry``.
     """
 
     __tablename__ = "alert_outbox"

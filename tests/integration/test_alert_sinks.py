@@ -14,7 +14,17 @@ import pytest
 from kafka import KafkaConsumer
 
 from pipeline.config import KafkaConfig, KafkaSinkConfig
-from pipeline.sinks import AlertSinks, Item, KafkaAlertSink, OutboxDeliverer, Outcome, Sink
+from pipeline.sinks import (
+    AlertSinks,
+    Item,
+    KafkaAlertSink,
+    OutboxDeliverer,
+    Outcome,
+    RoundControl,
+    Sink,
+    event_document,
+    event_key,
+)
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.types import AlertEvent, AlertRecord
@@ -124,17 +134,22 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(kafka_bootstrap_serv
 class _SlowRecordingSink(Sink):
     """Keeps what it is sent, slowly enough that two deliverers overlap."""
 
-    name, label, kinds, max_age_s = "webhook", "webhook:test", ("opened", "updated", "resolved"), 3600.0
+    name, label, kinds = "webhook", "webhook:test", ("opened", "updated", "resolved")
+    max_age_s, worst_item_s = 3600.0, 1.0
 
     def __init__(self, sent: list[str], lock: threading.Lock) -> None:
         self._sent, self._lock = sent, lock
 
-    def send(self, items: list[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+    def send(self, items: list[Item], control: RoundControl) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         for _, doc in items:
-            aborted.wait(0.002)
+            if not control.go_on(first=not outcomes):
+                break
+            control.aborted.wait(0.002)
             with self._lock:
                 self._sent.append(f"{doc['incident']}|{doc['event']}|{doc['alert']['window_count']}")
-        return [("delivered", None)] * len(items)
+            outcomes.append(("delivered", None))
+        return outcomes
 
 
 @pytest.mark.integration
@@ -165,3 +180,17 @@ def test_two_pipelines_deliver_each_event_once_on_postgresql(pg_database_url: st
     assert _outbox(pg_database_url) == {("webhook", "delivered"): 600}
     assert sent[:4] == [f"pump-0@2026-03-01T01:00:00Z|{k}|{w}" for k, w in
                         (("opened", 2), ("updated", 3), ("updated", 4), ("resolved", 4))]  # in the order queued
+
+
+def test_a_catch_up_batch_of_many_events_is_queued_in_one_transaction(db_url: str) -> None:
+    """More rows than PostgreSQL's 65,535 bound parameters allow in one INSERT (8 per row)."""
+    upgrade(db_url)
+    events = [AlertEvent("updated", _record("pump-1", windows=w)) for w in range(2, 10_002)]
+    rows = [{"sink": "webhook", "event_key": event_key(e), "asset": "pump-1", "document": event_document(e)}
+            for e in events]
+    engine = make_engine(db_url)
+    for batch in (rows, rows[:5]):  # the second: a replay, which queues nothing twice
+        with make_sessionmaker(engine).begin() as session:
+            repo.enqueue_outbox(session=session, rows=batch, now=datetime.now(UTC))
+    engine.dispose()
+    assert _outbox(db_url) == {("webhook", "pending"): 10_000}

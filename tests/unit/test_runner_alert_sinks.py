@@ -17,7 +17,7 @@ from pipeline.config import Config, parse_config
 from pipeline.errors import TransientError
 from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
-from pipeline.sinks import AlertSinks, Item, OutboxDeliverer, Outcome, Sink
+from pipeline.sinks import AlertSinks, Item, OutboxDeliverer, Outcome, RoundControl, Sink
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, AlertOutbox
 
@@ -37,12 +37,13 @@ class _MeanDetector:
 class _RecordingSink(Sink):
     """A sink that keeps what it is sent."""
 
-    name, label, kinds, max_age_s = "webhook", "webhook:test", ("opened", "updated", "resolved"), 3600.0
+    name, label, kinds = "webhook", "webhook:test", ("opened", "updated", "resolved")
+    max_age_s, worst_item_s = 3600.0, 1.0
 
     def __init__(self) -> None:
         self.sent: list[dict] = []
 
-    def send(self, items: Sequence[Item], aborted: threading.Event, budget_s: float) -> list[Outcome]:
+    def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         self.sent += [doc for _, doc in items]
         return [("delivered", None)] * len(items)
 

@@ -9,7 +9,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,10 +23,15 @@ from pipeline.sinks import (
     LEASE_S,
     RETRY_BASE_S,
     AlertSinks,
+    Item,
     OutboxDeliverer,
+    Outcome,
+    RoundControl,
+    Sink,
     WebhookAlertSink,
     event_document,
     event_key,
+    retryable_http,
     selected,
 )
 from pipeline.store import repo
@@ -331,3 +336,107 @@ def test_a_round_ends_within_its_time_budget_and_says_more_is_due(server_factory
     assert _statuses(sessions) == [("delivered", 1, None), ("delivered", 1, None), ("pending", 0, None)]
     assert d.deliver_once() is False
     assert [doc["event"] for doc in server.delivered()] == ["opened", "updated", "resolved"]
+
+
+class _SlowSink(Sink):
+    """Each delivery moves the fake clock on by ``step_s`` (a slow receiver); between deliveries another process
+    (``rival``) gets a round. Keeps what it delivered."""
+
+    name, label, kinds, max_age_s = "webhook", "webhook:slow", ("opened", "updated", "resolved"), 3600.0
+
+    def __init__(self, clock: _Clock, step_s: float, worst_item_s: float) -> None:
+        self.clock, self.step_s, self.worst_item_s = clock, step_s, worst_item_s
+        self.sent: list[str] = []
+        self.rival: OutboxDeliverer | None = None
+
+    def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for _, doc in items:
+            if not control.go_on(first=not outcomes):
+                break
+            self.clock.advance(self.step_s)
+            self.sent.append(str(doc["event"]))
+            outcomes.append(("delivered", None))
+            if self.rival is not None:
+                assert self.rival.deliver_once() is False  # the lease is still ours: the rival sends nothing
+        return outcomes
+
+
+def test_the_lease_is_renewed_before_each_delivery_so_no_rival_sends_meanwhile(sessions: sessionmaker[Session]
+                                                                               ) -> None:
+    clock = _Clock()
+    ours = _SlowSink(clock, step_s=25, worst_item_s=27)  # each delivery near the longest one may take
+    theirs = _SlowSink(clock, step_s=25, worst_item_s=27)
+    a = OutboxDeliverer(ours, sessions, holder="a", clock=clock, start=False)
+    b = OutboxDeliverer(theirs, sessions, holder="b", clock=clock, start=False)
+    ours.rival = b
+    _enqueue(sessions, [a], _lifecycle() + _lifecycle("pump-2"), clock.now)  # 8 events, 200 s of deliveries
+    while a.deliver_once():
+        pass
+    assert ours.sent == ["opened", "updated", "updated", "resolved"] * 2 and theirs.sent == []
+    assert b.stats.pending == 0  # only the process that delivers the sink counts its pending events
+    with sessions() as session:
+        assert repo.count_outbox(session=session) == {("webhook", "delivered"): 8}
+
+
+def test_events_given_up_for_their_age_can_be_queued_again(server_factory: Any, sessions: sessionmaker[Session]
+                                                           ) -> None:
+    server = server_factory(lambda n: (200, 0))
+    clock = _Clock()
+    d = _deliverer(_webhook(server.url, max_age_h=1), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
+    clock.advance(2 * 3600)  # no pipeline ran for two hours
+    d.deliver_once()
+    assert _statuses(sessions) == [("failed", 0, "undelivered after 1 h")] and server.requests == []
+    with sessions.begin() as session:
+        assert repo.requeue_outbox(session=session, now=clock.now) == 1
+    d.deliver_once()
+    assert _statuses(sessions) == [("delivered", 1, None)] and len(server.delivered()) == 1
+
+
+@pytest.mark.parametrize(("code", "retry"), [(408, True), (425, True), (429, True), (500, True), (503, True),
+                                             (507, True), (520, True), (524, True), (501, False), (505, False),
+                                             (400, False), (404, False), (410, False)])
+def test_which_http_answers_are_retried(code: int, retry: bool) -> None:
+    assert retryable_http(code) is retry
+
+
+def test_a_failing_round_neither_kills_the_thread_nor_loses_events(server_factory: Any,
+                                                                   sessions: sessionmaker[Session]) -> None:
+    server = server_factory(lambda n: (200, 0))
+
+    class Flaky(OutboxDeliverer):
+        failures = 2
+
+        def deliver_once(self) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise TimeoutError()  # an error with no text (the database timing out)
+            return super().deliver_once()
+
+    d = Flaky(_webhook(server.url), sessions)
+    _enqueue(sessions, [d], _lifecycle(), datetime.now(UTC))
+    deadline = time.monotonic() + 15
+    while len(server.delivered()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    d.close(5)
+    assert [doc["event"] for doc in server.delivered()] == ["opened", "updated", "resolved"]
+
+
+def test_close_keeps_one_deadline_for_all_sinks(server_factory: Any, sessions: sessionmaker[Session]) -> None:
+    hung = server_factory(lambda n: (200, 30.0))  # both answer only when the test ends
+    other = server_factory(lambda n: (200, 30.0))
+    second = _webhook(other.url, timeout_s=1.5, retries=3)
+    second.name = "kafka"  # stands for a second sink: its own lease and events
+    sinks = AlertSinks([OutboxDeliverer(_webhook(hung.url, timeout_s=1.5, retries=3), sessions),
+                        OutboxDeliverer(second, sessions)])
+    _enqueue(sessions, sinks.deliverers, _lifecycle(), datetime.now(UTC))
+    sinks.notify()
+    deadline = time.monotonic() + 10
+    while (len(hung.requests) < 1 or len(other.requests) < 1) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    sinks.close(timeout_s=1.0)
+    assert time.monotonic() - started < 1.0 + 1.5 + 0.5  # the deadline, then at most a request's own timeout
+    with sessions() as session:
+        assert repo.count_outbox(session=session) == {("webhook", "pending"): 3, ("kafka", "pending"): 3}
