@@ -251,3 +251,47 @@ def local_kafka() -> Iterator[LocalKafka]:
         yield broker
     finally:
         broker.stop()
+
+
+class WebhookReceiver:
+    """A local HTTP endpoint for alert webhooks: answers 503 while ``down`` is set (counting ``refused``), else 200,
+    keeping each accepted JSON body in arrival order (``accepted``)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import orjson
+
+        self.down = threading.Event()
+        self.accepted: list[dict[str, object]] = []
+        self.refused = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                down = outer.down.is_set()
+                if down:
+                    outer.refused += 1
+                else:
+                    outer.accepted.append(body)
+                self.send_response(503 if down else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[WebhookReceiver]:
+    """A ``WebhookReceiver`` (up), shut down afterwards."""
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.httpd.shutdown()
+    receiver.httpd.server_close()

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -42,32 +41,6 @@ PERIOD = 10.0
 START = pd.Timestamp("2026-05-01T00:00:00Z")
 SENSORWATCH = Path(sys.executable).with_name("sensorwatch")
 Junk = Callable[[str, bytes], tuple[bytes | None, bytes | None]]
-
-
-class WebhookReceiver:
-    """A local HTTP endpoint that accepts every POST and keeps the JSON bodies, in arrival order."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, object]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                outer.bodies.append(orjson.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def event_identity(doc: dict[str, object]) -> str:
@@ -243,10 +216,12 @@ class Deployment:
                           f"{len(expected)})")
         return breaks, sum(r.aftermath_floor is not None for r in rows)
 
-    def outbox_breaks(self, receiver: WebhookReceiver, timeout_s: float) -> tuple[list[str], int, int]:
+    def outbox_breaks(self, received_bodies: list[dict[str, object]], timeout_s: float
+                      ) -> tuple[list[str], int, int]:
         """Wait until the webhook outbox is delivered (or the timeout); then what differs between the events one
         unbroken alert engine raises from the stored scores, the events queued, and the events the receiver got
-        (each at least once, one incident's in order). Returns (breaks, events, duplicates received)."""
+        (``received_bodies``: each at least once, one incident's in order). Returns (breaks, events, duplicates
+        received)."""
         engine = make_engine(self.config.database.url)
         deadline = time.monotonic() + timeout_s
         try:
@@ -270,7 +245,7 @@ class Deployment:
             breaks.append(f"{len(in_outbox)} events queued, {len(unbroken)} from an unbroken run; only queued "
                           f"{sorted(set(in_outbox) - set(unbroken))[:3]}, only unbroken "
                           f"{sorted(set(unbroken) - set(in_outbox))[:3]}")
-        received = [event_identity(d) for d in receiver.bodies]
+        received = [event_identity(d) for d in received_bodies]
         if set(received) != set(in_outbox):
             breaks.append(f"received {len(set(received))} distinct events of {len(in_outbox)} queued")
         first_seen = list(dict.fromkeys(received))

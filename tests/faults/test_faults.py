@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from faultkit import START, Deployment, WebhookReceiver, deploy
+from faultkit import START, Deployment, deploy
 from kafka import KafkaConsumer
 
 from pipeline.runner import RunStats, run_pipeline
@@ -42,8 +42,9 @@ DRIFT = {"span_s": 7200.0}  # 120 windows: the offsets move, and the stream stil
 
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(
-        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path) -> None:
-    receiver = WebhookReceiver()
+        kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
+        webhook_receiver) -> None:  # type: ignore[no-untyped-def]
+    receiver = webhook_receiver
     dep = deploy(tmp_path, bootstrap=kafka_bootstrap_servers, topic=topic_name, db_url=pg_database_url,
                  assets=10, rows_per_asset=5000, ewma_alpha=0.3, aftermath=AFTERMATH, drift=DRIFT,
                  webhook=receiver.url)
@@ -62,10 +63,9 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
     stream.join()
     try:
         rows, _ = _check_exactly_once(dep, timeout_s=240)
-        outbox_breaks, events, duplicates = dep.outbox_breaks(receiver, timeout_s=120)
+        outbox_breaks, events, duplicates = dep.outbox_breaks(receiver.accepted, timeout_s=120)
     finally:
         dep.stop_all()
-        receiver.close()
     assert not outbox_breaks, f"alert events: {outbox_breaks[:3]}"  # every event queued once, received, in order
     assert events >= 10, f"only {events} alert events: the outbox check would be vacuous"
     breaks = dep.smoothing_breaks(0.3)  # the EWMA score stream carried on across every kill

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import orjson
@@ -69,37 +68,9 @@ def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: fl
         timer.cancel()
 
 
-class _Webhook:
-    """A local webhook receiver that answers 503 while ``down`` is set, else 200, and keeps what it accepted."""
-
-    def __init__(self) -> None:
-        self.down = threading.Event()
-        self.accepted: list[dict] = []
-        self.refused = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = orjson.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.down.is_set():
-                    outer.refused += 1
-                else:
-                    outer.accepted.append(body)
-                self.send_response(503 if outer.down.is_set() else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-
-
 def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str,
-                                      tmp_path: Path) -> None:
-    webhook = _Webhook()
+                                      tmp_path: Path, webhook_receiver) -> None:  # type: ignore[no-untyped-def]
+    webhook = webhook_receiver
     webhook.down.set()  # the receiver is down while the stream is scored: its events wait in the outbox
     cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models", webhook.url)
     group = cfg.groups[0]
@@ -190,7 +161,6 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
     assert [(d["event"], d["incident"]) for d in webhook.accepted] == [(e, i) for _, e, i in queued]
     with sessions() as s:
         assert repo.count_outbox(session=s) == {("webhook", "delivered"): len(queued)}
-    webhook.httpd.shutdown()
 
     # the malformed message is in the dead-letter topic with its reason and source
     dlq = KafkaConsumer(cfg.kafka.dead_letter_topic, bootstrap_servers=kafka_bootstrap_servers,

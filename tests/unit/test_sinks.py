@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +34,6 @@ from pipeline.sinks import (
     selected,
 )
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import AlertOutbox, SinkLease
 from pipeline.types import AlertEvent, AlertRecord
 
@@ -142,15 +140,6 @@ class _Clock:
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    yield make_sessionmaker(engine)
-    engine.dispose()
 
 
 def _deliverer(sink: WebhookAlertSink, sessions: sessionmaker[Session], clock: _Clock, holder: str = "a"
