@@ -193,10 +193,10 @@ class KafkaAlertSink(Sink):
 
 
 class WebhookAlertSink(Sink):
-    """Alert events POSTed one by one as JSON. A try waits at most ``timeout_s``; connection errors, timeouts and
-    408/425/429/5xx answers are retried ``retries`` times at once with doubling backoff (``Retry-After`` is honoured
-    up to 30 s) before the event goes back to the outbox; other answers refuse it. Logs name only the host: webhook
-    URLs often carry a token."""
+    """Alert events POSTed one by one as JSON. A try waits at most ``timeout_s``; connection errors, timeouts and the
+    answers ``retryable_http`` accepts are retried ``retries`` times at once with doubling backoff (``Retry-After``
+    is honoured up to 30 s) before the event goes back to the outbox; other answers refuse it. Logs name only the
+    host: webhook URLs often carry a token."""
 
     name = "webhook"
 
