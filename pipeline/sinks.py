@@ -5,9 +5,10 @@ The database is the record of truth. The runner writes each alert event that a s
 in the same transaction as the alert itself (``AlertSinks.outbox_rows``), so an event is queued exactly when its alert
 is stored, and a crash loses none. One background thread per sink (``OutboxDeliverer``) delivers the outbox:
 - only the pipeline process holding the sink's lease (``sink_leases``) delivers, so events go out once per try and in
-  the order queued. The lease lasts ``LEASE_S`` plus the longest one delivery may take (``Sink.worst_item_s``) and
-  is renewed before every delivery once a third of ``LEASE_S`` has passed, so it cannot run out mid-delivery; when
-  the holder dies another process takes over within that time plus ``LEASE_S / 3``;
+  the order queued. The lease lasts ``LEASE_S`` plus the longest stretch between two of its checks
+  (``Sink.worst_item_s``) and is renewed before every try once a third of ``LEASE_S`` has passed, so a try that keeps
+  to its timeouts cannot outlive it (one that stretches, a receiver trickling its answer, can: at least once); when
+  the holder dies another process takes over within the lease plus ``LEASE_S / 3``;
 - a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505,
   a broker that is down)
   leaves the event pending and holds back the ones after it (order is kept), to be tried again after a backoff that
@@ -119,7 +120,9 @@ class SinkStats:
 
 
 Item = tuple[bytes, dict[str, Any]]  # (key, document)
-Outcome = tuple[Literal["delivered", "refused", "retry"], str | None]  # (what happened, error)
+# (what happened, error); "stopped": the try was given up because the lease went to another process or the deliverer
+# is shutting down; nothing is recorded for it (the new holder, or the next process, takes the event as it is)
+Outcome = tuple[Literal["delivered", "refused", "retry", "stopped"], str | None]
 
 
 @dataclass
@@ -146,13 +149,13 @@ class Sink(ABC):
     label: str
     kinds: tuple[str, ...]
     max_age_s: float
-    worst_item_s: float  # the longest one delivery (one event, or one Kafka batch) may take, retries included
+    worst_item_s: float  # the longest stretch between two lease checks: one try and the wait before it, or a batch
 
     @abstractmethod
     def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
-        """Try ``items`` in order; one outcome per item tried. Stops after the first ``retry`` (the items after it
-        wait, to keep the order), and starts no delivery that ``control.go_on`` refuses (the rest stay due), so the
-        list may be shorter than ``items``. Never raises."""
+        """Try ``items`` in order; one outcome per item tried. Stops after the first ``retry`` or ``stopped`` (the
+        items after it wait, to keep the order), and starts no delivery that ``control.go_on`` refuses (the rest stay
+        due), so the list may be shorter than ``items``. Never raises."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook: most sinks hold nothing to release)
         """Release clients; called on the deliverer's thread when it stops."""
@@ -172,7 +175,7 @@ class KafkaAlertSink(Sink):
         self.label = f"kafka:{cfg.topic}"
         self.kinds = tuple(cfg.events)
         self.max_age_s = cfg.max_age_h * 3600
-        self.worst_item_s = 2 * cfg.timeout_s  # creating the producer, then the batch
+        self.worst_item_s = 3 * cfg.timeout_s  # creating the producer, its metadata, then the batch
 
     def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         if not control.go_on(first=True):
@@ -181,11 +184,21 @@ class KafkaAlertSink(Sink):
             if self._producer is None:
                 timeout_ms = round(self._cfg.timeout_s * 1000)
                 self._producer = kafka_io.make_producer(self._kafka, max_block_ms=timeout_ms,
-                                                        request_timeout_ms=timeout_ms)
+                                                        request_timeout_ms=timeout_ms,
+                                                        bootstrap_timeout_ms=timeout_ms)
             kafka_io.send_json(self._producer, self._cfg.topic, list(items), timeout_s=self._cfg.timeout_s)
         except Exception as exc:
+            self._drop_producer()  # what it still holds must not be written later, behind newer events
             return [("retry", _first_line(exc))]
         return [("delivered", None)] * len(items)
+
+    def _drop_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=0)
+            except Exception as exc:
+                log.debug("alert sink %s: closing the producer: %s", self.label, _first_line(exc))
+            self._producer = None
 
     def shutdown(self) -> None:
         if self._producer is not None:
@@ -193,7 +206,8 @@ class KafkaAlertSink(Sink):
 
 
 class WebhookAlertSink(Sink):
-    """Alert events POSTed one by one as JSON. A try waits at most ``timeout_s``; connection errors, timeouts and the
+    """Alert events POSTed one by one as JSON. Each socket operation of a try waits at most ``timeout_s`` (a server
+    that trickles its answer can stretch a try beyond it); connection errors, timeouts, broken answers and the
     answers ``retryable_http`` accepts are retried ``retries`` times at once with doubling backoff (``Retry-After``
     is honoured up to 30 s) before the event goes back to the outbox; other answers refuse it. Logs name only the
     host: webhook URLs often carry a token."""
@@ -215,33 +229,30 @@ class WebhookAlertSink(Sink):
         for _key, doc in items:
             if not control.go_on(first=not outcomes):
                 break
-            retry, error = self._post_with_retries(orjson.dumps(doc), control)
-            if error is None:
-                outcomes.append(("delivered", None))
-                continue
-            outcomes.append(("retry" if retry else "refused", error))
-            if retry:
+            outcome = self._post_with_retries(orjson.dumps(doc), control)
+            outcomes.append(outcome)
+            if outcome[0] in ("retry", "stopped"):
                 break
         return outcomes
 
-    def _post_with_retries(self, body: bytes, control: RoundControl) -> tuple[bool, str | None]:
-        """(worth retrying later, None on success or else the last error, short text). The lease is renewed
-        before each retry; a lease that is no longer ours ends the tries (the event stays pending)."""
-        error, wait_s, retry = "not tried", 0.0, True
+    def _post_with_retries(self, body: bytes, control: RoundControl) -> Outcome:
+        """One event's outcome. The lease is renewed before each retry: a lease that is no longer ours, or a
+        shutdown, stops the tries (``stopped``: the event stays as it is)."""
+        error, wait_s = "not tried", 0.0
         for attempt in range(self._cfg.retries + 1):
             if attempt:
                 delay = wait_s or min(self._cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
                 if control.aborted.wait(delay):
-                    return True, f"{error} (shutting down)"
+                    return "stopped", f"{error} (shutting down)"
                 if not control.renew():
-                    return True, f"{error} (the delivery lease went to another process)"
+                    return "stopped", f"{error} (the delivery lease went to another process)"
             retry, err, wait_s = self._post(body)
             if err is None:
-                return False, None
+                return "delivered", None
             error = err
             if not retry:
-                return False, error
-        return retry, error
+                return "refused", error
+        return "retry", error
 
     def _post(self, body: bytes) -> tuple[bool, str | None, float]:
         """One try: (worth retrying, error or None, seconds the server asked us to wait or 0)."""
@@ -252,12 +263,14 @@ class WebhookAlertSink(Sink):
                 response.read(65536)
             return False, None, 0.0
         except urllib.error.HTTPError as exc:
-            header = (exc.headers.get("Retry-After") or "") if exc.headers else ""
-            wait_s = min(float(header), _MAX_BACKOFF_S) if header.strip().isdigit() else 0.0
+            header = ((exc.headers.get("Retry-After") or "") if exc.headers else "").strip()
+            wait_s = min(int(header), _MAX_BACKOFF_S) if header.isascii() and header.isdigit() else 0.0
             return retryable_http(exc.code), f"HTTP {exc.code}", wait_s
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
+        except Exception as exc:  # e.g. http.client.BadStatusLine from a broken server: worth another try
+            return True, _first_line(exc), 0.0
 
 
 def retry_delay_s(attempts: int) -> float:
@@ -312,7 +325,10 @@ class OutboxDeliverer:
         expired = {r[0]: f"undelivered after {sink.max_age_s / 3600:g} h" for r in rows if r[4] < cutoff}
         todo = [r for r in rows if r[0] not in expired]
         control = RoundControl(self.aborted, time.monotonic() + LEASE_S / 3, lambda: self._hold_lease(self._clock()))
-        outcomes = sink.send([(r[1].encode(), r[2]) for r in todo], control) if todo else []
+        try:
+            outcomes = sink.send([(r[1].encode(), r[2]) for r in todo], control) if todo else []
+        except Exception as exc:  # a sink bug: count it as a failed try of the head (what it sent is sent again)
+            outcomes = [("retry", _first_line(exc))]
         delivered = [r[0] for r, (what, _) in zip(todo, outcomes, strict=False) if what == "delivered"]
         refused = {r[0]: error or "refused" for r, (what, error) in zip(todo, outcomes, strict=False)
                    if what == "refused"}
@@ -322,9 +338,9 @@ class OutboxDeliverer:
             repo.mark_outbox_delivered(session=session, ids=delivered, now=done)
             repo.mark_outbox_failed(session=session, failures=expired, now=done, attempted=False)
             repo.mark_outbox_failed(session=session, failures=refused, now=done)
-            for r, error in retry:
-                repo.retry_outbox_later(session=session, event_id=r[0], error=error,
-                                        at=done + timedelta(seconds=retry_delay_s(r[3] + 1)))
+            for r, error in retry:  # only while the lease is still ours: else the new holder decides
+                repo.retry_outbox_later(session=session, event_id=r[0], error=error, sink=sink.name,
+                                        holder=self._holder, at=done + timedelta(seconds=retry_delay_s(r[3] + 1)))
         self.stats.delivered += len(delivered)
         self.stats.failed += len(expired) + len(refused)
         self.stats.retried += len(retry)
@@ -334,23 +350,34 @@ class OutboxDeliverer:
         for r, error in retry:
             log.warning("alert sink %s: %s; %d event(s) wait, the next try in %.0f s", sink.label, error,
                         len(rows) - len(delivered) - len(refused) - len(expired), retry_delay_s(r[3] + 1))
-        return not retry and (len(rows) == BATCH or len(outcomes) < len(todo))
+        stopped = any(what == "stopped" for what, _ in outcomes)
+        return not retry and not stopped and (len(rows) == BATCH or len(outcomes) < len(todo))
 
     def _hold_lease(self, now: datetime) -> bool:
         """Whether this process delivers the sink now. The lease (``LEASE_S`` + the sink's ``worst_item_s``) is
         renewed once ``LEASE_S / 3`` has passed since it was last taken, so at least ``worst_item_s`` of it is left
-        whenever a delivery starts; a process that does not hold it tries again every ``LEASE_S / 3`` (so idle rounds
-        write nothing)."""
+        whenever a delivery starts (a renewal that itself took longer than ``LEASE_S / 3`` does not count); a process
+        that does not hold it tries again every ``LEASE_S / 3`` (so idle rounds write nothing). Times are this host's
+        clock, compared with other hosts' through the lease row: hosts' clocks must agree to well within
+        ``LEASE_S / 3`` (NTP)."""
         if self._lease_renew_at is not None and now < self._lease_renew_at:
             return True
         if self._next_lease_try is not None and now < self._next_lease_try:
             return False
         with self._sessions.begin() as session:
             held = repo.take_sink_lease(session=session, sink=self.sink.name, holder=self._holder, now=now,
-                                        ttl_s=LEASE_S + self.sink.worst_item_s)
+                                        ttl_s=self.lease_s)
+        if held and (self._clock() - now).total_seconds() > LEASE_S / 3:  # too slow to rely on: renew again first
+            self._lease_renew_at = self._next_lease_try = None
+            return False
         self._lease_renew_at = now + timedelta(seconds=LEASE_S / 3) if held else None
         self._next_lease_try = None if held else now + timedelta(seconds=LEASE_S / 3)
         return held
+
+    @property
+    def lease_s(self) -> float:
+        """How long a taken lease lasts: ``LEASE_S`` plus the longest stretch between two of its checks."""
+        return LEASE_S + self.sink.worst_item_s
 
     def _prune(self, now: datetime) -> None:
         if time.monotonic() < self._next_prune:
@@ -386,8 +413,8 @@ class OutboxDeliverer:
                 with self._sessions.begin() as session:
                     repo.release_sink_lease(session=session, sink=self.sink.name, holder=self._holder)
             except Exception:
-                log.warning("alert sink %s: could not hand its lease back (it expires in %.0f s)", self.sink.label,
-                            LEASE_S)
+                log.warning("alert sink %s: could not hand its lease back (it expires within %.0f s)",
+                            self.sink.label, self.lease_s)
             try:
                 self.sink.shutdown()
             except Exception:
@@ -403,16 +430,23 @@ class OutboxDeliverer:
         may still take up to its own ``timeout_s``). Whatever is still pending stays in the outbox for the next
         process."""
         self.begin_close()
-        self.wait_closed(time.monotonic() + timeout_s)
+        self.join(time.monotonic() + timeout_s)
+        if self.alive():
+            self.abort()
+            self.join(time.monotonic() + 1.0)
 
-    def wait_closed(self, deadline: float) -> None:
-        """Wait for the thread until ``deadline`` (``time.monotonic()``); then abort it and wait a little more."""
-        if self._thread is None:
-            return
-        self._thread.join(max(deadline - time.monotonic(), 0.0))
-        if self._thread.is_alive():
-            self.aborted.set()
-            self._thread.join(1.0)
+    def abort(self) -> None:
+        """Give up the delivery in progress: no further try or wait starts."""
+        self.aborted.set()
+
+    def alive(self) -> bool:
+        """Whether the thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, deadline: float) -> None:
+        """Wait for the thread until ``deadline`` (``time.monotonic()``)."""
+        if self._thread is not None:
+            self._thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -455,7 +489,13 @@ class AlertSinks:
         for d in self.deliverers:
             d.begin_close()
         for d in self.deliverers:
-            d.wait_closed(deadline)
+            d.join(deadline)
+        late = [d for d in self.deliverers if d.alive()]
+        for d in late:
+            d.abort()
+        grace = time.monotonic() + 1.0
+        for d in late:
+            d.join(grace)
         for d in self.deliverers:
             s = d.stats
             log.info("alert sink %s: %d delivered, %d failed, %d tries to retry, %d pending", d.sink.label,

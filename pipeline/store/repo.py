@@ -596,9 +596,11 @@ def mark_outbox_failed(*, session: Session, failures: Mapping[int, str], now: da
             last_error=error[:300]))
 
 
-def retry_outbox_later(*, session: Session, event_id: int, error: str, at: datetime) -> None:
-    """A failed attempt that will be tried again at ``at``."""
-    session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id, _STILL_PENDING).values(
+def retry_outbox_later(*, session: Session, event_id: int, error: str, at: datetime, sink: str, holder: str) -> None:
+    """A failed attempt that will be tried again at ``at``: recorded only while ``holder`` still holds ``sink``'s
+    lease (a process that lost it must not push back the new holder's next try)."""
+    holds = exists().where(SinkLease.sink == sink, SinkLease.holder == holder)
+    session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id, _STILL_PENDING, holds).values(
         attempts=AlertOutbox.attempts + 1, next_attempt_at=at, last_error=error[:300]))
 
 

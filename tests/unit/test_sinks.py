@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import WebhookSinkConfig
@@ -426,6 +427,62 @@ def test_close_keeps_one_deadline_for_all_sinks(server_factory: Any, sessions: s
         time.sleep(0.02)
     started = time.monotonic()
     sinks.close(timeout_s=1.0)
-    assert time.monotonic() - started < 1.0 + 1.5 + 0.5  # the deadline, then at most a request's own timeout
+    assert time.monotonic() - started < 1.0 + 1.0 + 0.5  # the deadline, then one shared second of grace
     with sessions() as session:
         assert repo.count_outbox(session=session) == {("webhook", "pending"): 3, ("kafka", "pending"): 3}
+
+
+def test_a_broken_answer_is_a_failed_try_not_an_escape(sessions: sessionmaker[Session]) -> None:
+    import socket
+
+    def serve(answer: bytes) -> tuple[str, threading.Thread]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def run() -> None:
+            with listener:
+                for _ in range(2):
+                    conn, _ = listener.accept()
+                    with conn:
+                        conn.recv(65536)
+                        conn.sendall(answer)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/x", thread
+
+    clock = _Clock()
+    cases = ((b"garbage\r\n\r\n", "BadStatusLine"),
+             (b"HTTP/1.1 503 Busy\r\nRetry-After: \xb2\r\nContent-Length: 0\r\n\r\n", "HTTP 503"))
+    for event_id, (answer, error) in enumerate(cases, start=1):
+        url, thread = serve(answer)
+        d = _deliverer(_webhook(url, retries=1), sessions, clock)
+        _enqueue(sessions, [d], _lifecycle(f"pump-{event_id}")[:1], clock.now)
+        assert d.deliver_once() is False  # no exception: two tries failed, the event waits for the backoff
+        thread.join(5)
+        status, attempts, last_error = _statuses(sessions)[-1]
+        assert (status, attempts) == ("pending", 1) and last_error is not None and error in last_error
+        with sessions.begin() as session:  # out of the way of the next case
+            repo.mark_outbox_failed(session=session, failures={event_id: "test done"}, now=clock.now)
+
+
+def test_a_try_given_up_for_a_lost_lease_records_nothing(server_factory: Any, sessions: sessionmaker[Session]
+                                                         ) -> None:
+    clock = _Clock()
+
+    def answer(n: int) -> tuple[int, float]:
+        with sessions.begin() as session:  # meanwhile another process takes the lease over (after a long pause)
+            session.execute(update(SinkLease).where(SinkLease.sink == "webhook").values(holder="b"))
+        clock.advance(LEASE_S / 3 + 1)  # past this process's next lease check
+        return 503, 0
+
+    server = server_factory(answer)
+    d = _deliverer(_webhook(server.url, retries=2), sessions, clock)
+    _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
+    assert d.deliver_once() is False
+    assert len(server.requests) == 1  # no second try once the lease is gone
+    assert _statuses(sessions) == [("pending", 0, None)]  # the new holder finds the event as it was
+    with sessions() as session:
+        row = session.get(AlertOutbox, 1)
+        assert row is not None and row.next_attempt_at <= clock.now
