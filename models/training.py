@@ -18,6 +18,10 @@ class NotEnoughData(ValueError):
     """Too few windows to train and validate a model."""
 
 
+class TrainingDiverged(ValueError):
+    """The training or validation loss stopped being a finite number."""
+
+
 @dataclass
 class TrainResult:
     """What training produced: the best model (restored), loss history and validation errors."""
@@ -108,7 +112,8 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
     Trains where the model's weights are (the CPU unless the caller moved the model). The last
     ``validation_fraction`` of windows (time order) is held out; training stops early after ``patience``
     epochs without validation improvement, and the best weights are restored. Learning rate halves on plateaus;
-    gradients are clipped to norm 1. Raises NotEnoughData when fewer than MIN_WINDOWS windows are given.
+    gradients are clipped to norm 1. Raises NotEnoughData when fewer than MIN_WINDOWS windows are given, and
+    TrainingDiverged as soon as an epoch's training or validation loss is not finite.
     """
     if len(windows) < MIN_WINDOWS:
         raise NotEnoughData(f"need at least {MIN_WINDOWS} complete windows to train, got {len(windows)}")
@@ -141,6 +146,11 @@ def fit(model: nn.Module, windows: np.ndarray, *, epochs: int, batch_size: int, 
                 total += loss.item() * len(x)
             val_scores, _ = reconstruction_errors(model, val)
             val_loss = float(val_scores.mean())
+            if not (np.isfinite(total) and np.isfinite(val_loss)):
+                raise TrainingDiverged(
+                    f"training diverged in epoch {epoch + 1} (training loss {total / len(train):g}, validation loss "
+                    f"{val_loss:g}): lower model.learning_rate, or check the input corruption (noise_std) and the "
+                    "penalty weights (sparsity_weight, contractive_weight, beta)")
             result.train_loss.append(total / len(train))
             result.val_loss.append(val_loss)
             schedule.step(val_loss)

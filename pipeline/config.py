@@ -35,9 +35,10 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class _Strict(BaseModel):
-    """Base: unknown keys are errors, so a typo in the YAML is reported instead of silently ignored."""
+    """Base: unknown keys are errors, so a typo in the YAML is reported instead of silently ignored; so are infinite
+    and NaN numbers (YAML's ``.inf``/``.nan``), which would train a model that never alarms."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SecurityConfig(_Strict):
@@ -175,6 +176,13 @@ class WindowConfig(_Strict):
         return self
 
 
+_SHAPE_KEYS = ("hidden", "lstm_hidden", "lstm_layers", "code_size", "conv_channels", "kernel_size", "beta")
+_SHAPE_KEYS_OF: dict[str, tuple[str, ...]] = {  # per model type, the shape keys it reads (others: "hidden")
+    "lstm": ("lstm_hidden", "lstm_layers", "code_size"), "conv": ("conv_channels", "kernel_size"),
+    "vae": ("hidden", "beta"),
+}
+
+
 class ModelConfig(_Strict):
     """Autoencoder type, its hyperparameters, and training settings.
 
@@ -199,7 +207,7 @@ class ModelConfig(_Strict):
     """
 
     type: Literal["dense", "lstm", "conv", "sparse", "contractive", "vae"] = "dense"
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 16])
+    hidden: Annotated[list[PositiveInt], Field(min_length=1)] = Field(default_factory=lambda: [64, 16])
     lstm_hidden: PositiveInt = 32
     lstm_layers: PositiveInt = 1
     code_size: PositiveInt = 16
@@ -228,6 +236,15 @@ class ModelConfig(_Strict):
         if value % 2 == 0:
             raise ValueError("kernel_size must be odd")
         return value
+
+    @model_validator(mode="after")
+    def _keys_of_other_types(self) -> ModelConfig:
+        """A warning for shape keys that the chosen type does not use (they change nothing but the config hash)."""
+        unused = sorted(set(_SHAPE_KEYS) & self.model_fields_set - set(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
+        if unused:
+            log.warning("model: %s not used by type %s (it uses %s)", ", ".join(unused), self.type,
+                        ", ".join(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
+        return self
 
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments of ``models.autoencoders.build_model`` for this type (stored in bundles)."""
@@ -539,6 +556,21 @@ class GroupConfig(_Strict):
         if steps is not None and steps < self.window.stride:
             raise ValueError(f"model.score_steps ({steps}) must be at least window.stride ({self.window.stride}), or "
                              "the readings between scored steps would never count")
+        return self
+
+    @model_validator(mode="after")
+    def _shapes_that_cannot_learn(self) -> GroupConfig:
+        """Warnings for shapes that train but cannot work well: a convolution wider than the window, or a dense
+        code as wide as the window's inputs (no bottleneck: the network can copy anomalies through)."""
+        m, length = self.model, self.window.length
+        if m.type == "conv" and m.kernel_size > length:
+            log.warning("group %s: model.kernel_size %d is wider than window.length %d: most of each convolution "
+                        "sees padding", self.name, m.kernel_size, length)
+        inputs = length * len(self.sensors)
+        if m.type in ("dense", "sparse", "contractive", "vae") and m.hidden[-1] >= inputs:
+            log.warning("group %s: model.hidden's code size %d is not smaller than a window's %d values: no "
+                        "bottleneck, so anomalies may be reconstructed as well as normal windows", self.name,
+                        m.hidden[-1], inputs)
         return self
 
     @property

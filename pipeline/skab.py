@@ -89,6 +89,8 @@ def _numeric_key(path: Path) -> tuple[int, str]:
 def list_files(directory: Path) -> list[Path]:
     """The anomalous CSVs of a SKAB-like directory: valve1/ then other/, each in numeric order."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such directory")
     found = [p for d in ANOMALOUS_DIRS for p in sorted((directory / d).glob("*.csv"), key=_numeric_key)]
     if not found:
         raise FileNotFoundError(f"{directory}: no {' or '.join(f'{d}/*.csv' for d in ANOMALOUS_DIRS)} files")
@@ -96,7 +98,8 @@ def list_files(directory: Path) -> list[Path]:
 
 
 def read_file(path: Path, root: Path | None = None) -> SkabFile:
-    """Read one anomalous SKAB CSV; ValueError when the ``anomaly`` column or sensor columns are missing."""
+    """Read one anomalous SKAB CSV; ValueError when the ``anomaly`` column or sensor columns are missing, or a value
+    is not a finite number."""
     frame = pd.read_csv(path, sep=";")
     if "anomaly" not in frame.columns:
         raise ValueError(f"{path}: no 'anomaly' column")
@@ -104,8 +107,13 @@ def read_file(path: Path, root: Path | None = None) -> SkabFile:
     if not sensors:
         raise ValueError(f"{path}: no sensor columns")
     name = str(path.relative_to(root)) if root is not None else path.name
-    return SkabFile(name, sensors, frame[list(sensors)].to_numpy(dtype=np.float64),
-                    frame["anomaly"].to_numpy(dtype=np.float64) > 0.5)
+    values = frame[list(sensors)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = (int(i[0]) for i in np.nonzero(bad))
+        raise ValueError(f"{path}: {int(bad.sum())} value(s) are missing or not finite numbers (first: row {row + 2} "
+                         f"of the file, column {sensors[col]!r})")
+    return SkabFile(name, sensors, values, frame["anomaly"].to_numpy(dtype=np.float64) > 0.5)
 
 
 def load_skab(directory: Path, *, limit: int | None = None) -> list[SkabFile]:

@@ -60,12 +60,24 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         raise ConfigError("training data needs a 'ts' column (ISO-8601 or epoch ms) or a DatetimeIndex named ts")
     column = data["ts"]
     if pd.api.types.is_numeric_dtype(column):
-        ts = pd.to_datetime(column, unit="ms", utc=True)
+        ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
+        if column.notna().any() and column.abs().max() < 1e11:  # 1e11 ms is 1973; in seconds it is the year 5138
+            log.warning("training data: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
+                        "epoch seconds, multiply them by 1000", ts.max().isoformat())
     else:
-        ts = pd.to_datetime(column, utc=True, format="mixed")
+        ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
+    unreadable = ts.isna().to_numpy()
+    if unreadable.all():
+        raise ConfigError(f"training data: no readable ts (first value {column.iloc[0]!r}); ISO-8601 or epoch ms")
+    if unreadable.any():
+        first = int(np.flatnonzero(unreadable)[0])
+        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %d, %r)",
+                    int(unreadable.sum()), len(data), first, column.iloc[first])
+        data, ts = data[~unreadable], ts[~unreadable]
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
     assets = data[asset_column].astype(str).to_numpy() if asset_column in data else np.full(len(data), group.assets[0])
-    values = data[group.sensor_names].to_numpy(dtype=np.float64)
+    values = _numeric(data, group.sensor_names)
+    _check_assets(assets, ts_ms, group, asset_column in data)
     cells = _rejected_cells(values, group)
     rejected = cells.any(axis=1)
     if rejected.any():
@@ -82,7 +94,41 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     ]
     order = sorted(range(len(readings)), key=lambda i: (readings[i].asset, readings[i].ts_ms))
     windower = Windower([group.model_copy(update={"assets": sorted(set(map(str, assets)))})])
-    return windower.add(readings[i] for i in order).windows
+    batch = windower.add(readings[i] for i in order)
+    if batch.skipped:
+        log.warning("training data: %d window(s) left out for gaps longer than window.max_gap steps",
+                    len(batch.skipped))
+    return batch.windows
+
+
+DUPLICATE_LIMIT = 0.05  # more (asset, ts) repeats than this share of the rows: the data is not one stream per asset
+
+
+def _numeric(data: pd.DataFrame, sensors: list[str]) -> np.ndarray:
+    """The sensor columns as floats; a cell that is not a number becomes missing (NaN), with a warning naming the
+    first one."""
+    frame = data[sensors].apply(pd.to_numeric, errors="coerce")
+    unreadable = (frame.isna() & data[sensors].notna()).to_numpy()
+    if unreadable.any():
+        row, col = (int(i[0]) for i in np.nonzero(unreadable))
+        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %d, %s=%r)",
+                    int(unreadable.sum()), row, sensors[col], data[sensors[col]].iloc[row])
+    return frame.to_numpy(dtype=np.float64)
+
+
+def _check_assets(assets: np.ndarray, ts_ms: np.ndarray, group: GroupConfig, has_column: bool) -> None:
+    """ConfigError when many rows repeat an (asset, ts) pair (several assets' rows in one stream); warnings for a
+    few repeats and for assets that are not in the group."""
+    repeats = int(pd.DataFrame({"a": assets, "t": ts_ms}).duplicated().sum())
+    if repeats > DUPLICATE_LIMIT * len(assets):
+        hint = "" if has_column else "; several assets' readings in one file? add an 'asset' column"
+        raise ConfigError(f"training data: {repeats} of {len(assets)} rows repeat an asset's timestamp{hint}")
+    if repeats:
+        log.warning("training data: %d row(s) repeat an asset's timestamp; the first of each is used", repeats)
+    unknown = sorted(set(map(str, assets)) - set(group.assets))
+    if unknown:
+        log.warning("training data: asset(s) %s are not in group %s's assets; their readings train it too",
+                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""), group.name)
 
 
 def _rejected_cells(values: np.ndarray, group: GroupConfig) -> np.ndarray:
@@ -117,6 +163,14 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     stacked = np.stack([w.values for w in ordered])
+    still = [s for s, spread in zip(group.sensor_names, np.ptp(stacked, axis=(0, 1)), strict=True) if spread == 0]
+    if len(still) == len(group.sensor_names):
+        raise NotEnoughData(f"group {group.name!r}: every sensor was constant in the training data; a model needs "
+                            "normal variation to learn from")
+    if still:
+        log.warning("group %s: sensor(s) %s never moved in the training data: any change on them is judged against "
+                    "a scale of 1 raw unit (or its floor); train on data where they vary if they normally do",
+                    group.name, ", ".join(still))
     m = group.model
     # floors measured on each window's first ``stride`` rows: the readings without the windows' overlap
     distinct_rows = stacked[:, : min(group.window.stride, group.window.length), :].reshape(-1, stacked.shape[-1])
@@ -151,6 +205,11 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
             log.warning("group %s: only %d of %d validation windows have a settled smoothed score; fitting the "
                         "threshold on all of them", group.name, int(settled.sum()), len(val_scores))
     threshold, threshold_info = fit_threshold(val_scores, t.method, **t.fit_kwargs())
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"group {group.name!r}: the {t.method} threshold came out {threshold:g}; check the "
+                         f"group's threshold settings")
+    if t.method == "pot":
+        _note_thin_tail(group.name, threshold_info)
     threshold_info["ewma_alpha"] = t.ewma_alpha
     threshold_info["windows"] = len(val_scores)
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
@@ -178,6 +237,20 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         },
     )
     return TrainedModel(detector, len(windows), start_ms, end_ms, metrics)
+
+
+POT_FEW_PEAKS = 20  # a generalised Pareto tail fitted to fewer validation peaks than this is a rough guess
+
+
+def _note_thin_tail(group: str, info: dict[str, Any]) -> None:
+    """Warn when a peaks-over-threshold fit had little tail to go on, or fell back to an empirical quantile."""
+    peaks = info.get("peaks")
+    if info.get("fallback"):
+        log.warning("group %s: pot threshold: %s (%s validation peaks); lower threshold.tail_quantile or train on "
+                    "more data", group, info["fallback"], peaks)
+    elif isinstance(peaks, int) and peaks < POT_FEW_PEAKS:
+        log.warning("group %s: pot threshold fitted to only %d validation peaks (fewer than %d): a rough estimate; "
+                    "lower threshold.tail_quantile or train on more data", group, peaks, POT_FEW_PEAKS)
 
 
 def read_readings_csv(path: Path) -> pd.DataFrame:

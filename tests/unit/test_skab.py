@@ -295,3 +295,17 @@ def test_library_baseline_is_skipped_with_a_note_without_river(skab_dir: Path, m
     report = evaluate_skab(skab_dir, "dense", limit=1, progress=False, overrides={"epochs": 2})
     assert [b["model"] for b in report["baselines"]] == ["flag-everything"]
     assert any("skipped" in note and "river" in note for note in report["notes"])
+
+
+def test_evaluate_names_a_missing_directory_and_a_file_with_bad_values(skab_dir: Path, tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["evaluate", "--dataset", "skab", "--data", str(tmp_path / "nope"), "--model",
+                                  "dense"])
+    assert missing.exit_code == 2 and "nope: no such directory" in " ".join(missing.output.split())
+    path = skab_dir / "other" / "10.csv"
+    frame = pd.read_csv(path, sep=";")
+    frame.loc[100, "b"] = np.nan
+    frame.to_csv(path, sep=";", index=False)
+    bad = runner.invoke(app, ["evaluate", "--dataset", "skab", "--data", str(skab_dir), "--model", "dense"])
+    assert bad.exit_code == 2
+    assert "other/10.csv: 1 value(s) are missing or not finite numbers (first: row 102 of the file, column 'b')" in (
+        " ".join(bad.output.split()))

@@ -1,0 +1,136 @@
+"""What an operator meets when training from YAML and a CSV: bad settings refused with their key, a training run
+that diverges named as such, constant sensors, thin tails, and training data that is not what it seems (unreadable
+cells and timestamps, several assets in one stream, assets outside the group), each said rather than trained on
+silently."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.autoencoders import build_model
+from models.training import NotEnoughData, TrainingDiverged, fit
+from pipeline.config import GroupConfig, parse_config
+from pipeline.errors import ConfigError
+from pipeline.train import train_group, windows_from_frame
+
+
+def _group(**overrides: Any) -> GroupConfig:
+    group = {"name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+             "window": {"length": 8, "stride": 4, "max_gap": 0},
+             "model": {"type": "dense", "hidden": [8, 2], "epochs": 2, "batch_size": 64}}
+    for key, value in overrides.items():
+        group[key] = {**group.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config({"groups": [group]}, env={}).groups[0]
+
+
+def _frame(rows: int = 800, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"ts": 1_772_326_800_000 + np.arange(rows) * 1000, "x": rng.normal(10, 1, rows),
+                         "y": rng.normal(5, 0.5, rows)})
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ({"threshold": {"multiplier": float("inf")}}, r"threshold\.multiplier"),
+    ({"threshold": {"method": "mean_std", "k": float("inf")}}, r"threshold\.k"),
+    ({"model": {"learning_rate": float("nan")}}, r"model\.learning_rate"),
+    ({"model": {"hidden": []}}, r"model\.hidden"),
+])
+def test_settings_that_would_train_a_useless_model_are_refused_with_their_key(override: dict[str, Any],
+                                                                               key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        _group(**override)
+
+
+def test_a_diverging_training_run_says_so_and_what_to_change() -> None:
+    windows = np.random.default_rng(0).normal(size=(200, 8, 2)).astype(np.float32)
+    with pytest.raises(TrainingDiverged, match=r"diverged in epoch 1 .*model\.learning_rate"):
+        fit(build_model("dense", 8, 2, {"hidden": [8, 2]}), windows, epochs=3, batch_size=32, learning_rate=1e30,
+            progress=False)
+
+
+def test_constant_sensors_are_named_and_an_all_constant_stream_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    group = _group()
+    frame = _frame()
+    frame["y"] = 5.0
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        train_group(windows_from_frame(frame, group), group, progress=False)
+    assert "sensor(s) y never moved in the training data" in caplog.text
+    frame["x"] = 1.0
+    with pytest.raises(NotEnoughData, match="every sensor was constant"):
+        train_group(windows_from_frame(frame, group), group, progress=False)
+
+
+def test_a_threshold_that_is_not_a_positive_number_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.train
+
+    monkeypatch.setattr(pipeline.train, "fit_threshold", lambda scores, method, **kw: (float("inf"), {}))
+    group = _group()
+    with pytest.raises(ValueError, match="the percentile threshold came out inf"):
+        train_group(windows_from_frame(_frame(), group), group, progress=False)
+
+
+def test_a_pot_threshold_on_a_thin_tail_is_flagged(caplog: pytest.LogCaptureFixture) -> None:
+    for tail_quantile, note in ((0.95, "pot threshold: fewer than 5 peaks for a GPD fit: empirical quantile"),
+                                (0.6, "pot threshold fitted to only")):
+        group = _group(threshold={"method": "pot", "tail_quantile": tail_quantile, "target_rate": 0.001})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.train"):
+            trained = train_group(windows_from_frame(_frame(), group), group, progress=False)
+        peaks = trained.detector.metadata["threshold_info"]["peaks"]
+        assert peaks < 20 and note in caplog.text and "lower threshold.tail_quantile" in caplog.text
+
+
+def test_unreadable_cells_and_timestamps_are_counted_and_named(caplog: pytest.LogCaptureFixture) -> None:
+    group = _group()
+    frame = _frame().astype({"x": object, "ts": object})
+    frame.loc[7, "x"] = "abc"
+    frame.loc[9, "ts"] = "not a date"
+    frame["ts"] = frame["ts"].map(lambda t: t if isinstance(t, str) else pd.Timestamp(t, unit="ms", tz="UTC")
+                                  .isoformat())
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows = windows_from_frame(frame, group)
+    assert "1 of 800 rows left out: ts unreadable (first: row 9, 'not a date')" in caplog.text
+    assert "1 value(s) are not numbers and count as missing (first: row 7, x='abc')" in caplog.text
+    assert windows  # the rest trains
+
+
+def test_several_assets_in_one_stream_are_refused_and_unknown_assets_named(caplog: pytest.LogCaptureFixture
+                                                                           ) -> None:
+    group = _group()
+    one, two = _frame(seed=1), _frame(seed=2)
+    mixed = pd.concat([one, two]).sort_values("ts", kind="stable")  # two pumps, no asset column
+    with pytest.raises(ConfigError, match="800 of 1600 rows repeat an asset's timestamp; several assets"):
+        windows_from_frame(mixed, group)
+    tagged = pd.concat([one.assign(asset="a"), two.assign(asset="pump-9")])
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows = windows_from_frame(tagged, group)
+    assert "asset(s) pump-9 are not in group g's assets" in caplog.text
+    assert {w.asset for w in windows} == {"a", "pump-9"}
+
+
+def test_small_numeric_timestamps_are_read_as_milliseconds_with_a_hint(caplog: pytest.LogCaptureFixture) -> None:
+    group = _group()
+    frame = _frame()
+    frame["ts"] = 1_772_326_800 + np.arange(len(frame))  # epoch seconds
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows_from_frame(frame, group)
+    assert "read as epoch milliseconds, so they end at 1970-01-21" in caplog.text
+    assert "multiply them by 1000" in caplog.text
+
+
+def test_shapes_that_cannot_learn_and_keys_of_other_types_are_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        _group(model={"type": "conv", "kernel_size": 11, "conv_channels": [4, 2]})
+        _group(model={"hidden": [64, 16]})
+        _group(model={"type": "lstm", "hidden": [8, 4], "beta": 2.0})
+    assert "model.kernel_size 11 is wider than window.length 8" in caplog.text
+    assert "code size 16 is not smaller than a window's 16 values" in caplog.text
+    assert "model: beta, hidden not used by type lstm (it uses lstm_hidden, lstm_layers, code_size)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        _group(model={"type": "vae", "hidden": [8, 2], "beta": 0.5})
+    assert caplog.text == ""
