@@ -46,6 +46,7 @@ class TrainedModel:
 
 def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: str = "asset") -> list[Window]:
     """Cut a group's windows from a table of readings, through the same windower as the streaming pipeline.
+    Warnings name rows by the frame's index (for a CSV read by ``read_readings_csv``: the data row, from 0).
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
     column (rows without one are attributed to the group's first asset). Extra columns are ignored. A row with a value
@@ -71,8 +72,8 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         raise ConfigError(f"training data: no readable ts (first value {column.iloc[0]!r}); ISO-8601 or epoch ms")
     if unreadable.any():
         first = int(np.flatnonzero(unreadable)[0])
-        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %d, %r)",
-                    int(unreadable.sum()), len(data), first, column.iloc[first])
+        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %s, %r)",
+                    int(unreadable.sum()), len(data), data.index[first], column.iloc[first])
         data, ts = data[~unreadable], ts[~unreadable]
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
     assets = data[asset_column].astype(str).to_numpy() if asset_column in data else np.full(len(data), group.assets[0])
@@ -85,8 +86,8 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         example = ", ".join(f"{s}={v:g}" for s, v, bad in zip(group.sensor_names, values[first], cells[first],
                                                               strict=True) if bad)
         log.warning("training data: %d of %d rows left out: a value outside its sensor's valid_range, above the "
-                    "magnitude limit or infinite, which the pipeline rejects (first: row %d, %s)",
-                    int(rejected.sum()), len(values), first, example)
+                    "magnitude limit or infinite, which the pipeline rejects (first: row %s, %s)",
+                    int(rejected.sum()), len(values), data.index[first], example)
         assets, ts_ms, values = assets[~rejected], ts_ms[~rejected], values[~rejected]
     readings = [
         Reading(str(a), int(t), {s: float(v) for s, v in zip(group.sensor_names, row, strict=True) if np.isfinite(v)})
@@ -111,8 +112,8 @@ def _numeric(data: pd.DataFrame, sensors: list[str]) -> np.ndarray:
     unreadable = (frame.isna() & data[sensors].notna()).to_numpy()
     if unreadable.any():
         row, col = (int(i[0]) for i in np.nonzero(unreadable))
-        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %d, %s=%r)",
-                    int(unreadable.sum()), row, sensors[col], data[sensors[col]].iloc[row])
+        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %s, %s=%r)",
+                    int(unreadable.sum()), data.index[row], sensors[col], data[sensors[col]].iloc[row])
     return frame.to_numpy(dtype=np.float64)
 
 
