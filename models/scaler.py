@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+MIN_STD = 1e-6  # a sensor whose training std is below this never moved: it gets std 1 (or its floor)
+
 
 @dataclass(frozen=True)
 class StandardScaler:
@@ -15,7 +17,7 @@ class StandardScaler:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, rows: np.ndarray, min_std: float = 1e-6, floor: np.ndarray | None = None) -> StandardScaler:
+    def fit(cls, rows: np.ndarray, min_std: float = MIN_STD, floor: np.ndarray | None = None) -> StandardScaler:
         """Fit on ``rows`` [T, F] (or windows [N, W, F], flattened over time). ``floor`` (per sensor): the least std
         to use. A sensor that never moved (std below ``min_std``) gets std 1, or its floor when that is larger."""
         flat = rows.reshape(-1, rows.shape[-1]).astype(np.float64)

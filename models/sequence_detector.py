@@ -194,6 +194,7 @@ class SequenceDetector:
         rows = np.asarray(rows, dtype=np.float64)
         smoothed = causal_rolling_mean(rows, s.smooth)
         light = causal_rolling_mean(rows, s.release_smooth) if s.release_smooth is not None else None
+        light_ratios: np.ndarray | None = None
         ratios = np.full(len(rows), np.nan)
         flags = np.zeros(len(rows), dtype=bool)
         baseline = self.scaler.mean.copy()
@@ -220,7 +221,7 @@ class SequenceDetector:
                 ratio = float(score / self.threshold)
                 ratios[t] = ratio
                 raised = decide(ratio)
-                flags[t] = raised and (light is None or light_ratios[offset] > s.release_ratio)
+                flags[t] = raised and (light_ratios is None or light_ratios[offset] > s.release_ratio)
                 if not raised:
                     predicted = baseline + trend
                     level = predicted + weight * (smoothed[t] - predicted)

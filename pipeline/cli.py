@@ -622,18 +622,15 @@ def sinks_status(
 ) -> None:
     """Per sink: events pending, delivered and failed in the outbox (finished ones are kept 7 days), the oldest
     pending event's age, and who delivers it (the pipeline process holding its lease)."""
-    from sqlalchemy import select
-
     from pipeline.sinks import configured_sinks
     from pipeline.store import repo
-    from pipeline.store.tables import SinkLease
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
     with _session(cfg) as session:
         counts = repo.count_outbox(session=session)
         oldest = repo.oldest_pending_outbox(session=session)
-        leases = {lease.sink: lease for lease in session.scalars(select(SinkLease))}
+        leases = repo.sink_leases(session=session)
         recent_failures = repo.outbox_events(session=session, status="failed", limit=failed) if failed else []
     now = datetime.now(UTC)
     configured = {sink.name: sink.label for sink in configured_sinks(cfg)}

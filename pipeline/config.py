@@ -560,17 +560,18 @@ class GroupConfig(_Strict):
 
     @model_validator(mode="after")
     def _shapes_that_cannot_learn(self) -> GroupConfig:
-        """Warnings for shapes that train but cannot work well: a convolution wider than the window, or a dense
-        code as wide as the window's inputs (no bottleneck: the network can copy anomalies through)."""
+        """Warnings for shapes that train but cannot work well: a convolution wider than the window, or a dense or
+        variational network with no layer narrower than the window's inputs (no bottleneck: it can copy anomalies
+        through; sparse and contractive networks may be wide on purpose, their penalty restricts them)."""
         m, length = self.model, self.window.length
         if m.type == "conv" and m.kernel_size > length:
             log.warning("group %s: model.kernel_size %d is wider than window.length %d: most of each convolution "
                         "sees padding", self.name, m.kernel_size, length)
         inputs = length * len(self.sensors)
-        if m.type in ("dense", "sparse", "contractive", "vae") and m.hidden[-1] >= inputs:
-            log.warning("group %s: model.hidden's code size %d is not smaller than a window's %d values: no "
+        if m.type in ("dense", "vae") and min(m.hidden) >= inputs:
+            log.warning("group %s: no layer of model.hidden %s is narrower than a window's %d values: no "
                         "bottleneck, so anomalies may be reconstructed as well as normal windows", self.name,
-                        m.hidden[-1], inputs)
+                        list(m.hidden), inputs)
         return self
 
     @property

@@ -24,10 +24,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-import os
-import socket
 import threading
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -406,7 +403,7 @@ def _utcnow() -> datetime:
 
 
 def _holder() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return repo.new_holder()
 
 
 class _LockKeeper:

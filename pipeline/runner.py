@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +95,7 @@ class Runner:
         self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
         self._saved_starts: dict[str, int] = {}
         self._revoked: set[int] = set()
-        self._owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._owner = repo.new_holder()
         self.metrics.set_models({g: d.version for g, d in detectors.items()})
         self._reload_every = config.retrain.reload_interval_s
         self._next_reload = time.monotonic() + self._reload_every

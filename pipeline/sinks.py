@@ -26,13 +26,10 @@ Every event is one JSON document (``event_document``), keyed by asset on Kafka s
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,10 +132,19 @@ class RoundControl:
     renew: Callable[[], bool]
 
     def go_on(self, first: bool) -> bool:
-        """Whether to start the next delivery (``first``: none was made yet this round)."""
+        """Whether to start the next delivery (``first``: none was made yet this round). False when the lease
+        cannot be renewed, the database failing included (logged): what was sent so far is still recorded."""
         if self.aborted.is_set() or (not first and time.monotonic() > self.deadline):
             return False
-        return self.renew()
+        return self.still_ours()
+
+    def still_ours(self) -> bool:
+        """``renew()``, with a database error counting as "no" (the next round's lease check meets it again)."""
+        try:
+            return self.renew()
+        except Exception as exc:
+            log.warning("alert sink: cannot renew its delivery lease (%s); the round stops", _first_line(exc))
+            return False
 
 
 class Sink(ABC):
@@ -244,7 +250,7 @@ class WebhookAlertSink(Sink):
                 delay = wait_s or min(self._cfg.backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
                 if control.aborted.wait(delay):
                     return "stopped", f"{error} (shutting down)"
-                if not control.renew():
+                if not control.still_ours():
                     return "stopped", f"{error} (the delivery lease went to another process)"
             retry, err, wait_s = self._post(body)
             if err is None:
@@ -288,7 +294,7 @@ class OutboxDeliverer:
         self.sink = sink
         self.stats = SinkStats()
         self._sessions = sessions
-        self._holder = holder or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._holder = holder or repo.new_holder()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._wake = threading.Event()
         self._closing = threading.Event()
@@ -349,7 +355,7 @@ class OutboxDeliverer:
             log.warning("alert sink %s: gave up on outbox event %d: %s", sink.label, event_id, error)
         for r, error in retry:
             log.warning("alert sink %s: %s; %d event(s) wait, the next try in %.0f s", sink.label, error,
-                        len(rows) - len(delivered) - len(refused) - len(expired), retry_delay_s(r[3] + 1))
+                        self.stats.pending, retry_delay_s(r[3] + 1))
         stopped = any(what == "stopped" for what, _ in outcomes)
         return not retry and not stopped and (len(rows) == BATCH or len(outcomes) < len(todo))
 

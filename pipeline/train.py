@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from models.autoencoders import build_model
 from models.detector import Detector
 from models.drift import scale_floors
-from models.scaler import StandardScaler
+from models.scaler import MIN_STD, StandardScaler
 from models.thresholds import ewma_by_key, fit_threshold
 from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
@@ -67,12 +67,14 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
                         "epoch seconds, multiply them by 1000", ts.max().isoformat())
     else:
         ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
+    if data.empty:
+        raise NotEnoughData("training data has no rows")
     unreadable = ts.isna().to_numpy()
     if unreadable.all():
-        raise ConfigError(f"training data: no readable ts (first value {column.iloc[0]!r}); ISO-8601 or epoch ms")
+        raise ConfigError(f"training data: no readable ts (first value {column.iloc[0]}); ISO-8601 or epoch ms")
     if unreadable.any():
         first = int(np.flatnonzero(unreadable)[0])
-        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %s, %r)",
+        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %s, %s)",
                     int(unreadable.sum()), len(data), data.index[first], column.iloc[first])
         data, ts = data[~unreadable], ts[~unreadable]
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
@@ -112,7 +114,7 @@ def _numeric(data: pd.DataFrame, sensors: list[str]) -> np.ndarray:
     unreadable = (frame.isna() & data[sensors].notna()).to_numpy()
     if unreadable.any():
         row, col = (int(i[0]) for i in np.nonzero(unreadable))
-        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %s, %s=%r)",
+        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %s, %s=%s)",
                     int(unreadable.sum()), data.index[row], sensors[col], data[sensors[col]].iloc[row])
     return frame.to_numpy(dtype=np.float64)
 
@@ -164,7 +166,8 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     stacked = np.stack([w.values for w in ordered])
-    still = [s for s, spread in zip(group.sensor_names, np.ptp(stacked, axis=(0, 1)), strict=True) if spread == 0]
+    spread = stacked.reshape(-1, stacked.shape[-1]).std(axis=0)
+    still = [s for s, std in zip(group.sensor_names, spread, strict=True) if std < MIN_STD]  # as the scaler decides
     if len(still) == len(group.sensor_names):
         raise NotEnoughData(f"group {group.name!r}: every sensor was constant in the training data; a model needs "
                             "normal variation to learn from")

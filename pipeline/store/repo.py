@@ -5,6 +5,9 @@ Writes are idempotent (``ON CONFLICT``), so replaying a batch after a crash chan
 
 from __future__ import annotations
 
+import os
+import socket
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +29,12 @@ from pipeline.store.tables import (
     WindowScore,
 )
 from pipeline.types import AlertRecord, Score, SkippedWindow, datetime_to_ms, ms_to_datetime
+
+
+def new_holder() -> str:
+    """A name for this process in claims and leases (consumer partitions, retrain locks, sink leases): host, pid and
+    a random suffix, at most 120 characters (the columns' width) however long the host name."""
+    return f"{socket.gethostname()[:100]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _insert(session: Session, table: Any) -> Any:
@@ -542,6 +551,11 @@ def take_sink_lease(*, session: Session, sink: str, holder: str, now: datetime, 
 def release_sink_lease(*, session: Session, sink: str, holder: str) -> None:
     """Drop ``holder``'s lease on ``sink`` (nothing happens if someone else holds it now)."""
     session.execute(delete(SinkLease).where(SinkLease.sink == sink, SinkLease.holder == holder))
+
+
+def sink_leases(*, session: Session) -> dict[str, SinkLease]:
+    """Every sink's lease row (possibly expired), by sink."""
+    return {lease.sink: lease for lease in session.scalars(select(SinkLease))}
 
 
 def pending_outbox(*, session: Session, sink: str, limit: int) -> list[AlertOutbox]:

@@ -486,3 +486,23 @@ def test_a_try_given_up_for_a_lost_lease_records_nothing(server_factory: Any, se
     with sessions() as session:
         row = session.get(AlertOutbox, 1)
         assert row is not None and row.next_attempt_at <= clock.now
+
+
+def test_a_database_error_while_renewing_the_lease_keeps_what_was_sent(sessions: sessionmaker[Session]) -> None:
+    clock = _Clock()
+    sink = _SlowSink(clock, step_s=1, worst_item_s=5)
+
+    class Blip(OutboxDeliverer):
+        checks = 0
+
+        def _hold_lease(self, now: datetime) -> bool:
+            self.checks += 1
+            if self.checks == 3:  # the round's check, the first event's, then the database goes away
+                raise OSError("database blip")
+            return super()._hold_lease(now)
+
+    d = Blip(sink, sessions, holder="a", clock=clock, start=False)
+    _enqueue(sessions, [d], _lifecycle(), clock.now)
+    d.deliver_once()  # no exception: the round stops, and records what it did
+    assert sink.sent == ["opened"]
+    assert _statuses(sessions) == [("delivered", 1, None), ("pending", 0, None), ("pending", 0, None)]

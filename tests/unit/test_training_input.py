@@ -54,8 +54,10 @@ def test_a_diverging_training_run_says_so_and_what_to_change() -> None:
 
 def test_constant_sensors_are_named_and_an_all_constant_stream_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     group = _group()
+    with pytest.raises(NotEnoughData, match="training data has no rows"):
+        windows_from_frame(_frame().iloc[:0], group)
     frame = _frame()
-    frame["y"] = 5.0
+    frame["y"] = 5.0 + 1e-9 * (np.arange(len(frame)) % 2)  # jitter far below any scale: the scaler treats it as still
     with caplog.at_level("WARNING", logger="pipeline.train"):
         train_group(windows_from_frame(frame, group), group, progress=False)
     assert "sensor(s) y never moved in the training data" in caplog.text
@@ -93,8 +95,8 @@ def test_unreadable_cells_and_timestamps_are_counted_and_named(caplog: pytest.Lo
                                   .isoformat())
     with caplog.at_level("WARNING", logger="pipeline.train"):
         windows = windows_from_frame(frame, group)
-    assert "1 of 800 rows left out: ts unreadable (first: row 9, 'not a date')" in caplog.text
-    assert "1 value(s) are not numbers and count as missing (first: row 7, x='abc')" in caplog.text
+    assert "1 of 800 rows left out: ts unreadable (first: row 9, not a date)" in caplog.text
+    assert "1 value(s) are not numbers and count as missing (first: row 7, x=abc)" in caplog.text
     assert windows  # the rest trains
 
 
@@ -128,9 +130,11 @@ def test_shapes_that_cannot_learn_and_keys_of_other_types_are_warned_of(caplog: 
         _group(model={"hidden": [64, 16]})
         _group(model={"type": "lstm", "hidden": [8, 4], "beta": 2.0})
     assert "model.kernel_size 11 is wider than window.length 8" in caplog.text
-    assert "code size 16 is not smaller than a window's 16 values" in caplog.text
+    assert "no layer of model.hidden [64, 16] is narrower than a window's 16 values" in caplog.text
     assert "model: beta, hidden not used by type lstm (it uses lstm_hidden, lstm_layers, code_size)" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline.config"):
         _group(model={"type": "vae", "hidden": [8, 2], "beta": 0.5})
+        _group(model={"type": "dense", "hidden": [8, 32]})  # the 8-wide layer is the bottleneck
+        _group(model={"type": "sparse", "hidden": [64, 32]})  # wide on purpose: the penalty restricts it
     assert caplog.text == ""
