@@ -275,8 +275,8 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
     return out
 
 
-def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int]:
-    """The given partitions whose log end this consumer has reached, asked of the broker now (empty if it does not
+def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int] | None:
+    """The given partitions whose log end this consumer has reached, asked of the broker now (None if it does not
     answer): only there can a silent asset be told from data not read yet."""
     owned = {tp.partition: tp for tp in consumer.assignment() if tp.partition in partitions}
     if not owned:
@@ -285,7 +285,7 @@ def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5
         ends = consumer.end_offsets(list(owned.values()), timeout_ms=timeout_ms)
         return {p for p, tp in owned.items() if consumer.position(tp, timeout_ms=timeout_ms) >= ends[tp]}
     except KafkaError:
-        return set()
+        return None
 
 
 def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: float) -> dict[str, int]:

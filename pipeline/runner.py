@@ -100,6 +100,7 @@ class Runner:
         self._reload_every = config.retrain.reload_interval_s
         self._next_reload = time.monotonic() + self._reload_every
         self._refused_models: set[str] = set()  # versions whose bundle failed verification (logged once)
+        self._broker_silent = False  # the last end-offset query for idle close got no answer
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
@@ -378,6 +379,25 @@ class Runner:
             # The group rebalanced under us; the new owner resumes from the stored progress.
             log.warning("offset commit refused after a rebalance: %s", exc)
 
+    def _idle_partitions(self, consumer: KafkaConsumer, now_ms: int) -> set[int]:
+        """Partitions whose silent assets' windows may close now: read to the end, asked of the broker (not during
+        a backlog). While the broker does not answer, none; when it answers again, silence starts counting anew, so
+        readings the devices publish once it is back still find their windows open."""
+        idle = self._windower.idle_partitions(now_ms)
+        if not idle:
+            return set()
+        done = kafka_io.caught_up(consumer, idle)
+        if done is None:
+            if not self._broker_silent:
+                log.info("the broker does not answer: silent assets' windows stay open until it does")
+            self._broker_silent = True
+            return set()
+        if self._broker_silent:
+            self._broker_silent = False
+            self._windower.restart_idle_clocks(now_ms)
+            return set()
+        return done
+
     def run(self, consumer: KafkaConsumer, *, idle_stop_s: float | None = None,
             on_batch: Callable[[RunStats], None] | None = None, clock: Callable[[], float] = time.time) -> RunStats:
         """Consume until the stop flag is set (or nothing arrives for ``idle_stop_s``). Commits after each batch."""
@@ -388,9 +408,7 @@ class Runner:
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
             self.metrics.beat()
             now_ms = round(clock() * 1000)
-            idle = self._windower.idle_partitions(now_ms)
-            # close silent assets' windows only on partitions read to the end (not during a broker outage or a backlog)
-            offsets = self.process(records, now_ms, kafka_io.caught_up(consumer, idle) if idle else set())
+            offsets = self.process(records, now_ms, self._idle_partitions(consumer, now_ms))
             if offsets:
                 self._retry(lambda o=offsets: self._commit(consumer, o))
             if time.monotonic() >= self._next_reload:  # between batches: this batch is committed, the next not read

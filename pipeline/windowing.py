@@ -164,6 +164,12 @@ class Windower:
     def _idle(self, state: _AssetState, now_ms: int) -> bool:
         return bool(state.rows) and now_ms - state.last_arrival_ms >= state.group.window.idle_close_s * 1000
 
+    def restart_idle_clocks(self, now_ms: int) -> None:
+        """Count every asset's silence from ``now_ms`` on (after a broker outage: devices could not publish either,
+        so readings sent once it is back must not find their windows closed by idle close)."""
+        for state in self._assets.values():
+            state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
+
     def idle_partitions(self, now_ms: int) -> set[int]:
         """Partitions of assets silent for longer than their group's ``idle_close_s`` (for ``close_idle``)."""
         return {state.partition for state in self._assets.values() if self._idle(state, now_ms)}

@@ -262,3 +262,39 @@ def test_training_leaves_out_rows_the_pipeline_would_reject(caplog: pytest.LogCa
     assert all(w.values[:, 0].max() <= 250 and np.abs(w.values).max() < 1e15 for w in windows)
     # the windows holding rows 21, 30 and 37 have a hole there (max_gap 0): neither is cut, as in the pipeline
     assert [w.start_ms // 1000 for w in windows] == [0, 8, 12, 16, 24, 32]
+
+
+def test_silence_during_a_broker_outage_is_not_the_assets() -> None:
+    from kafka.errors import KafkaTimeoutError
+
+    from pipeline.config import parse_config
+    from pipeline.runner import Runner
+
+    class Consumer:  # a stand-in: one partition, read to its end whenever the broker answers
+        down = False
+
+        def assignment(self) -> set[object]:
+            from kafka import TopicPartition
+
+            return {TopicPartition("t", 0)}
+
+        def end_offsets(self, tps: list[object], timeout_ms: int) -> dict[object, int]:
+            if self.down:
+                raise KafkaTimeoutError("no broker")
+            return dict.fromkeys(tps, 6)
+
+        def position(self, tp: object, timeout_ms: int) -> int:
+            return 6
+
+    config = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                                       "sensors": [{"name": "x"}, {"name": "y"}],
+                                       "window": {"length": 4, "stride": 2, "lateness": 3}}]}, env={})
+    runner = Runner(config, sessions=None, detectors={}, producer=None, stop=None)  # type: ignore[arg-type]
+    runner._windower.add(_readings("a", list(range(0, 6))), now_ms=1_000)
+    consumer = Consumer()
+    consumer.down = True
+    assert runner._idle_partitions(consumer, now_ms=200_000) == set()  # the broker does not answer: none
+    consumer.down = False
+    assert runner._idle_partitions(consumer, now_ms=201_000) == set()  # back: silence counts from now
+    assert runner._idle_partitions(consumer, now_ms=201_000 + 119_000) == set()
+    assert runner._idle_partitions(consumer, now_ms=201_000 + 120_000) == {0}  # idle_close_s after it answered
