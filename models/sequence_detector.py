@@ -206,13 +206,9 @@ class SequenceDetector:
         first = s.smooth - 1 + s.window - 1
         for begin in range(first, len(rows), s.chunk):
             stop = min(begin + s.chunk, len(rows))
-            shifted = smoothed[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
-            windows = sliding_windows(self.scaler.transform(shifted), s.window)
-            scores = self._aggregate(self._errors(windows))
+            scores = self._chunk_scores(smoothed, begin, stop, baseline)
             if light is not None:
-                light_shifted = light[begin - s.window + 1 : stop] - (baseline - self.scaler.mean)
-                light_ratios = self._aggregate(self._errors(sliding_windows(self.scaler.transform(light_shifted),
-                                                                            s.window))) / self.release_threshold
+                light_ratios = self._chunk_scores(light, begin, stop, baseline) / self.release_threshold
             if s.ewma_alpha is not None:
                 scores = ewma(scores, s.ewma_alpha, smoothed_score)
                 smoothed_score = float(scores[-1])
@@ -228,6 +224,12 @@ class SequenceDetector:
                     trend += trend_weight * ((level - baseline) - trend)
                     baseline = level
         return ratios, flags
+
+    def _chunk_scores(self, smoothed: np.ndarray, begin: int, stop: int, baseline: np.ndarray) -> np.ndarray:
+        """Scores of the windows ending at rows ``begin..stop-1`` of ``smoothed`` rows, re-centred on ``baseline``."""
+        assert self.scaler is not None
+        shifted = smoothed[begin - self.settings.window + 1 : stop] - (baseline - self.scaler.mean)
+        return self._aggregate(self._errors(sliding_windows(self.scaler.transform(shifted), self.settings.window)))
 
     def decide(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row, in one pass: the ``ratios`` and the ``flags``."""

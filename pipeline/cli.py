@@ -622,28 +622,18 @@ def sinks_status(
 ) -> None:
     """Per sink: events pending, delivered and failed in the outbox (finished ones are kept 7 days), the oldest
     pending event's age, and who delivers it (the pipeline process holding its lease)."""
-    from pipeline.sinks import configured_sinks
+    from pipeline.sinks import summarize_outbox
     from pipeline.store import repo
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
     with _session(cfg) as session:
-        counts = repo.count_outbox(session=session)
-        oldest = repo.oldest_pending_outbox(session=session)
-        leases = repo.sink_leases(session=session)
+        summary = summarize_outbox(session, cfg, datetime.now(UTC))
         recent_failures = repo.outbox_events(session=session, status="failed", limit=failed) if failed else []
-    now = datetime.now(UTC)
-    configured = {sink.name: sink.label for sink in configured_sinks(cfg)}
-    names = sorted(set(configured) | {sink for sink, _ in counts})
-    rows = []
-    for name in names:
-        lease = leases.get(name)
-        rows.append({
-            "sink": name, "configured": configured.get(name, "not configured"),
-            **{status: counts.get((name, status), 0) for status in ("pending", "delivered", "failed")},
-            "oldest_pending_s": round((now - oldest[name]).total_seconds()) if name in oldest else None,
-            "delivered_by": lease.holder if lease is not None and lease.expires_at > now else None,
-        })
+    rows = [{"sink": x.sink, "configured": x.label or "not configured", "pending": x.pending,
+             "delivered": x.delivered, "failed": x.failed,
+             "oldest_pending_s": None if x.oldest_pending_s is None else round(x.oldest_pending_s),
+             "delivered_by": x.delivered_by} for x in summary]
     failures = [{"id": e.id, "sink": e.sink, "event": e.document.get("event"), "incident": e.document.get("incident"),
                  "attempts": e.attempts, "finished_at": e.finished_at.isoformat() if e.finished_at else None,
                  "error": e.last_error} for e in recent_failures]

@@ -31,7 +31,7 @@ from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
-from pipeline.sinks import configured_sinks
+from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
 from pipeline.store.db import (
     SCHEMA_BEHIND,
@@ -98,8 +98,7 @@ def _database_and_models(config: Config) -> list[Check]:
                     Check("models", "fail", "not checked")]
         with make_sessionmaker(engine)() as session:
             active = repo.active_model_versions(session=session)
-            sinks = _alert_sinks(config, repo.count_outbox(session=session),
-                                 repo.oldest_pending_outbox(session=session))
+            sinks = _alert_sinks(summarize_outbox(session, config, datetime.now(UTC)))
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
@@ -122,24 +121,21 @@ def _database_and_models(config: Config) -> list[Check]:
 STALE_PENDING_S = 300.0  # a pending alert event older than this means no pipeline delivers it, or the receiver is down
 
 
-def _alert_sinks(config: Config, counts: dict[tuple[str, str], int], oldest: dict[str, datetime]) -> list[Check]:
+def _alert_sinks(summary: list[SinkSummary]) -> list[Check]:
     """One line on the alert outbox when a sink is configured or the outbox holds events: a warning for failed
     events, for pending events older than ``STALE_PENDING_S`` and for pending events of a sink no longer
     configured."""
-    configured = {sink.name: sink.label for sink in configured_sinks(config)}
-    names = sorted(set(configured) | {sink for sink, _ in counts})
-    if not names:
+    if not summary:
         return []
-    now, notes, warn = datetime.now(UTC), [], False
-    for name in names:
-        pending, failed = counts.get((name, "pending"), 0), counts.get((name, "failed"), 0)
-        note = f"{configured.get(name, name)}: {pending} pending, {failed} failed"
-        if name not in configured and pending:
+    notes, warn = [], False
+    for x in summary:
+        note = f"{x.label or x.sink}: {x.pending} pending, {x.failed} failed"
+        if x.label is None and x.pending:
             note, warn = note + " (not configured: they wait until it is again)", True
-        age = (now - oldest[name]).total_seconds() if name in oldest else 0.0
-        if name in configured and age > STALE_PENDING_S:
+        age = x.oldest_pending_s or 0.0
+        if x.label is not None and age > STALE_PENDING_S:
             note, warn = note + f" (the oldest for {age / 60:.0f} min: is a pipeline running, the receiver up?)", True
-        if failed:
+        if x.failed:
             note, warn = note + " (`sensorwatch sinks status --failed 10`, then `sinks retry`)", True
         notes.append(note)
     return [Check("alert sinks", "warn" if warn else "ok", "; ".join(notes))]

@@ -322,7 +322,8 @@ class OutboxDeliverer:
         with self._sessions.begin() as session:
             rows = [(r.id, r.asset, r.document, r.attempts, r.created_at, r.next_attempt_at)
                     for r in repo.pending_outbox(session=session, sink=sink.name, limit=BATCH)]
-            pending = repo.count_outbox(session=session, sink=sink.name).get((sink.name, "pending"), 0)
+            pending = len(rows) if len(rows) < BATCH else (  # counted only when the head is not all of it
+                repo.count_outbox(session=session, sink=sink.name).get((sink.name, "pending"), 0))
         self.stats.pending = pending
         self._prune(now)
         if not rows or rows[0][5] > now:
@@ -510,6 +511,36 @@ class AlertSinks:
     def stats(self) -> dict[str, SinkStats]:
         """Counters per sink label."""
         return {d.sink.label: d.stats for d in self.deliverers}
+
+
+@dataclass(frozen=True)
+class SinkSummary:
+    """One sink's outbox as ``sinks status`` and ``check`` show it. ``label`` is None for a sink that is no longer
+    configured; ``oldest_pending_s`` is None without pending events; ``delivered_by`` is the live lease holder."""
+
+    sink: str
+    label: str | None
+    pending: int
+    delivered: int
+    failed: int
+    oldest_pending_s: float | None
+    delivered_by: str | None
+
+
+def summarize_outbox(session: Session, config: Config, now: datetime) -> list[SinkSummary]:
+    """Per sink configured in ``config`` or holding outbox events, by name: counts, oldest pending age, holder."""
+    counts = repo.count_outbox(session=session)
+    oldest = repo.oldest_pending_outbox(session=session)
+    leases = repo.sink_leases(session=session)
+    labels = {sink.name: sink.label for sink in configured_sinks(config)}
+    out = []
+    for name in sorted(set(labels) | {sink for sink, _ in counts}):
+        lease = leases.get(name)
+        out.append(SinkSummary(
+            name, labels.get(name), counts.get((name, "pending"), 0), counts.get((name, "delivered"), 0),
+            counts.get((name, "failed"), 0), (now - oldest[name]).total_seconds() if name in oldest else None,
+            lease.holder if lease is not None and lease.expires_at > now else None))
+    return out
 
 
 def configured_sinks(config: Config) -> list[Sink]:

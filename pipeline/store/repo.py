@@ -603,11 +603,14 @@ def mark_outbox_delivered(*, session: Session, ids: Sequence[int], now: datetime
 
 def mark_outbox_failed(*, session: Session, failures: Mapping[int, str], now: datetime, attempted: bool = True
                        ) -> None:
-    """Events given up on, each with its reason (``attempted``: this round tried it, so its attempt counts)."""
+    """Events given up on, each with its reason (``attempted``: this round tried it, so its attempt counts); one
+    UPDATE per distinct reason."""
+    by_error: dict[str, list[int]] = {}
     for event_id, error in failures.items():
-        session.execute(update(AlertOutbox).where(AlertOutbox.id == event_id, _STILL_PENDING).values(
-            status="failed", attempts=AlertOutbox.attempts + int(attempted), finished_at=now,
-            last_error=error[:300]))
+        by_error.setdefault(error[:300], []).append(event_id)
+    for error, ids in by_error.items():
+        session.execute(update(AlertOutbox).where(AlertOutbox.id.in_(ids), _STILL_PENDING).values(
+            status="failed", attempts=AlertOutbox.attempts + int(attempted), finished_at=now, last_error=error))
 
 
 def retry_outbox_later(*, session: Session, event_id: int, error: str, at: datetime, sink: str, holder: str) -> None:

@@ -96,22 +96,43 @@ def test_a_taken_metrics_port_fails_the_check() -> None:
     assert _metrics_port(config).status == "ok"  # free again
 
 
-def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events() -> None:
+def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events(sessions) -> None:  # type: ignore[no-untyped-def]
     from datetime import UTC, datetime, timedelta
 
+    from sqlalchemy import delete
+
     from pipeline.preflight import _alert_sinks
+    from pipeline.sinks import summarize_outbox
+    from pipeline.store import repo
+    from pipeline.store.tables import AlertOutbox
 
     groups = [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]
     plain = parse_config({"groups": groups}, env={})
     hooked = parse_config({"groups": groups, "sinks": {"webhook": {"url": "https://h.example/TOKEN"}}}, env={})
     now = datetime.now(UTC)
-    assert _alert_sinks(plain, {}, {}) == []  # nothing configured, nothing queued: no line
-    ok = _alert_sinks(hooked, {("webhook", "pending"): 2, ("webhook", "delivered"): 9}, {"webhook": now})
+
+    def line(config, queued: dict[str, list[tuple[str, datetime]]]):  # type: ignore[no-untyped-def]
+        """The check's lines for an outbox holding ``queued``: per sink, (status, queued at) of each event."""
+        with sessions.begin() as session:
+            session.execute(delete(AlertOutbox))
+            for sink, events in queued.items():
+                for i, (status, at) in enumerate(events):
+                    key = f"{sink}-{i}"
+                    repo.enqueue_outbox(session=session, rows=[{"sink": sink, "event_key": key, "asset": "a",
+                                                                "document": {}}], now=at)
+                    if status != "pending":
+                        session.execute(AlertOutbox.__table__.update().where(AlertOutbox.event_key == key)
+                                        .values(status=status, finished_at=at))
+        with sessions() as session:
+            return _alert_sinks(summarize_outbox(session, config, now))
+
+    assert line(plain, {}) == []  # nothing configured, nothing queued: no line
+    ok = line(hooked, {"webhook": [("pending", now)] * 2 + [("delivered", now)] * 9})
     assert [(c.status, c.detail) for c in ok] == [("ok", "webhook:h.example: 2 pending, 0 failed")]
-    stale = _alert_sinks(hooked, {("webhook", "pending"): 2}, {"webhook": now - timedelta(minutes=12)})[0]
+    stale = line(hooked, {"webhook": [("pending", now - timedelta(minutes=12))] * 2})[0]
     assert stale.status == "warn" and "the oldest for 12 min" in stale.detail
-    failed = _alert_sinks(hooked, {("webhook", "failed"): 1}, {})[0]
+    failed = line(hooked, {"webhook": [("failed", now)]})[0]
     assert failed.status == "warn" and "sinks status --failed" in failed.detail
-    orphaned = _alert_sinks(plain, {("kafka", "pending"): 3}, {"kafka": now - timedelta(hours=2)})[0]
+    orphaned = line(plain, {"kafka": [("pending", now - timedelta(hours=2))] * 3})[0]
     assert orphaned.status == "warn" and "kafka: 3 pending, 0 failed (not configured" in orphaned.detail
     assert "TOKEN" not in ok[0].detail + stale.detail
