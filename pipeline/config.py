@@ -427,9 +427,9 @@ class KafkaSinkConfig(_OutboxSink):
 
 
 class WebhookSinkConfig(_OutboxSink):
-    """Alert events POSTed as JSON to ``url``; each socket operation of a try waits at most ``timeout_s``, failures are
-    retried ``retries`` times at once with doubling backoff from ``backoff_s``, then later from the outbox. Header
-    values are secrets: use ``${ENV_VAR}``."""
+    """Alert events POSTed as JSON to ``url``; a try (connecting, sending, the whole answer) lasts at most
+    ``timeout_s``; failures are retried ``retries`` times at once with doubling backoff from ``backoff_s``, then later
+    from the outbox. Header values are secrets: use ``${ENV_VAR}``."""
 
     enabled: bool = True
     url: Annotated[str, Field(pattern=r"^https?://\S+$")]

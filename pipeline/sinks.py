@@ -6,9 +6,9 @@ in the same transaction as the alert itself (``AlertSinks.outbox_rows``), so an 
 is stored, and a crash loses none. One background thread per sink (``OutboxDeliverer``) delivers the outbox:
 - only the pipeline process holding the sink's lease (``sink_leases``) delivers, so events go out once per try and in
   the order queued. The lease lasts ``LEASE_S`` plus the longest stretch between two of its checks
-  (``Sink.worst_item_s``) and is renewed before every try once a third of ``LEASE_S`` has passed, so a try that keeps
-  to its timeouts cannot outlive it (one that stretches, a receiver trickling its answer, can: at least once); when
-  the holder dies another process takes over within the lease plus ``LEASE_S / 3``;
+  (``Sink.worst_item_s``) and is renewed before every try once a third of ``LEASE_S`` has passed, so a try, which
+  its sink bounds as a whole, cannot outlive it; when the holder dies another process takes over within the lease
+  plus ``LEASE_S / 3``;
 - a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505,
   a broker that is down)
   leaves the event pending and holds back the ones after it (order is kept), to be tried again after a backoff that
@@ -25,7 +25,10 @@ Every event is one JSON document (``event_document``), keyed by asset on Kafka s
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
+import socket
 import threading
 import time
 import urllib.error
@@ -212,11 +215,11 @@ class KafkaAlertSink(Sink):
 
 
 class WebhookAlertSink(Sink):
-    """Alert events POSTed one by one as JSON. Each socket operation of a try waits at most ``timeout_s`` (a server
-    that trickles its answer can stretch a try beyond it); connection errors, timeouts, broken answers and the
-    answers ``retryable_http`` accepts are retried ``retries`` times at once with doubling backoff (``Retry-After``
-    is honoured up to 30 s) before the event goes back to the outbox; other answers refuse it. Logs name only the
-    host: webhook URLs often carry a token."""
+    """Alert events POSTed one by one as JSON. A try, from connecting to the end of the answer, lasts at most about
+    ``timeout_s`` (``_TryDeadline``; the host name's lookup aside): a receiver that trickles its answer is cut off.
+    Connection errors, timeouts, broken answers and the answers ``retryable_http`` accepts are retried ``retries``
+    times at once with doubling backoff (``Retry-After`` is honoured up to 30 s) before the event goes back to the
+    outbox; other answers refuse it. Logs name only the host: webhook URLs often carry a token."""
 
     name = "webhook"
 
@@ -264,19 +267,95 @@ class WebhookAlertSink(Sink):
         """One try: (worth retrying, error or None, seconds the server asked us to wait or 0)."""
         request = urllib.request.Request(self._cfg.url, data=body, headers=self._headers, method="POST")
         started = time.monotonic()
+        deadline = _TryDeadline(self._cfg.timeout_s)
         try:
-            with _NO_REDIRECTS.open(request, timeout=self._cfg.timeout_s) as response:
+            with deadline, _NO_REDIRECTS.open(request, timeout=self._cfg.timeout_s) as response:
                 response.read(65536)
             return False, None, 0.0
         except urllib.error.HTTPError as exc:
             header = ((exc.headers.get("Retry-After") or "") if exc.headers else "").strip()
             wait_s = min(int(header), _MAX_BACKOFF_S) if header.isascii() and header.isdigit() else 0.0
             return retryable_http(exc.code), f"HTTP {exc.code}", wait_s
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # URLError, timeouts, a broken answer (BadStatusLine): all worth another try
+            if deadline.expired:
+                return True, f"no whole answer within {self._cfg.timeout_s:g}s", 0.0
             reason = getattr(exc, "reason", exc)
-            return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
-        except Exception as exc:  # e.g. http.client.BadStatusLine from a broken server: worth another try
+            if isinstance(exc, (urllib.error.URLError, OSError)):
+                return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
             return True, _first_line(exc), 0.0
+
+
+class _TryDeadline:
+    """Bounds one webhook try as a whole: the sockets it connects (on this thread, through ``_NO_REDIRECTS``) are
+    shut down once ``timeout_s`` has passed, which ends a read in progress. urllib's own timeout bounds each socket
+    operation only, so a receiver trickling its answer a byte at a time could otherwise hold a try (and the lease)
+    for as long as it likes."""
+
+    _current = threading.local()
+
+    def __init__(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer: threading.Timer | None = None
+        self.expired = False
+
+    def __enter__(self) -> _TryDeadline:
+        self._timer = threading.Timer(self._timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        _TryDeadline._current.deadline = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _TryDeadline._current.deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+
+    @classmethod
+    def watch(cls, sock: socket.socket) -> None:
+        """Put ``sock`` under the deadline of this thread's try, if there is one (shut at once if it has passed)."""
+        deadline: _TryDeadline | None = getattr(cls._current, "deadline", None)
+        if deadline is not None:
+            with deadline._lock:
+                deadline._sockets.append(sock)
+                if not deadline.expired:
+                    return
+            _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # closed already
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DeadlineHTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        _TryDeadline.watch(self.sock)
+
+
+class _DeadlineHTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        super().connect()  # the TLS socket, after the handshake (bounded per operation by the timeout)
+        _TryDeadline.watch(self.sock)
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPConnection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineHTTPSConnection, req, context=self._context)
 
 
 def retry_delay_s(attempts: int) -> float:
@@ -463,7 +542,7 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects, _DeadlineHTTPHandler, _DeadlineHTTPSHandler)
 
 
 class AlertSinks:

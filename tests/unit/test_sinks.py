@@ -432,6 +432,42 @@ def test_close_keeps_one_deadline_for_all_sinks(server_factory: Any, sessions: s
         assert repo.count_outbox(session=session) == {("webhook", "pending"): 3, ("kafka", "pending"): 3}
 
 
+def test_a_receiver_trickling_its_answer_is_cut_off_at_timeout_s(sessions: sessionmaker[Session]) -> None:
+    """Every byte comes well within the per-read timeout, but the whole answer would take 30 s: the try ends after
+    about ``timeout_s``, so it cannot outlive the lease."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    cut_off = threading.Event()
+
+    def trickle() -> None:
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                try:
+                    for byte in itertools.islice(itertools.cycle(b"HTTP/1.1 200 OK\r\nX-Slow: yes\r\n"), 300):
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.1)
+                except OSError:  # the client shut the connection
+                    cut_off.set()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    clock = _Clock()
+    d = _deliverer(_webhook(f"http://127.0.0.1:{listener.getsockname()[1]}/x", timeout_s=0.5, retries=0),
+                   sessions, clock)
+    _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
+    started = time.monotonic()
+    assert d.deliver_once() is False
+    assert time.monotonic() - started < 5.0  # the answer alone would take 30 s
+    status, attempts, last_error = _statuses(sessions)[0]
+    assert (status, attempts, last_error) == ("pending", 1, "no whole answer within 0.5s")
+    assert cut_off.wait(5)
+
+
 def test_a_broken_answer_is_a_failed_try_not_an_escape(sessions: sessionmaker[Session]) -> None:
     import socket
 
