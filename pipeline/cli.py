@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from pipeline.store.tables import ModelVersion
 
 app = typer.Typer(help="sensorwatch: streaming anomaly monitoring for industrial IoT sensors.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema migrations and retention.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Query alerts.", no_args_is_help=True)
 models_app = typer.Typer(help="Inspect and activate model versions.", no_args_is_help=True)
 sinks_app = typer.Typer(help="The alert sinks' outbox: what waits, what failed, and queueing it again.",
@@ -255,7 +255,8 @@ def check_command(
 @app.command("scheduler")
 def scheduler_command(config: ConfigOption) -> None:
     """Run the retrain job on the schedule of the configuration's retrain section (cron, time zone, misfire grace,
-    coalescing) until SIGTERM/Ctrl-C; the schedule is kept in the database, so a restart resumes it."""
+    coalescing) and the retention job (db prune) on retention.cron, until SIGTERM/Ctrl-C; the schedules are kept in
+    the database, so a restart resumes them."""
     from pipeline.scheduler import build_scheduler, stop_when_running
     from pipeline.store.db import make_engine
 
@@ -289,6 +290,46 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
     with _database_errors(cfg):
         upgrade(cfg.database.url, revision)
     console.print(f"[green]database at {revision}[/green]: {cfg.database.safe_url}")
+
+
+@db_app.command("prune")
+def db_prune(
+    config: ConfigOption,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")] = False,
+) -> None:
+    """Delete history older than the retention section: window scores and skipped windows older than
+    retention.scores_days (each asset keeps its latest windows, which a restarted pipeline rebuilds its alert and
+    drift state from), and resolved alerts closed more than retention.alerts_days ago (when set). In short batches,
+    safe beside running pipelines and safe to run again. `sensorwatch scheduler` runs it on retention.cron; without
+    a scheduler, run it from cron."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.retention import PrunePlan, prune, prune_assets
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    cfg = _load(config)
+    if not cfg.retention.enabled:
+        console.print("retention.enabled is false: nothing is pruned")
+        raise typer.Exit(2)
+    _check_database(cfg)
+    plan = PrunePlan.of(cfg, datetime.now(UTC))
+    engine = make_engine(cfg.database.url)
+    try:
+        with _database_errors(cfg):
+            sessions = make_sessionmaker(engine)
+            with sessions() as session:
+                assets = prune_assets(session, cfg)
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, disable=not console.is_terminal) as bar:
+                task = bar.add_task("pruning assets" if not dry_run else "counting", total=len(assets))
+                result = prune(sessions, plan, assets=assets, dry_run=dry_run,
+                               advance=lambda _asset: bar.advance(task))
+    finally:
+        engine.dispose()
+    alerts = plan.alerts_before.isoformat(timespec="seconds") if plan.alerts_before else "never (alerts_days unset)"
+    console.print(f"[green]{'dry run' if dry_run else 'pruned'}[/green]: {escape(result.summary())}; scores before "
+                  f"{plan.scores_before.isoformat(timespec='seconds')} (each asset keeps its latest "
+                  f"{plan.keep_latest} windows), resolved alerts before {alerts}", highlight=False)
 
 
 def _when(value: str | None, now: datetime, option: str) -> datetime | None:
@@ -429,6 +470,13 @@ def alerts_show(
         sensors.add_row(str(rank), str(item["sensor"]), f"{share:.1%}", f"{float(item['error']):.4g}",
                         "█" * max(round(share * 30), 1))
     out.print(sensors)
+    if not history:
+        pruned = cfg.retention.enabled and (row.closed_at or row.last_seen_at) < datetime.now(UTC) - timedelta(
+            days=cfg.retention.scores_days)
+        out.print("no score history: " + (f"its windows are older than retention.scores_days "
+                                          f"({cfg.retention.scores_days:g}) and were pruned" if pruned
+                                          else "no windows of the asset are stored around it"))
+        return
     smoothing = any(item["smoothed"] is not None for item in history)  # the threshold applies to the EWMA then
     raised = any(item["aftermath_floor"] is not None for item in history)  # the aftermath rule raised the bar
     bar = "the bar (threshold or aftermath floor)" if raised else "threshold"

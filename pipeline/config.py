@@ -20,7 +20,16 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy.engine import make_url
 
 from pipeline.cron import CronSchedule
@@ -448,6 +457,51 @@ class SinksConfig(_Strict):
     webhook: WebhookSinkConfig | None = None
 
 
+def _valid_cron(value: str) -> str:
+    CronSchedule.parse(value)  # ValueError names the field at fault
+    return value
+
+
+def _valid_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
+    return value
+
+
+CronExpression = Annotated[str, AfterValidator(_valid_cron)]
+TimeZoneName = Annotated[str, AfterValidator(_valid_zone)]
+
+
+class RetentionConfig(_Strict):
+    """How long the database keeps history (``sensorwatch db prune`` prunes now; ``sensorwatch scheduler`` on
+    ``cron``, read in ``timezone``).
+
+    Window scores and skipped windows that ended more than ``scores_days`` ago are deleted, except what a restarted
+    pipeline rebuilds an asset's state from (its latest windows, and those its aftermath rule still looks back on).
+    Resolved alerts closed more than ``alerts_days`` ago are deleted (None: alerts are kept); open alerts never are.
+    Rows go in batches of ``batch_rows``, one short transaction each, so running pipelines are not held up.
+    ``scores_days`` must exceed ``retrain.lookback_days`` (the retrain leaves out the windows its lookback scored
+    anomalous), and ``alerts_days`` must be at least ``scores_days`` (the alerts over stored windows are read with
+    them)."""
+
+    enabled: bool = True
+    scores_days: PositiveFloat = 90.0
+    alerts_days: PositiveFloat | None = None
+    cron: CronExpression = "30 3 * * *"
+    timezone: TimeZoneName = "UTC"
+    batch_rows: Annotated[int, Field(ge=100, le=100_000)] = 5000
+
+
+    @model_validator(mode="after")
+    def _alerts_outlive_scores(self) -> RetentionConfig:
+        if self.alerts_days is not None and self.alerts_days < self.scores_days:
+            raise ValueError(f"alerts_days ({self.alerts_days:g}) must be at least scores_days "
+                             f"({self.scores_days:g}): the alerts over stored windows are read with them")
+        return self
+
+
 class RetrainConfig(_Strict):
     """Retraining on recent normal data (``sensorwatch scheduler`` runs it on ``cron``; ``sensorwatch retrain`` now).
 
@@ -468,8 +522,8 @@ class RetrainConfig(_Strict):
     """
 
     enabled: bool = True
-    cron: str = "0 2 * * *"
-    timezone: str = "UTC"
+    cron: CronExpression = "0 2 * * *"
+    timezone: TimeZoneName = "UTC"
     lookback_days: PositiveFloat = 7.0
     min_windows: Annotated[int, Field(ge=32)] = 500
     max_windows: Annotated[int, Field(ge=1000)] = 200_000
@@ -494,20 +548,6 @@ class RetrainConfig(_Strict):
                              f"({self.min_windows})")
         return self
 
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, value: str) -> str:
-        CronSchedule.parse(value)  # ValueError names the field at fault
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name such as Europe/Berlin)") from None
-        return value
 
 
 class DriftConfig(_Strict):
@@ -619,6 +659,15 @@ class Config(_Strict):
     groups: Annotated[list[GroupConfig], Field(min_length=1)]
     sinks: SinksConfig = SinksConfig()
     retrain: RetrainConfig = RetrainConfig()
+    retention: RetentionConfig = RetentionConfig()
+
+    @model_validator(mode="after")
+    def _retention_covers_the_retrain(self) -> Config:
+        if self.retention.enabled and self.retention.scores_days <= self.retrain.lookback_days:
+            raise ValueError(f"retention.scores_days ({self.retention.scores_days:g}) must be more than "
+                             f"retrain.lookback_days ({self.retrain.lookback_days:g}): the retrain leaves out the "
+                             "windows its lookback scored anomalous, so it needs their scores")
+        return self
 
     @model_validator(mode="after")
     def _assets_in_one_group(self) -> Config:

@@ -640,3 +640,54 @@ def prune_outbox(*, session: Session, finished_before: datetime) -> int:
     result = session.execute(delete(AlertOutbox).where(AlertOutbox.status != "pending",
                                                        AlertOutbox.finished_at < finished_before))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _delete_batch(session: Session, table: Any, where: Sequence[Any], limit: int, dry_run: bool) -> int:
+    """Delete up to ``limit`` rows of ``table`` matching ``where`` (or count all of them when ``dry_run``); returns
+    how many. A bulk delete by id: no loaded objects to keep in sync."""
+    if dry_run:
+        return int(session.scalar(select(func.count()).select_from(table).where(*where)) or 0)
+    ids = select(table.id).where(*where).limit(limit)
+    result = session.execute(delete(table).where(table.id.in_(ids)), execution_options={"synchronize_session": False})
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def history_assets(*, session: Session) -> list[str]:
+    """Every asset the pipeline has windowed (``asset_progress``), configured or not any more."""
+    return list(session.scalars(select(AssetProgress.asset).order_by(AssetProgress.asset)))
+
+
+def scores_prune_bound(*, session: Session, asset: str, before: datetime, keep_latest: int,
+                       keep_span: timedelta) -> datetime | None:
+    """The window end before which ``asset``'s scores may be deleted: ``before``, or earlier so that its latest
+    ``keep_latest`` windows, and every window ending within ``keep_span`` of its latest one, stay. None when
+    nothing may go (it has no more than ``keep_latest`` windows). Two index look-ups on (asset, window_end)."""
+    ends = select(WindowScore.window_end).where(WindowScore.asset == asset).distinct() \
+        .order_by(WindowScore.window_end.desc())
+    latest = session.scalar(ends.limit(1))
+    kept_from = session.scalar(ends.offset(max(keep_latest - 1, 0)).limit(1))
+    if latest is None or kept_from is None:
+        return None
+    return min(before, kept_from, latest - keep_span)
+
+
+def delete_scores_before(*, session: Session, asset: str, before: datetime, limit: int, dry_run: bool = False
+                         ) -> int:
+    """Delete up to ``limit`` of ``asset``'s window scores ending before ``before`` (all of them, counted only, when
+    ``dry_run``); returns how many."""
+    return _delete_batch(session, WindowScore, (WindowScore.asset == asset, WindowScore.window_end < before), limit,
+                         dry_run)
+
+
+def delete_skipped_before(*, session: Session, asset: str, before: datetime, limit: int, dry_run: bool = False
+                          ) -> int:
+    """``delete_scores_before`` for the skipped windows."""
+    return _delete_batch(session, SkippedWindowRow,
+                         (SkippedWindowRow.asset == asset, SkippedWindowRow.window_end < before), limit, dry_run)
+
+
+def delete_resolved_alerts_before(*, session: Session, before: datetime, limit: int, dry_run: bool = False) -> int:
+    """Delete up to ``limit`` resolved alerts closed before ``before`` (open alerts never; all of them, counted only,
+    when ``dry_run``); returns how many."""
+    where = (Alert.status == "resolved", Alert.opened_at < before, Alert.closed_at < before)  # opened_at: the index
+    return _delete_batch(session, Alert, where, limit, dry_run)

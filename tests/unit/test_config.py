@@ -80,6 +80,12 @@ def test_missing_env_var_without_default_names_the_key() -> None:
         (lambda r: r["kafka"].update(topicc="x"), r"kafka\.topicc: Extra inputs are not permitted"),
         (lambda r: r["groups"].append({**r["groups"][0], "name": "other"}), r"asset 'pump-1' is in groups"),
         (lambda r: r.pop("groups"), r"groups: Field required"),
+        (lambda r: r.update(retention={"scores_days": 7}),
+         r"retention\.scores_days \(7\) must be more than retrain\.lookback_days \(7\)"),
+        (lambda r: r.update(retention={"scores_days": 30, "alerts_days": 10}),
+         r"retention: .*alerts_days \(10\) must be at least scores_days \(30\)"),
+        (lambda r: r.update(retention={"cron": "61 * * * *"}), r"retention\.cron: .*minute"),
+        (lambda r: r.update(retention={"batch_rows": 10}), r"retention\.batch_rows: Input should be greater"),
     ],
 )
 def test_invalid_config_names_key_path_and_reason(mutate, expected: str) -> None:

@@ -1,0 +1,117 @@
+"""Deleting history older than the configuration's ``retention`` (``sensorwatch db prune``; ``sensorwatch scheduler``
+runs it nightly).
+
+Window scores and skipped windows go asset by asset, through the (asset, window_end) indexes, in batches of
+``retention.batch_rows`` with one short transaction each, so pipelines writing at the same time wait at most for one
+batch. Each asset keeps what a restarted pipeline rebuilds its state from (``PrunePlan``): its latest
+``keep_latest`` windows (the alert engine's restore, the drift offsets of the latest one) and the windows within
+``keep_span`` of its latest one (the aftermath rule's look-back), however old, so an asset that has been silent for
+longer than the retention comes back with its state. Resolved alerts go by their closing time; open alerts never.
+A prune that stops half way (a crash, a database error) has deleted only whole batches and can simply run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.alerting import AlertEngine
+from pipeline.config import Config
+from pipeline.store import repo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune deletes: scores and skipped windows ending before ``scores_before`` (each asset keeping its latest
+    ``keep_latest`` windows and those within ``keep_span`` of its latest one), resolved alerts closed before
+    ``alerts_before`` (None: none), ``batch_rows`` rows per transaction."""
+
+    scores_before: datetime
+    alerts_before: datetime | None
+    keep_latest: int
+    keep_span: timedelta
+    batch_rows: int
+
+    @classmethod
+    def of(cls, config: Config, now: datetime) -> PrunePlan:
+        """The plan of ``config.retention`` at ``now`` (what the alert engine restores from, for the groups of
+        ``config``)."""
+        r = config.retention
+        engine = AlertEngine(config.groups)
+        look_back_ms = max((engine.aftermath_lookback_ms(g.name) or 0) for g in config.groups)
+        return cls(scores_before=now - timedelta(days=r.scores_days),
+                   alerts_before=None if r.alerts_days is None else now - timedelta(days=r.alerts_days),
+                   keep_latest=engine.history_windows(), keep_span=timedelta(milliseconds=look_back_ms),
+                   batch_rows=r.batch_rows)
+
+
+@dataclass
+class PruneResult:
+    """Rows deleted (or, for a dry run, that would be) per table, over ``assets`` assets."""
+
+    dry_run: bool
+    scores: int = 0
+    skipped: int = 0
+    alerts: int = 0
+    assets: int = 0
+    seconds: float = 0.0
+    per_asset: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (f"{verb} {self.scores} window scores and {self.skipped} skipped windows of {self.assets} assets, "
+                f"{self.alerts} resolved alerts, in {self.seconds:.1f} s")
+
+
+def prune(sessions: sessionmaker[Session], plan: PrunePlan, *, assets: list[str], dry_run: bool = False,
+          advance: Callable[[str], None] | None = None) -> PruneResult:
+    """Delete what ``plan`` says of ``assets``' history, and the old resolved alerts (counted, not deleted, when
+    ``dry_run``). ``advance`` is called after each asset (a progress bar). Database errors propagate; what was
+    deleted before stays deleted."""
+    started = time.monotonic()
+    result = PruneResult(dry_run=dry_run, assets=len(assets))
+    for asset in assets:
+        with sessions() as session:
+            bound = repo.scores_prune_bound(session=session, asset=asset, before=plan.scores_before,
+                                            keep_latest=plan.keep_latest, keep_span=plan.keep_span)
+        if bound is not None:
+            gone = _in_batches(sessions, plan, dry_run, repo.delete_scores_before, asset=asset, before=bound)
+            result.scores += gone
+            if gone:
+                result.per_asset[asset] = gone
+        result.skipped += _in_batches(sessions, plan, dry_run, repo.delete_skipped_before, asset=asset,
+                                      before=plan.scores_before)
+        if advance is not None:
+            advance(asset)
+    if plan.alerts_before is not None:
+        result.alerts = _in_batches(sessions, plan, dry_run, repo.delete_resolved_alerts_before,
+                                    before=plan.alerts_before)
+    result.seconds = time.monotonic() - started
+    log.info("retention: %s (scores before %s, alerts before %s)", result.summary(), plan.scores_before.isoformat(),
+             plan.alerts_before.isoformat() if plan.alerts_before else "never")
+    return result
+
+
+def _in_batches(sessions: sessionmaker[Session], plan: PrunePlan, dry_run: bool, delete: Callable[..., int],
+                **where: object) -> int:
+    """Call ``delete(session=..., limit=plan.batch_rows, dry_run=dry_run, **where)`` in a transaction of its own
+    until it deletes fewer than a batch (once for a dry run, which counts everything); the total."""
+    total = 0
+    while True:
+        with sessions.begin() as session:
+            n = delete(session=session, limit=plan.batch_rows, dry_run=dry_run, **where)
+        total += n
+        if dry_run or n < plan.batch_rows:
+            return total
+
+
+def prune_assets(session: Session, config: Config) -> list[str]:
+    """The assets a prune visits: every asset the pipeline has windowed, and every configured one."""
+    return sorted(set(repo.history_assets(session=session)) | set(config.asset_groups()))

@@ -1,0 +1,183 @@
+"""Retention on both databases: old window scores, skipped windows and resolved alerts go in batches, what a restarted
+pipeline rebuilds its state from stays, a dry run deletes nothing; ``sensorwatch db prune`` and the scheduler's job."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import yaml
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.retention import PrunePlan, prune, prune_assets
+from pipeline.scheduler import JOB_ID, PRUNE_JOB_ID, build_scheduler, stop_when_running
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import Alert, SkippedWindowRow, WindowScore
+from pipeline.types import Score, SkippedWindow, ms_to_datetime
+from tests.integration.alert_data import LENGTH_MS, STRIDE_MS, T0, config_dict, populate, scores
+
+RETENTION = {"scores_days": 0.05, "alerts_days": 0.05, "batch_rows": 100}  # 72 minutes: 86 of pump-1's windows
+RETRAIN = {"lookback_days": 0.01}
+
+
+def _config(db_url: str, **retention: object):  # type: ignore[no-untyped-def]
+    raw = config_dict(db_url)
+    raw["retention"] = {**RETENTION, **retention}
+    raw["retrain"] = RETRAIN
+    return parse_config(raw, env={})
+
+
+def _stored(db_url: str) -> tuple[dict[str, int], int, list[tuple[str, str]]]:
+    """(scores per asset, skipped windows, (asset, status) of every alert by opening)."""
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        per_asset = dict(s.execute(select(WindowScore.asset, func.count()).group_by(WindowScore.asset)).all())
+        skipped = s.scalar(select(func.count()).select_from(SkippedWindowRow)) or 0
+        alerts = [(a.asset, a.status) for a in s.scalars(select(Alert).order_by(Alert.asset, Alert.opened_at))]
+    engine.dispose()
+    return per_asset, skipped, alerts
+
+
+def _populate(db_url: str) -> None:
+    """pump-1: 300 windows with an old resolved incident, a recent resolved one and an open one, and skipped windows
+    old and new; pump-2: 50 old windows (silent since), its last three scored again by a second model version."""
+    upgrade(db_url)
+    config = _config(db_url)
+    populate(db_url, config, scores("pump-1", 300, [(20, 30, 3.0, "vibration"), (250, 255, 3.0, "speed"),
+                                                    (290, 299, 3.0, "speed")]))
+    populate(db_url, config, scores("pump-2", 50, []))
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        rescored = [Score(x.asset, x.group, x.start_ms, x.end_ms, x.score, x.threshold, x.sensor_errors, "pumps-v2")
+                    for x in scores("pump-2", 50, [])[-3:]]
+        repo.insert_scores(session=s, scores=rescored)
+        repo.insert_skipped(session=s, skipped=[
+            SkippedWindow("pump-1", "pumps", T0 + i * STRIDE_MS, T0 + i * STRIDE_MS + LENGTH_MS, 7) for i in (5, 295)])
+        repo.save_asset_progress(session=s, progress={"pump-1": ("pumps", T0 + 300 * STRIDE_MS),
+                                                      "pump-2": ("pumps", T0 + 50 * STRIDE_MS)})
+    engine.dispose()
+
+
+def test_prune_deletes_old_history_in_batches_and_keeps_what_a_restart_needs(db_url: str) -> None:
+    _populate(db_url)
+    config = _config(db_url)
+    last_end = T0 + 299 * STRIDE_MS + LENGTH_MS
+    plan = PrunePlan.of(config, ms_to_datetime(last_end + 60_000))
+    assert plan.keep_latest >= 6 and plan.batch_rows == 100
+    cutoff = plan.scores_before
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        assets = prune_assets(s, config)
+        before = repo.recent_scores(session=s, assets=assets, limit=plan.keep_latest)
+    assert assets == ["pump-1", "pump-2", "pump-3"]
+    old_pump1 = sum(1 for x in scores("pump-1", 300, []) if ms_to_datetime(x.end_ms) < cutoff)
+    assert old_pump1 == 214
+
+    counted = prune(sessions, plan, assets=assets, dry_run=True)
+    assert _stored(db_url)[0] == {"pump-1": 300, "pump-2": 53}  # a dry run deletes nothing
+    done = prune(sessions, plan, assets=assets)
+    assert (done.scores, done.skipped, done.alerts) == (counted.scores, counted.skipped, counted.alerts)
+    # pump-2 keeps its latest windows (the three rescored ones are three windows, six rows); pump-1 its recent ones
+    assert done.per_asset == {"pump-1": 214, "pump-2": 53 - (plan.keep_latest + 3)}
+    per_asset, skipped, alerts = _stored(db_url)
+    assert per_asset == {"pump-1": 86, "pump-2": plan.keep_latest + 3}
+    assert (done.skipped, skipped) == (1, 1)  # the old skipped window went, the recent one stayed
+    assert done.alerts == 1 and alerts == [("pump-1", "resolved"), ("pump-1", "open")]  # the old resolved one went
+    with sessions() as s:
+        oldest = s.scalar(select(func.min(WindowScore.window_end)).where(WindowScore.asset == "pump-1"))
+        assert oldest is not None and oldest >= cutoff
+        after = repo.recent_scores(session=s, assets=assets, limit=plan.keep_latest)
+    assert {a: [r.id for r in rows] for a, rows in after.items()} == \
+        {a: [r.id for r in rows] for a, rows in before.items()}  # a restart rebuilds the same state
+
+    again = prune(sessions, plan, assets=assets)
+    assert (again.scores, again.skipped, again.alerts) == (0, 0, 0)
+    engine.dispose()
+
+
+def test_the_aftermath_look_back_is_kept_too(db_url: str) -> None:
+    _populate(db_url)
+    raw = config_dict(db_url, aftermath={"relative": 0.3, "half_life_s": 600})
+    raw["retention"], raw["retrain"] = RETENTION, RETRAIN
+    plan = PrunePlan.of(parse_config(raw, env={}), ms_to_datetime(T0 + 100 * 86_400_000))  # long after everything
+    assert plan.keep_span == timedelta(milliseconds=950_978)  # half-life x log2(critical multiple 3)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    prune(sessions, plan, assets=["pump-1"])
+    with sessions() as s:
+        ends = list(s.scalars(select(WindowScore.window_end).where(WindowScore.asset == "pump-1")))
+    latest = ms_to_datetime(T0 + 299 * STRIDE_MS + LENGTH_MS)
+    assert len(ends) == 20 > plan.keep_latest and min(ends) >= latest - plan.keep_span  # 19 strides of 50 s fit
+    engine.dispose()
+
+
+def test_db_prune_command(db_url: str, tmp_path: Path) -> None:
+    """Data from March 2026, the default retention of 90 days: `db prune --dry-run` counts, `db prune` deletes."""
+    _populate(db_url)
+    raw = config_dict(db_url)
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    dry = runner.invoke(app, ["db", "prune", "--config", str(path), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would delete" in dry.output and "resolved alerts before never" in dry.output
+    assert _stored(db_url)[0] == {"pump-1": 300, "pump-2": 53}
+    done = runner.invoke(app, ["db", "prune", "--config", str(path)])
+    assert done.exit_code == 0, done.output
+    per_asset, skipped, alerts = _stored(db_url)
+    keep = PrunePlan.of(parse_config(raw, env={}), ms_to_datetime(T0)).keep_latest
+    assert per_asset == {"pump-1": keep, "pump-2": keep + 3} and skipped == 0
+    assert len(alerts) == 3  # alerts_days is unset: alerts are kept
+    assert f"deleted {300 + 53 - 2 * keep - 3} window scores" in done.output
+    first = runner.invoke(app, ["alerts", "show", "--config", str(path), "1"])
+    assert first.exit_code == 0 and "no score history: its windows are older than retention.scores_days (90)" \
+        in " ".join(first.output.split())
+
+    raw["retention"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(raw))
+    off = runner.invoke(app, ["db", "prune", "--config", str(path)])
+    assert off.exit_code == 2 and "retention.enabled is false" in off.output
+
+
+def test_the_scheduler_runs_the_prune_job(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    _populate(url)
+    raw = config_dict(url)
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    config = parse_config(raw, env={})
+    engine = make_engine(url)
+    every_second = CronTrigger(second="*")
+    scheduler = build_scheduler(config, path, engine=engine, prune_trigger=every_second)
+    assert {job.id for job in scheduler.get_jobs()} == {JOB_ID, PRUNE_JOB_ID}
+    thread = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while _stored(url)[0].get("pump-1") == 300 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop_when_running(scheduler)
+    thread.join(timeout=30)
+    assert _stored(url)[0]["pump-1"] < 300  # the job fired and pruned
+
+    raw["retrain"] = {"enabled": False}
+    only_prune = build_scheduler(parse_config(raw, env={}), path, engine=engine)
+    assert [job.id for job in only_prune.get_jobs()] == [PRUNE_JOB_ID]
+    raw["retention"] = {"enabled": False}
+    with pytest.raises(ConfigError, match="both false"):
+        build_scheduler(parse_config(raw, env={}), path, engine=engine)
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+
+    store = SQLAlchemyJobStore(engine=engine, tablename="scheduler_jobs")
+    assert store.get_all_jobs() == []  # the stored jobs of the disabled parts are removed
+    engine.dispose()
