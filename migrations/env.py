@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from alembic import context
-from sqlalchemy import create_engine, pool
+from sqlalchemy import Engine, create_engine, event, pool
 
 from pipeline.store.tables import Base
 
@@ -27,9 +27,26 @@ def run_offline() -> None:
         context.run_migrations()
 
 
+def _transactional_sqlite_ddl(engine: Engine) -> None:
+    """Make SQLite run the whole upgrade in one transaction, DDL included. pysqlite commits before each DDL statement
+    of its own accord, so a migration failing half way (a constraint old rows break) would leave its first tables
+    behind with the revision unchanged, and every later upgrade would stop at "table already exists"; with the
+    driver's own transaction handling off, a failed upgrade rolls back whole, as on PostgreSQL."""
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:  # type: ignore[no-untyped-def]
+        conn.exec_driver_sql("BEGIN")
+
+
 def run_online() -> None:
-    """Run migrations against a live database."""
+    """Run migrations against a live database, all of them in one transaction (on SQLite too)."""
     engine = create_engine(_url(), poolclass=pool.NullPool)
+    if engine.dialect.name == "sqlite":
+        _transactional_sqlite_ddl(engine)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():

@@ -104,7 +104,7 @@ def _database_errors(cfg: Config) -> Iterator[None]:
 def _check_database(cfg: Config) -> None:
     """Exit with one clear line unless the database can be reached and its schema is up to date (a SQLite file that
     does not exist is not created)."""
-    from pipeline.store.db import SCHEMA_BEHIND, make_engine, missing_sqlite_file, pending_migrations
+    from pipeline.store.db import make_engine, missing_sqlite_file, schema_problem
 
     missing = missing_sqlite_file(cfg.database.url)
     if missing is not None:
@@ -112,11 +112,11 @@ def _check_database(cfg: Config) -> None:
     with _database_errors(cfg):
         engine = make_engine(cfg.database.url)
         try:
-            behind = pending_migrations(engine)
+            problem = schema_problem(engine)
         finally:
             engine.dispose()
-    if behind:
-        raise _fail(TransientError(SCHEMA_BEHIND))
+    if problem:
+        raise _fail(TransientError(problem))
 
 
 @contextmanager
@@ -283,13 +283,29 @@ def scheduler_command(config: ConfigOption) -> None:
 
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
-    """Apply database migrations (run once per deployment and after every upgrade)."""
-    from pipeline.store.db import upgrade
+    """Apply database migrations (run once per deployment and after every upgrade). They run in one transaction: an
+    upgrade that fails leaves the database as it was."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pipeline.store.db import SchemaError, current_revision, make_engine, schema_problem, upgrade
 
     cfg = _load(config)
-    with _database_errors(cfg):
-        upgrade(cfg.database.url, revision)
-    console.print(f"[green]database at {revision}[/green]: {cfg.database.safe_url}")
+    with _database_errors(cfg):  # unreachable, or no driver: one line
+        engine = make_engine(cfg.database.url)
+        try:
+            try:
+                upgrade(cfg.database.url, revision)
+            except SchemaError as exc:
+                raise _fail(exc, 2) from None
+            except SQLAlchemyError as exc:  # a migration failed (e.g. old rows break a new constraint)
+                stays = current_revision(engine)  # readable: the database answers, so the migration itself failed
+                raise _fail(TransientError(f"the upgrade failed and was rolled back, the database stays at revision "
+                                           f"{stays or 'none'}: {_database_problem(exc, cfg)}")) from None
+            now_at, newest = current_revision(engine), schema_problem(engine) is None
+        finally:
+            engine.dispose()
+    console.print(f"[green]database at {now_at}[/green]{' (the newest revision)' if newest else ''}: "
+                  f"{cfg.database.safe_url}")
 
 
 @db_app.command("prune")

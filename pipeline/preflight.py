@@ -33,14 +33,7 @@ from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import load_version
 from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
-from pipeline.store.db import (
-    SCHEMA_BEHIND,
-    describe_error,
-    make_engine,
-    make_sessionmaker,
-    missing_sqlite_file,
-    pending_migrations,
-)
+from pipeline.store.db import describe_error, make_engine, make_sessionmaker, missing_sqlite_file, schema_problem
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -93,8 +86,9 @@ def _database_and_models(config: Config) -> list[Check]:
     except (SQLAlchemyError, ImportError) as exc:  # e.g. the URL's driver is not installed
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     try:
-        if pending_migrations(engine):
-            return [Check("database", "fail", f"{config.database.safe_url}: {SCHEMA_BEHIND}"),
+        problem = schema_problem(engine)
+        if problem:
+            return [Check("database", "fail", f"{config.database.safe_url}: {problem}"),
                     Check("models", "fail", "not checked")]
         with make_sessionmaker(engine)() as session:
             active = repo.active_model_versions(session=session)

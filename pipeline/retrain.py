@@ -44,7 +44,7 @@ from pipeline.drift import followed_levels
 from pipeline.errors import InvalidReading, ModelError, TransientError
 from pipeline.registry import load_version, register
 from pipeline.store import repo
-from pipeline.store.db import SCHEMA_BEHIND, make_engine, make_sessionmaker, pending_migrations
+from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
 from pipeline.thinning import Thinning
 from pipeline.train import train_group
 from pipeline.types import Reading, Window, datetime_to_ms, ms_to_datetime
@@ -685,8 +685,9 @@ def retrain_all(config: Config, *, group: str | None = None, trigger: str = "man
     names = [config.group(group).name] if group else [g.name for g in config.groups]
     engine = make_engine(config.database.url)
     try:
-        if pending_migrations(engine):
-            raise TransientError(SCHEMA_BEHIND)
+        problem = schema_problem(engine)
+        if problem:
+            raise TransientError(problem)
         sessions = make_sessionmaker(engine)
         return [retrain_group(config, name, sessions=sessions, trigger=trigger) for name in names]
     finally:

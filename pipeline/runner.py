@@ -38,7 +38,7 @@ from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_active, load_version
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
-from pipeline.store.db import SCHEMA_BEHIND, make_engine, make_sessionmaker, pending_migrations
+from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
 from pipeline.store.tables import WindowScore
 from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
 from pipeline.windowing import WindowBatch, Windower
@@ -437,8 +437,9 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
     with contextlib.ExitStack() as stack:
         engine = make_engine(config.database.url)
         stack.callback(engine.dispose)
-        if pending_migrations(engine):
-            raise TransientError(SCHEMA_BEHIND)
+        problem = schema_problem(engine)
+        if problem:
+            raise TransientError(problem)
         sessions = make_sessionmaker(engine)
         with sessions() as session:
             detectors = load_active(session=session, config=config)

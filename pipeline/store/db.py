@@ -11,6 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,20 +73,71 @@ def alembic_config(url: str) -> AlembicConfig:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Run migrations up to ``revision``."""
-    command.upgrade(alembic_config(url), revision)
+    """Run migrations up to ``revision``, all in one transaction: a failure leaves the database as it was.
+
+    SchemaError when the database is at a revision these migrations do not know (a newer sensorwatch upgraded it),
+    or already past ``revision`` (this command never goes back: that is ``alembic downgrade``)."""
+    cfg = alembic_config(url)
+    script = ScriptDirectory.from_config(cfg)
+    engine = make_engine(url)
+    try:
+        current = current_revision(engine)
+    finally:
+        engine.dispose()
+    if current is not None:
+        _known(script, current)
+        target = script.get_current_head() if revision == "head" else revision
+        try:
+            ahead = current != target and target in {r.revision for r in script.iterate_revisions(current, "base")}
+        except CommandError as exc:
+            raise SchemaError(f"unknown revision {revision!r}: {exc}") from None
+        if ahead:
+            raise SchemaError(f"the database is at revision {current}, past {target}: 'db upgrade' never goes back "
+                              "(a downgrade is 'alembic downgrade', see the README)")
+    command.upgrade(cfg, revision)
 
 
-#: What every command says when ``pending_migrations`` is true.
+class SchemaError(Exception):
+    """The database's schema revision cannot be used or reached by this version of sensorwatch."""
+
+
+#: What every command says when the database is behind the newest migration.
 SCHEMA_BEHIND = "database schema is not up to date: run 'sensorwatch db upgrade --config FILE'"
 
 
-def pending_migrations(engine: Engine) -> bool:
-    """True when the database is not at the newest migration (the pipeline refuses to start then)."""
-    head = ScriptDirectory.from_config(alembic_config(str(engine.url))).get_current_head()
+def current_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision (None: no schema yet)."""
     with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
-    return current != head
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _known(script: ScriptDirectory, revision: str) -> None:
+    try:
+        script.get_revision(revision)
+    except CommandError:
+        raise SchemaError(f"the database schema is at revision {revision}, which this version of sensorwatch does "
+                          f"not know (its newest is {script.get_current_head()}): a newer sensorwatch upgraded it; "
+                          "run that version, or downgrade the schema with it first") from None
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """Why the pipeline cannot use this database's schema (``SCHEMA_BEHIND``, or a revision newer than this code
+    knows), or None when it is at the newest migration."""
+    script = ScriptDirectory.from_config(alembic_config(str(engine.url)))
+    current = current_revision(engine)
+    if current == script.get_current_head():
+        return None
+    if current is not None:
+        try:
+            _known(script, current)
+        except SchemaError as exc:
+            return str(exc)
+    return SCHEMA_BEHIND
+
+
+def pending_migrations(engine: Engine) -> bool:
+    """True when the database is not at the newest migration (``schema_problem`` says why)."""
+    return schema_problem(engine) is not None
 
 
 def missing_sqlite_file(url: str) -> str | None:

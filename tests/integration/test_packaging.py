@@ -41,7 +41,7 @@ def test_a_wheel_install_migrates_a_database_without_the_source_tree(tmp_path: P
     script = target / "bin" / "sensorwatch"  # the console script pip wrote
     upgrade = subprocess.run([sys.executable, str(script), "db", "upgrade", "--config", str(config)],
                              capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert upgrade.returncode == 0 and "database at head" in upgrade.stderr, upgrade.stdout + upgrade.stderr
+    assert upgrade.returncode == 0 and "(the newest revision)" in upgrade.stderr, upgrade.stdout + upgrade.stderr
     engine = create_engine(f"sqlite:///{tmp_path / 'sw.db'}")
     assert {"window_scores", "alerts", "model_versions", "retrain_runs"} <= set(inspect(engine).get_table_names())
     assert "smoothed_score" in {c["name"] for c in inspect(engine).get_columns("window_scores")}

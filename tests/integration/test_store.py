@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+import yaml
+from sqlalchemy import inspect, text
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker, pending_migrations, upgrade
+from pipeline.store.db import (
+    SchemaError,
+    current_revision,
+    make_engine,
+    make_sessionmaker,
+    pending_migrations,
+    schema_problem,
+    upgrade,
+)
 from pipeline.store.tables import ModelVersion
 from pipeline.types import AlertRecord, Score, datetime_to_ms
 
@@ -225,4 +237,53 @@ def test_recent_scores_and_history_keep_the_judged_row_of_rescored_windows(db_ur
     assert [(datetime_to_ms(r.window_end), r.model_version) for r in recent] == [(i * 1000 + 5000, "v1")
                                                                                  for i in range(5, 10)]
     assert [r.model_version for r in history] == ["v1"] * 10
+    engine.dispose()
+
+
+def _db_cli(db_url: str, tmp_path: Path, *args: str) -> tuple[int, str]:
+    """Run ``sensorwatch db ARGS`` on a one-group configuration of ``db_url``; (exit code, output on one line)."""
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump({"database": {"url": db_url},
+                                    "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    result = CliRunner().invoke(app, ["db", *args, "--config", str(path)])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_a_failed_upgrade_rolls_back_whole_and_can_run_again(db_url: str, tmp_path: Path) -> None:
+    """Two active versions of one group (possible before 0003) break 0003's unique index half way through the
+    upgrade: the database stays at 0002 with none of the new tables (SQLite commits DDL by itself unless told not
+    to), and once the rows are mended the same command reaches head."""
+    upgrade(db_url, "0002")
+    engine = make_engine(db_url)
+    before = set(inspect(engine).get_table_names())
+    now = datetime.now(UTC)
+    row = {"group_name": "g", "model_type": "dense", "status": "active", "created_at": now, "activated_at": now,
+           "artifact_path": "/m", "checksum": "c", "config_hash": "h", "threshold": 1.0, "threshold_method": "p",
+           "data_start": now, "data_end": now, "windows_used": 1, "metrics": {}}
+    with engine.begin() as conn:
+        conn.execute(ModelVersion.__table__.insert(), [{**row, "version": "g-v1"}, {**row, "version": "g-v2"}])
+    code, out = _db_cli(db_url, tmp_path, "upgrade")
+    assert code == 1 and "the upgrade failed and was rolled back, the database stays at revision 0002" in out, out
+    assert set(inspect(engine).get_table_names()) == before and current_revision(engine) == "0002"
+    with engine.begin() as conn:
+        conn.execute(ModelVersion.__table__.update().where(ModelVersion.version == "g-v1").values(status="retired"))
+    code, out = _db_cli(db_url, tmp_path, "upgrade")
+    assert code == 0 and "(the newest revision)" in out, out
+    assert not pending_migrations(engine)
+    engine.dispose()
+
+
+def test_a_schema_newer_than_this_code_or_a_downgrade_target_is_named(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url)
+    code, out = _db_cli(db_url, tmp_path, "upgrade", "--revision", "0003")
+    assert code == 2 and "past 0003: 'db upgrade' never goes back" in out, out
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    problem = schema_problem(engine)
+    assert problem is not None and "revision 0099, which this version of sensorwatch does not know" in problem
+    code, out = _db_cli(db_url, tmp_path, "upgrade")
+    assert code == 2 and "a newer sensorwatch upgraded it" in out, out
+    with pytest.raises(SchemaError, match="0099"):
+        upgrade(db_url)
     engine.dispose()
