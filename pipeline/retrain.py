@@ -532,9 +532,11 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
         return None
     first_ms, last_ms = min(w.start_ms for w in data.windows), max(w.end_ms for w in data.windows)
     with sessions() as session:  # the alerts were read above: every one the lookback's windows can meet
-        flagged = repo.flagged_windows(session=session, group=group.name, start=ms_to_datetime(first_ms),
-                                       end=ms_to_datetime(last_ms))
-        last_scored = repo.last_scored_windows(session=session, group=group.name) if group.drift else {}
+        assets = sorted({w.asset for w in data.windows})
+        flagged = repo.flagged_windows(session=session, group=group.name, assets=assets,
+                                       start=ms_to_datetime(first_ms), end=ms_to_datetime(last_ms))
+        last_scored = repo.last_scored_windows(session=session, group=group.name, assets=assets) \
+            if group.drift else {}
     levels = None
     if active is not None:
         levels = dict(zip(((w.asset, w.end_ms) for w in data.windows), _scores(active, data.windows, thinning),

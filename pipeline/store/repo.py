@@ -109,26 +109,32 @@ def _replayed() -> Any:
                           earlier.id < WindowScore.id)
 
 
-def recent_scores(*, session: Session, assets: Sequence[str], limit: int) -> dict[str, list[WindowScore]]:
+def _latest_end(session: Session, asset: str, k: int = 1) -> datetime | None:
+    """The end of ``asset``'s ``k``-th latest scored window (one per window end, whatever the model versions; None
+    when it has fewer): an index look-up on (asset, window_end), however long its history."""
+    return session.scalar(select(WindowScore.window_end).where(WindowScore.asset == asset).distinct()
+                          .order_by(WindowScore.window_end.desc()).offset(max(k - 1, 0)).limit(1))
+
+
+def recent_scores(*, session: Session, assets: Sequence[str], limit: int, chunk: int = 200
+                  ) -> dict[str, list[WindowScore]]:
     """The latest ``limit`` window scores per asset (newest last), one row per window end: the first stored (the
-    one the alert engine judged; a later model version's row for the same window is a replay it skipped)."""
-    if not assets:
-        return {}
-    ranked = (
-        select(WindowScore.id, func.row_number().over(partition_by=WindowScore.asset,
-                                                      order_by=WindowScore.window_end.desc()).label("rank"))
-        .where(WindowScore.asset.in_(assets), ~_replayed())
-        .subquery()
-    )
-    rows = session.scalars(
-        select(WindowScore)
-        .join(ranked, ranked.c.id == WindowScore.id)
-        .where(ranked.c.rank <= limit)
-        .order_by(WindowScore.asset, WindowScore.window_end)
-    )
+    one the alert engine judged; a later model version's row for the same window is a replay it skipped).
+
+    Reads only those windows, whatever the length of the history: per asset, an index look-up finds where its latest
+    ``limit`` windows start, then one query per ``chunk`` assets reads them."""
+    since = {asset: _latest_end(session, asset, limit) for asset in dict.fromkeys(assets)}  # None: fewer windows
     out: dict[str, list[WindowScore]] = {}
-    for row in rows:
-        out.setdefault(row.asset, []).append(row)
+    names = sorted(since)
+    for i in range(0, len(names), chunk):
+        ranges = or_(*(and_(WindowScore.asset == a, WindowScore.window_end >= since[a]) if since[a] is not None
+                       else WindowScore.asset == a for a in names[i:i + chunk]))
+        rows = session.scalars(select(WindowScore).where(ranges)
+                               .order_by(WindowScore.asset, WindowScore.window_end, WindowScore.id))
+        for row in rows:  # the first row of each window (here, not a NOT EXISTS the planner may hash the table for)
+            series = out.setdefault(row.asset, [])
+            if not series or series[-1].window_end != row.window_end:
+                series.append(row)
     return out
 
 
@@ -417,24 +423,33 @@ def count_skipped(*, session: Session, asset: str | None = None) -> int:
     return int(session.scalar(query) or 0)
 
 
-def flagged_windows(*, session: Session, group: str, start: datetime, end: datetime) -> set[tuple[str, int]]:
-    """``(asset, window end ms)`` of the group's windows ending in ``[start, end]`` whose level (the smoothed score
-    when stored, else the score) some model version scored above its threshold: every anomalous window, and every
-    window the aftermath rule held back (not anomalous, but not normal data either)."""
+def flagged_windows(*, session: Session, group: str, assets: Sequence[str], start: datetime, end: datetime
+                    ) -> set[tuple[str, int]]:
+    """``(asset, window end ms)`` of the group's windows of ``assets`` ending in ``[start, end]`` whose level (the
+    smoothed score when stored, else the score) some model version scored above its threshold: every anomalous
+    window, and every window the aftermath rule held back (not anomalous, but not normal data either). Reads
+    through the (asset, window_end) index: only the range asked for, however long the history."""
+    if not assets:
+        return set()
     level = func.coalesce(WindowScore.smoothed_score, WindowScore.score)
     rows = session.execute(
         select(WindowScore.asset, WindowScore.window_end).where(
-            WindowScore.group_name == group, WindowScore.window_end >= start, WindowScore.window_end <= end,
-            level > WindowScore.threshold)
+            WindowScore.asset.in_(assets), WindowScore.window_end >= start, WindowScore.window_end <= end,
+            WindowScore.group_name == group, level > WindowScore.threshold)
     )
     return {(asset, datetime_to_ms(end_at)) for asset, end_at in rows}
 
 
-def last_scored_windows(*, session: Session, group: str) -> dict[str, int]:
-    """Per asset of ``group`` with stored scores: the end (ms) of its latest scored window."""
-    rows = session.execute(select(WindowScore.asset, func.max(WindowScore.window_end))
-                           .where(WindowScore.group_name == group).group_by(WindowScore.asset))
-    return {asset: datetime_to_ms(end_at) for asset, end_at in rows}
+def last_scored_windows(*, session: Session, group: str, assets: Sequence[str]) -> dict[str, int]:
+    """Per asset of ``assets`` with stored scores of ``group``: the end (ms) of its latest scored window (an index
+    look-up each)."""
+    out: dict[str, int] = {}
+    for asset in assets:
+        end_at = session.scalar(select(func.max(WindowScore.window_end))
+                                .where(WindowScore.asset == asset, WindowScore.group_name == group))
+        if end_at is not None:
+            out[asset] = datetime_to_ms(end_at)
+    return out
 
 
 def _take_lease(session: Session, table: Any, key_column: str, key: str, holder: str, now: datetime,
@@ -662,10 +677,7 @@ def scores_prune_bound(*, session: Session, asset: str, before: datetime, keep_l
     """The window end before which ``asset``'s scores may be deleted: ``before``, or earlier so that its latest
     ``keep_latest`` windows, and every window ending within ``keep_span`` of its latest one, stay. None when
     nothing may go (it has no more than ``keep_latest`` windows). Two index look-ups on (asset, window_end)."""
-    ends = select(WindowScore.window_end).where(WindowScore.asset == asset).distinct() \
-        .order_by(WindowScore.window_end.desc())
-    latest = session.scalar(ends.limit(1))
-    kept_from = session.scalar(ends.offset(max(keep_latest - 1, 0)).limit(1))
+    latest, kept_from = _latest_end(session, asset), _latest_end(session, asset, keep_latest)
     if latest is None or kept_from is None:
         return None
     return min(before, kept_from, latest - keep_span)

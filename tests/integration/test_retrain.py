@@ -334,7 +334,8 @@ def test_a_drift_following_group_retrains_on_the_drift_it_followed(deployment: D
         pipeline.close()
         stream.close()
     with d.sessions() as s:
-        stored_flags = len(repo.flagged_windows(session=s, group="fleet", start=datetime(2000, 1, 1, tzinfo=UTC),
+        stored_flags = len(repo.flagged_windows(session=s, group="fleet", assets=cfg.group("fleet").assets,
+                                                start=datetime(2000, 1, 1, tzinfo=UTC),
                                                 end=datetime(2100, 1, 1, tzinfo=UTC)))
         offsets = list(s.scalars(select(WindowScore.drift_offset).order_by(WindowScore.window_end.desc()).limit(1)))
     result = retrain_group(cfg, "fleet", sessions=d.sessions)

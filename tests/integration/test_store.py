@@ -49,6 +49,8 @@ def test_migrations_create_schema_and_writes_are_idempotent(db_url: str) -> None
         assert [repo.score_of(r).end_ms for r in recent["a"]] == [13000, 14000, 16000]
         assert "b" not in recent
         assert recent["a"][0].window_end.tzinfo is not None
+        everything = repo.recent_scores(session=s, assets=["a"], limit=50)["a"]  # fewer windows than asked for
+        assert len(everything) == 11 and [r.model_version for r in everything].count("m1") == 11  # m2: a replay
     engine.dispose()
 
 
@@ -193,8 +195,9 @@ def test_flagged_and_last_scored_windows_for_the_retrain(db_url: str) -> None:
     with sessions.begin() as s:
         repo.insert_scores(session=s, scores=scores)
     with sessions() as s:
-        flagged = repo.flagged_windows(session=s, group="g", start=ms_to_datetime(0), end=ms_to_datetime(20_000))
-        last = repo.last_scored_windows(session=s, group="g")
+        flagged = repo.flagged_windows(session=s, group="g", assets=["a", "b", "c"], start=ms_to_datetime(0),
+                                       end=ms_to_datetime(20_000))
+        last = repo.last_scored_windows(session=s, group="g", assets=["a", "b", "c"])
     assert flagged == {("a", 7_000), ("a", 8_000), ("a", 9_000)}
     assert last == {"a": 10_000, "b": 14_000}
     engine.dispose()
