@@ -158,9 +158,10 @@ class Runner:
         rejected += self._rejects_from(records, batch)
         fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
         processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
-        starts = self._windower.next_window_starts()
+        starts = self._windower.unsaved_window_starts()
         moved = {a: (self._groups[a].name, ms) for a, ms in starts.items() if self._saved_starts.get(a) != ms}
         if not (fresh or batch.windows or batch.skipped or processed or moved):
+            self._windower.mark_saved(starts)  # unchanged since they were saved
             return {}
         self._retry(lambda: kafka_io.send_dead_letters(self._producer, self.config.kafka.dead_letter_topic, fresh))
         forward = forward_pass(batch.windows, self._detectors, self._drift)  # outside the transaction, once
@@ -169,6 +170,7 @@ class Runner:
         if self._sinks is not None and events:
             self._sinks.notify()  # the transaction holding the alerts and their outbox rows has committed
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
+        self._windower.mark_saved(starts)  # stored, or equal to what was (or, fenced off, forgotten)
         self._next_offset.update(processed)
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
         safe = self._windower.safe_offsets()

@@ -65,6 +65,7 @@ class _AssetState:
     last_arrival_ms: int = 0
     rows: dict[int, list[float]] = field(default_factory=dict)
     offsets: dict[tuple[int, int], int] = field(default_factory=dict)  # (slot, partition) -> smallest offset
+    min_offsets: dict[int, int] | None = None  # partition -> smallest of ``offsets``, kept while nothing is dropped
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Windower:
         self._lookback: dict[str, int] = {g.name: int(self._gaps[g.name].max()) + g.window.smooth - 1
                                           for g in self._group_of.values()}
         self._assets: dict[str, _AssetState] = {}
+        self._unsaved: set[str] = set()  # assets whose next window start moved since ``mark_saved``
         self._resume: dict[str, int] = {}
         self._replay_upto: dict[int, int] = {}
 
@@ -109,9 +111,14 @@ class Windower:
         """Offsets below ``processed_upto`` on ``partition`` were processed by a previous owner."""
         self._replay_upto[partition] = processed_upto
 
-    def next_window_starts(self) -> dict[str, int]:
-        """Per asset, the start (epoch ms) of the first window not closed yet: what ``resume`` takes after a restart."""
-        return {a: s.next_start * s.group.period_ms for a, s in self._assets.items()}
+    def unsaved_window_starts(self) -> dict[str, int]:
+        """Per asset whose first window not closed yet moved (or appeared) since ``mark_saved``, its start (epoch
+        ms): what ``resume`` takes after a restart. Only those assets, so a quiet poll costs nothing per asset."""
+        return {a: self._assets[a].next_start * self._assets[a].group.period_ms for a in self._unsaved}
+
+    def mark_saved(self, assets: Iterable[str]) -> None:
+        """These assets' window starts (from ``unsaved_window_starts``) are stored."""
+        self._unsaved.difference_update(assets)
 
     # -- the work --------------------------------------------------------------------------------------------------
     def add(self, readings: Iterable[Reading], now_ms: int = 0) -> WindowBatch:
@@ -132,6 +139,7 @@ class Windower:
                     start = math.ceil(first / w.stride) * w.stride
                 state = _AssetState(group, start, reading.partition)
                 self._assets[reading.asset] = state
+                self._unsaved.add(reading.asset)
             if slot < state.next_start - self._lookback[group.name]:
                 if reading.offset < self._replay_upto.get(reading.partition, -1):
                     out.replayed += 1  # processed before a restart: its windows are already stored
@@ -153,6 +161,9 @@ class Windower:
             key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
             previous = state.offsets.get(key)
             state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)
+            if state.min_offsets is not None:
+                least = state.min_offsets.get(reading.partition)
+                state.min_offsets[reading.partition] = reading.offset if least is None else min(least, reading.offset)
             state.partition = reading.partition
             state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
             if slot > state.max_slot:
@@ -181,6 +192,8 @@ class Windower:
         so a silent asset is told apart from a broker outage or a consumer lagging behind its readings.
         """
         out = WindowBatch()
+        if partitions is not None and not partitions:
+            return out
         for asset, state in sorted(self._assets.items()):
             if self._idle(state, now_ms) and (partitions is None or state.partition in partitions):
                 w = state.group.window
@@ -188,11 +201,14 @@ class Windower:
                 self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out)
                 state.rows.clear()  # no lookback kept for a silent asset: it must not hold back offset commits
                 state.offsets.clear()
+                state.min_offsets = None
         return out
 
     def _close_windows(self, asset: str, state: _AssetState, watermark: int, out: WindowBatch) -> None:
         w = state.group.window
         period = state.group.period_ms
+        if state.next_start + w.length - 1 + w.lateness <= watermark:
+            self._unsaved.add(asset)  # its next window start moves below
         while state.next_start + w.length - 1 + w.lateness <= watermark:
             start = state.next_start
             first_data = min(state.rows) if state.rows else watermark
@@ -230,8 +246,11 @@ class Windower:
         keep_from = state.next_start - self._lookback[state.group.name]
         for slot in [s for s in state.rows if s < keep_from]:
             del state.rows[slot]
-        for key in [k for k in state.offsets if k[0] < keep_from]:
+        dropped = [k for k in state.offsets if k[0] < keep_from]
+        for key in dropped:
             del state.offsets[key]
+        if dropped:
+            state.min_offsets = None
 
     # -- offsets and rebalances ------------------------------------------------------------------------------------
     def safe_offsets(self) -> dict[int, int]:
@@ -239,8 +258,14 @@ class Windower:
         includes readings an asset sent on a partition it has since moved away from."""
         safe: dict[int, int] = {}
         for state in self._assets.values():
-            for (_, partition), offset in state.offsets.items():
-                safe[partition] = min(offset, safe.get(partition, offset))
+            if state.min_offsets is None:  # recomputed only after readings were dropped from the asset's buffer
+                state.min_offsets = {}
+                for (_, partition), offset in state.offsets.items():
+                    least = state.min_offsets.get(partition)
+                    state.min_offsets[partition] = offset if least is None else min(least, offset)
+            for partition, offset in state.min_offsets.items():
+                if offset < safe.get(partition, offset + 1):
+                    safe[partition] = offset
         return safe
 
     def forget_partitions(self, partitions: Iterable[int]) -> list[str]:
@@ -251,6 +276,7 @@ class Windower:
         assets = [a for a, s in self._assets.items() if s.partition in gone]
         for asset in assets:
             del self._assets[asset]
+        self._unsaved.difference_update(assets)
         for p in gone:
             self._replay_upto.pop(p, None)
         self._resume.clear()

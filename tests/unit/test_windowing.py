@@ -148,7 +148,7 @@ def test_resume_after_restart_skips_closed_windows_and_recognises_replay() -> No
     first = Windower([_group(max_gap=0)])
     stream = _readings("a", list(range(0, 12)))
     done = first.add(stream[:9])  # closes windows [0,4), [2,6), [4,8)
-    resume_at = first.next_window_starts()["a"]
+    resume_at = first.unsaved_window_starts()["a"]
     safe = first.safe_offsets()[0]
     restarted = Windower([_group(max_gap=0)])
     restarted.resume("a", resume_at)
@@ -187,7 +187,7 @@ def test_smoothing_never_fills_a_missing_slot_and_survives_a_restart_unchanged()
     assert all(not np.isnan(w.values).any() for w in whole.windows)
     first = Windower([_group(length=4, stride=2, max_gap=1, smooth=4)])
     before = first.add(stream[:25])
-    resume_at, safe = first.next_window_starts()["a"], first.safe_offsets()[0]
+    resume_at, safe = first.unsaved_window_starts()["a"], first.safe_offsets()[0]
     restarted = Windower([_group(length=4, stride=2, max_gap=1, smooth=4)])
     restarted.resume("a", resume_at)
     restarted.set_replay_boundary(0, 25)
@@ -298,3 +298,38 @@ def test_silence_during_a_broker_outage_is_not_the_assets() -> None:
     assert runner._idle_partitions(consumer, now_ms=201_000) == set()  # back: silence counts from now
     assert runner._idle_partitions(consumer, now_ms=201_000 + 119_000) == set()
     assert runner._idle_partitions(consumer, now_ms=201_000 + 120_000) == {0}  # idle_close_s after it answered
+
+
+def test_only_window_starts_that_moved_are_unsaved() -> None:
+    w = Windower([_group()])
+    w.add(_readings("a", [0, 1]) + _readings("b", [0, 1], offset0=10))
+    assert w.unsaved_window_starts() == {"a": 0, "b": 0}  # new assets: their start is not stored yet
+    w.mark_saved(["a", "b"])
+    assert w.unsaved_window_starts() == {}
+    w.add(_readings("a", [2, 3, 4], offset0=2))  # closes [0, 4): a's next window starts at 2
+    assert w.unsaved_window_starts() == {"a": 2000}
+    w.add(_readings("b", [2], offset0=12))  # nothing closes for b
+    assert w.unsaved_window_starts() == {"a": 2000}
+    assert w.forget_partitions([0]) == ["a", "b"] and w.unsaved_window_starts() == {}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 40), st.integers(0, 2),
+                          st.booleans()), min_size=1, max_size=60))
+def test_safe_offsets_equal_the_smallest_buffered_offset_of_each_partition(
+        steps: list[tuple[str, int, int, bool]]) -> None:
+    """Whatever the order of readings, partitions, window closes and idle closes, the kept per-partition minimum
+    is what a scan of every buffered offset gives."""
+    w = Windower([_group(length=4, stride=2, lateness=2)])
+    now = 0
+    for offset, (asset, slot, partition, go_idle) in enumerate(steps):
+        now += 1000
+        w.add([Reading(asset, slot * 1000, {"x": 1.0, "y": 2.0}, partition, offset)], now_ms=now)
+        if go_idle:
+            now += 121_000
+            w.close_idle(now_ms=now, partitions={partition})
+        scanned: dict[int, int] = {}
+        for state in w._assets.values():
+            for (_, p), o in state.offsets.items():
+                scanned[p] = min(o, scanned.get(p, o))
+        assert w.safe_offsets() == scanned
