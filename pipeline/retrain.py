@@ -563,10 +563,16 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     rc = config.retrain
     with sessions() as session:
         active_row = repo.active_model_versions(session=session).get(group.name)
-    active = load_version(active_row, group) if active_row is not None else None
-    progress.active_version = active.version if active else None
+    active, unusable = None, None
+    if active_row is not None:
+        try:
+            active = load_version(active_row, group)
+        except ModelError as exc:  # e.g. a sensor or window change, or a lost bundle: the pipeline refuses it too
+            unusable = f"the active model {active_row.version} cannot serve this configuration ({exc})"
+            log.warning("%s: %s; training a new model from the recent data alone", group.name, unusable)
+    progress.active_version = active_row.version if active_row is not None else None
     m = progress.metrics
-    m.update(active_version=progress.active_version)
+    m.update(active_version=progress.active_version, active_unusable=unusable)
     recent = _recent_split(config, group, active, sessions=sessions, now=clock(), metrics=m)
     if recent is None:
         return _finish(group.name, "skipped", f"no complete windows in the last {rc.lookback_days:g} days "
@@ -606,6 +612,9 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
             m.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, active_levels).far)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance)
+    if unusable is not None:
+        decision = GateDecision(decision.promote, (f"{unusable}; nothing to compare with",
+                                                   *(r.removeprefix("no active model; ") for r in decision.reasons)))
     m.update(trained.metrics)
     m.update(threshold_candidate=cand_eval.threshold, far_candidate=cand_eval.far, recall_candidate=cand_eval.recall,
              p99_ratio_candidate=cand_eval.p99_ratio, threshold_active=active_eval.threshold if active_eval else None,

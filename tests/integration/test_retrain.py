@@ -41,6 +41,7 @@ from pipeline import kafka_io
 from pipeline.cli import app
 from pipeline.config import Config, load_config, parse_config
 from pipeline.decode import Decoder
+from pipeline.errors import ModelError
 from pipeline.registry import load_version, register
 from pipeline.retrain import RetrainResult, Span, near_alerts, read_recent_windows, retrain_group
 from pipeline.runner import run_pipeline
@@ -441,6 +442,32 @@ def test_a_failing_training_run_is_recorded_and_the_active_model_keeps_serving(
     assert (run.outcome, run.trigger) == ("failed", "manual") and run.finished_at is not None
     assert "RuntimeError: simulated crash while training" in (run.reason or "")
     assert d.count(RetrainLock) == 0
+
+
+def test_a_retrain_replaces_an_active_model_the_configuration_no_longer_fits(deployment: Deployment) -> None:
+    """The window length changed: the pipeline refuses the active model, so the nightly retrain must not give up on
+    it as before ("the active model keeps serving": none did). It trains a new model from the recent data alone and
+    promotes it, saying why nothing was compared."""
+    d = deployment
+    stream = Stream(d.config, _frames(LIVE_START, DAY, seed=3))
+    stream.send()
+    stream.close()
+    raw = yaml.safe_load(d.path.read_text())
+    raw["groups"][0]["window"]["length"] = 10
+    changed = parse_config(raw, env={})
+    with d.sessions() as s:
+        first_row = repo.get_model_version(session=s, version=d.first)
+        assert first_row is not None
+        with pytest.raises(ModelError, match="window"):
+            load_version(first_row, changed.groups[0])
+    result = retrain_group(changed, "fleet", sessions=d.sessions)
+    _figures("config change", result)
+    assert result.outcome == "promoted", result.reason
+    assert f"the active model {d.first} cannot serve this configuration" in result.reason
+    assert result.active_version == d.first and d.versions() == {d.first: "retired", result.candidate_version: "active"}
+    with d.sessions() as s:
+        row = repo.get_model_version(session=s, version=result.candidate_version or "")
+        assert row is not None and load_version(row, changed.groups[0]).version == result.candidate_version
 
 
 def test_a_long_lookback_is_thinned_to_max_windows_keeping_the_windows_near_alerts(deployment: Deployment) -> None:
