@@ -586,7 +586,7 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
         if found is None:
             raise _fail(ModelError(f"no model version {version!r}"), 2)
         try:
-            load_version(found, cfg.group(found.group_name))
+            load_version(found, cfg.group(found.group_name), cfg.model_dir)
         except (ModelError, ConfigError) as exc:
             raise _fail(exc, 2) from None
         row = repo.activate_model_version(session=session, version=version)

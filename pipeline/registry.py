@@ -44,16 +44,30 @@ def register(*, session: Session, detector: Detector, group: GroupConfig, model_
     return row
 
 
-def load_version(row: ModelVersion, group: GroupConfig) -> Detector:
-    """The verified detector of a registry row: checksum, sensors, window length and input smoothing
-    (``window.smooth``) must match ``group``.
+def bundle_path(row: ModelVersion, model_dir: Path) -> Path:
+    """Where ``row``'s bundle is: the path stored when it was registered or, when that is gone (``model_dir`` moved
+    to another volume or host), ``model_dir/<group>/<version>``. The checksum still decides whether it is the same
+    bundle."""
+    stored = Path(row.artifact_path)
+    if stored.exists():
+        return stored
+    moved = Path(model_dir).resolve() / row.group_name / row.version
+    return moved if moved.exists() else stored
+
+
+def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Detector:
+    """The verified detector of a registry row (its bundle found by ``bundle_path``): checksum, sensors, window
+    length and input smoothing (``window.smooth``) must match ``group``.
 
     ModelError otherwise (the caller keeps whatever it was using).
     """
-    detector = load_bundle(Path(row.artifact_path), expected_sensors=group.sensor_names,
-                           expected_checksum=row.checksum)
+    path = bundle_path(row, model_dir)
+    if path != Path(row.artifact_path):
+        log.info("model %s: bundle found under model_dir at %s (registered at %s)", row.version, path,
+                 row.artifact_path)
+    detector = load_bundle(path, expected_sensors=group.sensor_names, expected_checksum=row.checksum)
     if detector.version != row.version:
-        raise ModelError(f"bundle {row.artifact_path} holds version {detector.version}, not {row.version}")
+        raise ModelError(f"bundle {path} holds version {detector.version}, not {row.version}")
     if detector.window != group.window.length:
         raise ModelError(
             f"model {row.version} was trained on windows of {detector.window} steps, "
@@ -82,7 +96,7 @@ def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
         if row is None:
             missing.append(group.name)
             continue
-        detectors[group.name] = load_version(row, group)
+        detectors[group.name] = load_version(row, group, config.model_dir)
     if missing:
         raise ModelError(
             f"no active model for group(s) {', '.join(missing)}: run 'sensorwatch train --config FILE --csv DATA'"

@@ -566,7 +566,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     active, unusable = None, None
     if active_row is not None:
         try:
-            active = load_version(active_row, group)
+            active = load_version(active_row, group, config.model_dir)
         except ModelError as exc:  # e.g. a sensor or window change, or a lost bundle: the pipeline refuses it too
             unusable = f"the active model {active_row.version} cannot serve this configuration ({exc})"
             log.warning("%s: %s; training a new model from the recent data alone", group.name, unusable)

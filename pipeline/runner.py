@@ -358,7 +358,7 @@ class Runner:
             if row is None or row.version in self._refused_models or (current and current.version == row.version):
                 continue
             try:
-                detector = load_version(row, group)
+                detector = load_version(row, group, self.config.model_dir)
             except (ModelError, OSError) as exc:
                 self._refused_models.add(row.version)
                 log.error("group %s: refusing model %s, %s keeps serving: %s", group.name, row.version,

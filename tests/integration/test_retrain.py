@@ -459,7 +459,7 @@ def test_a_retrain_replaces_an_active_model_the_configuration_no_longer_fits(dep
         first_row = repo.get_model_version(session=s, version=d.first)
         assert first_row is not None
         with pytest.raises(ModelError, match="window"):
-            load_version(first_row, changed.groups[0])
+            load_version(first_row, changed.groups[0], changed.model_dir)
     result = retrain_group(changed, "fleet", sessions=d.sessions)
     _figures("config change", result)
     assert result.outcome == "promoted", result.reason
@@ -467,7 +467,8 @@ def test_a_retrain_replaces_an_active_model_the_configuration_no_longer_fits(dep
     assert result.active_version == d.first and d.versions() == {d.first: "retired", result.candidate_version: "active"}
     with d.sessions() as s:
         row = repo.get_model_version(session=s, version=result.candidate_version or "")
-        assert row is not None and load_version(row, changed.groups[0]).version == result.candidate_version
+        assert row is not None
+        assert load_version(row, changed.groups[0], changed.model_dir).version == result.candidate_version
 
 
 def test_a_long_lookback_is_thinned_to_max_windows_keeping_the_windows_near_alerts(deployment: Deployment) -> None:
@@ -508,7 +509,7 @@ def test_a_long_lookback_is_thinned_to_max_windows_keeping_the_windows_near_aler
     with d.sessions() as s:
         row = repo.get_model_version(session=s, version=result.candidate_version)
         assert row is not None and row.metrics["window_thinning"] == 4
-    assert load_version(row, group).metadata["window_thinning"] == 4  # the bundle records it too
+    assert load_version(row, group, cfg.model_dir).metadata["window_thinning"] == 4  # the bundle records it too
     print(f"[thinned] {len(full)} windows in the lookback, {len(data.windows)} kept (every 4th, and all "
           f"{len(kept_near)} near the alert)")
 

@@ -203,9 +203,9 @@ def test_a_model_trained_on_other_smoothing_is_refused(tmp_path: Path) -> None:
 
     smooth4 = _group(smooth=4)
     row, detector = _registered(smooth4, tmp_path)
-    assert load_version(row, smooth4).version == detector.version
+    assert load_version(row, smooth4, tmp_path).version == detector.version
     with pytest.raises(ModelError, match=r"smoothed over 4 step\(s\).*window.smooth 1"):
-        load_version(row, _group(smooth=1))
+        load_version(row, _group(smooth=1), tmp_path)
 
 
 def test_a_model_scoring_other_steps_keeps_serving_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -217,8 +217,8 @@ def test_a_model_scoring_other_steps_keeps_serving_with_a_warning(tmp_path: Path
     last3 = group.model_copy(update={"model": group.model.model_copy(update={"score_steps": 3})})
     caplog.clear()  # the config's own notes (this tiny window's default code size) are not the point here
     with caplog.at_level("WARNING", logger="pipeline.registry"):
-        assert load_version(row, group).score_steps is None and not caplog.records
-        loaded = load_version(row, last3)
+        assert load_version(row, group, tmp_path).score_steps is None and not caplog.records
+        loaded = load_version(row, last3, tmp_path)
     assert loaded.score_steps is None  # it keeps the score its threshold was fitted on
     assert "scores the whole window, group 'g' is configured for model.score_steps 3: the change takes effect " \
            "with the next trained model" in caplog.text
@@ -333,3 +333,24 @@ def test_safe_offsets_equal_the_smallest_buffered_offset_of_each_partition(
             for (_, p), o in state.offsets.items():
                 scanned[p] = min(o, scanned.get(p, o))
         assert w.safe_offsets() == scanned
+
+
+def test_a_model_dir_moved_to_another_path_still_serves_its_verified_bundles(tmp_path: Path) -> None:
+    """A new host or volume: the registered path is gone, the bundle is under the configured model_dir now."""
+    from pipeline.errors import ModelError
+    from pipeline.registry import bundle_path, load_version
+
+    group = _group()
+    row, detector = _registered(group, tmp_path)
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "models").rename(moved)
+    assert bundle_path(row, moved) == moved.resolve() / "g" / detector.version
+    assert load_version(row, group, moved).version == detector.version
+    with pytest.raises(ModelError, match="not a model bundle"):  # nowhere to be found
+        load_version(row, group, tmp_path / "empty")
+    from models.bundle import WEIGHTS
+
+    weights = moved / "g" / detector.version / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(ModelError, match="checksum"):  # found there, but not the same bundle: refused
+        load_version(row, group, moved)
