@@ -446,6 +446,7 @@ class AlertEngine:
                 previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.level),
                 window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
+                group=score.group,  # the asset's group now (renamed, or the asset moved, while the alert was open)
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)
         if score.level > cfg.exit_level * score.bar:
@@ -454,7 +455,7 @@ class AlertEngine:
         current.below += 1
         if current.below < cfg.clear_after:
             return None
-        record = replace(previous, closed_ms=score.end_ms, status="resolved")
+        record = replace(previous, closed_ms=score.end_ms, status="resolved", group=score.group)
         state.current = None
         state.pending = None
         state.recent.clear()

@@ -65,13 +65,26 @@ def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Dete
     if path != Path(row.artifact_path):
         log.info("model %s: bundle found under model_dir at %s (registered at %s)", row.version, path,
                  row.artifact_path)
-    detector = load_bundle(path, expected_sensors=group.sensor_names, expected_checksum=row.checksum)
+    retrain = "retrain it ('sensorwatch train --config FILE --csv DATA', or 'models activate' a version that fits)"
+    try:
+        detector = load_bundle(path, expected_sensors=group.sensor_names, expected_checksum=row.checksum)
+    except ModelError as exc:
+        if "do not match configured" not in str(exc):
+            raise
+        raise ModelError(f"group {group.name!r}, model {row.version}: {exc} (their order is the model's input "
+                         f"order): {retrain}") from None
     if detector.version != row.version:
         raise ModelError(f"bundle {path} holds version {detector.version}, not {row.version}")
     if detector.window != group.window.length:
         raise ModelError(
             f"model {row.version} was trained on windows of {detector.window} steps, "
-            f"group {group.name!r} is configured for {group.window.length}"
+            f"group {group.name!r} is configured for {group.window.length}: {retrain}"
+        )
+    period = detector.metadata.get("sampling_period_s")  # bundles from before it was recorded: not known
+    if period is not None and float(period) != group.sampling_period_s:
+        raise ModelError(
+            f"model {row.version} was trained on a grid of {float(period):g} s, group {group.name!r} is configured "
+            f"for sampling_period_s {group.sampling_period_s:g}: {retrain}"
         )
     smooth = int(detector.metadata.get("window_smooth", 1))  # bundles from before the option: unsmoothed
     if smooth != group.window.smooth:
@@ -79,11 +92,30 @@ def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Dete
             f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
             f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
+    changed = _threshold_changes(detector.metadata.get("threshold_info", {}), group)
+    if changed:  # safe: the model keeps the threshold it was fitted with
+        log.warning("model %s's threshold was fitted with %s; group %r is configured otherwise: the change takes "
+                    "effect with the next trained model (sensorwatch retrain)", row.version, ", ".join(changed),
+                    group.name)
     if detector.score_steps != group.model.score_steps:  # safe: its threshold was fitted on its own score
         log.warning("model %s scores %s, group %r is configured for model.score_steps %s: the change takes effect "
                     "with the next trained model", row.version, scored_steps_text(detector.score_steps), group.name,
                     group.model.score_steps)
     return detector
+
+
+def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]:
+    """The threshold settings a model was fitted with (``threshold_info``) that differ from the group's now, as
+    ``key=fitted``; empty when they agree (or the model does not record them)."""
+    t = group.threshold
+    if not info.get("method"):
+        return []
+    keys = {"percentile": ("percentile",), "mean_std": ("k",), "pot": ("target_rate", "tail_quantile")}
+    wanted = {"method": t.method, "multiplier": t.multiplier, "ewma_alpha": t.ewma_alpha,
+              **{k: getattr(t, k) for k in keys.get(t.method, ())}}
+    if info["method"] != t.method:
+        return [f"method={info['method']}"]
+    return [f"{k}={info.get(k)}" for k, v in wanted.items() if k != "method" and info.get(k) != v]
 
 
 def load_active(*, session: Session, config: Config) -> dict[str, Detector]:

@@ -236,6 +236,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
             "windows_used": len(windows),
             "window_thinning": thinning.keep_every if thinning is not None else 1,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
+            "sampling_period_s": group.sampling_period_s,  # ... on this grid
             "score_steps": m.score_steps,  # None: the whole window is scored
             "scale_floors": {"level": m.scale_floor_level, "step": m.scale_floor_step, "values": floors.tolist()},
         },

@@ -86,8 +86,8 @@ def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datet
     stamp = now or datetime.now(UTC)
     latest = {(a.asset, a.opened_ms): a for a in alerts}  # one row per incident per statement
     stmt = _insert(session, Alert)
-    mutable = ("last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status", "window_count",
-               "top_sensors", "model_version", "updated_at")
+    mutable = ("group_name", "last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status",
+               "window_count", "top_sensors", "model_version", "updated_at")
     stmt = stmt.on_conflict_do_update(
         index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable}
     )

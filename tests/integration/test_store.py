@@ -62,8 +62,8 @@ def test_alert_upsert_updates_one_row_per_incident(db_url: str) -> None:
                        [{"sensor": "x", "share": 1.0, "error": 3.0}], "m1")
     with sessions.begin() as s:
         repo.upsert_alerts(session=s, alerts=[base])
-    later = AlertRecord("a", "g", 1000, 9000, 9000, 9.0, 2.0, "critical", "resolved", 4,
-                        [{"sensor": "x", "share": 1.0, "error": 9.0}], "m1")
+    later = AlertRecord("a", "g2", 1000, 9000, 9000, 9.0, 2.0, "critical", "resolved", 4,
+                        [{"sensor": "x", "share": 1.0, "error": 9.0}], "m1")  # the group was renamed meanwhile
     with sessions.begin() as s:
         repo.upsert_alerts(session=s, alerts=[base, later])
     with sessions() as s:
@@ -73,6 +73,7 @@ def test_alert_upsert_updates_one_row_per_incident(db_url: str) -> None:
         assert repo.alert_record(rows[0]) == later
         assert repo.open_alerts(session=s, assets=["a"]) == []
         assert repo.list_alerts(session=s, status="open") == []
+        assert [r.id for r in repo.list_alerts(session=s, group="g2")] == [rows[0].id]
     engine.dispose()
 
 

@@ -330,3 +330,14 @@ def test_a_restart_mid_incident_after_a_model_swap_keeps_the_severity() -> None:
     restarted = _rule_engine(k=1, n=1)
     restarted.restore("a", "g", open_alert=before[-1].alert, recent=scores[:2])
     assert [e.alert.severity for e in restarted.process(scores)] == ["warning"]  # was critical: 3.5 / 1.0
+
+
+def test_an_open_alert_follows_its_asset_into_a_renamed_group() -> None:
+    """Stored under group "old"; the asset's group is "g" after a rename: its updates and resolution say "g", so
+    the alert is found under the group the asset is in now."""
+    scores = _timed([2.0, 2.0, 2.0])
+    stored = replace(_rule_engine().process(scores)[-1].alert, group="old")
+    restarted = _rule_engine()
+    restarted.restore("a", "g", open_alert=stored, recent=scores)
+    events = restarted.process(_timed([3.0, 0.5, 0.5], t0=T0 + 3 * STEP))
+    assert _kinds(events) == ["updated", "resolved"] and {e.alert.group for e in events} == {"g"}

@@ -354,3 +354,28 @@ def test_a_model_dir_moved_to_another_path_still_serves_its_verified_bundles(tmp
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     with pytest.raises(ModelError, match="checksum"):  # found there, but not the same bundle: refused
         load_version(row, group, moved)
+
+
+def test_a_changed_grid_or_sensor_list_is_refused_and_a_changed_threshold_is_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.errors import ModelError
+    from pipeline.registry import load_version
+
+    group = _group()
+    row, _ = _registered(group, tmp_path)
+    models = tmp_path / "models"
+    coarser = group.model_copy(update={"sampling_period_s": 2.0})
+    with pytest.raises(ModelError, match=r"trained on a grid of 1 s, group 'g' is configured for sampling_period_s "
+                                         r"2: retrain it"):
+        load_version(row, coarser, models)
+    swapped = group.model_copy(update={"sensors": list(reversed(group.sensors))})
+    with pytest.raises(ModelError, match=r"group 'g', model .*do not match configured \['y', 'x'\] \(their order is "
+                                         r"the model's input order\): retrain it"):
+        load_version(row, swapped, models)
+    stricter = group.model_copy(update={"threshold": group.threshold.model_copy(update={"multiplier": 3.0})})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.registry"):
+        assert load_version(row, group, models) is not None and not caplog.records
+        assert load_version(row, stricter, models) is not None  # it keeps the threshold it was fitted with
+    assert "threshold was fitted with multiplier=1.0; group 'g' is configured otherwise: the change takes effect " \
+           "with the next trained model" in caplog.text
