@@ -538,6 +538,43 @@ def alerts_ack(
                   f"{row.acknowledged_by}")
 
 
+@alerts_app.command("resolve")
+def alerts_resolve(
+    config: ConfigOption,
+    alert_id: Annotated[int, typer.Argument(metavar="ID", help="Alert id (from 'alerts list --status open').")],
+    by: Annotated[str, typer.Option("--by", help="Who resolves it (name or id).")],
+    comment: Annotated[str | None, typer.Option(help="Why (recorded as the acknowledgement's comment).")] = None,
+) -> None:
+    """Resolve by hand an open alert of an asset that is no longer configured: no window will ever resolve it. It is
+    closed at its last seen window, acknowledged by --by, and the alert sinks get its 'resolved' event. An asset
+    still in the configuration is refused: the pipeline resolves its alerts when its windows clear."""
+    from pipeline.sinks import configured_sinks, outbox_rows
+    from pipeline.store import repo
+    from pipeline.types import AlertEvent
+
+    if not by.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--by")
+    cfg = _load(config)
+    configured = cfg.asset_groups()
+    try:
+        with _session(cfg, write=True) as session:
+            found = repo.get_alert(session=session, alert_id=alert_id)
+            if found is not None and found.asset in configured:
+                raise _fail(ValueError(
+                    f"alert #{alert_id}: asset {found.asset} is still configured (group "
+                    f"{configured[found.asset].name}): the pipeline resolves its alerts when its windows clear"), 2)
+            row = repo.resolve_alert_by_hand(session=session, alert_id=alert_id, by=by.strip(),
+                                             comment=f"resolved by hand: {comment or 'asset no longer configured'}")
+            event = AlertEvent("resolved", repo.alert_record(row))
+            repo.enqueue_outbox(session=session, rows=outbox_rows(configured_sinks(cfg), [event]),
+                                now=datetime.now(UTC))
+    except KeyError:
+        raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
+    except ValueError as exc:
+        raise _fail(exc, 2) from None
+    console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.severity}) resolved by {row.acknowledged_by}")
+
+
 @models_app.command("list")
 def models_list(
     config: ConfigOption,

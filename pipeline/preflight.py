@@ -34,6 +34,7 @@ from pipeline.registry import bundle_path, load_version
 from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, missing_sqlite_file, schema_problem
+from pipeline.store.tables import Alert
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -93,6 +94,7 @@ def _database_and_models(config: Config) -> list[Check]:
         with make_sessionmaker(engine)() as session:
             active = repo.active_model_versions(session=session)
             sinks = _alert_sinks(summarize_outbox(session, config, datetime.now(UTC)))
+            orphans = _orphaned_alerts(repo.list_alerts(session=session, status="open", limit=None), config)
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
@@ -111,7 +113,19 @@ def _database_and_models(config: Config) -> list[Check]:
         except (ModelError, ConfigError, OSError) as exc:
             problems.append(f"{group.name}: {row.version} refused: {exc}")
     models = Check("models", "fail", "; ".join(problems)) if problems else Check("models", "ok", "; ".join(serving))
-    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks]
+    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks,
+            *orphans]
+
+
+def _orphaned_alerts(open_alerts: list[Alert], config: Config) -> list[Check]:
+    """A warning for open alerts of assets no longer configured: no window will resolve them."""
+    configured = config.asset_groups()
+    orphans = [a for a in open_alerts if a.asset not in configured]
+    if not orphans:
+        return []
+    shown = ", ".join(f"#{a.id} ({a.asset})" for a in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+    return [Check("open alerts", "warn", f"{len(orphans)} open alert(s) of assets no longer configured, which no "
+                                         f"window will resolve: {shown} (sensorwatch alerts resolve ID --by NAME)")]
 
 
 STALE_PENDING_S = 300.0  # a pending alert event older than this means no pipeline delivers it, or the receiver is down

@@ -554,15 +554,7 @@ class AlertSinks:
 
     def outbox_rows(self, events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
         """One outbox row per (event, sink that selects its kind), for ``repo.enqueue_outbox``."""
-        rows = []
-        for event in events:
-            document = None
-            for d in self.deliverers:
-                if selected(d.sink.kinds, event):
-                    document = document or event_document(event)
-                    rows.append({"sink": d.sink.name, "event_key": event_key(event), "asset": event.alert.asset,
-                                 "document": document})
-        return rows
+        return outbox_rows([d.sink for d in self.deliverers], events)
 
     def notify(self) -> None:
         """Events were committed to the outbox: wake the deliverers."""
@@ -620,6 +612,19 @@ def summarize_outbox(session: Session, config: Config, now: datetime) -> list[Si
             counts.get((name, "failed"), 0), (now - oldest[name]).total_seconds() if name in oldest else None,
             lease.holder if lease is not None and lease.expires_at > now else None))
     return out
+
+
+def outbox_rows(sinks: Sequence[Sink], events: Sequence[AlertEvent]) -> list[dict[str, Any]]:
+    """One outbox row per (event, sink that selects its kind), for ``repo.enqueue_outbox``."""
+    rows = []
+    for event in events:
+        document = None
+        for sink in sinks:
+            if selected(sink.kinds, event):
+                document = document or event_document(event)
+                rows.append({"sink": sink.name, "event_key": event_key(event), "asset": event.alert.asset,
+                             "document": document})
+    return rows
 
 
 def configured_sinks(config: Config) -> list[Sink]:

@@ -217,6 +217,23 @@ def acknowledge_alert(*, session: Session, alert_id: int, by: str, comment: str 
     return row
 
 
+def resolve_alert_by_hand(*, session: Session, alert_id: int, by: str, comment: str, now: datetime | None = None
+                          ) -> Alert:
+    """Resolve an open alert that no window will resolve (its asset left the configuration): closed at its last
+    seen window, acknowledged by ``by`` with ``comment``. KeyError if there is no such alert, ValueError if it is
+    not open."""
+    row = session.get(Alert, alert_id)
+    if row is None:
+        raise KeyError(alert_id)
+    if row.status != "open":
+        raise ValueError(f"alert #{alert_id} is {row.status}, not open")
+    stamp = now or datetime.now(UTC)
+    row.status, row.closed_at, row.updated_at = "resolved", row.last_seen_at, stamp
+    row.acknowledged_by, row.acknowledged_at, row.ack_comment = by, stamp, comment
+    session.flush()
+    return row
+
+
 def last_resolved_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:
     """The most recently closed resolved alert of each given asset that has one (for restoring the cooldown)."""
     if not assets:

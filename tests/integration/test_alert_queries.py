@@ -254,3 +254,42 @@ def test_aftermath_floors_are_stored_shown_and_plotted(db_url: str, tmp_path: Pa
     stored = [s for s in data.scores if s.aftermath_floor is not None]
     assert len(stored) >= 60 and not any(s.is_anomaly for s in stored if s.score < 3.0)
     assert "aftermath floor" in render_html(data)
+
+
+def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand(
+        loaded: tuple[str, int, int, int], tmp_path: Path) -> None:
+    """pump-2 (with open alert C) leaves the configuration: check names the alert, `alerts resolve` closes it at its
+    last window and queues its 'resolved' event for the webhook; while pump-2 was configured it was refused."""
+    import yaml
+    from sqlalchemy import select
+
+    from pipeline.config import parse_config
+    from pipeline.preflight import _database_and_models
+    from pipeline.store.tables import AlertOutbox
+
+    url, _, _, c = loaded
+    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", url).read_text())
+    cli = CliRunner()
+    still = cli.invoke(app, ["alerts", "resolve", "-c", str(tmp_path / "c.yaml"), str(c), "--by", "dan"])
+    assert still.exit_code == 2 and "still configured" in " ".join(still.output.split())
+    raw["groups"][0]["assets"] = ["pump-1", "pump-3"]
+    raw["sinks"] = {"webhook": {"url": "https://hooks.example/T0KEN"}}
+    path = tmp_path / "removed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    checks = {x.name: x for x in _database_and_models(parse_config(raw, env={}))}
+    assert checks["open alerts"].status == "warn" and f"#{c} (pump-2)" in checks["open alerts"].detail
+
+    done = cli.invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan", "--comment", "scrapped"])
+    assert done.exit_code == 0, done.output
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as s:
+        row = repo.get_alert(session=s, alert_id=c)
+        assert row is not None and (row.status, row.closed_at, row.acknowledged_by) == ("resolved", row.last_seen_at,
+                                                                                        "dan")
+        assert row.ack_comment == "resolved by hand: scrapped"
+        queued = [(o.sink, o.document["event"], o.document["alert"]["status"]) for o in s.scalars(select(AlertOutbox))]
+    engine.dispose()
+    assert queued == [("webhook", "resolved", "resolved")]
+    assert "open alerts" not in {x.name for x in _database_and_models(parse_config(raw, env={}))}
+    again = cli.invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan"])
+    assert again.exit_code == 2 and "is resolved, not open" in " ".join(again.output.split())
