@@ -28,6 +28,8 @@ class PipelineMetrics:
         self.readings = Counter("sensorwatch_readings", "Valid readings consumed", registry=r)
         self.windows_scored = Counter("sensorwatch_windows_scored", "Windows scored", ["group"], registry=r)
         self.windows_skipped = Counter("sensorwatch_windows_skipped", "Windows skipped for gaps", ["group"], registry=r)
+        self.windows_unscored = Counter("sensorwatch_windows_unscored", "Windows dropped: their group has no usable "
+                                        "model", ["group"], registry=r)
         self.rejects = Counter("sensorwatch_rejects", "Messages sent to the dead-letter topic", ["reason"], registry=r)
         self.late = Counter("sensorwatch_late_readings", "Readings that arrived after their window closed", registry=r)
         self.alerts = Counter("sensorwatch_alert_events", "Alert events", ["kind"], registry=r)

@@ -118,19 +118,27 @@ def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]
     return [f"{k}={info.get(k)}" for k, v in wanted.items() if k != "method" and info.get(k) != v]
 
 
-def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
-    """The verified active detector of every configured group. ModelError names the groups that have none."""
+def load_servable(*, session: Session, config: Config) -> tuple[dict[str, Detector], dict[str, str]]:
+    """The verified active detector of every configured group that has a usable one, and, per group that has none,
+    why (no active model, or its bundle refused)."""
     active = repo.active_model_versions(session=session)
     detectors: dict[str, Detector] = {}
-    missing: list[str] = []
+    problems: dict[str, str] = {}
     for group in config.groups:
         row = active.get(group.name)
         if row is None:
-            missing.append(group.name)
+            problems[group.name] = "no active model: run 'sensorwatch train --config FILE --csv DATA'"
             continue
-        detectors[group.name] = load_version(row, group, config.model_dir)
-    if missing:
-        raise ModelError(
-            f"no active model for group(s) {', '.join(missing)}: run 'sensorwatch train --config FILE --csv DATA'"
-        )
+        try:
+            detectors[group.name] = load_version(row, group, config.model_dir)
+        except ModelError as exc:
+            problems[group.name] = str(exc)
+    return detectors, problems
+
+
+def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
+    """The verified active detector of every configured group. ModelError names the groups that have none."""
+    detectors, problems = load_servable(session=session, config=config)
+    if problems:
+        raise ModelError("; ".join(f"group {g}: {why}" for g, why in problems.items()))
     return detectors

@@ -35,12 +35,12 @@ from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, ForwardPass, forward_pass, judge
 from pipeline.errors import ModelError, TransientError
 from pipeline.metrics import PipelineMetrics, serve
-from pipeline.registry import load_active, load_version
+from pipeline.registry import load_servable, load_version
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
 from pipeline.store.tables import WindowScore
-from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow
+from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
 from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class Runner:
         self._next_reload = time.monotonic() + self._reload_every
         self._refused_models: set[str] = set()  # versions whose bundle failed verification (logged once)
         self._broker_silent = False  # the last end-offset query for idle close got no answer
+        self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
@@ -155,6 +156,8 @@ class Runner:
         idle = self._windower.close_idle(now_ms, idle_partitions)
         batch.windows += idle.windows
         batch.skipped += idle.skipped
+        if len(self._detectors) < len(self.config.groups):
+            batch.windows = self._drop_unserved(batch.windows, now_ms)
         rejected += self._rejects_from(records, batch)
         fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
         processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
@@ -175,6 +178,19 @@ class Runner:
         self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
+
+    def _drop_unserved(self, windows: list[Window], now_ms: int) -> list[Window]:
+        """The windows whose group has a model; the others are counted and dropped (logged once a minute per
+        group), and their groups' stretches stay unmonitored until a model is activated (``reload_models``)."""
+        served = [w for w in windows if w.group in self._detectors]
+        dropped = Counter(w.group for w in windows if w.group not in self._detectors)
+        for group, count in dropped.items():
+            self.metrics.windows_unscored.labels(group=group).inc(count)
+            if now_ms >= self._unserved_logged.get(group, 0) + 60_000:
+                self._unserved_logged[group] = now_ms
+                log.error("group %s has no usable model: %d window(s) dropped unscored (activate one: "
+                          "'sensorwatch train' or 'sensorwatch models activate')", group, count)
+        return served
 
     def _persist_owned(self, forward: ForwardPass, skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
                        processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent], list[SkippedWindow],
@@ -435,7 +451,9 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
     arrived for that long, waiting for the topic included). The caller installs signal handlers.
 
     TransientError, with one line saying what to do, when the database schema is not up to date, the metrics port
-    is taken, or Kafka cannot be reached; ModelError when an active model is refused."""
+    is taken, or Kafka cannot be reached; ModelError when no group has a usable active model. A group without one
+    (a new group, a refused bundle) is logged and not monitored, the others are: its windows are dropped, counted
+    (``sensorwatch_windows_unscored_total``), until a model of it is activated and picked up by ``reload_models``."""
     with contextlib.ExitStack() as stack:
         engine = make_engine(config.database.url)
         stack.callback(engine.dispose)
@@ -444,7 +462,12 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             raise TransientError(problem)
         sessions = make_sessionmaker(engine)
         with sessions() as session:
-            detectors = load_active(session=session, config=config)
+            detectors, problems = load_servable(session=session, config=config)
+        if not detectors:
+            raise ModelError("; ".join(f"group {g}: {why}" for g, why in problems.items()))
+        for group, why in problems.items():  # the other groups are monitored; this one once a model is activated
+            log.error("group %s is not monitored: %s; its windows are dropped until a usable model is active", group,
+                      why)
         metrics = PipelineMetrics(config.metrics.unhealthy_after_s)
         if serve_metrics and config.metrics.enabled:
             server = _serve_metrics(metrics, config)

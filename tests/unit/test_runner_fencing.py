@@ -89,3 +89,43 @@ def test_a_retried_transaction_judges_the_same_forward_pass_again(tmp_path: Path
     with sessions() as s:
         assert repo.count_scores(session=s, asset="a") == 4  # windows ending at 4, 6, 8, 10 s, stored once
     engine.dispose()
+
+
+def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is_activated(tmp_path: Path) -> None:
+    """Group h has no model yet (a new group): g is scored, h's windows are counted and dropped; once a model of h
+    is active, the next reload picks it up and h is scored too."""
+    from pipeline.registry import load_servable, register
+    from pipeline.train import train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    group = {"sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+             "window": {"length": 4, "stride": 2, "max_gap": 0}}
+    cfg = parse_config({"database": {"url": url}, "model_dir": str(tmp_path / "models"),
+                        "groups": [{"name": "g", "assets": ["a"], **group}, {"name": "h", "assets": ["c"], **group}]},
+                       env={})
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        served, problems = load_servable(session=s, config=cfg)
+    assert served == {} and set(problems) == {"g", "h"} and "no active model" in problems["h"]
+    runner = Runner(cfg, sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                    producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    runner.process(_records(0, "a", 0, 10) + _records(1, "c", 0, 10), now_ms=T0)
+    with sessions() as s:
+        assert repo.count_scores(session=s, asset="a") > 0 and repo.count_scores(session=s, asset="c") == 0
+    assert runner.metrics.windows_unscored.labels(group="h")._value.get() == 4  # windows [0, 4) ... [6, 10)
+
+    rng = np.random.default_rng(0)
+    h = cfg.group("h")
+    trained = train_group([Window("c", "h", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(64)],
+                          h, progress=False)
+    with sessions.begin() as s:
+        register(session=s, detector=trained.detector, group=h, model_dir=cfg.model_dir, status="active",
+                 data_range=None, windows_used=64, metrics={})
+    assert runner.reload_models() == {"h": trained.detector.version}
+    runner.process(_records(0, "a", 10, 20) + _records(1, "c", 10, 20), now_ms=T0)
+    with sessions() as s:
+        assert repo.count_scores(session=s, asset="c") > 0
+    engine.dispose()
