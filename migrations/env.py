@@ -45,10 +45,13 @@ def _transactional_sqlite_ddl(engine: Engine) -> None:
 def run_online() -> None:
     """Run migrations against a live database, all of them in one transaction (on SQLite too)."""
     engine = create_engine(_url(), poolclass=pool.NullPool)
-    if engine.dialect.name == "sqlite":
+    sqlite = engine.dialect.name == "sqlite"
+    if sqlite:
         _transactional_sqlite_ddl(engine)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
+        # Alembic takes SQLite for a database without transactional DDL and commits after each migration unless told
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True,
+                          **({"transactional_ddl": True} if sqlite else {}))
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

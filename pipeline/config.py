@@ -661,6 +661,21 @@ class Config(_Strict):
     retrain: RetrainConfig = RetrainConfig()
     retention: RetentionConfig = RetentionConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_retention_covers_the_retrain(cls, data: Any) -> Any:
+        """The default ``retention.scores_days`` must not refuse a configuration written before retention existed:
+        with a retrain lookback of 45 days or more it keeps twice the lookback."""
+        if not isinstance(data, dict):
+            return data
+        retention, retrain = data.get("retention") or {}, data.get("retrain") or {}
+        if not isinstance(retention, dict) or "scores_days" in retention or not isinstance(retrain, dict):
+            return data
+        lookback = retrain.get("lookback_days")
+        if isinstance(lookback, int | float) and not isinstance(lookback, bool) and 2 * lookback > 90:
+            return {**data, "retention": {**retention, "scores_days": 2 * lookback}}
+        return data
+
     @model_validator(mode="after")
     def _retention_covers_the_retrain(self) -> Config:
         if self.retention.enabled and self.retention.scores_days <= self.retrain.lookback_days:

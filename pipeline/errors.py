@@ -3,7 +3,8 @@
 - ``InvalidReading``: one input message is unusable; it goes to the dead-letter topic, never stops the pipeline.
 - ``TransientError``: an outside dependency failed (database, broker); retry and do not commit offsets.
 - ``ConfigError``: the configuration is invalid; raised at start-up with the key path and the reason.
-- ``ModelError``: a model bundle is missing, tampered with, or does not match the configuration.
+- ``ModelError``: a model bundle is missing, tampered with, or does not match the configuration
+  (``ModelMismatch``: it is fine, but trained for another configuration).
 """
 
 from __future__ import annotations
@@ -32,3 +33,8 @@ class ConfigError(SensorwatchError):
 
 class ModelError(SensorwatchError):
     """A model bundle cannot be used (missing, checksum mismatch, sensors not matching the config)."""
+
+
+class ModelMismatch(ModelError):
+    """A sound bundle trained for another configuration (sensors, window length, sampling grid, smoothing): no retry
+    helps until a model is trained for this one."""

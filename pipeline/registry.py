@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from models.bundle import load_bundle, save_bundle
 from models.detector import Detector, scored_steps_text
 from pipeline.config import Config, GroupConfig
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, ModelMismatch
 from pipeline.store import repo
 from pipeline.store.tables import ModelVersion
 
@@ -71,24 +71,24 @@ def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Dete
     except ModelError as exc:
         if "do not match configured" not in str(exc):
             raise
-        raise ModelError(f"group {group.name!r}, model {row.version}: {exc} (their order is the model's input "
-                         f"order): {retrain}") from None
+        raise ModelMismatch(f"group {group.name!r}, model {row.version}: {exc} (their order is the model's input "
+                            f"order): {retrain}") from None
     if detector.version != row.version:
         raise ModelError(f"bundle {path} holds version {detector.version}, not {row.version}")
     if detector.window != group.window.length:
-        raise ModelError(
+        raise ModelMismatch(
             f"model {row.version} was trained on windows of {detector.window} steps, "
             f"group {group.name!r} is configured for {group.window.length}: {retrain}"
         )
     period = detector.metadata.get("sampling_period_s")  # bundles from before it was recorded: not known
     if period is not None and float(period) != group.sampling_period_s:
-        raise ModelError(
+        raise ModelMismatch(
             f"model {row.version} was trained on a grid of {float(period):g} s, group {group.name!r} is configured "
             f"for sampling_period_s {group.sampling_period_s:g}: {retrain}"
         )
     smooth = int(detector.metadata.get("window_smooth", 1))  # bundles from before the option: unsmoothed
     if smooth != group.window.smooth:
-        raise ModelError(
+        raise ModelMismatch(
             f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
             f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
@@ -131,7 +131,7 @@ def load_servable(*, session: Session, config: Config) -> tuple[dict[str, Detect
             continue
         try:
             detectors[group.name] = load_version(row, group, config.model_dir)
-        except ModelError as exc:
+        except (ModelError, OSError) as exc:  # OSError: e.g. a bundle file that cannot be read
             problems[group.name] = str(exc)
     return detectors, problems
 

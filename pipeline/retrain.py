@@ -41,7 +41,7 @@ from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
 from pipeline.drift import followed_levels
-from pipeline.errors import InvalidReading, ModelError, TransientError
+from pipeline.errors import InvalidReading, ModelError, ModelMismatch, TransientError
 from pipeline.registry import load_version, register
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
@@ -567,7 +567,8 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
     if active_row is not None:
         try:
             active = load_version(active_row, group, config.model_dir)
-        except ModelError as exc:  # e.g. a sensor or window change, or a lost bundle: the pipeline refuses it too
+        except ModelMismatch as exc:  # a sensor, window or grid change: the pipeline refuses it too (a bundle that
+            # is missing or fails its checksum fails the run instead: the volume may only be unmounted)
             unusable = f"the active model {active_row.version} cannot serve this configuration ({exc})"
             log.warning("%s: %s; training a new model from the recent data alone", group.name, unusable)
     progress.active_version = active_row.version if active_row is not None else None

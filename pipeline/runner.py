@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 from collections import Counter, defaultdict
@@ -33,7 +34,7 @@ from pipeline.alerting import AlertEngine
 from pipeline.config import Config, KafkaConfig
 from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, ForwardPass, forward_pass, judge
-from pipeline.errors import ModelError, TransientError
+from pipeline.errors import ModelError, ModelMismatch, TransientError
 from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import load_servable, load_version
 from pipeline.sinks import AlertSinks, build_sinks
@@ -45,6 +46,7 @@ from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+REFUSED_RETRY_S = 60.0  # a refused bundle (missing, unreadable, failing its checksum) is tried again this often
 
 
 class Fenced(Exception):
@@ -99,7 +101,9 @@ class Runner:
         self.metrics.set_models({g: d.version for g, d in detectors.items()})
         self._reload_every = config.retrain.reload_interval_s
         self._next_reload = time.monotonic() + self._reload_every
-        self._refused_models: set[str] = set()  # versions whose bundle failed verification (logged once)
+        # (version, activated_at) whose bundle was refused -> when to try it again (monotonic; inf: not before it is
+        # activated again)
+        self._refused_models: dict[tuple[str, datetime | None], float] = {}
         self._broker_silent = False  # the last end-offset query for idle close got no answer
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
@@ -359,8 +363,10 @@ class Runner:
         """Swap in each group's newly active model version (call between batches). Returns ``group -> new version``.
 
         Open windows stay in the windower and are scored by the new model when they close, so no window is lost or
-        scored twice. A bundle that fails verification is refused (logged once per version) and the current model
-        keeps serving; so does every model while the database cannot be read.
+        scored twice. A bundle that fails verification is refused (logged once per activation) and the current model
+        keeps serving; so does every model while the database cannot be read. A refused bundle is tried again every
+        ``REFUSED_RETRY_S`` (it may have been missing only for a while, or put back) and at once when it is activated
+        again, except one trained for another configuration (``ModelMismatch``), which waits for a new activation.
         """
         try:
             with self._sessions() as session:
@@ -371,14 +377,19 @@ class Runner:
         swapped: dict[str, str] = {}
         for group in self.config.groups:
             row, current = active.get(group.name), self._detectors.get(group.name)
-            if row is None or row.version in self._refused_models or (current and current.version == row.version):
+            if row is None or (current and current.version == row.version):
+                continue
+            activation = (row.version, row.activated_at)
+            if time.monotonic() < self._refused_models.get(activation, 0.0):
                 continue
             try:
                 detector = load_version(row, group, self.config.model_dir)
             except (ModelError, OSError) as exc:
-                self._refused_models.add(row.version)
-                log.error("group %s: refusing model %s, %s keeps serving: %s", group.name, row.version,
-                          current.version if current else None, exc)
+                if activation not in self._refused_models:
+                    log.error("group %s: refusing model %s, %s: %s", group.name, row.version,
+                              f"{current.version} keeps serving" if current else "the group stays unmonitored", exc)
+                self._refused_models[activation] = math.inf if isinstance(exc, ModelMismatch) \
+                    else time.monotonic() + REFUSED_RETRY_S
                 continue
             self._detectors[group.name] = detector
             swapped[group.name] = row.version

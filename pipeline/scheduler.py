@@ -106,6 +106,9 @@ def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigge
                  name="retrain on recent normal data", coalesce=rc.coalesce,
                  misfire_grace_time=rc.misfire_grace_time_s)
     if keep.enabled:
+        log.info("retention: window scores older than %g days are deleted on %s %s%s (the retention section; "
+                 "retention.enabled: false turns this off)", keep.scores_days, keep.cron, keep.timezone,
+                 f", resolved alerts older than {keep.alerts_days:g} days" if keep.alerts_days else "")
         _add_job(scheduler, store, PRUNE_JOB_ID, PRUNE_JOB_FUNC,
                  prune_trigger or cron_trigger(keep.cron, keep.timezone), args,
                  name="delete history older than the retention", coalesce=True, misfire_grace_time=None)

@@ -269,7 +269,10 @@ class WebhookAlertSink(Sink):
         started = time.monotonic()
         deadline = _TryDeadline(self._cfg.timeout_s)
         try:
-            with deadline, _NO_REDIRECTS.open(request, timeout=self._cfg.timeout_s) as response:
+            # past a 2xx status line the receiver has the event, whatever its body does (cut off by the deadline,
+            # or broken): it is delivered, not sent again
+            with deadline, _NO_REDIRECTS.open(request, timeout=self._cfg.timeout_s) as response, \
+                    contextlib.suppress(Exception):
                 response.read(65536)
             return False, None, 0.0
         except urllib.error.HTTPError as exc:

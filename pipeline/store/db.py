@@ -79,6 +79,14 @@ def upgrade(url: str, revision: str = "head") -> None:
     or already past ``revision`` (this command never goes back: that is ``alembic downgrade``)."""
     cfg = alembic_config(url)
     script = ScriptDirectory.from_config(cfg)
+    target = script.get_current_head() if revision == "head" else revision
+    try:
+        found = script.get_revision(target)
+    except CommandError:
+        found = None
+    if found is None:
+        known = ", ".join(r.revision for r in reversed(list(script.walk_revisions())))
+        raise SchemaError(f"unknown revision {revision!r} (known: {known}, or head)")
     engine = make_engine(url)
     try:
         current = current_revision(engine)
@@ -86,12 +94,7 @@ def upgrade(url: str, revision: str = "head") -> None:
         engine.dispose()
     if current is not None:
         _known(script, current)
-        target = script.get_current_head() if revision == "head" else revision
-        try:
-            ahead = current != target and target in {r.revision for r in script.iterate_revisions(current, "base")}
-        except CommandError as exc:
-            raise SchemaError(f"unknown revision {revision!r}: {exc}") from None
-        if ahead:
+        if current != target and target in {r.revision for r in script.iterate_revisions(current, "base")}:
             raise SchemaError(f"the database is at revision {current}, past {target}: 'db upgrade' never goes back "
                               "(a downgrade is 'alembic downgrade', see the README)")
     command.upgrade(cfg, revision)

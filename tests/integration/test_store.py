@@ -277,10 +277,27 @@ def test_a_failed_upgrade_rolls_back_whole_and_can_run_again(db_url: str, tmp_pa
     engine.dispose()
 
 
+def test_an_upgrade_across_several_migrations_that_fails_in_the_last_keeps_none(db_url: str, tmp_path: Path) -> None:
+    """0003-0006 succeed, 0007 meets a table in its way: the database stays at 0002, as on PostgreSQL (Alembic
+    commits after every SQLite migration unless told that its DDL is transactional)."""
+    upgrade(db_url, "0002")
+    engine = make_engine(db_url)
+    before = set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE alert_outbox (id INTEGER PRIMARY KEY)"))
+    code, out = _db_cli(db_url, tmp_path, "upgrade")
+    assert code == 1 and "the database stays at revision 0002" in out, out
+    assert set(inspect(engine).get_table_names()) == before | {"alert_outbox"} and current_revision(engine) == "0002"
+    engine.dispose()
+
+
 def test_a_schema_newer_than_this_code_or_a_downgrade_target_is_named(db_url: str, tmp_path: Path) -> None:
     upgrade(db_url)
     code, out = _db_cli(db_url, tmp_path, "upgrade", "--revision", "0003")
     assert code == 2 and "past 0003: 'db upgrade' never goes back" in out, out
+    for target in ("0099", "base", "-1"):
+        code, out = _db_cli(db_url, tmp_path, "upgrade", "--revision", target)
+        assert code == 2 and f"unknown revision '{target}' (known: 0001, 0002," in out, out
     engine = make_engine(db_url)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))

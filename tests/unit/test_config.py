@@ -125,3 +125,19 @@ def test_an_old_sinks_queue_size_is_accepted_with_a_warning(caplog: pytest.LogCa
     assert caplog.text == ""
     with pytest.raises(ConfigError, match=r"sinks\.kafka\.max_age_h"):
         parse_config({**base, "sinks": {"kafka": {"max_age_h": 0}}}, env={})
+
+
+def test_the_default_retention_never_refuses_a_long_retrain_lookback() -> None:
+    """A configuration from before retention existed, with a lookback of 120 days, still loads: the default keeps
+    twice the lookback. Written out, a retention that does not cover the lookback is refused."""
+    raw = _raw()
+    del raw["retention"]  # the example has one
+    raw["retrain"] = {"lookback_days": 120}
+    assert parse_config(raw, env={}).retention.scores_days == 240
+    raw["retention"] = {"scores_days": 100}
+    with pytest.raises(ConfigError, match=r"retention\.scores_days \(100\) must be more than retrain\.lookback_days"):
+        parse_config(raw, env={})
+    raw["retrain"] = {"lookback_days": 7}
+    assert parse_config(raw, env={}).retention.scores_days == 100
+    del raw["retention"]
+    assert parse_config(raw, env={}).retention.scores_days == 90

@@ -91,9 +91,10 @@ def test_a_retried_transaction_judges_the_same_forward_pass_again(tmp_path: Path
     engine.dispose()
 
 
-def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is_activated(tmp_path: Path) -> None:
+def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is_activated(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Group h has no model yet (a new group): g is scored, h's windows are counted and dropped; once a model of h
-    is active, the next reload picks it up and h is scored too."""
+    is active, the next reload picks it up and h is scored too, also when its bundle was missing at first."""
     from pipeline.registry import load_servable, register
     from pipeline.train import train_group
     from pipeline.types import Window
@@ -122,9 +123,14 @@ def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is
     trained = train_group([Window("c", "h", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(64)],
                           h, progress=False)
     with sessions.begin() as s:
-        register(session=s, detector=trained.detector, group=h, model_dir=cfg.model_dir, status="active",
-                 data_range=None, windows_used=64, metrics={})
-    assert runner.reload_models() == {"h": trained.detector.version}
+        row = register(session=s, detector=trained.detector, group=h, model_dir=cfg.model_dir, status="active",
+                       data_range=None, windows_used=64, metrics={})
+    bundle = Path(row.artifact_path)
+    bundle.rename(tmp_path / "away")  # the volume is not there yet
+    monkeypatch.setattr("pipeline.runner.REFUSED_RETRY_S", 0.0)
+    assert runner.reload_models() == {}  # refused, for now
+    (tmp_path / "away").rename(bundle)
+    assert runner.reload_models() == {"h": trained.detector.version}  # tried again, not refused for good
     runner.process(_records(0, "a", 10, 20) + _records(1, "c", 10, 20), now_ms=T0)
     with sessions() as s:
         assert repo.count_scores(session=s, asset="c") > 0

@@ -468,6 +468,44 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_timeout_s(sessions: sessi
     assert cut_off.wait(5)
 
 
+def test_a_2xx_answer_whose_body_trickles_counts_as_delivered(sessions: sessionmaker[Session]) -> None:
+    """The status line says 200, then the body crawls past the deadline: the receiver has the event, so it is
+    delivered once, not sent again."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    posts: list[bytes] = []
+
+    def serve() -> None:
+        with listener:
+            listener.settimeout(5)
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    posts.append(conn.recv(65536))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+                    try:
+                        for _ in range(100):
+                            conn.sendall(b".")
+                            time.sleep(0.1)
+                    except OSError:
+                        pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    clock = _Clock()
+    d = _deliverer(_webhook(f"http://127.0.0.1:{listener.getsockname()[1]}/x", timeout_s=0.5, retries=2),
+                   sessions, clock)
+    _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
+    d.deliver_once()
+    assert _statuses(sessions) == [("delivered", 1, None)] and len(posts) == 1
+
+
 def test_a_broken_answer_is_a_failed_try_not_an_escape(sessions: sessionmaker[Session]) -> None:
     import socket
 
