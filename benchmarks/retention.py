@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,24 +20,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from _infra import database
+
 from pipeline.config import parse_config
 from pipeline.retention import PrunePlan, prune, prune_assets
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.types import Score, datetime_to_ms
-
-
-@contextlib.contextmanager
-def _database(kind: str, workdir: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{workdir / 'bench.db'}"
-    elif os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-    else:
-        from pipeline.localinfra import LocalPostgres
-
-        with LocalPostgres() as pg:
-            yield pg.url
 
 
 def main() -> None:
@@ -49,7 +37,7 @@ def main() -> None:
     parser.add_argument("--batch-rows", type=int, default=5000)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, _database(args.database, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory() as tmp, database(args.database, Path(tmp)) as url:
         upgrade(url)
         engine = make_engine(url)
         sessions = make_sessionmaker(engine)

@@ -11,18 +11,16 @@ Prints one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pandas as pd
+from _infra import database, kafka
 
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
@@ -30,30 +28,6 @@ from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.train import register_trained, train_group, windows_from_frame
-
-
-@contextlib.contextmanager
-def _kafka() -> Iterator[str]:
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
-        return
-    from pipeline.localinfra import LocalKafka
-
-    with LocalKafka() as kafka:
-        yield kafka.bootstrap_servers
-
-
-@contextlib.contextmanager
-def _database(kind: str, workdir: Path) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{workdir / 'bench.db'}"
-    elif os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-    else:
-        from pipeline.localinfra import LocalPostgres
-
-        with LocalPostgres() as pg:
-            yield pg.url
 
 
 def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, smooth: int = 1,
@@ -81,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     assets = [f"asset-{i:03d}" for i in range(args.assets)]
     start = pd.Timestamp("2026-06-01T00:00:00Z")
-    with tempfile.TemporaryDirectory() as tmp, _kafka() as bootstrap, _database(args.database, Path(tmp)) as db_url:
+    with tempfile.TemporaryDirectory() as tmp, kafka() as bootstrap, database(args.database, Path(tmp)) as db_url:
         cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models", smooth=args.smooth, ewma_alpha=args.ewma_alpha,
                       drift_span_s=args.drift_span_s)
         group = cfg.groups[0]

@@ -516,6 +516,13 @@ def alerts_show(
     out.print(table)
 
 
+def _who(by: str) -> str:
+    """The ``--by`` of a command that records who did it: not empty."""
+    if not by.strip():
+        raise typer.BadParameter("must not be empty", param_hint="--by")
+    return by.strip()
+
+
 @alerts_app.command("ack")
 def alerts_ack(
     config: ConfigOption,
@@ -526,12 +533,11 @@ def alerts_ack(
     """Acknowledge an alert (open or resolved): who, when, and a comment. A second ack replaces the first."""
     from pipeline.store import repo
 
-    if not by.strip():
-        raise typer.BadParameter("must not be empty", param_hint="--by")
+    who = _who(by)
     cfg = _load(config)
     try:
         with _session(cfg, write=True) as session:
-            row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=by.strip(), comment=comment)
+            row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=who, comment=comment)
     except KeyError:
         raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
     console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.status}, {row.severity}) acknowledged by "
@@ -552,8 +558,7 @@ def alerts_resolve(
     from pipeline.store import repo
     from pipeline.types import AlertEvent
 
-    if not by.strip():
-        raise typer.BadParameter("must not be empty", param_hint="--by")
+    who = _who(by)
     cfg = _load(config)
     configured = cfg.asset_groups()
     try:
@@ -563,7 +568,7 @@ def alerts_resolve(
                 raise _fail(ValueError(
                     f"alert #{alert_id}: asset {found.asset} is still configured (group "
                     f"{configured[found.asset].name}): the pipeline resolves its alerts when its windows clear"), 2)
-            row = repo.resolve_alert_by_hand(session=session, alert_id=alert_id, by=by.strip(),
+            row = repo.resolve_alert_by_hand(session=session, alert_id=alert_id, by=who,
                                              comment=f"resolved by hand: {comment or 'asset no longer configured'}")
             event = AlertEvent("resolved", repo.alert_record(row))
             repo.enqueue_outbox(session=session, rows=outbox_rows(configured_sinks(cfg), [event]),

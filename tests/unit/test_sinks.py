@@ -432,33 +432,47 @@ def test_close_keeps_one_deadline_for_all_sinks(server_factory: Any, sessions: s
         assert repo.count_outbox(session=session) == {("webhook", "pending"): 3, ("kafka", "pending"): 3}
 
 
-def test_a_receiver_trickling_its_answer_is_cut_off_at_timeout_s(sessions: sessionmaker[Session]) -> None:
-    """Every byte comes well within the per-read timeout, but the whole answer would take 30 s: the try ends after
-    about ``timeout_s``, so it cannot outlive the lease."""
+def _raw_receiver(answer: Callable[[Any], None], connections: int = 1) -> tuple[str, threading.Thread]:
+    """A webhook URL served by a bare socket: for each of ``connections`` connections, the request is read, then
+    ``answer(conn)`` writes whatever it likes. The thread ends after the last one."""
     import socket
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    cut_off = threading.Event()
 
-    def trickle() -> None:
+    def run() -> None:
         with listener:
-            conn, _ = listener.accept()
-            with conn:
-                conn.recv(65536)
-                try:
-                    for byte in itertools.islice(itertools.cycle(b"HTTP/1.1 200 OK\r\nX-Slow: yes\r\n"), 300):
-                        conn.sendall(bytes([byte]))
-                        time.sleep(0.1)
-                except OSError:  # the client shut the connection
-                    cut_off.set()
+            for _ in range(connections):
+                conn, _ = listener.accept()
+                with conn:
+                    conn.recv(65536)
+                    answer(conn)
 
-    thread = threading.Thread(target=trickle, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/x", thread
+
+
+def _trickle(conn: Any, data: bytes) -> bool:
+    """Send ``data`` a byte every 0.1 s; False when the client shut the connection first."""
+    try:
+        for byte in data:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.1)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_timeout_s(sessions: sessionmaker[Session]) -> None:
+    """Every byte comes well within the per-read timeout, but the whole answer would take 30 s: the try ends after
+    about ``timeout_s``, so it cannot outlive the lease."""
+    cut_off = threading.Event()
+    status_line = bytes(itertools.islice(itertools.cycle(b"HTTP/1.1 200 OK\r\nX-Slow: yes\r\n"), 300))
+    url, _ = _raw_receiver(lambda conn: None if _trickle(conn, status_line) else cut_off.set())
     clock = _Clock()
-    d = _deliverer(_webhook(f"http://127.0.0.1:{listener.getsockname()[1]}/x", timeout_s=0.5, retries=0),
-                   sessions, clock)
+    d = _deliverer(_webhook(url, timeout_s=0.5, retries=0), sessions, clock)
     _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
     started = time.monotonic()
     assert d.deliver_once() is False
@@ -471,60 +485,25 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_timeout_s(sessions: sessi
 def test_a_2xx_answer_whose_body_trickles_counts_as_delivered(sessions: sessionmaker[Session]) -> None:
     """The status line says 200, then the body crawls past the deadline: the receiver has the event, so it is
     delivered once, not sent again."""
-    import socket
+    answers: list[bool] = []
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    posts: list[bytes] = []
+    def answer(conn: Any) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        answers.append(_trickle(conn, b"." * 100))
 
-    def serve() -> None:
-        with listener:
-            listener.settimeout(5)
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                except OSError:
-                    return
-                with conn:
-                    posts.append(conn.recv(65536))
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-                    try:
-                        for _ in range(100):
-                            conn.sendall(b".")
-                            time.sleep(0.1)
-                    except OSError:
-                        pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    url, thread = _raw_receiver(answer, connections=1)
     clock = _Clock()
-    d = _deliverer(_webhook(f"http://127.0.0.1:{listener.getsockname()[1]}/x", timeout_s=0.5, retries=2),
-                   sessions, clock)
+    d = _deliverer(_webhook(url, timeout_s=0.5, retries=2), sessions, clock)
     _enqueue(sessions, [d], _lifecycle()[:1], clock.now)
     d.deliver_once()
-    assert _statuses(sessions) == [("delivered", 1, None)] and len(posts) == 1
+    assert _statuses(sessions) == [("delivered", 1, None)]
+    thread.join(15)
+    assert answers == [False]  # one connection, shut by the client at its deadline: no second send
 
 
 def test_a_broken_answer_is_a_failed_try_not_an_escape(sessions: sessionmaker[Session]) -> None:
-    import socket
-
     def serve(answer: bytes) -> tuple[str, threading.Thread]:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-
-        def run() -> None:
-            with listener:
-                for _ in range(2):
-                    conn, _ = listener.accept()
-                    with conn:
-                        conn.recv(65536)
-                        conn.sendall(answer)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        return f"http://127.0.0.1:{listener.getsockname()[1]}/x", thread
+        return _raw_receiver(lambda conn: conn.sendall(answer), connections=2)
 
     clock = _Clock()
     cases = ((b"garbage\r\n\r\n", "BadStatusLine"),
