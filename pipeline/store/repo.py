@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, exists, func, or_, select, update
+from sqlalchemy import Select, String, and_, delete, exists, func, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
@@ -109,11 +109,23 @@ def _replayed() -> Any:
                           earlier.id < WindowScore.id)
 
 
-def _latest_end(session: Session, asset: str, k: int = 1) -> datetime | None:
-    """The end of ``asset``'s ``k``-th latest scored window (one per window end, whatever the model versions; None
-    when it has fewer): an index look-up on (asset, window_end), however long its history."""
-    return session.scalar(select(WindowScore.window_end).where(WindowScore.asset == asset).distinct()
-                          .order_by(WindowScore.window_end.desc()).offset(max(k - 1, 0)).limit(1))
+def _latest_ends(session: Session, assets: Sequence[str], k: int = 1, chunk: int = 200
+                 ) -> dict[str, datetime | None]:
+    """Per asset, the end of its ``k``-th latest scored window (one per window end, whatever the model versions;
+    None when it has fewer): an index look-up on (asset, window_end) each, however long its history, ``chunk``
+    assets to a statement."""
+    def kth(asset: str) -> Any:
+        return (select(WindowScore.window_end).where(WindowScore.asset == asset).distinct()
+                .order_by(WindowScore.window_end.desc()).offset(max(k - 1, 0)).limit(1).scalar_subquery())
+
+    out: dict[str, datetime | None] = {}
+    names = list(dict.fromkeys(assets))
+    for i in range(0, len(names), chunk):
+        part = names[i:i + chunk]
+        pairs = [select(literal(a, String).label("asset"), kth(a).label("end_at")) for a in part]
+        out.update((asset, end_at) for asset, end_at in session.execute(union_all(*pairs) if len(pairs) > 1
+                                                                        else pairs[0]))
+    return out
 
 
 def recent_scores(*, session: Session, assets: Sequence[str], limit: int, chunk: int = 200
@@ -123,7 +135,7 @@ def recent_scores(*, session: Session, assets: Sequence[str], limit: int, chunk:
 
     Reads only those windows, whatever the length of the history: per asset, an index look-up finds where its latest
     ``limit`` windows start, then one query per ``chunk`` assets reads them."""
-    since = {asset: _latest_end(session, asset, limit) for asset in dict.fromkeys(assets)}  # None: fewer windows
+    since = _latest_ends(session, assets, limit)  # None: fewer windows than that
     out: dict[str, list[WindowScore]] = {}
     names = sorted(since)
     for i in range(0, len(names), chunk):
@@ -694,7 +706,7 @@ def scores_prune_bound(*, session: Session, asset: str, before: datetime, keep_l
     """The window end before which ``asset``'s scores may be deleted: ``before``, or earlier so that its latest
     ``keep_latest`` windows, and every window ending within ``keep_span`` of its latest one, stay. None when
     nothing may go (it has no more than ``keep_latest`` windows). Two index look-ups on (asset, window_end)."""
-    latest, kept_from = _latest_end(session, asset), _latest_end(session, asset, keep_latest)
+    latest, kept_from = _latest_ends(session, [asset])[asset], _latest_ends(session, [asset], keep_latest)[asset]
     if latest is None or kept_from is None:
         return None
     return min(before, kept_from, latest - keep_span)
