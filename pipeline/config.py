@@ -664,17 +664,22 @@ class Config(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_retention_covers_the_retrain(cls, data: Any) -> Any:
-        """The default ``retention.scores_days`` must not refuse a configuration written before retention existed:
-        with a retrain lookback of 45 days or more it keeps twice the lookback."""
-        if not isinstance(data, dict):
+        """The default ``retention.scores_days`` (90) must not refuse a configuration written before retention
+        existed: with a retrain lookback of 90 days or more, an enabled retention that does not set ``scores_days``
+        keeps twice the lookback (no more than its ``alerts_days``)."""
+        if not isinstance(data, dict) or not isinstance(data.get("retrain"), dict):
             return data
-        retention, retrain = data.get("retention") or {}, data.get("retrain") or {}
-        if not isinstance(retention, dict) or "scores_days" in retention or not isinstance(retrain, dict):
+        retention = data.get("retention", {})
+        if not isinstance(retention, dict) or "scores_days" in retention or retention.get("enabled") is False:
             return data
-        lookback = retrain.get("lookback_days")
-        if isinstance(lookback, int | float) and not isinstance(lookback, bool) and 2 * lookback > 90:
-            return {**data, "retention": {**retention, "scores_days": 2 * lookback}}
-        return data
+        try:
+            lookback = float(data["retrain"].get("lookback_days", 0))
+            alerts = float(retention["alerts_days"]) if retention.get("alerts_days") is not None else math.inf
+        except (TypeError, ValueError):  # not numbers: the fields' own validation says so
+            return data
+        if lookback < 90:
+            return data
+        return {**data, "retention": {**retention, "scores_days": min(2 * lookback, max(alerts, lookback + 1))}}
 
     @model_validator(mode="after")
     def _retention_covers_the_retrain(self) -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,6 +80,12 @@ def upgrade(url: str, revision: str = "head") -> None:
     or already past ``revision`` (this command never goes back: that is ``alembic downgrade``)."""
     cfg = alembic_config(url)
     script = ScriptDirectory.from_config(cfg)
+    if re.fullmatch(r"(\w+)?\+\d+", revision):  # relative (+N, REV+N): Alembic only goes up from there
+        try:
+            command.upgrade(cfg, revision)
+        except CommandError as exc:
+            raise SchemaError(f"revision {revision!r}: {exc}") from None
+        return
     target = script.get_current_head() if revision == "head" else revision
     try:
         found = script.get_revision(target)

@@ -115,7 +115,9 @@ def _latest_ends(session: Session, assets: Sequence[str], k: int = 1, chunk: int
     None when it has fewer): an index look-up on (asset, window_end) each, however long its history, ``chunk``
     assets to a statement."""
     def kth(asset: str) -> Any:
-        return (select(WindowScore.window_end).where(WindowScore.asset == asset).distinct()
+        # GROUP BY, not DISTINCT: SQLite 3.40 answers a DISTINCT ... OFFSET scalar subquery from the index with the
+        # oldest end instead of NULL when there are too few windows
+        return (select(WindowScore.window_end).where(WindowScore.asset == asset).group_by(WindowScore.window_end)
                 .order_by(WindowScore.window_end.desc()).offset(max(k - 1, 0)).limit(1).scalar_subquery())
 
     out: dict[str, datetime | None] = {}

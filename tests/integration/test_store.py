@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from pipeline.store.db import (
     upgrade,
 )
 from pipeline.store.tables import ModelVersion
-from pipeline.types import AlertRecord, Score, datetime_to_ms
+from pipeline.types import AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
 
 def _score(asset: str, i: int, value: float = 1.0, version: str = "m1") -> Score:
@@ -49,6 +49,12 @@ def test_migrations_create_schema_and_writes_are_idempotent(db_url: str) -> None
         assert [repo.score_of(r).end_ms for r in recent["a"]] == [13000, 14000, 16000]
         assert "b" not in recent
         assert recent["a"][0].window_end.tzinfo is not None
+        # an asset with fewer windows than asked for has no k-th latest (SQLite answers a DISTINCT ... OFFSET
+        # subquery with its oldest instead); others have theirs
+        assert repo.scores_prune_bound(session=s, asset="a", before=datetime.now(UTC), keep_latest=50,
+                                       keep_span=timedelta(0)) is None
+        assert repo.scores_prune_bound(session=s, asset="a", before=datetime.now(UTC), keep_latest=3,
+                                       keep_span=timedelta(0)) == ms_to_datetime(13_000)
         everything = repo.recent_scores(session=s, assets=["a"], limit=50)["a"]  # fewer windows than asked for
         assert len(everything) == 11 and [r.model_version for r in everything].count("m1") == 11  # m2: a replay
     engine.dispose()
@@ -292,6 +298,10 @@ def test_an_upgrade_across_several_migrations_that_fails_in_the_last_keeps_none(
 
 
 def test_a_schema_newer_than_this_code_or_a_downgrade_target_is_named(db_url: str, tmp_path: Path) -> None:
+    upgrade(db_url, "0002")
+    upgrade(db_url, "+1")  # relative targets go up as Alembic's do
+    code, out = _db_cli(db_url, tmp_path, "upgrade", "--revision", "0003+1")
+    assert code == 0 and "database at 0004" in out, out
     upgrade(db_url)
     code, out = _db_cli(db_url, tmp_path, "upgrade", "--revision", "0003")
     assert code == 2 and "past 0003: 'db upgrade' never goes back" in out, out

@@ -141,3 +141,15 @@ def test_the_default_retention_never_refuses_a_long_retrain_lookback() -> None:
     assert parse_config(raw, env={}).retention.scores_days == 100
     del raw["retention"]
     assert parse_config(raw, env={}).retention.scores_days == 90
+    raw["retrain"] = {"lookback_days": 60}  # the default covers it: untouched, and so is a user's alerts_days
+    raw["retention"] = {"alerts_days": 100}
+    assert parse_config(raw, env={}).retention.scores_days == 90
+    raw["retrain"] = {"lookback_days": "${LB}"}  # from the environment: a string
+    raw["retention"] = {"alerts_days": 200}
+    assert parse_config(raw, env={"LB": "120"}).retention.scores_days == 200  # no more than alerts_days
+    for off in (False, None, []):  # not a section: refused as before, never read as "retention on"
+        raw["retention"] = off
+        with pytest.raises(ConfigError, match="retention"):
+            parse_config(raw, env={"LB": "120"})
+    raw["retention"] = {"enabled": False, "alerts_days": 100}  # disabled: nothing raised, and it loads
+    assert parse_config(raw, env={"LB": "120"}).retention.scores_days == 90
