@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -320,8 +320,7 @@ def db_prune(
     a scheduler, run it from cron."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.retention import PrunePlan, prune, prune_assets
-    from pipeline.store.db import make_engine, make_sessionmaker
+    from pipeline.retention import PrunePlan, prune_database
 
     cfg = _load(config)
     if not cfg.retention.enabled:
@@ -329,19 +328,13 @@ def db_prune(
         raise typer.Exit(2)
     _check_database(cfg)
     plan = PrunePlan.of(cfg, datetime.now(UTC))
-    engine = make_engine(cfg.database.url)
-    try:
-        with _database_errors(cfg):
-            sessions = make_sessionmaker(engine)
-            with sessions() as session:
-                assets = prune_assets(session, cfg)
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=console, disable=not console.is_terminal) as bar:
-                task = bar.add_task("pruning assets" if not dry_run else "counting", total=len(assets))
-                result = prune(sessions, plan, assets=assets, dry_run=dry_run,
-                               advance=lambda _asset: bar.advance(task))
-    finally:
-        engine.dispose()
+    with _database_errors(cfg), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TimeElapsedColumn(), console=console, disable=not console.is_terminal) as bar:
+        def start(total: int) -> Callable[[str], None]:
+            task = bar.add_task("counting" if dry_run else "pruning assets", total=total)
+            return lambda _asset: bar.advance(task)
+
+        result = prune_database(cfg, plan, dry_run=dry_run, progress=start)
     alerts = plan.alerts_before.isoformat(timespec="seconds") if plan.alerts_before else "never (alerts_days unset)"
     console.print(f"[green]{'dry run' if dry_run else 'pruned'}[/green]: {escape(result.summary())}; scores before "
                   f"{plan.scores_before.isoformat(timespec='seconds')} (each asset keeps its latest "

@@ -115,3 +115,20 @@ def _in_batches(sessions: sessionmaker[Session], plan: PrunePlan, dry_run: bool,
 def prune_assets(session: Session, config: Config) -> list[str]:
     """The assets a prune visits: every asset the pipeline has windowed, and every configured one."""
     return sorted(set(repo.history_assets(session=session)) | set(config.asset_groups()))
+
+
+def prune_database(config: Config, plan: PrunePlan, *, dry_run: bool = False,
+                   progress: Callable[[int], Callable[[str], None]] | None = None) -> PruneResult:
+    """``prune`` on ``config``'s database, every asset of ``prune_assets``: what ``sensorwatch db prune`` and the
+    scheduler's job run. ``progress(total assets)`` returns the per-asset callback (a progress bar)."""
+    from pipeline.store.db import make_engine, make_sessionmaker
+
+    engine = make_engine(config.database.url)
+    try:
+        sessions = make_sessionmaker(engine)
+        with sessions() as session:
+            assets = prune_assets(session, config)
+        return prune(sessions, plan, assets=assets, dry_run=dry_run,
+                     advance=progress(len(assets)) if progress is not None else None)
+    finally:
+        engine.dispose()

@@ -148,8 +148,8 @@ def scheduled_retrain(config_path: str) -> None:
 def scheduled_prune(config_path: str) -> None:
     """The scheduled retention job: reload the configuration and delete history older than its retention (the
     outcome is logged)."""
-    from pipeline.retention import PrunePlan, prune, prune_assets
-    from pipeline.store.db import describe_error, make_engine, make_sessionmaker
+    from pipeline.retention import PrunePlan, prune_database
+    from pipeline.store.db import describe_error
 
     try:
         config = load_config(config_path)
@@ -159,13 +159,7 @@ def scheduled_prune(config_path: str) -> None:
     if not config.retention.enabled:
         log.info("scheduled prune skipped: retention.enabled is false")
         return
-    engine = make_engine(config.database.url)
     try:
-        sessions = make_sessionmaker(engine)
-        with sessions() as session:
-            assets = prune_assets(session, config)
-        prune(sessions, PrunePlan.of(config, datetime.now(UTC)), assets=assets)
+        prune_database(config, PrunePlan.of(config, datetime.now(UTC)))
     except Exception as exc:  # the next night tries again; whole batches deleted so far stay deleted
         log.error("scheduled prune failed: %s", describe_error(exc, config.database.url))
-    finally:
-        engine.dispose()
