@@ -315,8 +315,9 @@ def db_prune(
 ) -> None:
     """Delete history older than the retention section: window scores and skipped windows older than
     retention.scores_days (each asset keeps its latest windows, which a restarted pipeline rebuilds its alert and
-    drift state from), and resolved alerts closed more than retention.alerts_days ago (when set). In short batches,
-    safe beside running pipelines and safe to run again. `sensorwatch scheduler` runs it on retention.cron; without
+    drift state from), resolved alerts closed more than retention.alerts_days ago (when set), and the model bundles
+    beyond retention.model_bundles per group (the newest retired and rejected ones stay). In short batches, safe
+    beside running pipelines and safe to run again. `sensorwatch scheduler` runs it on retention.cron; without
     a scheduler, run it from cron."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -589,20 +590,22 @@ def models_list(
     if output == "json":
         typer.echo(json.dumps([{"version": r.version, "group": r.group_name, "type": r.model_type, "status": r.status,
                                 "created_at": r.created_at.isoformat(), "threshold": r.threshold,
-                                "windows_used": r.windows_used} for r in rows], indent=2))
+                                "windows_used": r.windows_used, "bundle_deleted": r.bundle_deleted_at is not None}
+                               for r in rows], indent=2))
         return
     _stdout().print(models_table(rows))
 
 
 def models_table(rows: Sequence[ModelVersion]) -> Table:
     """The ``models list`` table; the version column (the id ``models activate`` takes) is never cut short,
-    whatever the terminal's width."""
+    whatever the terminal's width. A version whose bundle retention deleted says so in its status."""
     table = Table(title="model versions")
     table.add_column("version", no_wrap=True, min_width=max((len(r.version) for r in rows), default=7))
     for column in ("group", "type", "status", "created", "threshold", "windows"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.version, r.group_name, r.model_type, r.status, r.created_at.isoformat(timespec="seconds"),
+        status = f"{r.status}, bundle deleted" if r.bundle_deleted_at is not None else r.status
+        table.add_row(r.version, r.group_name, r.model_type, status, r.created_at.isoformat(timespec="seconds"),
                       f"{r.threshold:.4g}", str(r.windows_used))
     return table
 
@@ -621,10 +624,12 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
         if found is None:
             raise _fail(ModelError(f"no model version {version!r}"), 2)
         try:
+            if found.bundle_deleted_at is not None:
+                raise repo.BundleDeleted(found)
             load_version(found, cfg.group(found.group_name), cfg.model_dir)
-        except (ModelError, ConfigError) as exc:
+            row = repo.activate_model_version(session=session, version=version)
+        except (ModelError, ConfigError, repo.BundleDeleted) as exc:
             raise _fail(exc, 2) from None
-        row = repo.activate_model_version(session=session, version=version)
     console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
     if cfg.retrain.enabled:
         console.print(f"[yellow]note[/yellow]: the scheduled retrain ({escape(cfg.retrain.cron)} "
@@ -662,7 +667,8 @@ def models_show(
         "reason": row.reason, "created_at": when(row.created_at), "activated_at": when(row.activated_at),
         "data_start": when(row.data_start), "data_end": when(row.data_end), "windows_used": row.windows_used,
         "threshold": row.threshold, "threshold_method": row.threshold_method, "config_hash": row.config_hash,
-        "artifact_path": row.artifact_path, "checksum": row.checksum, "metrics": row.metrics,
+        "artifact_path": row.artifact_path, "checksum": row.checksum,
+        "bundle_deleted_at": when(row.bundle_deleted_at), "metrics": row.metrics,
         "retrain_run": None if not runs else {
             "id": runs[0].id, "trigger": runs[0].trigger, "outcome": runs[0].outcome, "reason": runs[0].reason,
             "started_at": when(runs[0].started_at), "finished_at": when(runs[0].finished_at),

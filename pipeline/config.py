@@ -484,11 +484,14 @@ class RetentionConfig(_Strict):
     Rows go in batches of ``batch_rows``, one short transaction each, so running pipelines are not held up.
     ``scores_days`` must exceed ``retrain.lookback_days`` (the retrain leaves out the windows its lookback scored
     anomalous), and ``alerts_days`` must be at least ``scores_days`` (the alerts over stored windows are read with
-    them)."""
+    them). Model bundles: per group, the active model's, the newest ``model_bundles`` retired versions' (what
+    ``models activate`` rolls back to) and the newest ``model_bundles`` rejected or failed candidates' are kept;
+    older ones are deleted from ``model_dir`` and their registry rows marked (None: every bundle is kept)."""
 
     enabled: bool = True
     scores_days: PositiveFloat = 90.0
     alerts_days: PositiveFloat | None = None
+    model_bundles: PositiveInt | None = 10
     cron: CronExpression = "30 3 * * *"
     timezone: TimeZoneName = "UTC"
     batch_rows: Annotated[int, Field(ge=100, le=100_000)] = 5000

@@ -8,20 +8,30 @@ batch. Each asset keeps what a restarted pipeline rebuilds its state from (``Pru
 ``keep_span`` of its latest one (the aftermath rule's look-back), however old, so an asset that has been silent for
 longer than the retention comes back with its state. Resolved alerts go by their closing time; open alerts never.
 A prune that stops half way (a crash, a database error) has deleted only whole batches and can simply run again.
+
+Model bundles (``retention.model_bundles``): per group, all but the newest N retired versions and all but the newest
+N rejected or failed candidates lose their bundle directory (``prune_bundles``); the registry row stays, marked, as
+the version's history. A bundle is deleted only when its ``metadata.json`` names that version, only its own files
+go, and the row is marked (committed) before the files go, so a version being activated at the same moment keeps
+its bundle (``repo.mark_bundle_deleted``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.bundle import METADATA, WEIGHTS
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config
+from pipeline.registry import bundle_path
 from pipeline.store import repo
 
 log = logging.getLogger(__name__)
@@ -38,6 +48,7 @@ class PrunePlan:
     keep_latest: int
     keep_span: timedelta
     batch_rows: int
+    model_bundles: int | None = None
 
     @classmethod
     def of(cls, config: Config, now: datetime) -> PrunePlan:
@@ -49,7 +60,7 @@ class PrunePlan:
         return cls(scores_before=now - timedelta(days=r.scores_days),
                    alerts_before=None if r.alerts_days is None else now - timedelta(days=r.alerts_days),
                    keep_latest=engine.history_windows(), keep_span=timedelta(milliseconds=look_back_ms),
-                   batch_rows=r.batch_rows)
+                   batch_rows=r.batch_rows, model_bundles=r.model_bundles)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class PruneResult:
     scores: int = 0
     skipped: int = 0
     alerts: int = 0
+    bundles: int = 0
     assets: int = 0
     seconds: float = 0.0
     per_asset: dict[str, int] = field(default_factory=dict)
@@ -67,7 +79,7 @@ class PruneResult:
     def summary(self) -> str:
         verb = "would delete" if self.dry_run else "deleted"
         return (f"{verb} {self.scores} window scores and {self.skipped} skipped windows of {self.assets} assets, "
-                f"{self.alerts} resolved alerts, in {self.seconds:.1f} s")
+                f"{self.alerts} resolved alerts, {self.bundles} model bundles, in {self.seconds:.1f} s")
 
 
 def prune(sessions: sessionmaker[Session], plan: PrunePlan, *, assets: list[str], dry_run: bool = False,
@@ -119,8 +131,9 @@ def prune_assets(session: Session, config: Config) -> list[str]:
 
 def prune_database(config: Config, plan: PrunePlan, *, dry_run: bool = False,
                    progress: Callable[[int], Callable[[str], None]] | None = None) -> PruneResult:
-    """``prune`` on ``config``'s database, every asset of ``prune_assets``: what ``sensorwatch db prune`` and the
-    scheduler's job run. ``progress(total assets)`` returns the per-asset callback (a progress bar)."""
+    """``prune`` on ``config``'s database, every asset of ``prune_assets``, then ``prune_bundles`` under
+    ``config.model_dir`` (when ``plan.model_bundles`` is set): what ``sensorwatch db prune`` and the scheduler's job
+    run. ``progress(total assets)`` returns the per-asset callback (a progress bar)."""
     from pipeline.store.db import make_engine, make_sessionmaker
 
     engine = make_engine(config.database.url)
@@ -128,7 +141,77 @@ def prune_database(config: Config, plan: PrunePlan, *, dry_run: bool = False,
         sessions = make_sessionmaker(engine)
         with sessions() as session:
             assets = prune_assets(session, config)
-        return prune(sessions, plan, assets=assets, dry_run=dry_run,
-                     advance=progress(len(assets)) if progress is not None else None)
+        result = prune(sessions, plan, assets=assets, dry_run=dry_run,
+                       advance=progress(len(assets)) if progress is not None else None)
+        if plan.model_bundles is not None:
+            result.bundles = prune_bundles(sessions, config.model_dir, keep=plan.model_bundles, dry_run=dry_run)
+        return result
     finally:
         engine.dispose()
+
+
+def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int, dry_run: bool = False,
+                  now: datetime | None = None) -> int:
+    """Delete the bundles ``repo.bundle_prune_candidates`` lists (``keep`` per group and kind), marking each row
+    first, and again the files of rows marked earlier whose deletion failed; the number of bundles deleted (for a
+    dry run, that would be). A bundle that is not found is left unmarked (a model volume not mounted must not lose
+    its history); one whose metadata names another version is left alone, with a warning. Database errors
+    propagate; file errors are logged and retried on the next run."""
+    stamp = now or datetime.now(UTC)
+    with sessions() as session:
+        doomed = [(r.id, r.version, bundle_path(r, model_dir))
+                  for r in repo.bundle_prune_candidates(session=session, keep=keep)]
+        leftover = [] if dry_run else [
+            (r.version, bundle_path(r, model_dir))
+            for r in repo.bundle_deleted_versions(session=session)]
+    deleted = 0
+    for version_id, version, path in doomed:
+        if not _bundle_of(path, version):
+            continue
+        if dry_run:
+            deleted += 1
+            continue
+        with sessions.begin() as session:
+            marked = repo.mark_bundle_deleted(session=session, version_id=version_id, now=stamp)
+        if marked and _delete_bundle(path, version):
+            deleted += 1
+    for version, path in leftover:  # marked on an earlier run whose file deletion failed
+        if _bundle_of(path, version, quiet=True):
+            deleted += int(_delete_bundle(path, version))
+    if deleted:
+        log.info("retention: %s %d model bundle(s) (keeping %d retired and %d rejected per group)",
+                 "would delete" if dry_run else "deleted", deleted, keep, keep)
+    return deleted
+
+
+def _bundle_of(path: Path, version: str, *, quiet: bool = False) -> bool:
+    """Whether ``path`` holds the bundle of ``version`` (its metadata says so)."""
+    try:
+        named = json.loads((path / METADATA).read_text(encoding="utf-8")).get("version")
+    except FileNotFoundError:
+        if path.exists() and not quiet:
+            log.warning("retention: %s has no %s: not deleted as model %s's bundle", path, METADATA, version)
+        return False
+    except (OSError, ValueError, AttributeError) as exc:
+        log.warning("retention: %s: cannot read its %s (%s): not deleted", path, METADATA, exc)
+        return False
+    if named != version:
+        log.warning("retention: %s holds model %r, not %s: not deleted", path, named, version)
+        return False
+    return True
+
+
+def _delete_bundle(path: Path, version: str) -> bool:
+    """Remove a bundle's own files and then its directory when nothing else is left in it; False on an error."""
+    try:
+        for name in (WEIGHTS, METADATA):  # metadata last: a half-deleted bundle is still recognised next time
+            (path / name).unlink(missing_ok=True)
+        if not any(path.iterdir()):
+            path.rmdir()
+        else:
+            log.warning("retention: model %s's bundle files deleted; %s holds other files and stays", version, path)
+    except OSError as exc:
+        log.warning("retention: could not delete model %s's bundle at %s (tried again next time): %s", version, path,
+                    exc)
+        return False
+    return True

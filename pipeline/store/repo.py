@@ -284,7 +284,9 @@ def add_model_version(*, session: Session, version: ModelVersion) -> None:
 
 
 def activate_model_version(*, session: Session, version: str, now: datetime | None = None) -> ModelVersion:
-    """Make ``version`` the active model of its group and retire the one it replaces. KeyError if unknown."""
+    """Make ``version`` the active model of its group and retire the one it replaces. KeyError if unknown,
+    BundleDeleted if retention deleted its bundle (checked in the same statement that activates it, so a prune
+    running at the same time cannot delete the bundle of a version being activated: see ``mark_bundle_deleted``)."""
     row = session.scalar(select(ModelVersion).where(ModelVersion.version == version))
     if row is None:
         raise KeyError(version)
@@ -294,10 +296,63 @@ def activate_model_version(*, session: Session, version: str, now: datetime | No
                ModelVersion.version != version)
         .values(status="retired")
     )
-    row.status = "active"
-    row.activated_at = now or datetime.now(UTC)
-    session.flush()
+    activated = session.execute(
+        update(ModelVersion).where(ModelVersion.id == row.id, ModelVersion.bundle_deleted_at.is_(None))
+        .values(status="active", activated_at=now or datetime.now(UTC))
+        .execution_options(synchronize_session="fetch")
+    )
+    if activated.rowcount != 1:
+        session.refresh(row)
+        raise BundleDeleted(row)
+    session.refresh(row)
     return row
+
+
+class BundleDeleted(Exception):
+    """The version's bundle was deleted by retention: it cannot be activated."""
+
+    def __init__(self, row: ModelVersion) -> None:
+        when = row.bundle_deleted_at.isoformat(timespec="seconds") if row.bundle_deleted_at else "earlier"
+        super().__init__(f"model version {row.version}'s bundle was deleted by retention ({when}; "
+                         "retention.model_bundles): retrain, or activate a version that still has its bundle")
+        self.version = row.version
+
+
+def bundle_prune_candidates(*, session: Session, keep: int, groups: Sequence[str] | None = None
+                            ) -> list[ModelVersion]:
+    """Versions whose bundles retention deletes, oldest first: per group, all but the newest ``keep`` retired
+    versions (the rollback targets) and all but the newest ``keep`` rejected or failed candidates (kept to look
+    into), of those whose bundle is not yet deleted. Active versions and candidates (a retrain in progress) are never
+    listed. ``groups``: only these (None: all)."""
+    query = select(ModelVersion).where(ModelVersion.status.in_(("retired", "rejected", "failed")))
+    if groups is not None:
+        query = query.where(ModelVersion.group_name.in_(groups))
+    seen: dict[tuple[str, bool], int] = {}
+    doomed: list[ModelVersion] = []
+    for row in session.scalars(query.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())):
+        key = (row.group_name, row.status == "retired")
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > keep and row.bundle_deleted_at is None:
+            doomed.append(row)
+    return doomed[::-1]
+
+
+def bundle_deleted_versions(*, session: Session) -> list[ModelVersion]:
+    """Versions whose bundle retention deleted (or marked for deletion)."""
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.bundle_deleted_at.is_not(None))))
+
+
+def mark_bundle_deleted(*, session: Session, version_id: int, now: datetime) -> bool:
+    """Record that retention deletes the bundle of version ``version_id``, unless it was activated (or marked)
+    meanwhile; True when marked. Commit this before deleting the files: the row lock this takes and the condition
+    ``activate_model_version`` checks keep the two from passing each other."""
+    result = session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.id == version_id, ModelVersion.status.in_(("retired", "rejected", "failed")),
+               ModelVersion.bundle_deleted_at.is_(None))
+        .values(bundle_deleted_at=now)
+    )
+    return result.rowcount == 1
 
 
 def get_model_version(*, session: Session, version: str) -> ModelVersion | None:

@@ -71,7 +71,8 @@ class Base(DeclarativeBase):
 class ModelVersion(Base):
     """A trained model bundle and its lifecycle status (candidate, active, retired, rejected, failed).
 
-    At most one version per group is active (a partial unique index from migration 0003).
+    At most one version per group is active (a partial unique index from migration 0003). ``bundle_deleted_at``:
+    when retention deleted the bundle (``retention.model_bundles``); such a version cannot be activated again.
     """
 
     __tablename__ = "model_versions"
@@ -97,6 +98,7 @@ class ModelVersion(Base):
     windows_used: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     reason: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    bundle_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class WindowScore(Base):

@@ -3,6 +3,8 @@ pipeline rebuilds its state from stays, a dry run deletes nothing; ``sensorwatch
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from datetime import timedelta
@@ -17,11 +19,11 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
-from pipeline.retention import PrunePlan, prune, prune_assets
+from pipeline.retention import PrunePlan, prune, prune_assets, prune_bundles
 from pipeline.scheduler import JOB_ID, PRUNE_JOB_ID, build_scheduler, stop_when_running
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import Alert, SkippedWindowRow, WindowScore
+from pipeline.store.tables import Alert, ModelVersion, SkippedWindowRow, WindowScore
 from pipeline.types import Score, SkippedWindow, ms_to_datetime
 from tests.integration.alert_data import LENGTH_MS, STRIDE_MS, T0, config_dict, populate, scores
 
@@ -131,7 +133,7 @@ def test_db_prune_command(db_url: str, tmp_path: Path) -> None:
     runner = CliRunner()
     dry = runner.invoke(app, ["db", "prune", "--config", str(path), "--dry-run"])
     assert dry.exit_code == 0, dry.output
-    assert "would delete" in dry.output and "resolved alerts before never" in dry.output
+    assert "would delete" in dry.output and "resolved alerts before never" in " ".join(dry.output.split())
     assert _stored(db_url)[0] == {"pump-1": 300, "pump-2": 53}
     done = runner.invoke(app, ["db", "prune", "--config", str(path)])
     assert done.exit_code == 0, done.output
@@ -139,7 +141,7 @@ def test_db_prune_command(db_url: str, tmp_path: Path) -> None:
     keep = PrunePlan.of(parse_config(raw, env={}), ms_to_datetime(T0)).keep_latest
     assert per_asset == {"pump-1": keep, "pump-2": keep + 3} and skipped == 0
     assert len(alerts) == 3  # alerts_days is unset: alerts are kept
-    assert f"deleted {300 + 53 - 2 * keep - 3} window scores" in done.output
+    assert f"deleted {300 + 53 - 2 * keep - 3} window scores" in " ".join(done.output.split())
     first = runner.invoke(app, ["alerts", "show", "--config", str(path), "1"])
     assert first.exit_code == 0 and "no score history: its windows are older than retention.scores_days (90)" \
         in " ".join(first.output.split())
@@ -181,3 +183,114 @@ def test_the_scheduler_runs_the_prune_job(tmp_path: Path) -> None:
     store = SQLAlchemyJobStore(engine=engine, tablename="scheduler_jobs")
     assert store.get_all_jobs() == []  # the stored jobs of the disabled parts are removed
     engine.dispose()
+
+
+# -- model bundles ---------------------------------------------------------------------------------------------------
+def _version(session, name: str, status: str, minute: int, model_dir: Path, *,  # type: ignore[no-untyped-def]
+             bundle: bool = True, group: str = "pumps") -> Path:
+    """A registry row of ``group`` created ``minute`` minutes after T0, and (``bundle``) a directory holding what a
+    bundle's files are named, its metadata naming the version."""
+    path = model_dir / group / name
+    if bundle:
+        path.mkdir(parents=True)
+        (path / "weights.pt").write_bytes(b"w")
+        (path / "metadata.json").write_text(json.dumps({"version": name}))
+    repo.add_model_version(session=session, version=ModelVersion(
+        version=name, group_name=group, model_type="dense", status=status,
+        created_at=ms_to_datetime(T0 + minute * 60_000), artifact_path=str(path), checksum="0" * 64,
+        config_hash="0" * 64, threshold=1.0, threshold_method="percentile", windows_used=100, metrics={}))
+    return path
+
+
+def _registry(db_url: str, model_dir: Path) -> dict[str, Path]:
+    """pumps: 1 active, 13 retired, 11 rejected and 1 failed candidate without a bundle, 1 candidate (a retrain
+    running); fans: 2 retired. Oldest first within each status."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    paths: dict[str, Path] = {}
+    with make_sessionmaker(engine).begin() as s:
+        minute = 0
+        for status, count in (("retired", 13), ("rejected", 11)):
+            for i in range(count):
+                minute += 1
+                paths[f"{status}-{i}"] = _version(s, f"pumps-{status}-{i}", status, minute, model_dir)
+        paths["failed"] = _version(s, "pumps-failed", "failed", 0, model_dir, bundle=False)  # the oldest candidate
+        paths["active"] = _version(s, "pumps-active", "active", 100, model_dir)
+        paths["candidate"] = _version(s, "pumps-candidate", "candidate", 101, model_dir)
+        for i in range(2):
+            paths[f"fans-{i}"] = _version(s, f"fans-retired-{i}", "retired", 200 + i, model_dir, group="fans")
+    engine.dispose()
+    return paths
+
+
+def test_old_model_bundles_go_and_their_rows_stay_marked(db_url: str, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    model_dir = tmp_path / "models"
+    paths = _registry(db_url, model_dir)
+    (paths["retired-1"] / "notes.txt").write_text("an operator's file")  # stays, with its directory
+    (paths["retired-2"] / "metadata.json").write_text(json.dumps({"version": "something-else"}))  # not this bundle
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+
+    assert prune_bundles(sessions, model_dir, keep=10, dry_run=True) == 3  # counted as a prune would delete them
+    assert all(p.exists() for name, p in paths.items() if name != "failed")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.retention"):
+        assert prune_bundles(sessions, model_dir, keep=10) == 3
+    # retired: the newest 10 of 13 stay; rejected and failed: the newest 10 of 12 stay (rejected-0 and the failed
+    # one go; the failed one has no bundle, so it is left unmarked)
+    gone = {"retired-0", "retired-1", "rejected-0"}
+    for name, path in paths.items():
+        if name in gone:
+            assert not (path / "weights.pt").exists() and not (path / "metadata.json").exists(), name
+        elif name != "failed":
+            assert (path / "weights.pt").exists(), name
+    assert not paths["retired-0"].exists() and (paths["retired-1"] / "notes.txt").exists()
+    assert "holds model 'something-else', not pumps-retired-2: not deleted" in caplog.text
+    with sessions() as s:
+        marked = {r.version for r in repo.bundle_deleted_versions(session=s)}
+    assert marked == {f"pumps-{name}" for name in gone}
+
+    assert prune_bundles(sessions, model_dir, keep=10) == 0  # nothing new: marked rows are not counted again
+    with sessions.begin() as s:  # a row marked by a run whose file deletion failed: the next run deletes its files
+        assert repo.mark_bundle_deleted(session=s, version_id=repo.get_model_version(
+            session=s, version="pumps-retired-3").id, now=ms_to_datetime(T0))
+        assert not repo.mark_bundle_deleted(session=s, version_id=repo.get_model_version(
+            session=s, version="pumps-active").id, now=ms_to_datetime(T0))  # never the active model
+    assert prune_bundles(sessions, model_dir, keep=10) == 1 and not paths["retired-3"].exists()
+    engine.dispose()
+
+
+def test_a_version_without_its_bundle_is_not_activated(db_url: str, tmp_path: Path) -> None:
+    model_dir = tmp_path / "models"
+    _registry(db_url, model_dir)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    prune_bundles(sessions, model_dir, keep=10)
+    with sessions() as s:
+        with pytest.raises(repo.BundleDeleted, match="pumps-retired-0's bundle was deleted by retention"):
+            repo.activate_model_version(session=s, version="pumps-retired-0")
+        s.rollback()
+        assert repo.active_model_versions(session=s)["pumps"].version == "pumps-active"
+    with sessions.begin() as s:  # activated first: a prune that comes after it leaves the bundle alone
+        row = repo.activate_model_version(session=s, version="pumps-retired-5")
+        assert row.status == "active" and row.bundle_deleted_at is None
+    with sessions.begin() as s:
+        assert not repo.mark_bundle_deleted(session=s, version_id=row.id, now=ms_to_datetime(T0))
+    engine.dispose()
+
+    raw = config_dict(db_url)
+    raw["model_dir"] = str(model_dir)
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["models", "activate", "--config", str(path), "pumps-retired-0"])
+    assert refused.exit_code == 2 and "pumps-retired-0's bundle was deleted by retention" in \
+        " ".join(refused.output.split()), refused.output
+    listed = runner.invoke(app, ["models", "list", "--config", str(path), "--format", "json"])
+    deleted = {d["version"] for d in json.loads(listed.output) if d["bundle_deleted"]}
+    assert deleted == {"pumps-retired-0", "pumps-retired-1", "pumps-retired-2", "pumps-rejected-0"}
+    shown = runner.invoke(app, ["models", "show", "--config", str(path), "pumps-retired-0", "--format", "json"])
+    assert json.loads(shown.output)["bundle_deleted_at"] is not None
+    pruned = runner.invoke(app, ["db", "prune", "--config", str(path)])
+    assert pruned.exit_code == 0 and "0 model bundles" in " ".join(pruned.output.split()), pruned.output

@@ -210,21 +210,42 @@ def test_flagged_and_last_scored_windows_for_the_retrain(db_url: str) -> None:
     engine.dispose()
 
 
-def _assert_downgrade_drops(db_url: str, revision: str, column: str) -> None:
-    """Downgrading to ``revision`` drops ``window_scores.column`` and leaves migrations pending; upgrading again
-    restores head."""
+def test_migration_0008_marks_deleted_bundles_and_rolls_back(db_url: str) -> None:
+    """Rows registered before 0008 read as bundles still on disk; the column goes with a downgrade and comes back."""
+    upgrade(db_url, "0007")
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO model_versions (version, group_name, model_type, status, created_at, artifact_path, checksum,"
+            " config_hash, threshold, threshold_method, windows_used, metrics) VALUES ('g-1', 'g', 'dense', 'retired',"
+            " '2026-01-01 00:00:00+00:00', '/m/g/g-1', 'c', 'h', 1.0, 'percentile', 10, '{}')"))
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        row = repo.get_model_version(session=s, version="g-1")
+        assert row is not None and row.bundle_deleted_at is None
+        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=1)] == []
+        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=0)] == ["g-1"]
+    engine.dispose()
+    _assert_downgrade_drops(db_url, "0007", "bundle_deleted_at", table="model_versions")
+
+
+def _assert_downgrade_drops(db_url: str, revision: str, column: str, table: str = "window_scores") -> None:
+    """Downgrading to ``revision`` drops ``table.column`` and leaves migrations pending; upgrading again restores
+    head."""
     from alembic import command
 
     from pipeline.store.db import alembic_config
 
     command.downgrade(alembic_config(db_url), revision)
     engine = make_engine(db_url)
-    assert column not in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    assert column not in {c["name"] for c in inspect(engine).get_columns(table)}
     assert pending_migrations(engine)
     engine.dispose()
     upgrade(db_url)
     engine = make_engine(db_url)
-    assert column in {c["name"] for c in inspect(engine).get_columns("window_scores")}
+    assert column in {c["name"] for c in inspect(engine).get_columns(table)}
     engine.dispose()
 
 

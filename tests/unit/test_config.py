@@ -153,3 +153,14 @@ def test_the_default_retention_never_refuses_a_long_retrain_lookback() -> None:
             parse_config(raw, env={"LB": "120"})
     raw["retention"] = {"enabled": False, "alerts_days": 100}  # disabled: nothing raised, and it loads
     assert parse_config(raw, env={"LB": "120"}).retention.scores_days == 90
+
+
+def test_model_bundles_retention_defaults_to_ten_and_null_keeps_all() -> None:
+    raw = _raw()
+    del raw["retention"]
+    assert parse_config(raw, env={}).retention.model_bundles == 10
+    raw["retention"] = {"model_bundles": None}
+    assert parse_config(raw, env={}).retention.model_bundles is None
+    raw["retention"] = {"model_bundles": 0}  # the rollback target and what to look into would go: refused
+    with pytest.raises(ConfigError, match=r"retention\.model_bundles: Input should be greater than 0"):
+        parse_config(raw, env={})
