@@ -80,7 +80,9 @@ def _alert_row(alert: AlertRecord, now: datetime) -> dict[str, Any]:
 
 
 def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datetime | None = None) -> None:
-    """Insert or update alerts by (asset, opened_at); the latest state of each incident wins."""
+    """Insert or update alerts by (asset, opened_at); the latest state of each incident wins, except that a resolved
+    alert stays as it is (the pipeline never reopens an incident: a new one has a new opening time), so a pipeline
+    still running an older configuration cannot undo ``resolve_alert_by_hand``."""
     if not alerts:
         return
     stamp = now or datetime.now(UTC)
@@ -89,7 +91,8 @@ def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datet
     mutable = ("group_name", "last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status",
                "window_count", "top_sensors", "model_version", "updated_at")
     stmt = stmt.on_conflict_do_update(
-        index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable}
+        index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable},
+        where=Alert.status == "open",
     )
     session.execute(stmt, [_alert_row(a, stamp) for a in latest.values()])
 

@@ -293,3 +293,18 @@ def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand
     assert "open alerts" not in {x.name for x in _database_and_models(parse_config(raw, env={}))}
     again = cli.invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan"])
     assert again.exit_code == 2 and "is resolved, not open" in " ".join(again.output.split())
+
+    from dataclasses import replace
+
+    from pipeline.types import datetime_to_ms
+
+    with make_sessionmaker(engine).begin() as s:  # a pipeline still on the old configuration writes C as open
+        stale = repo.alert_record(repo.get_alert(session=s, alert_id=c))
+        later = replace(stale, status="open", closed_ms=None, last_seen_ms=stale.last_seen_ms + 60_000,
+                        window_count=stale.window_count + 1)
+        repo.upsert_alerts(session=s, alerts=[later])
+    with make_sessionmaker(engine)() as s:
+        kept = repo.get_alert(session=s, alert_id=c)
+        assert kept is not None and kept.status == "resolved" and kept.acknowledged_by == "dan"
+        assert datetime_to_ms(kept.last_seen_at) == stale.last_seen_ms  # not undone
+    engine.dispose()
