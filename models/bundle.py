@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -88,6 +89,8 @@ def load_bundle(
         meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory}: unreadable metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{directory}: metadata is not a JSON object")
     if meta.get("format") != FORMAT:
         raise ModelError(f"{directory}: unsupported bundle format {meta.get('format')!r}")
     if sha256_file(weights_path) != meta.get("weights_sha256"):
@@ -96,6 +99,9 @@ def load_bundle(
         raise ModelError(
             f"{directory}: bundle sensors {meta.get('sensors')} do not match configured {list(expected_sensors)}"
         )
+    problem = metadata_problem(meta)
+    if problem:
+        raise ModelError(f"{directory}: {problem}")
     try:
         model = build_model(meta["model_type"], meta["window"], len(meta["sensors"]), meta["hyperparameters"])
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
@@ -112,3 +118,47 @@ def load_bundle(
         hyperparameters=meta["hyperparameters"], sensors=meta["sensors"], window=meta["window"],
         scaler=scaler, threshold=threshold, model=model, metadata=meta,
     )
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def metadata_problem(meta: dict[str, Any]) -> str | None:
+    """What makes bundle metadata unusable (a missing or ill-typed key, a scaler or threshold that would make every
+    score meaningless), in words; None when it is sound. Checked on load, before anything is rebuilt."""
+    for key, kind, name in (("version", str, "string"), ("group", str, "string"), ("model_type", str, "string"),
+                            ("hyperparameters", dict, "JSON object"), ("sensors", list, "list"),
+                            ("window", int, "whole number"), ("scaler", dict, "JSON object")):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            return f"metadata key {key!r} is missing or not a {name}"
+    sensors, window = meta["sensors"], meta["window"]
+    if not sensors or not all(isinstance(s, str) for s in sensors) or len(set(sensors)) != len(sensors):
+        return "metadata 'sensors' must be a non-empty list of distinct names"
+    if window < 2:
+        return f"metadata 'window' must be at least 2, got {window}"
+    scaler = meta["scaler"]
+    for part in ("mean", "std"):
+        values = scaler.get(part)
+        if not isinstance(values, list) or len(values) != len(sensors) or not all(_number(v) for v in values):
+            return f"scaler {part} must hold one finite number per sensor ({len(sensors)})"
+    if not all(v > 0 for v in scaler["std"]):
+        return "scaler std must be positive"
+    if not _number(meta.get("threshold")) or meta["threshold"] < 0:
+        return f"threshold must be a finite number >= 0, got {meta.get('threshold')!r}"
+    steps = meta.get("score_steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= window):
+        return f"score_steps must be within 1..window ({window}), got {steps!r}"
+    info = meta.get("threshold_info", {})
+    if not isinstance(info, dict):
+        return "threshold_info must be a JSON object"
+    alpha = info.get("ewma_alpha")
+    if alpha is not None and not (_number(alpha) and 0 < alpha <= 1):
+        return f"threshold_info.ewma_alpha must be in (0, 1], got {alpha!r}"
+    smooth = meta.get("window_smooth", 1)
+    if not isinstance(smooth, int) or isinstance(smooth, bool) or smooth < 1:
+        return f"window_smooth must be a whole number >= 1, got {smooth!r}"
+    period = meta.get("sampling_period_s")
+    if period is not None and not (_number(period) and period > 0):
+        return f"sampling_period_s must be a positive number, got {period!r}"
+    return None

@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.store.repo import score_of
 from pipeline.store.tables import Alert, WindowScore
+from pipeline.types import significant
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -56,7 +57,7 @@ def alert_dict(row: Alert, *, flat: bool = False) -> dict[str, Any]:
         "id": row.id, "asset": row.asset, "group": row.group_name, "status": row.status, "severity": row.severity,
         "opened_at": _ts(row.opened_at), "last_seen_at": _ts(row.last_seen_at), "closed_at": _ts(row.closed_at),
         "duration_s": round((end - row.opened_at).total_seconds(), 3),
-        "peak_score": round(row.peak_score, 6), "threshold": round(row.threshold, 6),
+        "peak_score": significant(row.peak_score), "threshold": significant(row.threshold),
         "peak_ratio": round(row.peak_score / row.threshold, 3) if row.threshold > 0 else None,
         "windows": row.window_count,
         "top_sensors": sensors_text(row.top_sensors) if flat else list(row.top_sensors),
@@ -87,10 +88,10 @@ def history_rows(scores: Sequence[WindowScore], alert: Alert) -> list[dict[str, 
         top = max(s.sensor_errors.items(), key=lambda kv: kv[1], default=("", 0.0))
         judged = score_of(s)  # the level (smoothed when present) and the bar it was held to
         rows.append({
-            "window_start": _ts(s.window_start), "window_end": _ts(s.window_end), "score": round(s.score, 6),
-            "smoothed": None if s.smoothed_score is None else round(s.smoothed_score, 6),
-            "threshold": round(s.threshold, 6),
-            "aftermath_floor": None if s.aftermath_floor is None else round(s.aftermath_floor, 6),
+            "window_start": _ts(s.window_start), "window_end": _ts(s.window_end), "score": significant(s.score),
+            "smoothed": None if s.smoothed_score is None else significant(s.smoothed_score),
+            "threshold": significant(s.threshold),
+            "aftermath_floor": None if s.aftermath_floor is None else significant(s.aftermath_floor),
             "ratio": round(judged.level / s.threshold, 3) if s.threshold > 0 else None, "above": judged.is_anomaly,
             "in_alert": bool(start <= s.window_start and s.window_end <= end),
             "top_sensor": top[0], "top_share": round(top[1] / total, 4),

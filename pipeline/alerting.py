@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from pipeline.config import AlertConfig, GroupConfig, MaintenanceWindow
 from pipeline.cron import CronSchedule
-from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime
+from pipeline.types import AlertEvent, AlertRecord, Score, datetime_to_ms, ms_to_datetime, significant
 
 _REST = "\x00rest"  # restored error of the sensors beyond the stored top list: counts in the total, never ranked
 _NEVER = -(2**62)
@@ -62,7 +62,7 @@ def top_sensors(error_sums: Mapping[str, float], count: int) -> list[dict[str, f
     total = sum(error_sums.values()) or 1.0
     named = [(k, v) for k, v in error_sums.items() if k != _REST]
     ranked = sorted(named, key=lambda kv: kv[1], reverse=True)[:count]
-    return [{"sensor": name, "share": round(value / total, 4), "error": round(value, 6)} for name, value in ranked]
+    return [{"sensor": name, "share": round(value / total, 4), "error": significant(value)} for name, value in ranked]
 
 
 Excursion = tuple[float, int]  # (ratio to the threshold, capped at top tier / relative; window end ms)

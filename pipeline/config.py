@@ -248,12 +248,32 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _keys_of_other_types(self) -> ModelConfig:
-        """A warning for shape keys that the chosen type does not use (they change nothing but the config hash)."""
+        """A warning for keys that change nothing but the config hash: shape keys the chosen type does not use, and
+        penalty options whose weight is 0."""
         unused = sorted(set(_SHAPE_KEYS) & self.model_fields_set - set(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
         if unused:
             log.warning("model: %s not used by type %s (it uses %s)", ", ".join(unused), self.type,
                         ", ".join(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
+        for problem in self._idle_penalty_options():
+            log.warning("model: %s", problem)
         return self
+
+    def _idle_penalty_options(self) -> list[str]:
+        """Penalty options that have no effect as written (each in words)."""
+        set_keys = self.model_fields_set
+        sparse_off = self.sparsity_weight == 0 or (self.sparsity_weight is None and self.type != "sparse")
+        problems = []
+        if sparse_off and {"sparsity", "sparsity_target"} & set_keys:
+            named = ", ".join(sorted({"sparsity", "sparsity_target"} & set_keys))
+            problems.append(f"{named} has no effect without sparsity_weight > 0 (type {self.type}"
+                            f"{'' if self.sparsity_weight is None else ', sparsity_weight 0'})")
+        elif self.sparsity == "l1" and "sparsity_target" in set_keys:
+            problems.append("sparsity_target is used by sparsity: kl only (sparsity is l1)")
+        if self.type == "sparse" and self.sparsity_weight == 0:
+            problems.append("type sparse with sparsity_weight 0 trains a plain dense autoencoder")
+        if self.type == "contractive" and self.contractive_weight == 0:
+            problems.append("type contractive with contractive_weight 0 trains a plain dense autoencoder")
+        return problems
 
     def hyperparameters(self) -> dict[str, Any]:
         """The constructor arguments of ``models.autoencoders.build_model`` for this type (stored in bundles)."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from models.detector import Detector
-from pipeline.types import Score, Window
+from pipeline.types import Score, Window, significant
 
 MAX_ERROR = 1e30
 
@@ -45,10 +45,10 @@ def finite(errors: np.ndarray) -> np.ndarray:
 
 def score_of(window: Window, detector: Detector, total: float, errors: np.ndarray) -> Score:
     """The Score of ``window`` from its (``finite``) total and per-sensor errors, in ``detector.sensors`` order;
-    per-sensor errors are rounded to 6 decimals."""
+    per-sensor errors are rounded to 6 significant digits."""
     return Score(
         asset=window.asset, group=window.group, start_ms=window.start_ms, end_ms=window.end_ms, score=float(total),
         threshold=detector.threshold,
-        sensor_errors={s: round(float(e), 6) for s, e in zip(detector.sensors, errors, strict=True)},
+        sensor_errors={s: significant(float(e)) for s, e in zip(detector.sensors, errors, strict=True)},
         model_version=detector.version,
     )

@@ -24,6 +24,12 @@ def datetime_to_ms(value: datetime) -> int:
     return round(value.timestamp() * 1000)
 
 
+def significant(value: float, digits: int = 6) -> float:
+    """``value`` rounded to ``digits`` significant digits (errors and scores for storage and display: small ones keep
+    their precision, where rounding to decimals would turn them into 0)."""
+    return float(f"{value:.{digits}g}")
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """One validated reading of one or more sensors of an asset at one instant."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,6 +107,44 @@ def test_tampered_or_mismatched_bundles_are_refused(detector: Detector, tmp_path
         load_bundle(tmp_path / "v1", expected_checksum=checksum)
     with pytest.raises(ModelError, match="not a model bundle"):
         load_bundle(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d.pop("version"), "'version' is missing or not a string"),
+    (lambda d: d.update(group=None), "'group' is missing"),
+    (lambda d: d.update(window=True), "'window' is missing or not a whole number"),
+    (lambda d: d.update(sensors=["a", "a", "b"]), "distinct names"),
+    (lambda d: d.update(threshold=float("nan")), "threshold must be a finite number >= 0"),
+    (lambda d: d.update(threshold=-1.0), "threshold must be a finite number >= 0"),
+    (lambda d: d["scaler"].update(mean=[0.0]), "scaler mean must hold one finite number per sensor \\(3\\)"),
+    (lambda d: d["scaler"].update(mean=[0.0, float("nan"), 0.0]), "scaler mean"),
+    (lambda d: d["scaler"].update(std=[1.0, 0.0, 1.0]), "scaler std must be positive"),
+    (lambda d: d.update(score_steps=99), "score_steps must be within 1..window"),
+    (lambda d: d.update(score_steps="x"), "score_steps must be within 1..window"),
+    (lambda d: d.update(threshold_info=[]), "threshold_info must be a JSON object"),
+    (lambda d: d.update(threshold_info={"ewma_alpha": 0}), "ewma_alpha must be in \\(0, 1\\]"),
+    (lambda d: d.update(window_smooth=0), "window_smooth must be a whole number >= 1"),
+    (lambda d: d.update(sampling_period_s="10"), "sampling_period_s must be a positive number"),
+])
+def test_metadata_that_makes_no_sense_is_refused_even_with_matching_hashes(
+        detector: Detector, tmp_path: Path, change: Any, message: str) -> None:
+    """Metadata whose checksum is right (written by a broken tool, or loaded without a registry checksum) but whose
+    content would crash scoring later, or alarm on every window, is refused on load with the key named."""
+    save_bundle(detector, tmp_path / "v1")
+    meta = tmp_path / "v1" / "metadata.json"
+    doc = json.loads(meta.read_text())
+    change(doc)
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=message):
+        load_bundle(tmp_path / "v1")
+
+
+def test_metadata_that_is_not_an_object_is_refused(detector: Detector, tmp_path: Path) -> None:
+    save_bundle(detector, tmp_path / "v1")
+    for doc in ("[]", "null", "3"):
+        (tmp_path / "v1" / "metadata.json").write_text(doc)
+        with pytest.raises(ModelError, match="metadata is not a JSON object"):
+            load_bundle(tmp_path / "v1")
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

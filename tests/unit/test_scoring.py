@@ -30,3 +30,17 @@ def test_overflowing_errors_are_capped_not_nan() -> None:
         (score,) = score_windows([Window("a", "g", 0, 4000, np.full((4, 2), value))], {"g": _detector()})
         assert score.score == MAX_ERROR and score.is_anomaly
         assert all(np.isfinite(list(score.sensor_errors.values())))
+
+
+def test_small_per_sensor_errors_keep_their_precision() -> None:
+    """Errors far below 1e-6 (a model that reconstructs a quiet sensor very well) are stored to 6 significant digits,
+    not rounded to 0, so the alert's top sensors and their errors stay meaningful."""
+    from pipeline.alerting import top_sensors
+    from pipeline.scoring import score_of
+
+    window = Window("a", "g", 0, 4000, np.zeros((4, 2)))
+    score = score_of(window, _detector(), 3.5e-9, np.array([1.23456789e-9, 2.3e-9]))
+    assert score.sensor_errors == {"x": 1.23457e-9, "y": 2.3e-9}
+    top = top_sensors({"x": 1.23456789e-9, "y": 2.3e-9}, 2)
+    assert [(t["sensor"], t["error"]) for t in top] == [("y", 2.3e-9), ("x", 1.23457e-9)]
+    assert top[0]["share"] == round(2.3 / 3.53456789, 4)

@@ -138,3 +138,23 @@ def test_shapes_that_cannot_learn_and_keys_of_other_types_are_warned_of(caplog: 
         _group(model={"type": "dense", "hidden": [8, 32]})  # the 8-wide layer is the bottleneck
         _group(model={"type": "sparse", "hidden": [64, 32]})  # wide on purpose: the penalty restricts it
     assert caplog.text == ""
+
+
+def test_penalty_options_without_a_weight_are_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    """Options that would train the same network as leaving them out (their weight is 0) are named; the ones that
+    act are not."""
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        _group(model={"type": "lstm", "sparsity": "kl", "sparsity_target": 0.2})
+        _group(model={"type": "sparse", "sparsity_target": 0.3})  # the default l1 penalty ignores the target
+        _group(model={"type": "sparse", "sparsity_weight": 0})
+        _group(model={"type": "contractive", "contractive_weight": 0})
+    assert "model: sparsity, sparsity_target has no effect without sparsity_weight > 0 (type lstm)" in caplog.text
+    assert "sparsity_target is used by sparsity: kl only (sparsity is l1)" in caplog.text
+    assert "type sparse with sparsity_weight 0 trains a plain dense autoencoder" in caplog.text
+    assert "type contractive with contractive_weight 0 trains a plain dense autoencoder" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        _group(model={"type": "lstm", "sparsity": "kl", "sparsity_target": 0.2, "sparsity_weight": 0.01})
+        _group(model={"type": "sparse", "sparsity": "kl", "sparsity_target": 0.1})  # the type's default weight
+        _group(model={"type": "conv", "contractive_weight": 0.01})
+    assert not any(part in caplog.text for part in ("no effect", "kl only", "plain dense"))
