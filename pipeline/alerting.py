@@ -219,6 +219,7 @@ class _AssetAlerts:
     ewma: float | None = None  # the smoothed score after the window ending at ewma_end_ms, by model ewma_version
     ewma_end_ms: int = _NEVER
     ewma_version: str | None = None
+    ewma_threshold: float = 0.0  # that model's threshold
     excursion: Excursion | None = None  # aftermath: of the windows of its incidents, the largest decayed ratio
     maintenance: bool = False  # whether the last window judged lay in a maintenance window
 
@@ -288,6 +289,7 @@ class AlertEngine:
         if recent:
             latest = max(recent, key=lambda s: s.end_ms)
             state.ewma, state.ewma_end_ms, state.ewma_version = latest.smoothed, latest.end_ms, latest.model_version
+            state.ewma_threshold = latest.threshold
         aftermath = rule.config.aftermath
         if aftermath is not None:
             for score in excursions:
@@ -325,8 +327,10 @@ class AlertEngine:
     def smooth(self, scores: Iterable[Score], alphas: Mapping[str, float | None]) -> list[Score]:
         """The scores (sorted by asset and window end) with ``smoothed`` set where their group's ``alphas`` entry is
         not None: ``alpha * score + (1 - alpha) * previous smoothed`` of the asset. The stream starts again from the
-        raw score at an asset's first window, after a maintenance window, and when the model version changes (a
-        new model's scores are on its own scale).
+        raw score at an asset's first window and after a maintenance window. When the model version changes, the
+        previous level is carried over as a fraction of the threshold (``previous / old threshold x new
+        threshold``): a new model's scores are on its own scale, and starting its stream from a raw score would
+        judge the first windows after every retrain almost unsmoothed against a threshold fitted on smoothed ones.
 
         The state continues across calls and, through ``restore`` (the latest stored smoothed score), across
         restarts; windows at or before the last one smoothed (replays) and maintenance windows are returned
@@ -344,9 +348,12 @@ class AlertEngine:
                 state.ewma, state.ewma_end_ms = None, score.end_ms
                 out.append(score)
                 continue
-            fresh = state.ewma is None or state.ewma_version != score.model_version
-            level = score.score if fresh else alpha * score.score + (1.0 - alpha) * state.ewma  # type: ignore[operator]
+            previous = state.ewma
+            if previous is not None and state.ewma_version != score.model_version:
+                previous = previous / state.ewma_threshold * score.threshold if state.ewma_threshold > 0 else None
+            level = score.score if previous is None else alpha * score.score + (1.0 - alpha) * previous
             state.ewma, state.ewma_end_ms, state.ewma_version = level, score.end_ms, score.model_version
+            state.ewma_threshold = score.threshold
             out.append(replace(score, smoothed=level))
         return out
 

@@ -71,8 +71,26 @@ def test_smoothing_starts_afresh_after_maintenance_and_with_a_new_model() -> Non
     old = [replace(_score("b", 4 + 2 * i, 5.0, threshold=10.0), model_version="v1") for i in range(5)]
     new = [replace(_score("b", 14 + 2 * i, 0.2), model_version="v2") for i in range(5)]
     swapped = engine.smooth(old + new, {"g": 0.3})
-    assert swapped[5].smoothed == pytest.approx(0.2)  # a new model's scale: not mixed with the old model's level
+    # a new model's scale: the old level carries over as a fraction of the threshold (5 of 10 -> 0.5 of 1.0), not
+    # as a raw value, and not dropped for the raw score
+    assert swapped[5].smoothed == pytest.approx(0.3 * 0.2 + 0.7 * 0.5)
     assert engine.process(swapped) == []
+
+
+def test_a_retrain_mid_stream_carries_the_level_over_as_a_fraction_of_the_threshold() -> None:
+    """Restored from a stored v1 level at 2x its threshold, the first v2 windows continue from 2x v2's threshold
+    (an excursion in progress stays visible); a normal v1 level continues as a normal v2 level, so a noisy first v2
+    score is smoothed as any other instead of being judged raw."""
+    engine = AlertEngine(parse_config(_raw(), env={}).groups)
+    stored = replace(_score("a", 6, 8.0, threshold=4.0), smoothed=8.0)
+    engine.restore("a", "g", open_alert=None, recent=[stored])
+    [first] = engine.smooth([replace(_score("a", 8, 0.1, threshold=0.5), model_version="v2")], {"g": 0.2})
+    assert first.smoothed == pytest.approx(0.2 * 0.1 + 0.8 * (8.0 / 4.0 * 0.5))
+    assert first.level > first.threshold
+    quiet = AlertEngine(parse_config(_raw(), env={}).groups)
+    quiet.restore("a", "g", open_alert=None, recent=[replace(_score("a", 6, 1.0, threshold=4.0), smoothed=1.0)])
+    [spike] = quiet.smooth([replace(_score("a", 8, 0.9, threshold=0.5), model_version="v2")], {"g": 0.2})
+    assert spike.smoothed == pytest.approx(0.2 * 0.9 + 0.8 * 0.125) and spike.level < spike.threshold  # raw: 0.9
 
 
 def test_engine_restores_the_smoothed_state_from_the_latest_stored_score() -> None:
