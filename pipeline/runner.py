@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
@@ -78,7 +78,9 @@ class Runner:
 
     def __init__(self, config: Config, *, sessions: sessionmaker[Session], detectors: dict[str, Detector],
                  producer: KafkaProducer, stop: threading.Event, metrics: PipelineMetrics | None = None,
-                 sinks: AlertSinks | None = None) -> None:
+                 sinks: AlertSinks | None = None, reported: Iterable[str] = ()) -> None:
+        """``reported``: groups whose missing or refused model the caller has logged already (the first reload
+        does not log their refusal again)."""
         self.config = config
         self.stats = RunStats()
         self.metrics = metrics or PipelineMetrics(config.metrics.unhealthy_after_s)
@@ -104,6 +106,7 @@ class Runner:
         # (version, activated_at) whose bundle was refused -> when to try it again (monotonic; inf: not before it is
         # activated again)
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
+        self._reported = set(reported)
         self._broker_silent = False  # the last end-offset query for idle close got no answer
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
@@ -382,10 +385,12 @@ class Runner:
             activation = (row.version, row.activated_at)
             if time.monotonic() < self._refused_models.get(activation, 0.0):
                 continue
+            reported = group.name in self._reported
+            self._reported.discard(group.name)
             try:
                 detector = load_version(row, group, self.config.model_dir)
             except (ModelError, OSError) as exc:
-                if activation not in self._refused_models:
+                if activation not in self._refused_models and not reported:
                     log.error("group %s: refusing model %s, %s: %s", group.name, row.version,
                               f"{current.version} keeps serving" if current else "the group stays unmonitored", exc)
                 self._refused_models[activation] = math.inf if isinstance(exc, ModelMismatch) \
@@ -490,7 +495,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         stack.callback(sinks.close, timeout_s=10)
         metrics.watch_sinks(sinks.stats)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
-                        sinks=sinks)
+                        sinks=sinks, reported=problems)
         waited_too_long = threading.Event()
         if idle_stop_s is not None:  # waiting for a topic that does not exist yet is idle time too
             def give_up() -> None:

@@ -325,4 +325,16 @@ def test_runner_swaps_in_a_newly_active_model_and_refuses_a_broken_bundle(tmp_pa
     assert runner.reload_models() == {"g": good}
     assert detectors["g"].version == good
     assert [x.labels for x in runner.metrics.model_info.collect()[0].samples] == [{"group": "g", "version": good}]
+
+    # a pipeline started while the broken bundle was active: the start logged it, the first reload does not again;
+    # a later activation of it is logged as usual
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version=broken)
+    caplog.clear()
+    started = Runner(config, sessions=sessions, detectors={}, producer=None,  # type: ignore[arg-type]
+                     stop=threading.Event(), reported=["g"])
+    assert started.reload_models() == {} and "refusing model" not in caplog.text
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version=broken)  # activated again: a new activation time
+    assert started.reload_models() == {} and f"refusing model {broken}" in caplog.text
     engine.dispose()
