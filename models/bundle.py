@@ -144,8 +144,8 @@ def metadata_problem(meta: dict[str, Any]) -> str | None:
             return f"scaler {part} must hold one finite number per sensor ({len(sensors)})"
     if not all(v > 0 for v in scaler["std"]):
         return "scaler std must be positive"
-    if not _number(meta.get("threshold")) or meta["threshold"] < 0:
-        return f"threshold must be a finite number >= 0, got {meta.get('threshold')!r}"
+    if not _number(meta.get("threshold")) or meta["threshold"] <= 0:
+        return f"threshold must be a finite number > 0, got {meta.get('threshold')!r}"
     steps = meta.get("score_steps")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= window):
         return f"score_steps must be within 1..window ({window}), got {steps!r}"

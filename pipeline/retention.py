@@ -36,6 +36,8 @@ from pipeline.store import repo
 
 log = logging.getLogger(__name__)
 
+LEFTOVER_DAYS = 7  # rows marked this recently whose bundle files are still found: deleted again
+
 
 @dataclass(frozen=True)
 class PrunePlan:
@@ -153,17 +155,19 @@ def prune_database(config: Config, plan: PrunePlan, *, dry_run: bool = False,
 def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int, dry_run: bool = False,
                   now: datetime | None = None) -> int:
     """Delete the bundles ``repo.bundle_prune_candidates`` lists (``keep`` per group and kind), marking each row
-    first, and again the files of rows marked earlier whose deletion failed; the number of bundles deleted (for a
-    dry run, that would be). A bundle that is not found is left unmarked (a model volume not mounted must not lose
-    its history); one whose metadata names another version is left alone, with a warning. Database errors
-    propagate; file errors are logged and retried on the next run."""
+    first; the number of bundles deleted (for a dry run, that would be). A bundle that is not found is left unmarked
+    (a model volume not mounted must not lose its history); one whose metadata names another version is left alone,
+    with a warning; one whose files cannot be deleted is unmarked again (it is whole, and may still be activated).
+    The files of rows marked in the last ``LEFTOVER_DAYS`` are deleted again when found (a run that died between
+    marking and deleting), and bundle staging directories left by a save that died (``.<version>.*``, a day old)
+    go too. Database errors propagate; file errors are logged and tried again on the next run."""
     stamp = now or datetime.now(UTC)
     with sessions() as session:
         doomed = [(r.id, r.version, bundle_path(r, model_dir))
                   for r in repo.bundle_prune_candidates(session=session, keep=keep)]
         leftover = [] if dry_run else [
             (r.version, bundle_path(r, model_dir))
-            for r in repo.bundle_deleted_versions(session=session)]
+            for r in repo.bundle_deleted_versions(session=session, since=stamp - timedelta(days=LEFTOVER_DAYS))]
     deleted = 0
     for version_id, version, path in doomed:
         if not _bundle_of(path, version):
@@ -172,16 +176,40 @@ def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int
             deleted += 1
             continue
         with sessions.begin() as session:
-            marked = repo.mark_bundle_deleted(session=session, version_id=version_id, now=stamp)
-        if marked and _delete_bundle(path, version):
+            if not repo.mark_bundle_deleted(session=session, version_id=version_id, now=stamp):
+                continue  # activated (or marked) meanwhile
+        if _delete_bundle(path, version):
             deleted += 1
-    for version, path in leftover:  # marked on an earlier run whose file deletion failed
+        elif _bundle_of(path, version, quiet=True) and (path / WEIGHTS).exists():
+            with sessions.begin() as session:
+                repo.unmark_bundle_deleted(session=session, version_id=version_id)
+    for version, path in leftover:
         if _bundle_of(path, version, quiet=True):
             deleted += int(_delete_bundle(path, version))
+    if not dry_run:
+        _delete_stale_staging(Path(model_dir), stamp)
     if deleted:
         log.info("retention: %s %d model bundle(s) (keeping %d retired and %d rejected per group)",
                  "would delete" if dry_run else "deleted", deleted, keep, keep)
     return deleted
+
+
+def _delete_stale_staging(model_dir: Path, now: datetime) -> None:
+    """Remove the staging directories (``<group>/.<version>.*``, holding only bundle files) that a save which died
+    left behind, once a day old (a save in progress is never that old)."""
+    cutoff = (now - timedelta(days=1)).timestamp()
+    for staging in model_dir.glob("*/.*.*"):
+        try:
+            if not staging.is_dir() or staging.stat().st_mtime > cutoff:
+                continue
+            if any(item.name not in (WEIGHTS, METADATA) for item in staging.iterdir()):
+                continue
+            for name in (WEIGHTS, METADATA):
+                (staging / name).unlink(missing_ok=True)
+            staging.rmdir()
+            log.info("retention: deleted %s, left by a bundle save that did not finish", staging)
+        except OSError as exc:
+            log.warning("retention: could not delete %s: %s", staging, exc)
 
 
 def _bundle_of(path: Path, version: str, *, quiet: bool = False) -> bool:

@@ -638,7 +638,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
             repo.activate_model_version(session=session, version=candidate.version)
         else:
             repo.set_model_status(session=session, version=candidate.version, status="rejected",
-                                  reason=decision.reason)
+                                  reason=decision.reason, only_from="candidate")
         row = repo.get_model_version(session=session, version=candidate.version)
         if row is not None:
             row.metrics = {**row.metrics, **m, "gate": outcome, "gate_reason": decision.reason}
@@ -678,7 +678,7 @@ def _record_failure(group: str, *, sessions: sessionmaker[Session], run_id: int,
             if progress.candidate_version:
                 with contextlib.suppress(KeyError):
                     repo.set_model_status(session=session, version=progress.candidate_version, status="failed",
-                                          reason=reason)
+                                          reason=reason, only_from="candidate")
             repo.finish_retrain_run(session=session, run_id=run_id, outcome="failed", reason=reason, now=clock(),
                                     active_version=progress.active_version,
                                     candidate_version=progress.candidate_version,

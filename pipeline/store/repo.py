@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Select, String, and_, delete, exists, func, literal, or_, select, union_all, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, load_only
 
 from pipeline.store.tables import (
     Alert,
@@ -323,26 +323,38 @@ class BundleDeleted(Exception):
 
 def bundle_prune_candidates(*, session: Session, keep: int, groups: Sequence[str] | None = None
                             ) -> list[ModelVersion]:
-    """Versions whose bundles retention deletes, oldest first: per group, all but the newest ``keep`` retired
-    versions (the rollback targets) and all but the newest ``keep`` rejected or failed candidates (kept to look
-    into), of those whose bundle is not yet deleted. Active versions and candidates (a retrain in progress) are never
-    listed. ``groups``: only these (None: all)."""
-    query = select(ModelVersion).where(ModelVersion.status.in_(("retired", "rejected", "failed")))
+    """Versions whose bundles retention deletes, oldest first: per group, of the versions whose bundle is still
+    there, all but the ``keep`` retired ones active most recently (the rollback targets: a version rolled back to
+    and retired again counts from then, not from its training) and all but the newest ``keep`` rejected or failed
+    candidates (kept to look into). Active versions and candidates (a retrain in progress, or ``train
+    --no-activate``) are never listed. ``groups``: only these (None: all). Reads only the columns it needs."""
+    query = (select(ModelVersion)
+             .options(load_only(ModelVersion.id, ModelVersion.version, ModelVersion.group_name, ModelVersion.status,
+                                ModelVersion.created_at, ModelVersion.activated_at, ModelVersion.artifact_path))
+             .where(ModelVersion.status.in_(("retired", "rejected", "failed")),
+                    ModelVersion.bundle_deleted_at.is_(None)))
     if groups is not None:
         query = query.where(ModelVersion.group_name.in_(groups))
+    rows = list(session.scalars(query))
+    rows.sort(key=lambda r: (r.activated_at or r.created_at, r.created_at, r.id), reverse=True)
     seen: dict[tuple[str, bool], int] = {}
     doomed: list[ModelVersion] = []
-    for row in session.scalars(query.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())):
+    for row in rows:
         key = (row.group_name, row.status == "retired")
         seen[key] = seen.get(key, 0) + 1
-        if seen[key] > keep and row.bundle_deleted_at is None:
+        if seen[key] > keep:
             doomed.append(row)
     return doomed[::-1]
 
 
-def bundle_deleted_versions(*, session: Session) -> list[ModelVersion]:
-    """Versions whose bundle retention deleted (or marked for deletion)."""
-    return list(session.scalars(select(ModelVersion).where(ModelVersion.bundle_deleted_at.is_not(None))))
+def bundle_deleted_versions(*, session: Session, since: datetime) -> list[ModelVersion]:
+    """Versions whose bundle retention marked deleted at or after ``since``."""
+    return list(session.scalars(select(ModelVersion).where(ModelVersion.bundle_deleted_at >= since)))
+
+
+def unmark_bundle_deleted(*, session: Session, version_id: int) -> None:
+    """Undo ``mark_bundle_deleted`` (its files could not be deleted: the bundle is whole and may be activated)."""
+    session.execute(update(ModelVersion).where(ModelVersion.id == version_id).values(bundle_deleted_at=None))
 
 
 def mark_bundle_deleted(*, session: Session, version_id: int, now: datetime) -> bool:
@@ -363,11 +375,15 @@ def get_model_version(*, session: Session, version: str) -> ModelVersion | None:
     return session.scalar(select(ModelVersion).where(ModelVersion.version == version))
 
 
-def set_model_status(*, session: Session, version: str, status: str, reason: str | None = None) -> None:
+def set_model_status(*, session: Session, version: str, status: str, reason: str | None = None,
+                     only_from: str | None = None) -> None:
     """Set a version's status (``rejected``, ``failed``, ...) and why. Not for activation: use
-    ``activate_model_version``. KeyError if unknown."""
-    result = session.execute(update(ModelVersion).where(ModelVersion.version == version)
-                             .values(status=status, reason=reason[:500] if reason else None))
+    ``activate_model_version``. ``only_from``: only if its status is this now (a candidate's outcome must never
+    overwrite the status of a version that was promoted meanwhile). KeyError if unknown (or not ``only_from``)."""
+    query = update(ModelVersion).where(ModelVersion.version == version)
+    if only_from is not None:
+        query = query.where(ModelVersion.status == only_from)
+    result = session.execute(query.values(status=status, reason=reason[:500] if reason else None))
     if result.rowcount != 1:
         raise KeyError(version)
 

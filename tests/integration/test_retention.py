@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -248,16 +248,55 @@ def test_old_model_bundles_go_and_their_rows_stay_marked(db_url: str, tmp_path: 
     assert not paths["retired-0"].exists() and (paths["retired-1"] / "notes.txt").exists()
     assert "holds model 'something-else', not pumps-retired-2: not deleted" in caplog.text
     with sessions() as s:
-        marked = {r.version for r in repo.bundle_deleted_versions(session=s)}
+        marked = {r.version for r in repo.bundle_deleted_versions(session=s, since=ms_to_datetime(0))}
     assert marked == {f"pumps-{name}" for name in gone}
 
     assert prune_bundles(sessions, model_dir, keep=10) == 0  # nothing new: marked rows are not counted again
-    with sessions.begin() as s:  # a row marked by a run whose file deletion failed: the next run deletes its files
+    stamp = datetime.now(UTC)
+    with sessions.begin() as s:  # a row marked by a run that died before deleting: the next run deletes its files
         assert repo.mark_bundle_deleted(session=s, version_id=repo.get_model_version(
-            session=s, version="pumps-retired-3").id, now=ms_to_datetime(T0))
+            session=s, version="pumps-retired-3").id, now=stamp)
         assert not repo.mark_bundle_deleted(session=s, version_id=repo.get_model_version(
-            session=s, version="pumps-active").id, now=ms_to_datetime(T0))  # never the active model
+            session=s, version="pumps-active").id, now=stamp)  # never the active model
     assert prune_bundles(sessions, model_dir, keep=10) == 1 and not paths["retired-3"].exists()
+    engine.dispose()
+
+
+def test_the_rollback_target_is_ranked_by_when_it_was_last_active(db_url: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """v1..v4 promoted in turn, the operator rolls back to v1, then v5 is promoted: with keep=2, v1 (active until
+    just now) and v4 stay, v2 and v3 go. A bundle whose files cannot be deleted is unmarked again (it is whole).
+    A staging directory left by a save that died goes once a day old."""
+    import os
+
+    upgrade(db_url)
+    model_dir = tmp_path / "models"
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        for i in range(1, 6):
+            _version(s, f"v{i}", "candidate", i, model_dir)
+    for name in ("v1", "v2", "v3", "v4", "v1", "v5"):
+        with sessions.begin() as s:
+            repo.activate_model_version(session=s, version=name)
+    staging = model_dir / "pumps" / ".v6.abc123"
+    staging.mkdir()
+    (staging / "weights.pt").write_bytes(b"half")
+    fresh = model_dir / "pumps" / ".v7.def456"  # a save in progress
+    fresh.mkdir()
+    os.utime(staging, (time.time() - 2 * 86_400,) * 2)
+    from pipeline import retention
+
+    delete = retention._delete_bundle
+    monkeypatch.setattr(retention, "_delete_bundle", lambda path, version: version != "v3" and delete(path, version))
+    assert prune_bundles(sessions, model_dir, keep=2) == 1  # v2; v3's files stay
+    with sessions() as s:
+        status = {r.version: (r.status, r.bundle_deleted_at is not None) for r in repo.list_model_versions(session=s)}
+    assert status == {"v5": ("active", False), "v1": ("retired", False), "v4": ("retired", False),
+                      "v3": ("retired", False), "v2": ("retired", True)}
+    assert not staging.exists() and fresh.exists()
+    monkeypatch.undo()
+    assert prune_bundles(sessions, model_dir, keep=2) == 1 and not (model_dir / "pumps" / "v3").exists()
     engine.dispose()
 
 

@@ -338,3 +338,36 @@ def test_runner_swaps_in_a_newly_active_model_and_refuses_a_broken_bundle(tmp_pa
         repo.activate_model_version(session=s, version=broken)  # activated again: a new activation time
     assert started.reload_models() == {} and f"refusing model {broken}" in caplog.text
     engine.dispose()
+
+
+def test_a_failed_run_never_marks_a_promoted_candidate_failed(tmp_path: Path) -> None:
+    """The promotion committed but the run then failed (e.g. the connection dropped while COMMIT was answered): the
+    failure record leaves the now-active version alone, so it is neither left 'failed' (no active model) nor
+    treated as a failed candidate whose bundle retention may delete."""
+    from pipeline.retrain import _Progress, _record_failure
+    from pipeline.store.tables import ModelVersion
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    with sessions.begin() as s:
+        for name in ("old", "new"):
+            repo.add_model_version(session=s, version=ModelVersion(
+                version=name, group_name="g", model_type="dense", status="candidate", created_at=now,
+                artifact_path=str(tmp_path / name), checksum="0" * 64, config_hash="0" * 64, threshold=1.0,
+                threshold_method="percentile", windows_used=1, metrics={}))
+        repo.activate_model_version(session=s, version="old")
+        run = repo.start_retrain_run(session=s, group="g", trigger="manual", holder="h", now=now)
+    with sessions.begin() as s:
+        repo.activate_model_version(session=s, version="new")
+    progress = _Progress()
+    progress.candidate_version = "new"
+    _record_failure("g", sessions=sessions, run_id=run.id, progress=progress, exc=OSError("connection lost"),
+                    clock=lambda: now)
+    with sessions() as s:
+        assert {r.version: r.status for r in repo.list_model_versions(session=s)} == {"new": "active",
+                                                                                      "old": "retired"}
+        assert [r.outcome for r in repo.list_retrain_runs(session=s, group="g")] == ["failed"]
+    engine.dispose()
