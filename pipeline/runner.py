@@ -264,7 +264,8 @@ class Runner:
                 self._restore(session, assets)
                 scores, events = judge(forward, self._detectors, self._alerts, self._drift)
                 repo.insert_scores(session=session, scores=scores)
-                repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
+                written = repo.upsert_alerts(session=session, alerts=[e.alert for e in events])
+                events = self._resolved_elsewhere(events, written)
                 if self._sinks is not None:
                     repo.enqueue_outbox(session=session, rows=self._sinks.outbox_rows(events),
                                         now=datetime.now(UTC))
@@ -282,6 +283,19 @@ class Runner:
             self._drift.forget(assets)
             raise
         return scores, events
+
+    def _resolved_elsewhere(self, events: list[AlertEvent], written: set[tuple[str, int]]) -> list[AlertEvent]:
+        """The events whose alert the upsert wrote. An alert it left alone was resolved meanwhile (``sensorwatch
+        alerts resolve``): its events are not sent, and the asset's alert state is rebuilt from the database at its
+        next window, so a new incident can open."""
+        stale = {e.alert.asset for e in events if (e.alert.asset, e.alert.opened_ms) not in written}
+        if not stale:
+            return events
+        log.warning("alerts of %s were resolved outside this pipeline: their state is read again from the database",
+                    ", ".join(sorted(stale)))
+        self._alerts.forget(stale)
+        self._drift.forget(stale)
+        return [e for e in events if (e.alert.asset, e.alert.opened_ms) in written]
 
     def _restore(self, session: Session, assets: list[str]) -> None:
         todo = self._alerts.unrestored(assets)  # drift state is forgotten and restored together with it

@@ -79,12 +79,14 @@ def _alert_row(alert: AlertRecord, now: datetime) -> dict[str, Any]:
     }
 
 
-def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datetime | None = None) -> None:
+def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datetime | None = None
+                  ) -> set[tuple[str, int]]:
     """Insert or update alerts by (asset, opened_at); the latest state of each incident wins, except that a resolved
     alert stays as it is (the pipeline never reopens an incident: a new one has a new opening time), so a pipeline
-    still running an older configuration cannot undo ``resolve_alert_by_hand``."""
+    still running an older configuration cannot undo ``resolve_alert_by_hand``. Returns the (asset, opened ms) of
+    the incidents written: the others were resolved already."""
     if not alerts:
-        return
+        return set()
     stamp = now or datetime.now(UTC)
     latest = {(a.asset, a.opened_ms): a for a in alerts}  # one row per incident per statement
     stmt = _insert(session, Alert)
@@ -93,8 +95,9 @@ def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datet
     stmt = stmt.on_conflict_do_update(
         index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable},
         where=Alert.status == "open",
-    )
-    session.execute(stmt, [_alert_row(a, stamp) for a in latest.values()])
+    ).returning(Alert.asset, Alert.opened_at)
+    written = session.execute(stmt, [_alert_row(a, stamp) for a in latest.values()])
+    return {(asset, datetime_to_ms(opened)) for asset, opened in written}
 
 
 def open_alerts(*, session: Session, assets: Sequence[str]) -> list[Alert]:

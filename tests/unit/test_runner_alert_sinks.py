@@ -132,3 +132,32 @@ def test_nothing_is_queued_when_the_transaction_fails(tmp_path: Path) -> None:
         runner.process(_records(22, 40, range(20, 40)), T0 + 40_000)
     assert sinks.queued() == [] and sinks.woken == 0
     sinks.engine.dispose()
+
+
+def test_an_alert_resolved_by_hand_is_not_reopened_or_sent_again_and_a_new_incident_opens(tmp_path: Path) -> None:
+    """A pipeline still on a configuration that keeps asset a while the operator resolved its open alert by hand
+    (`alerts resolve`): the upsert leaves the row resolved, the runner queues no event for it, and the asset's
+    alert state is read again, so the fault that is still there opens a new incident."""
+    from pipeline.store import repo
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    sinks = _CheckingSinks(url)
+    runner = _runner(url, sinks, threading.Event())
+    hot = range(20, 80)
+    runner.process(_records(0, 30, hot), T0 + 30_000)
+    before = sinks.queued()
+    assert before[0] == "opened" and set(before[1:]) <= {"updated"}
+    sessions = make_sessionmaker(sinks.engine)
+    with sessions.begin() as s:
+        [alert] = s.scalars(select(Alert)).all()
+        repo.resolve_alert_by_hand(session=s, alert_id=alert.id, by="op", comment="asset replaced")
+    runner.process(_records(30, 50, hot), T0 + 50_000)  # judged as the open incident: refused, state dropped
+    runner.process(_records(50, 60, hot), T0 + 60_000)  # judged from the database's state
+    with sessions() as s:
+        rows = [(a.status, a.acknowledged_by) for a in s.scalars(select(Alert).order_by(Alert.opened_at))]
+    assert rows[0] == ("resolved", "op")  # not reopened
+    assert len(rows) == 2 and rows[1] == ("open", None)  # the fault goes on: a new incident, after the cooldown
+    after = sinks.queued()[len(before):]
+    assert after[0] == "opened" and set(after[1:]) <= {"updated"}  # nothing about the resolved one
+    sinks.engine.dispose()
