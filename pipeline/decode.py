@@ -97,11 +97,20 @@ class Decoder:
                 self._asset_sensors[asset] = ranges
 
     def decode(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None) -> Reading:
-        """Validate one message; raises InvalidReading with the reason.
+        """Validate one message; raises InvalidReading with the reason. Values of a ``values`` message that cannot
+        be used are left out (``decode_partial`` says which).
 
         Two shapes: ``{"asset", "ts", "values": {sensor: number}}`` and ``{"asset", "sensor", "ts", "value"}``.
         ``now_ms`` (the consumer's clock) enables the future/age checks; ``key`` the key check.
         """
+        return self.decode_partial(value, key, now_ms)[0]
+
+    def decode_partial(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None
+                       ) -> tuple[Reading, list[InvalidReading]]:
+        """``decode``, and the problems of the values it left out: in a ``values`` message, one sensor that is not
+        configured, not a number, not finite or out of its ``valid_range`` costs that value only, not the other
+        sensors of the record (an extra field from a gateway, one failed transmitter). InvalidReading when the
+        record as a whole cannot be used, or none of its values can."""
         if value is None:
             raise InvalidReading("malformed_json", "empty message (tombstone)")
         if len(value) > self._max_bytes:
@@ -143,33 +152,51 @@ class Decoder:
             if not raw_values:
                 raise InvalidReading("missing_field", "values is empty")
         values: dict[str, float] = {}
+        problems: list[InvalidReading] = []
         for sensor, raw in raw_values.items():
-            if sensor not in ranges:
-                raise InvalidReading("unknown_sensor", f"{asset}/{str(sensor)[:60]}")
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
-                raise InvalidReading("wrong_type", f"{sensor} must be a number, got {type(raw).__name__}")
-            number = float(raw)
-            if not math.isfinite(number):
-                raise InvalidReading("non_finite", sensor)
-            if abs(number) > MAX_ABS_VALUE:
-                raise InvalidReading("out_of_range", f"{sensor}={number:g}: magnitude above {MAX_ABS_VALUE:g}")
-            valid = ranges[sensor]
-            if valid is not None and not valid[0] <= number <= valid[1]:
-                raise InvalidReading("out_of_range", f"{sensor}={number} outside [{valid[0]}, {valid[1]}]")
-            values[sensor] = number
-        return Reading(asset=asset, ts_ms=ts_ms, values=values)
+            try:
+                values[sensor] = _value(asset, sensor, raw, ranges)
+            except InvalidReading as exc:
+                problems.append(exc)
+        if not values:
+            raise problems[0] if len(problems) == 1 else InvalidReading(
+                problems[0].reason, "; ".join(p.detail for p in problems)[:400])
+        return Reading(asset=asset, ts_ms=ts_ms, values=values), problems
 
     def decode_batch(
         self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None]], now_ms: int | None = None
     ) -> tuple[list[Reading], list[Rejected]]:
-        """Decode ``(topic, partition, offset, key, value)`` tuples; never raises on bad input."""
+        """Decode ``(topic, partition, offset, key, value)`` tuples; never raises on bad input. A record of which
+        some values were used and some left out gives both a reading and a ``partial`` rejection (the dead-letter
+        topic gets the record with what was left out and why)."""
         readings: list[Reading] = []
         rejected: list[Rejected] = []
         for topic, partition, offset, key, value in records:
             try:
-                r = self.decode(value, key, now_ms)
+                r, problems = self.decode_partial(value, key, now_ms)
             except InvalidReading as exc:
                 rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
                 continue
             readings.append(Reading(r.asset, r.ts_ms, r.values, partition, offset))
+            if problems:
+                detail = "; ".join(p.detail for p in problems)[:400] + f" (used: {', '.join(r.values)[:80]})"
+                rejected.append(Rejected(problems[0].reason, detail, value, key, topic, partition, offset,
+                                         partial=True))
         return readings, rejected
+
+
+def _value(asset: str, sensor: object, raw: object, ranges: Mapping[str, tuple[float, float] | None]) -> float:
+    """One sensor value of ``asset``, checked; InvalidReading naming the sensor otherwise."""
+    if sensor not in ranges:
+        raise InvalidReading("unknown_sensor", f"{asset}/{str(sensor)[:60]}")
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise InvalidReading("wrong_type", f"{sensor} must be a number, got {type(raw).__name__}")
+    number = float(raw)
+    if not math.isfinite(number):
+        raise InvalidReading("non_finite", str(sensor))
+    if abs(number) > MAX_ABS_VALUE:
+        raise InvalidReading("out_of_range", f"{sensor}={number:g}: magnitude above {MAX_ABS_VALUE:g}")
+    valid = ranges[str(sensor)]
+    if valid is not None and not valid[0] <= number <= valid[1]:
+        raise InvalidReading("out_of_range", f"{sensor}={number} outside [{valid[0]}, {valid[1]}]")
+    return number

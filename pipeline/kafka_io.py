@@ -172,6 +172,7 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
                     ("detail", r.detail[:500].encode()),
                     ("source", f"{r.topic}/{r.partition}/{r.offset}".encode()),
                     ("size", str(len(r.value or b"")).encode()),
+                    ("partial", b"true" if r.partial else b"false"),
                 ],
             )
             for r in rejected

@@ -221,8 +221,9 @@ class Runner:
                 self._drop_partitions(lost)
 
     def _rejects_from(self, records: Sequence[kafka_io.RawRecord], batch: WindowBatch) -> list[Rejected]:
-        """Late and duplicate readings as dead-letter records with the original bytes."""
-        if not (batch.late or batch.duplicates):
+        """Late and duplicate readings (and readings with some duplicate values) as dead-letter records with the
+        original bytes."""
+        if not (batch.late or batch.duplicates or batch.partial_duplicates):
             return []
         raw = {(r.partition, r.offset): r for r in records}
         out: list[Rejected] = []
@@ -232,6 +233,12 @@ class Runner:
                 detail = f"{reading.asset} at {reading.ts_ms}: window already closed" if reason == "late" else (
                     f"{reading.asset} at {reading.ts_ms}: sensor value already received for this grid step")
                 out.append(Rejected(reason, detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset))
+        for reading, taken in batch.partial_duplicates:
+            rec = raw[(reading.partition, reading.offset)]
+            detail = (f"{reading.asset} at {reading.ts_ms}: {', '.join(taken)[:200]} already received for this grid "
+                      f"step (used: {', '.join(s for s in reading.values if s not in taken)[:80]})")
+            out.append(Rejected("duplicate", detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset,
+                                partial=True))
         return out
 
     def _load_restart_state(self, records: Sequence[kafka_io.RawRecord], readings: Sequence[Reading]) -> None:

@@ -43,7 +43,8 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class Rejected:
-    """A message that could not become a reading, with a machine-readable reason; bound for the dead-letter topic."""
+    """A message that could not become a reading, with a machine-readable reason; bound for the dead-letter topic.
+    ``partial``: only some of its values were left out (``detail`` names them); the others were used."""
 
     reason: str
     detail: str
@@ -52,6 +53,7 @@ class Rejected:
     topic: str = ""
     partition: int = 0
     offset: int = -1
+    partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Per-asset alignment on the sampling grid and sliding windows. Pure: no I/O; clocks are passed in.
 
 A reading at ``ts_ms`` lands in grid slot ``round(ts_ms / period_ms)``; readings of different sensors in the same slot
-merge, and a second value for a sensor already present in that slot is a duplicate. Window ``k`` covers slots
+merge, and a second value for a sensor already present in that slot is a duplicate (the reading's other sensors
+are still placed). Window ``k`` covers slots
 ``[k*stride, k*stride + length)``. It closes once the asset has reported a slot ``lateness`` steps past the window's
 last slot (or, when the asset falls silent, ``idle_close_s`` of wall-clock time after its last reading). Then a missing
 value is filled with the sensor's previous value if the gap is at most that sensor's ``max_gap``, and a window with
@@ -75,7 +76,9 @@ class WindowBatch:
     windows: list[Window] = field(default_factory=list)
     skipped: list[SkippedWindow] = field(default_factory=list)
     late: list[Reading] = field(default_factory=list)
-    duplicates: list[Reading] = field(default_factory=list)
+    duplicates: list[Reading] = field(default_factory=list)  # every value of the reading was there already
+    # readings placed in part: the sensors whose value was there already (the others were placed)
+    partial_duplicates: list[tuple[Reading, tuple[str, ...]]] = field(default_factory=list)
     replayed: int = 0  # readings a previous owner processed, for windows it closed (dropped)
     rebuilt: int = 0  # readings a previous owner processed, placed again to rebuild the windows it left open
 
@@ -150,12 +153,15 @@ class Windower:
             row = state.rows.get(slot)
             if row is None:
                 row = state.rows[slot] = [math.nan] * len(index)
-            columns = [index[sensor] for sensor in reading.values]
-            if any(row[c] == row[c] for c in columns):  # already set (NaN is the only value unequal to itself)
+            taken = [s for s in reading.values if row[index[s]] == row[index[s]]]  # set (NaN is unequal to itself)
+            if len(taken) == len(reading.values):
                 out.duplicates.append(reading)
                 continue
-            for c, value in zip(columns, reading.values.values(), strict=True):
-                row[c] = value
+            if taken:
+                out.partial_duplicates.append((reading, tuple(taken)))
+            for sensor, value in reading.values.items():
+                if sensor not in taken:
+                    row[index[sensor]] = value
             if reading.offset < self._replay_upto.get(reading.partition, -1):
                 out.rebuilt += 1  # counted when it was first consumed
             key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each

@@ -93,3 +93,24 @@ def test_too_old_readings_are_rejected_when_max_age_is_set() -> None:
     fresh = orjson.dumps({"asset": "a", "ts": NOW - 3600 * 1000, "values": {"x": 1}})
     readings, rejected = decoder.decode_batch([("t", 0, 0, None, old), ("t", 0, 1, None, fresh)], now_ms=NOW)
     assert [r.reason for r in rejected] == ["ts_too_old"] and len(readings) == 1
+
+
+def test_one_bad_value_costs_that_value_only(decoder: Decoder) -> None:
+    """An extra field, a value out of its range, a string or NaN-free garbage in one sensor: the record's other
+    sensors are used, and the record also goes to the dead-letter topic as a partial rejection naming what was
+    left out. A record with nothing usable is rejected whole, as before."""
+    records = [
+        b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": 3, "ambient": 21.5}}',
+        b'{"asset": "pump-1", "ts": 1767225620000, "values": {"temp": 205.0, "flow": 4}}',
+        b'{"asset": "pump-1", "ts": 1767225630000, "values": {"temp": "hot", "flow": 5, "x": 1}}',
+        b'{"asset": "pump-1", "ts": 1767225640000, "values": {"temp": 999, "ambient": 1}}',
+    ]
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, r) for i, r in enumerate(records)], now_ms=NOW)
+    assert [(r.offset, r.values) for r in readings] == [(0, {"temp": 70.5, "flow": 3.0}), (1, {"flow": 4.0}),
+                                                       (2, {"flow": 5.0})]
+    assert [(r.offset, r.reason, r.partial) for r in rejected] == [
+        (0, "unknown_sensor", True), (1, "out_of_range", True), (2, "wrong_type", True), (3, "out_of_range", False)]
+    assert rejected[0].detail == "pump-1/ambient (used: temp, flow)"
+    assert rejected[2].detail == "temp must be a number, got str; pump-1/x (used: flow)"
+    assert rejected[3].detail == "temp=999.0 outside [-10.0, 150.0]; pump-1/ambient"
+    assert all(r.value == records[r.offset] for r in rejected)  # the original bytes: nothing is lost

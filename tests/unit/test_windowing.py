@@ -119,6 +119,16 @@ def test_duplicate_sensor_value_in_a_slot_is_reported_and_not_merged() -> None:
     assert out.windows[0].values[0].tolist() == [1.0, 2.0]
 
 
+def test_a_reading_with_one_duplicate_value_still_places_its_other_values() -> None:
+    w = Windower([_group()])
+    first = Reading("a", 2000, {"x": 1.0}, 0, 0)
+    both = Reading("a", 2100, {"x": 9.0, "y": 2.0}, 0, 1)  # x is there already, y is new
+    out = w.add([first, both])
+    assert out.duplicates == [] and out.partial_duplicates == [(both, ("x",))]
+    out = w.add(_readings("a", list(range(3, 8)), offset0=3))
+    assert out.windows[0].values[0].tolist() == [1.0, 2.0]  # y placed, x kept its first value
+
+
 def test_per_sensor_gap_limit_overrides_the_window_default() -> None:
     group = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
                                       "sensors": [{"name": "x", "max_gap": 3}, {"name": "y"}],

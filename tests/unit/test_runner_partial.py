@@ -1,0 +1,63 @@
+"""The runner with records that are usable in part: the usable values are windowed and scored, the record also goes
+to the dead-letter topic once, marked partial (SQLite and a stand-in detector and producer: no broker)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from pipeline.kafka_io import RawRecord
+from pipeline.runner import Runner
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from tests.unit.test_runner_alert_sinks import T0, _config, _MeanDetector
+
+
+class _Producer:
+    """Records what it is sent; every send is acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, dict[str, bytes]]] = []
+
+    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
+             headers: list[tuple[str, bytes]] | None = None) -> _Producer:
+        self.sent.append((topic, value or b"", dict(headers or [])))
+        return self
+
+    def get(self, timeout: float | None = None) -> None:
+        return None
+
+    def flush(self, timeout: float | None = None) -> None:
+        return None
+
+
+def _record(offset: int, step: int, values: dict[str, Any]) -> RawRecord:
+    body = orjson.dumps({"asset": "a", "ts": T0 + step * 1000, "values": values})
+    return RawRecord("readings", 0, offset, b"a", body, T0 + step * 1000)
+
+
+def test_the_usable_values_of_a_record_are_scored_and_the_rest_dead_lettered_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    steps = [0, 1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10, 11]  # step 7 is sent twice (a producer's retry)
+    records = [_record(offset, step, {"x": 0.1, "y": 0.1}) for offset, step in enumerate(steps)]
+    records[3] = _record(3, 3, {"x": 0.1, "y": 0.1, "humidity": 40.0})  # an extra field: x and y used
+    records[5] = _record(5, 5, {"x": 0.1, "y": 1e20})  # y is a glitch (beyond any magnitude): x used, y missing
+    runner = Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    runner.process(records, T0 + 12_000)
+    dead = [(headers["reason"], headers["partial"], value) for _, value, headers in producer.sent]
+    assert dead == [(b"unknown_sensor", b"true", records[3].value), (b"out_of_range", b"true", records[5].value),
+                    (b"duplicate", b"false", records[8].value)]
+    assert runner.stats.readings == 12 and runner.stats.rejected == {"unknown_sensor": 1, "out_of_range": 1,
+                                                                     "duplicate": 1}
+    # windows of 4 steps, stride 2, no gap filling: the ones holding step 5 (y missing) are skipped, the rest scored
+    assert runner.stats.windows_scored == 3 and runner.stats.windows_skipped == 2
+
+    again = Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                   producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    again.process(records, T0 + 13_000)  # a restart replays the batch: nothing is dead-lettered twice
+    assert len(producer.sent) == 3
