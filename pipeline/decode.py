@@ -2,7 +2,8 @@
 
 Accepted messages: ``{"asset": "pump-7", "ts": <ISO-8601 string or epoch ms>, "values": {"temp": 71.2}}`` (per asset)
 or ``{"asset": "pump-7", "sensor": "temp", "ts": ..., "value": 71.2}`` (per sensor). Anything else becomes a
-``Rejected`` with one of the reasons in ``REASONS`` (``duplicate`` and ``late`` are decided by the windower).
+``Rejected`` with one of the reasons in ``REASONS`` (``duplicate``, ``late`` and ``ts_jump`` are decided by the
+windower).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ REASONS = (
     "ts_too_old",
     "duplicate",
     "late",
+    "ts_jump",
 )
 
 

@@ -107,6 +107,7 @@ class Runner:
         # activated again)
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
         self._reported = set(reported)
+        self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._broker_silent = False  # the last end-offset query for idle close got no answer
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
@@ -166,6 +167,7 @@ class Runner:
         if len(self._detectors) < len(self.config.groups):
             batch.windows = self._drop_unserved(batch.windows, now_ms)
         rejected += self._rejects_from(records, batch)
+        self._keep_held_bytes(records)
         fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
         processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
         starts = self._windower.unsaved_window_starts()
@@ -221,18 +223,20 @@ class Runner:
                 self._drop_partitions(lost)
 
     def _rejects_from(self, records: Sequence[kafka_io.RawRecord], batch: WindowBatch) -> list[Rejected]:
-        """Late and duplicate readings (and readings with some duplicate values) as dead-letter records with the
-        original bytes."""
-        if not (batch.late or batch.duplicates or batch.partial_duplicates):
+        """Late, duplicate and jumped readings (and readings with some duplicate values) as dead-letter records with
+        the original bytes."""
+        if not (batch.late or batch.duplicates or batch.partial_duplicates or batch.jumped):
             return []
         raw = {(r.partition, r.offset): r for r in records}
         out: list[Rejected] = []
-        for reason, readings in (("late", batch.late), ("duplicate", batch.duplicates)):
+        details = {"late": "window already closed", "duplicate": "sensor value already received for this grid step",
+                   "ts_jump": "far ahead of the asset's stream, and its next reading did not follow"}
+        for reason, readings in (("late", batch.late), ("duplicate", batch.duplicates), ("ts_jump", batch.jumped)):
             for reading in readings:
-                rec = raw[(reading.partition, reading.offset)]
-                detail = f"{reading.asset} at {reading.ts_ms}: window already closed" if reason == "late" else (
-                    f"{reading.asset} at {reading.ts_ms}: sensor value already received for this grid step")
-                out.append(Rejected(reason, detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset))
+                rec = raw.get((reading.partition, reading.offset))
+                value, key, topic = (rec.value, rec.key, rec.topic) if rec else self._held_bytes(reading)
+                detail = f"{reading.asset} at {reading.ts_ms}: {details[reason]}"
+                out.append(Rejected(reason, detail, value, key, topic, reading.partition, reading.offset))
         for reading, taken in batch.partial_duplicates:
             rec = raw[(reading.partition, reading.offset)]
             detail = (f"{reading.asset} at {reading.ts_ms}: {', '.join(taken)[:200]} already received for this grid "
@@ -240,6 +244,20 @@ class Runner:
             out.append(Rejected("duplicate", detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset,
                                 partial=True))
         return out
+
+    def _held_bytes(self, reading: Reading) -> tuple[bytes | None, bytes | None, str]:
+        """(value, key, topic) of a held reading that arrived in an earlier batch."""
+        rec = self._held_raw.get((reading.partition, reading.offset))
+        return (rec.value, rec.key, rec.topic) if rec else (None, None, self.config.kafka.topic)
+
+    def _keep_held_bytes(self, records: Sequence[kafka_io.RawRecord]) -> None:
+        """Keep the raw records of the readings the windower holds (for their dead-letter record, should they turn
+        out to be glitches in a later batch); forget the others."""
+        held = self._windower.held_keys()
+        if not held and not self._held_raw:
+            return
+        current = {(r.partition, r.offset): r for r in records}
+        self._held_raw = {k: raw for k in held if (raw := self._held_raw.get(k) or current.get(k)) is not None}
 
     def _load_restart_state(self, records: Sequence[kafka_io.RawRecord], readings: Sequence[Reading]) -> None:
         """Read where the previous owner stopped: per new partition its processed offsets, per new asset its next
@@ -341,7 +359,8 @@ class Runner:
     def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
                  scores: list[Score], events: list[AlertEvent], seconds: float) -> None:
         s, m = self.stats, self.metrics
-        placed = len(readings) - len(batch.late) - len(batch.duplicates) - batch.replayed - batch.rebuilt
+        placed = len(readings) - len(batch.late) - len(batch.duplicates) - len(batch.jumped) - batch.replayed \
+            - batch.rebuilt
         s.batches += 1
         s.readings += placed
         s.replayed += batch.replayed + batch.rebuilt + len(rejected) - len(fresh)

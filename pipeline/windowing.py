@@ -8,6 +8,12 @@ last slot (or, when the asset falls silent, ``idle_close_s`` of wall-clock time 
 value is filled with the sensor's previous value if the gap is at most that sensor's ``max_gap``, and a window with
 holes left is skipped, never scored on invented data. A reading for a slot no open window can use any more is late.
 
+A reading more than a window (plus the lateness) ahead of its asset's latest slot is held, not placed: placing it
+would close every window up to it, and the asset's real readings after it would all be late. The asset's next
+reading decides: one near the held reading confirms that the asset's time moved on (back after an outage) and both
+are placed; one anywhere else means the held reading carried a glitching clock, and it is reported (``jumped``).
+A held reading of an asset that falls silent is placed when the asset's windows close for idleness.
+
 Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
 offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
 replay (dropped silently) instead of being reported late again. ``safe_offsets`` tells how far offsets may be committed
@@ -57,16 +63,20 @@ def causal_mean(values: np.ndarray, span: int) -> np.ndarray:
         return np.where(present, reference + sums / np.maximum(counts, 1), np.nan)
 
 
+_NEVER = -(2**62)  # max_slot before an asset's first reading
+
+
 @dataclass
 class _AssetState:
     group: GroupConfig
     next_start: int
     partition: int
-    max_slot: int = -(2**62)
+    max_slot: int = _NEVER
     last_arrival_ms: int = 0
     rows: dict[int, list[float]] = field(default_factory=dict)
     offsets: dict[tuple[int, int], int] = field(default_factory=dict)  # (slot, partition) -> smallest offset
     min_offsets: dict[int, int] | None = None  # partition -> smallest of ``offsets``, kept while nothing is dropped
+    held: list[Reading] = field(default_factory=list)  # readings far ahead of max_slot, until the next one tells
 
 
 @dataclass
@@ -76,6 +86,7 @@ class WindowBatch:
     windows: list[Window] = field(default_factory=list)
     skipped: list[SkippedWindow] = field(default_factory=list)
     late: list[Reading] = field(default_factory=list)
+    jumped: list[Reading] = field(default_factory=list)  # far ahead of their asset, and its next reading was not
     duplicates: list[Reading] = field(default_factory=list)  # every value of the reading was there already
     # readings placed in part: the sensors whose value was there already (the others were placed)
     partial_duplicates: list[tuple[Reading, tuple[str, ...]]] = field(default_factory=list)
@@ -97,6 +108,7 @@ class Windower:
                                           for g in self._group_of.values()}
         self._assets: dict[str, _AssetState] = {}
         self._unsaved: set[str] = set()  # assets whose next window start moved since ``mark_saved``
+        self._holding: set[str] = set()  # assets with held readings
         self._resume: dict[str, int] = {}
         self._replay_upto: dict[int, int] = {}
 
@@ -143,43 +155,65 @@ class Windower:
                 state = _AssetState(group, start, reading.partition)
                 self._assets[reading.asset] = state
                 self._unsaved.add(reading.asset)
-            if slot < state.next_start - self._lookback[group.name]:
-                if reading.offset < self._replay_upto.get(reading.partition, -1):
-                    out.replayed += 1  # processed before a restart: its windows are already stored
-                else:
-                    out.late.append(reading)
+            reach = w.length + w.lateness  # a jump further than this would close a whole window at once
+            if state.held:
+                held, state.held = state.held, []
+                self._holding.discard(reading.asset)
+                if abs(slot - round(held[0].ts_ms / group.period_ms)) <= reach:
+                    # it follows the jump: the asset's time really moved on (e.g. back after an outage)
+                    for r in sorted([*held, reading], key=lambda r: r.ts_ms):
+                        self._place(reading.asset, r, state, out, now_ms)
+                    continue
+                out.jumped += held  # the stream went on elsewhere: the held ones carried a glitching clock
+            if state.max_slot > _NEVER and slot > state.max_slot + reach:
+                state.held.append(reading)  # until the asset's next reading tells whether its time moved on
+                self._holding.add(reading.asset)
+                state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
                 continue
-            index = self._sensor_index[group.name]
-            row = state.rows.get(slot)
-            if row is None:
-                row = state.rows[slot] = [math.nan] * len(index)
-            taken = [s for s in reading.values if row[index[s]] == row[index[s]]]  # set (NaN is unequal to itself)
-            if len(taken) == len(reading.values):
-                out.duplicates.append(reading)
-                continue
-            if taken:
-                out.partial_duplicates.append((reading, tuple(taken)))
-            for sensor, value in reading.values.items():
-                if sensor not in taken:
-                    row[index[sensor]] = value
-            if reading.offset < self._replay_upto.get(reading.partition, -1):
-                out.rebuilt += 1  # counted when it was first consumed
-            key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
-            previous = state.offsets.get(key)
-            state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)
-            if state.min_offsets is not None:
-                least = state.min_offsets.get(reading.partition)
-                state.min_offsets[reading.partition] = reading.offset if least is None else min(least, reading.offset)
-            state.partition = reading.partition
-            state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
-            if slot > state.max_slot:
-                # close as soon as the watermark moves, so what counts as late does not depend on batch boundaries
-                state.max_slot = slot
-                self._close_windows(reading.asset, state, slot, out)
+            self._place(reading.asset, reading, state, out, now_ms)
         return out
 
+    def _place(self, asset: str, reading: Reading, state: _AssetState, out: WindowBatch, now_ms: int) -> None:
+        """Put one reading on its asset's grid and close the windows its time closes."""
+        group = state.group
+        slot = round(reading.ts_ms / group.period_ms)
+        if slot < state.next_start - self._lookback[group.name]:
+            if reading.offset < self._replay_upto.get(reading.partition, -1):
+                out.replayed += 1  # processed before a restart: its windows are already stored
+            else:
+                out.late.append(reading)
+            return
+        index = self._sensor_index[group.name]
+        row = state.rows.get(slot)
+        if row is None:
+            row = state.rows[slot] = [math.nan] * len(index)
+        taken = [s for s in reading.values if row[index[s]] == row[index[s]]]  # set (NaN is unequal to itself)
+        if len(taken) == len(reading.values):
+            out.duplicates.append(reading)
+            return
+        if taken:
+            out.partial_duplicates.append((reading, tuple(taken)))
+        for sensor, value in reading.values.items():
+            if sensor not in taken:
+                row[index[sensor]] = value
+        if reading.offset < self._replay_upto.get(reading.partition, -1):
+            out.rebuilt += 1  # counted when it was first consumed
+        key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
+        previous = state.offsets.get(key)
+        state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)
+        if state.min_offsets is not None:
+            least = state.min_offsets.get(reading.partition)
+            state.min_offsets[reading.partition] = reading.offset if least is None else min(least, reading.offset)
+        state.partition = reading.partition
+        state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
+        if slot > state.max_slot:
+            # close as soon as the watermark moves, so what counts as late does not depend on batch boundaries
+            state.max_slot = slot
+            self._close_windows(asset, state, slot, out)
+
     def _idle(self, state: _AssetState, now_ms: int) -> bool:
-        return bool(state.rows) and now_ms - state.last_arrival_ms >= state.group.window.idle_close_s * 1000
+        return bool(state.rows or state.held) and \
+            now_ms - state.last_arrival_ms >= state.group.window.idle_close_s * 1000
 
     def restart_idle_clocks(self, now_ms: int) -> None:
         """Count every asset's silence from ``now_ms`` on (after a broker outage: devices could not publish either,
@@ -202,6 +236,12 @@ class Windower:
             return out
         for asset, state in sorted(self._assets.items()):
             if self._idle(state, now_ms) and (partitions is None or state.partition in partitions):
+                held, state.held = state.held, []
+                self._holding.discard(asset)
+                for reading in held:  # nothing came after them: taken as the asset's time moving on
+                    self._place(asset, reading, state, out, now_ms)
+                if not state.rows:
+                    continue
                 w = state.group.window
                 # as if the asset had reported just past every window that holds one of its readings
                 self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out)
@@ -269,7 +309,8 @@ class Windower:
                 for (_, partition), offset in state.offsets.items():
                     least = state.min_offsets.get(partition)
                     state.min_offsets[partition] = offset if least is None else min(least, offset)
-            for partition, offset in state.min_offsets.items():
+            held = [(r.partition, r.offset) for r in state.held]
+            for partition, offset in [*state.min_offsets.items(), *held]:
                 if offset < safe.get(partition, offset + 1):
                     safe[partition] = offset
         return safe
@@ -283,6 +324,7 @@ class Windower:
         for asset in assets:
             del self._assets[asset]
         self._unsaved.difference_update(assets)
+        self._holding.difference_update(assets)
         for p in gone:
             self._replay_upto.pop(p, None)
         self._resume.clear()
@@ -293,6 +335,10 @@ class Windower:
         state = self._assets.get(asset)
         return state.partition if state is not None else None
 
+    def held_keys(self) -> set[tuple[int, int]]:
+        """(partition, offset) of every reading held for being far ahead of its asset."""
+        return {(r.partition, r.offset) for a in self._holding for r in self._assets[a].held}
+
     def open_assets(self) -> list[str]:
         """Assets with buffered readings."""
-        return [a for a, s in self._assets.items() if s.rows]
+        return [a for a, s in self._assets.items() if s.rows or s.held]

@@ -187,6 +187,7 @@ def _bad_inputs() -> list[tuple[str, object]]:
         ("key_mismatch", lambda asset, value: (b"someone-else", value)),
         ("duplicate", lambda asset, value: (asset.encode(), value)),
         ("late", shifted("ts", int(START.timestamp() * 1000) + 10_000)),
+        ("ts_jump", shifted("ts", lambda original: original["ts"] + 3_600_000)),  # a glitching clock, once
     ]
 
 

@@ -61,3 +61,22 @@ def test_the_usable_values_of_a_record_are_scored_and_the_rest_dead_lettered_onc
                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
     again.process(records, T0 + 13_000)  # a restart replays the batch: nothing is dead-lettered twice
     assert len(producer.sent) == 3
+
+
+def test_a_reading_from_a_glitching_clock_is_dead_lettered_and_the_stream_goes_on(tmp_path: Path) -> None:
+    """One reading stamped 190 s ahead (within ingest.max_future_s): held, its offset not committed past, until
+    the next batch shows the asset's stream going on where it was; then it goes to the dead-letter topic as ts_jump
+    with its original bytes, and no real reading is late."""
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    steps = [*range(11), 200, *range(11, 21)]
+    records = [_record(offset, step, {"x": 0.1, "y": 0.1}) for offset, step in enumerate(steps)]
+    runner = Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    commit = runner.process(records[:12], T0 + 12_000)
+    assert commit[0] <= 11 and producer.sent == []
+    runner.process(records[12:], T0 + 21_000)
+    assert [(h["reason"], v) for _, v, h in producer.sent] == [(b"ts_jump", records[11].value)]
+    assert runner.stats.rejected == {"ts_jump": 1} and runner.stats.readings == 21
+    assert runner.stats.windows_scored == 9  # every window of steps 0..20

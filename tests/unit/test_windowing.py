@@ -329,7 +329,7 @@ def test_only_window_starts_that_moved_are_unsaved() -> None:
 def test_safe_offsets_equal_the_smallest_buffered_offset_of_each_partition(
         steps: list[tuple[str, int, int, bool]]) -> None:
     """Whatever the order of readings, partitions, window closes and idle closes, the kept per-partition minimum
-    is what a scan of every buffered offset gives."""
+    is what a scan of every buffered (or held) offset gives."""
     w = Windower([_group(length=4, stride=2, lateness=2)])
     now = 0
     for offset, (asset, slot, partition, go_idle) in enumerate(steps):
@@ -340,7 +340,8 @@ def test_safe_offsets_equal_the_smallest_buffered_offset_of_each_partition(
             w.close_idle(now_ms=now, partitions={partition})
         scanned: dict[int, int] = {}
         for state in w._assets.values():
-            for (_, p), o in state.offsets.items():
+            for p, o in [*((p, o) for (_, p), o in state.offsets.items()),
+                         *((r.partition, r.offset) for r in state.held)]:  # held readings too
                 scanned[p] = min(o, scanned.get(p, o))
         assert w.safe_offsets() == scanned
 
@@ -389,3 +390,39 @@ def test_a_changed_grid_or_sensor_list_is_refused_and_a_changed_threshold_is_war
         assert load_version(row, stricter, models) is not None  # it keeps the threshold it was fitted with
     assert "threshold was fitted with multiplier=1.0; group 'g' is configured otherwise: the change takes effect " \
            "with the next trained model" in caplog.text
+
+
+def test_one_reading_from_a_glitching_clock_costs_that_reading_only() -> None:
+    """pump a sends slots 0..40, with one reading stamped 1000 slots ahead after slot 20: the stream's next reading
+    is at 21, so the outlier is reported as jumped, and nothing of the real stream is late or lost. Until then it
+    holds back its partition's commits."""
+    w = Windower([_group()])
+    stream = _readings("a", [*range(21), 1020, *range(21, 41)])
+    first = w.add(stream[:22])
+    assert first.jumped == [] and w.held_keys() == {(0, 21)}
+    assert w.safe_offsets()[0] <= 21  # the held reading is not committed past
+    rest = w.add(stream[22:])
+    assert rest.jumped == [stream[21]] and w.held_keys() == set()
+    windows = first.windows + rest.windows
+    assert not first.late and not rest.late and not first.skipped and not rest.skipped
+    assert [x.start_ms // 1000 for x in windows] == list(range(0, 37, 2))  # every window of slots 0..40
+
+
+def test_an_asset_back_after_an_outage_is_held_for_one_reading_then_followed() -> None:
+    w = Windower([_group()])
+    out = w.add(_readings("a", [*range(11), 500]))
+    assert w.held_keys() == {(0, 11)} and not out.skipped
+    out = w.add(_readings("a", range(501, 510), offset0=12))  # the next reading follows the jump
+    assert w.held_keys() == set() and not out.jumped and not out.late
+    assert [x.start_ms // 1000 for x in out.windows] == [8, 500, 502, 504, 506]  # 11 filled from 10 (max_gap 1)
+    # the outage: skipped as usual (the windows around its edges, and one span for the silent stretch)
+    assert [(x.start_ms // 1000, x.end_ms // 1000) for x in out.skipped] == [(10, 14), (12, 500), (498, 502)]
+
+
+def test_a_held_reading_of_an_asset_that_falls_silent_is_placed_when_it_closes_for_idleness() -> None:
+    w = Windower([_group()])
+    w.add(_readings("a", [*range(11), 500]), now_ms=1000)
+    out = w.close_idle(now_ms=1000 + 121_000)
+    assert w.held_keys() == set() and not out.jumped
+    assert out.skipped[-1].end_ms // 1000 == 504  # the window holding slot 500 closed (skipped: one reading only)
+    assert w.safe_offsets() == {}
