@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
-from pipeline.registry import bundle_path, load_version
+from pipeline.registry import bundle_path, load_version, pending_changes
 from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, missing_sqlite_file, schema_problem
@@ -99,20 +99,26 @@ def _database_and_models(config: Config) -> list[Check]:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
         engine.dispose()
-    problems, serving = [], []
+    problems, serving, pending = [], [], []
     for group in config.groups:
         row = active.get(group.name)
         if row is None:
             problems.append(f"{group.name}: no active model (sensorwatch train)")
             continue
         try:
-            load_version(row, group, config.model_dir)
+            detector = load_version(row, group, config.model_dir)
             moved = bundle_path(row, config.model_dir) != Path(row.artifact_path)
             serving.append(f"{group.name}: {row.version}" + (f" (bundle under model_dir; registered at "
                                                               f"{row.artifact_path})" if moved else ""))
+            pending += [f"{group.name}: {row.version}: {change}" for change in pending_changes(detector, group)]
         except (ModelError, ConfigError, OSError) as exc:
             problems.append(f"{group.name}: {row.version} refused: {exc}")
-    models = Check("models", "fail", "; ".join(problems)) if problems else Check("models", "ok", "; ".join(serving))
+    if problems:
+        models = Check("models", "fail", "; ".join(problems))
+    elif pending:
+        models = Check("models", "warn", "; ".join(serving + pending))
+    else:
+        models = Check("models", "ok", "; ".join(serving))
     return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks,
             *orphans]
 

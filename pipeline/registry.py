@@ -92,16 +92,30 @@ def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Dete
             f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
             f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
-    changed = _threshold_changes(detector.metadata.get("threshold_info", {}), group)
-    if changed:  # safe: the model keeps the threshold it was fitted with
-        log.warning("model %s's threshold was fitted with %s; group %r is configured otherwise: the change takes "
-                    "effect with the next trained model (sensorwatch retrain)", row.version, ", ".join(changed),
-                    group.name)
-    if detector.score_steps != group.model.score_steps:  # safe: its threshold was fitted on its own score
-        log.warning("model %s scores %s, group %r is configured for model.score_steps %s: the change takes effect "
-                    "with the next trained model", row.version, scored_steps_text(detector.score_steps), group.name,
-                    group.model.score_steps)
+    for change in pending_changes(detector, group):  # safe: the model keeps what it was trained and fitted with
+        log.warning("group %r, model %s: %s", group.name, row.version, change)
     return detector
+
+
+def pending_changes(detector: Detector, group: GroupConfig) -> list[str]:
+    """What ``group``'s configuration changed since ``detector`` was trained, that it serves on unchanged until the
+    next trained model (sensorwatch retrain or train): the model type or its hyperparameters, the threshold's
+    settings, the score's steps; one sentence each, empty when none."""
+    m, changes = group.model, []
+    later = "takes effect with the next trained model (sensorwatch retrain)"
+    if detector.model_type != m.type:
+        changes.append(f"it is a {detector.model_type} model, model.type is {m.type}: the change {later}")
+    elif detector.hyperparameters != m.hyperparameters():
+        differ = sorted(k for k in {*detector.hyperparameters, *m.hyperparameters()}
+                        if detector.hyperparameters.get(k) != m.hyperparameters().get(k))
+        changes.append(f"it was trained with other model settings ({', '.join(differ)}): the change {later}")
+    fitted = _threshold_changes(detector.metadata.get("threshold_info", {}), group)
+    if fitted:
+        changes.append(f"its threshold was fitted with {', '.join(fitted)}: the change {later}")
+    if detector.score_steps != m.score_steps:
+        changes.append(f"it scores {scored_steps_text(detector.score_steps)}, model.score_steps is {m.score_steps}: "
+                       f"the change {later}")
+    return changes
 
 
 def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]:

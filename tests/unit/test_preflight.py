@@ -51,6 +51,11 @@ def test_a_bundle_that_fails_to_verify_fails_the_models_check(tmp_path: Path) ->
         row = register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
                                model_dir=tmp_path / "models")
     assert _database_and_models(config)[1].status == "ok"
+    raw = {"database": {"url": url}, "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}],
+                                                 "model": {"type": "conv"}, "threshold": {"method": "pot"}}]}
+    changed = _database_and_models(parse_config(raw, env={}))[1]  # served as it is, until the next trained model
+    assert changed.status == "warn" and "it is a dense model, model.type is conv" in changed.detail
+    assert "its threshold was fitted with method=percentile" in changed.detail
     weights = Path(row.artifact_path) / "weights.pt"
     weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
     models = _database_and_models(config)[1]

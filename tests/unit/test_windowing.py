@@ -230,8 +230,8 @@ def test_a_model_scoring_other_steps_keeps_serving_with_a_warning(tmp_path: Path
         assert load_version(row, group, tmp_path).score_steps is None and not caplog.records
         loaded = load_version(row, last3, tmp_path)
     assert loaded.score_steps is None  # it keeps the score its threshold was fitted on
-    assert "scores the whole window, group 'g' is configured for model.score_steps 3: the change takes effect " \
-           "with the next trained model" in caplog.text
+    assert "it scores the whole window, model.score_steps is 3: the change takes effect with the next trained " \
+           "model" in caplog.text
 
 
 def _registered(group: GroupConfig, tmp_path: Path) -> tuple[ModelVersion, Detector]:
@@ -388,8 +388,17 @@ def test_a_changed_grid_or_sensor_list_is_refused_and_a_changed_threshold_is_war
     with caplog.at_level("WARNING", logger="pipeline.registry"):
         assert load_version(row, group, models) is not None and not caplog.records
         assert load_version(row, stricter, models) is not None  # it keeps the threshold it was fitted with
-    assert "threshold was fitted with multiplier=1.0; group 'g' is configured otherwise: the change takes effect " \
-           "with the next trained model" in caplog.text
+    assert "its threshold was fitted with multiplier=1.0: the change takes effect with the next trained model" \
+        in caplog.text
+    other_type = group.model_copy(update={"model": group.model.model_copy(update={"type": "lstm"})})
+    wider = group.model_copy(update={"model": group.model.model_copy(update={"hidden": [6, 3]})})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.registry"):
+        load_version(row, other_type, models)
+        load_version(row, wider, models)
+    assert f"group 'g', model {row.version}: it is a dense model, model.type is lstm: the change takes effect with " \
+           "the next trained model" in caplog.text
+    assert "it was trained with other model settings (hidden): the change" in caplog.text
 
 
 def test_one_reading_from_a_glitching_clock_costs_that_reading_only() -> None:
