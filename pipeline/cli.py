@@ -78,7 +78,9 @@ def _load(path: Path) -> Config:
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[red]{type(exc).__name__}[/red]: {escape(str(exc))}")
+    """Print ``exc`` as one line for a person (its message, not its Python class) and return the exit to raise."""
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() quotes its message
+    console.print(f"[red]error[/red]: {escape(str(message))}")
     return typer.Exit(code)
 
 
@@ -293,6 +295,7 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
     with _database_errors(cfg):  # unreachable, or no driver: one line
         engine = make_engine(cfg.database.url)
         try:
+            was_at = current_revision(engine)
             try:
                 upgrade(cfg.database.url, revision)
             except SchemaError as exc:
@@ -304,7 +307,8 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
             now_at, newest = current_revision(engine), schema_problem(engine) is None
         finally:
             engine.dispose()
-    console.print(f"[green]database at {now_at}[/green]{' (the newest revision)' if newest else ''}: "
+    moved = "already there" if now_at == was_at else f"upgraded from {was_at or 'an empty database'}"
+    console.print(f"[green]database at {now_at}[/green]{' (the newest revision)' if newest else ''}, {moved}: "
                   f"{cfg.database.safe_url}")
 
 
@@ -397,6 +401,12 @@ def alerts_list(
     with _session(cfg) as session:
         rows = repo.list_alerts(session=session, status=status, asset=asset, group=group, severity=severity,
                                 since=start, until=end, acknowledged=acknowledged, limit=limit)
+    if not rows and asset is not None and asset not in cfg.asset_groups():
+        console.print(f"[yellow]note[/yellow]: asset {escape(asset)!r} is in no group of {escape(str(config))} and "
+                      "has no stored alerts (a typo?)")
+    if not rows and group is not None and group not in {g.name for g in cfg.groups}:
+        console.print(f"[yellow]note[/yellow]: group {escape(group)!r} is not in {escape(str(config))} and has no "
+                      "stored alerts (a typo?)")
     if output == "json":
         typer.echo(json.dumps([alert_dict(r) for r in rows], indent=2))
         return

@@ -119,7 +119,8 @@ class MetricsConfig(_Strict):
 
 
 class DatabaseConfig(_Strict):
-    """SQLAlchemy URL. Never log ``url``; use ``safe_url`` for display."""
+    """SQLAlchemy URL. Never log ``url``; use ``safe_url`` for display. ``postgres://`` and ``postgresql://`` (as
+    many platforms hand them out) use the psycopg driver sensorwatch installs (``postgresql+psycopg://``)."""
 
     url: str = "sqlite:///sensorwatch.db"
 
@@ -127,9 +128,11 @@ class DatabaseConfig(_Strict):
     @classmethod
     def _parsable(cls, value: str) -> str:
         try:
-            make_url(value)
+            url = make_url(value)
         except Exception as exc:  # sqlalchemy raises ArgumentError for malformed URLs
             raise ValueError(f"not a valid SQLAlchemy URL ({type(exc).__name__})") from None
+        if url.drivername in ("postgres", "postgresql"):
+            return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return value
 
     @property
@@ -458,15 +461,21 @@ class KafkaSinkConfig(_OutboxSink):
 class WebhookSinkConfig(_OutboxSink):
     """Alert events POSTed as JSON to ``url``; a try (connecting, sending, the whole answer) lasts at most
     ``timeout_s``; failures are retried ``retries`` times at once with doubling backoff from ``backoff_s``, then later
-    from the outbox. Header values are secrets: use ``${ENV_VAR}``."""
+    from the outbox. Header values are secrets: use ``${ENV_VAR}``. ``url`` is required while ``enabled``."""
 
     enabled: bool = True
-    url: Annotated[str, Field(pattern=r"^https?://\S+$")]
+    url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
     headers: dict[str, SecretStr] = Field(default_factory=dict)
     events: list[SinkEvent] = Field(default_factory=lambda: ["opened", "escalated", "resolved"])
     timeout_s: PositiveFloat = 5.0
     retries: Annotated[int, Field(ge=0)] = 3
     backoff_s: PositiveFloat = 1.0
+
+    @model_validator(mode="after")
+    def _url_when_enabled(self) -> WebhookSinkConfig:
+        if self.enabled and self.url is None:
+            raise ValueError("url is required while the webhook is enabled (or set enabled: false)")
+        return self
 
 
 class SinksConfig(_Strict):

@@ -225,6 +225,8 @@ class WebhookAlertSink(Sink):
 
     def __init__(self, cfg: WebhookSinkConfig) -> None:
         self._cfg = cfg
+        assert cfg.url is not None  # required while the webhook is enabled
+        self._url = cfg.url
         self._host = urlsplit(cfg.url).hostname or "?"
         self._headers = {"Content-Type": "application/json", "User-Agent": "sensorwatch-alerts",
                          **{k: v.get_secret_value() for k, v in cfg.headers.items()}}
@@ -265,7 +267,7 @@ class WebhookAlertSink(Sink):
 
     def _post(self, body: bytes) -> tuple[bool, str | None, float]:
         """One try: (worth retrying, error or None, seconds the server asked us to wait or 0)."""
-        request = urllib.request.Request(self._cfg.url, data=body, headers=self._headers, method="POST")
+        request = urllib.request.Request(self._url, data=body, headers=self._headers, method="POST")
         started = time.monotonic()
         deadline = _TryDeadline(self._cfg.timeout_s)
         try:

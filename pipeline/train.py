@@ -53,6 +53,10 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     the decoder would reject (outside its sensor's ``valid_range``, above its magnitude limit, or infinite) is left
     out whole, as a reading of all the row's sensors would be, with a warning that counts them.
     """
+    extra = [str(c) for c in frame.columns if c not in (*group.sensor_names, "ts", asset_column)]
+    if extra:
+        log.info("training data: column(s) %s are not sensors of group %s and are left out",
+                 ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""), group.name)
     missing = [s for s in group.sensor_names if s not in frame.columns]
     if missing:
         raise ConfigError(f"training data lacks sensor column(s) {', '.join(missing)} of group {group.name!r}")
@@ -132,6 +136,11 @@ def _check_assets(assets: np.ndarray, ts_ms: np.ndarray, group: GroupConfig, has
     if unknown:
         log.warning("training data: asset(s) %s are not in group %s's assets; their readings train it too",
                     ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""), group.name)
+    absent = [a for a in group.assets if a not in set(map(str, assets))]
+    if has_column and absent:
+        log.warning("training data: no rows of %s (of group %s's %d assets): the model learns the others' normal, "
+                    "and judges these by it", ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""),
+                    group.name, len(group.assets))
 
 
 def _rejected_cells(values: np.ndarray, group: GroupConfig) -> np.ndarray:

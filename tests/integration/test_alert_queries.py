@@ -171,6 +171,10 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
 
     bad = cli.invoke(app, ["alerts", "list", "-c", config, "--status", "closed"])
     assert bad.exit_code == 2
+    typo = cli.invoke(app, ["alerts", "list", "-c", config, "--asset", "pmup-1"])
+    assert typo.exit_code == 0 and "asset 'pmup-1' is in no group" in " ".join(typo.output.split())
+    quiet = cli.invoke(app, ["alerts", "list", "-c", config, "--asset", "pump-3"])  # configured, no alerts: no note
+    assert quiet.exit_code == 0 and "note" not in quiet.output
 
     comment = "on site at 10:00 [motor]"
     acked = cli.invoke(app, ["alerts", "ack", "-c", config, str(c), "--by", "carol", "--comment", comment])

@@ -299,8 +299,10 @@ def test_a_failed_upgrade_rolls_back_whole_and_can_run_again(db_url: str, tmp_pa
     with engine.begin() as conn:
         conn.execute(ModelVersion.__table__.update().where(ModelVersion.version == "g-v1").values(status="retired"))
     code, out = _db_cli(db_url, tmp_path, "upgrade")
-    assert code == 0 and "(the newest revision)" in out, out
+    assert code == 0 and "(the newest revision), upgraded from 0002" in " ".join(out.split()), out
     assert not pending_migrations(engine)
+    code, out = _db_cli(db_url, tmp_path, "upgrade")
+    assert code == 0 and "(the newest revision), already there" in " ".join(out.split()), out
     engine.dispose()
 
 

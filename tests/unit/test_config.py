@@ -47,6 +47,15 @@ def test_a_password_from_the_environment_is_encoded_where_it_stands_in_the_datab
     assert parse_config(raw, env={"DATABASE_URL": whole}).database.url == whole
 
 
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_a_plain_postgres_url_uses_the_installed_driver(scheme: str) -> None:
+    raw = _raw()
+    raw["database"] = {"url": f"{scheme}://sw:Pa%40ss@db.example:5432/sw"}
+    url = make_url(parse_config(raw, env={}).database.url)
+    assert (url.drivername, url.password, url.host, url.database) == ("postgresql+psycopg", "Pa@ss", "db.example",
+                                                                      "sw")
+
+
 def test_only_the_password_part_of_the_database_url_is_encoded(caplog: pytest.LogCaptureFixture) -> None:
     raw = _raw()
     raw["database"]["url"] = "postgresql+psycopg://${DB_CREDS}@db/sw"  # the whole user:password part: as it is
@@ -164,3 +173,11 @@ def test_model_bundles_retention_defaults_to_ten_and_null_keeps_all() -> None:
     raw["retention"] = {"model_bundles": 0}  # the rollback target and what to look into would go: refused
     with pytest.raises(ConfigError, match=r"retention\.model_bundles: Input should be greater than 0"):
         parse_config(raw, env={})
+
+
+def test_a_disabled_webhook_needs_no_url_and_an_enabled_one_does() -> None:
+    base = {"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}
+    off = parse_config({**base, "sinks": {"webhook": {"enabled": False}}}, env={})
+    assert off.sinks.webhook is not None and not off.sinks.webhook.enabled
+    with pytest.raises(ConfigError, match=r"sinks\.webhook: .*url is required while the webhook is enabled"):
+        parse_config({**base, "sinks": {"webhook": {"timeout_s": 2}}}, env={})

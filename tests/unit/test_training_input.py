@@ -112,6 +112,15 @@ def test_several_assets_in_one_stream_are_refused_and_unknown_assets_named(caplo
         windows = windows_from_frame(tagged, group)
     assert "asset(s) pump-9 are not in group g's assets" in caplog.text
     assert {w.asset for w in windows} == {"a", "pump-9"}
+    three = _group(assets=["a", "b", "c"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows_from_frame(tagged, three)
+    assert "no rows of b, c (of group g's 3 assets): the model learns the others' normal" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        windows_from_frame(one.assign(ambient=1.0), three)  # no asset column: the group's first asset, no warning
+    assert "no rows of" not in caplog.text and "column(s) ambient are not sensors of group g" in caplog.text
 
 
 def test_small_numeric_timestamps_are_read_as_milliseconds_with_a_hint(caplog: pytest.LogCaptureFixture) -> None:
