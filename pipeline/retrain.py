@@ -328,7 +328,9 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
                 continue
             if r.asset in assets:
                 readings.append(Reading(r.asset, r.ts_ms, r.values, record.partition, record.offset))
-        data.windows += [w for w in windower.add(readings).windows if thin.keeps(w) or must(w)]
+        cut = windower.add(readings)
+        data.rejected += len(cut.jumped)
+        data.windows += [w for w in cut.windows if thin.keeps(w) or must(w)]
         while max_windows is not None and len(data.windows) > max_windows:
             if all(must(w) for w in data.windows):
                 if not warned:

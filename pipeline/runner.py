@@ -164,11 +164,14 @@ class Runner:
         idle = self._windower.close_idle(now_ms, idle_partitions)
         batch.windows += idle.windows
         batch.skipped += idle.skipped
+        batch.jumped += idle.jumped
         if len(self._detectors) < len(self.config.groups):
             batch.windows = self._drop_unserved(batch.windows, now_ms)
         rejected += self._rejects_from(records, batch)
         self._keep_held_bytes(records)
-        fresh = [r for r in rejected if r.offset >= self._processed_before.get(r.partition, -1)]
+        # a held reading is decided only later, possibly by a new owner after a restart: its verdict is always sent
+        fresh = [r for r in rejected
+                 if r.reason == "ts_jump" or r.offset >= self._processed_before.get(r.partition, -1)]
         processed = {r.partition: r.offset + 1 for r in records}  # records are in offset order per partition
         starts = self._windower.unsaved_window_starts()
         moved = {a: (self._groups[a].name, ms) for a, ms in starts.items() if self._saved_starts.get(a) != ms}
@@ -184,7 +187,7 @@ class Runner:
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._windower.mark_saved(starts)  # stored, or equal to what was (or, fenced off, forgotten)
         self._next_offset.update(processed)
-        self._account(readings, rejected, fresh, batch, scores, events, time.perf_counter() - started)
+        self._account(rejected, fresh, batch, scores, events, time.perf_counter() - started)
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
 
@@ -238,10 +241,11 @@ class Runner:
                 detail = f"{reading.asset} at {reading.ts_ms}: {details[reason]}"
                 out.append(Rejected(reason, detail, value, key, topic, reading.partition, reading.offset))
         for reading, taken in batch.partial_duplicates:
-            rec = raw[(reading.partition, reading.offset)]
+            rec = raw.get((reading.partition, reading.offset))
+            value, key, topic = (rec.value, rec.key, rec.topic) if rec else self._held_bytes(reading)
             detail = (f"{reading.asset} at {reading.ts_ms}: {', '.join(taken)[:200]} already received for this grid "
                       f"step (used: {', '.join(s for s in reading.values if s not in taken)[:80]})")
-            out.append(Rejected("duplicate", detail, rec.value, rec.key, rec.topic, rec.partition, rec.offset,
+            out.append(Rejected("duplicate", detail, value, key, topic, reading.partition, reading.offset,
                                 partial=True))
         return out
 
@@ -356,11 +360,10 @@ class Runner:
             out.update({a: [repo.score_of(r) for r in series] for a, series in rows.items()})
         return out
 
-    def _account(self, readings: list[Reading], rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch,
-                 scores: list[Score], events: list[AlertEvent], seconds: float) -> None:
+    def _account(self, rejected: list[Rejected], fresh: list[Rejected], batch: WindowBatch, scores: list[Score],
+                 events: list[AlertEvent], seconds: float) -> None:
         s, m = self.stats, self.metrics
-        placed = len(readings) - len(batch.late) - len(batch.duplicates) - len(batch.jumped) - batch.replayed \
-            - batch.rebuilt
+        placed = batch.placed
         s.batches += 1
         s.readings += placed
         s.replayed += batch.replayed + batch.rebuilt + len(rejected) - len(fresh)

@@ -49,9 +49,9 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     Warnings name rows by the frame's index (for a CSV read by ``read_readings_csv``: the data row, from 0).
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
-    column (rows without one are attributed to the group's first asset). Extra columns are ignored. A row with a value
+    column (rows without one are attributed to the group's first asset). Extra columns are ignored. A value
     the decoder would reject (outside its sensor's ``valid_range``, above its magnitude limit, or infinite) is left
-    out whole, as a reading of all the row's sensors would be, with a warning that counts them.
+    out, as the decoder leaves it out of a reading while keeping the reading's other values; a warning counts them.
     """
     extra = [str(c) for c in frame.columns if c not in (*group.sensor_names, "ts", asset_column)]
     if extra:
@@ -86,19 +86,19 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     values = _numeric(data, group.sensor_names)
     _check_assets(assets, ts_ms, group, asset_column in data)
     cells = _rejected_cells(values, group)
-    rejected = cells.any(axis=1)
-    if rejected.any():
-        first = int(np.flatnonzero(rejected)[0])
+    if cells.any():
+        first = int(np.flatnonzero(cells.any(axis=1))[0])
         example = ", ".join(f"{s}={v:g}" for s, v, bad in zip(group.sensor_names, values[first], cells[first],
                                                               strict=True) if bad)
-        log.warning("training data: %d of %d rows left out: a value outside its sensor's valid_range, above the "
-                    "magnitude limit or infinite, which the pipeline rejects (first: row %s, %s)",
-                    int(rejected.sum()), len(values), data.index[first], example)
-        assets, ts_ms, values = assets[~rejected], ts_ms[~rejected], values[~rejected]
+        log.warning("training data: %d value(s) left out: outside their sensor's valid_range, above the magnitude "
+                    "limit or infinite, which the pipeline leaves out too (first: row %s, %s)", int(cells.sum()),
+                    data.index[first], example)
+        values = np.where(cells, np.nan, values)
     readings = [
         Reading(str(a), int(t), {s: float(v) for s, v in zip(group.sensor_names, row, strict=True) if np.isfinite(v)})
         for a, t, row in zip(assets, ts_ms, values, strict=True)
     ]
+    readings = [r for r in readings if r.values]  # a row with nothing usable is no reading
     order = sorted(range(len(readings)), key=lambda i: (readings[i].asset, readings[i].ts_ms))
     windower = Windower([group.model_copy(update={"assets": sorted(set(map(str, assets)))})])
     batch = windower.add(readings[i] for i in order)

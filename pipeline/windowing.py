@@ -8,11 +8,14 @@ last slot (or, when the asset falls silent, ``idle_close_s`` of wall-clock time 
 value is filled with the sensor's previous value if the gap is at most that sensor's ``max_gap``, and a window with
 holes left is skipped, never scored on invented data. A reading for a slot no open window can use any more is late.
 
-A reading more than a window (plus the lateness) ahead of its asset's latest slot is held, not placed: placing it
-would close every window up to it, and the asset's real readings after it would all be late. The asset's next
-reading decides: one near the held reading confirms that the asset's time moved on (back after an outage) and both
-are placed; one anywhere else means the held reading carried a glitching clock, and it is reported (``jumped``).
-A held reading of an asset that falls silent is placed when the asset's windows close for idleness.
+A reading more than a window (plus the lateness) ahead of its asset's latest slot (after a restart: the slot before
+its first window not closed) is held, not placed: placing it would close every window up to it, and the asset's real
+readings after it would all be late. The asset's next instant decides: a reading at another slot near the held one
+confirms that the asset's time moved on (back after an outage) and they are placed; one ahead of the asset's latest
+slot but not near the held one means the held readings carried a glitching clock, and they are reported
+(``jumped``). Readings at the held slot (the instant's other sensors, a retry) join it, and stragglers at or before
+the latest slot are placed as usual; neither decides. Held readings of an asset that falls silent are reported as
+jumped when its windows close for idleness: nothing followed them.
 
 Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
 offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
@@ -90,6 +93,7 @@ class WindowBatch:
     duplicates: list[Reading] = field(default_factory=list)  # every value of the reading was there already
     # readings placed in part: the sensors whose value was there already (the others were placed)
     partial_duplicates: list[tuple[Reading, tuple[str, ...]]] = field(default_factory=list)
+    placed: int = 0  # readings placed on a grid for the first time (not replayed, rebuilt, late, held or duplicate)
     replayed: int = 0  # readings a previous owner processed, for windows it closed (dropped)
     rebuilt: int = 0  # readings a previous owner processed, placed again to rebuild the windows it left open
 
@@ -118,7 +122,8 @@ class Windower:
         return {a for a in assets if a not in self._assets and a not in self._resume}
 
     def resume(self, asset: str, next_window_start_ms: int) -> None:
-        """Continue ``asset`` from the first window start not closed before (as recorded with the last results)."""
+        """Continue ``asset`` from the first window start not closed before (as recorded with the last results); its
+        first reading is judged for a jump against the slot before that start, as any later one is."""
         if asset in self._group_of and asset not in self._assets:
             self._resume[asset] = round(next_window_start_ms / self._group_of[asset].period_ms)
 
@@ -149,29 +154,41 @@ class Windower:
             state = self._assets.get(reading.asset)
             if state is None:
                 start = self._resume.pop(reading.asset, None)
+                resumed = start is not None
                 if start is None:
                     first = slot - w.lateness  # earlier readings may still arrive within the lateness
                     start = math.ceil(first / w.stride) * w.stride
-                state = _AssetState(group, start, reading.partition)
+                state = _AssetState(group, start, reading.partition, max_slot=start - 1 if resumed else _NEVER)
                 self._assets[reading.asset] = state
                 self._unsaved.add(reading.asset)
             reach = w.length + w.lateness  # a jump further than this would close a whole window at once
             if state.held:
+                held_slot = round(state.held[0].ts_ms / group.period_ms)
+                if slot == held_slot:  # the same instant (its other sensors, a producer's retry): decides nothing
+                    self._hold(reading.asset, state, reading, now_ms)
+                    continue
+                if slot <= state.max_slot:  # a straggler of the stream so far decides nothing either
+                    self._place(reading.asset, reading, state, out, now_ms)
+                    continue
                 held, state.held = state.held, []
                 self._holding.discard(reading.asset)
-                if abs(slot - round(held[0].ts_ms / group.period_ms)) <= reach:
-                    # it follows the jump: the asset's time really moved on (e.g. back after an outage)
+                if abs(slot - held_slot) <= reach:
+                    # the next instant follows the jump: the asset's time really moved on (back after an outage)
                     for r in sorted([*held, reading], key=lambda r: r.ts_ms):
                         self._place(reading.asset, r, state, out, now_ms)
                     continue
                 out.jumped += held  # the stream went on elsewhere: the held ones carried a glitching clock
             if state.max_slot > _NEVER and slot > state.max_slot + reach:
-                state.held.append(reading)  # until the asset's next reading tells whether its time moved on
-                self._holding.add(reading.asset)
-                state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
+                self._hold(reading.asset, state, reading, now_ms)  # until the asset's next instant tells
                 continue
             self._place(reading.asset, reading, state, out, now_ms)
         return out
+
+    def _hold(self, asset: str, state: _AssetState, reading: Reading, now_ms: int) -> None:
+        state.held.append(reading)
+        state.partition = reading.partition  # where the asset's latest reading came from (rebalances go by it)
+        state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
+        self._holding.add(asset)
 
     def _place(self, asset: str, reading: Reading, state: _AssetState, out: WindowBatch, now_ms: int) -> None:
         """Put one reading on its asset's grid and close the windows its time closes."""
@@ -198,6 +215,8 @@ class Windower:
                 row[index[sensor]] = value
         if reading.offset < self._replay_upto.get(reading.partition, -1):
             out.rebuilt += 1  # counted when it was first consumed
+        else:
+            out.placed += 1
         key = (slot, reading.partition)  # an asset can move partitions (a re-partitioned topic): track each
         previous = state.offsets.get(key)
         state.offsets[key] = reading.offset if previous is None else min(previous, reading.offset)
@@ -236,10 +255,9 @@ class Windower:
             return out
         for asset, state in sorted(self._assets.items()):
             if self._idle(state, now_ms) and (partitions is None or state.partition in partitions):
-                held, state.held = state.held, []
+                out.jumped += state.held  # nothing came after them to confirm the jump
+                state.held = []
                 self._holding.discard(asset)
-                for reading in held:  # nothing came after them: taken as the asset's time moving on
-                    self._place(asset, reading, state, out, now_ms)
                 if not state.rows:
                     continue
                 w = state.group.window

@@ -80,3 +80,51 @@ def test_a_reading_from_a_glitching_clock_is_dead_lettered_and_the_stream_goes_o
     assert [(h["reason"], v) for _, v, h in producer.sent] == [(b"ts_jump", records[11].value)]
     assert runner.stats.rejected == {"ts_jump": 1} and runner.stats.readings == 21
     assert runner.stats.windows_scored == 9  # every window of steps 0..20
+
+
+def test_a_reading_held_across_a_restart_is_still_decided_and_dead_lettered(tmp_path: Path) -> None:
+    """The process stops while a reading is held (the commit stays at or below it): the new owner replays it, holds
+    it again (judged against where the asset's windows stopped), and sends its ts_jump verdict, although its
+    offset is below what the previous owner recorded as processed."""
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    steps = [*range(11), 200]
+    records = [_record(offset, step, {"x": 0.1, "y": 0.1}) for offset, step in enumerate(steps)]
+
+    def runner() -> Runner:
+        return Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                      producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+
+    commit = runner().process(records, T0 + 12_000)
+    assert commit[0] <= 11
+    after = runner()
+    more = [_record(12 + i, step, {"x": 0.1, "y": 0.1}) for i, step in enumerate(range(11, 21))]
+    after.process([r for r in records if r.offset >= commit[0]] + more, T0 + 21_000)
+    assert [(h["reason"], v) for _, v, h in producer.sent] == [(b"ts_jump", records[11].value)]
+    assert after.stats.rejected == {"ts_jump": 1}
+
+
+def test_a_held_reading_decided_by_a_late_one_or_placed_as_a_partial_duplicate(tmp_path: Path) -> None:
+    """Decided in a later batch than it arrived in: by a late reading (no crash, counted once), or confirmed and
+    placed as a partial duplicate (its dead-letter record carries its original bytes)."""
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    runner = Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    runner.process([_record(i, i, {"x": 0.1, "y": 0.1}) for i in range(11)], T0 + 11_000)
+    back = _record(11, 100, {"x": 0.1, "y": 0.1})  # back after an outage: held
+    runner.process([back], T0 + 101_000)
+    assert runner.stats.readings == 11  # not counted while held
+    retry = RawRecord("readings", 0, 12, b"a", orjson.dumps({"asset": "a", "ts": T0 + 99_800, "values": {"x": 0.2}}),
+                      T0 + 99_800)  # the same grid step, x only: joins the held instant
+    runner.process([retry, _record(13, 101, {"x": 0.1, "y": 0.1})], T0 + 102_000)  # the next instant confirms
+    # placed in time order: the retry's x first, so the held reading's x is the duplicate (y is used)
+    assert [(h["reason"], h["partial"], v) for _, v, h in producer.sent] == [(b"duplicate", b"true", back.value)]
+    assert runner.stats.readings == 14  # the held reading counts once placed (its y was used)
+
+    late = _record(14, 1, {"x": 0.1, "y": 0.1})
+    runner.process([_record(15, 400, {"x": 0.1, "y": 0.1})], T0 + 401_000)  # held
+    runner.process([late], T0 + 402_000)  # a straggler: decides nothing, dead-lettered as late
+    assert [h["reason"] for _, _, h in producer.sent][-1:] == [b"late"] and runner.stats.readings == 14

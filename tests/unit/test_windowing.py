@@ -256,7 +256,7 @@ def _registered(group: GroupConfig, tmp_path: Path) -> tuple[ModelVersion, Detec
     return row, detector
 
 
-def test_training_leaves_out_rows_the_pipeline_would_reject(caplog: pytest.LogCaptureFixture) -> None:
+def test_training_leaves_out_values_the_pipeline_would_reject(caplog: pytest.LogCaptureFixture) -> None:
     raw = {"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
                        "sensors": [{"name": "x", "valid_range": [0, 250]}, {"name": "y"}],
                        "window": {"length": 4, "stride": 4, "max_gap": 0}}]}
@@ -268,7 +268,7 @@ def test_training_leaves_out_rows_the_pipeline_would_reject(caplog: pytest.LogCa
     frame.loc[37, "y"] = np.inf  # non-finite: rejected
     with caplog.at_level("WARNING", logger="pipeline.train"):
         windows = windows_from_frame(frame, group)
-    assert "3 of 40 rows left out" in caplog.text and "row 21, x=9999" in caplog.text
+    assert "3 value(s) left out" in caplog.text and "row 21, x=9999" in caplog.text
     assert all(w.values[:, 0].max() <= 250 and np.abs(w.values).max() < 1e15 for w in windows)
     # the windows holding rows 21, 30 and 37 have a hole there (max_gap 0): neither is cut, as in the pipeline
     assert [w.start_ms // 1000 for w in windows] == [0, 8, 12, 16, 24, 32]
@@ -428,10 +428,49 @@ def test_an_asset_back_after_an_outage_is_held_for_one_reading_then_followed() -
     assert [(x.start_ms // 1000, x.end_ms // 1000) for x in out.skipped] == [(10, 14), (12, 500), (498, 502)]
 
 
-def test_a_held_reading_of_an_asset_that_falls_silent_is_placed_when_it_closes_for_idleness() -> None:
+def test_a_held_reading_of_an_asset_that_falls_silent_is_reported_when_it_closes_for_idleness() -> None:
+    """Nothing followed it: placing it would make the asset's real readings after its return late."""
     w = Windower([_group()])
     w.add(_readings("a", [*range(11), 500]), now_ms=1000)
     out = w.close_idle(now_ms=1000 + 121_000)
-    assert w.held_keys() == set() and not out.jumped
-    assert out.skipped[-1].end_ms // 1000 == 504  # the window holding slot 500 closed (skipped: one reading only)
+    assert w.held_keys() == set() and [r.ts_ms for r in out.jumped] == [500_000]
     assert w.safe_offsets() == {}
+    back = w.add(_readings("a", range(11, 30), offset0=12), now_ms=200_000)
+    assert not back.late and not back.jumped
+
+
+def test_what_decides_a_held_reading_and_what_does_not() -> None:
+    """A glitch sent as one instant's per-sensor messages, or sent twice, is held as one and goes as one; a
+    straggler of the old stream (within lateness) right after an asset's return decides nothing; the first reading
+    after a restart is judged against where the asset's windows stopped."""
+    w = Windower([_group()])
+    w.add(_readings("a", range(11)))
+    glitch = [Reading("a", 200_000, {"x": 1.0}, 0, 11), Reading("a", 200_000, {"y": 1.0}, 0, 12),
+              Reading("a", 200_000, {"x": 1.0}, 0, 13)]  # the instant's two sensors, then a retry
+    assert w.add(glitch).jumped == [] and w.held_keys() == {(0, 11), (0, 12), (0, 13)}
+    out = w.add(_readings("a", range(11, 21), offset0=14))
+    assert out.jumped == glitch and not out.late and not out.duplicates
+
+    late = Windower([_group(lateness=2)])
+    late.add(_readings("a", [0, 1, 2, 3, 4, 5, 6, 8, 9, 10]))
+    out = late.add(_readings("a", [300, 7, *range(301, 309)], offset0=20))  # back after an outage; 7 straggles in
+    assert not out.jumped and not out.late and late.held_keys() == set()
+    assert 300 in [x.start_ms // 1000 for x in out.windows]  # the return was followed, from its first reading
+
+    restarted = Windower([_group()])
+    restarted.resume("a", 8000)  # the windows before slot 8 were closed before the restart
+    first = restarted.add([Reading("a", 200_000, {"x": 1.0, "y": 1.0}, 0, 0)])
+    assert not first.windows and restarted.held_keys() == {(0, 0)}
+    out = restarted.add(_readings("a", range(11, 21), offset0=1))
+    assert [r.ts_ms for r in out.jumped] == [200_000] and not out.late
+
+
+def test_a_held_reading_follows_its_asset_to_a_new_partition() -> None:
+    """An asset that moved partitions (a re-partitioned topic) holds a reading from the new one: revoking the old
+    partition keeps it (and its commit bound), revoking the new one hands it to the new owner."""
+    w = Windower([_group()])
+    w.add([Reading("a", s * 1000, {"x": 1.0, "y": 1.0}, 0, s) for s in range(8)])
+    w.add([Reading("a", 500_000, {"x": 1.0, "y": 1.0}, 1, 500)])
+    assert w.partition_of("a") == 1 and w.safe_offsets()[1] == 500
+    assert w.forget_partitions([0]) == [] and w.held_keys() == {(1, 500)} and w.safe_offsets()[1] == 500
+    assert w.forget_partitions([1]) == ["a"] and w.held_keys() == set()
