@@ -327,10 +327,13 @@ class Windower:
                 for (_, partition), offset in state.offsets.items():
                     least = state.min_offsets.get(partition)
                     state.min_offsets[partition] = offset if least is None else min(least, offset)
-            held = [(r.partition, r.offset) for r in state.held]
-            for partition, offset in [*state.min_offsets.items(), *held]:
+            for partition, offset in state.min_offsets.items():
                 if offset < safe.get(partition, offset + 1):
                     safe[partition] = offset
+        for asset in self._holding:  # held readings are not committed past either
+            for r in self._assets[asset].held:
+                if r.offset < safe.get(r.partition, r.offset + 1):
+                    safe[r.partition] = r.offset
         return safe
 
     def forget_partitions(self, partitions: Iterable[int]) -> list[str]:
