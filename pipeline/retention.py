@@ -9,9 +9,9 @@ batch. Each asset keeps what a restarted pipeline rebuilds its state from (``Pru
 longer than the retention comes back with its state. Resolved alerts go by their closing time; open alerts never.
 A prune that stops half way (a crash, a database error) has deleted only whole batches and can simply run again.
 
-Model bundles (``retention.model_bundles``): per group, all but the newest N retired versions and all but the newest
-N rejected or failed candidates lose their bundle directory (``prune_bundles``); the registry row stays, marked, as
-the version's history. A bundle is deleted only when its ``metadata.json`` names that version, only its own files
+Model bundles (``retention.model_bundles``): per group, all but the N retired versions active most recently and all
+but the newest N rejected or failed candidates lose their bundle directory (``prune_bundles``); the registry row
+stays, marked, as the version's history. A bundle is deleted only when its ``metadata.json`` names that version, only its own files
 go, and the row is marked (committed) before the files go, so a version being activated at the same moment keeps
 its bundle (``repo.mark_bundle_deleted``).
 """
