@@ -11,9 +11,9 @@ A prune that stops half way (a crash, a database error) has deleted only whole b
 
 Model bundles (``retention.model_bundles``): per group, all but the N retired versions active most recently and all
 but the newest N rejected or failed candidates lose their bundle directory (``prune_bundles``); the registry row
-stays, marked, as the version's history. A bundle is deleted only when its ``metadata.json`` names that version, only its own files
-go, and the row is marked (committed) before the files go, so a version being activated at the same moment keeps
-its bundle (``repo.mark_bundle_deleted``).
+stays, marked, as the version's history. A bundle is deleted only when its ``metadata.json`` names that version,
+only its own files go, and the row is marked (committed) before the files go, so a version being activated at the
+same moment keeps its bundle (``repo.mark_bundle_deleted``).
 """
 
 from __future__ import annotations

@@ -366,7 +366,9 @@ class Runner:
         placed = batch.placed
         s.batches += 1
         s.readings += placed
-        s.replayed += batch.replayed + batch.rebuilt + len(rejected) - len(fresh)
+        # replayed rejects, except partial ones: their record is counted already, as a replayed or rebuilt reading
+        stale = sum(not r.partial for r in rejected) - sum(not r.partial for r in fresh)
+        s.replayed += batch.replayed + batch.rebuilt + stale
         s.rejected.update(r.reason for r in fresh)
         s.windows_scored += len(scores)
         s.windows_skipped += len(batch.skipped)

@@ -61,6 +61,7 @@ def test_the_usable_values_of_a_record_are_scored_and_the_rest_dead_lettered_onc
                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
     again.process(records, T0 + 13_000)  # a restart replays the batch: nothing is dead-lettered twice
     assert len(producer.sent) == 3
+    assert again.stats.replayed == len(records) and again.stats.readings == 0  # each record counted once
 
 
 def test_a_reading_from_a_glitching_clock_is_dead_lettered_and_the_stream_goes_on(tmp_path: Path) -> None:
