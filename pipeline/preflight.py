@@ -108,15 +108,17 @@ def _database_and_models(config: Config) -> list[Check]:
         try:
             detector = load_version(row, group, config.model_dir)
             moved = bundle_path(row, config.model_dir) != Path(row.artifact_path)
+            changes = pending_changes(detector, group)
             serving.append(f"{group.name}: {row.version}" + (f" (bundle under model_dir; registered at "
-                                                              f"{row.artifact_path})" if moved else ""))
-            pending += [f"{group.name}: {row.version}: {change}" for change in pending_changes(detector, group)]
+                                                              f"{row.artifact_path})" if moved else "")
+                           + (f": {'; '.join(changes)}" if changes else ""))
+            pending += changes
         except (ModelError, ConfigError, OSError) as exc:
             problems.append(f"{group.name}: {row.version} refused: {exc}")
     if problems:
         models = Check("models", "fail", "; ".join(problems))
     elif pending:
-        models = Check("models", "warn", "; ".join(serving + pending))
+        models = Check("models", "warn", "; ".join(serving))
     else:
         models = Check("models", "ok", "; ".join(serving))
     return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks,

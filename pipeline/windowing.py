@@ -175,7 +175,7 @@ class Windower:
                 if abs(slot - held_slot) <= reach:
                     # the next instant follows the jump: the asset's time really moved on (back after an outage)
                     for r in sorted([*held, reading], key=lambda r: r.ts_ms):
-                        self._place(reading.asset, r, state, out, now_ms)
+                        self._place(reading.asset, r, state, out, now_ms, was_held=r is not reading)
                     continue
                 out.jumped += held  # the stream went on elsewhere: the held ones carried a glitching clock
             if state.max_slot > _NEVER and slot > state.max_slot + reach:
@@ -190,8 +190,10 @@ class Windower:
         state.last_arrival_ms = max(state.last_arrival_ms, now_ms)
         self._holding.add(asset)
 
-    def _place(self, asset: str, reading: Reading, state: _AssetState, out: WindowBatch, now_ms: int) -> None:
-        """Put one reading on its asset's grid and close the windows its time closes."""
+    def _place(self, asset: str, reading: Reading, state: _AssetState, out: WindowBatch, now_ms: int,
+               was_held: bool = False) -> None:
+        """Put one reading on its asset's grid and close the windows its time closes. ``was_held``: it was held, so
+        it was never counted, even before a restart (it is counted as placed, not as rebuilt)."""
         group = state.group
         slot = round(reading.ts_ms / group.period_ms)
         if slot < state.next_start - self._lookback[group.name]:
@@ -213,7 +215,7 @@ class Windower:
         for sensor, value in reading.values.items():
             if sensor not in taken:
                 row[index[sensor]] = value
-        if reading.offset < self._replay_upto.get(reading.partition, -1):
+        if reading.offset < self._replay_upto.get(reading.partition, -1) and not was_held:
             out.rebuilt += 1  # counted when it was first consumed
         else:
             out.placed += 1

@@ -474,3 +474,15 @@ def test_a_held_reading_follows_its_asset_to_a_new_partition() -> None:
     assert w.partition_of("a") == 1 and w.safe_offsets()[1] == 500
     assert w.forget_partitions([0]) == [] and w.held_keys() == {(1, 500)} and w.safe_offsets()[1] == 500
     assert w.forget_partitions([1]) == ["a"] and w.held_keys() == set()
+
+
+def test_a_reading_held_before_a_restart_counts_as_placed_when_it_is_followed() -> None:
+    """It was never counted before the restart (held readings are counted when placed), so its replay is not
+    'rebuilt' but placed; the readings placed before the restart are rebuilt as usual."""
+    w = Windower([_group()])
+    w.resume("a", 8000)
+    w.set_replay_boundary(0, 3)  # offsets 0..2 were processed by the previous owner; offset 2 was held there
+    out = w.add(_readings("a", [9, 10], offset0=0))
+    assert (out.rebuilt, out.placed) == (2, 0)
+    back = w.add([Reading("a", 300_000, {"x": 1.0, "y": 1.0}, 0, 2), *_readings("a", [301, 302], offset0=3)])
+    assert back.rebuilt == 0 and back.placed == 3 and not back.jumped
