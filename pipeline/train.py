@@ -232,6 +232,8 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         "train_seconds": round(result.seconds, 2), "val_score_p50": float(np.median(raw_val_scores)),
         "warm_start_from": warm_from,
     }
+    if threshold_info.get("fallback"):  # shown by `models show`, and in the retrain run's metrics
+        metrics["threshold_fallback"] = threshold_info["fallback"]
     detector = Detector(
         version=new_version_name(group.name), group=group.name, model_type=m.type,
         hyperparameters=hyperparameters, sensors=group.sensor_names, window=group.window.length,

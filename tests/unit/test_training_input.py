@@ -84,6 +84,8 @@ def test_a_pot_threshold_on_a_thin_tail_is_flagged(caplog: pytest.LogCaptureFixt
             trained = train_group(windows_from_frame(_frame(), group), group, progress=False)
         peaks = trained.detector.metadata["threshold_info"]["peaks"]
         assert peaks < 20 and note in caplog.text and "lower threshold.tail_quantile" in caplog.text
+        fallback = trained.metrics.get("threshold_fallback")  # recorded with the version, not only logged
+        assert fallback == ("fewer than 5 peaks for a GPD fit: empirical quantile" if tail_quantile == 0.95 else None)
 
 
 def test_unreadable_cells_and_timestamps_are_counted_and_named(caplog: pytest.LogCaptureFixture) -> None:
