@@ -99,7 +99,7 @@ def _database_and_models(config: Config) -> list[Check]:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
         engine.dispose()
-    problems, serving, pending = [], [], []
+    problems, serving, pending = [], [], False
     for group in config.groups:
         row = active.get(group.name)
         if row is None:
@@ -112,7 +112,7 @@ def _database_and_models(config: Config) -> list[Check]:
             serving.append(f"{group.name}: {row.version}" + (f" (bundle under model_dir; registered at "
                                                               f"{row.artifact_path})" if moved else "")
                            + (f": {'; '.join(changes)}" if changes else ""))
-            pending += changes
+            pending = pending or bool(changes)
         except (ModelError, ConfigError, OSError) as exc:
             problems.append(f"{group.name}: {row.version} refused: {exc}")
     if problems:

@@ -105,9 +105,9 @@ def pending_changes(detector: Detector, group: GroupConfig) -> list[str]:
     later = "takes effect with the next trained model (sensorwatch retrain)"
     if detector.model_type != m.type:
         changes.append(f"it is a {detector.model_type} model, model.type is {m.type}: the change {later}")
-    elif detector.hyperparameters != m.hyperparameters():
-        differ = sorted(k for k in {*detector.hyperparameters, *m.hyperparameters()}
-                        if detector.hyperparameters.get(k) != m.hyperparameters().get(k))
+    elif detector.hyperparameters != (wanted := m.hyperparameters()):
+        differ = sorted(k for k in {*detector.hyperparameters, *wanted}
+                        if detector.hyperparameters.get(k) != wanted.get(k))
         changes.append(f"it was trained with other model settings ({', '.join(differ)}): the change {later}")
     fitted = _threshold_changes(detector.metadata.get("threshold_info", {}), group)
     if fitted:

@@ -231,18 +231,22 @@ class Runner:
         if not (batch.late or batch.duplicates or batch.partial_duplicates or batch.jumped):
             return []
         raw = {(r.partition, r.offset): r for r in records}
+
+        def source(reading: Reading) -> tuple[bytes | None, bytes | None, str]:
+            """The reading's record: from this batch, or kept since it was held in an earlier one."""
+            rec = raw.get((reading.partition, reading.offset))
+            return (rec.value, rec.key, rec.topic) if rec else self._held_bytes(reading)
+
         out: list[Rejected] = []
         details = {"late": "window already closed", "duplicate": "sensor value already received for this grid step",
                    "ts_jump": "far ahead of the asset's stream, and its next reading did not follow"}
         for reason, readings in (("late", batch.late), ("duplicate", batch.duplicates), ("ts_jump", batch.jumped)):
             for reading in readings:
-                rec = raw.get((reading.partition, reading.offset))
-                value, key, topic = (rec.value, rec.key, rec.topic) if rec else self._held_bytes(reading)
+                value, key, topic = source(reading)
                 detail = f"{reading.asset} at {reading.ts_ms}: {details[reason]}"
                 out.append(Rejected(reason, detail, value, key, topic, reading.partition, reading.offset))
         for reading, taken in batch.partial_duplicates:
-            rec = raw.get((reading.partition, reading.offset))
-            value, key, topic = (rec.value, rec.key, rec.topic) if rec else self._held_bytes(reading)
+            value, key, topic = source(reading)
             detail = (f"{reading.asset} at {reading.ts_ms}: {', '.join(taken)[:200]} already received for this grid "
                       f"step (used: {', '.join(s for s in reading.values if s not in taken)[:80]})")
             out.append(Rejected("duplicate", detail, value, key, topic, reading.partition, reading.offset,
