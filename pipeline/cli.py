@@ -320,9 +320,9 @@ def db_prune(
     """Delete history older than the retention section: window scores and skipped windows older than
     retention.scores_days (each asset keeps its latest windows, which a restarted pipeline rebuilds its alert and
     drift state from), resolved alerts closed more than retention.alerts_days ago (when set), and the model bundles
-    beyond retention.model_bundles per group (the newest retired and rejected ones stay). In short batches, safe
-    beside running pipelines and safe to run again. `sensorwatch scheduler` runs it on retention.cron; without
-    a scheduler, run it from cron."""
+    beyond retention.model_bundles per group (the newest retired, rejected and undecided ones stay). In short
+    batches, safe beside running pipelines and safe to run again. `sensorwatch scheduler` runs it on retention.cron;
+    without a scheduler, run it from cron."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.retention import PrunePlan, prune_database
@@ -871,8 +871,12 @@ def report(
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     write_report(out, data)
+    signals = f", raw signals of {len(data.signals)} from {csv_path.name}" if data.signals and csv_path else ""
     console.print(f"[green]wrote[/green] {out}: {len(data.scores)} windows, {len(data.alerts)} alert(s), "
-                  f"{len(data.sensors)} sensors{', raw signals from ' + csv_path.name if csv_path else ''}")
+                  f"{len(data.sensors)} sensors{signals}")
+    if csv_path and not data.signals:
+        console.print(f"[yellow]warning[/yellow]: {csv_path.name} has no readings of {asset} between "
+                      f"{start.isoformat()} and {end.isoformat()} for its sensors: no raw signals plotted")
 
 
 @app.command()

@@ -249,17 +249,15 @@ class ModelConfig(_Strict):
             raise ValueError("kernel_size must be odd")
         return value
 
-    @model_validator(mode="after")
-    def _keys_of_other_types(self) -> ModelConfig:
-        """A warning for keys that change nothing but the config hash: shape keys the chosen type does not use, and
-        penalty options whose weight is 0."""
+    def idle_keys(self) -> list[str]:
+        """Keys that change nothing but the config hash, each in words: shape keys the chosen type does not use,
+        and penalty options whose weight is 0 (the group warns of them, naming itself)."""
         unused = sorted(set(_SHAPE_KEYS) & self.model_fields_set - set(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
+        problems = []
         if unused:
-            log.warning("model: %s not used by type %s (it uses %s)", ", ".join(unused), self.type,
-                        ", ".join(_SHAPE_KEYS_OF.get(self.type, ("hidden",))))
-        for problem in self._idle_penalty_options():
-            log.warning("model: %s", problem)
-        return self
+            problems.append(f"{', '.join(unused)} not used by type {self.type} (it uses "
+                            f"{', '.join(_SHAPE_KEYS_OF.get(self.type, ('hidden',)))})")
+        return problems + self._idle_penalty_options()
 
     def _idle_penalty_options(self) -> list[str]:
         """Penalty options that have no effect as written (each in words)."""
@@ -514,7 +512,8 @@ class RetentionConfig(_Strict):
     ``scores_days`` must exceed ``retrain.lookback_days`` (the retrain leaves out the windows its lookback scored
     anomalous), and ``alerts_days`` must be at least ``scores_days`` (the alerts over stored windows are read with
     them). Model bundles: per group, the active model's, the newest ``model_bundles`` retired versions' (what
-    ``models activate`` rolls back to) and the newest ``model_bundles`` rejected or failed candidates' are kept;
+    ``models activate`` rolls back to) and the newest ``model_bundles`` rejected, failed or undecided candidates'
+    (``train --no-activate``; a day old) are kept;
     older ones are deleted from ``model_dir`` and their registry rows marked (None: every bundle is kept)."""
 
     enabled: bool = True
@@ -631,11 +630,14 @@ class GroupConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _shapes_that_cannot_learn(self) -> GroupConfig:
-        """Warnings for shapes that train but cannot work well: a convolution wider than the window, or a dense or
-        variational network with no layer narrower than the window's inputs (no bottleneck: it can copy anomalies
-        through; sparse and contractive networks may be wide on purpose, their penalty restricts them)."""
+    def _model_warnings(self) -> GroupConfig:
+        """Warnings, naming the group, for model keys that change nothing (``ModelConfig.idle_keys``) and for
+        shapes that train but cannot work well: a convolution wider than the window, or a dense or variational
+        network with no layer narrower than the window's inputs (no bottleneck: it can copy anomalies through;
+        sparse and contractive networks may be wide on purpose, their penalty restricts them)."""
         m, length = self.model, self.window.length
+        for problem in m.idle_keys():
+            log.warning("group %s: model: %s", self.name, problem)
         if m.type == "conv" and m.kernel_size > length:
             log.warning("group %s: model.kernel_size %d is wider than window.length %d: most of each convolution "
                         "sees padding", self.name, m.kernel_size, length)

@@ -79,7 +79,8 @@ class ReportData:
 def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, end_ms: int
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (``ts`` as ISO-8601 or epoch ms; rows without
-    an ``asset`` column belong to every asset). ConfigError if the file cannot be read or has no ``ts``."""
+    an ``asset`` column belong to every asset), for the sensors with at least one number there (empty when the file
+    has none in the range). ConfigError if the file cannot be read or has no ``ts``."""
     try:
         frame = pd.read_csv(path, sep=None, engine="python")
     except (OSError, ValueError) as exc:
@@ -98,7 +99,8 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
     for sensor in sensors:
         if sensor in frame.columns:
             values = pd.to_numeric(frame[sensor], errors="coerce").to_numpy(dtype=float)[keep][order]
-            out[sensor] = (ts_ms[keep][order], values)
+            if np.isfinite(values).any():
+                out[sensor] = (ts_ms[keep][order], values)
     return out
 
 

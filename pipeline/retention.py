@@ -10,10 +10,10 @@ longer than the retention comes back with its state. Resolved alerts go by their
 A prune that stops half way (a crash, a database error) has deleted only whole batches and can simply run again.
 
 Model bundles (``retention.model_bundles``): per group, all but the N retired versions active most recently and all
-but the newest N rejected or failed candidates lose their bundle directory (``prune_bundles``); the registry row
-stays, marked, as the version's history. A bundle is deleted only when its ``metadata.json`` names that version,
-only its own files go, and the row is marked (committed) before the files go, so a version being activated at the
-same moment keeps its bundle (``repo.mark_bundle_deleted``).
+but the newest N rejected, failed or undecided candidates (a day old: a retrain in progress is younger) lose their
+bundle directory (``prune_bundles``); the registry row stays, marked, as the version's history. A bundle is deleted
+only when its ``metadata.json`` names that version, only its own files go, and the row is marked (committed) before
+the files go, so a version being activated at the same moment keeps its bundle (``repo.mark_bundle_deleted``).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int
     stamp = now or datetime.now(UTC)
     with sessions() as session:
         doomed = [(r.id, r.version, bundle_path(r, model_dir))
-                  for r in repo.bundle_prune_candidates(session=session, keep=keep)]
+                  for r in repo.bundle_prune_candidates(session=session, keep=keep, now=stamp)]
         leftover = [] if dry_run else [
             (r.version, bundle_path(r, model_dir))
             for r in repo.bundle_deleted_versions(session=session, since=stamp - timedelta(days=LEFTOVER_DAYS))]
@@ -189,7 +189,7 @@ def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int
     if not dry_run:
         _delete_stale_staging(Path(model_dir), stamp)
     if deleted:
-        log.info("retention: %s %d model bundle(s) (keeping %d retired and %d rejected per group)",
+        log.info("retention: %s %d model bundle(s) (keeping %d retired and %d rejected or undecided per group)",
                  "would delete" if dry_run else "deleted", deleted, keep, keep)
     return deleted
 

@@ -30,6 +30,8 @@ from pipeline.store.tables import (
 )
 from pipeline.types import AlertRecord, Score, SkippedWindow, datetime_to_ms, ms_to_datetime
 
+CANDIDATE_GRACE = timedelta(days=1)  # a candidate older than this is not a retrain in progress (retention may go)
+
 
 def new_holder() -> str:
     """A name for this process in claims and leases (consumer partitions, retrain locks, sink leases): host, pid and
@@ -324,17 +326,20 @@ class BundleDeleted(Exception):
         self.version = row.version
 
 
-def bundle_prune_candidates(*, session: Session, keep: int, groups: Sequence[str] | None = None
+def bundle_prune_candidates(*, session: Session, keep: int, now: datetime, groups: Sequence[str] | None = None
                             ) -> list[ModelVersion]:
     """Versions whose bundles retention deletes, oldest first: per group, of the versions whose bundle is still
     there, all but the ``keep`` retired ones active most recently (the rollback targets: a version rolled back to
-    and retired again counts from then, not from its training) and all but the newest ``keep`` rejected or failed
-    candidates (kept to look into). Active versions and candidates (a retrain in progress, or ``train
-    --no-activate``) are never listed. ``groups``: only these (None: all). Reads only the columns it needs."""
+    and retired again counts from then, not from its training) and all but the newest ``keep`` of the rest: the
+    rejected and failed candidates (kept to look into) and the candidates older than ``CANDIDATE_GRACE`` before
+    ``now`` (``train --no-activate`` models awaiting an operator, or a retrain that died before deciding). Active
+    versions and younger candidates (a retrain in progress) are never listed. ``groups``: only these (None: all).
+    Reads only the columns it needs."""
     query = (select(ModelVersion)
              .options(load_only(ModelVersion.id, ModelVersion.version, ModelVersion.group_name, ModelVersion.status,
                                 ModelVersion.created_at, ModelVersion.activated_at, ModelVersion.artifact_path))
-             .where(ModelVersion.status.in_(("retired", "rejected", "failed")),
+             .where(or_(ModelVersion.status.in_(("retired", "rejected", "failed")),
+                        and_(ModelVersion.status == "candidate", ModelVersion.created_at < now - CANDIDATE_GRACE)),
                     ModelVersion.bundle_deleted_at.is_(None)))
     if groups is not None:
         query = query.where(ModelVersion.group_name.in_(groups))
@@ -366,7 +371,7 @@ def mark_bundle_deleted(*, session: Session, version_id: int, now: datetime) -> 
     ``activate_model_version`` checks keep the two from passing each other."""
     result = session.execute(
         update(ModelVersion)
-        .where(ModelVersion.id == version_id, ModelVersion.status.in_(("retired", "rejected", "failed")),
+        .where(ModelVersion.id == version_id, ModelVersion.status.in_(("retired", "rejected", "failed", "candidate")),
                ModelVersion.bundle_deleted_at.is_(None))
         .values(bundle_deleted_at=now)
     )

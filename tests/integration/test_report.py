@@ -81,6 +81,7 @@ def test_report_shows_plots_and_the_spans_of_a_known_alert(db_url: str, tmp_path
         "report", "-c", str(config), "--asset", "pump-1", "--since", "2026-03-01T00:00:00Z",
         "--until", "2026-03-01T05:00:00Z", "--out", str(out), "--csv", str(_raw_csv(tmp_path / "raw.csv"))])
     assert result.exit_code == 0, result.output
+    assert f"raw signals of {len(SENSORS)} from raw.csv" in result.output
 
     html = out.read_text(encoding="utf-8")
     page = _Page()
@@ -116,6 +117,14 @@ def test_report_shows_plots_and_the_spans_of_a_known_alert(db_url: str, tmp_path
     # self-contained: no scripts, no external resources
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
     assert "src=" not in html and "<link" not in html
+
+    # a CSV with no readings in the range: said so, and no empty signal plots
+    later = CliRunner().invoke(app, [
+        "report", "-c", str(config), "--asset", "pump-1", "--since", "2026-03-02T00:00:00Z",
+        "--until", "2026-03-02T05:00:00Z", "--out", str(out), "--csv", str(tmp_path / "raw.csv")])
+    assert later.exit_code == 0, later.output
+    assert "raw signals of" not in later.output and "raw.csv has no readings of pump-1 between" in later.output
+    assert "signal:" not in out.read_text(encoding="utf-8")
 
 
 def test_report_data_and_render_without_scores_or_csv(db_url: str) -> None:

@@ -187,9 +187,9 @@ def test_the_scheduler_runs_the_prune_job(tmp_path: Path) -> None:
 
 # -- model bundles ---------------------------------------------------------------------------------------------------
 def _version(session, name: str, status: str, minute: int, model_dir: Path, *,  # type: ignore[no-untyped-def]
-             bundle: bool = True, group: str = "pumps") -> Path:
-    """A registry row of ``group`` created ``minute`` minutes after T0, and (``bundle``) a directory holding what a
-    bundle's files are named, its metadata naming the version."""
+             bundle: bool = True, group: str = "pumps", created_at: datetime | None = None) -> Path:
+    """A registry row of ``group`` created ``minute`` minutes after T0 (or at ``created_at``), and (``bundle``) a
+    directory holding what a bundle's files are named, its metadata naming the version."""
     path = model_dir / group / name
     if bundle:
         path.mkdir(parents=True)
@@ -197,7 +197,7 @@ def _version(session, name: str, status: str, minute: int, model_dir: Path, *,  
         (path / "metadata.json").write_text(json.dumps({"version": name}))
     repo.add_model_version(session=session, version=ModelVersion(
         version=name, group_name=group, model_type="dense", status=status,
-        created_at=ms_to_datetime(T0 + minute * 60_000), artifact_path=str(path), checksum="0" * 64,
+        created_at=created_at or ms_to_datetime(T0 + minute * 60_000), artifact_path=str(path), checksum="0" * 64,
         config_hash="0" * 64, threshold=1.0, threshold_method="percentile", windows_used=100, metrics={}))
     return path
 
@@ -216,7 +216,7 @@ def _registry(db_url: str, model_dir: Path) -> dict[str, Path]:
                 paths[f"{status}-{i}"] = _version(s, f"pumps-{status}-{i}", status, minute, model_dir)
         paths["failed"] = _version(s, "pumps-failed", "failed", 0, model_dir, bundle=False)  # the oldest candidate
         paths["active"] = _version(s, "pumps-active", "active", 100, model_dir)
-        paths["candidate"] = _version(s, "pumps-candidate", "candidate", 101, model_dir)
+        paths["candidate"] = _version(s, "pumps-candidate", "candidate", 101, model_dir, created_at=datetime.now(UTC))
         for i in range(2):
             paths[f"fans-{i}"] = _version(s, f"fans-retired-{i}", "retired", 200 + i, model_dir, group="fans")
     engine.dispose()
@@ -259,6 +259,35 @@ def test_old_model_bundles_go_and_their_rows_stay_marked(db_url: str, tmp_path: 
         assert not repo.mark_bundle_deleted(session=s, version_id=repo.get_model_version(
             session=s, version="pumps-active").id, now=stamp)  # never the active model
     assert prune_bundles(sessions, model_dir, keep=10) == 1 and not paths["retired-3"].exists()
+    engine.dispose()
+
+
+def test_undecided_candidates_a_day_old_rank_with_the_rejected_ones(db_url: str, tmp_path: Path) -> None:
+    """``train --no-activate`` candidates (and those of a retrain that died before deciding) are kept like rejected
+    ones, the newest ``keep`` per group, once a day old; a younger candidate (a retrain in progress) always stays."""
+    upgrade(db_url)
+    model_dir = tmp_path / "models"
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    now = ms_to_datetime(T0) + timedelta(days=30)
+    with sessions.begin() as s:
+        _version(s, "old-rejected", "rejected", 0, model_dir)
+        for i in range(3):
+            _version(s, f"undecided-{i}", "candidate", 10 + i, model_dir)
+        _version(s, "running", "candidate", 0, model_dir, created_at=now - timedelta(hours=2))
+    assert prune_bundles(sessions, model_dir, keep=2, now=now) == 2
+    with sessions() as s:
+        marked = {r.version for r in repo.bundle_deleted_versions(session=s, since=ms_to_datetime(0))}
+    assert marked == {"old-rejected", "undecided-0"}
+    assert (model_dir / "pumps" / "running" / "weights.pt").exists()
+    assert (model_dir / "pumps" / "undecided-2" / "weights.pt").exists()
+    assert not (model_dir / "pumps" / "undecided-0" / "weights.pt").exists()
+    with sessions.begin() as s, pytest.raises(repo.BundleDeleted):
+        repo.activate_model_version(session=s, version="undecided-0")
+    later = now + timedelta(days=1)  # the retrain died: its candidate is undecided now, the newest of three
+    assert prune_bundles(sessions, model_dir, keep=2, now=later) == 1
+    assert (model_dir / "pumps" / "running" / "weights.pt").exists()
+    assert not (model_dir / "pumps" / "undecided-1" / "weights.pt").exists()
     engine.dispose()
 
 

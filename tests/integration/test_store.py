@@ -225,8 +225,8 @@ def test_migration_0008_marks_deleted_bundles_and_rolls_back(db_url: str) -> Non
     with make_sessionmaker(engine)() as s:
         row = repo.get_model_version(session=s, version="g-1")
         assert row is not None and row.bundle_deleted_at is None
-        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=1)] == []
-        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=0)] == ["g-1"]
+        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=1, now=datetime.now(UTC))] == []
+        assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=0, now=datetime.now(UTC))] == ["g-1"]
     engine.dispose()
     _assert_downgrade_drops(db_url, "0007", "bundle_deleted_at", table="model_versions")
 

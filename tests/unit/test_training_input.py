@@ -159,7 +159,8 @@ def test_penalty_options_without_a_weight_are_warned_of(caplog: pytest.LogCaptur
         _group(model={"type": "sparse", "sparsity_target": 0.3})  # the default l1 penalty ignores the target
         _group(model={"type": "sparse", "sparsity_weight": 0})
         _group(model={"type": "contractive", "contractive_weight": 0})
-    assert "model: sparsity, sparsity_target has no effect without sparsity_weight > 0 (type lstm)" in caplog.text
+    assert "group g: model: sparsity, sparsity_target has no effect without sparsity_weight > 0 (type lstm)" \
+        in caplog.text
     assert "sparsity_target is used by sparsity: kl only (sparsity is l1)" in caplog.text
     assert "type sparse with sparsity_weight 0 trains a plain dense autoencoder" in caplog.text
     assert "type contractive with contractive_weight 0 trains a plain dense autoencoder" in caplog.text
