@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import signal
@@ -993,6 +994,18 @@ def evaluate(
                       f"{row['train_seconds']:.1f}")
     Console().print(table)
 
+
+def _one_paragraph_summaries(*apps: typer.Typer) -> None:
+    """Command listings show each command's first docstring paragraph as one flowing line (typer's rich help keeps
+    its line breaks there, which wraps it raggedly); the command's own help is left as written."""
+    for sub in apps:
+        for info in sub.registered_commands:
+            if info.short_help is None and info.callback is not None:
+                doc = inspect.getdoc(info.callback) or ""
+                info.short_help = " ".join(doc.split("\n\n")[0].split()) or None
+
+
+_one_paragraph_summaries(app, db_app, alerts_app, models_app, sinks_app)
 
 if __name__ == "__main__":
     app()

@@ -51,6 +51,15 @@ def test_help_texts(args: list[str]) -> None:
     assert "Usage" in result.output
 
 
+def test_command_listings_flow_each_summary_as_one_paragraph() -> None:
+    """The docstring's line breaks do not break the listing's lines (they did: "... gate: the job" then a new line)."""
+    wide = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
+    assert wide.exit_code == 0
+    assert "validation gate: the job the scheduler runs." in wide.output
+    sinks = runner.invoke(app, ["sinks", "--help"], env={"COLUMNS": "200"})
+    assert "original order: after a receiver's outage outlasted max_age_h" in sinks.output
+
+
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text("groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}]\n    window: {length: 1}\n")
