@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline import logs
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError, ModelError, TransientError
 
@@ -43,17 +43,6 @@ app.add_typer(sinks_app, name="sinks")
 
 console = Console(stderr=True)
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.", exists=False)]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
-        force=True,
-    )
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported once per retry by the runner
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 class _TopicsBeingCreated(logging.Filter):
@@ -133,9 +122,18 @@ def _session(cfg: Config, *, write: bool = False) -> Iterator[Session]:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="SENSORWATCH_LOG_FORMAT",
+        help="auto (rich on a terminal, plain otherwise), rich, plain (one UTC-stamped line per record) or json "
+             "(one object per line).")] = "auto",
+) -> None:
     """Configure logging for every command."""
-    _setup_logging(verbose)
+    try:
+        logs.configure(log_format, verbose=verbose, console=console)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--log-format (or SENSORWATCH_LOG_FORMAT)") from None
 
 
 @app.command()

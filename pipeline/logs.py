@@ -1,0 +1,72 @@
+"""Log output for every command: rich on a terminal, one line per record elsewhere (a container, systemd, a file).
+
+``auto`` picks ``rich`` when stderr is a terminal and ``plain`` otherwise. ``plain`` writes
+``2026-11-27T11:15:21.123Z WARNING pipeline.config: message``: UTC, never wrapped, a traceback (if any) on the lines
+after it. ``json`` writes one object per line for a log shipper: ``ts``, ``level``, ``logger``, ``message`` and, for
+an exception, ``exc`` (its traceback as one string).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Literal
+
+import orjson
+from rich.console import Console
+from rich.logging import RichHandler
+
+LogFormat = Literal["auto", "rich", "plain", "json"]
+FORMATS: tuple[str, ...] = ("auto", "rich", "plain", "json")
+
+
+def _utc_stamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class PlainFormatter(logging.Formatter):
+    """``<UTC ISO-8601 with ms> <LEVEL> <logger>: <message>``, the traceback (if any) on the following lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_utc_stamp(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``ts``, ``level``, ``logger``, ``message`` (and ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": _utc_stamp(record.created), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc, default=str).decode()
+
+
+def resolve(fmt: str, *, is_terminal: bool) -> str:
+    """The concrete format for ``fmt`` (``auto``: ``rich`` on a terminal, else ``plain``). ValueError if unknown."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    if fmt == "auto":
+        return "rich" if is_terminal else "plain"
+    return fmt
+
+
+def configure(fmt: str, *, verbose: bool, console: Console) -> str:
+    """Install the root handler for ``fmt`` (writing to ``console``'s stream, stderr) and quieten chatty libraries;
+    returns the concrete format used."""
+    chosen = resolve(fmt, is_terminal=console.is_terminal)
+    handler: logging.Handler
+    if chosen == "rich":
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(console.file if console.file is not None else sys.stderr)
+        handler.setFormatter(JsonFormatter() if chosen == "json" else PlainFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported once per retry by the runner
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return chosen

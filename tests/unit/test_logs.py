@@ -1,0 +1,67 @@
+"""Log output: one line per record off a terminal (plain or JSON), UTC stamps, the format chosen by --log-format."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline import logs
+from pipeline.cli import app
+
+
+def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            import sys
+
+            exc_info = sys.exc_info()
+    record = logging.LogRecord("pipeline.runner", logging.WARNING, __file__, 1, msg, args, exc_info)
+    record.created = 1_795_000_000.25  # 2026-11-18T11:06:40.250Z
+    return record
+
+
+def test_plain_lines_are_stamped_in_utc_and_never_wrapped() -> None:
+    long = "x" * 300
+    line = logs.PlainFormatter().format(_record("asset %s: %s", "pump-1", long))
+    assert line == f"2026-11-18T11:06:40.250Z WARNING pipeline.runner: asset pump-1: {long}"
+    with_exc = logs.PlainFormatter().format(_record("failed", exc=True)).splitlines()
+    assert with_exc[0].endswith("pipeline.runner: failed") and with_exc[-1] == "RuntimeError: boom"
+
+
+def test_json_lines_carry_the_record_and_its_traceback() -> None:
+    text = logs.JsonFormatter().format(_record("asset %s: \"quoted\"\nsecond line", "pump-1", exc=True))
+    assert "\n" not in text
+    doc = json.loads(text)
+    assert doc["ts"] == "2026-11-18T11:06:40.250Z" and doc["level"] == "WARNING"
+    assert doc["logger"] == "pipeline.runner" and doc["message"] == 'asset pump-1: "quoted"\nsecond line'
+    assert doc["exc"].startswith("Traceback") and doc["exc"].endswith("RuntimeError: boom")
+
+
+def test_auto_is_rich_on_a_terminal_only_and_unknown_formats_are_refused() -> None:
+    assert logs.resolve("auto", is_terminal=True) == "rich"
+    assert logs.resolve("auto", is_terminal=False) == "plain"
+    assert logs.resolve("json", is_terminal=True) == "json"
+    with pytest.raises(ValueError, match="log format must be one of auto, rich, plain, json, not 'xml'"):
+        logs.resolve("xml", is_terminal=False)
+
+
+def test_the_cli_logs_in_the_chosen_format(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    config = tmp_path / "c.yaml"
+    config.write_text("database: {url: 'sqlite:///" + str(tmp_path / "sw.db") + "'}\n"
+                      "groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}, {name: y}]\n"
+                      "    model: {type: lstm, beta: 2.0}\n")
+    runner = CliRunner()
+    as_json = runner.invoke(app, ["--log-format", "json", "models", "list", "-c", str(config)])
+    lines = [json.loads(line) for line in as_json.output.splitlines() if line.startswith("{")]
+    assert any(d["logger"] == "pipeline.config" and "beta not used by type lstm" in d["message"] for d in lines)
+    from_env = runner.invoke(app, ["models", "list", "-c", str(config)], env={"SENSORWATCH_LOG_FORMAT": "plain"})
+    assert " WARNING pipeline.config: group g: model: beta not used by type lstm" in from_env.output
+    bad = runner.invoke(app, ["models", "list", "-c", str(config)],
+                        env={"SENSORWATCH_LOG_FORMAT": "xml", "COLUMNS": "200"})
+    assert bad.exit_code == 2 and "log format must be one of" in bad.output
