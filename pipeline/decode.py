@@ -9,6 +9,7 @@ windower).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -18,6 +19,8 @@ import orjson
 from pipeline.config import GroupConfig, IngestConfig
 from pipeline.errors import InvalidReading
 from pipeline.types import Reading, Rejected
+
+log = logging.getLogger(__name__)
 
 REASONS = (
     "oversized",
@@ -36,6 +39,7 @@ REASONS = (
     "duplicate",
     "late",
     "ts_jump",
+    "undecodable",  # a defect met by this input (logged with its traceback): dead-lettered instead of crashing
 )
 
 
@@ -80,7 +84,7 @@ def _has_non_finite_literal(value: bytes) -> bool:
         json.loads(value, parse_constant=refuse, parse_float=lambda t: refuse(t) if math.isinf(float(t)) else 0.0)
     except OverflowError:
         return True
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack (orjson: 1024)
         return False
     return False
 
@@ -178,6 +182,11 @@ class Decoder:
                 r, problems = self.decode_partial(value, key, now_ms)
             except InvalidReading as exc:
                 rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
+                continue
+            except Exception as exc:  # a defect met by some input: that record is dead-lettered, never a crash loop
+                log.exception("decoding %s/%d/%d failed; dead-lettered as undecodable", topic, partition, offset)
+                rejected.append(Rejected("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}", value, key, topic,
+                                         partition, offset))
                 continue
             readings.append(Reading(r.asset, r.ts_ms, r.values, partition, offset))
             if problems:

@@ -70,6 +70,32 @@ def test_bad_input_is_rejected_with_reason(decoder: Decoder, raw: bytes | None, 
     assert (rejected[0].partition, rejected[0].offset, rejected[0].value) == (2, 41, raw)
 
 
+@pytest.mark.parametrize("raw", [b"[" * 5000, b'{"a":' * 10000, b"[" * 30000 + b"]" * 30000])
+def test_deeply_nested_json_is_malformed_not_a_crash(raw: bytes) -> None:
+    """Nested past orjson's limit (1024), the NaN/Infinity probe's stdlib parser ran out of stack: RecursionError
+    crashed the consumer on that record at every restart."""
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["pump-1"], "sensors": [{"name": "temp"}]}]}, env={})
+    readings, rejected = Decoder(cfg.groups, max_message_bytes=1 << 20).decode_batch([("t", 0, 7, None, raw)])
+    assert readings == [] and [(r.reason, r.offset) for r in rejected] == [("malformed_json", 7)]
+
+
+def test_a_defect_met_by_one_record_dead_letters_it_and_goes_on(decoder: Decoder,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
+    decode = Decoder.decode_partial
+
+    def fragile(self: Decoder, value: bytes | None, key: bytes | None = None, now_ms: int | None = None):  # type: ignore[no-untyped-def]
+        if value == b"poison":
+            raise KeyError("a defect")
+        return decode(self, value, key, now_ms)
+
+    monkeypatch.setattr(Decoder, "decode_partial", fragile)
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"poison", good])])
+    assert [r.offset for r in readings] == [0, 2]
+    assert [(r.reason, r.offset, r.value) for r in rejected] == [("undecodable", 1, b"poison")]
+    assert rejected[0].detail == "KeyError: 'a defect'"
+
+
 def test_batch_keeps_good_readings_around_bad_ones(decoder: Decoder) -> None:
     good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
     readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"x", good])])
