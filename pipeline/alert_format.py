@@ -67,12 +67,22 @@ def alert_dict(row: Alert, *, flat: bool = False) -> dict[str, Any]:
     }
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``, tab or CR first: an
+    acknowledgement comment is free text) gets a leading ``'``, which shows it as text; other values are unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def to_csv(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """Records as CSV text with a header row (``columns`` in order)."""
+    """Records as CSV text with a header row (``columns`` in order); text that starts like a formula is quoted
+    for spreadsheets (``_csv_cell``)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows({key: _csv_cell(value) for key, value in record.items()} for record in records)
     return buffer.getvalue()
 
 

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline import logs
 from pipeline.config import Config, load_config
@@ -188,8 +189,9 @@ def train(
         row = register_trained(session=session, trained=trained, group=group_cfg, model_dir=cfg.model_dir,
                                activate=activate)
     console.print(
-        f"[green]trained[/green] {row.version}: {trained.windows_used} windows, threshold {row.threshold:.4g} "
-        f"({row.threshold_method}), {'active' if activate else 'candidate'}; bundle {row.artifact_path}"
+        f"[green]trained[/green] {escape(row.version)}: {trained.windows_used} windows, threshold "
+        f"{row.threshold:.4g} ({row.threshold_method}), {'active' if activate else 'candidate'}; bundle "
+        f"{escape(row.artifact_path)}"
     )
 
 
@@ -308,7 +310,7 @@ def db_upgrade(config: ConfigOption, revision: str = "head") -> None:
             engine.dispose()
     moved = "already there" if now_at == was_at else f"upgraded from {was_at or 'an empty database'}"
     console.print(f"[green]database at {now_at}[/green]{' (the newest revision)' if newest else ''}, {moved}: "
-                  f"{cfg.database.safe_url}")
+                  f"{escape(cfg.database.safe_url)}")
 
 
 @db_app.command("prune")
@@ -359,6 +361,12 @@ def _when(value: str | None, now: datetime, option: str) -> datetime | None:
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
     if value is not None and value not in allowed:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+
+
+def _plain(*cells: object) -> list[Text]:
+    """Table cells shown as written: names, comments and paths come from operators and the database, and a ``[``
+    in them must not be read as markup (``[/red]`` in an acknowledgement broke every ``alerts list``)."""
+    return [Text(str(cell)) for cell in cells]
 
 
 def _stdout() -> Console:
@@ -418,12 +426,12 @@ def alerts_list(
                    "ack"):
         table.add_column(column, no_wrap=column != "top sensors")
     for rec in records:
-        table.add_row(
-            str(rec["id"]), rec["asset"], rec["status"], rec["severity"],
+        table.add_row(*_plain(
+            rec["id"], rec["asset"], rec["status"], rec["severity"],
             str(rec["opened_at"]).replace("T", " ").removesuffix("Z")[:19], duration_text(rec["duration_s"]),
-            f"{rec['peak_score']:.4g} ({rec['peak_ratio']}x)", str(rec["windows"]), rec["top_sensors"],
+            f"{rec['peak_score']:.4g} ({rec['peak_ratio']}x)", rec["windows"], rec["top_sensors"],
             rec["acknowledged_by"] or "",
-        )
+        ))
     _stdout().print(table)
 
 
@@ -486,8 +494,8 @@ def alerts_show(
         sensors.add_column(column)
     for rank, item in enumerate(alert["top_sensors"], 1):
         share = float(item["share"])
-        sensors.add_row(str(rank), str(item["sensor"]), f"{share:.1%}", f"{float(item['error']):.4g}",
-                        "█" * max(round(share * 30), 1))
+        sensors.add_row(*_plain(rank, item["sensor"], f"{share:.1%}", f"{float(item['error']):.4g}",
+                                "█" * max(round(share * 30), 1)))
     out.print(sensors)
     if not history:
         pruned = cfg.retention.enabled and (row.closed_at or row.last_seen_at) < datetime.now(UTC) - timedelta(
@@ -513,9 +521,10 @@ def alerts_show(
         mark = (">" if item["above"] else " ") + ("*" if item["in_alert"] else " ")
         smoothed = (("-" if item["smoothed"] is None else f"{item['smoothed']:.4g}"),) if smoothing else ()
         floor = (("-" if item["aftermath_floor"] is None else f"{item['aftermath_floor']:.4g}"),) if raised else ()
-        table.add_row(str(item["window_end"]).replace("T", " ").removesuffix("Z")[:19], mark,
-                      f"{item['score']:.4g}", *smoothed, f"{item['threshold']:.4g}", *floor, f"{ratio_value:.2f}",
-                      f"{item['top_sensor']} {item['top_share']:.0%}", "▇" * min(round(ratio_value * 10), 40))
+        table.add_row(*_plain(str(item["window_end"]).replace("T", " ").removesuffix("Z")[:19], mark,
+                              f"{item['score']:.4g}", *smoothed, f"{item['threshold']:.4g}", *floor,
+                              f"{ratio_value:.2f}", f"{item['top_sensor']} {item['top_share']:.0%}",
+                              "▇" * min(round(ratio_value * 10), 40)))
     out.print(table)
 
 
@@ -543,8 +552,8 @@ def alerts_ack(
             row = repo.acknowledge_alert(session=session, alert_id=alert_id, by=who, comment=comment)
     except KeyError:
         raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
-    console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.status}, {row.severity}) acknowledged by "
-                  f"{row.acknowledged_by}")
+    console.print(f"[green]alert #{row.id}[/green] ({escape(row.asset)}, {row.status}, {escape(row.severity)}) "
+                  f"acknowledged by {escape(row.acknowledged_by or '')}")
 
 
 @alerts_app.command("resolve")
@@ -580,7 +589,8 @@ def alerts_resolve(
         raise _fail(KeyError(f"no alert with id {alert_id}"), 2) from None
     except ValueError as exc:
         raise _fail(exc, 2) from None
-    console.print(f"[green]alert #{row.id}[/green] ({row.asset}, {row.severity}) resolved by {row.acknowledged_by}")
+    console.print(f"[green]alert #{row.id}[/green] ({escape(row.asset)}, {escape(row.severity)}) resolved by "
+                  f"{escape(row.acknowledged_by or '')}")
 
 
 @models_app.command("list")
@@ -614,8 +624,8 @@ def models_table(rows: Sequence[ModelVersion]) -> Table:
         table.add_column(column)
     for r in rows:
         status = f"{r.status}, bundle deleted" if r.bundle_deleted_at is not None else r.status
-        table.add_row(r.version, r.group_name, r.model_type, status, r.created_at.isoformat(timespec="seconds"),
-                      f"{r.threshold:.4g}", str(r.windows_used))
+        table.add_row(*_plain(r.version, r.group_name, r.model_type, status,
+                              r.created_at.isoformat(timespec="seconds"), f"{r.threshold:.4g}", r.windows_used))
     return table
 
 
@@ -639,14 +649,14 @@ def models_activate(config: ConfigOption, version: Annotated[str, typer.Argument
             row = repo.activate_model_version(session=session, version=version)
         except (ModelError, ConfigError, repo.BundleDeleted) as exc:
             raise _fail(exc, 2) from None
-    console.print(f"[green]{row.version} is now active for group {row.group_name}[/green]")
+    console.print(f"[green]{escape(row.version)} is now active for group {escape(row.group_name)}[/green]")
     if cfg.retrain.enabled:
         console.print(f"[yellow]note[/yellow]: the scheduled retrain ({escape(cfg.retrain.cron)} "
                       f"{cfg.retrain.timezone}) may promote a new model over it; set retrain.enabled: false to keep "
                       "it until you decide")
     configured = cfg.group(row.group_name).model.type
     if row.model_type != configured:
-        console.print(f"[yellow]note[/yellow]: {row.version} is a {row.model_type} model, the configuration's "
+        console.print(f"[yellow]note[/yellow]: {escape(row.version)} is a {row.model_type} model, the configuration's "
                       f"model.type is {configured}: the next retrain trains a {configured} model from scratch")
 
 
@@ -723,8 +733,8 @@ def models_runs(
         table.add_column(column, no_wrap=column != "reason")
     for r in rows:
         seconds = f"{(r.finished_at - r.started_at).total_seconds():.0f}" if r.finished_at else ""
-        table.add_row(str(r.id), r.group_name, r.trigger, r.started_at.strftime("%Y-%m-%d %H:%M:%S"), seconds,
-                      r.outcome, r.candidate_version or "", str(r.windows_used or ""), escape(r.reason or ""))
+        table.add_row(*_plain(r.id, r.group_name, r.trigger, r.started_at.strftime("%Y-%m-%d %H:%M:%S"), seconds,
+                              r.outcome, r.candidate_version or "", r.windows_used or "", r.reason or ""))
     _stdout().print(table)
 
 
@@ -834,8 +844,9 @@ def drift_show(
         offsets = row["offsets"]
         assert isinstance(offsets, dict)
         shown = ", ".join(f"{sensor} {value:+.2f}" for sensor, value in list(offsets.items())[:3]) or "none yet"
-        table.add_row(str(row["asset"]), str(row["group"]), str(row["window_end"])[:19].replace("T", " "),
-                      str(row["model_version"]), shown, "-" if row["max_offset"] is None else f"{row['max_offset']:g}")
+        limit = "-" if row["max_offset"] is None else f"{row['max_offset']:g}"
+        table.add_row(*_plain(row["asset"], row["group"], str(row["window_end"])[:19].replace("T", " "),
+                              row["model_version"], shown, limit))
     _stdout().print(table)
 
 
@@ -871,10 +882,10 @@ def report(
         raise _fail(exc, 2) from None
     write_report(out, data)
     signals = f", raw signals of {len(data.signals)} from {csv_path.name}" if data.signals and csv_path else ""
-    console.print(f"[green]wrote[/green] {out}: {len(data.scores)} windows, {len(data.alerts)} alert(s), "
-                  f"{len(data.sensors)} sensors{signals}")
+    console.print(f"[green]wrote[/green] {escape(str(out))}: {len(data.scores)} windows, {len(data.alerts)} "
+                  f"alert(s), {len(data.sensors)} sensors{escape(signals)}")
     if csv_path and not data.signals:
-        console.print(f"[yellow]warning[/yellow]: {csv_path.name} has no readings of {asset} between "
+        console.print(f"[yellow]warning[/yellow]: {escape(csv_path.name)} has no readings of {escape(asset)} between "
                       f"{start.isoformat()} and {end.isoformat()} for its sensors: no raw signals plotted")
 
 
@@ -912,7 +923,8 @@ def simulate(
     table["ts"] = table["ts"].map(lambda t: t.isoformat())
     table.to_csv(out / "readings.csv", index=False)
     write_ground_truth(out / "ground_truth.json", truth)
-    console.print(f"wrote {len(table)} readings of {len(names)} assets and {len(truth)} anomalies to {out}")
+    console.print(f"wrote {len(table)} readings of {len(names)} assets and {len(truth)} anomalies to "
+                  f"{escape(str(out))}")
 
 
 @app.command()
@@ -978,9 +990,9 @@ def evaluate(
     except (FileNotFoundError, ValueError) as exc:
         raise _fail(exc, 2) from None
     for note in report["notes"]:
-        console.print(f"[yellow]note[/yellow]: {note}")
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
     if plot is not None:
-        console.print(f"plots: {report['plot']}")
+        console.print(f"plots: {escape(str(report['plot']))}")
     if output == "json":
         typer.echo(json.dumps(report, indent=2))
         return

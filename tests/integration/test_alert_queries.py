@@ -202,6 +202,18 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
     acked_out = cli.invoke(app, ["alerts", "show", "-c", config, str(c)])
     assert "carol" in acked_out.output and comment in acked_out.output  # shown as text, not as rich markup
 
+    # names and comments are shown as written: a "[/red]" is not markup (it broke every alerts list), and a comment
+    # that starts like a spreadsheet formula is quoted in CSV
+    marked = cli.invoke(app, ["alerts", "ack", "-c", config, str(a), "--by", "[/red]",
+                              "--comment", "=cmd|'/c calc'!A1"])
+    assert marked.exit_code == 0, marked.output
+    listed = cli.invoke(app, ["alerts", "list", "-c", config])
+    assert listed.exit_code == 0, listed.output
+    assert "[/red]" in listed.output
+    assert "[/red]" in cli.invoke(app, ["alerts", "show", "-c", config, str(a)]).output
+    as_csv = cli.invoke(app, ["alerts", "list", "-c", config, "--format", "csv"]).output
+    assert "'=cmd|'/c calc'!A1" in as_csv and ",=cmd" not in as_csv
+
 
 def test_the_documented_example_queries_run(loaded: tuple[str, int, int, int]) -> None:
     """Every SQL example in docs/alerts.md runs on this database (the dialect-specific ones on theirs)."""

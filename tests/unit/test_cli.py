@@ -180,6 +180,18 @@ def test_bracketed_text_is_shown_as_written(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "valid_range must be [low, high]" in result.output
     helped = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert "ts, [asset,] one column per sensor" in helped.output
+    from pipeline.store.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    bracketed = tmp_path / "[/x]"
+    bracketed.mkdir(parents=True)
+    config = _sqlite_config(bracketed, url)  # its model_dir holds "[/x]": the train line printed it as markup
+    csv = tmp_path / "r.csv"
+    csv.write_text("ts,x\n" + "".join(f"{i * 1000},{(i % 7) / 7}\n" for i in range(400)))
+    trained = runner.invoke(app, ["train", "--config", config, "--csv", str(csv)], env={"COLUMNS": "300"})
+    assert trained.exit_code == 0, trained.output
+    assert f"bundle {bracketed / 'models' / 'g'}" in trained.output
 
 
 def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
