@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -456,6 +456,10 @@ class KafkaSinkConfig(_OutboxSink):
     timeout_s: PositiveFloat = 10.0
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+
+
 class WebhookSinkConfig(_OutboxSink):
     """Alert events POSTed as JSON to ``url``; a try (connecting, sending, the whole answer) lasts at most
     ``timeout_s``; failures are retried ``retries`` times at once with doubling backoff from ``backoff_s``, then later
@@ -473,6 +477,42 @@ class WebhookSinkConfig(_OutboxSink):
     def _url_when_enabled(self) -> WebhookSinkConfig:
         if self.enabled and self.url is None:
             raise ValueError("url is required while the webhook is enabled (or set enabled: false)")
+        return self
+
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str | None) -> str | None:
+        """A URL the HTTP client can send to; the error never repeats it (webhook URLs often carry a token)."""
+        if value is None:
+            return value
+        if _CONTROL.search(value):
+            raise ValueError("url contains a control character (a trailing newline from a secret file?)")
+        try:
+            host = urlsplit(value).hostname
+        except ValueError as exc:
+            raise ValueError(f"url is not a valid URL ({str(exc).split(':')[0]})") from None
+        if not host:
+            raise ValueError("url has no host name")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        """Header names are HTTP tokens and values hold no control characters; an error names the header, never its
+        value (a secret)."""
+        for name, secret in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name[:60]!r} is not a valid HTTP header name")
+            if _CONTROL.search(secret.get_secret_value().replace("\t", " ")):
+                raise ValueError(f"header {name} contains a control character (a trailing newline from a secret "
+                                 "file?)")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_over_plain_http(self) -> WebhookSinkConfig:
+        if self.enabled and self.headers and self.url is not None and self.url.lower().startswith("http://"):
+            log.warning("sinks.webhook: headers (%s) are sent over plain http to %s: use https where they are "
+                        "secrets", ", ".join(sorted(self.headers)), urlsplit(self.url).hostname)
         return self
 
 

@@ -181,3 +181,28 @@ def test_a_disabled_webhook_needs_no_url_and_an_enabled_one_does() -> None:
     assert off.sinks.webhook is not None and not off.sinks.webhook.enabled
     with pytest.raises(ConfigError, match=r"sinks\.webhook: .*url is required while the webhook is enabled"):
         parse_config({**base, "sinks": {"webhook": {"timeout_s": 2}}}, env={})
+
+
+@pytest.mark.parametrize(("webhook", "message"), [
+    ({"url": "https://h.example/hooks/T0KEN\x7f"}, r"sinks\.webhook\.url: .*url contains a control character"),
+    ({"url": "https://[::1/T0KEN"}, r"sinks\.webhook\.url: .*url is not a valid URL \(Invalid IPv6 URL\)"),
+    ({"url": "https://h.example/x", "headers": {"Authorization": "Bearer T0KEN\n"}},
+     r"sinks\.webhook\.headers: .*header Authorization contains a control character"),
+    ({"url": "https://h.example/x", "headers": {"X Token": "T0KEN"}}, r"header name 'X Token' is not a valid"),
+])
+def test_webhook_urls_and_headers_the_client_cannot_send_are_refused_without_their_secret(
+        webhook: dict[str, object], message: str) -> None:
+    """Before, they passed and every try logged the exception's text, the header value or URL token with it."""
+    base = {"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse_config({**base, "sinks": {"webhook": webhook}}, env={})
+    assert "T0KEN" not in str(refused.value)
+
+
+def test_webhook_headers_over_plain_http_are_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    base = {"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}
+    with caplog.at_level("WARNING", logger="pipeline.config"):
+        parse_config({**base, "sinks": {"webhook": {"url": "https://h.example/x", "headers": {"A": "T0KEN"}}}}, env={})
+        assert caplog.text == ""
+        parse_config({**base, "sinks": {"webhook": {"url": "http://h.example/x", "headers": {"A": "T0KEN"}}}}, env={})
+    assert "headers (A) are sent over plain http to h.example" in caplog.text and "T0KEN" not in caplog.text

@@ -260,6 +260,18 @@ def test_only_the_lease_holder_delivers_and_a_dead_holders_lease_is_taken_over(
     assert len(server.requests) == 3
 
 
+def test_a_request_that_cannot_be_built_is_reported_without_its_headers() -> None:
+    """The configuration refuses such a header; if one got through, http.client's error text (the header value, a
+    secret) must not reach the logs and the outbox."""
+    from pydantic import SecretStr
+
+    cfg = WebhookSinkConfig.model_validate({"url": "http://127.0.0.1:9/x", "timeout_s": 1.0})
+    sink = WebhookAlertSink(cfg.model_copy(update={"headers": {"Authorization": SecretStr("Bearer T0KEN\n")}}))
+    retry, error, _ = sink._post(b"{}")
+    assert retry and error is not None and "T0KEN" not in error
+    assert error == "ValueError building the request (check sinks.webhook.url and headers)"
+
+
 def test_an_unreachable_webhook_blocks_neither_the_caller_nor_close(sessions: sessionmaker[Session]) -> None:
     import socket
 
