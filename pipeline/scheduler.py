@@ -1,13 +1,15 @@
 """``sensorwatch scheduler``: APScheduler 3.x runs the retrain job on the ``retrain.cron`` schedule, and the
 retention job (``pipeline.retention``) on ``retention.cron``.
 
-The retrain job is kept in the SQL database (APScheduler's SQLAlchemyJobStore on the configured URL, table
-``scheduler_jobs`` from migration 0003) under a stable id, so a restarted scheduler finds its schedule. On start the
-job is written with ``replace_existing``; when the stored job already has the same trigger and arguments, its stored
-next run time is kept, so a run missed while the scheduler was down still fires on start if it is within
-``misfire_grace_time_s`` (several missed runs fire once when ``coalesce``). One instance at a time
-(``max_instances=1``); each run also takes the per-group database lock of ``pipeline.retrain``, so two schedulers or a
-manual ``sensorwatch retrain`` never train a group twice at once. The job reloads the configuration file on every run.
+The retrain job is kept in the SQL database (``ConfiguredJobStore``, APScheduler's SQLAlchemyJobStore layout on the
+configured URL, table ``scheduler_jobs`` from migration 0003) under a stable id, so a restarted scheduler finds its
+schedule. Nothing stored is unpickled or run as written: a row holds only its next run time and a JSON fingerprint of
+the job (function, arguments, trigger); what runs is always the job this process configured. On start the job is
+written with ``replace_existing``; when the stored job has the same fingerprint, its stored next run time is kept,
+so a run missed while the scheduler was down still fires on start if it is within ``misfire_grace_time_s`` (several
+missed runs fire once when ``coalesce``). One instance at a time (``max_instances=1``); each run also takes the
+per-group database lock of ``pipeline.retrain``, so two schedulers or a manual ``sensorwatch retrain`` never train a
+group twice at once. The job reloads the configuration file on every run.
 The retention job is kept the same way (``PRUNE_JOB_ID``); a prune missed while the scheduler was down runs once when
 it is back, however late. Both jobs share one worker thread, so they never run at the same time.
 """
@@ -15,21 +17,26 @@ it is back, however late. Both jobs share one worker thread, so they never run a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
-from apscheduler.jobstores.base import JobLookupError
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import Engine
+from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetime
+from sqlalchemy import Engine, and_, select
+from sqlalchemy.exc import IntegrityError
 
 from pipeline.config import Config, load_config
 from pipeline.cron import CronSchedule
@@ -67,17 +74,82 @@ def cron_trigger(expression: str, timezone: str) -> BaseTrigger:
     return OrTrigger([CronTrigger(day=days, **common), CronTrigger(day_of_week=weekdays, **common)])
 
 
-def _kept_next_run(store: SQLAlchemyJobStore, job_id: str, func: str, trigger: BaseTrigger, args: list[str]
-                   ) -> datetime | None:
-    """The stored job's next run time when it has the same function, trigger and arguments; else None."""
-    try:
-        stored: Job | None = store.lookup_job(job_id)
-    except Exception as exc:  # an unreadable stored job is simply replaced
-        log.warning("stored job %s unreadable (%s: %s); replacing it", job_id, type(exc).__name__, exc)
-        return None
-    if stored is None or stored.func_ref != func or list(stored.args) != args:
-        return None
-    return stored.next_run_time if repr(stored.trigger) == repr(trigger) else None
+class ConfiguredJobStore(SQLAlchemyJobStore):
+    """APScheduler's SQL job store without pickle: a row's ``job_state`` is JSON holding the job's fingerprint
+    (function reference, arguments, trigger), and jobs are rebuilt from the ones this process added, with the row's
+    next run time. A row that is not such JSON (written by an older sensorwatch, or by anyone with write access to
+    the database) is never deserialised: its job is replaced when this process adds it, and ignored until then."""
+
+    def __init__(self, *, engine: Engine, tablename: str) -> None:
+        super().__init__(engine=engine, tablename=tablename)
+        self._templates: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def fingerprint(func: str, args: Sequence[object], trigger: BaseTrigger) -> str:
+        """What identifies a job's schedule: its function, arguments and trigger."""
+        return json.dumps({"func": func, "args": [str(a) for a in args], "trigger": repr(trigger)}, sort_keys=True)
+
+    def _state(self, job: Job) -> bytes:
+        self._templates[job.id] = job.__getstate__()
+        return json.dumps({"version": 1, "fingerprint": self.fingerprint(job.func_ref, job.args, job.trigger)}
+                          ).encode()
+
+    def add_job(self, job: Job) -> None:
+        insert = self.jobs_t.insert().values(id=job.id, next_run_time=datetime_to_utc_timestamp(job.next_run_time),
+                                             job_state=self._state(job))
+        with self.engine.begin() as connection:
+            try:
+                connection.execute(insert)
+            except IntegrityError:
+                raise ConflictingIdError(job.id) from None
+
+    def update_job(self, job: Job) -> None:
+        update = (self.jobs_t.update()
+                  .values(next_run_time=datetime_to_utc_timestamp(job.next_run_time), job_state=self._state(job))
+                  .where(self.jobs_t.c.id == job.id))
+        with self.engine.begin() as connection:
+            if connection.execute(update).rowcount == 0:
+                raise JobLookupError(job.id)
+
+    def stored_next_run(self, job_id: str, fingerprint: str) -> datetime | None:
+        """The stored next run time of ``job_id`` when its row carries ``fingerprint``; else None."""
+        query = select(self.jobs_t.c.job_state, self.jobs_t.c.next_run_time).where(self.jobs_t.c.id == job_id)
+        with self.engine.begin() as connection:
+            row = connection.execute(query).first()
+        if row is None:
+            return None
+        try:
+            stored = json.loads(row.job_state)["fingerprint"]
+        except (ValueError, TypeError, KeyError):  # UnicodeDecodeError is a ValueError
+            log.warning("stored job %s was not written by this version (an older one pickled it); it is replaced, "
+                        "not read", job_id)
+            return None
+        return utc_timestamp_to_datetime(row.next_run_time) if stored == fingerprint else None
+
+    def lookup_job(self, job_id: str) -> Job | None:
+        query = select(self.jobs_t.c.id, self.jobs_t.c.next_run_time).where(self.jobs_t.c.id == job_id)
+        with self.engine.begin() as connection:
+            row = connection.execute(query).first()
+        return None if row is None else self._job(row.id, row.next_run_time)
+
+    def _get_jobs(self, *conditions: Any) -> list[Job]:
+        query = select(self.jobs_t.c.id, self.jobs_t.c.next_run_time).order_by(self.jobs_t.c.next_run_time)
+        if conditions:
+            query = query.where(and_(*conditions))
+        with self.engine.begin() as connection:
+            rows = connection.execute(query).all()
+        return [job for row in rows if (job := self._job(row.id, row.next_run_time)) is not None]
+
+    def _job(self, job_id: str, next_run_time: float | None) -> Job | None:
+        """The job this process added under ``job_id``, due at the row's ``next_run_time``; None for another id."""
+        template = self._templates.get(job_id)
+        if template is None:
+            return None
+        job = Job.__new__(Job)
+        job.__setstate__({**template, "next_run_time": utc_timestamp_to_datetime(next_run_time)})
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        return job
 
 
 def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigger: BaseTrigger | None = None,
@@ -90,7 +162,7 @@ def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigge
     removed; ConfigError when both are.
     """
     rc, keep = config.retrain, config.retention
-    store = SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)
+    store = ConfiguredJobStore(engine=engine, tablename=JOBS_TABLE)
     for enabled, job_id in ((rc.enabled, JOB_ID), (keep.enabled, PRUNE_JOB_ID)):
         if not enabled:
             with contextlib.suppress(JobLookupError):
@@ -115,9 +187,9 @@ def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigge
     return scheduler
 
 
-def _add_job(scheduler: BlockingScheduler, store: SQLAlchemyJobStore, job_id: str, func: str, trigger: BaseTrigger,
+def _add_job(scheduler: BlockingScheduler, store: ConfiguredJobStore, job_id: str, func: str, trigger: BaseTrigger,
              args: list[str], *, name: str, coalesce: bool, misfire_grace_time: int | None) -> None:
-    kept = _kept_next_run(store, job_id, func, trigger, args)
+    kept = store.stored_next_run(job_id, store.fingerprint(func, args, trigger))
     scheduler.add_job(func, trigger, args=args, id=job_id, name=name, replace_existing=True, max_instances=1,
                       coalesce=coalesce, misfire_grace_time=misfire_grace_time,
                       **({"next_run_time": kept} if kept else {}))

@@ -178,10 +178,53 @@ def test_the_scheduler_runs_the_prune_job(tmp_path: Path) -> None:
     raw["retention"] = {"enabled": False}
     with pytest.raises(ConfigError, match="both false"):
         build_scheduler(parse_config(raw, env={}), path, engine=engine)
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from pipeline.store.tables import scheduler_jobs
 
-    store = SQLAlchemyJobStore(engine=engine, tablename="scheduler_jobs")
-    assert store.get_all_jobs() == []  # the stored jobs of the disabled parts are removed
+    with engine.begin() as conn:  # the stored jobs of the disabled parts are removed
+        assert conn.execute(select(func.count()).select_from(scheduler_jobs)).scalar_one() == 0
+    engine.dispose()
+
+
+class _Planted:
+    """What someone with write access to the database could store as a pickled job: unpickling it runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (Path.write_text, (str(self.marker), "ran"))  # type: ignore[return-value]
+
+
+def test_the_scheduler_never_unpickles_a_stored_job(db_url: str, tmp_path: Path) -> None:
+    """A pickled row (APScheduler's own format, what older versions wrote, or a planted one) is replaced, not read:
+    before, the scheduler unpickled it on start, which ran whatever it held."""
+    import pickle
+
+    from apscheduler.util import datetime_to_utc_timestamp
+
+    from pipeline.store.tables import scheduler_jobs
+
+    upgrade(db_url)
+    marker = tmp_path / "ran"
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(scheduler_jobs.insert().values(
+            id=JOB_ID, next_run_time=datetime_to_utc_timestamp(datetime.now(UTC)),
+            job_state=pickle.dumps({"func": _Planted(marker)})))
+    raw = config_dict(db_url)
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    yearly = CronTrigger(month=1, day=1, hour=0)  # nothing fires while the test runs
+    scheduler = build_scheduler(parse_config(raw, env={}), path, engine=engine, trigger=yearly, prune_trigger=yearly)
+    thread = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
+    thread.start()
+    time.sleep(0.5)
+    stop_when_running(scheduler)
+    thread.join(timeout=30)
+    assert not marker.exists()
+    with engine.begin() as conn:
+        state = conn.execute(select(scheduler_jobs.c.job_state).where(scheduler_jobs.c.id == JOB_ID)).scalar_one()
+    assert json.loads(state)["fingerprint"]  # written over as JSON
     engine.dispose()
 
 

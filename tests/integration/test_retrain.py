@@ -12,6 +12,7 @@ Run with ``pytest -s`` to see the figures (windows used, thresholds, false-alarm
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -29,8 +30,8 @@ import orjson
 import pandas as pd
 import pytest
 import yaml
-from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.util import utc_timestamp_to_datetime
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,11 +46,11 @@ from pipeline.errors import ModelError
 from pipeline.registry import load_version, register
 from pipeline.retrain import RetrainResult, Span, near_alerts, read_recent_windows, retrain_group
 from pipeline.runner import run_pipeline
-from pipeline.scheduler import JOB_ID, JOBS_TABLE, build_scheduler, stop_when_running
+from pipeline.scheduler import JOB_FUNC, JOB_ID, JOBS_TABLE, build_scheduler, stop_when_running
 from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_normal, to_messages
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import Alert, ModelVersion, RetrainLock, RetrainRun, WindowScore
+from pipeline.store.tables import Alert, ModelVersion, RetrainLock, RetrainRun, WindowScore, scheduler_jobs
 from pipeline.train import train_group, windows_from_frame
 from pipeline.types import datetime_to_ms
 from pipeline.windowing import Windower
@@ -565,20 +566,20 @@ def test_the_scheduler_fires_on_its_trigger_and_keeps_its_job_across_a_restart(d
     every_second = CronTrigger(second="*", timezone=UTC)  # a test-only trigger; the configured one is nightly
     thread = serve(every_second)
     _wait(lambda: scheduled_runs() >= 1, 30, "the scheduler to fire")
+    job = serve.scheduler.get_job(JOB_ID)  # type: ignore[attr-defined]
+    assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True,
+                                                                        cfg.retrain.misfire_grace_time_s)
     stop_when_running(serve.scheduler)  # type: ignore[attr-defined]
     thread.join(timeout=30)
     assert not thread.is_alive()
     fired = scheduled_runs()
 
-    store = SQLAlchemyJobStore(engine=d.engine, tablename=JOBS_TABLE)
-    job = store.lookup_job(JOB_ID)
-    assert job is not None, "the job must stay in the SQL job store"
-    assert repr(job.trigger) == repr(every_second) and job.args == (str(d.path.resolve()),)
-    assert (job.max_instances, job.coalesce, job.misfire_grace_time) == (1, True,
-                                                                        cfg.retrain.misfire_grace_time_s)
+    stored = _stored_job(d.engine, JOB_ID)
+    assert stored is not None, "the job must stay in the SQL job store"
+    assert stored[0] == {"func": JOB_FUNC, "args": [str(d.path.resolve())], "trigger": repr(every_second)}
 
     restarted = build_scheduler(cfg, d.path, engine=d.engine, trigger=CronTrigger(second="*", timezone=UTC))
-    assert restarted.get_job(JOB_ID).next_run_time == job.next_run_time  # the stored schedule is kept
+    assert restarted.get_job(JOB_ID).next_run_time == stored[1]  # the stored schedule is kept
     thread = threading.Thread(target=restarted.start, name="scheduler", daemon=True)
     thread.start()
     _wait(lambda: scheduled_runs() > fired, 30, "the restarted scheduler to fire")
@@ -586,14 +587,14 @@ def test_the_scheduler_fires_on_its_trigger_and_keeps_its_job_across_a_restart(d
     thread.join(timeout=30)
     runs = [r for r in d.runs() if r.trigger == "schedule"]
     assert {r.outcome for r in runs} == {"skipped"} and "no complete windows" in (runs[0].reason or "")
-    print(f"\n[scheduler] fired {len(runs)} times across a restart; job {job.id} kept with {job.trigger}")
+    print(f"\n[scheduler] fired {len(runs)} times across a restart; job {job.id} kept with {stored[0]['trigger']}")
 
     # `sensorwatch scheduler` writes the configured nightly schedule over the test trigger and stops on SIGTERM
     log = (d.path.parent / "scheduler.log").open("wb")
     proc = subprocess.Popen([str(SENSORWATCH), "scheduler", "--config", str(d.path)], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
     try:
-        _wait(lambda: "hour='2'" in repr(getattr(store.lookup_job(JOB_ID), "trigger", "")), 30,
+        _wait(lambda: "hour='2'" in str((_stored_job(d.engine, JOB_ID) or ({}, None))[0].get("trigger")), 30,
               "sensorwatch scheduler to write the nightly schedule")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -602,7 +603,18 @@ def test_the_scheduler_fires_on_its_trigger_and_keeps_its_job_across_a_restart(d
             proc.kill()
         log.close()
     assert "scheduler stopped" in (d.path.parent / "scheduler.log").read_text()
-    assert store.lookup_job(JOB_ID) is not None
+    assert _stored_job(d.engine, JOB_ID) is not None
+
+
+def _stored_job(engine: Engine, job_id: str) -> tuple[dict[str, Any], datetime | None] | None:
+    """The stored job's fingerprint and next run time, read as JSON (what the scheduler writes: never a pickle)."""
+    with engine.begin() as conn:
+        row = conn.execute(select(scheduler_jobs.c.job_state, scheduler_jobs.c.next_run_time)
+                           .where(scheduler_jobs.c.id == job_id)).first()
+    if row is None:
+        return None
+    fingerprint = json.loads(json.loads(row.job_state)["fingerprint"])
+    return fingerprint, utc_timestamp_to_datetime(row.next_run_time)
 
 
 def test_a_long_run_keeps_its_lock_and_a_run_that_lost_it_does_not_promote(
