@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
@@ -59,7 +60,17 @@ class DemoSummary:
     passed: bool
 
 
-def demo_config(*, bootstrap: str, database_url: str, model_dir: Path, assets: list[str], run_id: str) -> Config:
+def demo_names(run_id: str, n_assets: int, *, shared_database: bool) -> tuple[str, list[str]]:
+    """The demo's group and asset names: ``pumps`` and ``pump-N`` in its own SQLite file; in a database it shares
+    (``DATABASE_URL``), names of this run only (``demo-<run>``, ``demo-<run>-pump-N``), so it never activates a model
+    of a real group nor mixes its scores and alerts with a real asset's (or an earlier demo's)."""
+    if not shared_database:
+        return "pumps", [f"pump-{i + 1}" for i in range(n_assets)]
+    return f"demo-{run_id}", [f"demo-{run_id}-pump-{i + 1}" for i in range(n_assets)]
+
+
+def demo_config(*, bootstrap: str, database_url: str, model_dir: Path, assets: list[str], run_id: str,
+                group: str = "pumps") -> Config:
     """The demo's configuration (the same schema as config/example.yaml)."""
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "topic": f"demo-readings-{run_id}",
@@ -67,7 +78,7 @@ def demo_config(*, bootstrap: str, database_url: str, model_dir: Path, assets: l
         "database": {"url": database_url},
         "model_dir": str(model_dir),
         "groups": [{
-            "name": "pumps", "assets": assets, "sampling_period_s": PERIOD_S,
+            "name": group, "assets": assets, "sampling_period_s": PERIOD_S,
             "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
             "window": {"length": 30, "stride": 5, "max_gap": 3},
             "model": {"type": "dense", "hidden": [64, 16], "epochs": 40, "batch_size": 128, "seed": 0},
@@ -103,12 +114,13 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
     """Run the demo and print its summary; also written to ``workdir/summary.json``."""
     workdir.mkdir(parents=True, exist_ok=True)
     database_url = os.environ.get("DATABASE_URL")
+    shared = bool(database_url)
     if not database_url:
         db_file = workdir / "sensorwatch.db"
         db_file.unlink(missing_ok=True)
         database_url = f"sqlite:///{db_file.resolve()}"
     run_id = uuid.uuid4().hex[:8]
-    assets = [f"pump-{i + 1}" for i in range(n_assets)]
+    group_name, assets = demo_names(run_id, n_assets, shared_database=shared)
     test_periods = int(hours * 3600 / PERIOD_S)
     train_periods = int(24 * 3600 / PERIOD_S)
     # the simulated plant has a daily cycle: end the stream at the last UTC midnight, so every run streams the same
@@ -119,9 +131,12 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
 
     with _broker(console) as bootstrap:
         cfg = demo_config(bootstrap=bootstrap, database_url=database_url, model_dir=workdir / "models", assets=assets,
-                          run_id=run_id)
+                          run_id=run_id, group=group_name)
         group = cfg.groups[0]
-        console.print(f"database: {cfg.database.safe_url}")
+        console.print(f"database: {escape(cfg.database.safe_url)}")
+        if shared:
+            console.print(f"DATABASE_URL is set: the demo writes group {group_name} and assets {assets[0]}.."
+                          f"{assets[-1]} into it, its own names; no other group or asset is touched")
         upgrade(cfg.database.url)
         engine = make_engine(cfg.database.url)
         sessions = make_sessionmaker(engine)
@@ -148,7 +163,7 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
                 if i % 2000 == 0:
                     bar.update(task, completed=i)
             for junk in MALFORMED:
-                producer.send(cfg.kafka.topic, key=b"pump-1", value=junk)
+                producer.send(cfg.kafka.topic, key=assets[0].encode(), value=junk)
             producer.flush()
             bar.update(task, completed=len(messages) + len(MALFORMED))
         producer.close()

@@ -486,3 +486,17 @@ def test_every_kind_is_detectable_by_a_window_reconstruction_model() -> None:
         assert overlapping.max() > 3.0 * threshold, a.kind
         assert (overlapping > threshold).mean() > 0.5, a.kind
     assert (errors[~labelled] > threshold).mean() < 0.03  # clean stretches stay quiet
+
+
+def test_the_demo_uses_names_of_its_own_in_a_shared_database() -> None:
+    """With DATABASE_URL set, the demo trained and activated a model of group 'pumps' and wrote alerts of 'pump-1':
+    a plant's names (config/example.yaml's). In its own SQLite file it keeps the readable ones."""
+    from pipeline.demo import demo_config, demo_names
+
+    assert demo_names("ab12cd34", 2, shared_database=False) == ("pumps", ["pump-1", "pump-2"])
+    group, assets = demo_names("ab12cd34", 2, shared_database=True)
+    assert group == "demo-ab12cd34" and assets == ["demo-ab12cd34-pump-1", "demo-ab12cd34-pump-2"]
+    assert group != demo_names("ef56ab78", 2, shared_database=True)[0]  # a second run does not reuse them
+    cfg = demo_config(bootstrap="b:9092", database_url="sqlite://", model_dir=Path("m"), assets=assets,
+                      run_id="ab12cd34", group=group)
+    assert [g.name for g in cfg.groups] == [group] and cfg.groups[0].assets == assets
