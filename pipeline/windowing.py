@@ -13,9 +13,10 @@ its first window not closed) is held, not placed: placing it would close every w
 readings after it would all be late. The asset's next instant decides: a reading at another slot near the held one
 confirms that the asset's time moved on (back after an outage) and they are placed; one ahead of the asset's latest
 slot but not near the held one means the held readings carried a glitching clock, and they are reported
-(``jumped``). Readings at the held slot (the instant's other sensors, a retry) join it, and stragglers at or before
-the latest slot are placed as usual; neither decides. Held readings of an asset that falls silent are reported as
-jumped when its windows close for idleness: nothing followed them.
+(``jumped``). Readings at the held slot (the instant's other sensors, a retry) join it, up to ``HELD_MAX`` per asset
+(more, from a clock stuck ahead, are duplicates), and stragglers at or before the latest slot are placed as usual;
+neither decides. Held readings of an asset that falls silent are reported as jumped when its windows close for
+idleness: nothing followed them.
 
 Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
 offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
@@ -67,6 +68,7 @@ def causal_mean(values: np.ndarray, span: int) -> np.ndarray:
 
 
 _NEVER = -(2**62)  # max_slot before an asset's first reading
+HELD_MAX = 64  # readings held per asset; more at the held instant (a clock stuck ahead) are duplicates
 
 
 @dataclass
@@ -165,7 +167,10 @@ class Windower:
             if state.held:
                 held_slot = round(state.held[0].ts_ms / group.period_ms)
                 if slot == held_slot:  # the same instant (its other sensors, a producer's retry): decides nothing
-                    self._hold(reading.asset, state, reading, now_ms)
+                    if len(state.held) >= HELD_MAX:  # a clock stuck ahead repeating it: memory and commits bounded
+                        out.duplicates.append(reading)
+                    else:
+                        self._hold(reading.asset, state, reading, now_ms)
                     continue
                 if slot <= state.max_slot:  # a straggler of the stream so far decides nothing either
                     self._place(reading.asset, reading, state, out, now_ms)

@@ -465,6 +465,24 @@ def test_what_decides_a_held_reading_and_what_does_not() -> None:
     assert [r.ts_ms for r in out.jumped] == [200_000] and not out.late
 
 
+def test_a_clock_stuck_ahead_holds_a_bounded_number_of_readings() -> None:
+    """A device repeating one instant far ahead: its first HELD_MAX readings are held, the rest are duplicates (each
+    was held before: 200,000 repeats held 59 MB and every offset after the first), and once the repeats stop
+    counting as arrivals the asset closes for idleness, which reports the held ones and frees the commits."""
+    from pipeline.windowing import HELD_MAX
+
+    w = Windower([_group()])
+    w.add(_readings("a", range(11)), now_ms=1000)
+    stuck = [Reading("a", 900_000, {"x": 1.0, "y": 1.0}, 0, 11 + i) for i in range(HELD_MAX + 136)]
+    out = w.add(stuck, now_ms=2000)
+    assert len(w.held_keys()) == HELD_MAX and out.duplicates == stuck[HELD_MAX:] and not out.jumped
+    assert w.safe_offsets()[0] <= 11  # not past the first held reading until something decides
+    more = w.add([Reading("a", 900_000, {"x": 2.0}, 0, 300)], now_ms=120_000)
+    assert len(more.duplicates) == 1 and len(w.held_keys()) == HELD_MAX
+    closed = w.close_idle(now_ms=2000 + 121_000)
+    assert closed.jumped == stuck[:HELD_MAX] and w.held_keys() == set() and w.safe_offsets() == {}
+
+
 def test_a_held_reading_follows_its_asset_to_a_new_partition() -> None:
     """An asset that moved partitions (a re-partitioned topic) holds a reading from the new one: revoking the old
     partition keeps it (and its commit bound), revoking the new one hands it to the new owner."""
