@@ -13,7 +13,7 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,10 @@ def save_bundle(detector: Detector, directory: Path) -> str:
     if directory.exists():
         raise ModelError(f"refusing to overwrite existing bundle {directory}")
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    # made with mkdir, not mkdtemp (0700): the bundle gets the umask's permissions, so a pipeline or scheduler running
+    # as another user than `train` can read it
+    staging = directory.parent / f".{directory.name}.{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     try:
         torch.save(detector.model.state_dict(), staging / WEIGHTS)
         metadata = {

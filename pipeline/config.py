@@ -638,11 +638,15 @@ class DriftConfig(_Strict):
     max_offset: PositiveFloat | None = None
 
 
+AssetName = Annotated[str, Field(min_length=1, max_length=120, pattern=r"^[^\x00-\x1f\x7f]+$")]  # the tables' width
+
+
 class GroupConfig(_Strict):
     """Assets that share sensors, a sampling grid, a window shape, a model and an alert rule."""
 
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
-    assets: Annotated[list[str], Field(min_length=1)]
+    # a directory under model_dir and the prefix of model versions (80 characters in the registry): no "." or ".."
+    name: Annotated[str, Field(min_length=1, max_length=61, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
+    assets: Annotated[list[AssetName], Field(min_length=1)]
     sampling_period_s: PositiveFloat = 1.0
     sensors: Annotated[list[SensorConfig], Field(min_length=1)]
     window: WindowConfig = WindowConfig()

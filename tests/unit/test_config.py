@@ -206,3 +206,18 @@ def test_webhook_headers_over_plain_http_are_warned_of(caplog: pytest.LogCapture
         assert caplog.text == ""
         parse_config({**base, "sinks": {"webhook": {"url": "http://h.example/x", "headers": {"A": "T0KEN"}}}}, env={})
     assert "headers (A) are sent over plain http to h.example" in caplog.text and "T0KEN" not in caplog.text
+
+
+@pytest.mark.parametrize(("name", "assets", "message"), [
+    ("..", ["a"], r"groups\[0\]\.name: String should match pattern"),  # its bundles went outside model_dir
+    (".hidden", ["a"], r"groups\[0\]\.name: String should match pattern"),
+    ("g" * 62, ["a"], r"groups\[0\]\.name: String should have at most 61 characters"),  # versions hold 80
+    ("pumps", ["a\nb"], r"groups\[0\]\.assets\[0\]: String should match pattern"),
+    ("pumps", ["x" * 121], r"groups\[0\]\.assets\[0\]: String should have at most 120 characters"),
+])
+def test_group_and_asset_names_that_cannot_be_stored_are_refused(name: str, assets: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"groups": [{"name": name, "assets": assets, "sensors": [{"name": "x"}]}]}, env={})
+    ok = parse_config({"groups": [{"name": "g" * 61, "assets": ["plant 1/pump-7"], "sensors": [{"name": "x"}]}]},
+                      env={})
+    assert ok.groups[0].assets == ["plant 1/pump-7"]

@@ -91,6 +91,22 @@ def test_bundle_round_trip_gives_identical_scores(detector: Detector, tmp_path: 
         save_bundle(detector, tmp_path / "v1")
 
 
+def test_a_bundle_gets_the_umask_permissions_and_leaves_no_staging(detector: Detector, tmp_path: Path) -> None:
+    """Saved through mkdtemp, bundles were 0700 whatever the umask: a pipeline running as another user than
+    ``train`` could not read them and refused the model."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_bundle(detector, tmp_path / "v1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "v1").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "v1" / "metadata.json").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]
+
+
 def test_tampered_or_mismatched_bundles_are_refused(detector: Detector, tmp_path: Path) -> None:
     checksum = save_bundle(detector, tmp_path / "v1")
     with pytest.raises(ModelError, match="sensors"):
