@@ -13,6 +13,7 @@ import atexit
 import os
 import pwd
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -62,8 +63,10 @@ def find_bin_dir() -> Path:
 class LocalPostgres:
     """One throwaway PostgreSQL cluster; use as a context manager or call start()/stop().
 
-    Contract: after start() returns, `url` (postgresql+psycopg://USER@127.0.0.1:PORT/DBNAME) reaches an
-    empty database `dbname` owned by superuser `user`, no password. stop_server()/start_server() stop
+    Contract: after start() returns, `url` (postgresql+psycopg://USER:PASSWORD@127.0.0.1:PORT/DBNAME) reaches an
+    empty database `dbname` owned by superuser `user`. TCP connections need `password` (random per cluster,
+    scram-sha-256): with trust, any local user could connect as superuser and run programs as the server's user;
+    the Unix socket lives in the cluster's private directory. stop_server()/start_server() stop
     and restart the same cluster on the same port with its data kept (for outage tests). stop() is
     idempotent: it stops the server and deletes the cluster unless keep_dir=True.
     """
@@ -88,6 +91,7 @@ class LocalPostgres:
         self._port: int | None = None
         self._run_as: pwd.struct_passwd | None = None
         self.startup_seconds: float | None = None
+        self.password = secrets.token_urlsafe(18)  # URL-safe: goes into `url` as it is
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -103,7 +107,7 @@ class LocalPostgres:
 
     def url_for(self, dbname: str) -> str:
         """SQLAlchemy URL of another database on this server (e.g. "postgres")."""
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{dbname}"
+        return f"postgresql+psycopg://{self.user}:{self.password}@127.0.0.1:{self.port}/{dbname}"
 
     @property
     def directory(self) -> Path | None:
@@ -134,6 +138,11 @@ class LocalPostgres:
         try:
             if self._run_as:
                 os.chown(self._dir, self._run_as.pw_uid, self._run_as.pw_gid)
+            pwfile = self._dir / "pwfile"
+            pwfile.write_text(self.password + "\n")
+            pwfile.chmod(0o600)
+            if self._run_as:
+                os.chown(pwfile, self._run_as.pw_uid, self._run_as.pw_gid)
             self._run(
                 [
                     str(bin_dir / "initdb"),
@@ -141,8 +150,9 @@ class LocalPostgres:
                     str(self._data),
                     "-U",
                     self.user,
-                    "-A",
-                    "trust",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    f"--pwfile={pwfile}",
                     "-E",
                     "UTF8",
                     "--no-locale",
@@ -150,6 +160,7 @@ class LocalPostgres:
                 ],
                 what="initdb",
             )
+            pwfile.unlink()
             for attempt in range(3):  # a port picked as free can be taken before postgres binds it
                 self._port = free_port()
                 self._write_conf()
@@ -294,6 +305,7 @@ class LocalPostgres:
             host="127.0.0.1",
             port=self.port,
             user=self.user,
+            password=self.password,
             dbname="postgres",
             autocommit=True,
             connect_timeout=10,

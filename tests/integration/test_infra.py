@@ -138,3 +138,16 @@ def test_local_postgres_stop_start_keeps_data(local_postgres: LocalPostgres) -> 
     finally:
         engine.dispose()
     assert [tuple(row) for row in rows] == [(1, 0.5), (2, 1.5)]
+
+
+def test_local_postgres_needs_its_password_over_tcp(local_postgres: LocalPostgres) -> None:
+    """With trust, any local user could connect as superuser over TCP and run programs as the server's user."""
+    pg = local_postgres
+    anyone = f"postgresql+psycopg://{pg.user}@127.0.0.1:{pg.port}/{pg.dbname}"
+    engine = sa.create_engine(anyone, poolclass=NullPool, connect_args={"connect_timeout": 3})
+    try:
+        with pytest.raises(sa.exc.OperationalError, match="password"), engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    assert not (local_postgres.directory / "pwfile").exists()  # type: ignore[operator]
