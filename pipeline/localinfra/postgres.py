@@ -3,8 +3,8 @@
 Binaries come from $SENSORWATCH_PG_BIN, else the newest /usr/lib/postgresql/<major>/bin (Debian's
 `postgresql` package), else `initdb` on PATH. initdb and postgres refuse to run as root, so as root
 every server-side command runs as the `postgres` system user and the temp dir (under /tmp, which
-that user can traverse) is chowned to it. Authentication is `trust` and the server listens on
-127.0.0.1 only (plus a Unix socket inside the temp dir), so never use this for real data.
+that user can traverse) is chowned to it. The server listens on 127.0.0.1 only, where a random password is
+needed (it is in `url`), plus a Unix socket inside the private temp dir (trust); never use this for real data.
 """
 
 from __future__ import annotations
