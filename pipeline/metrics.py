@@ -98,10 +98,15 @@ class _SinkCollector(Collector):
         yield pending
 
 
+REQUEST_TIMEOUT_S = 10.0
+
+
 def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/metrics`` and ``/healthz`` on a daemon thread; returns the server (``server_address`` has the port)."""
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S  # a client that stalls, or trickles its request, is dropped, not kept for ever
+
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST

@@ -51,3 +51,23 @@ def test_silent_loop_is_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module.time, "monotonic", lambda: now + 11)
     ok, reason = metrics.healthy()
     assert not ok and "silent" in reason
+
+
+def test_a_stalled_client_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that sends nothing (or trickles its request) held a server thread for as long as it liked."""
+    import socket
+    import time
+
+    import pipeline.metrics as module
+
+    monkeypatch.setattr(module, "REQUEST_TIMEOUT_S", 0.3)
+    server = serve(PipelineMetrics(unhealthy_after_s=30), "127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as stalled:
+            stalled.sendall(b"GET /metr")  # and nothing more
+            started = time.monotonic()
+            assert stalled.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - started < 3
+        assert _get(f"http://127.0.0.1:{server.server_address[1]}/healthz") == (200, "ok")
+    finally:
+        server.shutdown()
