@@ -166,7 +166,8 @@ class WindowConfig(_Strict):
     Window ``k`` of an asset covers grid slots ``[k*stride, k*stride + length)``; so windows do not depend on when the
     stream started and a replay cuts the same windows. A missing slot is filled with the sensor's previous value when
     the gap is at most ``max_gap`` slots; a window still holding holes is skipped, never scored on invented data.
-    A window closes once the asset has reported ``lateness`` slots past its end; readings for closed windows are late.
+    A window closes once the asset has reported ``lateness`` slots past its end (with 0: once its last slot has every
+    sensor, or a later slot began: per-sensor messages); readings for closed windows are late.
     When an asset stops reporting, its event time is advanced by the wall-clock time elapsed beyond ``idle_close_s``,
     so its open windows still close (and are scored or skipped).
     ``smooth`` (slots, 1 = off): each value of a window is the causal rolling mean of the sensor over the ``smooth``
@@ -488,11 +489,16 @@ class WebhookSinkConfig(_OutboxSink):
         if _CONTROL.search(value):
             raise ValueError("url contains a control character (a trailing newline from a secret file?)")
         try:
-            host = urlsplit(value).hostname
+            parts = urlsplit(value)
+            host, _port = parts.hostname, parts.port  # .port raises for a port that is not a number
         except ValueError as exc:
-            raise ValueError(f"url is not a valid URL ({str(exc).split(':')[0]})") from None
+            reason = re.sub(r"'.*'", "...", str(exc).split(":")[0])  # quoted parts repeat the URL
+            raise ValueError(f"url is not a valid URL ({reason})") from None
         if not host:
             raise ValueError("url has no host name")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url holds a user name or password: the HTTP client does not send them; put the "
+                             "credentials in headers (Authorization: ${ENV_VAR})")
         return value
 
     @field_validator("headers")

@@ -95,6 +95,7 @@ class Decoder:
     def __init__(self, groups: Iterable[GroupConfig], max_message_bytes: int, ingest: IngestConfig | None = None
                  ) -> None:
         self._max_bytes = max_message_bytes
+        self._undecodable = 0  # records that met a defect (logged in full the first few times)
         self._ingest = ingest or IngestConfig()
         self._asset_sensors: dict[str, Mapping[str, tuple[float, float] | None]] = {}
         for group in groups:
@@ -184,7 +185,12 @@ class Decoder:
                 rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
                 continue
             except Exception as exc:  # a defect met by some input: that record is dead-lettered, never a crash loop
-                log.exception("decoding %s/%d/%d failed; dead-lettered as undecodable", topic, partition, offset)
+                self._undecodable += 1
+                if self._undecodable <= 10:  # the first ones with their traceback, then a line now and then
+                    log.exception("decoding %s/%d/%d failed; dead-lettered as undecodable", topic, partition, offset)
+                elif self._undecodable % 1000 == 0:
+                    log.warning("%d records dead-lettered as undecodable so far (latest %s/%d/%d: %s)",
+                                self._undecodable, topic, partition, offset, type(exc).__name__)
                 rejected.append(Rejected("undecodable", f"{type(exc).__name__}: {str(exc)[:200]}", value, key, topic,
                                          partition, offset))
                 continue

@@ -37,7 +37,7 @@ from pipeline.types import datetime_to_ms, ms_to_datetime
 
 PERIOD_S = 10.0
 TARGET = 0.8
-MALFORMED = (b"{not json", b'{"asset": "pump-1", "ts": 1, "values": {"no_such_sensor": 1.0}}', b"[1, 2, 3]")
+MALFORMED = (b"{not json", b'{"asset": "ASSET", "ts": 1, "values": {"no_such_sensor": 1.0}}', b"[1, 2, 3]")
 
 
 @dataclass
@@ -162,8 +162,8 @@ def run_demo(*, workdir: Path, n_assets: int, hours: float, seed: int, console: 
                 producer.send(cfg.kafka.topic, key=asset.encode(), value=kafka_io.encode_reading(payload))
                 if i % 2000 == 0:
                     bar.update(task, completed=i)
-            for junk in MALFORMED:
-                producer.send(cfg.kafka.topic, key=assets[0].encode(), value=junk)
+            for junk in MALFORMED:  # one of them names the first asset: an unknown sensor of a known asset
+                producer.send(cfg.kafka.topic, key=assets[0].encode(), value=junk.replace(b"ASSET", assets[0].encode()))
             producer.flush()
             bar.update(task, completed=len(messages) + len(MALFORMED))
         producer.close()

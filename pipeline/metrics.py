@@ -7,6 +7,8 @@ has completed an iteration within ``unhealthy_after_s`` and no dependency is fai
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -101,11 +103,26 @@ class _SinkCollector(Collector):
 REQUEST_TIMEOUT_S = 10.0
 
 
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
 def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/metrics`` and ``/healthz`` on a daemon thread; returns the server (``server_address`` has the port)."""
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = REQUEST_TIMEOUT_S  # a client that stalls, or trickles its request, is dropped, not kept for ever
+        timeout = REQUEST_TIMEOUT_S  # a client that stalls is dropped, not kept for ever ...
+
+        def handle(self) -> None:
+            # ... and so is one that trickles its request: the whole exchange has REQUEST_TIMEOUT_S
+            deadline = threading.Timer(REQUEST_TIMEOUT_S, _shut, args=(self.connection,))
+            deadline.daemon = True
+            deadline.start()
+            try:
+                super().handle()
+            finally:
+                deadline.cancel()
 
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):

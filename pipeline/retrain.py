@@ -455,12 +455,14 @@ class _LockKeeper:
 
 
 def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Session], trigger: str = "manual",
-                  clock: Callable[[], datetime] = _utcnow) -> RetrainResult:
+                  clock: Callable[[], datetime] = _utcnow, firing: datetime | None = None) -> RetrainResult:
     """One retrain run of one group, recorded in ``retrain_runs`` whatever happens.
 
-    Refused (nothing else done) when another run holds the group's lock. Never raises for a failure inside the run:
-    the active model stays as it was, the run (and a registered candidate) is recorded as failed. ConfigError for an
-    unknown group; database errors while taking the lock propagate (nothing was started).
+    Refused (nothing else done) when another run holds the group's lock. ``firing``: the scheduled time this run is
+    for (a scheduler's); skipped when a run for that firing was already started (by another scheduler on the same
+    database: each fires the job). Never raises for a failure inside the run: the active model stays as it was, the
+    run (and a registered candidate) is recorded as failed. ConfigError for an unknown group; database errors while
+    taking the lock propagate (nothing was started).
     """
     group = config.group(group_name)
     rc = config.retrain
@@ -469,7 +471,15 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
     with sessions.begin() as session:
         locked = repo.acquire_retrain_lock(session=session, group=group.name, holder=holder, now=started,
                                            ttl_s=rc.lock_ttl_s)
-        if locked:
+        taken = None if firing is None else repo.scheduled_run_since(session=session, group=group.name, since=firing)
+        if taken is not None:
+            if locked:
+                repo.release_retrain_lock(session=session, group=group.name, holder=holder)
+            reason = (f"the run scheduled for {firing:%Y-%m-%d %H:%M:%S}Z was already started by {taken.holder} "
+                      f"(run {taken.id}): another scheduler on this database")
+            run = repo.start_retrain_run(session=session, group=group.name, trigger=trigger, holder=holder,
+                                         now=started, outcome="skipped", reason=reason)
+        elif locked:
             abandoned = repo.abandon_retrain_runs(
                 session=session, group=group.name, now=started,
                 reason="abandoned: its process ended without recording an outcome (its lock expired)")
@@ -483,6 +493,9 @@ def retrain_group(config: Config, group_name: str, *, sessions: sessionmaker[Ses
             reason = f"another retrain of group {group.name!r} holds the lock ({since})"
             run = repo.start_retrain_run(session=session, group=group.name, trigger=trigger, holder=holder,
                                          now=started, outcome="refused", reason=reason)
+    if taken is not None:
+        log.info("%s: retrain skipped: %s", group.name, reason)
+        return RetrainResult(group.name, "skipped", reason, run.id)
     if not locked:
         log.warning("%s: retrain refused: %s", group.name, reason)
         return RetrainResult(group.name, "refused", reason, run.id)
@@ -691,8 +704,10 @@ def _record_failure(group: str, *, sessions: sessionmaker[Session], run_id: int,
                          dict(progress.metrics))
 
 
-def retrain_all(config: Config, *, group: str | None = None, trigger: str = "manual") -> list[RetrainResult]:
-    """Run ``retrain_group`` for one group or every configured group, one after another.
+def retrain_all(config: Config, *, group: str | None = None, trigger: str = "manual",
+                firing: datetime | None = None) -> list[RetrainResult]:
+    """Run ``retrain_group`` for one group or every configured group, one after another (``firing``: the
+    scheduled time the runs are for, when a scheduler started them).
 
     ConfigError for an unknown group; TransientError when the database schema is not up to date.
     """
@@ -703,6 +718,6 @@ def retrain_all(config: Config, *, group: str | None = None, trigger: str = "man
         if problem:
             raise TransientError(problem)
         sessions = make_sessionmaker(engine)
-        return [retrain_group(config, name, sessions=sessions, trigger=trigger) for name in names]
+        return [retrain_group(config, name, sessions=sessions, trigger=trigger, firing=firing) for name in names]
     finally:
         engine.dispose()

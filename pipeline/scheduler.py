@@ -19,12 +19,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from apscheduler.executors.base import run_job
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
@@ -126,6 +129,17 @@ class ConfiguredJobStore(SQLAlchemyJobStore):
             return None
         return utc_timestamp_to_datetime(row.next_run_time) if stored == fingerprint else None
 
+    def get_next_run_time(self) -> datetime | None:
+        """The earliest next run of the jobs this process added (another id's row, which it never runs or advances,
+        would keep the scheduler waking up to an overdue time it cannot serve: a busy loop)."""
+        if not self._templates:
+            return None
+        query = (select(self.jobs_t.c.next_run_time)
+                 .where(self.jobs_t.c.next_run_time.is_not(None), self.jobs_t.c.id.in_(list(self._templates)))
+                 .order_by(self.jobs_t.c.next_run_time).limit(1))
+        with self.engine.begin() as connection:
+            return utc_timestamp_to_datetime(connection.execute(query).scalar())
+
     def lookup_job(self, job_id: str) -> Job | None:
         query = select(self.jobs_t.c.id, self.jobs_t.c.next_run_time).where(self.jobs_t.c.id == job_id)
         with self.engine.begin() as connection:
@@ -152,6 +166,36 @@ class ConfiguredJobStore(SQLAlchemyJobStore):
         return job
 
 
+_running = threading.local()
+
+
+def current_firing() -> datetime | None:
+    """The scheduled time the job running on this thread is for (the latest one, when missed runs coalesce); None
+    outside a scheduled job. Two schedulers on one database both fire it: the retrain runs one of them."""
+    return getattr(_running, "firing", None)
+
+
+class _FiringExecutor(ThreadPoolExecutor):
+    """APScheduler's thread pool executor, telling each job which scheduled time it runs for (``current_firing``)."""
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        def run(*args: Any) -> Any:
+            _running.firing = max(run_times)
+            try:
+                return run_job(*args)
+            finally:
+                _running.firing = None
+
+        def callback(future: Future[Any]) -> None:
+            exc = future.exception()
+            if exc is not None:
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, future.result())
+
+        self._pool.submit(run, job, job._jobstore_alias, run_times, self._logger.name).add_done_callback(callback)
+
+
 def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigger: BaseTrigger | None = None,
                     prune_trigger: BaseTrigger | None = None) -> BlockingScheduler:
     """A blocking scheduler whose SQL job store holds the retrain job (under ``JOB_ID``, when ``retrain.enabled``)
@@ -170,7 +214,7 @@ def build_scheduler(config: Config, config_path: Path, *, engine: Engine, trigge
     if not rc.enabled and not keep.enabled:
         raise ConfigError("retrain.enabled and retention.enabled are both false: nothing to schedule (the stored "
                           "jobs, if any, were removed)")
-    scheduler = BlockingScheduler(jobstores={"default": store}, executors={"default": ThreadPoolExecutor(1)},
+    scheduler = BlockingScheduler(jobstores={"default": store}, executors={"default": _FiringExecutor(1)},
                                   timezone=ZoneInfo(rc.timezone))
     args = [str(Path(config_path).resolve())]
     if rc.enabled:
@@ -213,7 +257,7 @@ def scheduled_retrain(config_path: str) -> None:
     except ConfigError as exc:
         log.error("scheduled retrain not started: configuration %s: %s", config_path, exc)
         return
-    for result in retrain_all(config, trigger="schedule"):
+    for result in retrain_all(config, trigger="schedule", firing=current_firing()):
         log.info("scheduled retrain %s", result.summary())
 
 

@@ -287,7 +287,7 @@ class WebhookAlertSink(Sink):
             reason = getattr(exc, "reason", exc)
             if isinstance(exc, (urllib.error.URLError, OSError)):
                 return True, f"{type(reason).__name__} after {time.monotonic() - started:.1f}s", 0.0
-            if isinstance(exc, ValueError):  # the request could not be built: its text would repeat a header or URL
+            if isinstance(exc, (ValueError, http.client.InvalidURL)):  # could not be built: its text repeats a secret
                 return True, f"{type(exc).__name__} building the request (check sinks.webhook.url and headers)", 0.0
             return True, _first_line(exc), 0.0
 

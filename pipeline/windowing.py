@@ -13,10 +13,10 @@ its first window not closed) is held, not placed: placing it would close every w
 readings after it would all be late. The asset's next instant decides: a reading at another slot near the held one
 confirms that the asset's time moved on (back after an outage) and they are placed; one ahead of the asset's latest
 slot but not near the held one means the held readings carried a glitching clock, and they are reported
-(``jumped``). Readings at the held slot (the instant's other sensors, a retry) join it, up to ``HELD_MAX`` per asset
-(more, from a clock stuck ahead, are duplicates), and stragglers at or before the latest slot are placed as usual;
-neither decides. Held readings of an asset that falls silent are reported as jumped when its windows close for
-idleness: nothing followed them.
+(``jumped``). Readings at the held slot (the instant's other sensors, a retry) join it; past ``HELD_MAX`` per asset,
+one that brings no new sensor (a clock stuck ahead, repeating it) is a duplicate. Stragglers at or before the latest
+slot are placed as usual. Neither decides. Held readings of an asset that falls silent are reported as jumped when
+its windows close for idleness: nothing followed them.
 
 Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
 offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
@@ -68,7 +68,7 @@ def causal_mean(values: np.ndarray, span: int) -> np.ndarray:
 
 
 _NEVER = -(2**62)  # max_slot before an asset's first reading
-HELD_MAX = 64  # readings held per asset; more at the held instant (a clock stuck ahead) are duplicates
+HELD_MAX = 64  # readings held per asset, past which repeats of held sensors (a clock stuck ahead) are duplicates
 
 
 @dataclass
@@ -98,6 +98,17 @@ class WindowBatch:
     placed: int = 0  # readings placed on a grid for the first time (not replayed, rebuilt, late, held or duplicate)
     replayed: int = 0  # readings a previous owner processed, for windows it closed (dropped)
     rebuilt: int = 0  # readings a previous owner processed, placed again to rebuild the windows it left open
+
+
+def _complete(row: list[float] | None) -> bool:
+    """A grid row holding a value of every sensor (NaN marks a missing one)."""
+    return row is not None and all(v == v for v in row)
+
+
+def _repeats(held: list[Reading], reading: Reading) -> bool:
+    """Every value of ``reading`` is one of a sensor already held (a reading bringing a new sensor is never one)."""
+    known = {sensor for r in held for sensor in r.values}
+    return all(sensor in known for sensor in reading.values)
 
 
 class Windower:
@@ -167,8 +178,8 @@ class Windower:
             if state.held:
                 held_slot = round(state.held[0].ts_ms / group.period_ms)
                 if slot == held_slot:  # the same instant (its other sensors, a producer's retry): decides nothing
-                    if len(state.held) >= HELD_MAX:  # a clock stuck ahead repeating it: memory and commits bounded
-                        out.duplicates.append(reading)
+                    if len(state.held) >= HELD_MAX and _repeats(state.held, reading):
+                        out.duplicates.append(reading)  # a clock stuck ahead repeating it: memory stays bounded
                     else:
                         self._hold(reading.asset, state, reading, now_ms)
                     continue
@@ -236,6 +247,8 @@ class Windower:
             # close as soon as the watermark moves, so what counts as late does not depend on batch boundaries
             state.max_slot = slot
             self._close_windows(asset, state, slot, out)
+        elif slot == state.max_slot:  # the latest slot filling up (per-sensor messages): a window may end in it
+            self._close_windows(asset, state, slot, out)
 
     def _idle(self, state: _AssetState, now_ms: int) -> bool:
         return bool(state.rows or state.held) and \
@@ -269,18 +282,26 @@ class Windower:
                     continue
                 w = state.group.window
                 # as if the asset had reported just past every window that holds one of its readings
-                self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out)
+                self._close_windows(asset, state, max(state.rows) + w.length - 1 + w.lateness, out, settled=True)
                 state.rows.clear()  # no lookback kept for a silent asset: it must not hold back offset commits
                 state.offsets.clear()
                 state.min_offsets = None
         return out
 
-    def _close_windows(self, asset: str, state: _AssetState, watermark: int, out: WindowBatch) -> None:
+    def _close_windows(self, asset: str, state: _AssetState, watermark: int, out: WindowBatch, *,
+                       settled: bool = False) -> None:
+        """Close the windows that the asset's latest slot ``watermark`` closes: those ending ``lateness`` slots before
+        it. With ``lateness`` 0 a window ending in the watermark slot itself waits until that slot has every sensor
+        or a later slot begins (per-sensor messages: closed at the instant's first message, its other sensors were
+        forward-filled from the step before). ``settled``: no more readings come for the watermark (idle close)."""
         w = state.group.window
         period = state.group.period_ms
         if state.next_start + w.length - 1 + w.lateness <= watermark:
             self._unsaved.add(asset)  # its next window start moves below
         while state.next_start + w.length - 1 + w.lateness <= watermark:
+            if not (settled or w.lateness or state.next_start + w.length - 1 < watermark
+                    or _complete(state.rows.get(watermark))):
+                break
             start = state.next_start
             first_data = min(state.rows) if state.rows else watermark
             if first_data >= start + w.length:

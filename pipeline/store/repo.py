@@ -620,6 +620,14 @@ def start_retrain_run(*, session: Session, group: str, trigger: str, holder: str
     return row
 
 
+def scheduled_run_since(*, session: Session, group: str, since: datetime) -> RetrainRun | None:
+    """The first run of ``group`` that a scheduler started at or after ``since`` (a firing's scheduled time) and
+    that was not refused: that firing of the schedule was taken, by this scheduler or another one."""
+    return session.scalar(select(RetrainRun).where(
+        RetrainRun.group_name == group, RetrainRun.trigger == "schedule", RetrainRun.started_at >= since,
+        RetrainRun.outcome != "refused").order_by(RetrainRun.started_at, RetrainRun.id).limit(1))
+
+
 def abandon_retrain_runs(*, session: Session, group: str, now: datetime, reason: str) -> int:
     """Mark runs of ``group`` still ``running`` as failed, and their registered candidates too (call with the group's
     lock held: no such run can be alive). Returns how many runs."""

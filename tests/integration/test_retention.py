@@ -201,6 +201,7 @@ def test_the_scheduler_never_unpickles_a_stored_job(db_url: str, tmp_path: Path)
     import pickle
 
     from apscheduler.util import datetime_to_utc_timestamp
+    from sqlalchemy import event as sa_event
 
     from pipeline.store.tables import scheduler_jobs
 
@@ -208,9 +209,10 @@ def test_the_scheduler_never_unpickles_a_stored_job(db_url: str, tmp_path: Path)
     marker = tmp_path / "ran"
     engine = make_engine(db_url)
     with engine.begin() as conn:
-        conn.execute(scheduler_jobs.insert().values(
-            id=JOB_ID, next_run_time=datetime_to_utc_timestamp(datetime.now(UTC)),
-            job_state=pickle.dumps({"func": _Planted(marker)})))
+        for job_id in (JOB_ID, "some-other-job"):  # the second: an id this scheduler never adds, overdue
+            conn.execute(scheduler_jobs.insert().values(
+                id=job_id, next_run_time=datetime_to_utc_timestamp(datetime.now(UTC)),
+                job_state=pickle.dumps({"func": _Planted(marker)})))
     raw = config_dict(db_url)
     path = tmp_path / "sensorwatch.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -218,10 +220,22 @@ def test_the_scheduler_never_unpickles_a_stored_job(db_url: str, tmp_path: Path)
     scheduler = build_scheduler(parse_config(raw, env={}), path, engine=engine, trigger=yearly, prune_trigger=yearly)
     thread = threading.Thread(target=scheduler.start, name="scheduler", daemon=True)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while not scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    sa_event.listen(engine, "before_cursor_execute", count)
+    time.sleep(1.0)  # idle: the overdue row of another id must not make it wake up again and again
+    sa_event.remove(engine, "before_cursor_execute", count)
+    idle_statements = len(statements)
     stop_when_running(scheduler)
     thread.join(timeout=30)
-    assert not marker.exists()
+    assert scheduler.running is False and not marker.exists()
+    assert idle_statements < 10, idle_statements
     with engine.begin() as conn:
         state = conn.execute(select(scheduler_jobs.c.job_state).where(scheduler_jobs.c.id == JOB_ID)).scalar_one()
     assert json.loads(state)["fingerprint"]  # written over as JSON

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +387,30 @@ def test_retrain_on_mostly_anomalous_data_is_rejected_and_the_active_model_keeps
     assert (run.outcome, run.candidate_version) == ("rejected", candidate)
     assert run.metrics["recall_candidate"] < run.metrics["recall_active"] - cfg.retrain.tolerance
     print(f"[anomalous] {d.count(Alert)} alerts in the lookback; {len(scores)} windows, all scored by {d.first}")
+
+
+def test_one_firing_of_the_schedule_runs_once_however_many_schedulers_fire_it(deployment: Deployment) -> None:
+    """Two `sensorwatch scheduler` processes on one database both fire the nightly job: the second run of the same
+    firing is skipped, whether the first still runs (it held the lock: this was refused) or has finished (this ran
+    again: the group was trained twice in one night). The next firing runs."""
+    d, cfg = deployment, deployment.config
+    firing = datetime.now(UTC).replace(microsecond=0)
+    first = retrain_group(cfg, "fleet", sessions=d.sessions, trigger="schedule", firing=firing)
+    assert first.outcome == "skipped" and "no complete windows" in first.reason  # ran: nothing streamed yet
+    again = retrain_group(cfg, "fleet", sessions=d.sessions, trigger="schedule", firing=firing)
+    assert again.outcome == "skipped" and "was already started by" in again.reason
+    assert f"(run {first.run_id})" in again.reason and d.count(RetrainLock) == 0
+    with d.sessions.begin() as s:  # the first one still running: the second is skipped too, not refused
+        assert repo.acquire_retrain_lock(session=s, group="fleet", holder="other", now=datetime.now(UTC), ttl_s=60)
+    assert retrain_group(cfg, "fleet", sessions=d.sessions, trigger="schedule", firing=firing).outcome == "skipped"
+    with d.sessions.begin() as s:
+        repo.release_retrain_lock(session=s, group="fleet", holder="other")
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    time.sleep(1.1)
+    nxt = retrain_group(cfg, "fleet", sessions=d.sessions, trigger="schedule", firing=later)
+    assert nxt.outcome == "skipped" and "no complete windows" in nxt.reason  # the next firing ran
+    manual = retrain_group(cfg, "fleet", sessions=d.sessions)  # a manual run is never a firing's
+    assert "no complete windows" in manual.reason
 
 
 def test_two_retrains_started_at_once_one_runs_the_other_is_refused(deployment: Deployment) -> None:

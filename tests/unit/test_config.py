@@ -189,6 +189,8 @@ def test_a_disabled_webhook_needs_no_url_and_an_enabled_one_does() -> None:
     ({"url": "https://h.example/x", "headers": {"Authorization": "Bearer T0KEN\n"}},
      r"sinks\.webhook\.headers: .*header Authorization contains a control character"),
     ({"url": "https://h.example/x", "headers": {"X Token": "T0KEN"}}, r"header name 'X Token' is not a valid"),
+    ({"url": "https://user:T0KEN@h.example/hook"}, r"url holds a user name or password"),
+    ({"url": "https://h.example:T0KEN/hook"}, r"url is not a valid URL \(Port could not be cast"),
 ])
 def test_webhook_urls_and_headers_the_client_cannot_send_are_refused_without_their_secret(
         webhook: dict[str, object], message: str) -> None:

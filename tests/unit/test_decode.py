@@ -79,8 +79,8 @@ def test_deeply_nested_json_is_malformed_not_a_crash(raw: bytes) -> None:
     assert readings == [] and [(r.reason, r.offset) for r in rejected] == [("malformed_json", 7)]
 
 
-def test_a_defect_met_by_one_record_dead_letters_it_and_goes_on(decoder: Decoder,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_defect_met_by_one_record_dead_letters_it_and_goes_on(decoder: Decoder, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
     decode = Decoder.decode_partial
 
@@ -94,6 +94,9 @@ def test_a_defect_met_by_one_record_dead_letters_it_and_goes_on(decoder: Decoder
     assert [r.offset for r in readings] == [0, 2]
     assert [(r.reason, r.offset, r.value) for r in rejected] == [("undecodable", 1, b"poison")]
     assert rejected[0].detail == "KeyError: 'a defect'"
+    with caplog.at_level("WARNING", logger="pipeline.decode"):  # a flood of it: the first ten tracebacks only
+        _, flood = decoder.decode_batch([("t", 0, i, None, b"poison") for i in range(30)])
+    assert len(flood) == 30 and len([r for r in caplog.records if r.exc_info]) == 10  # of 31 in this test
 
 
 def test_batch_keeps_good_readings_around_bad_ones(decoder: Decoder) -> None:

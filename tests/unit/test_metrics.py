@@ -68,6 +68,18 @@ def test_a_stalled_client_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
             started = time.monotonic()
             assert stalled.recv(1024) == b""  # closed by the server
             assert time.monotonic() - started < 3
+        with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=5) as trickling:
+            started = time.monotonic()
+            try:
+                for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+                    trickling.sendall(bytes([byte]))  # a byte every 0.1 s: never idle for the 0.3 s timeout
+                    time.sleep(0.1)
+                    if time.monotonic() - started > 3:
+                        break
+                got = trickling.recv(1024)
+            except OSError:  # reset by the server
+                got = b""
+            assert got == b"" and time.monotonic() - started < 3
         assert _get(f"http://127.0.0.1:{server.server_address[1]}/healthz") == (200, "ok")
     finally:
         server.shutdown()

@@ -483,6 +483,52 @@ def test_a_clock_stuck_ahead_holds_a_bounded_number_of_readings() -> None:
     assert closed.jumped == stuck[:HELD_MAX] and w.held_keys() == set() and w.safe_offsets() == {}
 
 
+def test_per_sensor_messages_close_a_window_once_its_last_step_is_whole() -> None:
+    """One message per sensor: a window ending in a step closed at that step's first message, so its other sensors
+    were forward-filled from the step before (or, with max_gap 0, every window was skipped). It now waits for the
+    step's last sensor, or for the next step when one never comes."""
+    w = Windower([_group(max_gap=3)])
+    per_sensor = [Reading("a", s * 1000, {n: float(s) if n == "x" else -float(s)}, 0, 2 * s + i)
+                  for s in range(8) for i, n in enumerate(("x", "y"))]
+    out = w.add(per_sensor)
+    assert [x.start_ms // 1000 for x in out.windows] == [0, 2, 4] and not out.skipped
+    for window in out.windows:
+        last = window.start_ms // 1000 + 3
+        assert window.values[-1].tolist() == [float(last), -float(last)]  # its own values, not the step before's
+    strict = Windower([_group(max_gap=0)])
+    assert [x.start_ms // 1000 for x in strict.add(per_sensor).windows] == [0, 2, 4]
+    quiet_y = Windower([_group(max_gap=3)])  # y misses step 3: the window closes when step 4 begins, y filled
+    partial = [r for r in per_sensor if not (r.ts_ms == 3000 and "y" in r.values)]
+    first = quiet_y.add(partial[:7])
+    assert first.windows == [] and first.skipped == []
+    assert [x.start_ms // 1000 for x in quiet_y.add(partial[7:8]).windows] == [0]
+
+
+def test_an_instant_of_many_per_sensor_messages_is_held_whole() -> None:
+    """An asset of 80 sensors sending one message per sensor comes back after an outage: every sensor of its first
+    instant is held (the cap counts only repeats of held sensors), then placed with the next instant."""
+    from pipeline.windowing import HELD_MAX
+
+    names = [f"s{i}" for i in range(80)]
+    group = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                                      "sensors": [{"name": n} for n in names],
+                                      "window": {"length": 4, "stride": 2, "max_gap": 0}}]}, env={}).groups[0]
+    w = Windower([group])
+    offset = 0
+
+    def instant(slot: int) -> list[Reading]:
+        nonlocal offset
+        offset += len(names)
+        return [Reading("a", slot * 1000, {n: 1.0}, 0, offset - len(names) + i) for i, n in enumerate(names)]
+
+    w.add([r for slot in range(11) for r in instant(slot)])
+    back = w.add(instant(1000))
+    assert len(w.held_keys()) == 80 > HELD_MAX and not back.duplicates
+    out = w.add([r for slot in range(1001, 1006) for r in instant(slot)])
+    assert not out.duplicates and not out.jumped and not out.late
+    assert 1000 in [x.start_ms // 1000 for x in out.windows]
+
+
 def test_a_held_reading_follows_its_asset_to_a_new_partition() -> None:
     """An asset that moved partitions (a re-partitioned topic) holds a reading from the new one: revoking the old
     partition keeps it (and its commit bound), revoking the new one hands it to the new owner."""
