@@ -9,7 +9,8 @@ written with ``replace_existing``; when the stored job has the same fingerprint,
 so a run missed while the scheduler was down still fires on start if it is within ``misfire_grace_time_s`` (several
 missed runs fire once when ``coalesce``). One instance at a time (``max_instances=1``); each run also takes the
 per-group database lock of ``pipeline.retrain``, so two schedulers or a manual ``sensorwatch retrain`` never train a
-group twice at once. The job reloads the configuration file on every run.
+group twice at once, and each run knows the scheduled time it is for (``current_firing``), so two schedulers on one
+database train a group once per firing. The job reloads the configuration file on every run.
 The retention job is kept the same way (``PRUNE_JOB_ID``); a prune missed while the scheduler was down runs once when
 it is back, however late. Both jobs share one worker thread, so they never run at the same time.
 """
