@@ -289,6 +289,19 @@ def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5
         return None
 
 
+def broker_answers(consumer: KafkaConsumer, timeout_ms: int = 5000) -> bool | None:
+    """Whether a broker answers this consumer now (an end-offsets query of its partitions); None when it owns no
+    partition (nothing to ask about). A poll does not tell: while no broker answers it only comes back empty."""
+    owned = list(consumer.assignment())
+    if not owned:
+        return None
+    try:
+        consumer.end_offsets(owned, timeout_ms=timeout_ms)
+    except KafkaError:
+        return False
+    return True
+
+
 def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: float) -> dict[str, int]:
     """How many partitions each of ``topics`` has (0: the broker does not know it), asked of the brokers with a
     consumer outside any group. TransientError when no broker answers within ``timeout_s``, with the last connection

@@ -47,6 +47,7 @@ class PipelineMetrics:
         self._unhealthy_after = unhealthy_after_s
         self._heartbeat = time.monotonic()
         self._degraded = False
+        self._broker_silent = False
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Expose the alert sinks' counters (``stats()``: sink label -> ``SinkStats``, read at each scrape) as
@@ -57,9 +58,15 @@ class PipelineMetrics:
         self.registry.register(_SinkCollector(stats))
 
     def set_degraded(self, degraded: bool) -> None:
-        """Mark the database or broker as failing (True) or answering again (False)."""
+        """Mark the database or broker as failing (True) or answering again (False): a step that raised."""
         self._degraded = degraded
-        self.dependency_down.set(1 if degraded else 0)
+        self.dependency_down.set(1 if degraded or self._broker_silent else 0)
+
+    def set_broker_silent(self, silent: bool) -> None:
+        """Mark the broker as not answering a probe (True) or answering again (False): polls do not raise while no
+        broker answers, they only come back empty."""
+        self._broker_silent = silent
+        self.dependency_down.set(1 if silent or self._degraded else 0)
 
     def beat(self) -> None:
         """Record that the consume loop completed an iteration."""
@@ -72,6 +79,8 @@ class PipelineMetrics:
             return False, f"consume loop silent for {silent:.0f}s"
         if self._degraded:
             return False, "database or broker unavailable"
+        if self._broker_silent:
+            return False, "no Kafka broker answers"
         return True, "ok"
 
     def set_models(self, versions: Mapping[str, str]) -> None:

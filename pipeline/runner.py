@@ -47,6 +47,8 @@ from pipeline.windowing import WindowBatch, Windower
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REFUSED_RETRY_S = 60.0  # a refused bundle (missing, unreadable, failing its checksum) is tried again this often
+BROKER_PROBE_S = 10.0  # empty polls for this long: ask whether a broker still answers (at most this often)
+BROKER_PROBE_TIMEOUT_MS = 5000
 
 
 class Fenced(Exception):
@@ -109,6 +111,8 @@ class Runner:
         self._reported = set(reported)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._broker_silent = False  # the last end-offset query for idle close got no answer
+        self._heard_at = time.monotonic()  # the last time a poll brought records or a probe was answered
+        self._broker_down = False  # a probe after polls came back empty got no answer (/healthz: 503)
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
@@ -462,6 +466,29 @@ class Runner:
             # The group rebalanced under us; the new owner resumes from the stored progress.
             log.warning("offset commit refused after a rebalance: %s", exc)
 
+    def _watch_broker(self, consumer: KafkaConsumer, got_records: bool) -> None:
+        """After ``BROKER_PROBE_S`` of empty polls, ask the broker whether it still answers (a poll does not raise
+        while none does); /healthz and ``sensorwatch_dependency_down`` report an outage until records or an answer
+        come again. One probe per ``BROKER_PROBE_S`` at most, each waiting at most ``BROKER_PROBE_TIMEOUT_MS``."""
+        now = time.monotonic()
+        if got_records:
+            self._heard_at = now
+            answered: bool | None = True
+        elif now - self._heard_at < BROKER_PROBE_S:
+            return
+        else:
+            self._heard_at = now
+            answered = kafka_io.broker_answers(consumer, BROKER_PROBE_TIMEOUT_MS)
+        if answered is False and not self._broker_down:
+            self._broker_down = True
+            self.metrics.set_broker_silent(True)
+            log.warning("no Kafka broker answers (polls come back empty and an end-offsets query timed out): "
+                        "/healthz reports 503 until one does")
+        elif answered and self._broker_down:
+            self._broker_down = False
+            self.metrics.set_broker_silent(False)
+            log.info("a Kafka broker answers again")
+
     def _idle_partitions(self, consumer: KafkaConsumer, now_ms: int) -> set[int]:
         """Partitions whose silent assets' windows may close now: read to the end, asked of the broker (not during
         a backlog). While the broker does not answer, none; when it answers again, silence starts counting anew, so
@@ -489,6 +516,7 @@ class Runner:
         last_lag = 0.0
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
+            self._watch_broker(consumer, bool(records))
             self.metrics.beat()
             now_ms = round(clock() * 1000)
             offsets = self.process(records, now_ms, self._idle_partitions(consumer, now_ms))

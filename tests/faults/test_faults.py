@@ -235,8 +235,22 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_never_stops_the_pipeline(
     assert len(cases) >= 20
 
 
+def _health(port: int) -> int:
+    """The status /healthz answers (0 when it does not answer at all)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
 def test_broker_restart_mid_stream(local_kafka, topic_name: str, pg_database_url: str, tmp_path: Path) -> None:
-    # idle_close_s (5 s) is shorter than the outage (10 s): windows must not be closed on partial data meanwhile
+    # idle_close_s (5 s) is shorter than the outage (25 s): windows must not be closed on partial data meanwhile
     dep = deploy(tmp_path, bootstrap=local_kafka.bootstrap_servers, topic=topic_name, db_url=pg_database_url,
                  assets=4, rows_per_asset=2000, idle_close_s=5)
     half = len(dep.messages) // 2
@@ -244,16 +258,25 @@ def test_broker_restart_mid_stream(local_kafka, topic_name: str, pg_database_url
     dep.produce(rate_per_s=20_000).join()
     proc = dep.start_consumer()
     dep.wait_progress(timeout_s=60)
+    dep.wait_for_log(0, "health on /healthz", timeout_s=30)
+    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/", (dep.logs / "consumer-0.log").read_text())[1])
     local_kafka.stop_broker()
-    time.sleep(10)
+    down_at, health = time.monotonic(), []
+    while time.monotonic() - down_at < 25:  # polls only come back empty: a probe must tell /healthz
+        health.append(_health(port))
+        time.sleep(1)
     local_kafka.start_broker()
     dep.messages = rest
     dep.produce(rate_per_s=20_000).join()
     try:
         rows, _ = _check_exactly_once(dep, timeout_s=120)
         assert proc.poll() is None, f"the consumer died while the broker was down\n{dep.log_tail()}"
+        healthy_again = _health(port)
     finally:
         dep.stop_all()
+    assert health[-3:] == [503] * 3, health  # the outage shows until it ends, though polls only come back empty
+    assert healthy_again == 200
     skipped = dep.debug_state().split("\n")[0]
-    print(f"\nbroker restart: broker down 10s mid-stream (idle close after 5s); consumer reconnected; {rows} windows "
+    print(f"\nbroker restart: broker down 25s mid-stream (idle close after 5s), /healthz 503 after "
+          f"{health.index(503)}s ({health.count(503)} of {len(health)} probes); consumer reconnected; {rows} windows "
           f"== {len(dep.expected)} expected, 0 duplicates; {skipped[:60]}")
