@@ -9,8 +9,10 @@ an exception, ``exc`` (its traceback as one string).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Literal
 
 import orjson
@@ -46,6 +48,26 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class OncePerInterval(logging.Filter):
+    """Lets each message template of the loggers under ``prefix`` through once per ``interval_s``; other records
+    pass (kafka-python logs a connection error per retry and per node, about two a second through an outage; the
+    runner reports the outage itself)."""
+
+    def __init__(self, prefix: str, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._prefix, self._interval_s, self._clock = prefix, interval_s, clock
+        self._last: dict[tuple[str, object], float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == self._prefix or record.name.startswith(self._prefix + ".")):
+            return True
+        key, now = (record.name, record.msg), self._clock()
+        if now - self._last.get(key, -math.inf) < self._interval_s:
+            return False
+        self._last[key] = now
+        return True
+
+
 def resolve(fmt: str, *, is_terminal: bool) -> str:
     """The concrete format for ``fmt`` (``auto``: ``rich`` on a terminal, else ``plain``). ValueError if unknown."""
     if fmt not in FORMATS:
@@ -67,6 +89,7 @@ def configure(fmt: str, *, verbose: bool, console: Console) -> str:
         handler = logging.StreamHandler(console.file if console.file is not None else sys.stderr)
         handler.setFormatter(JsonFormatter() if chosen == "json" else PlainFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
-    logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported once per retry by the runner
+    handler.addFilter(OncePerInterval("kafka"))  # the library's errors once a minute each
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported by the runner
     logging.getLogger("alembic").setLevel(logging.WARNING)
     return chosen

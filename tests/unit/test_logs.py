@@ -65,3 +65,19 @@ def test_the_cli_logs_in_the_chosen_format(tmp_path) -> None:  # type: ignore[no
     bad = runner.invoke(app, ["models", "list", "-c", str(config)],
                         env={"SENSORWATCH_LOG_FORMAT": "xml", "COLUMNS": "200"})
     assert bad.exit_code == 2 and "log format must be one of" in bad.output
+
+
+def test_kafka_library_errors_pass_once_a_minute_per_message() -> None:
+    """kafka-python logged ~2 connection errors a second per process through a broker outage (scale-out trial)."""
+    now = [0.0]
+    gate = logs.OncePerInterval("kafka", clock=lambda: now[0])
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("node-1",), None)
+
+    passed = [gate.filter(record("kafka.conn", "Connection failed: %s")) for _ in range(50)]
+    assert passed == [True] + [False] * 49
+    assert gate.filter(record("kafka.client", "Metadata refresh failed: %s"))  # another message: its own count
+    assert all(gate.filter(record("pipeline.runner", "dependency unavailable (%s)")) for _ in range(5))  # not ours
+    now[0] = 61.0
+    assert gate.filter(record("kafka.conn", "Connection failed: %s"))
