@@ -558,9 +558,9 @@ class RetentionConfig(_Strict):
     ``scores_days`` must exceed ``retrain.lookback_days`` (the retrain leaves out the windows its lookback scored
     anomalous), and ``alerts_days`` must be at least ``scores_days`` (the alerts over stored windows are read with
     them). Model bundles: per group, the active model's, the newest ``model_bundles`` retired versions' (what
-    ``models activate`` rolls back to) and the newest ``model_bundles`` rejected, failed or undecided candidates'
-    (``train --no-activate``; a day old) are kept;
-    older ones are deleted from ``model_dir`` and their registry rows marked (None: every bundle is kept)."""
+    ``models activate`` rolls back to), the newest ``model_bundles`` rejected or failed candidates' and the newest
+    ``model_bundles`` undecided ones' (``train --no-activate``; a day old) are kept; older ones are deleted from
+    ``model_dir`` and their registry rows marked (None: every bundle is kept)."""
 
     enabled: bool = True
     scores_days: PositiveFloat = 90.0

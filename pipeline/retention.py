@@ -9,11 +9,12 @@ batch. Each asset keeps what a restarted pipeline rebuilds its state from (``Pru
 longer than the retention comes back with its state. Resolved alerts go by their closing time; open alerts never.
 A prune that stops half way (a crash, a database error) has deleted only whole batches and can simply run again.
 
-Model bundles (``retention.model_bundles``): per group, all but the N retired versions active most recently and all
-but the newest N rejected, failed or undecided candidates (a day old: a retrain in progress is younger) lose their
-bundle directory (``prune_bundles``); the registry row stays, marked, as the version's history. A bundle is deleted
-only when its ``metadata.json`` names that version, only its own files go, and the row is marked (committed) before
-the files go, so a version being activated at the same moment keeps its bundle (``repo.mark_bundle_deleted``).
+Model bundles (``retention.model_bundles``): per group, all but the N retired versions active most recently, all but
+the newest N rejected or failed candidates and all but the newest N undecided ones (a day old: a retrain in progress
+is younger) lose their bundle directory (``prune_bundles``); the registry row stays, marked, as the version's
+history. A bundle is deleted only when its ``metadata.json`` names that version, only its own files go, and the row is
+marked (committed) before the files go, so a version being activated at the same moment keeps its bundle
+(``repo.mark_bundle_deleted``).
 """
 
 from __future__ import annotations
@@ -189,8 +190,8 @@ def prune_bundles(sessions: sessionmaker[Session], model_dir: Path, *, keep: int
     if not dry_run:
         _delete_stale_staging(Path(model_dir), stamp)
     if deleted:
-        log.info("retention: %s %d model bundle(s) (keeping %d retired and %d rejected or undecided per group)",
-                 "would delete" if dry_run else "deleted", deleted, keep, keep)
+        log.info("retention: %s %d model bundle(s) (keeping %d of each kind per group: retired, rejected, "
+                 "undecided)", "would delete" if dry_run else "deleted", deleted, keep)
     return deleted
 
 

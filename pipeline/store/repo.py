@@ -330,11 +330,11 @@ def bundle_prune_candidates(*, session: Session, keep: int, now: datetime, group
                             ) -> list[ModelVersion]:
     """Versions whose bundles retention deletes, oldest first: per group, of the versions whose bundle is still
     there, all but the ``keep`` retired ones active most recently (the rollback targets: a version rolled back to
-    and retired again counts from then, not from its training) and all but the newest ``keep`` of the rest: the
-    rejected and failed candidates (kept to look into) and the candidates older than ``CANDIDATE_GRACE`` before
-    ``now`` (``train --no-activate`` models awaiting an operator, or a retrain that died before deciding). Active
-    versions and younger candidates (a retrain in progress) are never listed. ``groups``: only these (None: all).
-    Reads only the columns it needs."""
+    and retired again counts from then, not from its training), all but the newest ``keep`` rejected or failed
+    candidates (kept to look into) and all but the newest ``keep`` candidates older than ``CANDIDATE_GRACE`` before
+    ``now`` (``train --no-activate`` models awaiting an operator, or a retrain that died before deciding: counted
+    apart, so nightly rejections never push out an operator's). Active versions and younger candidates (a retrain in
+    progress) are never listed. ``groups``: only these (None: all). Reads only the columns it needs."""
     query = (select(ModelVersion)
              .options(load_only(ModelVersion.id, ModelVersion.version, ModelVersion.group_name, ModelVersion.status,
                                 ModelVersion.created_at, ModelVersion.activated_at, ModelVersion.artifact_path))
@@ -345,10 +345,10 @@ def bundle_prune_candidates(*, session: Session, keep: int, now: datetime, group
         query = query.where(ModelVersion.group_name.in_(groups))
     rows = list(session.scalars(query))
     rows.sort(key=lambda r: (r.activated_at or r.created_at, r.created_at, r.id), reverse=True)
-    seen: dict[tuple[str, bool], int] = {}
+    seen: dict[tuple[str, str], int] = {}
     doomed: list[ModelVersion] = []
     for row in rows:
-        key = (row.group_name, row.status == "retired")
+        key = (row.group_name, row.status if row.status in ("retired", "candidate") else "rejected")
         seen[key] = seen.get(key, 0) + 1
         if seen[key] > keep:
             doomed.append(row)

@@ -319,23 +319,25 @@ def test_old_model_bundles_go_and_their_rows_stay_marked(db_url: str, tmp_path: 
     engine.dispose()
 
 
-def test_undecided_candidates_a_day_old_rank_with_the_rejected_ones(db_url: str, tmp_path: Path) -> None:
+def test_undecided_candidates_a_day_old_are_kept_apart_from_the_rejected_ones(db_url: str, tmp_path: Path) -> None:
     """``train --no-activate`` candidates (and those of a retrain that died before deciding) are kept like rejected
-    ones, the newest ``keep`` per group, once a day old; a younger candidate (a retrain in progress) always stays."""
+    ones, the newest ``keep`` per group, once a day old, but counted apart: nightly rejections never push out an
+    operator's candidate. A younger candidate (a retrain in progress) always stays."""
     upgrade(db_url)
     model_dir = tmp_path / "models"
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
     now = ms_to_datetime(T0) + timedelta(days=30)
     with sessions.begin() as s:
-        _version(s, "old-rejected", "rejected", 0, model_dir)
         for i in range(3):
             _version(s, f"undecided-{i}", "candidate", 10 + i, model_dir)
+        for i in range(3):  # rejected after the operator's candidates were made
+            _version(s, f"rejected-{i}", "rejected", 20 + i, model_dir)
         _version(s, "running", "candidate", 0, model_dir, created_at=now - timedelta(hours=2))
     assert prune_bundles(sessions, model_dir, keep=2, now=now) == 2
     with sessions() as s:
         marked = {r.version for r in repo.bundle_deleted_versions(session=s, since=ms_to_datetime(0))}
-    assert marked == {"old-rejected", "undecided-0"}
+    assert marked == {"rejected-0", "undecided-0"}  # one of each kind: two of each stay
     assert (model_dir / "pumps" / "running" / "weights.pt").exists()
     assert (model_dir / "pumps" / "undecided-2" / "weights.pt").exists()
     assert not (model_dir / "pumps" / "undecided-0" / "weights.pt").exists()
