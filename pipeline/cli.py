@@ -60,18 +60,30 @@ class _TopicsBeingCreated(logging.Filter):
                     and record.args[0] in self.topics)
 
 
+_LOG_FORMAT = {"chosen": "rich"}  # what --log-format resolved to: fatal errors are written the same way
+
+
+def _report(label: str, message: str) -> None:
+    """A fatal error: rich text on a terminal; with plain or JSON logs, a log record like every other line (a log
+    shipper gets it whole, not wrapped at 80 columns)."""
+    if _LOG_FORMAT["chosen"] == "rich":
+        console.print(f"[red]{escape(label)}[/red]: {escape(message)}")
+    else:
+        logging.getLogger("pipeline.cli").error("%s: %s", label, message)
+
+
 def _load(path: Path) -> Config:
     try:
         return load_config(path)
     except ConfigError as exc:
-        console.print(f"[red]configuration error[/red] in {escape(str(path))}:\n{escape(str(exc))}")
+        _report(f"configuration error in {path}", str(exc))
         raise typer.Exit(2) from None
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    """Print ``exc`` as one line for a person (its message, not its Python class) and return the exit to raise."""
+    """Report ``exc`` as one line for a person (its message, not its Python class) and return the exit to raise."""
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc  # KeyError's str() quotes its message
-    console.print(f"[red]error[/red]: {escape(str(message))}")
+    _report("error", str(message))
     return typer.Exit(code)
 
 
@@ -132,7 +144,7 @@ def main(
 ) -> None:
     """Configure logging for every command."""
     try:
-        logs.configure(log_format, verbose=verbose, console=console)
+        _LOG_FORMAT["chosen"] = logs.configure(log_format, verbose=verbose, console=console)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-format (or SENSORWATCH_LOG_FORMAT)") from None
 

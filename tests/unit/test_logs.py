@@ -81,3 +81,17 @@ def test_kafka_library_errors_pass_once_a_minute_per_message() -> None:
     assert all(gate.filter(record("pipeline.runner", "dependency unavailable (%s)")) for _ in range(5))  # not ours
     now[0] = 61.0
     assert gate.filter(record("kafka.conn", "Connection failed: %s"))
+
+
+def test_fatal_errors_follow_the_log_format(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """They were rich text wrapped at 80 columns whatever the format: a log shipper got garbage on exactly that path."""
+    bad = tmp_path / "c.yaml"
+    bad.write_text("groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}]\n    window: {length: 1}\n")
+    result = CliRunner().invoke(app, ["--log-format", "json", "alerts", "list", "-c", str(bad)])
+    assert result.exit_code == 2
+    (doc,) = [json.loads(line) for line in result.output.splitlines() if line.strip()]
+    assert doc["level"] == "ERROR" and doc["message"].startswith(f"configuration error in {bad}: ")
+    assert "groups[0].window.length" in doc["message"]
+    missing = CliRunner().invoke(app, ["--log-format", "plain", "alerts", "ack", "-c", str(tmp_path / "none.yaml"),
+                                       "1", "--by", "x"])
+    assert missing.exit_code == 2 and " ERROR pipeline.cli: configuration error in " in missing.output
