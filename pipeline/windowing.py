@@ -82,6 +82,7 @@ class _AssetState:
     offsets: dict[tuple[int, int], int] = field(default_factory=dict)  # (slot, partition) -> smallest offset
     min_offsets: dict[int, int] | None = None  # partition -> smallest of ``offsets``, kept while nothing is dropped
     held: list[Reading] = field(default_factory=list)  # readings far ahead of max_slot, until the next one tells
+    fresh: bool = False  # no window of it closed yet (and not resumed): nothing it sends can be late
 
 
 @dataclass
@@ -171,7 +172,8 @@ class Windower:
                 if start is None:
                     first = slot - w.lateness  # earlier readings may still arrive within the lateness
                     start = math.ceil(first / w.stride) * w.stride
-                state = _AssetState(group, start, reading.partition, max_slot=start - 1 if resumed else _NEVER)
+                state = _AssetState(group, start, reading.partition, max_slot=start - 1 if resumed else _NEVER,
+                                    fresh=not resumed)
                 self._assets[reading.asset] = state
                 self._unsaved.add(reading.asset)
             reach = w.length + w.lateness  # a jump further than this would close a whole window at once
@@ -212,7 +214,7 @@ class Windower:
         it was never counted, even before a restart (it is counted as placed, not as rebuilt)."""
         group = state.group
         slot = round(reading.ts_ms / group.period_ms)
-        if slot < state.next_start - self._lookback[group.name]:
+        if slot < state.next_start - self._lookback[group.name] and not state.fresh:
             if reading.offset < self._replay_upto.get(reading.partition, -1):
                 out.replayed += 1  # processed before a restart: its windows are already stored
             else:
@@ -302,6 +304,7 @@ class Windower:
             if not (settled or w.lateness or state.next_start + w.length - 1 < watermark
                     or _complete(state.rows.get(watermark))):
                 break
+            state.fresh = False
             start = state.next_start
             first_data = min(state.rows) if state.rows else watermark
             if first_data >= start + w.length:

@@ -483,6 +483,18 @@ def test_a_clock_stuck_ahead_holds_a_bounded_number_of_readings() -> None:
     assert closed.jumped == stuck[:HELD_MAX] and w.held_keys() == set() and w.safe_offsets() == {}
 
 
+def test_a_new_asset_starting_between_window_starts_loses_nothing_as_late() -> None:
+    """Its first window starts at the next multiple of the stride: the readings before it were dead-lettered as late
+    ("window already closed") though no window had ever closed. They now just precede its first window (and fill
+    its gaps, within max_gap); once a window closed, late is late again."""
+    w = Windower([_group(length=4, stride=4, max_gap=0)])
+    out = w.add(_readings("a", range(5, 20)))  # windows start at multiples of 4: the first at 8
+    assert out.late == [] and out.placed == 15
+    assert [x.start_ms // 1000 for x in out.windows] == [8, 12, 16]
+    again = w.add(_readings("a", [5], offset0=100))  # before the first window, which has closed now: late
+    assert len(again.late) == 1
+
+
 def test_per_sensor_messages_close_a_window_once_its_last_step_is_whole() -> None:
     """One message per sensor: a window ending in a step closed at that step's first message, so its other sensors
     were forward-filled from the step before (or, with max_gap 0, every window was skipped). It now waits for the
