@@ -587,14 +587,15 @@ class RetrainConfig(_Strict):
     ``holdout_fraction`` and trains a candidate on the rest (starting from the active model's weights when
     ``warm_start``; ``epochs`` overrides the group's training epochs). Skipped when fewer than ``min_windows`` remain.
     The candidate is promoted only if its false-alarm rate on the held-out windows is at most the active model's plus
-    ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, and at most
-    ``max_anomalous_fraction`` of the recent windows were anomalous. About ``max_windows`` windows per group are held
-    in memory at most: when the lookback holds more, only every k-th block of consecutive windows of each asset is
-    kept (k doubling until they fit), plus every window near an alert; smoothed scores are computed per block
-    (``pipeline.thinning``). ``max_windows`` must leave room for twice ``min_windows`` after the holdout.
-    ``cron`` has five fields (or a macro such as
-    ``@daily``) read in ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed
-    runs are run once when ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
+    ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, it flags
+    synthetic faults (a 3-sigma step on one sensor of held-out windows) at most 10 points less often (not measured for
+    drift-following groups), and at most ``max_anomalous_fraction`` of the recent windows were anomalous. About
+    ``max_windows`` windows per group are held in memory at most: when the lookback holds more, only every k-th block
+    of consecutive windows of each asset is kept (k doubling until they fit), plus every window near an alert;
+    smoothed scores are computed per block (``pipeline.thinning``). ``max_windows`` must leave room for twice
+    ``min_windows`` after the holdout. ``cron`` has five fields (or a macro such as ``@daily``) read in
+    ``timezone``; a run missed by more than ``misfire_grace_time_s`` is dropped, several missed runs are run once when
+    ``coalesce``. A retrain holds a per-group database lock that expires after ``lock_ttl_s``.
     Running pipelines check for a newly active model every ``reload_interval_s``.
     """
 

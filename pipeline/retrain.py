@@ -153,6 +153,47 @@ def split_windows(windows: Sequence[Window], *, alerts: Sequence[Span], flagged:
     return WindowSplit(train, holdout, alert_windows, len(sample), near, flagged_count, anomalous, ordered)
 
 
+FAULT_SIGMAS = 3.0  # the synthetic faults: one sensor stepped by this many of its standard deviations
+FAULT_COUNT = 200  # held-out windows they are made from (at most)
+SENSITIVITY_SLACK = 0.1  # the candidate may flag this much less of them than the active model (sampling noise)
+
+
+@dataclass(frozen=True)
+class SyntheticFaults:
+    """Held-out normal windows (``clean``, ``[N, W, F]``) and the same windows with a fault each (``faulty``)."""
+
+    clean: np.ndarray
+    faulty: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.faulty)
+
+
+def synthetic_faults(windows: Sequence[Window], *, sigmas: float = FAULT_SIGMAS, count: int = FAULT_COUNT,
+                     seed: int = 0) -> SyntheticFaults:
+    """Up to ``count`` held-out normal windows, and copies of them each with one sensor (taken in turn, alternately
+    up and down) stepped by ``sigmas`` of its standard deviation over the windows, over the window's second half: a
+    fault any model worth promoting flags. The same faults judge the candidate and the active model, whatever their
+    scalers, so a candidate whose threshold went slack cannot pass for lack of alert windows. Empty when there are no
+    windows or no sensor moved."""
+    if not windows:
+        return SyntheticFaults(np.empty((0, 0, 0)), np.empty((0, 0, 0)))
+    values = np.stack([w.values for w in windows])
+    std = values.reshape(-1, values.shape[2]).astype(np.float64).std(axis=0)
+    moving = np.flatnonzero(std > 0)
+    if not len(moving):
+        empty = np.empty((0, *values.shape[1:]), dtype=values.dtype)
+        return SyntheticFaults(empty, empty)
+    rng = np.random.default_rng(seed)
+    clean = values[rng.choice(len(values), size=min(count, len(values)), replace=False)]
+    faulty = clean.astype(np.float64)
+    half = values.shape[1] // 2
+    for i in range(len(faulty)):
+        sensor = moving[i % len(moving)]
+        faulty[i, half:, sensor] += (1 if i % 2 == 0 else -1) * sigmas * std[sensor]
+    return SyntheticFaults(clean, faulty.astype(values.dtype))
+
+
 def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
     """Fraction of ``scores`` above ``threshold`` (how the pipeline flags a window); None when there are none."""
     return float(np.mean(scores > threshold)) if len(scores) else None
@@ -170,6 +211,7 @@ class ModelEval:
     recall: float | None
     p99_ratio: float | None = None
     score_steps: int | None = None  # the steps of each window its score covers (None: all)
+    sensitivity: float | None = None  # share of ``synthetic_faults`` it flags (None: none could be made)
 
 
 @dataclass(frozen=True)
@@ -195,8 +237,9 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
     Rejected when more than ``max_anomalous_fraction`` of the recent windows were anomalous (the rest is likely
     contaminated by the faults), when there were no held-out windows to measure, when its false-alarm rate exceeds the
-    active model's by more than ``tolerance``, or when it flags fewer alert windows than the active model by more than
-    ``tolerance``. Without an active model only the first two checks apply. Rates compare each model with its own
+    active model's by more than ``tolerance``, when it flags fewer alert windows than the active model by more than
+    ``tolerance``, or fewer ``synthetic_faults`` by more than ``SENSITIVITY_SLACK`` (or ``tolerance``, if larger).
+    Without an active model only the first two checks apply. Rates compare each model with its own
     threshold. Recall is not compared when the two score different steps of a window (``model.score_steps``
     changed): the active model's alert windows then include the lag after each fault that the change removes.
     """
@@ -210,6 +253,10 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
             and candidate.far > active.far + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the active model's "
                         f"{_pct(active.far)} by more than {_pct(tolerance)}")
+    if active is not None and candidate.sensitivity is not None and active.sensitivity is not None \
+            and candidate.sensitivity < active.sensitivity - max(tolerance, SENSITIVITY_SLACK):
+        problems.append(f"flags {_pct(candidate.sensitivity)} of synthetic faults (a {FAULT_SIGMAS:g}-sigma step on "
+                        f"one sensor), the active model {_pct(active.sensitivity)}: less sensitive")
     comparable = active is not None and active.score_steps == candidate.score_steps
     if active is not None and comparable and candidate.recall is not None and active.recall is not None \
             and candidate.recall < active.recall - tolerance:
@@ -220,6 +267,8 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     if active is None:
         return GateDecision(True, (f"no active model; false-alarm rate {_pct(candidate.far)}",))
     summary = f"false-alarm rate {_pct(candidate.far)} vs active {_pct(active.far)}"
+    if candidate.sensitivity is not None:
+        summary += f", synthetic faults flagged {_pct(candidate.sensitivity)} vs {_pct(active.sensitivity)}"
     if candidate.recall is not None:
         summary += f", alert-window recall {_pct(candidate.recall)} vs {_pct(active.recall)}"
         if not comparable:
@@ -230,14 +279,17 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
 def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Sequence[Window],
              context: Sequence[Window] = (), thinning: Thinning | None = None,
-             levels: Mapping[tuple[str, int], float] | None = None) -> ModelEval:
+             levels: Mapping[tuple[str, int], float] | None = None,
+             faults: SyntheticFaults | None = None) -> ModelEval:
     """``detector`` on the held-out normal windows and the alert windows. A detector that smooths its scores is
     run over all of ``context`` (every recent window, time-ordered per asset), as the pipeline would have, and the
     two subsets are judged on those smoothed levels; without a context each subset is smoothed on its own.
     ``thinning``: how the windows were thinned and smoothed (``Thinning.streams``); the false-alarm rate counts the
     held-out windows whose smoothed level has settled in the context, the same windows for every detector.
     ``levels``: the detector's levels by ``(asset, window end ms)`` when they were computed already: its scores
-    (smoothed over ``context`` when it smooths), or for a drift-following group ``drift_levels``."""
+    (smoothed over ``context`` when it smooths), or for a drift-following group ``drift_levels``. ``faults``:
+    ``synthetic_faults``: its sensitivity is the share of them it flags, of those whose clean window it does not
+    flag (a model that flags everything is not sensitive, only noisy)."""
     thin = thinning or Thinning.unthinned()
     basis = list(context) or list(holdout)
     _, settled = thin.streams(basis)
@@ -251,8 +303,12 @@ def evaluate(detector: Detector, holdout: Sequence[Window], alert_windows: Seque
     else:
         held, alerted = _scores(detector, holdout, thin), _scores(detector, alert_windows, thin)
     p99 = float(np.percentile(held, 99) / detector.threshold) if len(held) and detector.threshold > 0 else None
+    sensitivity = None
+    if faults is not None and len(faults):
+        quiet = detector.score(faults.clean)[0] <= detector.threshold
+        sensitivity = exceed_rate(detector.score(faults.faulty[quiet])[0], detector.threshold) if quiet.any() else None
     return ModelEval(detector.version, detector.threshold, exceed_rate(held, detector.threshold),
-                     exceed_rate(alerted, detector.threshold), p99, detector.score_steps)
+                     exceed_rate(alerted, detector.threshold), p99, detector.score_steps, sensitivity)
 
 
 def drift_levels(detector: Detector, group: GroupConfig, windows: Sequence[Window], thinning: Thinning
@@ -617,13 +673,15 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
         repo.update_retrain_run(session=session, run_id=run_id, candidate_version=candidate.version)
     progress.candidate_version = candidate.version
 
+    # a drift-following group's levels carry offsets the synthetic faults do not: not measured there
+    faults = synthetic_faults(split.holdout) if group.drift_weight is None else None
     cand_eval = evaluate(candidate, split.holdout, split.alert_windows, split.windows, thinning,
-                         drift_levels(candidate, group, split.windows, thinning))
+                         drift_levels(candidate, group, split.windows, thinning), faults)
     active_eval = None
     if active is not None:
         followed = drift_levels(active, group, split.windows, thinning)
         active_eval = evaluate(active, split.holdout, split.alert_windows, split.windows, thinning,
-                               followed if followed is not None else active_levels)
+                               followed if followed is not None else active_levels, faults)
         if followed is not None:  # how much drift its offsets carry: its bare levels, as a report figure
             m.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, active_levels).far)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
@@ -636,7 +694,9 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
              p99_ratio_candidate=cand_eval.p99_ratio, threshold_active=active_eval.threshold if active_eval else None,
              far_active=active_eval.far if active_eval else None,
              recall_active=active_eval.recall if active_eval else None,
-             p99_ratio_active=active_eval.p99_ratio if active_eval else None, tolerance=rc.tolerance)
+             p99_ratio_active=active_eval.p99_ratio if active_eval else None, tolerance=rc.tolerance,
+             sensitivity_candidate=cand_eval.sensitivity,
+             sensitivity_active=active_eval.sensitivity if active_eval else None)
     with sessions.begin() as session:
         # fencing: still holding the lock (renewed here, in the promoting transaction), and nobody else promoted
         held = repo.renew_retrain_lock(session=session, group=group.name, holder=holder, now=clock(),

@@ -124,6 +124,57 @@ def test_gate_does_not_compare_recall_across_a_score_steps_change() -> None:
     assert not gate(same, active, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02).promote
 
 
+def test_gate_rejects_a_candidate_that_flags_fewer_synthetic_faults() -> None:
+    """Without recent alerts, recall on alert windows cannot be compared: a candidate whose threshold went slack (a
+    re-trial promoted one 9x less sensitive) is caught by the synthetic faults instead, beyond sampling noise."""
+    from dataclasses import replace
+
+    active = replace(_eval(0.0, None, "a"), sensitivity=0.92)
+    slack = replace(_eval(0.0, None), sensitivity=0.15)
+    decision = gate(slack, active, anomalous_fraction=0.0, max_anomalous_fraction=0.5, tolerance=0.02)
+    assert not decision.promote
+    assert "flags 15.00% of synthetic faults (a 3-sigma step on one sensor), the active model 92.00%" in decision.reason
+    close = replace(slack, sensitivity=0.85)  # within SENSITIVITY_SLACK: noise, not a slacker model
+    decision = gate(close, active, anomalous_fraction=0.0, max_anomalous_fraction=0.5, tolerance=0.02)
+    assert decision.promote and "synthetic faults flagged 85.00% vs 92.00%" in decision.reason
+
+
+def test_synthetic_faults_step_one_moving_sensor_over_the_second_half() -> None:
+    from pipeline.retrain import synthetic_faults
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 2.0, (50, 8, 1)), np.full((50, 8, 1), 5.0)], axis=2)  # sensor 1 constant
+    windows = [Window("a", "g", i * 1000, i * 1000 + 8000, values[i]) for i in range(50)]
+    faults = synthetic_faults(windows, count=20)
+    assert faults.faulty.shape == faults.clean.shape == (20, 8, 2) and faults.faulty.dtype == values.dtype
+    assert all(any(np.array_equal(c, v) for v in values) for c in faults.clean)  # held-out windows as they were
+    std = values[:, :, 0].std()
+    step = faults.faulty - faults.clean
+    assert np.allclose(step[:, :4], 0) and np.allclose(step[:, :, 1], 0)  # first half and constant sensor untouched
+    assert np.allclose(step[:, 4:, 0], np.array([3 * std if i % 2 == 0 else -3 * std for i in range(20)])[:, None])
+    assert len(synthetic_faults([])) == 0
+    assert len(synthetic_faults([Window("a", "g", 0, 8000, np.ones((8, 2)))])) == 0
+
+
+def test_a_slack_threshold_shows_as_lower_sensitivity(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from pipeline.retrain import evaluate, synthetic_faults
+
+    group = _config().groups[0]
+    rng = np.random.default_rng(1)
+    t = np.arange(4)[None, :] + np.arange(200)[:, None]
+    series = np.stack([np.sin(t * 0.3), np.cos(t * 0.3)], axis=2) + rng.normal(0, 0.05, (200, 4, 2))
+    windows = [Window("a", "g", i * 1000, i * 1000 + 4000, series[i]) for i in range(200)]
+    detector = train_group(windows[:150], group, progress=False).detector
+    faults = synthetic_faults(windows[150:])
+    sharp = evaluate(detector, windows[150:], [], faults=faults)
+    slack = evaluate(replace(detector, threshold=detector.threshold * 9), windows[150:], [], faults=faults)
+    assert sharp.sensitivity is not None and slack.sensitivity is not None
+    assert sharp.sensitivity >= slack.sensitivity + 0.3, (sharp.sensitivity, slack.sensitivity)
+    assert not gate(slack, sharp, anomalous_fraction=0.0, max_anomalous_fraction=0.5, tolerance=0.02).promote
+
+
 def test_gate_without_an_active_model_checks_only_the_data() -> None:
     assert gate(_eval(0.3), None, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.0).promote
     assert not gate(_eval(0.0), None, anomalous_fraction=0.9, max_anomalous_fraction=0.5, tolerance=0.0).promote
