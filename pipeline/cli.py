@@ -60,13 +60,10 @@ class _TopicsBeingCreated(logging.Filter):
                     and record.args[0] in self.topics)
 
 
-_LOG_FORMAT = {"chosen": "rich"}  # what --log-format resolved to: fatal errors are written the same way
-
-
 def _report(label: str, message: str) -> None:
     """A fatal error: rich text on a terminal; with plain or JSON logs, a log record like every other line (a log
     shipper gets it whole, not wrapped at 80 columns)."""
-    if _LOG_FORMAT["chosen"] == "rich":
+    if logs.configured_format() == "rich":
         console.print(f"[red]{escape(label)}[/red]: {escape(message)}")
     else:
         logging.getLogger("pipeline.cli").error("%s: %s", label, message)
@@ -144,7 +141,7 @@ def main(
 ) -> None:
     """Configure logging for every command."""
     try:
-        _LOG_FORMAT["chosen"] = logs.configure(log_format, verbose=verbose, console=console)
+        logs.configure(log_format, verbose=verbose, console=console)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-format (or SENSORWATCH_LOG_FORMAT)") from None
 

@@ -457,7 +457,8 @@ class KafkaSinkConfig(_OutboxSink):
     timeout_s: PositiveFloat = 10.0
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_CHARS = r"\x00-\x1f\x7f"  # no name, URL or header value holds one (a secret file's newline, a terminal escape)
+_CONTROL = re.compile(f"[{_CONTROL_CHARS}]")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
 
 
@@ -645,7 +646,7 @@ class DriftConfig(_Strict):
     max_offset: PositiveFloat | None = None
 
 
-AssetName = Annotated[str, Field(min_length=1, max_length=120, pattern=r"^[^\x00-\x1f\x7f]+$")]  # the tables' width
+AssetName = Annotated[str, Field(min_length=1, max_length=120, pattern=f"^[^{_CONTROL_CHARS}]+$")]  # tables' width
 
 
 class GroupConfig(_Strict):

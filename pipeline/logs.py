@@ -13,14 +13,13 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import orjson
 from rich.console import Console
 from rich.logging import RichHandler
 
-LogFormat = Literal["auto", "rich", "plain", "json"]
 FORMATS: tuple[str, ...] = ("auto", "rich", "plain", "json")
+_configured = {"format": "rich"}  # what the last ``configure`` chose
 
 
 def _utc_stamp(created: float) -> str:
@@ -92,4 +91,10 @@ def configure(fmt: str, *, verbose: bool, console: Console) -> str:
     handler.addFilter(OncePerInterval("kafka"))  # the library's errors once a minute each
     logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported by the runner
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    _configured["format"] = chosen
     return chosen
+
+
+def configured_format() -> str:
+    """The format the last ``configure`` chose (``rich`` before any): fatal errors are written the same way."""
+    return _configured["format"]

@@ -60,13 +60,13 @@ class PipelineMetrics:
     def set_degraded(self, degraded: bool) -> None:
         """Mark the database or broker as failing (True) or answering again (False): a step that raised."""
         self._degraded = degraded
-        self.dependency_down.set(1 if degraded or self._broker_silent else 0)
+        self.dependency_down.set(int(self._degraded or self._broker_silent))
 
     def set_broker_silent(self, silent: bool) -> None:
         """Mark the broker as not answering a probe (True) or answering again (False): polls do not raise while no
         broker answers, they only come back empty."""
         self._broker_silent = silent
-        self.dependency_down.set(1 if silent or self._degraded else 0)
+        self.dependency_down.set(int(self._degraded or self._broker_silent))
 
     def beat(self) -> None:
         """Record that the consume loop completed an iteration."""

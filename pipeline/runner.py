@@ -110,9 +110,8 @@ class Runner:
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
         self._reported = set(reported)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
-        self._broker_silent = False  # the last end-offset query for idle close got no answer
-        self._heard_at = time.monotonic()  # the last time a poll brought records or a probe was answered
-        self._broker_down = False  # a probe after polls came back empty got no answer (/healthz: 503)
+        self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
+        self._broker_down = False  # the broker did not answer a probe or an idle-close query (/healthz: 503)
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
@@ -466,28 +465,38 @@ class Runner:
             # The group rebalanced under us; the new owner resumes from the stored progress.
             log.warning("offset commit refused after a rebalance: %s", exc)
 
-    def _watch_broker(self, consumer: KafkaConsumer, got_records: bool) -> None:
-        """After ``BROKER_PROBE_S`` of empty polls, ask the broker whether it still answers (a poll does not raise
-        while none does); /healthz and ``sensorwatch_dependency_down`` report an outage until records or an answer
-        come again. One probe per ``BROKER_PROBE_S`` at most, each waiting at most ``BROKER_PROBE_TIMEOUT_MS``."""
-        now = time.monotonic()
+    def _watch_broker(self, consumer: KafkaConsumer, got_records: bool, now_ms: int) -> None:
+        """After ``BROKER_PROBE_S`` without news of the broker (empty polls; an idle-close query counts as news), ask
+        it whether it still answers: a poll does not raise while none does. One probe per ``BROKER_PROBE_S`` at most,
+        each waiting at most ``BROKER_PROBE_TIMEOUT_MS``."""
         if got_records:
-            self._heard_at = now
-            answered: bool | None = True
-        elif now - self._heard_at < BROKER_PROBE_S:
-            return
-        else:
-            self._heard_at = now
+            self._heard_from_broker(True, now_ms)
+        elif time.monotonic() - self._heard_at >= BROKER_PROBE_S:
             answered = kafka_io.broker_answers(consumer, BROKER_PROBE_TIMEOUT_MS)
-        if answered is False and not self._broker_down:
-            self._broker_down = True
-            self.metrics.set_broker_silent(True)
-            log.warning("no Kafka broker answers (polls come back empty and an end-offsets query timed out): "
-                        "/healthz reports 503 until one does")
-        elif answered and self._broker_down:
-            self._broker_down = False
-            self.metrics.set_broker_silent(False)
-            log.info("a Kafka broker answers again")
+            if answered is None:  # no partition to ask about: nothing to tell
+                self._heard_at = time.monotonic()
+            else:
+                self._heard_from_broker(answered, now_ms)
+
+    def _heard_from_broker(self, answered: bool, now_ms: int) -> bool:
+        """Record whether the broker answered (records, a probe or an idle-close query). While it does not, /healthz
+        and ``sensorwatch_dependency_down`` report the outage; when it answers again, silent assets' idleness counts
+        anew from ``now_ms`` (devices could not publish either), and this returns True."""
+        self._heard_at = time.monotonic()
+        if not answered:
+            if not self._broker_down:
+                self._broker_down = True
+                self.metrics.set_broker_silent(True)
+                log.warning("no Kafka broker answers: /healthz reports 503, and silent assets' windows stay open, "
+                            "until one does")
+            return False
+        if not self._broker_down:
+            return False
+        self._broker_down = False
+        self.metrics.set_broker_silent(False)
+        self._windower.restart_idle_clocks(now_ms)
+        log.info("a Kafka broker answers again")
+        return True
 
     def _idle_partitions(self, consumer: KafkaConsumer, now_ms: int) -> set[int]:
         """Partitions whose silent assets' windows may close now: read to the end, asked of the broker (not during
@@ -497,14 +506,7 @@ class Runner:
         if not idle:
             return set()
         done = kafka_io.caught_up(consumer, idle)
-        if done is None:
-            if not self._broker_silent:
-                log.info("the broker does not answer: silent assets' windows stay open until it does")
-            self._broker_silent = True
-            return set()
-        if self._broker_silent:
-            self._broker_silent = False
-            self._windower.restart_idle_clocks(now_ms)
+        if self._heard_from_broker(done is not None, now_ms) or done is None:
             return set()
         return done
 
@@ -516,9 +518,9 @@ class Runner:
         last_lag = 0.0
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
-            self._watch_broker(consumer, bool(records))
-            self.metrics.beat()
             now_ms = round(clock() * 1000)
+            self._watch_broker(consumer, bool(records), now_ms)
+            self.metrics.beat()
             offsets = self.process(records, now_ms, self._idle_partitions(consumer, now_ms))
             if offsets:
                 self._retry(lambda o=offsets: self._commit(consumer, o))
