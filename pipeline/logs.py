@@ -47,6 +47,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+class ConsoleLineHandler(logging.Handler):
+    """Writes each formatted record through a terminal ``console`` as it is (no markup, wrapping or highlighting), so
+    a progress bar on screen stays below the log lines instead of being torn by them."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.out(self.format(record), highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
 class OncePerInterval(logging.Filter):
     """Lets each message template of the loggers under ``prefix`` through once per ``interval_s``; other records
     pass (kafka-python logs a connection error per retry and per node, about two a second through an outage; the
@@ -84,8 +99,9 @@ def configure(fmt: str, *, verbose: bool, console: Console) -> str:
     if chosen == "rich":
         handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(console.file if console.file is not None else sys.stderr)
+    else:  # plain or JSON; on a terminal through the console, around progress bars rather than through them
+        handler = ConsoleLineHandler(console) if console.is_terminal else logging.StreamHandler(
+            console.file if console.file is not None else sys.stderr)
         handler.setFormatter(JsonFormatter() if chosen == "json" else PlainFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     handler.addFilter(OncePerInterval("kafka"))  # the library's errors once a minute each

@@ -95,3 +95,36 @@ def test_fatal_errors_follow_the_log_format(tmp_path) -> None:  # type: ignore[n
     missing = CliRunner().invoke(app, ["--log-format", "plain", "alerts", "ack", "-c", str(tmp_path / "none.yaml"),
                                        "1", "--by", "x"])
     assert missing.exit_code == 2 and " ERROR pipeline.cli: configuration error in " in missing.output
+
+
+@pytest.mark.parametrize("fmt", ["plain", "json"])
+def test_plain_and_json_on_a_terminal_go_around_a_progress_bar_whole(fmt: str) -> None:
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=40, color_system=None)
+    try:
+        assert logs.configure(fmt, verbose=False, console=console) == fmt
+        long = "y" * 120
+        with Progress(console=console, auto_refresh=False) as bar:
+            task = bar.add_task("training", total=2)
+            bar.advance(task)
+            bar.refresh()
+            logging.getLogger("pipeline.test").warning("asset %s: %s", "pump-1", long)
+            bar.advance(task)
+    finally:
+        logs.configure("plain", verbose=False, console=Console(file=io.StringIO()))
+    text = out.getvalue()
+    # the record is one unbroken line (not wrapped at the console's 40 columns), written above the bar's redraw
+    lines = [ln for ln in text.replace("\r", "\n").split("\n") if long in ln]
+    assert len(lines) == 1, text
+    line = lines[0]
+    assert "training" not in line and "%" not in line  # not appended to the bar's line
+    if fmt == "json":
+        assert json.loads(line[line.index("{"):])["message"] == f"asset pump-1: {long}"
+    else:
+        assert line.endswith(f"WARNING pipeline.test: asset pump-1: {long}")
+    assert "training" in text
