@@ -179,6 +179,17 @@ class _Pending:
     evidence: _Evidence
 
 
+def _listed_sums(record: AlertRecord, sensors: Sequence[str]) -> dict[str, float]:
+    """The listed sensors' errors of a record without ``error_sums``, plus the unlisted sensors' remainder."""
+    sums = {str(e["sensor"]): float(e["error"]) for e in record.top_sensors}
+    largest = max(record.top_sensors, key=lambda e: float(e["share"]), default=None)
+    if largest is not None and float(largest["share"]) > 0 and not set(sensors) <= set(sums):
+        rest = float(largest["error"]) / float(largest["share"]) - sum(sums.values())
+        if rest > 0:
+            sums[_REST] = rest
+    return sums
+
+
 @dataclass
 class _Open:
     record: AlertRecord
@@ -189,14 +200,11 @@ class _Open:
 
     @classmethod
     def restore(cls, record: AlertRecord, rule: AlertConfig, sensors: Sequence[str]) -> _Open:
-        """From a stored record: the listed sensors' errors, plus (when the group has sensors beyond the list) their
-        remainder, estimated from the largest listed share, so shares stay right after a restart."""
-        sums = {str(e["sensor"]): float(e["error"]) for e in record.top_sensors}
-        largest = max(record.top_sensors, key=lambda e: float(e["share"]), default=None)
-        if largest is not None and float(largest["share"]) > 0 and not set(sensors) <= set(sums):
-            rest = float(largest["error"]) / float(largest["share"]) - sum(sums.values())
-            if rest > 0:
-                sums[_REST] = rest
+        """From a stored record: its every sensor's error sums, so the ranking goes on as if there had been no
+        restart. A record stored before those were kept gives the listed sensors' (rounded) errors, plus (when the
+        group has sensors beyond the list) their remainder, estimated from the largest listed share, so shares stay
+        right; a sensor beyond the list can then never enter it."""
+        sums = dict(record.error_sums) if record.error_sums is not None else _listed_sums(record, sensors)
         names = [t.name for t in rule.tiers]
         if record.severity in names:
             # the ratio only decides the rank, and the largest per-window ratio is not stored (peak / the opening
@@ -430,7 +438,7 @@ class AlertEngine:
             asset=score.asset, group=score.group, opened_ms=evidence.first_start_ms, last_seen_ms=score.end_ms,
             closed_ms=None, peak_score=evidence.peak, threshold=score.threshold, severity=cfg.tiers[rank].name,
             status="open", window_count=evidence.count, top_sensors=top_sensors(evidence.sums, cfg.top_sensors),
-            model_version=score.model_version,
+            model_version=score.model_version, error_sums=dict(evidence.sums),
         )
         state.current = _Open(record, dict(evidence.sums), evidence.ratio, rank)
         state.pending = None
@@ -453,6 +461,7 @@ class AlertEngine:
                 previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.level),
                 window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
+                error_sums=dict(current.error_sums),
                 group=score.group,  # the asset's group now (renamed, or the asset moved, while the alert was open)
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)

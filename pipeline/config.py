@@ -371,7 +371,8 @@ class AftermathConfig(_Strict):
     (level / threshold) of the asset's incident windows so far, each halving every ``half_life_s`` of event time.
     Windows count from their incident's opening on; a lone spike that opens no incident raises nothing. Ratios count
     up to ``top / relative`` (top: the highest severity tier's multiple), so the bar is at most ``top``, a level above
-    it always counts, and a level L is held back for at most ``half_life_s`` x log2(top / L) after the peak."""
+    it always counts, and a level L is held back for at most ``half_life_s`` x log2(top / L) after the incident's last
+    window."""
 
     relative: Annotated[float, Field(gt=0, lt=1)] = 0.3
     half_life_s: PositiveFloat = 21600.0

@@ -138,6 +138,9 @@ class AlertRecord:
     window_count: int
     top_sensors: list[dict[str, float | str]]
     model_version: str
+    # every sensor's error summed over the incident's windows, unrounded: a restart resumes the ranking from these
+    # (None for alerts stored before they were kept, whose ranking resumes from the listed sensors)
+    error_sums: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ def _alert_row(alert: AlertRecord, now: datetime) -> dict[str, Any]:
         "closed_at": ms_to_datetime(alert.closed_ms) if alert.closed_ms is not None else None,
         "peak_score": alert.peak_score, "threshold": alert.threshold, "severity": alert.severity,
         "status": alert.status, "window_count": alert.window_count, "top_sensors": alert.top_sensors,
-        "model_version": alert.model_version, "updated_at": now,
+        "sensor_error_sums": alert.error_sums, "model_version": alert.model_version, "updated_at": now,
     }
 
 
@@ -93,7 +93,7 @@ def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datet
     latest = {(a.asset, a.opened_ms): a for a in alerts}  # one row per incident per statement
     stmt = _insert(session, Alert)
     mutable = ("group_name", "last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status",
-               "window_count", "top_sensors", "model_version", "updated_at")
+               "window_count", "top_sensors", "sensor_error_sums", "model_version", "updated_at")
     stmt = stmt.on_conflict_do_update(
         index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable},
         where=Alert.status == "open",
@@ -437,6 +437,8 @@ def alert_record(row: Alert) -> AlertRecord:
         closed_ms=datetime_to_ms(row.closed_at) if row.closed_at else None, peak_score=row.peak_score,
         threshold=row.threshold, severity=row.severity, status=row.status, window_count=row.window_count,
         top_sensors=list(row.top_sensors), model_version=row.model_version,
+        error_sums=None if row.sensor_error_sums is None else {
+            str(k): float(v) for k, v in row.sensor_error_sums.items()},
     )
 
 

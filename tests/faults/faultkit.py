@@ -191,15 +191,16 @@ class Deployment:
         return breaks
 
     def judged_breaks(self) -> tuple[list[str], int]:
-        """Windows whose stored aftermath floor or anomaly flag, and alerts whose stored state, differ from what one
+        """Windows whose stored aftermath floor or anomaly flag, and alerts whose stored state (times, windows,
+        severity, peak, top sensors and every sensor's unrounded error sum), differ from what one
         unbroken alert engine decides from the same stored scores in window order (no restarts, no batches); and how
         many stored windows have a floor (so the check is not vacuous)."""
         engine = make_engine(self.config.database.url)
         try:
             with make_sessionmaker(engine)() as s:
                 rows = list(s.scalars(select(WindowScore).order_by(WindowScore.asset, WindowScore.window_end)))
-                alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count)
-                                for a in s.scalars(select(Alert)))
+                alerts = sorted((a.asset, a.opened_at, a.last_seen_at, a.closed_at, a.window_count, a.severity,
+                                 a.peak_score, a.top_sensors, a.sensor_error_sums) for a in s.scalars(select(Alert)))
         finally:
             engine.dispose()
         scores = [replace(repo.score_of(r), aftermath_floor=None) for r in rows]  # as scored, before judging
@@ -209,8 +210,8 @@ class Deployment:
                   if (r.aftermath_floor, r.is_anomaly) != (j.aftermath_floor, j.is_anomaly)]
         final = {(e.alert.asset, e.alert.opened_ms): e.alert for e in events}
         expected = sorted((a.asset, ms_to_datetime(a.opened_ms), ms_to_datetime(a.last_seen_ms),
-                           None if a.closed_ms is None else ms_to_datetime(a.closed_ms), a.window_count)
-                          for a in final.values())
+                           None if a.closed_ms is None else ms_to_datetime(a.closed_ms), a.window_count, a.severity,
+                           a.peak_score, a.top_sensors, a.error_sums) for a in final.values())
         if alerts != expected:
             breaks.append(f"alerts stored {alerts[:3]}..., unbroken {expected[:3]}... ({len(alerts)} vs "
                           f"{len(expected)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -229,6 +230,37 @@ def test_migration_0008_marks_deleted_bundles_and_rolls_back(db_url: str) -> Non
         assert [r.version for r in repo.bundle_prune_candidates(session=s, keep=0, now=datetime.now(UTC))] == ["g-1"]
     engine.dispose()
     _assert_downgrade_drops(db_url, "0007", "bundle_deleted_at", table="model_versions")
+
+
+def test_migration_0009_keeps_alert_error_sums_unrounded(db_url: str) -> None:
+    """Alerts written before 0009 read without error sums (they resume from their listed sensors); after it, every
+    sensor's sum round-trips exactly, and an update replaces it."""
+    upgrade(db_url, "0008")
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO alerts (asset, group_name, opened_at, last_seen_at, peak_score, threshold, severity, status,"
+            " window_count, top_sensors, model_version, updated_at) VALUES ('old', 'g', '2026-01-01 00:00:00+00:00',"
+            " '2026-01-01 00:01:00+00:00', 3.0, 1.0, 'warning', 'open', 2, '[]', 'm1', '2026-01-01 00:01:00+00:00')"))
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    sums = {"x": 0.1 + 0.2, "y": 1 / 3, "z": 2.4691280000000003e-07}
+    record = AlertRecord("a", "g", 1000, 5000, None, 3.0, 2.0, "warning", "open", 2,
+                         [{"sensor": "x", "share": 0.47, "error": 0.3}], "m1", error_sums=sums)
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[record])
+    with sessions() as s:
+        stored = {r.asset: repo.alert_record(r) for r in repo.open_alerts(session=s, assets=["a", "old"])}
+    assert stored["old"].error_sums is None
+    assert stored["a"] == record and stored["a"].error_sums == sums  # exact, not rounded
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[replace(record, last_seen_ms=6000, error_sums={"x": 1.5, "y": 0.5})])
+    with sessions() as s:
+        assert repo.alert_record(repo.open_alerts(session=s, assets=["a"])[0]).error_sums == {"x": 1.5, "y": 0.5}
+    engine.dispose()
+    _assert_downgrade_drops(db_url, "0008", "sensor_error_sums", table="alerts")
 
 
 def _assert_downgrade_drops(db_url: str, revision: str, column: str, table: str = "window_scores") -> None:

@@ -283,7 +283,43 @@ def test_restored_top_sensor_shares_stay_consistent() -> None:
     restarted.restore("a", "g", open_alert=before[-1].alert, recent=scores[:3])
     after = restarted.process(scores)
     assert after[-1].alert.top_sensors == expected[-1].alert.top_sensors == [
+        {"sensor": "x", "share": 0.5, "error": 6.0}]
+    legacy = AlertEngine(cfg.groups)  # a record stored before the error sums were kept
+    legacy.restore("a", "g", open_alert=replace(before[-1].alert, error_sums=None), recent=scores[:3])
+    assert legacy.process(scores)[-1].alert.top_sensors == [
         {"sensor": "x", "share": 0.5, "error": 6.0}]  # y and z stay in the total, as their remainder
+
+
+def test_a_sensor_beyond_the_listed_ones_can_overtake_them_after_a_restart() -> None:
+    """The stored alert keeps every sensor's unrounded error sum: after a restart the ranking goes on exactly as in
+    an unbroken run (it used to keep only the listed sensors, so an unlisted one could never enter the list)."""
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": s} for s in "xyz"],
+                                    "alert": {"k": 1, "n": 1, "top_sensors": 1}}]}, env={})
+    errors = [{"x": 1.0, "y": 0.9, "z": 0.1}, {"x": 0.0, "y": 1.0, "z": 1.0}]
+    scores = [Score("a", "g", T0 + i * STEP, T0 + i * STEP + 30_000, 2.0, 1.0, e, "m") for i, e in enumerate(errors)]
+    expected = AlertEngine(cfg.groups).process(scores)
+    assert expected[-1].alert.top_sensors == [{"sensor": "y", "share": 0.475, "error": 1.9}]
+    stored = AlertEngine(cfg.groups).process(scores[:1])[-1].alert
+    assert stored.top_sensors[0]["sensor"] == "x"
+    restarted = AlertEngine(cfg.groups)
+    restarted.restore("a", "g", open_alert=stored, recent=scores[:1])
+    assert restarted.process(scores[1:])[-1].alert == expected[-1].alert
+
+
+def test_error_sums_are_not_rounded_across_restarts() -> None:
+    """A restart before every window ends with the same unrounded sums as an unbroken run."""
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}],
+                                    "alert": {"k": 1, "n": 1}}]}, env={})
+    scores = [Score("a", "g", T0 + i * STEP, T0 + i * STEP + 30_000, 2.0, 1.0, {"x": 0.1234564}, "m")
+              for i in range(20)]
+    expected = AlertEngine(cfg.groups).process(scores)[-1].alert
+    stored: AlertRecord | None = None
+    for i in range(20):
+        engine = AlertEngine(cfg.groups)
+        engine.restore("a", "g", open_alert=stored, recent=scores[max(i - 1, 0):i])
+        events = engine.process(scores[i:i + 1])
+        stored = events[-1].alert if events else stored
+    assert stored == expected and stored.error_sums == {"x": sum(s.sensor_errors["x"] for s in scores)}
 
 
 def test_history_windows_covers_k_of_n_resolution_and_pending_time() -> None:
