@@ -101,8 +101,11 @@ class KafkaConfig(_Strict):
 
 
 class IngestConfig(_Strict):
-    """Input checks beyond the message format. Timestamps too far ahead of (or behind) the consumer's clock are
-    rejected as ``ts_in_future`` (or ``ts_too_old``); a record whose key is not its asset id as ``key_mismatch``."""
+    """Input checks beyond the message format. Timestamps more than ``max_future_s`` ahead of the consumer's clock
+    are rejected as ``ts_in_future``; more than ``max_age_s`` older than their Kafka record's timestamp (when the
+    record was published; the consumer's clock for records without one) as ``ts_too_old``, so a backlog read after
+    an outage of the pipeline is not refused for having waited on the broker; a record whose key is not its asset
+    id as ``key_mismatch``."""
 
     max_future_s: PositiveFloat = 300.0
     max_age_s: PositiveFloat | None = None

@@ -103,17 +103,20 @@ class Decoder:
             for asset in group.assets:
                 self._asset_sensors[asset] = ranges
 
-    def decode(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None) -> Reading:
+    def decode(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None,
+               published_ms: int | None = None) -> Reading:
         """Validate one message; raises InvalidReading with the reason. Values of a ``values`` message that cannot
         be used are left out (``decode_partial`` says which).
 
         Two shapes: ``{"asset", "ts", "values": {sensor: number}}`` and ``{"asset", "sensor", "ts", "value"}``.
-        ``now_ms`` (the consumer's clock) enables the future/age checks; ``key`` the key check.
+        ``now_ms`` (the consumer's clock) enables the future/age checks; ``key`` the key check. The age is judged
+        at ``published_ms`` (the Kafka record's timestamp) when given, so a backlog read after an outage of the
+        pipeline is not too old for having waited on the broker.
         """
-        return self.decode_partial(value, key, now_ms)[0]
+        return self.decode_partial(value, key, now_ms, published_ms)[0]
 
-    def decode_partial(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None
-                       ) -> tuple[Reading, list[InvalidReading]]:
+    def decode_partial(self, value: bytes | None, key: bytes | None = None, now_ms: int | None = None,
+                       published_ms: int | None = None) -> tuple[Reading, list[InvalidReading]]:
         """``decode``, and the problems of the values it left out: in a ``values`` message, one sensor that is not
         configured, not a number, not finite or out of its ``valid_range`` costs that value only, not the other
         sensors of the record (an extra field from a gateway, one failed transmitter). InvalidReading when the
@@ -146,8 +149,10 @@ class Decoder:
         if now_ms is not None:
             if ts_ms > now_ms + self._ingest.max_future_s * 1000:
                 raise InvalidReading("ts_in_future", f"{ts_ms - now_ms} ms ahead of the consumer clock")
-            if self._ingest.max_age_s is not None and ts_ms < now_ms - self._ingest.max_age_s * 1000:
-                raise InvalidReading("ts_too_old", f"{(now_ms - ts_ms) // 1000} s old")
+            at_ms, when = (published_ms, " when published") if published_ms is not None and published_ms >= 0 else (
+                now_ms, "")
+            if self._ingest.max_age_s is not None and ts_ms < at_ms - self._ingest.max_age_s * 1000:
+                raise InvalidReading("ts_too_old", f"{(at_ms - ts_ms) // 1000} s old{when}")
         if per_sensor:
             if not isinstance(doc["sensor"], str):
                 raise InvalidReading("wrong_type", f"sensor must be a string, got {type(doc['sensor']).__name__}")
@@ -171,16 +176,17 @@ class Decoder:
         return Reading(asset=asset, ts_ms=ts_ms, values=values), problems
 
     def decode_batch(
-        self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None]], now_ms: int | None = None
+        self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None, int]], now_ms: int | None = None
     ) -> tuple[list[Reading], list[Rejected]]:
-        """Decode ``(topic, partition, offset, key, value)`` tuples; never raises on bad input. A record of which
+        """Decode ``(topic, partition, offset, key, value, record timestamp ms or -1)`` tuples; never raises on bad
+        input. A record of which
         some values were used and some left out gives both a reading and a ``partial`` rejection (the dead-letter
         topic gets the record with what was left out and why)."""
         readings: list[Reading] = []
         rejected: list[Rejected] = []
-        for topic, partition, offset, key, value in records:
+        for topic, partition, offset, key, value, published_ms in records:
             try:
-                r, problems = self.decode_partial(value, key, now_ms)
+                r, problems = self.decode_partial(value, key, now_ms, published_ms)
             except InvalidReading as exc:
                 rejected.append(Rejected(exc.reason, exc.detail, value, key, topic, partition, offset))
                 continue

@@ -159,7 +159,7 @@ class Runner:
         """
         started = time.perf_counter()
         readings, rejected = self._decoder.decode_batch(
-            ((r.topic, r.partition, r.offset, r.key, r.value) for r in records), now_ms
+            ((r.topic, r.partition, r.offset, r.key, r.value, r.timestamp_ms) for r in records), now_ms
         )
         if records:
             self._retry(lambda: self._load_restart_state(records, readings))

@@ -64,7 +64,7 @@ def test_naive_iso_is_utc() -> None:
     ],
 )
 def test_bad_input_is_rejected_with_reason(decoder: Decoder, raw: bytes | None, reason: str) -> None:
-    readings, rejected = decoder.decode_batch([("topic", 2, 41, b"pump-1", raw)], now_ms=NOW)
+    readings, rejected = decoder.decode_batch([("topic", 2, 41, b"pump-1", raw, -1)], now_ms=NOW)
     assert readings == []
     assert [r.reason for r in rejected] == [reason]
     assert (rejected[0].partition, rejected[0].offset, rejected[0].value) == (2, 41, raw)
@@ -75,7 +75,7 @@ def test_deeply_nested_json_is_malformed_not_a_crash(raw: bytes) -> None:
     """Nested past orjson's limit (1024), the NaN/Infinity probe's stdlib parser ran out of stack: RecursionError
     crashed the consumer on that record at every restart."""
     cfg = parse_config({"groups": [{"name": "g", "assets": ["pump-1"], "sensors": [{"name": "temp"}]}]}, env={})
-    readings, rejected = Decoder(cfg.groups, max_message_bytes=1 << 20).decode_batch([("t", 0, 7, None, raw)])
+    readings, rejected = Decoder(cfg.groups, max_message_bytes=1 << 20).decode_batch([("t", 0, 7, None, raw, -1)])
     assert readings == [] and [(r.reason, r.offset) for r in rejected] == [("malformed_json", 7)]
 
 
@@ -84,24 +84,24 @@ def test_a_defect_met_by_one_record_dead_letters_it_and_goes_on(decoder: Decoder
     good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
     decode = Decoder.decode_partial
 
-    def fragile(self: Decoder, value: bytes | None, key: bytes | None = None, now_ms: int | None = None):  # type: ignore[no-untyped-def]
+    def fragile(self: Decoder, value: bytes | None, key: bytes | None = None, *args: int | None):  # type: ignore[no-untyped-def]
         if value == b"poison":
             raise KeyError("a defect")
-        return decode(self, value, key, now_ms)
+        return decode(self, value, key, *args)
 
     monkeypatch.setattr(Decoder, "decode_partial", fragile)
-    readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"poison", good])])
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, v, -1) for i, v in enumerate([good, b"poison", good])])
     assert [r.offset for r in readings] == [0, 2]
     assert [(r.reason, r.offset, r.value) for r in rejected] == [("undecodable", 1, b"poison")]
     assert rejected[0].detail == "KeyError: 'a defect'"
     with caplog.at_level("WARNING", logger="pipeline.decode"):  # a flood of it: the first ten tracebacks only
-        _, flood = decoder.decode_batch([("t", 0, i, None, b"poison") for i in range(30)])
+        _, flood = decoder.decode_batch([("t", 0, i, None, b"poison", -1) for i in range(30)])
     assert len(flood) == 30 and len([r for r in caplog.records if r.exc_info]) == 10  # of 31 in this test
 
 
 def test_batch_keeps_good_readings_around_bad_ones(decoder: Decoder) -> None:
     good = orjson.dumps({"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}})
-    readings, rejected = decoder.decode_batch([("t", 0, i, None, v) for i, v in enumerate([good, b"x", good])])
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, v, -1) for i, v in enumerate([good, b"x", good])])
     assert [r.offset for r in readings] == [0, 2]
     assert [r.offset for r in rejected] == [1]
 
@@ -110,7 +110,7 @@ def test_per_sensor_shape_and_key_check(decoder: Decoder) -> None:
     r = decoder.decode(b'{"asset": "pump-1", "sensor": "flow", "ts": 5000, "value": 2.5}', key=b"pump-1")
     assert (r.asset, r.ts_ms, r.values) == ("pump-1", 5000, {"flow": 2.5})
     _, rejected = decoder.decode_batch([("t", 0, 0, b"pump-2", orjson.dumps(
-        {"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}}))])
+        {"asset": "pump-1", "ts": 1000, "values": {"temp": 1.0}}), -1)])
     assert [r.reason for r in rejected] == ["key_mismatch"]
 
 
@@ -120,8 +120,25 @@ def test_too_old_readings_are_rejected_when_max_age_is_set() -> None:
     decoder = Decoder(cfg.groups, 1024, cfg.ingest)
     old = orjson.dumps({"asset": "a", "ts": NOW - 2 * 86400 * 1000, "values": {"x": 1}})
     fresh = orjson.dumps({"asset": "a", "ts": NOW - 3600 * 1000, "values": {"x": 1}})
-    readings, rejected = decoder.decode_batch([("t", 0, 0, None, old), ("t", 0, 1, None, fresh)], now_ms=NOW)
+    readings, rejected = decoder.decode_batch([("t", 0, 0, None, old, -1), ("t", 0, 1, None, fresh, -1)], now_ms=NOW)
     assert [r.reason for r in rejected] == ["ts_too_old"] and len(readings) == 1
+
+
+def test_age_is_judged_when_the_record_was_published_so_a_backlog_is_not_too_old() -> None:
+    """A pipeline stopped longer than max_age_s reads its backlog: readings that were fresh when they reached the
+    broker are used; one that was already too old then is refused, and says so."""
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}],
+                        "ingest": {"max_age_s": 120}}, env={})
+    decoder = Decoder(cfg.groups, 1024, cfg.ingest)
+    published = NOW - 3 * 3600 * 1000  # three hours on the broker
+    fresh = orjson.dumps({"asset": "a", "ts": published - 60_000, "values": {"x": 1}})
+    stale = orjson.dumps({"asset": "a", "ts": published - 600_000, "values": {"x": 1}})
+    records = [("t", 0, 0, None, fresh, published), ("t", 0, 1, None, stale, published)]
+    readings, rejected = decoder.decode_batch(records, now_ms=NOW)
+    assert [r.offset for r in readings] == [0]
+    assert [(r.reason, r.offset, r.detail) for r in rejected] == [("ts_too_old", 1, "600 s old when published")]
+    readings, rejected = decoder.decode_batch([("t", 0, 0, None, fresh, -1)], now_ms=NOW)  # no record timestamp
+    assert readings == [] and [r.detail for r in rejected] == [f"{3 * 3600 + 60} s old"]
 
 
 def test_one_bad_value_costs_that_value_only(decoder: Decoder) -> None:
@@ -134,7 +151,7 @@ def test_one_bad_value_costs_that_value_only(decoder: Decoder) -> None:
         b'{"asset": "pump-1", "ts": 1767225630000, "values": {"temp": "hot", "flow": 5, "x": 1}}',
         b'{"asset": "pump-1", "ts": 1767225640000, "values": {"temp": 999, "ambient": 1}}',
     ]
-    readings, rejected = decoder.decode_batch([("t", 0, i, None, r) for i, r in enumerate(records)], now_ms=NOW)
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, r, -1) for i, r in enumerate(records)], now_ms=NOW)
     assert [(r.offset, r.values) for r in readings] == [(0, {"temp": 70.5, "flow": 3.0}), (1, {"flow": 4.0}),
                                                        (2, {"flow": 5.0})]
     assert [(r.offset, r.reason, r.partial) for r in rejected] == [
