@@ -132,12 +132,15 @@ def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]
     return [f"{k}={info.get(k)}" for k, v in wanted.items() if k != "method" and info.get(k) != v]
 
 
-def load_servable(*, session: Session, config: Config) -> tuple[dict[str, Detector], dict[str, str]]:
-    """The verified active detector of every configured group that has a usable one, and, per group that has none,
-    why (no active model, or its bundle refused)."""
+def load_servable(*, session: Session, config: Config
+                  ) -> tuple[dict[str, Detector], dict[str, str], set[str]]:
+    """The verified active detector of every configured group that has a usable one; per group that has none, why
+    (no active model, or its bundle refused); and the groups whose active model's bundle is missing, unreadable or
+    corrupt (not merely trained for another configuration: the volume may only be unmounted)."""
     active = repo.active_model_versions(session=session)
     detectors: dict[str, Detector] = {}
     problems: dict[str, str] = {}
+    broken: set[str] = set()
     for group in config.groups:
         row = active.get(group.name)
         if row is None:
@@ -147,12 +150,14 @@ def load_servable(*, session: Session, config: Config) -> tuple[dict[str, Detect
             detectors[group.name] = load_version(row, group, config.model_dir)
         except (ModelError, OSError) as exc:  # OSError: e.g. a bundle file that cannot be read
             problems[group.name] = str(exc)
-    return detectors, problems
+            if not isinstance(exc, ModelMismatch):
+                broken.add(group.name)
+    return detectors, problems, broken
 
 
 def load_active(*, session: Session, config: Config) -> dict[str, Detector]:
     """The verified active detector of every configured group. ModelError names the groups that have none."""
-    detectors, problems = load_servable(session=session, config=config)
+    detectors, problems, _ = load_servable(session=session, config=config)
     if problems:
         raise ModelError("; ".join(f"group {g}: {why}" for g, why in problems.items()))
     return detectors

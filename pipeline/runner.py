@@ -546,9 +546,12 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
     arrived for that long, waiting for the topic included). The caller installs signal handlers.
 
     TransientError, with one line saying what to do, when the database schema is not up to date, the metrics port
-    is taken, or Kafka cannot be reached; ModelError when no group has a usable active model. A group without one
-    (a new group, a refused bundle) is logged and not monitored, the others are: its windows are dropped, counted
-    (``sensorwatch_windows_unscored_total``), until a model of it is activated and picked up by ``reload_models``."""
+    is taken, or Kafka cannot be reached; ModelError when no group has a usable active model, or when a group's
+    active model has a bundle that is missing, unreadable or corrupt (it would be back once the volume is mounted or
+    the file restored, and meanwhile the group's readings would be consumed unscored). A group without a model (a
+    new group) or whose model was trained for another configuration (sensors, window) is logged and not monitored,
+    the others are: its windows are dropped, counted (``sensorwatch_windows_unscored_total``), until a model of it is
+    activated and picked up by ``reload_models``."""
     with contextlib.ExitStack() as stack:
         engine = make_engine(config.database.url)
         stack.callback(engine.dispose)
@@ -557,9 +560,13 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             raise TransientError(problem)
         sessions = make_sessionmaker(engine)
         with sessions() as session:
-            detectors, problems = load_servable(session=session, config=config)
+            detectors, problems, broken = load_servable(session=session, config=config)
         if not detectors:
             raise ModelError("; ".join(f"group {g}: {why}" for g, why in problems.items()))
+        if broken:  # nothing is consumed: once the bundle is back, every reading is scored
+            raise ModelError("; ".join(f"group {g}: the active model cannot be loaded: {problems[g]}" for g in sorted(
+                broken)) + ". Not starting, so that none of its readings are consumed unscored: restore the bundle (is "
+                "model_dir mounted?), 'sensorwatch models activate' an earlier version, or train a new one")
         for group, why in problems.items():  # the other groups are monitored; this one once a model is activated
             log.error("group %s is not monitored: %s; its windows are dropped until a usable model is active", group,
                       why)

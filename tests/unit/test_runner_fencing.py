@@ -109,8 +109,8 @@ def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     with sessions() as s:
-        served, problems = load_servable(session=s, config=cfg)
-    assert served == {} and set(problems) == {"g", "h"} and "no active model" in problems["h"]
+        served, problems, broken = load_servable(session=s, config=cfg)
+    assert served == {} and set(problems) == {"g", "h"} and "no active model" in problems["h"] and broken == set()
     runner = Runner(cfg, sessions=sessions, detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
                     producer=None, stop=threading.Event())  # type: ignore[arg-type]
     runner.process(_records(0, "a", 0, 10) + _records(1, "c", 0, 10), now_ms=T0)
@@ -134,4 +134,53 @@ def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is
     runner.process(_records(0, "a", 10, 20) + _records(1, "c", 10, 20), now_ms=T0)
     with sessions() as s:
         assert repo.count_scores(session=s, asset="c") > 0
+    engine.dispose()
+
+
+def test_run_does_not_start_while_an_active_models_bundle_is_missing_or_corrupt(tmp_path: Path) -> None:
+    """Group g's model serves; h's active model has lost its bundle (an unmounted volume): run refuses to start, so
+    none of h's readings are consumed unscored, and names h. A model trained for other sensors is not 'broken': it
+    needs a retrain, and run goes on with the other groups (the degraded start)."""
+    from models.bundle import WEIGHTS
+    from pipeline.errors import ModelError
+    from pipeline.registry import load_servable, register
+    from pipeline.runner import run_pipeline
+    from pipeline.train import train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    group = {"sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+             "window": {"length": 4, "stride": 2, "max_gap": 0}}
+    raw = {"kafka": {"bootstrap_servers": "127.0.0.1:9"}, "database": {"url": url},
+           "model_dir": str(tmp_path / "models"), "metrics": {"enabled": False},
+           "groups": [{"name": "g", "assets": ["a"], **group}, {"name": "h", "assets": ["c"], **group}]}
+    cfg = parse_config(raw, env={})
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    rng = np.random.default_rng(0)
+    bundles = {}
+    for name, asset in (("g", "a"), ("h", "c")):
+        trained = train_group([Window(asset, name, i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2)))
+                               for i in range(64)], cfg.group(name), progress=False)
+        with sessions.begin() as s:
+            bundles[name] = Path(register(session=s, detector=trained.detector, group=cfg.group(name),
+                                          model_dir=cfg.model_dir, status="active", data_range=None, windows_used=64,
+                                          metrics={}).artifact_path)
+    weights = bundles["h"] / WEIGHTS
+    intact = weights.read_bytes()
+    weights.write_bytes(b"not the weights")
+    with pytest.raises(ModelError, match=r"group h: the active model cannot be loaded: .*Not starting"):
+        run_pipeline(cfg, stop=threading.Event())
+    other_sensors = parse_config({**raw, "groups": [raw["groups"][0], {**raw["groups"][1], "sensors": [
+        {"name": "x"}, {"name": "z"}]}]}, env={})
+    bundles["h"].rename(tmp_path / "away")
+    with sessions() as s:
+        served, problems, broken = load_servable(session=s, config=other_sensors)
+    assert set(served) == {"g"} and broken == {"h"}  # missing: broken, whatever the configuration
+    (tmp_path / "away").rename(bundles["h"])
+    weights.write_bytes(intact)
+    with sessions() as s:
+        served, problems, broken = load_servable(session=s, config=other_sensors)
+    assert set(served) == {"g"} and set(problems) == {"h"} and broken == set()  # sound, for other sensors
     engine.dispose()
