@@ -113,6 +113,7 @@ class Runner:
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
         self._broker_down = False  # the broker did not answer a probe or an idle-close query (/healthz: 503)
         self._unserved_logged: dict[str, int] = {}  # group without a model -> when its dropped windows were logged
+        self._unserved_dropped: Counter[str] = Counter()  # group -> windows dropped unscored since the start
 
     # -- rebalance hooks (called from inside poll) ---------------------------------------------------------------
     def partitions_revoked(self, partitions: set[int]) -> None:
@@ -199,12 +200,14 @@ class Runner:
         group), and their groups' stretches stay unmonitored until a model is activated (``reload_models``)."""
         served = [w for w in windows if w.group in self._detectors]
         dropped = Counter(w.group for w in windows if w.group not in self._detectors)
+        self._unserved_dropped.update(dropped)
         for group, count in dropped.items():
             self.metrics.windows_unscored.labels(group=group).inc(count)
             if now_ms >= self._unserved_logged.get(group, 0) + 60_000:
                 self._unserved_logged[group] = now_ms
-                log.error("group %s has no usable model: %d window(s) dropped unscored (activate one: "
-                          "'sensorwatch train' or 'sensorwatch models activate')", group, count)
+                log.error("group %s has no usable model: %d window(s) dropped unscored, %d since the start "
+                          "(activate one: 'sensorwatch train' or 'sensorwatch models activate')", group, count,
+                          self._unserved_dropped[group])
         return served
 
     def _persist_owned(self, forward: ForwardPass, skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],

@@ -92,7 +92,7 @@ def test_a_retried_transaction_judges_the_same_forward_pass_again(tmp_path: Path
 
 
 def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is_activated(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """Group h has no model yet (a new group): g is scored, h's windows are counted and dropped; once a model of h
     is active, the next reload picks it up and h is scored too, also when its bundle was missing at first."""
     from pipeline.registry import load_servable, register
@@ -117,6 +117,7 @@ def test_a_group_without_a_usable_model_leaves_the_others_monitored_until_one_is
     with sessions() as s:
         assert repo.count_scores(session=s, asset="a") > 0 and repo.count_scores(session=s, asset="c") == 0
     assert runner.metrics.windows_unscored.labels(group="h")._value.get() == 4  # windows [0, 4) ... [6, 10)
+    assert "group h has no usable model: 4 window(s) dropped unscored, 4 since the start" in caplog.text
 
     rng = np.random.default_rng(0)
     h = cfg.group("h")
