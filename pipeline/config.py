@@ -594,7 +594,9 @@ class RetrainConfig(_Strict):
     The candidate is promoted only if its false-alarm rate on the held-out windows is at most the active model's plus
     ``tolerance``, it flags the alert windows at least as often as the active model minus ``tolerance``, it flags
     synthetic faults (a 3-sigma step on one sensor of held-out windows) at most 10 points less often (not measured for
-    drift-following groups), and at most ``max_anomalous_fraction`` of the recent windows were anomalous. About
+    drift-following groups), and at most ``max_anomalous_fraction`` of the recent windows were anomalous. With no
+    active model to compare with (none, or one that cannot serve this configuration), its false-alarm rate may exceed
+    the rate its threshold is fitted for by ``tolerance`` at most. About
     ``max_windows`` windows per group are held in memory at most: when the lookback holds more, only every k-th block
     of consecutive windows of each asset is kept (k doubling until they fit), plus every window near an alert;
     smoothed scores are computed per block (``pipeline.thinning``). ``max_windows`` must leave room for twice

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 
 from models.thresholds import ewma, ewma_by_key
-from pipeline.config import Config, parse_config
+from pipeline.config import Config, ThresholdConfig, parse_config
 from pipeline.errors import ConfigError
 from pipeline.registry import load_active, register
-from pipeline.retrain import ModelEval, Span, exceed_rate, gate, near_alerts, split_windows
+from pipeline.retrain import GateDecision, ModelEval, Span, design_rate, exceed_rate, gate, near_alerts, split_windows
 from pipeline.runner import Runner
 from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
@@ -111,7 +112,6 @@ def test_gate_reports_every_failed_check_and_skips_recall_without_alert_windows(
 
 
 def test_gate_does_not_compare_recall_across_a_score_steps_change() -> None:
-    from dataclasses import replace
 
     candidate, active = replace(_eval(0.01, 0.5), score_steps=10), _eval(0.01, 0.9, "a")
     decision = gate(candidate, active, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02)
@@ -127,7 +127,6 @@ def test_gate_does_not_compare_recall_across_a_score_steps_change() -> None:
 def test_gate_rejects_a_candidate_that_flags_fewer_synthetic_faults() -> None:
     """Without recent alerts, recall on alert windows cannot be compared: a candidate whose threshold went slack (a
     re-trial promoted one 9x less sensitive) is caught by the synthetic faults instead, beyond sampling noise."""
-    from dataclasses import replace
 
     active = replace(_eval(0.0, None, "a"), sensitivity=0.92)
     slack = replace(_eval(0.0, None), sensitivity=0.15)
@@ -157,7 +156,6 @@ def test_synthetic_faults_step_one_moving_sensor_over_the_second_half() -> None:
 
 
 def test_a_slack_threshold_shows_as_lower_sensitivity(tmp_path: Path) -> None:
-    from dataclasses import replace
 
     from pipeline.retrain import evaluate, synthetic_faults
 
@@ -175,9 +173,22 @@ def test_a_slack_threshold_shows_as_lower_sensitivity(tmp_path: Path) -> None:
     assert not gate(slack, sharp, anomalous_fraction=0.0, max_anomalous_fraction=0.5, tolerance=0.02).promote
 
 
-def test_gate_without_an_active_model_checks_only_the_data() -> None:
-    assert gate(_eval(0.3), None, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.0).promote
-    assert not gate(_eval(0.0), None, anomalous_fraction=0.9, max_anomalous_fraction=0.5, tolerance=0.0).promote
+def test_gate_without_an_active_model_holds_the_candidate_to_absolute_floors() -> None:
+    """Nothing to compare with (a new group, or an active model that cannot serve a changed configuration): the
+    candidate may not run far above its threshold's design rate on held-out normal data (a day-2 trial promoted one
+    with 10.7% false alarms after a sensor was added); mostly anomalous data still rejects."""
+    def run(far: float, sensitivity: float | None = None, fraction: float = 0.1) -> GateDecision:
+        return gate(replace(_eval(far), sensitivity=sensitivity), None, anomalous_fraction=fraction,
+                    max_anomalous_fraction=0.5, tolerance=0.02, design=0.005)
+
+    assert run(0.02, 0.4).promote and run(0.025).promote  # within 0.5% + 2%
+    flood = run(0.107, 0.4)
+    assert not flood.promote and "10.70%" in flood.reason and "fitted for" in flood.reason
+    assert "synthetic faults flagged 40.00%" in run(0.02, 0.4).reason
+    assert not run(0.0, fraction=0.9).promote
+    assert design_rate(ThresholdConfig(method="percentile", percentile=99.0)) == pytest.approx(0.01)
+    assert design_rate(ThresholdConfig(method="pot", target_rate=1e-3)) == 1e-3
+    assert design_rate(ThresholdConfig(method="mean_std")) == 0.0
 
 
 # -- bounded memory: thinning a long lookback ------------------------------------------------------------------------
