@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
-from pipeline.registry import bundle_path, load_version, pending_changes
+from pipeline.registry import bundle_path, load_version, pending_changes, range_conflicts
 from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, missing_sqlite_file, schema_problem
@@ -108,7 +108,7 @@ def _database_and_models(config: Config) -> list[Check]:
         try:
             detector = load_version(row, group, config.model_dir)
             moved = bundle_path(row, config.model_dir) != Path(row.artifact_path)
-            changes = pending_changes(detector, group)
+            changes = pending_changes(detector, group) + range_conflicts(detector, group)
             serving.append(f"{group.name}: {row.version}" + (f" (bundle under model_dir; registered at "
                                                               f"{row.artifact_path})" if moved else "")
                            + (f": {'; '.join(changes)}" if changes else ""))

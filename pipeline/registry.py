@@ -92,7 +92,7 @@ def load_version(row: ModelVersion, group: GroupConfig, model_dir: Path) -> Dete
             f"model {row.version} was trained on windows smoothed over {smooth} step(s), group {group.name!r} is "
             f"configured for window.smooth {group.window.smooth}: retrain it ('sensorwatch train')"
         )
-    for change in pending_changes(detector, group):  # safe: the model keeps what it was trained and fitted with
+    for change in pending_changes(detector, group) + range_conflicts(detector, group):  # it serves as trained
         log.warning("group %r, model %s: %s", group.name, row.version, change)
     return detector
 
@@ -116,6 +116,25 @@ def pending_changes(detector: Detector, group: GroupConfig) -> list[str]:
         changes.append(f"it scores {scored_steps_text(detector.score_steps)}, model.score_steps is {m.score_steps}: "
                        f"the change {later}")
     return changes
+
+
+def range_conflicts(detector: Detector, group: GroupConfig) -> list[str]:
+    """Sensors whose ``valid_range`` leaves out a good part of what ``detector`` was trained on (its training mean
+    within one standard deviation of a bound, or beyond it): their normal readings would be dead-lettered as
+    ``out_of_range`` and the windows holding them skipped. One sentence each, empty when none."""
+    conflicts = []
+    for sensor in group.sensors:
+        if sensor.valid_range is None or sensor.name not in detector.sensors:
+            continue
+        i = detector.sensors.index(sensor.name)
+        mean, std = float(detector.scaler.mean[i]), float(detector.scaler.std[i])
+        low, high = sensor.valid_range
+        if low > mean - std or high < mean + std:
+            conflicts.append(f"sensor {sensor.name}: valid_range [{low:g}, {high:g}] leaves out much of what the "
+                             f"model was trained on (mean {mean:.4g}, std {std:.4g}): normal readings outside it are "
+                             "dead-lettered as out_of_range and their windows skipped (valid_range bounds plausible "
+                             "values; it is not an alarm limit)")
+    return conflicts
 
 
 def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]:

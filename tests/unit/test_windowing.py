@@ -367,6 +367,34 @@ def test_a_model_dir_moved_to_another_path_still_serves_its_verified_bundles(tmp
         load_version(row, group, moved)
 
 
+def test_a_valid_range_that_cuts_into_the_training_data_is_warned_of(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The model was trained on x ~ N(0, 1): a valid_range within a standard deviation of its mean would dead-letter
+    normal readings (a day-2 trial narrowed motor_temp to [-30, 60] around a mean of 55 and lost 81 windows, with
+    check all ok). A range that holds the bulk of the training data, or a 0/1 sensor's [0, 1], is fine."""
+    from pipeline.registry import load_version, range_conflicts
+
+    group = _group()
+    row, detector = _registered(group, tmp_path)
+
+    def ranged(x: tuple[float, float] | None, y: tuple[float, float] | None = None) -> GroupConfig:
+        sensors = [s.model_copy(update={"valid_range": r}) for s, r in zip(group.sensors, (x, y), strict=True)]
+        return group.model_copy(update={"sensors": sensors})
+
+    assert range_conflicts(detector, group) == [] and range_conflicts(detector, ranged((-5, 5), (-5, 5))) == []
+    mean, std = float(detector.scaler.mean[0]), float(detector.scaler.std[0])
+    assert range_conflicts(detector, ranged((mean - std, mean + std))) == []  # binary-like: exactly one std
+    narrow = ranged((-5, mean + 0.5 * std))
+    conflicts = range_conflicts(detector, narrow)
+    assert len(conflicts) == 1 and conflicts[0].startswith("sensor x: valid_range [-5, ")
+    assert "out_of_range" in conflicts[0]
+    assert len(range_conflicts(detector, ranged((mean + 2 * std, mean + 9 * std), (-5, mean - 3)))) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.registry"):
+        assert load_version(row, narrow, tmp_path / "models") is not None  # it serves: a warning, not a refusal
+    assert "sensor x: valid_range" in caplog.text
+
+
 def test_a_changed_grid_or_sensor_list_is_refused_and_a_changed_threshold_is_warned_of(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.errors import ModelError
