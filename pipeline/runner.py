@@ -28,25 +28,27 @@ from kafka.errors import CommitFailedError, KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.bundle import METADATA, WEIGHTS
 from models.detector import Detector
 from pipeline import kafka_io
 from pipeline.alerting import AlertEngine
-from pipeline.config import Config, KafkaConfig
+from pipeline.config import Config, GroupConfig, KafkaConfig
 from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, ForwardPass, forward_pass, judge
 from pipeline.errors import ModelError, ModelMismatch, TransientError
 from pipeline.metrics import PipelineMetrics, serve
-from pipeline.registry import load_servable, load_version
+from pipeline.registry import bundle_path, load_servable, load_version
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
-from pipeline.store.tables import WindowScore
+from pipeline.store.tables import ModelVersion, WindowScore
 from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
 from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REFUSED_RETRY_S = 60.0  # a refused bundle (missing, unreadable, failing its checksum) is tried again this often
+BUNDLE_REMIND_S = 3600.0  # a served model's bundle gone or damaged on disk is reported again this often
 BROKER_PROBE_S = 10.0  # empty polls for this long: ask whether a broker still answers (at most this often)
 BROKER_PROBE_TIMEOUT_MS = 5000
 
@@ -108,6 +110,8 @@ class Runner:
         # (version, activated_at) whose bundle was refused -> when to try it again (monotonic; inf: not before it is
         # activated again)
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
+        # group -> (served version, its bundle files' sizes and times or None when gone, problem, when reported)
+        self._bundles_seen: dict[str, tuple[str, object, str | None, float]] = {}
         self._reported = set(reported)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
@@ -435,7 +439,10 @@ class Runner:
         swapped: dict[str, str] = {}
         for group in self.config.groups:
             row, current = active.get(group.name), self._detectors.get(group.name)
-            if row is None or (current and current.version == row.version):
+            if row is not None and current and current.version == row.version:
+                self._watch_bundle(group, row)
+                continue
+            if row is None:
                 continue
             activation = (row.version, row.activated_at)
             if time.monotonic() < self._refused_models.get(activation, 0.0):
@@ -458,6 +465,38 @@ class Runner:
         if swapped:
             self.metrics.set_models({g: d.version for g, d in self._detectors.items()})
         return swapped
+
+    def _watch_bundle(self, group: GroupConfig, row: ModelVersion) -> None:
+        """Tell the operator when the bundle of the model served from memory goes missing or changes on disk and
+        no longer verifies (a volume unmounted, a file damaged): serving goes on, but a restart would refuse to
+        start. Verified again only when its files' sizes or times change; reported then, and hourly while it lasts;
+        its return is logged too."""
+        path = bundle_path(row, self.config.model_dir)
+        try:
+            files: object = tuple((s.st_size, s.st_mtime_ns) for s in ((path / n).stat() for n in (METADATA, WEIGHTS)))
+        except OSError:
+            files = None
+        seen = self._bundles_seen.get(group.name)
+        if seen is None or seen[0] != row.version:  # just loaded: verified then
+            self._bundles_seen[group.name] = (row.version, files, None, -math.inf)
+            return
+        problem, reported = seen[2], seen[3]
+        if files != seen[1]:
+            problem = f"gone from {path}" if files is None else None
+            if files is not None:
+                try:
+                    load_version(row, group, self.config.model_dir)
+                except (ModelError, OSError) as exc:
+                    problem = f"changed on disk and refused: {exc}"
+            if problem is None and seen[2] is not None:
+                log.info("group %s: the bundle of model %s verifies again", group.name, row.version)
+            reported = -math.inf
+        if problem is not None and time.monotonic() >= reported + BUNDLE_REMIND_S:
+            log.error("group %s: the bundle of model %s, served from memory, is %s; serving goes on, but a restart "
+                      "would refuse to start: restore it, or 'sensorwatch models activate' another version",
+                      group.name, row.version, problem)
+            reported = time.monotonic()
+        self._bundles_seen[group.name] = (row.version, files, problem, reported)
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _commit(self, consumer: KafkaConsumer, offsets: dict[int, int]) -> None:

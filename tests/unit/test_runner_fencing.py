@@ -4,6 +4,7 @@ SQLite and a stand-in detector: no broker, no model training."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,49 @@ def test_run_does_not_start_while_an_active_models_bundle_is_missing_or_corrupt(
         served, problems, broken = load_servable(session=s, config=other_sensors)
     assert set(served) == {"g"} and set(problems) == {"h"} and broken == set()  # sound, for other sensors
     engine.dispose()
+
+
+def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_return_too(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The model keeps serving from memory, but a restart would refuse to start: the operator is told when its bundle
+    goes (an unmounted volume) or changes and fails verification, again each hour while it lasts, and when it is
+    back; an unchanged bundle is not verified again."""
+    from models.bundle import WEIGHTS
+    from pipeline.registry import load_servable, register
+    from pipeline.train import train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    cfg = parse_config({"database": {"url": url}, "model_dir": str(tmp_path / "models"), "groups": [
+        {"name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+         "window": {"length": 4, "stride": 2, "max_gap": 0}}]}, env={})
+    sessions = make_sessionmaker(make_engine(url))
+    rng = np.random.default_rng(0)
+    trained = train_group([Window("a", "g", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(64)],
+                          cfg.group("g"), progress=False)
+    with sessions.begin() as s:
+        bundle = Path(register(session=s, detector=trained.detector, group=cfg.group("g"), model_dir=cfg.model_dir,
+                               status="active", data_range=None, windows_used=64, metrics={}).artifact_path)
+    with sessions() as s:
+        served, _, _ = load_servable(session=s, config=cfg)
+    runner = Runner(cfg, sessions=sessions, detectors=served, producer=None, stop=threading.Event())  # type: ignore[arg-type]
+    version = served["g"].version
+
+    def reload() -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipeline.runner"):
+            assert runner.reload_models() == {}  # the model in memory keeps serving throughout
+        return caplog.text
+
+    assert reload() == "" and reload() == ""
+    bundle.rename(tmp_path / "away")
+    assert f"the bundle of model {version}, served from memory, is gone from" in reload()
+    assert reload() == ""  # once an hour, not at every check
+    runner._bundles_seen["g"] = (*runner._bundles_seen["g"][:3], time.monotonic() - 3601)
+    assert "is gone from" in reload()
+    (tmp_path / "away").rename(bundle)
+    assert "verifies again" in reload()
+    weights = bundle / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
+    assert "changed on disk and refused" in reload() and runner._detectors["g"].version == version
