@@ -24,6 +24,10 @@ from pipeline.types import Rejected
 
 log = logging.getLogger(__name__)
 
+# partitions added to the topic are assigned within this (kafka-python waits 5 minutes by default, and meanwhile the
+# assets keyed onto them look silent: their windows are closed idle on forward-filled data, or skipped)
+METADATA_MAX_AGE_MS = 30_000
+
 
 @dataclass(frozen=True, slots=True)
 class RawRecord:
@@ -71,6 +75,7 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576),
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=max(cfg.session_timeout_ms // 3, 500),
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
         **cfg.client_kwargs(),
     )
     revoked = on_revoked or (lambda _p: None)

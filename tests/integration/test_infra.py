@@ -151,3 +151,39 @@ def test_local_postgres_needs_its_password_over_tcp(local_postgres: LocalPostgre
     finally:
         engine.dispose()
     assert not (local_postgres.directory / "pwfile").exists()  # type: ignore[operator]
+
+
+def test_partitions_added_to_the_topic_are_consumed_within_a_minute(kafka_bootstrap_servers: str,
+                                                                     topic_name: str) -> None:
+    """An operator adds partitions to scale out: the pipeline's consumer is assigned the new ones at its next
+    metadata refresh (30 s, not kafka-python's 5 minutes), so the assets keyed onto them do not look silent."""
+    from kafka import KafkaAdminClient, KafkaProducer
+    from kafka.admin import NewPartitions
+
+    from pipeline.config import KafkaConfig
+    from pipeline.kafka_io import ensure_topics, make_consumer
+
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap_servers, topic=topic_name, group_id=f"g-{uuid.uuid4()}")
+    ensure_topics(cfg, [topic_name], partitions=1)
+    consumer = make_consumer(cfg)
+    try:
+        until = time.monotonic() + 30
+        while not consumer.assignment() and time.monotonic() < until:
+            consumer.poll(timeout_ms=500)
+        assert {tp.partition for tp in consumer.assignment()} == {0}
+        admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap_servers)
+        try:
+            admin.create_partitions({topic_name: NewPartitions(total_count=2)})
+        finally:
+            admin.close()
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap_servers)
+        try:
+            producer.send(topic_name, key=b"pump-9", value=b"on the new partition", partition=1).get(timeout=30)
+        finally:
+            producer.close()
+        added, got = time.monotonic(), []
+        while not got and time.monotonic() < added + 75:
+            got = [r.value for records in consumer.poll(timeout_ms=500).values() for r in records]
+        assert got == [b"on the new partition"], f"nothing from the new partition in {time.monotonic() - added:.0f}s"
+    finally:
+        consumer.close(autocommit=False)
