@@ -31,8 +31,14 @@ def migrations_dir() -> Path:
     raise RuntimeError("sensorwatch's migrations are not installed (no sensorwatch_migrations package)")
 
 
+# SQLite's write-ahead log is cut back to this after a checkpoint: it grows while readers hold old snapshots (a
+# prune deleting rows as the pipeline writes grew it to 200 MB) and would otherwise keep that size on disk
+SQLITE_WAL_LIMIT_BYTES = 64 * 1024 * 1024
+
+
 def make_engine(url: str) -> Engine:
-    """An engine for ``url``. SQLite gets WAL mode and a busy timeout so a reader and the pipeline can share it."""
+    """An engine for ``url``. SQLite gets WAL mode and a busy timeout so a reader and the pipeline can share it, and
+    a bound on the log's size at rest (``SQLITE_WAL_LIMIT_BYTES``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30})
 
@@ -41,6 +47,7 @@ def make_engine(url: str) -> Engine:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA journal_size_limit={int(SQLITE_WAL_LIMIT_BYTES)}")
             cur.close()
 
         return engine

@@ -373,3 +373,31 @@ def test_a_schema_newer_than_this_code_or_a_downgrade_target_is_named(db_url: st
     with pytest.raises(SchemaError, match="0099"):
         upgrade(db_url)
     engine.dispose()
+
+
+def test_sqlite_write_ahead_log_is_cut_back_after_it_grew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader holding an old snapshot while rows are written grows SQLite's log; once the reader is done and a
+    checkpoint has run, the next write cuts the file back to the limit instead of keeping its size for ever."""
+    monkeypatch.setattr("pipeline.store.db.SQLITE_WAL_LIMIT_BYTES", 256 * 1024)
+    path = tmp_path / "wal.db"
+    engine = make_engine(f"sqlite:///{path}")
+    wal = Path(f"{path}-wal")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY, payload BLOB)"))
+        with engine.connect() as reader:
+            reader.execute(text("BEGIN"))
+            reader.execute(text("SELECT count(*) FROM t")).scalar()  # holds its snapshot until the rollback
+            for _ in range(40):
+                with engine.begin() as conn:
+                    conn.execute(text("INSERT INTO t (payload) VALUES (:p)"), {"p": b"x" * 100_000})
+            reader.execute(text("ROLLBACK"))
+        grown = wal.stat().st_size
+        assert grown > 3_000_000
+        with engine.begin() as conn:
+            conn.execute(text("PRAGMA wal_checkpoint(PASSIVE)"))
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t (payload) VALUES (:p)"), {"p": b"y"})
+        assert wal.stat().st_size <= 256 * 1024, (grown, wal.stat().st_size)
+    finally:
+        engine.dispose()
