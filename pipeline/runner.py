@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from typing import TypeVar
@@ -47,6 +47,7 @@ from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+STATUS_EVERY_S = 300.0  # the loop logs what it did this often (readings, windows, alerts, rejects by reason)
 REFUSED_RETRY_S = 60.0  # a refused bundle (missing, unreadable, failing its checksum) is tried again this often
 BUNDLE_REMIND_S = 3600.0  # a served model's bundle gone or damaged on disk is reported again this often
 BROKER_PROBE_S = 10.0  # empty polls for this long: ask whether a broker still answers (at most this often)
@@ -75,6 +76,26 @@ class RunStats:
     alerts_resolved: int = 0
     commits: int = 0
     last_batch_s: float = 0.0
+
+    def snapshot(self) -> RunStats:
+        """A copy that later batches do not change."""
+        return replace(self, rejected=Counter(self.rejected))
+
+    def since(self, before: RunStats, seconds: float) -> str | None:
+        """One line on what happened since ``before`` (a snapshot ``seconds`` ago), for the log; None when nothing
+        arrived."""
+        rejected = self.rejected - before.rejected
+        readings = self.readings - before.readings
+        if not readings and not rejected and self.windows_scored == before.windows_scored:
+            return None
+        line = (f"last {seconds:.0f} s: {readings:,} readings, {self.windows_scored - before.windows_scored:,} "
+                f"windows scored, {self.windows_skipped - before.windows_skipped:,} skipped, "
+                f"{self.alerts_opened - before.alerts_opened} alert(s) opened, "
+                f"{self.alerts_resolved - before.alerts_resolved} resolved, "
+                f"{sum(rejected.values()):,} rejected")
+        if rejected:
+            line += " (" + ", ".join(f"{reason} {n:,}" for reason, n in rejected.most_common()) + ")"
+        return line
 
 
 class Runner:
@@ -558,6 +579,7 @@ class Runner:
         k = self.config.kafka
         idle_since = time.monotonic()
         last_lag = 0.0
+        status_at, status_from = time.monotonic(), self.stats.snapshot()
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
             now_ms = round(clock() * 1000)
@@ -579,6 +601,11 @@ class Runner:
                 last_lag = time.monotonic()
                 for partition, lag in kafka_io.lag(consumer).items():
                     self.metrics.lag.labels(partition=str(partition)).set(lag)
+            if time.monotonic() - status_at >= STATUS_EVERY_S:
+                line = self.stats.since(status_from, time.monotonic() - status_at)
+                if line is not None:
+                    log.info("%s", line)
+                status_at, status_from = time.monotonic(), self.stats.snapshot()
         return self.stats
 
 

@@ -232,3 +232,23 @@ def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_retu
     weights = bundle / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
     assert "changed on disk and refused" in reload() and runner._detectors["g"].version == version
+
+
+def test_the_periodic_status_line_says_what_the_loop_did_since_the_last_one() -> None:
+    """Every few minutes the loop logs one line: readings, windows, alerts and rejects by reason since the last
+    (a soak had 20,000 dead-lettered records and not one log line about them); nothing when nothing arrived."""
+    from collections import Counter
+
+    from pipeline.runner import RunStats
+
+    stats = RunStats(readings=100, windows_scored=10, rejected=Counter(late=2))
+    before = stats.snapshot()
+    assert stats.since(before, 300) is None
+    stats.readings += 12_345
+    stats.windows_scored += 2_460
+    stats.windows_skipped += 3
+    stats.alerts_opened += 1
+    stats.rejected.update({"malformed_json": 100, "late": 20})
+    assert before.rejected == Counter(late=2)  # the snapshot does not move with the stats
+    assert stats.since(before, 300.4) == ("last 300 s: 12,345 readings, 2,460 windows scored, 3 skipped, 1 alert(s) "
+                                          "opened, 0 resolved, 120 rejected (malformed_json 100, late 20)")
