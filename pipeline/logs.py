@@ -107,6 +107,8 @@ def configure(fmt: str, *, verbose: bool, console: Console) -> str:
     handler.addFilter(OncePerInterval("kafka"))  # the library's errors once a minute each
     logging.getLogger("kafka").setLevel(logging.ERROR)  # outages are reported by the runner
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # "Running job ..." and "... executed successfully" for every firing: the jobs log their own outcome
+    logging.getLogger("apscheduler.executors").setLevel(logging.WARNING)
     _configured["format"] = chosen
     return chosen
 

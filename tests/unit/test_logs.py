@@ -128,3 +128,14 @@ def test_plain_and_json_on_a_terminal_go_around_a_progress_bar_whole(fmt: str) -
     else:
         assert line.endswith(f"WARNING pipeline.test: asset pump-1: {long}")
     assert "training" in text
+
+
+def test_the_schedulers_per_firing_chatter_is_quiet_and_its_warnings_are_not() -> None:
+    import io
+
+    from rich.console import Console
+
+    logs.configure("plain", verbose=False, console=Console(file=io.StringIO()))
+    executor = logging.getLogger("apscheduler.executors.default")
+    assert not executor.isEnabledFor(logging.INFO) and executor.isEnabledFor(logging.WARNING)
+    assert logging.getLogger("pipeline.scheduler").isEnabledFor(logging.INFO)  # the jobs' own outcome lines
