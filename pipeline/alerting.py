@@ -197,6 +197,12 @@ class _Open:
     ratio: float
     rank: int
     below: int = 0
+    exact: bool = True  # error_sums are every sensor's, unrounded (not rebuilt from a record stored without them)
+
+    def stored_sums(self) -> dict[str, float] | None:
+        """What the record keeps as ``error_sums``: None for an incident rebuilt from a record stored without them
+        (its sums are rounded, and its unlisted sensors one remainder), so they never pass for exact."""
+        return dict(self.error_sums) if self.exact else None
 
     @classmethod
     def restore(cls, record: AlertRecord, rule: AlertConfig, sensors: Sequence[str]) -> _Open:
@@ -204,15 +210,16 @@ class _Open:
         restart. A record stored before those were kept gives the listed sensors' (rounded) errors, plus (when the
         group has sensors beyond the list) their remainder, estimated from the largest listed share, so shares stay
         right; a sensor beyond the list can then never enter it."""
+        exact = record.error_sums is not None
         sums = dict(record.error_sums) if record.error_sums is not None else _listed_sums(record, sensors)
         names = [t.name for t in rule.tiers]
         if record.severity in names:
             # the ratio only decides the rank, and the largest per-window ratio is not stored (peak / the opening
             # threshold is not it when a model swap changed the threshold mid-incident): the stored tier's multiple
             rank = names.index(record.severity)
-            return cls(record, sums, rule.tiers[rank].multiple, rank)
+            return cls(record, sums, rule.tiers[rank].multiple, rank, exact=exact)
         ratio = _ratio(record.peak_score, record.threshold)  # the tiers changed: rank the peak afresh
-        return cls(record, sums, ratio, _tier_rank(ratio, rule))
+        return cls(record, sums, ratio, _tier_rank(ratio, rule), exact=exact)
 
 
 @dataclass
@@ -461,7 +468,7 @@ class AlertEngine:
                 previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.level),
                 window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
-                error_sums=dict(current.error_sums),
+                error_sums=current.stored_sums(),
                 group=score.group,  # the asset's group now (renamed, or the asset moved, while the alert was open)
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)

@@ -119,21 +119,28 @@ def pending_changes(detector: Detector, group: GroupConfig) -> list[str]:
 
 
 def range_conflicts(detector: Detector, group: GroupConfig) -> list[str]:
-    """Sensors whose ``valid_range`` leaves out a good part of what ``detector`` was trained on (its training mean
-    within one standard deviation of a bound, or beyond it): their normal readings would be dead-lettered as
-    ``out_of_range`` and the windows holding them skipped. One sentence each, empty when none."""
+    """Sensors whose ``valid_range`` leaves out part of what ``detector`` was trained on: more than 1% of the
+    training readings on one side (the bundle's ``sensor_quantiles``), or, for a bundle from before those were
+    recorded, the training mean. Their normal readings would be dead-lettered as ``out_of_range`` and the windows
+    holding them skipped. One sentence each, empty when none."""
+    quantiles = detector.metadata.get("sensor_quantiles") or {}
     conflicts = []
     for sensor in group.sensors:
         if sensor.valid_range is None or sensor.name not in detector.sensors:
             continue
         i = detector.sensors.index(sensor.name)
-        mean, std = float(detector.scaler.mean[i]), float(detector.scaler.std[i])
         low, high = sensor.valid_range
-        if low > mean - std or high < mean + std:
-            conflicts.append(f"sensor {sensor.name}: valid_range [{low:g}, {high:g}] leaves out much of what the "
-                             f"model was trained on (mean {mean:.4g}, std {std:.4g}): normal readings outside it are "
-                             "dead-lettered as out_of_range and their windows skipped (valid_range bounds plausible "
-                             "values; it is not an alarm limit)")
+        if "p01" in quantiles and "p99" in quantiles:
+            inner = float(quantiles["p01"][i]), float(quantiles["p99"][i])
+            what = f"1st-99th percentile {inner[0]:.4g} to {inner[1]:.4g}"
+        else:
+            inner = (float(detector.scaler.mean[i]),) * 2
+            what = f"mean {inner[0]:.4g}"
+        if low > inner[0] or high < inner[1]:
+            conflicts.append(f"sensor {sensor.name}: valid_range [{low:g}, {high:g}] leaves out part of what the "
+                             f"model was trained on ({what}): normal readings outside it are dead-lettered as "
+                             "out_of_range and their windows skipped (valid_range bounds plausible values; it is "
+                             "not an alarm limit)")
     return conflicts
 
 

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.detector import Detector, scored_steps_text
 from models.thresholds import ewma_by_key
 from pipeline import kafka_io
-from pipeline.config import Config, GroupConfig, ThresholdConfig
+from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
 from pipeline.drift import followed_levels
 from pipeline.errors import InvalidReading, ModelError, ModelMismatch, TransientError
@@ -231,16 +231,15 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
-def design_rate(threshold: ThresholdConfig) -> float:
-    """The share of normal windows a threshold of this configuration is fitted to exceed (0 for ``mean_std``, which
-    states none)."""
-    if threshold.method == "percentile":
-        return (100.0 - threshold.percentile) / 100.0
-    return threshold.target_rate if threshold.method == "pot" else 0.0
+def design_rate(detector: Detector) -> float | None:
+    """The share of its validation windows above ``detector``'s threshold as fitted (its method, multiplier and
+    smoothing included): the false-alarm rate it is built for. None for a model trained before it was recorded."""
+    rate = detector.metadata.get("threshold_info", {}).get("validation_exceed_rate")
+    return None if rate is None else float(rate)
 
 
 def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: float,
-         max_anomalous_fraction: float, tolerance: float, design: float = 0.0) -> GateDecision:
+         max_anomalous_fraction: float, tolerance: float, design: float | None = None) -> GateDecision:
     """Promote only when no check speaks against the candidate.
 
     Rejected when more than ``max_anomalous_fraction`` of the recent windows were anomalous (the rest is likely
@@ -248,7 +247,8 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     active model's by more than ``tolerance``, when it flags fewer alert windows than the active model by more than
     ``tolerance``, or fewer ``synthetic_faults`` by more than ``SENSITIVITY_SLACK`` (or ``tolerance``, if larger).
     Without an active model to compare with (none, or one that cannot serve the configuration) the candidate's
-    false-alarm rate may exceed its threshold's ``design`` rate (``design_rate``) by ``tolerance`` at most. (No
+    false-alarm rate may exceed its ``design`` rate (``design_rate``; not checked when None) by ``tolerance`` at
+    most. (No
     floor on its synthetic-fault sensitivity: sound models of noisy groups flag few 3-sigma steps on one sensor.)
     Rates compare each model with its own threshold.
     Recall is not compared when the two score different steps of a window (``model.score_steps``
@@ -264,7 +264,7 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
             and candidate.far > active.far + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the active model's "
                         f"{_pct(active.far)} by more than {_pct(tolerance)}")
-    if active is None and candidate.far is not None and candidate.far > design + tolerance:
+    if active is None and design is not None and candidate.far is not None and candidate.far > design + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the {_pct(design)} "
                         f"its threshold is fitted for by more than {_pct(tolerance)}, with no active model to compare "
                         "with: it would flood alerts (train it on normal data: 'sensorwatch train --csv')")
@@ -282,8 +282,8 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     if active is None:
         sensitivity = "" if candidate.sensitivity is None else \
             f", synthetic faults flagged {_pct(candidate.sensitivity)}"
-        return GateDecision(True, (f"no active model; false-alarm rate {_pct(candidate.far)} (threshold fitted for "
-                                   f"{_pct(design)}){sensitivity}",))
+        fitted = "" if design is None else f" (threshold fitted for {_pct(design)})"
+        return GateDecision(True, (f"no active model; false-alarm rate {_pct(candidate.far)}{fitted}{sensitivity}",))
     summary = f"false-alarm rate {_pct(candidate.far)} vs active {_pct(active.far)}"
     if candidate.sensitivity is not None:
         summary += f", synthetic faults flagged {_pct(candidate.sensitivity)} vs {_pct(active.sensitivity)}"
@@ -704,7 +704,7 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
             m.update(far_active_bare=evaluate(active, split.holdout, [], split.windows, thinning, active_levels).far)
     decision = gate(cand_eval, active_eval, anomalous_fraction=split.anomalous_fraction,
                     max_anomalous_fraction=rc.max_anomalous_fraction, tolerance=rc.tolerance,
-                    design=design_rate(group.threshold))
+                    design=design_rate(candidate))
     if unusable is not None:
         decision = GateDecision(decision.promote, (f"{unusable}; nothing to compare with",
                                                    *(r.removeprefix("no active model; ") for r in decision.reasons)))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -461,7 +462,10 @@ class Runner:
         for group in self.config.groups:
             row, current = active.get(group.name), self._detectors.get(group.name)
             if row is not None and current and current.version == row.version:
-                self._watch_bundle(group, row)
+                try:
+                    self._watch_bundle(group, row)
+                except Exception:  # a look at the disk must never stop the pipeline
+                    log.exception("group %s: checking the bundle of model %s failed", group.name, row.version)
                 continue
             if row is None:
                 continue
@@ -492,19 +496,21 @@ class Runner:
         no longer verifies (a volume unmounted, a file damaged): serving goes on, but a restart would refuse to
         start. Verified again only when its files' sizes or times change; reported then, and hourly while it lasts;
         its return is logged too."""
-        path = bundle_path(row, self.config.model_dir)
+        path: Path | str = row.artifact_path
         try:
+            path = bundle_path(row, self.config.model_dir)
             files: object = tuple((s.st_size, s.st_mtime_ns) for s in ((path / n).stat() for n in (METADATA, WEIGHTS)))
-        except OSError:
+        except FileNotFoundError:
             files = None
+        except OSError as exc:  # an I/O error, a stale network handle, a permission taken away
+            files = f"unreadable ({type(exc).__name__}: {exc.strerror or exc})"
         seen = self._bundles_seen.get(group.name)
-        if seen is None or seen[0] != row.version:  # just loaded: verified then
-            self._bundles_seen[group.name] = (row.version, files, None, -math.inf)
-            return
+        if seen is None or seen[0] != row.version:  # first look: verified now (it may have changed since the load)
+            seen = (row.version, (), None, -math.inf)
         problem, reported = seen[2], seen[3]
         if files != seen[1]:
-            problem = f"gone from {path}" if files is None else None
-            if files is not None:
+            problem = f"gone from {path}" if files is None else files if isinstance(files, str) else None
+            if problem is None:
                 try:
                     load_version(row, group, self.config.model_dir)
                 except (ModelError, OSError) as exc:

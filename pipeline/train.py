@@ -225,6 +225,10 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         _note_thin_tail(group.name, threshold_info)
     threshold_info["ewma_alpha"] = t.ewma_alpha
     threshold_info["windows"] = len(val_scores)
+    # the share of validation windows above the threshold as fitted (method, multiplier and smoothing included): the
+    # false-alarm rate the model is built for, which the retrain gate holds a candidate to when it has no active
+    # model to compare with
+    threshold_info["validation_exceed_rate"] = float(np.mean(np.asarray(val_scores) > threshold))
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
@@ -245,6 +249,10 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
                 "end": ms_to_datetime(end_ms).isoformat(),
             },
             "windows_used": len(windows),
+            # each sensor's 1st and 99th percentile in training (raw units): a valid_range set inside them later
+            # would dead-letter normal readings (``registry.range_conflicts``)
+            "sensor_quantiles": {q: np.percentile(stacked.reshape(-1, stacked.shape[-1]), pct, axis=0).tolist()
+                                 for q, pct in (("p01", 1), ("p99", 99))},
             "window_thinning": thinning.keep_every if thinning is not None else 1,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
             "sampling_period_s": group.sampling_period_s,  # ... on this grid

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from models.thresholds import ewma, ewma_by_key
-from pipeline.config import Config, ThresholdConfig, parse_config
+from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.registry import load_active, register
 from pipeline.retrain import GateDecision, ModelEval, Span, design_rate, exceed_rate, gate, near_alerts, split_windows
@@ -186,9 +186,27 @@ def test_gate_without_an_active_model_holds_the_candidate_to_absolute_floors() -
     assert not flood.promote and "10.70%" in flood.reason and "fitted for" in flood.reason
     assert "synthetic faults flagged 40.00%" in run(0.02, 0.4).reason
     assert not run(0.0, fraction=0.9).promote
-    assert design_rate(ThresholdConfig(method="percentile", percentile=99.0)) == pytest.approx(0.01)
-    assert design_rate(ThresholdConfig(method="pot", target_rate=1e-3)) == 1e-3
-    assert design_rate(ThresholdConfig(method="mean_std")) == 0.0
+    assert gate(_eval(0.3), None, anomalous_fraction=0.1, max_anomalous_fraction=0.5, tolerance=0.02).promote  # a
+    # model from before the design rate was recorded: nothing to hold it to
+
+
+@pytest.mark.parametrize("threshold", [{"method": "percentile", "percentile": 99.0, "multiplier": 0.8},
+                                       {"method": "mean_std", "k": 2.0}, {"method": "pot", "target_rate": 0.01},
+                                       {"method": "percentile", "ewma_alpha": 0.3}])
+def test_the_design_rate_is_what_the_fitted_threshold_flags_of_the_validation_windows(
+        threshold: dict[str, object]) -> None:
+    """Measured on the candidate's own validation scores, so a multiplier, mean_std (which states no rate) and
+    smoothing are all accounted for; a held-out set like the validation set passes the gate."""
+    cfg = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                                    "sensors": [{"name": "x"}, {"name": "y"}],
+                                    "window": {"length": 4, "stride": 2}, "threshold": threshold,
+                                    "model": {"epochs": 3}}]}, env={})
+    rng = np.random.default_rng(1)
+    windows = [Window("a", "g", i * 2000, i * 2000 + 4000, rng.normal(size=(4, 2))) for i in range(400)]
+    detector = train_group(windows, cfg.groups[0], progress=False).detector
+    rate = design_rate(detector)
+    assert rate is not None and 0.0 < rate < 0.2, rate
+    assert design_rate(replace(detector, metadata={})) is None
 
 
 # -- bounded memory: thinning a long lookback ------------------------------------------------------------------------

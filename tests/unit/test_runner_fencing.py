@@ -189,9 +189,10 @@ def test_run_does_not_start_while_an_active_models_bundle_is_missing_or_corrupt(
 
 
 def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_return_too(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """The model keeps serving from memory, but a restart would refuse to start: the operator is told when its bundle
-    goes (an unmounted volume) or changes and fails verification, again each hour while it lasts, and when it is
+    goes (an unmounted volume), changes and fails verification (also between the load and the first look), or
+    cannot be read (an I/O error, which never stops the pipeline), again each hour while it lasts, and when it is
     back; an unchanged bundle is not verified again."""
     from models.bundle import WEIGHTS
     from pipeline.registry import load_servable, register
@@ -221,7 +222,23 @@ def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_retu
             assert runner.reload_models() == {}  # the model in memory keeps serving throughout
         return caplog.text
 
-    assert reload() == "" and reload() == ""
+    weights = bundle / WEIGHTS
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:-8] + b"damaged!")  # after the load, before the first look
+    assert "changed on disk and refused" in reload()
+    weights.write_bytes(intact)
+    assert "verifies again" in reload() and reload() == ""
+    real_stat = Path.stat
+
+    def failing_stat(self: Path, *args: object, **kwargs: object) -> object:
+        if self.parent == bundle:
+            raise OSError(5, "Input/output error")
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", failing_stat)
+    assert "is unreadable (OSError: Input/output error)" in reload()
+    monkeypatch.setattr(Path, "stat", real_stat)
+    assert "verifies again" in reload()
     bundle.rename(tmp_path / "away")
     assert f"the bundle of model {version}, served from memory, is gone from" in reload()
     assert reload() == ""  # once an hour, not at every check
@@ -229,8 +246,7 @@ def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_retu
     assert "is gone from" in reload()
     (tmp_path / "away").rename(bundle)
     assert "verifies again" in reload()
-    weights = bundle / WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")
+    weights.write_bytes(intact[:-8] + b"damaged!")
     assert "changed on disk and refused" in reload() and runner._detectors["g"].version == version
 
 

@@ -369,9 +369,12 @@ def test_a_model_dir_moved_to_another_path_still_serves_its_verified_bundles(tmp
 
 def test_a_valid_range_that_cuts_into_the_training_data_is_warned_of(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    """The model was trained on x ~ N(0, 1): a valid_range within a standard deviation of its mean would dead-letter
+    """The model was trained on x, y ~ N(0, 1): a valid_range inside their 1st-99th percentiles would dead-letter
     normal readings (a day-2 trial narrowed motor_temp to [-30, 60] around a mean of 55 and lost 81 windows, with
-    check all ok). A range that holds the bulk of the training data, or a 0/1 sensor's [0, 1], is fine."""
+    check all ok). A range around the training data, or a skewed sensor's physical floor at its lowest readings, is
+    fine; a bundle from before the percentiles were recorded is judged by its training mean."""
+    from dataclasses import replace
+
     from pipeline.registry import load_version, range_conflicts
 
     group = _group()
@@ -381,14 +384,17 @@ def test_a_valid_range_that_cuts_into_the_training_data_is_warned_of(tmp_path: P
         sensors = [s.model_copy(update={"valid_range": r}) for s, r in zip(group.sensors, (x, y), strict=True)]
         return group.model_copy(update={"sensors": sensors})
 
+    low, high = (detector.metadata["sensor_quantiles"][q][0] for q in ("p01", "p99"))
+    assert -3.0 < low < -1.5 and 1.5 < high < 3.0
     assert range_conflicts(detector, group) == [] and range_conflicts(detector, ranged((-5, 5), (-5, 5))) == []
-    mean, std = float(detector.scaler.mean[0]), float(detector.scaler.std[0])
-    assert range_conflicts(detector, ranged((mean - std, mean + std))) == []  # binary-like: exactly one std
-    narrow = ranged((-5, mean + 0.5 * std))
+    assert range_conflicts(detector, ranged((low, high))) == []  # exactly at the percentiles
+    narrow = ranged((-5, 1.0))
     conflicts = range_conflicts(detector, narrow)
-    assert len(conflicts) == 1 and conflicts[0].startswith("sensor x: valid_range [-5, ")
+    assert len(conflicts) == 1 and conflicts[0].startswith("sensor x: valid_range [-5, 1] leaves out part")
     assert "out_of_range" in conflicts[0]
-    assert len(range_conflicts(detector, ranged((mean + 2 * std, mean + 9 * std), (-5, mean - 3)))) == 2
+    assert len(range_conflicts(detector, ranged((-1.0, 9), (-9, 0.5)))) == 2
+    legacy = replace(detector, metadata={k: v for k, v in detector.metadata.items() if k != "sensor_quantiles"})
+    assert range_conflicts(legacy, narrow) == [] and len(range_conflicts(legacy, ranged((2, 9)))) == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="pipeline.registry"):
         assert load_version(row, narrow, tmp_path / "models") is not None  # it serves: a warning, not a refusal
