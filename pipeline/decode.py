@@ -179,9 +179,8 @@ class Decoder:
         self, records: Iterable[tuple[str, int, int, bytes | None, bytes | None, int]], now_ms: int | None = None
     ) -> tuple[list[Reading], list[Rejected]]:
         """Decode ``(topic, partition, offset, key, value, record timestamp ms or -1)`` tuples; never raises on bad
-        input. A record of which
-        some values were used and some left out gives both a reading and a ``partial`` rejection (the dead-letter
-        topic gets the record with what was left out and why)."""
+        input. A record of which some values were used and some left out gives both a reading and a ``partial``
+        rejection (the dead-letter topic gets the record with what was left out and why)."""
         readings: list[Reading] = []
         rejected: list[Rejected] = []
         for topic, partition, offset, key, value, published_ms in records:

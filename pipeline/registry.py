@@ -158,8 +158,7 @@ def _threshold_changes(info: Mapping[str, Any], group: GroupConfig) -> list[str]
     return [f"{k}={info.get(k)}" for k, v in wanted.items() if k != "method" and info.get(k) != v]
 
 
-def load_servable(*, session: Session, config: Config
-                  ) -> tuple[dict[str, Detector], dict[str, str], set[str]]:
+def load_servable(*, session: Session, config: Config) -> tuple[dict[str, Detector], dict[str, str], set[str]]:
     """The verified active detector of every configured group that has a usable one; per group that has none, why
     (no active model, or its bundle refused); and the groups whose active model's bundle is missing, unreadable or
     corrupt (not merely trained for another configuration: the volume may only be unmounted)."""
