@@ -248,11 +248,10 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
     ``tolerance``, or fewer ``synthetic_faults`` by more than ``SENSITIVITY_SLACK`` (or ``tolerance``, if larger).
     Without an active model to compare with (none, or one that cannot serve the configuration) the candidate's
     false-alarm rate may exceed its ``design`` rate (``design_rate``; not checked when None) by ``tolerance`` at
-    most. (No
-    floor on its synthetic-fault sensitivity: sound models of noisy groups flag few 3-sigma steps on one sensor.)
-    Rates compare each model with its own threshold.
-    Recall is not compared when the two score different steps of a window (``model.score_steps``
-    changed): the active model's alert windows then include the lag after each fault that the change removes.
+    most; its synthetic-fault sensitivity has no floor (sound models of noisy groups flag few 3-sigma steps on one
+    sensor). Rates compare each model with its own threshold. Recall is not compared when the two score different
+    steps of a window (``model.score_steps`` changed): the active model's alert windows then include the lag after
+    each fault that the change removes.
     """
     problems: list[str] = []
     if anomalous_fraction > max_anomalous_fraction:
