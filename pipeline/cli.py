@@ -571,10 +571,14 @@ def alerts_resolve(
     alert_id: Annotated[int, typer.Argument(metavar="ID", help="Alert id (from 'alerts list --status open').")],
     by: Annotated[str, typer.Option("--by", help="Who resolves it (name or id).")],
     comment: Annotated[str | None, typer.Option(help="Why (recorded as the acknowledgement's comment).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resolve it although its asset is still configured (an asset "
+                                        "taken out of service, a feed that is gone for good).")] = False,
 ) -> None:
     """Resolve by hand an open alert of an asset that is no longer configured: no window will ever resolve it. It is
     closed at its last seen window, acknowledged by --by, and the alert sinks get its 'resolved' event. An asset
-    still in the configuration is refused: the pipeline resolves its alerts when its windows clear."""
+    still in the configuration is refused without --force: the pipeline resolves its alerts when its windows clear.
+    With --force, a running pipeline drops the incident at the asset's next window, and if the asset's windows are
+    still above the threshold, it opens a new alert."""
     from pipeline.sinks import configured_sinks, outbox_rows
     from pipeline.store import repo
     from pipeline.types import AlertEvent
@@ -585,12 +589,15 @@ def alerts_resolve(
     try:
         with _session(cfg, write=True) as session:
             found = repo.get_alert(session=session, alert_id=alert_id)
-            if found is not None and found.asset in configured:
+            if found is not None and found.asset in configured and not force:
                 raise _fail(ValueError(
                     f"alert #{alert_id}: asset {found.asset} is still configured (group "
-                    f"{configured[found.asset].name}): the pipeline resolves its alerts when its windows clear"), 2)
+                    f"{configured[found.asset].name}): the pipeline resolves its alerts when its windows clear "
+                    "(--force resolves it anyway, e.g. for an asset taken out of service)"), 2)
+            why = comment or ("asset taken out of service" if found is not None and found.asset in configured
+                              else "asset no longer configured")
             row = repo.resolve_alert_by_hand(session=session, alert_id=alert_id, by=who,
-                                             comment=f"resolved by hand: {comment or 'asset no longer configured'}")
+                                             comment=f"resolved by hand: {why}")
             event = AlertEvent("resolved", repo.alert_record(row))
             repo.enqueue_outbox(session=session, rows=outbox_rows(configured_sinks(cfg), [event]),
                                 now=datetime.now(UTC))

@@ -288,6 +288,7 @@ def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand
     cli = CliRunner()
     still = cli.invoke(app, ["alerts", "resolve", "-c", str(tmp_path / "c.yaml"), str(c), "--by", "dan"])
     assert still.exit_code == 2 and "still configured" in " ".join(still.output.split())
+    assert "--force resolves it anyway" in " ".join(still.output.split())
     raw["groups"][0]["assets"] = ["pump-1", "pump-3"]
     raw["sinks"] = {"webhook": {"url": "https://hooks.example/T0KEN"}}
     path = tmp_path / "removed.yaml"
@@ -324,3 +325,31 @@ def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand
         assert kept is not None and kept.status == "resolved" and kept.acknowledged_by == "dan"
         assert datetime_to_ms(kept.last_seen_at) == stale.last_seen_ms  # not undone
     engine.dispose()
+
+
+def test_an_open_alert_of_a_configured_asset_is_resolved_by_hand_with_force(
+        loaded: tuple[str, int, int, int], tmp_path: Path) -> None:
+    """pump-2 is taken out of service but still in the configuration: --force closes its open alert C at its last
+    window, records who and why, and queues the 'resolved' event (a running pipeline then drops the incident at the
+    asset's next window: tests/unit/test_runner_alert_sinks.py)."""
+    import yaml
+    from sqlalchemy import select
+
+    from pipeline.store.tables import AlertOutbox
+
+    url, _, _, c = loaded
+    raw = yaml.safe_load(write_config(tmp_path / "c.yaml", url).read_text())
+    raw["sinks"] = {"webhook": {"url": "https://hooks.example/T0KEN"}}
+    path = tmp_path / "hooked.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = CliRunner().invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan", "--force"])
+    assert done.exit_code == 0, done.output
+    engine = make_engine(url)
+    with make_sessionmaker(engine)() as s:
+        row = repo.get_alert(session=s, alert_id=c)
+        assert row is not None and (row.status, row.closed_at, row.acknowledged_by) == ("resolved", row.last_seen_at,
+                                                                                        "dan")
+        assert row.ack_comment == "resolved by hand: asset taken out of service"
+        queued = [(o.sink, o.document["event"]) for o in s.scalars(select(AlertOutbox))]
+    engine.dispose()
+    assert queued == [("webhook", "resolved")]
