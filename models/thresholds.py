@@ -190,3 +190,8 @@ def ewma_by_key(scores: np.ndarray, keys: Sequence[Hashable], alpha: float) -> n
     for index in positions.values():
         out[index] = ewma(x[index], alpha)
     return out
+
+
+def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
+    """Fraction of ``scores`` above ``threshold`` (how the pipeline flags a window); None when there are none."""
+    return float(np.mean(scores > threshold)) if len(scores) else None

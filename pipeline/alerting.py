@@ -211,7 +211,7 @@ class _Open:
         group has sensors beyond the list) their remainder, estimated from the largest listed share, so shares stay
         right; a sensor beyond the list can then never enter it."""
         exact = record.error_sums is not None
-        sums = dict(record.error_sums) if record.error_sums is not None else _listed_sums(record, sensors)
+        sums = dict(record.error_sums) if exact else _listed_sums(record, sensors)
         names = [t.name for t in rule.tiers]
         if record.severity in names:
             # the ratio only decides the rank, and the largest per-window ratio is not stored (peak / the opening

@@ -149,8 +149,9 @@ class Decoder:
         if now_ms is not None:
             if ts_ms > now_ms + self._ingest.max_future_s * 1000:
                 raise InvalidReading("ts_in_future", f"{ts_ms - now_ms} ms ahead of the consumer clock")
-            at_ms, when = (published_ms, " when published") if published_ms is not None and published_ms >= 0 else (
-                now_ms, "")
+            at_ms, when = now_ms, ""
+            if published_ms is not None and published_ms >= 0:  # -1: the record has no timestamp
+                at_ms, when = published_ms, " when published"
             if self._ingest.max_age_s is not None and ts_ms < at_ms - self._ingest.max_age_s * 1000:
                 raise InvalidReading("ts_too_old", f"{(at_ms - ts_ms) // 1000} s old{when}")
         if per_sensor:

@@ -16,7 +16,7 @@ One run of one group (``retrain_group``):
            (``drift_levels``)
   record   the candidate's registry row (active, rejected, or failed) and the run's row in ``retrain_runs``
 An exception anywhere leaves the active model untouched and records the run as failed. The decisions (``split_windows``,
-``exceed_rate``, ``gate``) are pure functions of plain values.
+``gate``, ``models.thresholds.exceed_rate``) are pure functions of plain values.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.detector import Detector, scored_steps_text
-from models.thresholds import ewma_by_key
+from models.thresholds import ewma_by_key, exceed_rate
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig
 from pipeline.decode import Decoder
@@ -192,11 +192,6 @@ def synthetic_faults(windows: Sequence[Window], *, sigmas: float = FAULT_SIGMAS,
         sensor = moving[i % len(moving)]
         faulty[i, half:, sensor] += (1 if i % 2 == 0 else -1) * sigmas * std[sensor]
     return SyntheticFaults(clean, faulty.astype(values.dtype))
-
-
-def exceed_rate(scores: np.ndarray, threshold: float) -> float | None:
-    """Fraction of ``scores`` above ``threshold`` (how the pipeline flags a window); None when there are none."""
-    return float(np.mean(scores > threshold)) if len(scores) else None
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,17 @@ class RunStats:
         return line
 
 
+@dataclass
+class _BundleLook:
+    """The last look at the bundle of a model served from memory: its files' sizes and times (None: gone; text:
+    unreadable), what is wrong with it, and when that was last reported (monotonic)."""
+
+    version: str
+    files: tuple[tuple[int, int], ...] | str | None = ()
+    problem: str | None = None
+    reported: float = -math.inf
+
+
 class Runner:
     """Composes the steps over injected clients; owns the transaction and the offset commit."""
 
@@ -132,8 +143,7 @@ class Runner:
         # (version, activated_at) whose bundle was refused -> when to try it again (monotonic; inf: not before it is
         # activated again)
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
-        # group -> (served version, its bundle files' sizes and times or None when gone, problem, when reported)
-        self._bundles_seen: dict[str, tuple[str, object, str | None, float]] = {}
+        self._bundles_seen: dict[str, _BundleLook] = {}  # group -> the last look at its served model's bundle
         self._reported = set(reported)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
@@ -497,33 +507,32 @@ class Runner:
         start. Verified again only when its files' sizes or times change; reported then, and hourly while it lasts;
         its return is logged too."""
         path: Path | str = row.artifact_path
+        files: tuple[tuple[int, int], ...] | str | None
         try:
             path = bundle_path(row, self.config.model_dir)
-            files: object = tuple((s.st_size, s.st_mtime_ns) for s in ((path / n).stat() for n in (METADATA, WEIGHTS)))
+            files = tuple((s.st_size, s.st_mtime_ns) for s in ((path / n).stat() for n in (METADATA, WEIGHTS)))
         except FileNotFoundError:
             files = None
         except OSError as exc:  # an I/O error, a stale network handle, a permission taken away
             files = f"unreadable ({type(exc).__name__}: {exc.strerror or exc})"
-        seen = self._bundles_seen.get(group.name)
-        if seen is None or seen[0] != row.version:  # first look: verified now (it may have changed since the load)
-            seen = (row.version, (), None, -math.inf)
-        problem, reported = seen[2], seen[3]
-        if files != seen[1]:
-            problem = f"gone from {path}" if files is None else files if isinstance(files, str) else None
-            if problem is None:
+        look = self._bundles_seen.get(group.name)
+        if look is None or look.version != row.version:  # first look: verified now (it may have changed since load)
+            look = self._bundles_seen[group.name] = _BundleLook(row.version)
+        if files != look.files:
+            was, look.files, look.reported = look.problem, files, -math.inf
+            look.problem = f"gone from {path}" if files is None else files if isinstance(files, str) else None
+            if look.problem is None:
                 try:
                     load_version(row, group, self.config.model_dir)
                 except (ModelError, OSError) as exc:
-                    problem = f"changed on disk and refused: {exc}"
-            if problem is None and seen[2] is not None:
+                    look.problem = f"changed on disk and refused: {exc}"
+            if look.problem is None and was is not None:
                 log.info("group %s: the bundle of model %s verifies again", group.name, row.version)
-            reported = -math.inf
-        if problem is not None and time.monotonic() >= reported + BUNDLE_REMIND_S:
+        if look.problem is not None and time.monotonic() >= look.reported + BUNDLE_REMIND_S:
             log.error("group %s: the bundle of model %s, served from memory, is %s; serving goes on, but a restart "
                       "would refuse to start: restore it, or 'sensorwatch models activate' another version",
-                      group.name, row.version, problem)
-            reported = time.monotonic()
-        self._bundles_seen[group.name] = (row.version, files, problem, reported)
+                      group.name, row.version, look.problem)
+            look.reported = time.monotonic()
 
     # -- the loop --------------------------------------------------------------------------------------------------
     def _commit(self, consumer: KafkaConsumer, offsets: dict[int, int]) -> None:

@@ -15,7 +15,7 @@ from models.autoencoders import build_model
 from models.detector import Detector
 from models.drift import scale_floors
 from models.scaler import MIN_STD, StandardScaler
-from models.thresholds import ewma_by_key, fit_threshold
+from models.thresholds import ewma_by_key, exceed_rate, fit_threshold
 from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
 from pipeline.decode import MAX_ABS_VALUE
@@ -175,7 +175,8 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
         raise NotEnoughData(f"group {group.name!r}: no complete windows in the training data")
     ordered = sorted(windows, key=lambda w: (w.start_ms, w.asset))
     stacked = np.stack([w.values for w in ordered])
-    spread = stacked.reshape(-1, stacked.shape[-1]).std(axis=0)
+    rows = stacked.reshape(-1, stacked.shape[-1])
+    spread = rows.std(axis=0)
     still = [s for s, std in zip(group.sensor_names, spread, strict=True) if std < MIN_STD]  # as the scaler decides
     if len(still) == len(group.sensor_names):
         raise NotEnoughData(f"group {group.name!r}: every sensor was constant in the training data; a model needs "
@@ -228,7 +229,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
     # the share of validation windows above the threshold as fitted (method, multiplier and smoothing included): the
     # false-alarm rate the model is built for, which the retrain gate holds a candidate to when it has no active
     # model to compare with
-    threshold_info["validation_exceed_rate"] = float(np.mean(np.asarray(val_scores) > threshold))
+    threshold_info["validation_exceed_rate"] = exceed_rate(np.asarray(val_scores), threshold)
     start_ms, end_ms = min(w.start_ms for w in windows), max(w.end_ms for w in windows)
     metrics = {
         "train_loss": result.train_loss[-1], "val_loss": result.val_loss[result.best_epoch],
@@ -251,8 +252,7 @@ def train_group(windows: list[Window], group: GroupConfig, *, progress: bool = T
             "windows_used": len(windows),
             # each sensor's 1st and 99th percentile in training (raw units): a valid_range set inside them later
             # would dead-letter normal readings (``registry.range_conflicts``)
-            "sensor_quantiles": {q: np.percentile(stacked.reshape(-1, stacked.shape[-1]), pct, axis=0).tolist()
-                                 for q, pct in (("p01", 1), ("p99", 99))},
+            "sensor_quantiles": dict(zip(("p01", "p99"), np.percentile(rows, [1, 99], axis=0).tolist(), strict=True)),
             "window_thinning": thinning.keep_every if thinning is not None else 1,
             "window_smooth": group.window.smooth,  # the model learned windows smoothed like this
             "sampling_period_s": group.sampling_period_s,  # ... on this grid

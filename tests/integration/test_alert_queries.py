@@ -277,11 +277,9 @@ def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand
     """pump-2 (with open alert C) leaves the configuration: check names the alert, `alerts resolve` closes it at its
     last window and queues its 'resolved' event for the webhook; while pump-2 was configured it was refused."""
     import yaml
-    from sqlalchemy import select
 
     from pipeline.config import parse_config
     from pipeline.preflight import _database_and_models
-    from pipeline.store.tables import AlertOutbox
 
     url, _, _, c = loaded
     raw = yaml.safe_load(write_config(tmp_path / "c.yaml", url).read_text())
@@ -298,15 +296,10 @@ def test_an_open_alert_of_a_removed_asset_is_named_by_check_and_resolved_by_hand
 
     done = cli.invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan", "--comment", "scrapped"])
     assert done.exit_code == 0, done.output
-    engine = make_engine(url)
-    with make_sessionmaker(engine)() as s:
-        row = repo.get_alert(session=s, alert_id=c)
-        assert row is not None and (row.status, row.closed_at, row.acknowledged_by) == ("resolved", row.last_seen_at,
-                                                                                        "dan")
-        assert row.ack_comment == "resolved by hand: scrapped"
-        queued = [(o.sink, o.document["event"], o.document["alert"]["status"]) for o in s.scalars(select(AlertOutbox))]
-    engine.dispose()
+    comment, queued = _resolved_by_hand(url, c, "dan")
+    assert comment == "resolved by hand: scrapped"
     assert queued == [("webhook", "resolved", "resolved")]
+    engine = make_engine(url)
     assert "open alerts" not in {x.name for x in _database_and_models(parse_config(raw, env={}))}
     again = cli.invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan"])
     assert again.exit_code == 2 and "is resolved, not open" in " ".join(again.output.split())
@@ -333,9 +326,7 @@ def test_an_open_alert_of_a_configured_asset_is_resolved_by_hand_with_force(
     window, records who and why, and queues the 'resolved' event (a running pipeline then drops the incident at the
     asset's next window: tests/unit/test_runner_alert_sinks.py)."""
     import yaml
-    from sqlalchemy import select
 
-    from pipeline.store.tables import AlertOutbox
 
     url, _, _, c = loaded
     raw = yaml.safe_load(write_config(tmp_path / "c.yaml", url).read_text())
@@ -344,12 +335,24 @@ def test_an_open_alert_of_a_configured_asset_is_resolved_by_hand_with_force(
     path.write_text(yaml.safe_dump(raw))
     done = CliRunner().invoke(app, ["alerts", "resolve", "-c", str(path), str(c), "--by", "dan", "--force"])
     assert done.exit_code == 0, done.output
+    comment, queued = _resolved_by_hand(url, c, "dan")
+    assert comment == "resolved by hand: asset taken out of service"
+    assert [q[:2] for q in queued] == [("webhook", "resolved")]
+
+
+def _resolved_by_hand(url: str, alert_id: int, by: str) -> tuple[str | None, list[tuple[str, str, str]]]:
+    """Asserts the alert is resolved at its last seen window and acknowledged by ``by``; returns its comment and the
+    outbox's (sink, event, alert status) rows."""
+    from sqlalchemy import select
+
+    from pipeline.store.tables import AlertOutbox
+
     engine = make_engine(url)
     with make_sessionmaker(engine)() as s:
-        row = repo.get_alert(session=s, alert_id=c)
+        row = repo.get_alert(session=s, alert_id=alert_id)
         assert row is not None and (row.status, row.closed_at, row.acknowledged_by) == ("resolved", row.last_seen_at,
-                                                                                        "dan")
-        assert row.ack_comment == "resolved by hand: asset taken out of service"
-        queued = [(o.sink, o.document["event"]) for o in s.scalars(select(AlertOutbox))]
+                                                                                        by)
+        queued = [(o.sink, o.document["event"], o.document["alert"]["status"]) for o in s.scalars(select(AlertOutbox))]
+        comment = row.ack_comment
     engine.dispose()
-    assert queued == [("webhook", "resolved")]
+    return comment, queued

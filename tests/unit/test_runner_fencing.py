@@ -242,7 +242,7 @@ def test_a_served_models_bundle_gone_or_damaged_on_disk_is_reported_and_its_retu
     bundle.rename(tmp_path / "away")
     assert f"the bundle of model {version}, served from memory, is gone from" in reload()
     assert reload() == ""  # once an hour, not at every check
-    runner._bundles_seen["g"] = (*runner._bundles_seen["g"][:3], time.monotonic() - 3601)
+    runner._bundles_seen["g"].reported = time.monotonic() - 3601
     assert "is gone from" in reload()
     (tmp_path / "away").rename(bundle)
     assert "verifies again" in reload()
