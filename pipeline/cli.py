@@ -165,6 +165,8 @@ def run(
     try:
         with _database_errors(cfg):
             stats = run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop, serve_metrics=True)
+    except ConfigError as exc:  # e.g. kafka.security's TLS files do not load
+        raise _fail(exc, 2) from None
     except (ModelError, TransientError) as exc:
         raise _fail(exc) from None
     logging.getLogger(__name__).info(

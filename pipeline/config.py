@@ -60,11 +60,14 @@ class SecurityConfig(_Strict):
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
+    ssl_key_password: SecretStr | None = None  # for an encrypted ssl_keyfile
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> SecurityConfig:
         if self.protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
             raise ValueError("SASL protocols need sasl_mechanism and sasl_username")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it is the key of)")
         return self
 
 
@@ -97,6 +100,8 @@ class KafkaConfig(_Strict):
         for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if getattr(s, key):
                 kwargs[key] = getattr(s, key)
+        if s.ssl_key_password:
+            kwargs["ssl_password"] = s.ssl_key_password.get_secret_value()
         return kwargs
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -19,7 +21,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import KafkaConfig
-from pipeline.errors import TransientError
+from pipeline.errors import ConfigError, TransientError
 from pipeline.types import Rejected
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,61 @@ log = logging.getLogger(__name__)
 # partitions added to the topic are assigned within this (kafka-python waits 5 minutes by default, and meanwhile the
 # assets keyed onto them look silent: their windows are closed idle on forward-filled data, or skipped)
 METADATA_MAX_AGE_MS = 30_000
+
+
+def tls_problems(cfg: KafkaConfig) -> list[str]:
+    """What keeps the TLS files of ``cfg.security`` from loading, one ``kafka.security.<key>: reason`` each; empty
+    when they load (or none are set). Loads them as the clients will, except that an encrypted key without
+    ``ssl_key_password`` is reported instead of making OpenSSL ask for its pass phrase on the terminal."""
+    s = cfg.security
+    files = {key: getattr(s, key) for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(s, key)}
+    problems = []
+    for key, path in files.items():
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"kafka.security.{key}: cannot read {path} ({exc.strerror})")
+    if problems:
+        return problems
+    context = ssl.create_default_context()
+    if s.ssl_cafile:
+        try:
+            context.load_verify_locations(cafile=s.ssl_cafile)
+        except ssl.SSLError as exc:
+            problems.append(f"kafka.security.ssl_cafile: {s.ssl_cafile} holds no PEM certificate ({exc.reason})")
+    if s.ssl_certfile:
+        asked: list[bool] = []
+        password = s.ssl_key_password.get_secret_value() if s.ssl_key_password else ""
+
+        def give_password() -> str:  # OpenSSL calls it only for an encrypted key
+            asked.append(True)
+            return password
+
+        key = s.ssl_keyfile or s.ssl_certfile
+        try:
+            context.load_cert_chain(s.ssl_certfile, s.ssl_keyfile, password=give_password)
+        except ssl.SSLError as exc:
+            if asked and not s.ssl_key_password:
+                problems.append(f"kafka.security.ssl_keyfile: {key} is encrypted; give its password in "
+                                "kafka.security.ssl_key_password (for example ${KAFKA_KEY_PASSWORD})")
+            elif asked:
+                problems.append(f"kafka.security.ssl_key_password: does not decrypt {key}")
+            elif exc.reason == "KEY_VALUES_MISMATCH":
+                problems.append(f"kafka.security.ssl_keyfile: {key} is not the key of the certificate in "
+                                f"{s.ssl_certfile}")
+            else:
+                problems.append(f"kafka.security.ssl_certfile: {s.ssl_certfile} and {key} do not load as a PEM "
+                                f"certificate and its private key ({exc.reason or exc})")
+    return problems
+
+
+def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+    """``cfg.client_kwargs()`` once its TLS files load (``tls_problems``); ConfigError naming each problem."""
+    problems = tls_problems(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg.client_kwargs()
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +133,7 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=max(cfg.session_timeout_ms // 3, 500),
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
-        **cfg.client_kwargs(),
+        **client_kwargs(cfg),
     )
     revoked = on_revoked or (lambda _p: None)
     listener = _Rebalance(revoked, on_assigned or (lambda _p: None), on_lost or revoked)
@@ -116,7 +173,7 @@ def wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Eve
 def make_producer(cfg: KafkaConfig, **overrides: object) -> KafkaProducer:
     """A producer that waits for all in-sync replicas (records must not be lost)."""
     options: dict[str, object] = {"acks": "all", "linger_ms": 5, "retries": 5, **overrides}
-    return KafkaProducer(**cfg.client_kwargs(), **options)
+    return KafkaProducer(**client_kwargs(cfg), **options)
 
 
 def poll(consumer: KafkaConsumer, timeout_ms: int, max_records: int) -> list[RawRecord]:
@@ -230,7 +287,7 @@ def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records
         consumer = KafkaConsumer(
             group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_records,
             fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
-            max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **cfg.client_kwargs(),
+            max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **client_kwargs(cfg),
         )
     except KafkaError as exc:
         raise TransientError(f"cannot read {cfg.topic} back: {exc}") from exc
@@ -315,9 +372,9 @@ def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: floa
         try:
             consumer = KafkaConsumer(group_id=None, enable_auto_commit=False,
                                      bootstrap_timeout_ms=round(timeout_s * 1000),
-                                     request_timeout_ms=max(round(timeout_s * 1000), 1000), **cfg.client_kwargs())
+                                     request_timeout_ms=max(round(timeout_s * 1000), 1000), **client_kwargs(cfg))
         except KafkaError as exc:
-            raise TransientError(f"{exc}{last_failure(seen)}") from exc
+            raise TransientError(f"{exc}{last_failure(seen, sasl=cfg.security.protocol.startswith('SASL'))}") from exc
     try:
         known = consumer.topics()
         return {t: len(consumer.partitions_for_topic(t) or ()) if t in known else 0 for t in topics}
@@ -353,7 +410,7 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
     """Whether the brokers create a topic on its first use (``auto.create.topics.enable`` of the controller, asked
     with an admin client); None when that cannot be read (no permission to describe configs, an old broker)."""
     try:
-        admin = KafkaAdminClient(**cfg.client_kwargs())
+        admin = KafkaAdminClient(**client_kwargs(cfg))
     except KafkaError:
         return None
     try:
@@ -368,14 +425,20 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
         admin.close()
 
 
-def last_failure(seen: Sequence[str]) -> str:
+def last_failure(seen: Sequence[str], *, sasl: bool = False) -> str:
     """``"; last connection error: ..."`` from what ``connection_errors`` kept, or ``""`` when it kept none. A TLS or
     SASL failure (a handshake, authentication) explains more than a refused connection and is preferred: the log is
-    the process's, so another client's attempts can be in it too."""
+    the process's, so another client's attempts can be in it too. With ``sasl`` (a SASL protocol is configured), a
+    connection that dropped says that refused credentials can look like that: kafka-python 3.0 can drop the broker's
+    authentication answer when the broker closes the connection right after it."""
     failures = [m for m in seen if "failed" in m and not m.startswith("Bootstrap failed")]
     security = [m for m in failures if _SECURITY_FAILURE.search(m)]
     chosen = security or failures
-    return f"; last connection error: {chosen[-1]}" if chosen else ""
+    if not chosen:
+        return ""
+    hint = (" (a broker that refuses the SASL credentials closes the connection: check kafka.security's "
+            "sasl_mechanism, sasl_username and sasl_password)") if sasl and "socket disconnected" in chosen[-1] else ""
+    return f"; last connection error: {chosen[-1]}{hint}"
 
 
 _SECURITY_FAILURE = re.compile(r"sasl|ssl|tls|handshake|authenticat", re.IGNORECASE)
@@ -383,7 +446,7 @@ _SECURITY_FAILURE = re.compile(r"sasl|ssl|tls|handshake|authenticat", re.IGNOREC
 
 def ensure_topics(cfg: KafkaConfig, topics: Iterable[str], partitions: int = 3) -> None:
     """Create topics that do not exist yet (replication factor 1 is for local brokers; use your ops tooling in prod)."""
-    admin = KafkaAdminClient(**cfg.client_kwargs())
+    admin = KafkaAdminClient(**client_kwargs(cfg))
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]

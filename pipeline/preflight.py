@@ -185,6 +185,8 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
         produced.append(("alert topic", config.sinks.kafka.topic))
     try:
         partitions = kafka_io.topic_partitions(kafka, [kafka.topic, *(t for _, t in produced)], timeout_s=timeout_s)
+    except ConfigError as exc:  # TLS files that do not load: no client was made
+        return [Check("kafka", "fail", str(exc))]
     except (KafkaError, TransientError) as exc:
         return [Check("kafka", "fail", f"{kafka.bootstrap_servers}: no broker answered within {timeout_s:g} s ({exc}); "
                       "check kafka.bootstrap_servers and kafka.security")]

@@ -723,6 +723,6 @@ def _connect(make: Callable[[KafkaConfig], T], kafka: KafkaConfig, *, explain: b
         try:
             return make(kafka)
         except KafkaError as exc:
-            raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}"
-                                 f"{kafka_io.last_failure(seen)}); check kafka.bootstrap_servers and "
-                                 "kafka.security") from None
+            why = kafka_io.last_failure(seen, sasl=kafka.security.protocol.startswith("SASL"))
+            raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}{why}); check "
+                                 "kafka.bootstrap_servers and kafka.security") from None

@@ -16,6 +16,7 @@ Fixtures:
   pg_database_url          function  URL of a new empty database, dropped (WITH FORCE) after the test
   local_postgres           function  a dedicated LocalPostgres cluster (stop_server()/start_server())
   local_kafka              function  a dedicated LocalKafka broker (stop_broker()/start_broker())
+  secure_kafka             module    a dedicated LocalKafka broker with TLS and SASL listeners
 """
 
 from __future__ import annotations
@@ -247,6 +248,23 @@ def local_kafka() -> Iterator[LocalKafka]:
         broker.start()
     except Exception as exc:
         _unavailable(f"local Kafka broker failed: {type(exc).__name__}: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def secure_kafka() -> Iterator[LocalKafka]:
+    """A local broker that also listens with TLS and SASL (``LocalKafka(secure=True)``: mutual-TLS SSL,
+    SASL_PLAINTEXT and SASL_SSL with PLAIN and SCRAM, a throwaway CA), shared by one test module."""
+    from pipeline.localinfra import LocalKafka
+
+    broker = LocalKafka(secure=True)
+    try:
+        broker.start()
+    except Exception as exc:
+        _unavailable(f"local Kafka broker with TLS and SASL failed: {type(exc).__name__}: {exc}")
     try:
         yield broker
     finally:

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -38,11 +39,17 @@ from pipeline.localinfra._util import (
     port_open,
     tail,
 )
+from pipeline.localinfra.tls import Pki, make_pki
 
 #: The local-broker kit: pom.xml (jar list), server.properties (template), log4j2.xml.
 KIT_DIR = REPO_ROOT / "docker" / "kafka"
 
 _POM_NS = {"m": "http://maven.apache.org/POM/4.0.0"}
+
+#: The client user of a ``secure=True`` broker's SASL listeners (PLAIN and both SCRAM mechanisms).
+SASL_USER = "sensorwatch"
+#: The extra listeners of a ``secure=True`` broker, by security protocol.
+SECURE_PROTOCOLS = ("SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 def _kit_dir(kit_dir: Path | None) -> Path:
@@ -196,8 +203,11 @@ class LocalKafka:
 
     Contract: after start() returns, `bootstrap_servers` ("127.0.0.1:PORT") accepts clients and topics
     are auto-created with 3 partitions. stop_broker()/start_broker() take the broker down and up again
-    with the same address and data (outage tests). stop() is idempotent, sends SIGTERM, waits (then
-    kills) and deletes the instance's temp dir (its data and broker.log) unless keep_dir=True.
+    with the same address and data (outage tests). With ``secure=True`` it also listens with TLS and SASL
+    (``secure_listeners``): SSL requires a client certificate (mutual TLS, ``pki.client_cert``/``client_key``),
+    SASL_PLAINTEXT and SASL_SSL accept user ``SASL_USER`` with ``sasl_password`` over PLAIN, SCRAM-SHA-256 and
+    SCRAM-SHA-512; certificates come from a throwaway CA (``pki.ca``). stop() is idempotent, sends SIGTERM,
+    waits (then kills) and deletes the instance's temp dir (its data and broker.log) unless keep_dir=True.
     """
 
     def __init__(
@@ -209,8 +219,13 @@ class LocalKafka:
         heap: str = "512m",
         properties: Mapping[str, str] | None = None,
         keep_dir: bool = False,
+        secure: bool = False,
     ) -> None:
         self._kit = _kit_dir(kit_dir)
+        self._secure = secure
+        self.sasl_password = secrets.token_urlsafe(18)
+        self.pki: Pki | None = None
+        self._secure_ports: dict[str, int] = {}
         self._jars_dir = jars_dir
         self._start_timeout = start_timeout
         self._heap = heap
@@ -232,6 +247,13 @@ class LocalKafka:
         if self._port is None:
             raise LocalInfraError("LocalKafka is not started")
         return f"127.0.0.1:{self._port}"
+
+    @property
+    def secure_listeners(self) -> dict[str, str]:
+        """Security protocol -> "127.0.0.1:PORT" of the TLS and SASL listeners (empty unless ``secure=True``)."""
+        if self._port is None:
+            raise LocalInfraError("LocalKafka is not started")
+        return {protocol: f"127.0.0.1:{port}" for protocol, port in self._secure_ports.items()}
 
     @property
     def directory(self) -> Path | None:
@@ -260,6 +282,8 @@ class LocalKafka:
         self._dir = Path(tempfile.mkdtemp(prefix="sensorwatch-kafka-"))
         atexit.register(self.stop)
         try:
+            if self._secure:
+                self.pki = make_pki(self._dir / "tls")
             for attempt in range(3):  # a port picked as free can be taken before the broker binds it
                 try:
                     self._launch(java, libs, began)
@@ -284,6 +308,7 @@ class LocalKafka:
         self._dir = None
         self._port = None
         self._broker_port = None
+        self._secure_ports = {}
 
     def stop_broker(self, *, kill: bool = False, timeout: float = 30.0) -> None:
         """Stop the broker process but keep its data, ports and dir (for outage tests).
@@ -337,8 +362,17 @@ class LocalKafka:
             "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker_port}",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
             "log.dirs": str(data),
-            **self._properties,
         }
+        scram: list[str] = []
+        if self.pki is not None:
+            taken = {broker_port, controller_port}
+            for protocol in SECURE_PROTOCOLS:
+                taken.add(port := free_port(exclude=taken))
+                self._secure_ports[protocol] = port
+            overrides.update(self._secure_properties(overrides["listeners"], overrides["advertised.listeners"]))
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                scram += ["--add-scram", f"{mechanism}=[name={SASL_USER},password={self.sasl_password}]"]
+        overrides.update(self._properties)
         props = self._dir / "server.properties"
         props.write_text(render_properties((self._kit / "server.properties").read_text(), overrides))
         classpath = f"{libs}/*"
@@ -354,6 +388,7 @@ class LocalKafka:
                 new_cluster_id(),
                 "-c",
                 str(props),
+                *scram,
             ],
             capture_output=True,
             text=True,
@@ -368,6 +403,31 @@ class LocalKafka:
             )
         self._java_bin, self._libs, self._broker_port = java, libs, broker_port
         self._spawn(began)
+
+    def _secure_properties(self, listeners: str, advertised: str) -> dict[str, str]:
+        """Broker settings for the TLS and SASL listeners on ``self._secure_ports`` (PEM key and trust stores)."""
+        assert self.pki is not None
+        extra = [f"{protocol}://127.0.0.1:{port}" for protocol, port in self._secure_ports.items()]
+        plain = (f'org.apache.kafka.common.security.plain.PlainLoginModule required '
+                 f'user_{SASL_USER}="{self.sasl_password}";')
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        props = {
+            "listeners": ",".join([listeners, *extra]),
+            "advertised.listeners": ",".join([advertised, *extra]),
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,"
+                                              + ",".join(f"{p}:{p}" for p in SECURE_PROTOCOLS),
+            "sasl.enabled.mechanisms": "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512",
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(self.pki.broker_keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(self.pki.ca),
+            "listener.name.ssl.ssl.client.auth": "required",
+        }
+        for listener in ("sasl_plaintext", "sasl_ssl"):
+            props[f"listener.name.{listener}.plain.sasl.jaas.config"] = plain
+            for mechanism in ("scram-sha-256", "scram-sha-512"):
+                props[f"listener.name.{listener}.{mechanism}.sasl.jaas.config"] = scram
+        return props
 
     def _spawn(self, began: float) -> None:
         """Start the JVM on the formatted instance dir and wait until the broker answers."""

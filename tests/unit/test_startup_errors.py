@@ -82,3 +82,12 @@ def test_a_security_failure_explains_more_than_a_refused_connection() -> None:
                                            "[Error 34] IllegalSaslStateError")
     assert kafka_io.last_failure(seen[1:]).endswith("111 ECONNREFUSED")
     assert kafka_io.last_failure(seen[2:]) == ""
+
+
+def test_a_dropped_connection_under_sasl_says_the_credentials_may_have_been_refused() -> None:
+    seen = ["Sending username and password in the clear",
+            "Bootstrap connection to bootstrap-0 failed: KafkaConnectionError: socket disconnected"]
+    assert kafka_io.last_failure(seen).endswith("socket disconnected")  # no SASL configured: no hint
+    assert kafka_io.last_failure(seen, sasl=True).endswith(
+        "socket disconnected (a broker that refuses the SASL credentials closes the connection: check "
+        "kafka.security's sasl_mechanism, sasl_username and sasl_password)")

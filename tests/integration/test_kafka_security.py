@@ -1,0 +1,211 @@
+"""Kafka security against a real broker that speaks it (``LocalKafka(secure=True)``): every Kafka client of the
+product (the pipeline's consumer group and offset commits, the dead-letter producer, the alert sink's producer,
+retraining's reader, ``check``'s admin client) works over mutual TLS and over SASL_SSL with SCRAM; a password taken
+from the environment is never logged; a wrong password, a missing client certificate or an untrusted CA makes
+``check`` fail with the broker's reason."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pandas as pd
+import pytest
+import yaml
+from kafka import KafkaConsumer, TopicPartition
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from pipeline import kafka_io
+from pipeline.cli import app
+from pipeline.config import Config, parse_config
+from pipeline.localinfra import LocalKafka
+from pipeline.localinfra.kafka import SASL_USER
+from pipeline.localinfra.tls import KEY_PASSWORD
+from pipeline.runner import RunStats, run_pipeline
+from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, simulate_normal, to_messages
+from pipeline.sinks import KafkaAlertSink, OutboxDeliverer
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import Alert
+from pipeline.train import register_trained, train_group, windows_from_frame
+
+pytestmark = pytest.mark.integration
+
+ASSETS = ["pump-1", "pump-2"]
+PERIOD = 10.0
+START = pd.Timestamp("2026-03-01T00:00:00Z")
+
+
+def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWORD}",
+              ca: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(bootstrap address, kafka.security)`` for one of the broker's secured listeners."""
+    pki = broker.pki
+    assert pki is not None
+    cafile = str(ca or pki.ca)
+    if setup == "mtls":
+        return broker.secure_listeners["SSL"], {"protocol": "SSL", "ssl_cafile": cafile, "ssl_certfile":
+                                                str(pki.client_cert), "ssl_keyfile": str(pki.client_key)}
+    if setup == "mtls-encrypted-key":
+        return broker.secure_listeners["SSL"], {
+            "protocol": "SSL", "ssl_cafile": cafile, "ssl_certfile": str(pki.client_cert),
+            "ssl_keyfile": str(pki.client_key_encrypted), "ssl_key_password": "${KAFKA_KEY_PASSWORD}"}
+    if setup == "mtls-no-client-cert":
+        return broker.secure_listeners["SSL"], {"protocol": "SSL", "ssl_cafile": cafile}
+    protocol, mechanism = setup.split("/")
+    security = {"protocol": protocol, "sasl_mechanism": mechanism, "sasl_username": SASL_USER,
+                "sasl_password": password}
+    return broker.secure_listeners[protocol], security | ({"ssl_cafile": cafile} if protocol == "SASL_SSL" else {})
+
+
+def _config(broker: LocalKafka, setup: str, topic: str, db_url: str, model_dir: Path) -> Config:
+    bootstrap, security = _security(broker, setup)
+    return parse_config({
+        "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
+                  "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500, "security": security},
+        "sinks": {"kafka": {"topic": f"{topic}-alerts"}},
+        "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
+        "groups": [{
+            "name": "pumps", "assets": ASSETS, "sampling_period_s": PERIOD,
+            "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
+            "window": {"length": 30, "stride": 5, "max_gap": 3},
+            "model": {"type": "dense", "hidden": [48, 12], "epochs": 25, "batch_size": 64, "seed": 0},
+            "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
+            "alert": {"k": 2, "n": 3, "clear_after": 3},
+        }],
+    }, env={"KAFKA_PASSWORD": broker.sasl_password})
+
+
+def _run(cfg: Config, until_readings: int) -> RunStats:
+    stop = threading.Event()
+    timer = threading.Timer(180, stop.set)
+    timer.start()
+
+    def on_batch(stats: RunStats) -> None:
+        if stats.readings >= until_readings and sum(stats.rejected.values()) >= 1:
+            stop.set()
+
+    try:
+        return run_pipeline(cfg, stop=stop, idle_stop_s=8.0, on_batch=on_batch)
+    finally:
+        timer.cancel()
+
+
+def _read_all(cfg: Config, topic: str) -> list[Any]:
+    consumer = KafkaConsumer(topic, auto_offset_reset="earliest", consumer_timeout_ms=10_000,
+                             **cfg.kafka.client_kwargs())
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+@pytest.mark.parametrize("setup", ["SASL_SSL/SCRAM-SHA-512", "mtls"])
+def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_logged(
+        secure_kafka: LocalKafka, setup: str, topic_name: str, pg_database_url: str, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _config(secure_kafka, setup, topic_name, pg_database_url, tmp_path / "models")
+    group = cfg.groups[0]
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    sessions = make_sessionmaker(engine)
+    normal, _ = simulate_fleet(ASSETS, START, 2160, PERIOD, seed=3, anomalous_assets=[])
+    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
+    with sessions.begin() as s:
+        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
+                         group=group, model_dir=cfg.model_dir)
+
+    live_start = START + pd.Timedelta(hours=26)
+    frames = {a: simulate_normal(a, live_start, 720, PERIOD, seed=9) for a in ASSETS}
+    frames["pump-1"], _ = inject(frames["pump-1"], "pump-1", "drift", live_start + pd.Timedelta(minutes=55),
+                                 pd.Timedelta(minutes=12), seed=1, sensors=["bearing_temp"])
+    messages = to_messages(frames)
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
+    producer = kafka_io.make_producer(cfg.kafka)
+    for asset, payload in messages:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.send(cfg.kafka.topic, key=b"pump-2", value=b'{"asset": "pump-2", "ts": oops}')
+    producer.flush()
+    producer.close()
+
+    with caplog.at_level("DEBUG"):
+        stats = _run(cfg, until_readings=len(messages))
+    assert stats.readings == len(messages) and dict(stats.rejected) == {"malformed_json": 1}
+    assert stats.windows_scored > 0
+    assert secure_kafka.sasl_password not in caplog.text
+
+    # the offsets were committed through the secured connection
+    consumer = KafkaConsumer(group_id=cfg.kafka.group_id, enable_auto_commit=False, **cfg.kafka.client_kwargs())
+    partitions = [TopicPartition(cfg.kafka.topic, p) for p in consumer.partitions_for_topic(cfg.kafka.topic)]
+    ends = consumer.end_offsets(partitions)
+    committed = {tp: consumer.committed(tp) for tp in partitions}
+    consumer.close()
+    assert all(committed[tp] for tp in partitions if ends[tp] > 0)
+
+    # the dead-letter producer wrote the malformed record, with its reason
+    dead = _read_all(cfg, cfg.kafka.dead_letter_topic)
+    assert [dict(d.headers)["reason"] for d in dead] == [b"malformed_json"]
+
+    # the alert sink publishes the drift's alert events on the same cluster
+    with sessions() as s:
+        alerted = {a.asset for a in s.scalars(select(Alert))}
+    assert alerted == {"pump-1"}
+    sink = KafkaAlertSink(cfg.kafka, cfg.sinks.kafka)
+    deliverer = OutboxDeliverer(sink, sessions, start=False)
+    while deliverer.deliver_once():
+        pass
+    sink.shutdown()
+    with sessions() as s:
+        counts = repo.count_outbox(session=s)
+    events = [orjson.loads(m.value) for m in _read_all(cfg, f"{topic_name}-alerts")]
+    assert events and counts == {("kafka", "delivered"): len(events)}
+    assert {e["alert"]["asset"] for e in events} == alerted
+
+    # retraining's reader gets the readings back from the topic
+    read = sum(len(batch) for batch in kafka_io.read_since(cfg.kafka, 0, timeout_s=60))
+    assert read == len(messages) + 1
+    engine.dispose()
+
+
+def _check(broker: LocalKafka, setup: str, tmp_path: Path, **security: Any) -> tuple[int, dict[str, Any], str]:
+    bootstrap, found = _security(broker, setup, **security)
+    path = tmp_path / "plant.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": bootstrap, "security": found},
+        "database": {"url": f"sqlite:///{tmp_path / 'sw.db'}"},
+        "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    result = CliRunner(env={"KAFKA_PASSWORD": broker.sasl_password, "KAFKA_KEY_PASSWORD": KEY_PASSWORD}).invoke(
+        app, ["check", "--config", str(path), "--kafka-timeout-s", "4", "--format", "json"])
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    return result.exit_code, checks["kafka"], result.output
+
+
+@pytest.mark.parametrize("setup", ["SASL_PLAINTEXT/PLAIN", "SASL_PLAINTEXT/SCRAM-SHA-256", "SASL_SSL/SCRAM-SHA-512",
+                                   "SASL_SSL/PLAIN", "mtls", "mtls-encrypted-key"])
+def test_check_reaches_a_broker_with_each_supported_security_setup(
+        secure_kafka: LocalKafka, setup: str, tmp_path: Path) -> None:
+    _, kafka, _ = _check(secure_kafka, setup, tmp_path)
+    assert kafka["status"] == "ok", kafka["detail"]
+
+
+@pytest.mark.parametrize(("setup", "security", "reason"), [
+    ("SASL_SSL/SCRAM-SHA-512", {"password": "not-the-password"}, "invalid credentials with SASL mechanism"),
+    ("SASL_PLAINTEXT/PLAIN", {"password": "not-the-password"}, "Invalid username or password"),
+    ("mtls-no-client-cert", {}, "bad certificate"),
+    ("SASL_SSL/SCRAM-SHA-512", {"ca": "other"}, "certificate verify failed"),
+    ("SASL_SSL/SCRAM-SHA-512", {"ca": "missing"}, "kafka.security.ssl_cafile: cannot read"),
+])
+def test_check_names_the_brokers_reason_when_the_security_settings_are_wrong(
+        secure_kafka: LocalKafka, setup: str, security: dict[str, str], reason: str, tmp_path: Path) -> None:
+    assert secure_kafka.pki is not None
+    if "ca" in security:
+        security = {"ca": secure_kafka.pki.other_ca if security["ca"] == "other" else Path("/nonexistent/ca.pem")}
+    code, kafka, output = _check(secure_kafka, setup, tmp_path, **security)
+    assert code == 1 and kafka["status"] == "fail"
+    refused_credentials = "a broker that refuses the SASL credentials closes the connection"  # kafka-python's race
+    assert reason in kafka["detail"] or (setup.startswith("SASL") and refused_credentials in kafka["detail"]), (
+        kafka["detail"])
+    assert "not-the-password" not in output and secure_kafka.sasl_password not in output
