@@ -18,7 +18,7 @@ STAMP := $(VENV)/.sensorwatch-$(PYPROJECT_HASH)
 
 help:
 	@echo "make venv         cached virtualenv at $(VENV) (torch once, then the project editable with [test])"
-	@echo "make system-deps  PostgreSQL server, Java and Maven from apt when missing (as root)"
+	@echo "make system-deps  PostgreSQL server, Java, Maven and openssl from apt when missing (as root)"
 	@echo "make kafka-jars   fetch the local Kafka broker jars into ~/.cache/sensorwatch (once)"
 	@echo "make test         all tests; needs the above; CI=true turns missing services into failures"
 	@echo "make demo         sensorwatch demo (local broker unless KAFKA_BOOTSTRAP_SERVERS is set)"
@@ -44,13 +44,15 @@ venv: $(STAMP)
 		out=$$($(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1) || { echo "$$out" >&2; exit 1; }; \
 	fi
 
-# Debian: PostgreSQL server binaries (without the auto-created main cluster), Java 17+ and Maven.
+# Debian: PostgreSQL server binaries (without the auto-created main cluster), Java 17+, Maven and openssl (the test
+# broker's certificates).
 system-deps:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 \
 		|| missing="$$missing postgresql"; \
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jdk-headless"; \
 	command -v mvn >/dev/null 2>&1 || missing="$$missing maven"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
 		echo "warning: missing system packages:$$missing (Debian: sudo apt-get install$$missing);" \
