@@ -18,7 +18,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
+from kafka.util import ensure_valid_topic_name
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import ConfigError, TransientError
@@ -247,21 +249,63 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
                              f"topics on first use needs it created; `sensorwatch check` tells): {exc}") from exc
 
 
-def send_json(producer: KafkaProducer, topic: str, messages: Sequence[tuple[bytes | None, object]],
-              timeout_s: float = 10) -> None:
-    """Publish ``(key, document)`` pairs as compact JSON (e.g. alert events) and wait until the broker has them all.
+def send_json_each(producer: KafkaProducer, topic: str, messages: Sequence[tuple[bytes | None, object]],
+                   timeout_s: float = 10) -> list[Exception | None]:
+    """Publish ``(key, document)`` pairs as compact JSON (e.g. alert events), in order, and read the broker's answer to
+    each up to the first failure: one entry per message up to and including it, None where the broker has the message,
+    else the error (classify it with ``retriable``). A message the producer does not take (no metadata within its
+    ``max_block_ms``, above its ``max_request_size``) ends the list with that error. The answers are awaited for
+    ``timeout_s`` in all; one not there by then is a KafkaTimeoutError.
 
-    TransientError if the broker does not acknowledge in time.
+    A failure may be another record's: after a record that fails for good, kafka-python fails the producer's records
+    still in flight with the same error, so the caller should close this producer and try such a message again alone.
     """
-    if not messages:
-        return
-    try:
-        futures = [producer.send(topic, key=key, value=orjson.dumps(doc)) for key, doc in messages]
+    futures: list[FutureRecordMetadata] = []
+    refused: Exception | None = None
+    for key, doc in messages:
+        try:
+            futures.append(producer.send(topic, key=key, value=orjson.dumps(doc)))
+        except Exception as exc:
+            refused = exc
+            break
+    deadline = time.monotonic() + timeout_s
+    # the futures tell each record's fate; flush itself raises when a batch was split after MESSAGE_TOO_LARGE
+    # (UnknownError "Future not done", kafka-python 3.0.12) or runs out of time
+    with contextlib.suppress(KafkaError):
         producer.flush(timeout=timeout_s)
-        for future in futures:
-            future.get(timeout=timeout_s)
-    except KafkaError as exc:
-        raise TransientError(f"topic {topic} unavailable: {exc}") from exc
+    results: list[Exception | None] = []
+    for future in futures:
+        try:
+            future.get(timeout=max(deadline - time.monotonic(), 0.0))
+        except Exception as exc:
+            return [*results, exc]
+        results.append(None)
+    return results if refused is None else [*results, refused]
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether trying again may succeed: kafka-python's own ``retriable`` for its errors (timeouts, no leader, a broker
+    that is down: yes; a record too large for the topic, no authorization, an invalid topic: no); any other error
+    counts as retriable, which is the safe side."""
+    return exc.retriable if isinstance(exc, KafkaError) else True
+
+
+def kafka_reason(exc: BaseException) -> str:
+    """The error's class and the first line of its message (or, for a broker error without one, the library's
+    description), at most about 200 characters: kafka-python's errors name topics and sizes, no credentials."""
+    text = next((str(a) for a in getattr(exc, "args", ()) if a is not None and str(a).strip()), "")
+    text = text or str(getattr(exc, "description", None) or "")
+    line = text.strip().splitlines()[0][:200] if text.strip() else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def illegal_topic(topic: str) -> str | None:
+    """Why Kafka would refuse ``topic`` as a name (kafka-python's own check), or None for a legal name."""
+    try:
+        ensure_valid_topic_name(topic)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> None:

@@ -9,16 +9,23 @@ is stored, and a crash loses none. One background thread per sink (``OutboxDeliv
   (``Sink.worst_item_s``) and is renewed before every try once a third of ``LEASE_S`` has passed, so a try, which
   its sink bounds as a whole, cannot outlive it; when the holder dies another process takes over within the lease
   plus ``LEASE_S / 3``;
-- a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505,
-  a broker that is down)
-  leaves the event pending and holds back the ones after it (order is kept), to be tried again after a backoff that
-  doubles from ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up (failed);
-- an answer that retrying cannot fix (other 4xx, 501, 505) fails the event at once, and the next ones go on;
+- a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505;
+  a broker that is down, and the other Kafka errors that kafka-python marks ``retriable``, such as no leader for
+  the partition) leaves the event pending and holds back the ones after it (order is kept), to be tried again after
+  a backoff that doubles from ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up
+  (failed);
+- an answer that retrying cannot fix (other 4xx, 501, 505; a Kafka error that is not ``retriable``: an event larger
+  than the topic's ``max.message.bytes``, no authorization for the topic, an invalid topic) fails the event at once,
+  and the next ones go on (those of the same asset too: the receiver never gets the failed one);
 - finished events are deleted after ``KEEP_DAYS``; ``sensorwatch sinks`` shows and re-queues them (``max_age_h``
   then counts from the re-queueing).
 Delivery is at least once: a process that dies, or cannot reach the database, after a send and before recording it
-sends that event again, so receivers should treat ``incident`` + ``event`` + ``alert.last_seen_at`` as the event's
-identity. Nothing raises into the pipeline; failures are logged (without secrets) and counted.
+sends that event again, and so does a Kafka batch that failed part way (the events behind the failed one that the
+broker took already are sent again, after it), so receivers should treat ``incident`` + ``event`` +
+``alert.last_seen_at`` as the event's identity. In order, then, means: every try starts at the oldest pending event
+and sends in the order queued, so the last copy of an asset's event comes after those of the asset's events queued
+before it (on Kafka they share a partition); an early copy may come sooner. Nothing raises into the pipeline;
+failures are logged (without secrets) and counted.
 
 Every event is one JSON document (``event_document``), keyed by asset on Kafka so one asset's events stay in order.
 """
@@ -164,7 +171,8 @@ class Sink(ABC):
     def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         """Try ``items`` in order; one outcome per item tried. Stops after the first ``retry`` or ``stopped`` (the
         items after it wait, to keep the order), and starts no delivery that ``control.go_on`` refuses (the rest stay
-        due), so the list may be shorter than ``items``. Never raises."""
+        due), so the list may be shorter than ``items``; a sink may also end a round early without an outcome for
+        the rest (they stay due, and the next round starts at once). Never raises."""
 
     def shutdown(self) -> None:  # noqa: B027 (optional hook: most sinks hold nothing to release)
         """Release clients; called on the deliverer's thread when it stops."""
@@ -172,8 +180,14 @@ class Sink(ABC):
 
 class KafkaAlertSink(Sink):
     """Alert events as JSON on a Kafka topic, keyed by asset, a batch at a time. The producer is created on the
-    deliverer's thread, so an unreachable broker delays only this sink. A batch that fails is retried whole (some of
-    it may have been written: at least once)."""
+    deliverer's thread, so an unreachable broker delays only this sink.
+
+    Each event's own answer decides (``kafka_io.retriable``, kafka-python's classification): the events before the
+    first failure are delivered; a retriable failure is retried, the events after it waiting (some of them may have
+    been written already: they are written again after it, at least once). A failure that retrying cannot fix (larger
+    than the topic's ``max.message.bytes``, no authorization for the topic) ends the round there, and that event is
+    tried again alone with a new producer, since kafka-python fails the other records in flight with the same error:
+    only an event that fails alone is refused. A topic name Kafka would not accept refuses every event."""
 
     name = "kafka"
 
@@ -181,6 +195,8 @@ class KafkaAlertSink(Sink):
         self._kafka = kafka
         self._cfg = cfg
         self._producer: KafkaProducer | None = None
+        self._alone = False  # the last round ended on a failure that may not be its event's own: try that one alone
+        self._illegal_topic = kafka_io.illegal_topic(cfg.topic)
         self.label = f"kafka:{cfg.topic}"
         self.kinds = tuple(cfg.events)
         self.max_age_s = cfg.max_age_h * 3600
@@ -189,17 +205,34 @@ class KafkaAlertSink(Sink):
     def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         if not control.go_on(first=True):
             return []
+        if self._illegal_topic is not None:
+            return [("refused", f"illegal topic name: {self._illegal_topic}"[:250])] * len(items)
+        alone, self._alone = self._alone, False
+        tried = list(items[:1] if alone else items)
         try:  # one batch, bounded by timeout_s
             if self._producer is None:
                 timeout_ms = round(self._cfg.timeout_s * 1000)
                 self._producer = kafka_io.make_producer(self._kafka, max_block_ms=timeout_ms,
                                                         request_timeout_ms=timeout_ms,
                                                         bootstrap_timeout_ms=timeout_ms)
-            kafka_io.send_json(self._producer, self._cfg.topic, list(items), timeout_s=self._cfg.timeout_s)
-        except Exception as exc:
-            self._drop_producer()  # what it still holds must not be written later, behind newer events
+            results = kafka_io.send_json_each(self._producer, self._cfg.topic, tried, timeout_s=self._cfg.timeout_s)
+        except Exception as exc:  # no producer (no broker answers), or a bug: the whole batch is tried again
+            self._drop_producer()
             return [("retry", _first_line(exc))]
-        return [("delivered", None)] * len(items)
+        outcomes: list[Outcome] = []
+        for (_key, doc), error in zip(tried, results, strict=False):
+            if error is None:
+                outcomes.append(("delivered", None))
+                continue
+            self._drop_producer()  # what it still holds must not be written later, behind newer events
+            if kafka_io.retriable(error):
+                outcomes.append(("retry", kafka_io.kafka_reason(error)))
+            elif len(tried) == 1:  # its own answer: no other record of this producer was in flight
+                outcomes.append(("refused", f"{kafka_io.kafka_reason(error)} ({len(orjson.dumps(doc))} bytes)"))
+            else:  # the round ends here; the next one takes this event alone
+                self._alone = True
+            break
+        return outcomes
 
     def _drop_producer(self) -> None:
         if self._producer is not None:

@@ -1,9 +1,12 @@
 """The alert outbox against the real parts: the Kafka sink delivers queued events to a real broker (JSON, keyed by
 asset, in order per asset) from SQLite and from PostgreSQL; a broker that is down keeps them queued, and once it is
-back they go out; on PostgreSQL two pipelines delivering the same outbox at once send each event exactly once."""
+back they go out; an event the broker refuses for good (larger than the topic allows) fails at once and the events
+after it go on, as does every event for a topic name Kafka does not accept; on PostgreSQL two pipelines delivering
+the same outbox at once send each event exactly once."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -11,7 +14,8 @@ from datetime import UTC, datetime
 
 import orjson
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer
+from kafka.admin import NewTopic
 
 from pipeline.config import KafkaConfig, KafkaSinkConfig
 from pipeline.sinks import (
@@ -129,6 +133,78 @@ def test_events_wait_in_the_outbox_while_the_broker_is_down(kafka_bootstrap_serv
     assert _outbox(url) == {("kafka", "delivered"): 2}
     assert [orjson.loads(r.value)["event"] for r in _read_back(kafka_bootstrap_servers, topic_name)] == [
         "opened", "resolved"]
+
+
+def _identity(doc: dict) -> str:
+    return f"{doc['incident']}|{doc['event']}|{doc['alert']['window_count']}"
+
+
+def _delivered_rounds(deliverer: OutboxDeliverer, most: int = 10) -> int:
+    """Rounds until nothing is due right away (the rounds a refusal adds run at once, without backoff)."""
+    for n in range(1, most + 1):
+        if not deliverer.deliver_once():
+            return n
+    raise AssertionError(f"still due after {most} rounds")
+
+
+@pytest.mark.integration
+def test_an_event_larger_than_the_topic_allows_fails_at_once_and_the_next_ones_go_on(
+        kafka_bootstrap_servers: str, topic_name: str, tmp_path) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap_servers)
+    try:  # one partition, so every event goes in one producer batch (16 kB), which the broker refuses as a whole
+        admin.create_topics([NewTopic(topic_name, num_partitions=1, replication_factor=1,
+                                      topic_configs={"max.message.bytes": "8192"})])
+    finally:
+        admin.close()
+    big = dataclasses.replace(_record("pump-2"), top_sensors=[  # ~13 kB of JSON
+        {"sensor": f"sensor_{i}", "share": 0.001, "error": 1.5} for i in range(250)])
+    events = [*_events("pump-1"), AlertEvent("opened", big),
+              AlertEvent("updated", _record("pump-2", severity="critical", windows=3), previous_severity="warning"),
+              *_events("pump-3")]
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sink = KafkaAlertSink(KafkaConfig(bootstrap_servers=kafka_bootstrap_servers),
+                          KafkaSinkConfig(topic=topic_name, timeout_s=20))
+    deliverer = OutboxDeliverer(sink, make_sessionmaker(engine), start=False)
+    _enqueue(url, AlertSinks([deliverer]), events)
+    rounds = _delivered_rounds(deliverer)
+    sink.shutdown()
+    with make_sessionmaker(engine)() as session:
+        failed = [(e.document, e.last_error) for e in repo.outbox_events(session=session, status="failed")]
+    engine.dispose()
+
+    assert _outbox(url) == {("kafka", "delivered"): 9, ("kafka", "failed"): 1}
+    assert (deliverer.stats.delivered, deliverer.stats.failed, deliverer.stats.retried) == (9, 1, 0)
+    assert rounds <= 4  # no retry backoff in between
+    [(doc, error)] = failed
+    assert _identity(doc) == "pump-2@2026-03-01T01:00:00Z|opened|2"
+    assert error.startswith("MessageSizeTooLargeError: ") and "bytes)" in error
+
+    records = sorted(_read_back(kafka_bootstrap_servers, topic_name), key=lambda r: r.offset)
+    sent = [_identity(orjson.loads(r.value)) for r in records]
+    expected = [_identity(event_document(e)) for e in events if e.alert is not big]
+    assert list(dict.fromkeys(sent)) == expected  # all but the big one; first copies in the order queued
+    assert all(r.key.decode() == orjson.loads(r.value)["alert"]["asset"] for r in records)
+
+
+@pytest.mark.integration
+def test_a_topic_name_kafka_does_not_accept_fails_each_event_at_once(kafka_bootstrap_servers: str,
+                                                                    tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sink = KafkaAlertSink(KafkaConfig(bootstrap_servers=kafka_bootstrap_servers),
+                          KafkaSinkConfig(topic="sensor alerts", timeout_s=5))
+    deliverer = OutboxDeliverer(sink, make_sessionmaker(engine), start=False)
+    _enqueue(url, AlertSinks([deliverer]), _events("pump-1"))
+    _delivered_rounds(deliverer)
+    sink.shutdown()
+    with make_sessionmaker(engine)() as session:
+        errors = {e.last_error for e in repo.outbox_events(session=session, status="failed")}
+    engine.dispose()
+    assert _outbox(url) == {("kafka", "failed"): 4}
+    assert len(errors) == 1 and errors.pop().startswith('illegal topic name: Topic name "sensor alerts" is illegal')
 
 
 class _SlowRecordingSink(Sink):
