@@ -7,18 +7,30 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
-def kafka() -> Iterator[str]:
-    """Bootstrap servers: KAFKA_BOOTSTRAP_SERVERS, or a local KRaft broker for the duration."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+def kafka(security: str = "plaintext") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(bootstrap servers, kafka.security)``: KAFKA_BOOTSTRAP_SERVERS (plaintext only), or a local KRaft broker for
+    the duration; ``sasl_ssl`` (SCRAM-SHA-512 over TLS) and ``mtls`` (mutual TLS) use its secured listeners."""
+    if security == "plaintext" and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield os.environ["KAFKA_BOOTSTRAP_SERVERS"], {}
         return
     from pipeline.localinfra import LocalKafka
+    from pipeline.localinfra.kafka import SASL_USER
 
-    with LocalKafka() as broker:
-        yield broker.bootstrap_servers
+    with LocalKafka(secure=security != "plaintext") as broker:
+        if broker.pki is None:
+            yield broker.bootstrap_servers, {}
+        elif security == "sasl_ssl":
+            yield broker.secure_listeners["SASL_SSL"], {
+                "protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": SASL_USER,
+                "sasl_password": broker.sasl_password, "ssl_cafile": str(broker.pki.ca)}
+        else:
+            yield broker.secure_listeners["SSL"], {
+                "protocol": "SSL", "ssl_cafile": str(broker.pki.ca), "ssl_certfile": str(broker.pki.client_cert),
+                "ssl_keyfile": str(broker.pki.client_key)}
 
 
 @contextlib.contextmanager

@@ -1,11 +1,11 @@
 """Pipeline throughput: readings/s and batch latency through a real broker into SQLite or PostgreSQL.
 
     python benchmarks/throughput.py [--assets 20] [--rows 5000] [--database sqlite|postgres] [--smooth N]
-                                    [--ewma-alpha A] [--drift-span-s S]
+                                    [--ewma-alpha A] [--drift-span-s S] [--security plaintext|sasl_ssl|mtls]
 
-Starts a local Kafka broker (or uses KAFKA_BOOTSTRAP_SERVERS) and, for ``postgres``, a throwaway PostgreSQL cluster
-(or DATABASE_URL); trains a small dense model, produces the stream first, then times the pipeline consuming it.
-Prints one JSON line with the figures.
+Starts a local Kafka broker (or uses KAFKA_BOOTSTRAP_SERVERS; with --security, the local broker's TLS or SASL_SSL
+listener) and, for ``postgres``, a throwaway PostgreSQL cluster (or DATABASE_URL); trains a small dense model,
+produces the stream first, then times the pipeline consuming it. Prints one JSON line with the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -31,10 +32,11 @@ from pipeline.train import register_trained, train_group, windows_from_frame
 
 
 def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, smooth: int = 1,
-            ewma_alpha: float | None = None, drift_span_s: float | None = None) -> Config:
+            ewma_alpha: float | None = None, drift_span_s: float | None = None,
+            security: dict[str, Any] | None = None) -> Config:
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "topic": f"bench-{time.time_ns()}", "group_id": "bench",
-                  "max_poll_records": 5000},
+                  "max_poll_records": 5000, "security": security or {}},
         "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
         "groups": [{"name": "fleet", "assets": assets, "sampling_period_s": 10,
                     "sensors": [{"name": s.name, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
@@ -52,12 +54,15 @@ def main() -> None:
     parser.add_argument("--smooth", type=int, default=1, help="window.smooth (rolling mean over this many steps)")
     parser.add_argument("--ewma-alpha", type=float, default=None, help="threshold.ewma_alpha (smoothed scores)")
     parser.add_argument("--drift-span-s", type=float, default=None, help="drift.span_s (drift following)")
+    parser.add_argument("--security", choices=("plaintext", "sasl_ssl", "mtls"), default="plaintext",
+                        help="Kafka listener: plaintext, SASL_SSL with SCRAM-SHA-512, or mutual TLS")
     args = parser.parse_args()
     assets = [f"asset-{i:03d}" for i in range(args.assets)]
     start = pd.Timestamp("2026-06-01T00:00:00Z")
-    with tempfile.TemporaryDirectory() as tmp, kafka() as bootstrap, database(args.database, Path(tmp)) as db_url:
+    with (tempfile.TemporaryDirectory() as tmp, kafka(args.security) as (bootstrap, security),
+          database(args.database, Path(tmp)) as db_url):
         cfg = _config(bootstrap, db_url, assets, Path(tmp) / "models", smooth=args.smooth, ewma_alpha=args.ewma_alpha,
-                      drift_span_s=args.drift_span_s)
+                      drift_span_s=args.drift_span_s, security=security)
         group = cfg.groups[0]
         upgrade(db_url)
         train = simulate_normal(assets[0], start - pd.Timedelta(days=1), 4000, 10, seed=1).reset_index()
@@ -96,7 +101,7 @@ def main() -> None:
         stats = run_pipeline(cfg, stop=stop, idle_stop_s=30, on_batch=on_batch)
         elapsed = (done[0] if done else time.perf_counter()) - (first[0] if first else started)
         print(json.dumps({
-            "database": args.database, "smooth": args.smooth, "ewma_alpha": args.ewma_alpha,
+            "database": args.database, "security": args.security, "smooth": args.smooth, "ewma_alpha": args.ewma_alpha,
             "drift_span_s": args.drift_span_s, "assets": args.assets,
             "readings": stats.readings,
             "windows_scored": stats.windows_scored, "batches": stats.batches,
