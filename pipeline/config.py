@@ -42,6 +42,18 @@ _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _valid_topic(name: str) -> str:
+    """Kafka's rule for topic names: the brokers refuse every record to any other name."""
+    if not _TOPIC.fullmatch(name) or name in {".", ".."}:
+        raise ValueError("a Kafka topic name is 1 to 249 ASCII letters, digits, '.', '_' and '-' (not '.' or '..')")
+    return name
+
+
+TopicName = Annotated[str, AfterValidator(_valid_topic)]
+
 
 class _Strict(BaseModel):
     """Base: unknown keys are errors, so a typo in the YAML is reported instead of silently ignored; so are infinite
@@ -66,7 +78,7 @@ class SecurityConfig(_Strict):
     def _sasl_complete(self) -> SecurityConfig:
         if self.protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
             raise ValueError("SASL protocols need sasl_mechanism and sasl_username")
-        if self.ssl_keyfile and not self.ssl_certfile:
+        if self.protocol.endswith("SSL") and self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it is the key of)")
         return self
 
@@ -75,8 +87,8 @@ class KafkaConfig(_Strict):
     """Where readings come from and where rejected messages go."""
 
     bootstrap_servers: str = "localhost:9092"
-    topic: str = "sensor-readings"
-    dead_letter_topic: str = "sensor-readings-dlq"
+    topic: TopicName = "sensor-readings"
+    dead_letter_topic: TopicName = "sensor-readings-dlq"
     group_id: str = "sensorwatch"
     client_id: str = "sensorwatch"
     max_poll_records: PositiveInt = 5000
@@ -461,7 +473,7 @@ class KafkaSinkConfig(_OutboxSink):
     ``events`` filters kinds; ``escalated`` selects the updates that raised the severity."""
 
     enabled: bool = True
-    topic: Annotated[str, Field(min_length=1)] = "sensor-alerts"
+    topic: TopicName = "sensor-alerts"
     events: list[SinkEvent] = Field(default_factory=lambda: ["opened", "updated", "resolved"])
     timeout_s: PositiveFloat = 10.0
 

@@ -17,16 +17,38 @@ import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    CorruptRecordError,
+    InvalidRecordError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAlreadyExistsError,
+)
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
-from kafka.util import ensure_valid_topic_name
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import ConfigError, TransientError
 from pipeline.types import Rejected
 
 log = logging.getLogger(__name__)
+
+#: Client settings that hold a secret (kafka-python's names).
+_SECRET_SETTINGS = frozenset({"sasl_plain_password", "ssl_password"})
+
+
+class _MaskSecretSettings(logging.Filter):
+    """kafka-python's admin client logs its whole configuration at DEBUG ("Starting KafkaAdminClient with
+    configuration: {...}"), passwords included: the secret settings are masked in that record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, Mapping) and _SECRET_SETTINGS & set(record.args):
+            record.args = {k: "**********" if k in _SECRET_SETTINGS and v else v for k, v in record.args.items()}
+        return True
+
+
+logging.getLogger("kafka.admin.client").addFilter(_MaskSecretSettings())
 
 # partitions added to the topic are assigned within this (kafka-python waits 5 minutes by default, and meanwhile the
 # assets keyed onto them look silent: their windows are closed idle on forward-filled data, or skipped)
@@ -35,9 +57,12 @@ METADATA_MAX_AGE_MS = 30_000
 
 def tls_problems(cfg: KafkaConfig) -> list[str]:
     """What keeps the TLS files of ``cfg.security`` from loading, one ``kafka.security.<key>: reason`` each; empty
-    when they load (or none are set). Loads them as the clients will, except that an encrypted key without
-    ``ssl_key_password`` is reported instead of making OpenSSL ask for its pass phrase on the terminal."""
+    when they load, none are set, or the protocol uses no TLS. Loads them as the clients will, except that an
+    encrypted key without ``ssl_key_password`` is reported instead of making OpenSSL ask for its pass phrase on the
+    terminal."""
     s = cfg.security
+    if not s.protocol.endswith("SSL"):  # PLAINTEXT and SASL_PLAINTEXT: the clients leave the TLS files alone
+        return []
     files = {key: getattr(s, key) for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(s, key)}
     problems = []
     for key, path in files.items():
@@ -66,14 +91,14 @@ def tls_problems(cfg: KafkaConfig) -> list[str]:
         try:
             context.load_cert_chain(s.ssl_certfile, s.ssl_keyfile, password=give_password)
         except ssl.SSLError as exc:
-            if asked and not s.ssl_key_password:
+            if exc.reason == "KEY_VALUES_MISMATCH":  # decrypted (if it was encrypted), but another certificate's
+                problems.append(f"kafka.security.ssl_keyfile: {key} is not the key of the certificate in "
+                                f"{s.ssl_certfile}")
+            elif asked and not s.ssl_key_password:
                 problems.append(f"kafka.security.ssl_keyfile: {key} is encrypted; give its password in "
                                 "kafka.security.ssl_key_password (for example ${KAFKA_KEY_PASSWORD})")
             elif asked:
                 problems.append(f"kafka.security.ssl_key_password: does not decrypt {key}")
-            elif exc.reason == "KEY_VALUES_MISMATCH":
-                problems.append(f"kafka.security.ssl_keyfile: {key} is not the key of the certificate in "
-                                f"{s.ssl_certfile}")
             else:
                 problems.append(f"kafka.security.ssl_certfile: {s.ssl_certfile} and {key} do not load as a PEM "
                                 f"certificate and its private key ({exc.reason or exc})")
@@ -253,9 +278,9 @@ def send_json_each(producer: KafkaProducer, topic: str, messages: Sequence[tuple
                    timeout_s: float = 10) -> list[Exception | None]:
     """Publish ``(key, document)`` pairs as compact JSON (e.g. alert events), in order, and read the broker's answer to
     each up to the first failure: one entry per message up to and including it, None where the broker has the message,
-    else the error (classify it with ``retriable``). A message the producer does not take (no metadata within its
-    ``max_block_ms``, above its ``max_request_size``) ends the list with that error. The answers are awaited for
-    ``timeout_s`` in all; one not there by then is a KafkaTimeoutError.
+    else the error (``record_refused`` tells one that no retry fixes). A message the producer does not take (no
+    metadata within its ``max_block_ms``, above its ``max_request_size``) ends the list with that error. The answers
+    are awaited for ``timeout_s`` in all; one not there by then is a KafkaTimeoutError.
 
     A failure may be another record's: after a record that fails for good, kafka-python fails the producer's records
     still in flight with the same error, so the caller should close this producer and try such a message again alone.
@@ -283,11 +308,15 @@ def send_json_each(producer: KafkaProducer, topic: str, messages: Sequence[tuple
     return results if refused is None else [*results, refused]
 
 
-def retriable(exc: BaseException) -> bool:
-    """Whether trying again may succeed: kafka-python's own ``retriable`` for its errors (timeouts, no leader, a broker
-    that is down: yes; a record too large for the topic, no authorization, an invalid topic: no); any other error
-    counts as retriable, which is the safe side."""
-    return exc.retriable if isinstance(exc, KafkaError) else True
+#: Broker answers about the record itself (too large, invalid): the same record is refused whenever it is sent.
+_RECORD_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError, CorruptRecordError)
+
+
+def record_refused(exc: BaseException) -> bool:
+    """Whether ``exc`` refuses its record for good, whatever the broker's state: too large for the topic or the
+    producer, failed the broker's validation. Anything else (a broker down, timeouts, no leader, and also no
+    authorization or a failed login, which an operator fixes on the cluster) may pass on a later try."""
+    return isinstance(exc, _RECORD_REFUSED)
 
 
 def kafka_reason(exc: BaseException) -> str:
@@ -297,15 +326,6 @@ def kafka_reason(exc: BaseException) -> str:
     text = text or str(getattr(exc, "description", None) or "")
     line = text.strip().splitlines()[0][:200] if text.strip() else ""
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
-def illegal_topic(topic: str) -> str | None:
-    """Why Kafka would refuse ``topic`` as a name (kafka-python's own check), or None for a legal name."""
-    try:
-        ensure_valid_topic_name(topic)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
-    return None
 
 
 def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> None:

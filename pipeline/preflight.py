@@ -206,7 +206,8 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
 _MISSING_COST = {
     "dead-letter topic": "the first rejected reading stalls the pipeline (nothing is committed past it) until it "
                          "exists",
-    "alert topic": "alert events to it fail and are lost (counted as failed; the database keeps every alert)",
+    "alert topic": "alert events to it wait in the outbox until it exists, and fail after sinks.kafka.max_age_h (the "
+                   "database keeps every alert)",
 }
 
 

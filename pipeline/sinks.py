@@ -10,13 +10,13 @@ is stored, and a crash loses none. One background thread per sink (``OutboxDeliv
   its sink bounds as a whole, cannot outlive it; when the holder dies another process takes over within the lease
   plus ``LEASE_S / 3``;
 - a try that fails in a way worth retrying (connection errors, timeouts, 408/425/429 and 5xx other than 501/505;
-  a broker that is down, and the other Kafka errors that kafka-python marks ``retriable``, such as no leader for
-  the partition) leaves the event pending and holds back the ones after it (order is kept), to be tried again after
-  a backoff that doubles from ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up
-  (failed);
-- an answer that retrying cannot fix (other 4xx, 501, 505; a Kafka error that is not ``retriable``: an event larger
-  than the topic's ``max.message.bytes``, no authorization for the topic, an invalid topic) fails the event at once,
-  and the next ones go on (those of the same asset too: the receiver never gets the failed one);
+  on Kafka every error but those about the record itself: a broker that is down, no leader for the partition, and
+  also no authorization for the topic or a failed login, which an operator fixes on the cluster) leaves the event
+  pending and holds back the ones after it (order is kept), to be tried again after a backoff that doubles from
+  ``RETRY_BASE_S`` to ``RETRY_MAX_S``; after the sink's ``max_age_h`` it is given up (failed);
+- an answer that retrying cannot fix (other 4xx, 501, 505; on Kafka, an event larger than the topic's
+  ``max.message.bytes`` or one the broker finds invalid) fails the event at once, and the next ones go on (those of
+  the same asset too: the receiver never gets the failed one);
 - finished events are deleted after ``KEEP_DAYS``; ``sensorwatch sinks`` shows and re-queues them (``max_age_h``
   then counts from the re-queueing).
 Delivery is at least once: a process that dies, or cannot reach the database, after a send and before recording it
@@ -182,12 +182,12 @@ class KafkaAlertSink(Sink):
     """Alert events as JSON on a Kafka topic, keyed by asset, a batch at a time. The producer is created on the
     deliverer's thread, so an unreachable broker delays only this sink.
 
-    Each event's own answer decides (``kafka_io.retriable``, kafka-python's classification): the events before the
-    first failure are delivered; a retriable failure is retried, the events after it waiting (some of them may have
-    been written already: they are written again after it, at least once). A failure that retrying cannot fix (larger
-    than the topic's ``max.message.bytes``, no authorization for the topic) ends the round there, and that event is
-    tried again alone with a new producer, since kafka-python fails the other records in flight with the same error:
-    only an event that fails alone is refused. A topic name Kafka would not accept refuses every event."""
+    Each event's own answer decides: the events before the first failure are delivered; a failure is retried, the
+    events after it waiting (some of them may have been written already: they are written again after it, at least
+    once), unless the broker refused the record itself (``kafka_io.record_refused``: larger than the topic's
+    ``max.message.bytes``, invalid). Such a refusal ends the round there, and that event is tried again alone with a
+    new producer, since kafka-python fails the other records in flight with the same error: only an event that is
+    refused alone fails."""
 
     name = "kafka"
 
@@ -195,8 +195,7 @@ class KafkaAlertSink(Sink):
         self._kafka = kafka
         self._cfg = cfg
         self._producer: KafkaProducer | None = None
-        self._alone = False  # the last round ended on a failure that may not be its event's own: try that one alone
-        self._illegal_topic = kafka_io.illegal_topic(cfg.topic)
+        self._alone = False  # the last round ended on a refusal that may not be its event's own: try that one alone
         self.label = f"kafka:{cfg.topic}"
         self.kinds = tuple(cfg.events)
         self.max_age_s = cfg.max_age_h * 3600
@@ -205,8 +204,6 @@ class KafkaAlertSink(Sink):
     def send(self, items: Sequence[Item], control: RoundControl) -> list[Outcome]:
         if not control.go_on(first=True):
             return []
-        if self._illegal_topic is not None:
-            return [("refused", f"illegal topic name: {self._illegal_topic}"[:250])] * len(items)
         alone, self._alone = self._alone, False
         tried = list(items[:1] if alone else items)
         try:  # one batch, bounded by timeout_s
@@ -225,7 +222,7 @@ class KafkaAlertSink(Sink):
                 outcomes.append(("delivered", None))
                 continue
             self._drop_producer()  # what it still holds must not be written later, behind newer events
-            if kafka_io.retriable(error):
+            if not kafka_io.record_refused(error):
                 outcomes.append(("retry", kafka_io.kafka_reason(error)))
             elif len(tried) == 1:  # its own answer: no other record of this producer was in flight
                 outcomes.append(("refused", f"{kafka_io.kafka_reason(error)} ({len(orjson.dumps(doc))} bytes)"))

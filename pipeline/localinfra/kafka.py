@@ -422,6 +422,11 @@ class LocalKafka:
             "ssl.truststore.type": "PEM",
             "ssl.truststore.location": str(self.pki.ca),
             "listener.name.ssl.ssl.client.auth": "required",
+            # ACLs apply (tests of refused authorization); without an ACL on a resource everyone may use it, and the
+            # broker's own PLAINTEXT listeners (ANONYMOUS) may do everything
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found": "true",
+            "super.users": "User:ANONYMOUS",
         }
         for listener in ("sasl_plaintext", "sasl_ssl"):
             props[f"listener.name.{listener}.plain.sasl.jaas.config"] = plain

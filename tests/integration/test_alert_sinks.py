@@ -10,14 +10,26 @@ import dataclasses
 import socket
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.admin import NewTopic
+from kafka.admin import (
+    ACL,
+    ACLFilter,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    NewTopic,
+    ResourcePattern,
+    ResourcePatternFilter,
+    ResourceType,
+)
 
 from pipeline.config import KafkaConfig, KafkaSinkConfig
+from pipeline.localinfra import LocalKafka
+from pipeline.localinfra.kafka import SASL_USER
 from pipeline.sinks import (
     AlertSinks,
     Item,
@@ -189,24 +201,49 @@ def test_an_event_larger_than_the_topic_allows_fails_at_once_and_the_next_ones_g
 
 
 @pytest.mark.integration
-def test_a_topic_name_kafka_does_not_accept_fails_each_event_at_once(kafka_bootstrap_servers: str,
+def test_events_to_a_topic_the_sink_may_not_write_wait_until_it_may(secure_kafka: LocalKafka, topic_name: str,
                                                                     tmp_path) -> None:
+    """No authorization for the topic is fixed on the cluster, not by the event: the events wait in order (the
+    backlog is not failed in a second) and go once an operator lifts the ACL."""
+    admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)  # the broker's PLAINTEXT super user
+    deny = ACL(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY,
+               ResourcePattern(ResourceType.TOPIC, topic_name, ACLResourcePatternType.LITERAL))
+    admin.create_topics([NewTopic(topic_name, num_partitions=1, replication_factor=1)])
+    assert not admin.create_acls([deny])["failed"]
+    kafka = KafkaConfig.model_validate({
+        "bootstrap_servers": secure_kafka.secure_listeners["SASL_PLAINTEXT"],
+        "security": {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": SASL_USER,
+                     "sasl_password": secure_kafka.sasl_password}})
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
     engine = make_engine(url)
-    sink = KafkaAlertSink(KafkaConfig(bootstrap_servers=kafka_bootstrap_servers),
-                          KafkaSinkConfig(topic="sensor alerts", timeout_s=5))
+    sink = KafkaAlertSink(kafka, KafkaSinkConfig(topic=topic_name, timeout_s=10))
+    events = _events("pump-1") + _events("pump-2")
     deliverer = OutboxDeliverer(sink, make_sessionmaker(engine), start=False)
-    _enqueue(url, AlertSinks([deliverer]), _events("pump-1"))
-    _delivered_rounds(deliverer)
-    sink.shutdown()
+    _enqueue(url, AlertSinks([deliverer]), events)
+    assert not deliverer.deliver_once()  # a retry: nothing is due again before the backoff
     with make_sessionmaker(engine)() as session:
-        errors = {e.last_error for e in repo.outbox_events(session=session, status="failed")}
+        errors = {e.last_error for e in repo.outbox_events(session=session, status="pending") if e.last_error}
+    assert _outbox(url) == {("kafka", "pending"): 8}
+    assert (deliverer.stats.failed, deliverer.stats.retried) == (0, 1)
+    assert len(errors) == 1 and errors.pop().startswith("TopicAuthorizationFailedError")
+
+    topic = ResourcePatternFilter(ResourceType.TOPIC, topic_name, ACLResourcePatternType.LITERAL)
+    admin.delete_acls([ACLFilter(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY, topic)])
+    admin.close()
+    later = OutboxDeliverer(sink, make_sessionmaker(engine), start=False,  # past the backoff and the first's lease
+                            clock=lambda: datetime.now(UTC) + timedelta(hours=1))
+    until = time.monotonic() + 60
+    while _outbox(url) != {("kafka", "delivered"): 8} and time.monotonic() < until:
+        later.deliver_once()  # the ACL's removal reaches the broker's authorizer within moments
+    sink.shutdown()
     engine.dispose()
-    assert _outbox(url) == {("kafka", "failed"): 4}
-    assert len(errors) == 1 and errors.pop().startswith('illegal topic name: Topic name "sensor alerts" is illegal')
+    assert _outbox(url) == {("kafka", "delivered"): 8}
+    sent = [_identity(orjson.loads(r.value)) for r in _read_back(secure_kafka.bootstrap_servers, topic_name)]
+    assert list(dict.fromkeys(sent)) == [_identity(event_document(e)) for e in events]
 
 
+@pytest.mark.integration
 class _SlowRecordingSink(Sink):
     """Keeps what it is sent, slowly enough that two deliverers overlap."""
 

@@ -7,7 +7,6 @@ from the environment is never logged; a wrong password, a missing client certifi
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,16 @@ from pipeline.config import Config, parse_config
 from pipeline.localinfra import LocalKafka
 from pipeline.localinfra.kafka import SASL_USER
 from pipeline.localinfra.tls import KEY_PASSWORD
-from pipeline.runner import RunStats, run_pipeline
-from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, simulate_normal, to_messages
+from pipeline.simulate import inject, simulate_normal, to_messages
 from pipeline.sinks import KafkaAlertSink, OutboxDeliverer
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert
-from pipeline.train import register_trained, train_group, windows_from_frame
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
 ASSETS = ["pump-1", "pump-2"]
-PERIOD = 10.0
-START = pd.Timestamp("2026-03-01T00:00:00Z")
 
 
 def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWORD}",
@@ -68,30 +64,8 @@ def _config(broker: LocalKafka, setup: str, topic: str, db_url: str, model_dir: 
                   "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500, "security": security},
         "sinks": {"kafka": {"topic": f"{topic}-alerts"}},
         "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
-        "groups": [{
-            "name": "pumps", "assets": ASSETS, "sampling_period_s": PERIOD,
-            "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
-            "window": {"length": 30, "stride": 5, "max_gap": 3},
-            "model": {"type": "dense", "hidden": [48, 12], "epochs": 25, "batch_size": 64, "seed": 0},
-            "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
-            "alert": {"k": 2, "n": 3, "clear_after": 3},
-        }],
+        "groups": [pump_group(ASSETS)],
     }, env={"KAFKA_PASSWORD": broker.sasl_password})
-
-
-def _run(cfg: Config, until_readings: int) -> RunStats:
-    stop = threading.Event()
-    timer = threading.Timer(180, stop.set)
-    timer.start()
-
-    def on_batch(stats: RunStats) -> None:
-        if stats.readings >= until_readings and sum(stats.rejected.values()) >= 1:
-            stop.set()
-
-    try:
-        return run_pipeline(cfg, stop=stop, idle_stop_s=8.0, on_batch=on_batch)
-    finally:
-        timer.cancel()
 
 
 def _read_all(cfg: Config, topic: str) -> list[Any]:
@@ -108,15 +82,11 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
         secure_kafka: LocalKafka, setup: str, topic_name: str, pg_database_url: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     cfg = _config(secure_kafka, setup, topic_name, pg_database_url, tmp_path / "models")
-    group = cfg.groups[0]
-    upgrade(pg_database_url)
+    deploy_pumps(cfg, pg_database_url, ASSETS, 2160)
     engine = make_engine(pg_database_url)
     sessions = make_sessionmaker(engine)
-    normal, _ = simulate_fleet(ASSETS, START, 2160, PERIOD, seed=3, anomalous_assets=[])
-    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
-    with sessions.begin() as s:
-        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
-                         group=group, model_dir=cfg.model_dir)
+
+    caplog.set_level("DEBUG")  # every client's log, the libraries' included, is searched for the password at the end
 
     live_start = START + pd.Timedelta(hours=26)
     frames = {a: simulate_normal(a, live_start, 720, PERIOD, seed=9) for a in ASSETS}
@@ -131,11 +101,9 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
     producer.flush()
     producer.close()
 
-    with caplog.at_level("DEBUG"):
-        stats = _run(cfg, until_readings=len(messages))
+    stats = run_until(cfg, until_readings=len(messages), until_rejected=1)
     assert stats.readings == len(messages) and dict(stats.rejected) == {"malformed_json": 1}
     assert stats.windows_scored > 0
-    assert secure_kafka.sasl_password not in caplog.text
 
     # the offsets were committed through the secured connection
     consumer = KafkaConsumer(group_id=cfg.kafka.group_id, enable_auto_commit=False, **cfg.kafka.client_kwargs())
@@ -168,6 +136,8 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
     read = sum(len(batch) for batch in kafka_io.read_since(cfg.kafka, 0, timeout_s=60))
     assert read == len(messages) + 1
     engine.dispose()
+    assert "Starting KafkaAdminClient with configuration" in caplog.text  # the admin client's dump was searched too
+    assert secure_kafka.sasl_password not in caplog.text
 
 
 def _check(broker: LocalKafka, setup: str, tmp_path: Path, **security: Any) -> tuple[int, dict[str, Any], str]:

@@ -17,20 +17,18 @@ from pipeline import kafka_io
 from pipeline.config import Config, parse_config
 from pipeline.decode import Decoder
 from pipeline.runner import RunStats, run_pipeline
-from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_fleet, to_messages
+from pipeline.simulate import inject, to_messages
 from pipeline.sinks import OutboxDeliverer, WebhookAlertSink
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert, AlertOutbox, WindowScore
-from pipeline.train import register_trained, train_group, windows_from_frame
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
 ASSETS = ["pump-1", "pump-2", "pump-3"]
-PERIOD = 10.0
-START = pd.Timestamp("2026-03-01T00:00:00Z")
 
 
 def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path, webhook: str | None = None) -> Config:
@@ -41,31 +39,8 @@ def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path, webhook: s
                   "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500},
         "database": {"url": db_url},
         "model_dir": str(model_dir),
-        "groups": [{
-            "name": "pumps", "assets": ASSETS, "sampling_period_s": PERIOD,
-            "sensors": [{"name": s.name, "unit": s.unit, "valid_range": [s.low, s.high]} for s in DEFAULT_SENSORS],
-            "window": {"length": 30, "stride": 5, "max_gap": 3},
-            "model": {"type": "dense", "hidden": [48, 12], "epochs": 25, "batch_size": 64, "seed": 0},
-            "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
-            "alert": {"k": 2, "n": 3, "clear_after": 3},
-        }],
+        "groups": [pump_group(ASSETS)],
     }, env={})
-
-
-def _run(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180,
-         idle_stop_s: float = 8.0) -> RunStats:
-    stop = threading.Event()
-    timer = threading.Timer(timeout_s, stop.set)
-    timer.start()
-
-    def on_batch(stats: RunStats) -> None:
-        if stats.readings >= until_readings and sum(stats.rejected.values()) >= until_rejected:
-            stop.set()
-
-    try:
-        return run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop_s, on_batch=on_batch)
-    finally:
-        timer.cancel()
 
 
 def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str,
@@ -73,17 +48,9 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
     webhook = webhook_receiver
     webhook.down.set()  # the receiver is down while the stream is scored: its events wait in the outbox
     cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models", webhook.url)
-    group = cfg.groups[0]
-    upgrade(pg_database_url)
+    deploy_pumps(cfg, pg_database_url, ASSETS, 2160)  # six hours of normal data of every asset
     engine = make_engine(pg_database_url)
     sessions = make_sessionmaker(engine)
-
-    # train on six hours of normal data of every asset
-    normal, _ = simulate_fleet(ASSETS, START, 2160, PERIOD, seed=3, anomalous_assets=[])
-    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
-    trained = train_group(windows_from_frame(table, group), group, progress=False)
-    with sessions.begin() as s:
-        register_trained(session=s, trained=trained, group=group, model_dir=cfg.model_dir)
 
     # two hours of live data; pump-1 gets a drift on its bearing temperature in the middle
     live_start = START + pd.Timedelta(hours=26)  # same hours of the day as the training data, next day
@@ -101,7 +68,7 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
     producer.flush()
     producer.close()
 
-    stats = _run(cfg, until_readings=len(messages), until_rejected=1)
+    stats = run_until(cfg, until_readings=len(messages), until_rejected=1)
     assert stats.readings == len(messages)
     assert dict(stats.rejected) == {"malformed_json": 1}
 
@@ -145,7 +112,7 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
 
     # a restart replays from the committed offsets and adds no duplicates (nor queues any event again)
     webhook.down.clear()
-    again = _run(cfg, until_readings=10**9, until_rejected=10**9, timeout_s=30)
+    again = run_until(cfg, until_readings=10**9, until_rejected=10**9, timeout_s=30)
     assert again.readings == 0 and again.replayed > 0  # it re-reads the open windows' readings, counts none again
     with sessions() as s:
         assert repo.count_scores(session=s) == len(expected)
@@ -188,15 +155,7 @@ def test_ms_round_trip() -> None:
 
 def _deploy_small(cfg: Config, db_url: str) -> list[tuple[str, dict[str, object]]]:
     """Migrate, train and activate a model on two hours of normal data; returns 40 minutes of readings to send."""
-    group = cfg.groups[0]
-    upgrade(db_url)
-    engine = make_engine(db_url)
-    normal, _ = simulate_fleet(ASSETS, START, 720, PERIOD, seed=3, anomalous_assets=[])
-    table = pd.concat([f.assign(asset=a) for a, f in normal.items()]).reset_index()
-    with make_sessionmaker(engine).begin() as s:
-        register_trained(session=s, trained=train_group(windows_from_frame(table, group), group, progress=False),
-                         group=group, model_dir=cfg.model_dir)
-    engine.dispose()
+    normal = deploy_pumps(cfg, db_url, ASSETS, 720)
     return to_messages({a: f.iloc[:240] for a, f in normal.items()})
 
 
@@ -218,7 +177,7 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
     messages = _deploy_small(cfg, pg_database_url)
     result: list[RunStats] = []
     pipeline = threading.Thread(target=lambda: result.append(
-        _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90, idle_stop_s=60)), daemon=True)
+        run_until(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90, idle_stop_s=60)), daemon=True)
     with caplog.at_level("WARNING", logger="pipeline.kafka_io"):
         pipeline.start()
         deadline = time.monotonic() + 30
@@ -251,5 +210,5 @@ def test_polls_that_time_out_during_every_rebalance_still_end_up_consuming(
     cfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={"poll_timeout_ms": 1})})
     messages = _deploy_small(cfg, pg_database_url)
     _send(cfg, messages)
-    stats = _run(cfg, until_readings=len(messages), until_rejected=0, timeout_s=60)
+    stats = run_until(cfg, until_readings=len(messages), until_rejected=0, timeout_s=60)
     assert stats.readings == len(messages)

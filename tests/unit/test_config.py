@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,19 @@ def test_group_and_asset_names_that_cannot_be_stored_are_refused(name: str, asse
     ok = parse_config({"groups": [{"name": "g" * 61, "assets": ["plant 1/pump-7"], "sensors": [{"name": "x"}]}]},
                       env={})
     assert ok.groups[0].assets == ["plant 1/pump-7"]
+
+
+@pytest.mark.parametrize(("where", "name"), [(("kafka", "topic"), "sensor readings"),
+                                             (("kafka", "dead_letter_topic"), ".."),
+                                             (("sinks", "kafka", "topic"), "alerts/plant-1"),
+                                             (("kafka", "topic"), "t" * 250)])
+def test_a_topic_name_kafka_refuses_is_a_configuration_error(where: tuple[str, ...], name: str) -> None:
+    raw = _raw()
+    node = raw
+    for key in where[:-1]:
+        node = node.setdefault(key, {})
+    node[where[-1]] = name
+    with pytest.raises(ConfigError, match=re.escape(".".join(where)) + ": .*a Kafka topic name is 1 to 249 ASCII"):
+        parse_config(raw, env={})
+    node[where[-1]] = "plant-1.sensor_readings" + "t" * 200  # letters, digits, '.', '_' and '-', up to 249: fine
+    parse_config(raw, env={})

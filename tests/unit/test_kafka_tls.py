@@ -3,6 +3,7 @@ encrypted key without its password is reported instead of making OpenSSL ask for
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,10 @@ def test_each_problem_names_its_key(pki: Pki, tmp_path: Path) -> None:
     other_key = pki.ca.with_name("broker.key")  # the broker's key: a key, not this certificate's
     assert problems(**cert, ssl_keyfile=str(other_key)) == [
         f"kafka.security.ssl_keyfile: {other_key} is not the key of the certificate in {pki.client_cert}"]
+    broker_cert = pki.ca.with_name("broker.pem")  # decrypted with the right password, but not this certificate's key
+    assert problems(ssl_certfile=str(broker_cert), ssl_keyfile=str(pki.client_key_encrypted),
+                    ssl_key_password=KEY_PASSWORD) == [
+        f"kafka.security.ssl_keyfile: {pki.client_key_encrypted} is not the key of the certificate in {broker_cert}"]
     assert problems(ssl_certfile=str(pki.client_key), ssl_keyfile=str(pki.client_key))[0].startswith(
         f"kafka.security.ssl_certfile: {pki.client_key} and {pki.client_key} do not load as a PEM certificate")
     both_missing = problems(ssl_cafile="/nonexistent/ca.pem", ssl_certfile="/nonexistent/client.pem",
@@ -72,10 +77,26 @@ def test_no_client_is_made_while_a_tls_file_does_not_load(tmp_path: Path) -> Non
         kafka_io.topic_partitions(cfg, ["t"], timeout_s=1)
 
 
-def test_a_key_without_its_certificate_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigError, match=r"kafka.security: .*ssl_keyfile needs ssl_certfile"):
-        parse_config({"kafka": {"security": {"protocol": "SSL", "ssl_keyfile": "/etc/client.key"}},
+def test_a_key_without_its_certificate_is_a_configuration_error_where_tls_is_used() -> None:
+    def parse(protocol: str) -> None:
+        parse_config({"kafka": {"security": {"protocol": protocol, "ssl_keyfile": "/etc/client.key",
+                                             "sasl_mechanism": "PLAIN", "sasl_username": "u"}},
                       "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+
+    for protocol in ("SSL", "SASL_SSL"):
+        with pytest.raises(ConfigError, match=r"kafka.security: .*ssl_keyfile needs ssl_certfile"):
+            parse(protocol)
+    parse("SASL_PLAINTEXT")  # a leftover TLS setting of a protocol without TLS stays harmless
+    parse("PLAINTEXT")
+
+
+def test_tls_files_are_left_alone_by_protocols_without_tls(tmp_path: Path) -> None:
+    for protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+        cfg = KafkaConfig.model_validate({"security": {
+            "protocol": protocol, "sasl_mechanism": "PLAIN", "sasl_username": "u",
+            "ssl_cafile": str(tmp_path / "old-ca.pem")}})
+        assert kafka_io.tls_problems(cfg) == []
+        assert kafka_io.client_kwargs(cfg)["security_protocol"] == protocol
 
 
 def test_run_stops_with_the_key_and_exit_status_2_before_connecting(tmp_path: Path) -> None:
@@ -107,3 +128,14 @@ def test_run_stops_with_the_key_and_exit_status_2_before_connecting(tmp_path: Pa
     assert result.exit_code == 2
     assert f"kafka.security.ssl_cafile: cannot read {tmp_path / 'ca.pem'}" in result.output
     assert "cannot connect" not in result.output  # it never tried the (unreachable) broker
+
+
+
+def test_the_admin_clients_configuration_dump_is_logged_without_its_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("DEBUG", logger="kafka.admin.client"):  # kafka-python's own call, as its __init__ makes it
+        logging.getLogger("kafka.admin.client").debug(
+            "Starting KafkaAdminClient with configuration: %s",
+            {"bootstrap_servers": ["k:9094"], "sasl_plain_username": "sw", "sasl_plain_password": "pw-1234",
+             "ssl_password": "key-5678", "ssl_cafile": None})
+    assert "'sasl_plain_username': 'sw'" in caplog.text and "'bootstrap_servers': ['k:9094']" in caplog.text
+    assert "pw-1234" not in caplog.text and "key-5678" not in caplog.text

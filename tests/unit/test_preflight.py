@@ -79,8 +79,8 @@ def test_a_missing_topic_to_produce_to_fails_only_where_the_brokers_do_not_creat
     assert created.status == "warn" and "create it on the first send" in created.detail
     stalls = produced_topic_check("dead-letter topic", "dlq", 0, False)
     assert stalls.status == "fail" and "stalls the pipeline" in stalls.detail
-    lost = produced_topic_check("alert topic", "alerts", 0, False)
-    assert lost.status == "fail" and "lost" in lost.detail and "stalls" not in lost.detail
+    waits = produced_topic_check("alert topic", "alerts", 0, False)  # in the outbox, until sinks.kafka.max_age_h
+    assert waits.status == "fail" and "wait in the outbox" in waits.detail and "stalls" not in waits.detail
     unknown = produced_topic_check("alert topic", "alerts", 0, None)
     assert unknown.status == "warn" and "could not be read" in unknown.detail
 
