@@ -347,14 +347,16 @@ def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records
     Uses a consumer outside any group (``group_id=None``, manual assignment): it commits nothing and never joins the
     pipeline's group. TransientError when the broker has not delivered up to the captured ends within ``timeout_s``.
     """
-    try:
-        consumer = KafkaConsumer(
-            group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_records,
-            fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
-            max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **client_kwargs(cfg),
-        )
-    except KafkaError as exc:
-        raise TransientError(f"cannot read {cfg.topic} back: {exc}") from exc
+    with connection_errors() as seen:
+        try:
+            consumer = KafkaConsumer(
+                group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_records,
+                fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
+                max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **client_kwargs(cfg),
+            )
+        except KafkaError as exc:
+            why = last_failure(seen, sasl=cfg.security.protocol.startswith("SASL"))
+            raise TransientError(f"cannot read {cfg.topic} back: {exc}{why}") from exc
     try:
         partitions = consumer.partitions_for_topic(cfg.topic) or set()
         tps = [TopicPartition(cfg.topic, p) for p in sorted(partitions)]
@@ -492,18 +494,28 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
 def last_failure(seen: Sequence[str], *, sasl: bool = False) -> str:
     """``"; last connection error: ..."`` from what ``connection_errors`` kept, or ``""`` when it kept none. A TLS or
     SASL failure (a handshake, authentication) explains more than a refused connection and is preferred: the log is
-    the process's, so another client's attempts can be in it too. With ``sasl`` (a SASL protocol is configured), a
-    connection that dropped says that refused credentials can look like that: kafka-python 3.0 can drop the broker's
-    authentication answer when the broker closes the connection right after it."""
+    the process's, so another client's attempts can be in it too. Two answers get a hint: a frame "length" that is
+    the start of a TLS record (a plaintext protocol against a TLS listener), and, with ``sasl`` (a SASL protocol is
+    configured), a dropped connection, which is how refused credentials can look (kafka-python 3.0 can drop the
+    broker's answer when the broker closes the connection right after it) and also how a TLS listener answers."""
     failures = [m for m in seen if "failed" in m and not m.startswith("Bootstrap failed")]
     security = [m for m in failures if _SECURITY_FAILURE.search(m)]
     chosen = security or failures
     if not chosen:
         return ""
-    hint = (" (a broker that refuses the SASL credentials closes the connection: check kafka.security's "
-            "sasl_mechanism, sasl_username and sasl_password)") if sasl and "socket disconnected" in chosen[-1] else ""
+    frame = re.search(r"Invalid frame length: (\d+)", chosen[-1])
+    if frame and int(frame.group(1)) >> 24 in _TLS_RECORD_TYPES and int(frame.group(1)) >> 16 & 0xFF == 3:
+        hint = " (the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL)"
+    elif sasl and "socket disconnected" in chosen[-1]:
+        hint = (" (a broker that refuses the SASL credentials closes the connection, and so does a TLS listener: "
+                "check kafka.security's protocol, sasl_mechanism, sasl_username and sasl_password)")
+    else:
+        hint = ""
     return f"; last connection error: {chosen[-1]}{hint}"
 
+
+#: The first byte of a TLS record: change_cipher_spec, alert, handshake, application_data (then version 3.x).
+_TLS_RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})
 
 _SECURITY_FAILURE = re.compile(r"sasl|ssl|tls|handshake|authenticat", re.IGNORECASE)
 

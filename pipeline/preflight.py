@@ -188,9 +188,12 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
     except ConfigError as exc:  # TLS files that do not load: no client was made
         return [Check("kafka", "fail", str(exc))]
     except (KafkaError, TransientError) as exc:
-        return [Check("kafka", "fail", f"{kafka.bootstrap_servers}: no broker answered within {timeout_s:g} s ({exc}); "
-                      "check kafka.bootstrap_servers and kafka.security")]
+        return [Check("kafka", "fail", f"{kafka.bootstrap_servers}: no broker could be used within {timeout_s:g} s "
+                      f"({exc}); check kafka.bootstrap_servers and kafka.security")]
     out = [Check("kafka", "ok", f"{kafka.bootstrap_servers}: brokers answer")]
+    if kafka.security.protocol == "SASL_PLAINTEXT" and kafka.security.sasl_mechanism == "PLAIN":
+        out.append(Check("kafka security", "warn", "SASL PLAIN over SASL_PLAINTEXT sends the password in clear: use "
+                         "SASL_SSL, or a SCRAM mechanism"))
     if partitions[kafka.topic]:
         out.append(Check("readings topic", "ok", f"{kafka.topic}: {partitions[kafka.topic]} partition(s); up to "
                          f"{partitions[kafka.topic]} pipeline process(es) of group {kafka.group_id} share them"))

@@ -629,13 +629,15 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
     """Build the clients from ``config`` and run the loop until stopped (or, with ``idle_stop_s``, until nothing
     arrived for that long, waiting for the topic included). The caller installs signal handlers.
 
-    TransientError, with one line saying what to do, when the database schema is not up to date, the metrics port
+    ConfigError when a TLS file of ``kafka.security`` does not load (``kafka_io.tls_problems``); TransientError, with
+    one line saying what to do, when the database schema is not up to date, the metrics port
     is taken, or Kafka cannot be reached; ModelError when no group has a usable active model, or when a group's
     active model has a bundle that is missing, unreadable or corrupt (it would be back once the volume is mounted or
     the file restored, and meanwhile the group's readings would be consumed unscored). A group without a model (a
     new group) or whose model was trained for another configuration (sensors, window) is logged and not monitored,
     the others are: its windows are dropped, counted (``sensorwatch_windows_unscored_total``), until a model of it is
     activated and picked up by ``reload_models``."""
+    kafka_io.client_kwargs(config.kafka)  # a TLS file that does not load: ConfigError before anything starts
     with contextlib.ExitStack() as stack:
         engine = make_engine(config.database.url)
         stack.callback(engine.dispose)

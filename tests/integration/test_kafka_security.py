@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from pipeline import kafka_io
 from pipeline.cli import app
 from pipeline.config import Config, parse_config
+from pipeline.errors import TransientError
 from pipeline.localinfra import LocalKafka
 from pipeline.localinfra.kafka import SASL_USER
 from pipeline.localinfra.tls import KEY_PASSWORD
@@ -36,9 +37,10 @@ pytestmark = pytest.mark.integration
 ASSETS = ["pump-1", "pump-2"]
 
 
-def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWORD}",
-              ca: Path | None = None) -> tuple[str, dict[str, Any]]:
-    """``(bootstrap address, kafka.security)`` for one of the broker's secured listeners."""
+def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWORD}", ca: Path | None = None,
+              listener: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``(bootstrap address, kafka.security)`` for one of the broker's secured listeners (``listener``: another one's
+    address, a mismatch)."""
     pki = broker.pki
     assert pki is not None
     cafile = str(ca or pki.ca)
@@ -54,7 +56,8 @@ def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWO
     protocol, mechanism = setup.split("/")
     security = {"protocol": protocol, "sasl_mechanism": mechanism, "sasl_username": SASL_USER,
                 "sasl_password": password}
-    return broker.secure_listeners[protocol], security | ({"ssl_cafile": cafile} if protocol == "SASL_SSL" else {})
+    return (broker.secure_listeners[listener or protocol],
+            security | ({"ssl_cafile": cafile} if protocol == "SASL_SSL" else {}))
 
 
 def _config(broker: LocalKafka, setup: str, topic: str, db_url: str, model_dir: Path) -> Config:
@@ -87,6 +90,7 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
     sessions = make_sessionmaker(engine)
 
     caplog.set_level("DEBUG")  # every client's log, the libraries' included, is searched for the password at the end
+    caplog.set_level("DEBUG", logger="kafka")  # a CLI test earlier in the session may have set it to ERROR
 
     live_start = START + pd.Timedelta(hours=26)
     frames = {a: simulate_normal(a, live_start, 720, PERIOD, seed=9) for a in ASSETS}
@@ -140,7 +144,8 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
     assert secure_kafka.sasl_password not in caplog.text
 
 
-def _check(broker: LocalKafka, setup: str, tmp_path: Path, **security: Any) -> tuple[int, dict[str, Any], str]:
+def _check(broker: LocalKafka, setup: str, tmp_path: Path, **security: Any
+           ) -> tuple[int, dict[str, dict[str, Any]], str]:
     bootstrap, found = _security(broker, setup, **security)
     path = tmp_path / "plant.yaml"
     path.write_text(yaml.safe_dump({
@@ -149,16 +154,18 @@ def _check(broker: LocalKafka, setup: str, tmp_path: Path, **security: Any) -> t
         "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
     result = CliRunner(env={"KAFKA_PASSWORD": broker.sasl_password, "KAFKA_KEY_PASSWORD": KEY_PASSWORD}).invoke(
         app, ["check", "--config", str(path), "--kafka-timeout-s", "4", "--format", "json"])
-    checks = {c["name"]: c for c in json.loads(result.stdout)}
-    return result.exit_code, checks["kafka"], result.output
+    return result.exit_code, {c["name"]: c for c in json.loads(result.stdout)}, result.output
 
 
 @pytest.mark.parametrize("setup", ["SASL_PLAINTEXT/PLAIN", "SASL_PLAINTEXT/SCRAM-SHA-256", "SASL_SSL/SCRAM-SHA-512",
                                    "SASL_SSL/PLAIN", "mtls", "mtls-encrypted-key"])
 def test_check_reaches_a_broker_with_each_supported_security_setup(
         secure_kafka: LocalKafka, setup: str, tmp_path: Path) -> None:
-    _, kafka, _ = _check(secure_kafka, setup, tmp_path)
-    assert kafka["status"] == "ok", kafka["detail"]
+    _, checks, _ = _check(secure_kafka, setup, tmp_path)
+    assert checks["kafka"]["status"] == "ok", checks["kafka"]["detail"]
+    in_clear = setup == "SASL_PLAINTEXT/PLAIN"  # the password crosses the network as it is
+    assert ("kafka security" in checks) == in_clear
+    assert not in_clear or checks["kafka security"]["status"] == "warn"
 
 
 @pytest.mark.parametrize(("setup", "security", "reason"), [
@@ -173,9 +180,28 @@ def test_check_names_the_brokers_reason_when_the_security_settings_are_wrong(
     assert secure_kafka.pki is not None
     if "ca" in security:
         security = {"ca": secure_kafka.pki.other_ca if security["ca"] == "other" else Path("/nonexistent/ca.pem")}
-    code, kafka, output = _check(secure_kafka, setup, tmp_path, **security)
+    code, checks, output = _check(secure_kafka, setup, tmp_path, **security)
+    kafka = checks["kafka"]
     assert code == 1 and kafka["status"] == "fail"
     refused_credentials = "a broker that refuses the SASL credentials closes the connection"  # kafka-python's race
     assert reason in kafka["detail"] or (setup.startswith("SASL") and refused_credentials in kafka["detail"]), (
         kafka["detail"])
     assert "not-the-password" not in output and secure_kafka.sasl_password not in output
+
+
+def test_a_plaintext_protocol_against_a_tls_listener_is_named(secure_kafka: LocalKafka, tmp_path: Path) -> None:
+    _, checks, _ = _check(secure_kafka, "SASL_PLAINTEXT/SCRAM-SHA-512", tmp_path, listener="SASL_SSL")
+    detail = checks["kafka"]["detail"]
+    assert checks["kafka"]["status"] == "fail"
+    assert ("the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL" in detail
+            or "and so does a TLS listener: check kafka.security's protocol" in detail), detail
+
+
+def test_retraining_says_why_it_could_not_read_the_topic_back(secure_kafka: LocalKafka, topic_name: str) -> None:
+    bootstrap, security = _security(secure_kafka, "SASL_SSL/SCRAM-SHA-512", password="not-the-password")
+    cfg = parse_config({"kafka": {"bootstrap_servers": bootstrap, "topic": topic_name, "security": security},
+                        "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+    with pytest.raises(TransientError, match=f"cannot read {topic_name} back: .*last connection error: ") as caught:
+        next(kafka_io.read_since(cfg.kafka, 0, timeout_s=10))
+    refused_credentials = "a broker that refuses the SASL credentials closes the connection"  # kafka-python's race
+    assert "invalid credentials with SASL mechanism" in str(caught.value) or refused_credentials in str(caught.value)

@@ -287,7 +287,7 @@ def test_check_reports_each_problem_of_a_deployment_that_cannot_start(tmp_path: 
                                   "upgrade --config FILE'")
     assert not (tmp_path / "sw.db").exists()  # the check creates nothing
     assert status["model_dir"] == ("ok", f"{tmp_path / 'models'}: will be created (in {tmp_path})")
-    assert status["kafka"][0] == "fail" and "127.0.0.1:1: no broker answered" in status["kafka"][1]
+    assert status["kafka"][0] == "fail" and "127.0.0.1:1: no broker could be used" in status["kafka"][1]
     from pipeline.store.db import upgrade
 
     upgrade(url)

@@ -89,5 +89,14 @@ def test_a_dropped_connection_under_sasl_says_the_credentials_may_have_been_refu
             "Bootstrap connection to bootstrap-0 failed: KafkaConnectionError: socket disconnected"]
     assert kafka_io.last_failure(seen).endswith("socket disconnected")  # no SASL configured: no hint
     assert kafka_io.last_failure(seen, sasl=True).endswith(
-        "socket disconnected (a broker that refuses the SASL credentials closes the connection: check "
-        "kafka.security's sasl_mechanism, sasl_username and sasl_password)")
+        "socket disconnected (a broker that refuses the SASL credentials closes the connection, and so does a TLS "
+        "listener: check kafka.security's protocol, sasl_mechanism, sasl_username and sasl_password)")
+
+
+def test_a_tls_record_read_as_a_kafka_frame_says_the_broker_speaks_tls() -> None:
+    tls_alert = "Bootstrap connection to bootstrap-0 failed: InvalidReceiveError: Invalid frame length: 352518912"
+    assert 352518912 == 0x15030300  # a TLS alert record, version 3.x: what a TLS listener sends a plaintext client
+    assert kafka_io.last_failure([tls_alert], sasl=True).endswith(
+        "Invalid frame length: 352518912 (the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL)")
+    other = "Bootstrap connection to bootstrap-0 failed: InvalidReceiveError: Invalid frame length: 2000000000"
+    assert kafka_io.last_failure([other]).endswith("Invalid frame length: 2000000000")  # no hint
