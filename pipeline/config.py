@@ -74,11 +74,21 @@ class SecurityConfig(_Strict):
     ssl_keyfile: str | None = None
     ssl_key_password: SecretStr | None = None  # for an encrypted ssl_keyfile
 
+    @property
+    def sasl(self) -> bool:
+        """Whether the protocol authenticates with SASL (SASL_PLAINTEXT, SASL_SSL)."""
+        return self.protocol.startswith("SASL")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the protocol uses TLS (SSL, SASL_SSL): the ``ssl_*`` files count only then."""
+        return self.protocol.endswith("SSL")
+
     @model_validator(mode="after")
     def _sasl_complete(self) -> SecurityConfig:
-        if self.protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username):
+        if self.sasl and not (self.sasl_mechanism and self.sasl_username):
             raise ValueError("SASL protocols need sasl_mechanism and sasl_username")
-        if self.protocol.endswith("SSL") and self.ssl_keyfile and not self.ssl_certfile:
+        if self.tls and self.ssl_keyfile and not self.ssl_certfile:
             raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate it is the key of)")
         return self
 

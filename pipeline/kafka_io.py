@@ -61,7 +61,7 @@ def tls_problems(cfg: KafkaConfig) -> list[str]:
     encrypted key without ``ssl_key_password`` is reported instead of making OpenSSL ask for its pass phrase on the
     terminal."""
     s = cfg.security
-    if not s.protocol.endswith("SSL"):  # PLAINTEXT and SASL_PLAINTEXT: the clients leave the TLS files alone
+    if not s.tls:  # PLAINTEXT and SASL_PLAINTEXT: the clients leave the TLS files alone
         return []
     files = {key: getattr(s, key) for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile") if getattr(s, key)}
     problems = []
@@ -319,15 +319,6 @@ def record_refused(exc: BaseException) -> bool:
     return isinstance(exc, _RECORD_REFUSED)
 
 
-def kafka_reason(exc: BaseException) -> str:
-    """The error's class and the first line of its message (or, for a broker error without one, the library's
-    description), at most about 200 characters: kafka-python's errors name topics and sizes, no credentials."""
-    text = next((str(a) for a in getattr(exc, "args", ()) if a is not None and str(a).strip()), "")
-    text = text or str(getattr(exc, "description", None) or "")
-    line = text.strip().splitlines()[0][:200] if text.strip() else ""
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-
-
 def commit(consumer: KafkaConsumer, topic: str, offsets: Mapping[int, int]) -> None:
     """Commit ``partition -> next offset to read`` for partitions this consumer still owns."""
     owned = {tp.partition for tp in consumer.assignment()}
@@ -355,7 +346,7 @@ def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records
                 max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **client_kwargs(cfg),
             )
         except KafkaError as exc:
-            why = last_failure(seen, sasl=cfg.security.protocol.startswith("SASL"))
+            why = last_failure(seen, sasl=cfg.security.sasl)
             raise TransientError(f"cannot read {cfg.topic} back: {exc}{why}") from exc
     try:
         partitions = consumer.partitions_for_topic(cfg.topic) or set()
@@ -440,7 +431,7 @@ def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: floa
                                      bootstrap_timeout_ms=round(timeout_s * 1000),
                                      request_timeout_ms=max(round(timeout_s * 1000), 1000), **client_kwargs(cfg))
         except KafkaError as exc:
-            raise TransientError(f"{exc}{last_failure(seen, sasl=cfg.security.protocol.startswith('SASL'))}") from exc
+            raise TransientError(f"{exc}{last_failure(seen, sasl=cfg.security.sasl)}") from exc
     try:
         known = consumer.topics()
         return {t: len(consumer.partitions_for_topic(t) or ()) if t in known else 0 for t in topics}

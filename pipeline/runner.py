@@ -725,6 +725,6 @@ def _connect(make: Callable[[KafkaConfig], T], kafka: KafkaConfig, *, explain: b
         try:
             return make(kafka)
         except KafkaError as exc:
-            why = kafka_io.last_failure(seen, sasl=kafka.security.protocol.startswith("SASL"))
+            why = kafka_io.last_failure(seen, sasl=kafka.security.sasl)
             raise TransientError(f"cannot connect to Kafka at {kafka.bootstrap_servers} ({exc}{why}); check "
                                  "kafka.bootstrap_servers and kafka.security") from None

@@ -77,8 +77,10 @@ def retryable_http(code: int) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its text (which may be empty), for a log line."""
-    lines = str(exc).splitlines()
+    """The exception's type and the first line of its text, for a log line; a Kafka broker's error without a text
+    gives the library's description of it (kafka-python's errors name topics and sizes, no credentials)."""
+    text = str(exc) if exc.args else str(getattr(exc, "description", "") or exc)
+    lines = text.splitlines()
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 
@@ -223,9 +225,9 @@ class KafkaAlertSink(Sink):
                 continue
             self._drop_producer()  # what it still holds must not be written later, behind newer events
             if not kafka_io.record_refused(error):
-                outcomes.append(("retry", kafka_io.kafka_reason(error)))
+                outcomes.append(("retry", _first_line(error)))
             elif len(tried) == 1:  # its own answer: no other record of this producer was in flight
-                outcomes.append(("refused", f"{kafka_io.kafka_reason(error)} ({len(orjson.dumps(doc))} bytes)"))
+                outcomes.append(("refused", f"{_first_line(error)} ({len(orjson.dumps(doc))} bytes)"))
             else:  # the round ends here; the next one takes this event alone
                 self._alone = True
             break
