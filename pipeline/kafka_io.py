@@ -19,11 +19,13 @@ from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import (
     CorruptRecordError,
+    GroupAuthorizationFailedError,
     InvalidRecordError,
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
 )
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
@@ -480,6 +482,44 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
         return None
     finally:
         admin.close()
+
+
+def missing_permissions(cfg: KafkaConfig, needs: Mapping[str, str]) -> list[str] | None:
+    """What the configured principal may not do of ``needs`` (topic -> ``READ`` or ``WRITE``) and of ``READ`` on
+    ``cfg.group_id``, as the brokers' authorizer reports it (each topic's authorized operations; a group described
+    without authorization), one ``"WRITE on topic X"`` each (a broker without an authorizer allows everything); None
+    when the brokers report no permissions (a broker older than Kafka 2.3) or cannot be asked. Topics that do not
+    exist are left out (``topic_partitions`` tells)."""
+    try:
+        admin = KafkaAdminClient(**client_kwargs(cfg))
+    except KafkaError:
+        return None
+    missing: list[str] = []
+    reported = False
+    try:
+        for topic in admin.describe_topics(list(needs)):
+            name, error, allowed = topic.get("name"), topic.get("error_code"), topic.get("authorized_operations")
+            if name not in needs:
+                continue
+            if error == TopicAuthorizationFailedError.errno:  # not even DESCRIBE
+                reported = True
+                missing.append(f"{needs[name]} on topic {name}")
+            elif error == 0 and allowed:
+                reported = True
+                if needs[name] not in allowed:
+                    missing.append(f"{needs[name]} on topic {name}")
+        try:
+            admin.describe_groups([cfg.group_id])
+        except GroupAuthorizationFailedError:
+            reported = True
+            missing.append(f"READ on group {cfg.group_id}")
+        except KafkaError:  # a group the coordinator does not know yet, and the like: not a permission answer
+            pass
+    except KafkaError:
+        return None
+    finally:
+        admin.close()
+    return missing if reported else None
 
 
 def last_failure(seen: Sequence[str], *, sasl: bool = False) -> str:

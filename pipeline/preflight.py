@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,7 +203,32 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
     missing = [(label, topic) for label, topic in produced if not partitions[topic]]
     auto_create = kafka_io.auto_creates_topics(kafka) if missing else None
     out += [produced_topic_check(label, topic, partitions[topic], auto_create) for label, topic in produced]
+    needs = {kafka.topic: "READ", **{topic: "WRITE" for _, topic in produced}}
+    out.append(permissions_check(needs, kafka.group_id, kafka_io.missing_permissions(kafka, needs)))
     return out
+
+
+#: What a missing permission costs the pipeline, by the operation and the kind of resource.
+_PERMISSION_COST = {
+    ("READ", "topic"): "the pipeline cannot consume",
+    ("WRITE", "topic"): "rejected readings stall the pipeline, or alert events wait in the outbox",
+    ("READ", "group"): "the pipeline cannot join its consumer group or commit offsets",
+}
+
+
+def permissions_check(needs: Mapping[str, str], group: str, missing: list[str] | None) -> Check:
+    """The check of the principal's permissions: ``missing`` as ``kafka_io.missing_permissions`` gives it."""
+    if missing is None:
+        return Check("kafka permissions", "ok",
+                     "the brokers did not report permissions (an older broker, or not asked): not checked")
+    if missing:
+        costs = sorted({_PERMISSION_COST[(entry.split(" on ")[0], entry.split(" ")[2])] for entry in missing})
+        return Check("kafka permissions", "fail", f"not allowed: {', '.join(missing)} ({'; '.join(costs)}); grant "
+                     "them to the principal of kafka.security on the cluster (kafka-acls.sh --add)")
+    reads = [t for t, op in needs.items() if op == "READ"]
+    writes = [t for t, op in needs.items() if op == "WRITE"]
+    return Check("kafka permissions", "ok", f"may read {', '.join(reads)}, write {', '.join(writes)} and use group "
+                 f"{group}")
 
 
 #: What a missing topic the pipeline produces to costs, by its label.

@@ -14,7 +14,16 @@ import orjson
 import pandas as pd
 import pytest
 import yaml
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import (
+    ACL,
+    ACLOperation,
+    ACLPermissionType,
+    ACLResourcePatternType,
+    NewTopic,
+    ResourcePattern,
+    ResourceType,
+)
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -205,3 +214,38 @@ def test_retraining_says_why_it_could_not_read_the_topic_back(secure_kafka: Loca
         next(kafka_io.read_since(cfg.kafka, 0, timeout_s=10))
     refused_credentials = "a broker that refuses the SASL credentials closes the connection"  # kafka-python's race
     assert "invalid credentials with SASL mechanism" in str(caught.value) or refused_credentials in str(caught.value)
+
+
+def test_check_names_the_permissions_the_principal_lacks(secure_kafka: LocalKafka, topic_name: str,
+                                                         tmp_path: Path) -> None:
+    dlq, alerts, group = f"{topic_name}-dlq", f"{topic_name}-alerts", f"g-{topic_name}"
+    bootstrap, security = _security(secure_kafka, "SASL_SSL/SCRAM-SHA-512")
+    path = tmp_path / "plant.yaml"
+    path.write_text(yaml.safe_dump({
+        "kafka": {"bootstrap_servers": bootstrap, "security": security, "topic": topic_name,
+                  "dead_letter_topic": dlq, "group_id": group},
+        "sinks": {"kafka": {"topic": alerts}}, "database": {"url": f"sqlite:///{tmp_path / 'sw.db'}"},
+        "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)  # the broker's PLAINTEXT super user
+    admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in (topic_name, dlq, alerts)])
+
+    def permissions() -> dict[str, Any]:
+        result = CliRunner(env={"KAFKA_PASSWORD": secure_kafka.sasl_password}).invoke(
+            app, ["check", "--config", str(path), "--kafka-timeout-s", "10", "--format", "json"])
+        return {c["name"]: c for c in json.loads(result.stdout)}["kafka permissions"]
+
+    allowed = permissions()
+    assert allowed == {"name": "kafka permissions", "status": "ok",
+                       "detail": f"may read {topic_name}, write {dlq}, {alerts} and use group {group}"}
+    principal = f"User:{SASL_USER}"
+    assert not admin.create_acls([
+        ACL(principal, "*", ACLOperation.WRITE, ACLPermissionType.DENY,
+            ResourcePattern(ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL)),
+        ACL(principal, "*", ACLOperation.READ, ACLPermissionType.DENY,
+            ResourcePattern(ResourceType.GROUP, group, ACLResourcePatternType.LITERAL))])["failed"]
+    admin.close()
+    refused = permissions()
+    assert refused["status"] == "fail"
+    assert refused["detail"].startswith(f"not allowed: WRITE on topic {dlq}, READ on group {group} (")
+    assert "rejected readings stall the pipeline" in refused["detail"]
+    assert "cannot join its consumer group" in refused["detail"]

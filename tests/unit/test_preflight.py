@@ -141,3 +141,17 @@ def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events(sessions
     orphaned = line(plain, {"kafka": [("pending", now - timedelta(hours=2))] * 3})[0]
     assert orphaned.status == "warn" and "kafka: 3 pending, 0 failed (not configured" in orphaned.detail
     assert "TOKEN" not in ok[0].detail + stale.detail
+
+
+def test_the_permissions_check_says_what_each_missing_permission_costs() -> None:
+    from pipeline.preflight import permissions_check
+
+    needs = {"readings": "READ", "dlq": "WRITE", "alerts": "WRITE"}
+    assert permissions_check(needs, "sw", None).detail == (
+        "the brokers did not report permissions (an older broker, or not asked): not checked")
+    assert permissions_check(needs, "sw", []).detail == "may read readings, write dlq, alerts and use group sw"
+    refused = permissions_check(needs, "sw", ["READ on topic readings", "READ on group sw"])
+    assert refused.status == "fail"
+    assert refused.detail == ("not allowed: READ on topic readings, READ on group sw (the pipeline cannot consume; "
+                              "the pipeline cannot join its consumer group or commit offsets); grant them to the "
+                              "principal of kafka.security on the cluster (kafka-acls.sh --add)")
