@@ -836,7 +836,7 @@ class Config(_Strict):
 def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
     """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of a parsed YAML tree.
 
-    Raises ConfigError naming the key path when a variable without default is not set.
+    Raises ConfigError naming the key path when a variable without default is not set or empty.
     """
     if isinstance(node, dict):
         return {k: interpolate_env(v, env, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
@@ -854,7 +854,8 @@ def interpolate_env(node: Any, env: Mapping[str, str], path: str = "") -> Any:
         elif default is not None:
             value = default
         else:
-            raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set and has no default")
+            state = "is empty" if name in env else "is not set"
+            raise ConfigError(f"{path or '<root>'}: environment variable {name} {state} and has no default")
         if not password_span[0] <= match.start() < password_span[1]:
             return value
         # a password with '@', ':' or '/' would break the URL (and show up in the error): encode it in place

@@ -75,8 +75,11 @@ def test_missing_env_var_without_default_names_the_key() -> None:
     raw = _raw()
     raw["kafka"]["security"] = {"protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u",
                                 "sasl_password": "${KAFKA_PASSWORD}"}
-    with pytest.raises(ConfigError, match=r"kafka\.security\.sasl_password: environment variable KAFKA_PASSWORD"):
+    with pytest.raises(ConfigError, match=r"kafka\.security\.sasl_password: environment variable KAFKA_PASSWORD is "
+                       "not set and has no default"):
         parse_config(raw, env={})
+    with pytest.raises(ConfigError, match="KAFKA_PASSWORD is empty and has no default"):  # e.g. a secret not mounted
+        parse_config(raw, env={"KAFKA_PASSWORD": ""})
 
 
 @pytest.mark.parametrize(
