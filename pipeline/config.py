@@ -809,6 +809,15 @@ class Config(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _topics_apart(self) -> Config:
+        if self.kafka.dead_letter_topic == self.kafka.topic:
+            raise ValueError("kafka.dead_letter_topic must not be kafka.topic: rejected readings would be read again")
+        alerts = self.sinks.kafka
+        if alerts is not None and alerts.enabled and alerts.topic in {self.kafka.topic, self.kafka.dead_letter_topic}:
+            raise ValueError("sinks.kafka.topic must be a topic of its own, not kafka.topic or kafka.dead_letter_topic")
+        return self
+
+    @model_validator(mode="after")
     def _assets_in_one_group(self) -> Config:
         seen: dict[str, str] = {}
         names = [g.name for g in self.groups]

@@ -484,42 +484,39 @@ def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
         admin.close()
 
 
-def missing_permissions(cfg: KafkaConfig, needs: Mapping[str, str]) -> list[str] | None:
-    """What the configured principal may not do of ``needs`` (topic -> ``READ`` or ``WRITE``) and of ``READ`` on
-    ``cfg.group_id``, as the brokers' authorizer reports it (each topic's authorized operations; a group described
-    without authorization), one ``"WRITE on topic X"`` each (a broker without an authorizer allows everything); None
-    when the brokers report no permissions (a broker older than Kafka 2.3) or cannot be asked. Topics that do not
-    exist are left out (``topic_partitions`` tells)."""
+def permissions(cfg: KafkaConfig, needs: Mapping[str, str], *, timeout_s: float) -> dict[str, bool | None]:
+    """Whether the configured principal may do each of ``needs`` (topic -> ``READ`` or ``WRITE``) and ``READ`` on
+    ``cfg.group_id``, as the brokers' authorizer reports it, by ``"WRITE on topic X"`` / ``"READ on group G"``: True
+    allowed, False refused, None not reported (a topic or group the brokers do not know yet, a broker older than
+    Kafka 2.3, no answer within ``timeout_s``). A broker without an authorizer allows everything."""
+    answers: dict[str, bool | None] = {f"{op} on topic {topic}": None for topic, op in needs.items()}
+    group = f"READ on group {cfg.group_id}"
+    answers[group] = None
+    ms = max(round(timeout_s * 1000), 1000)
     try:
-        admin = KafkaAdminClient(**client_kwargs(cfg))
+        admin = KafkaAdminClient(**client_kwargs(cfg), bootstrap_timeout_ms=ms, request_timeout_ms=ms)
     except KafkaError:
-        return None
-    missing: list[str] = []
-    reported = False
+        return answers
     try:
         for topic in admin.describe_topics(list(needs)):
             name, error, allowed = topic.get("name"), topic.get("error_code"), topic.get("authorized_operations")
             if name not in needs:
                 continue
-            if error == TopicAuthorizationFailedError.errno:  # not even DESCRIBE
-                reported = True
-                missing.append(f"{needs[name]} on topic {name}")
+            if error == TopicAuthorizationFailedError.errno:  # not even DESCRIBE, which READ and WRITE give
+                answers[f"{needs[name]} on topic {name}"] = False
             elif error == 0 and allowed:
-                reported = True
-                if needs[name] not in allowed:
-                    missing.append(f"{needs[name]} on topic {name}")
-        try:
-            admin.describe_groups([cfg.group_id])
-        except GroupAuthorizationFailedError:
-            reported = True
-            missing.append(f"READ on group {cfg.group_id}")
-        except KafkaError:  # a group the coordinator does not know yet, and the like: not a permission answer
-            pass
+                answers[f"{needs[name]} on topic {name}"] = needs[name] in allowed
+        try:  # a group's operations are reported once it exists (it has members or offsets)
+            allowed = admin.describe_groups([cfg.group_id]).get(cfg.group_id, {}).get("authorized_operations")
+            if allowed:
+                answers[group] = "READ" in allowed
+        except GroupAuthorizationFailedError:  # not even DESCRIBE, which READ gives
+            answers[group] = False
     except KafkaError:
-        return None
+        pass
     finally:
         admin.close()
-    return missing if reported else None
+    return answers
 
 
 def last_failure(seen: Sequence[str], *, sasl: bool = False) -> str:

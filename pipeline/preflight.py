@@ -203,33 +203,37 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
     missing = [(label, topic) for label, topic in produced if not partitions[topic]]
     auto_create = kafka_io.auto_creates_topics(kafka) if missing else None
     out += [produced_topic_check(label, topic, partitions[topic], auto_create) for label, topic in produced]
+    costs = {f"READ on topic {kafka.topic}": "the pipeline cannot consume",
+             f"READ on group {kafka.group_id}": "the pipeline cannot join its consumer group or commit offsets",
+             **{f"WRITE on topic {topic}": _UNWRITABLE_COST[label] for label, topic in produced}}
     needs = {kafka.topic: "READ", **{topic: "WRITE" for _, topic in produced}}
-    out.append(permissions_check(needs, kafka.group_id, kafka_io.missing_permissions(kafka, needs)))
+    out.append(permissions_check(kafka_io.permissions(kafka, needs, timeout_s=timeout_s), costs))
     return out
 
 
-#: What a missing permission costs the pipeline, by the operation and the kind of resource.
-_PERMISSION_COST = {
-    ("READ", "topic"): "the pipeline cannot consume",
-    ("WRITE", "topic"): "rejected readings stall the pipeline, or alert events wait in the outbox",
-    ("READ", "group"): "the pipeline cannot join its consumer group or commit offsets",
+def permissions_check(answers: Mapping[str, bool | None], costs: Mapping[str, str]) -> Check:
+    """The check of the principal's permissions from ``kafka_io.permissions``'s ``answers``; ``costs`` says what each
+    missing one costs the pipeline. Fails on a refused one; warns when the brokers answered for none."""
+    refused = [what for what, allowed in answers.items() if allowed is False]
+    unknown = [what for what, allowed in answers.items() if allowed is None]
+    if refused:
+        return Check("kafka permissions", "fail", f"not allowed: {', '.join(refused)} ("
+                     f"{'; '.join(dict.fromkeys(costs[w] for w in refused))}); grant them to the principal of "
+                     "kafka.security on the cluster (kafka-acls.sh --add)")
+    if len(unknown) == len(answers):
+        return Check("kafka permissions", "warn", "the brokers reported no permissions (an older broker, or no "
+                     "answer in time): not checked")
+    detail = f"allowed: {', '.join(w for w in answers if w not in unknown)}"
+    if unknown:
+        detail += f"; not reported: {', '.join(unknown)} (not known to the brokers yet: it shows at the first start)"
+    return Check("kafka permissions", "ok", detail)
+
+
+#: What a topic the pipeline produces to but may not write costs, by its label.
+_UNWRITABLE_COST = {
+    "dead-letter topic": "the first rejected reading stalls the pipeline (nothing is committed past it)",
+    "alert topic": "alert events wait in the outbox, and fail after sinks.kafka.max_age_h",
 }
-
-
-def permissions_check(needs: Mapping[str, str], group: str, missing: list[str] | None) -> Check:
-    """The check of the principal's permissions: ``missing`` as ``kafka_io.missing_permissions`` gives it."""
-    if missing is None:
-        return Check("kafka permissions", "ok",
-                     "the brokers did not report permissions (an older broker, or not asked): not checked")
-    if missing:
-        costs = sorted({_PERMISSION_COST[(entry.split(" on ")[0], entry.split(" ")[2])] for entry in missing})
-        return Check("kafka permissions", "fail", f"not allowed: {', '.join(missing)} ({'; '.join(costs)}); grant "
-                     "them to the principal of kafka.security on the cluster (kafka-acls.sh --add)")
-    reads = [t for t, op in needs.items() if op == "READ"]
-    writes = [t for t, op in needs.items() if op == "WRITE"]
-    return Check("kafka permissions", "ok", f"may read {', '.join(reads)}, write {', '.join(writes)} and use group "
-                 f"{group}")
-
 
 #: What a missing topic the pipeline produces to costs, by its label.
 _MISSING_COST = {

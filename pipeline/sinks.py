@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
+from kafka.errors import KafkaError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import kafka_io
@@ -77,10 +78,16 @@ def retryable_http(code: int) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The exception's type and the first line of its text, for a log line; a Kafka broker's error without a text
-    gives the library's description of it (kafka-python's errors name topics and sizes, no credentials)."""
-    text = str(exc) if exc.args else str(getattr(exc, "description", "") or exc)
-    lines = text.splitlines()
+    """The exception's type and the first line of its text, for a log line. For a Kafka error the text is its
+    message, or the library's description of the broker's error code when the broker sent none (kafka-python's
+    ``str`` repeats the class name and shows a missing message as ``None``); they name topics and sizes, no
+    credentials."""
+    if isinstance(exc, KafkaError):
+        text = next((str(a) for a in exc.args if a is not None and str(a).strip()), "") or str(
+            getattr(exc, "description", "") or "")
+    else:
+        text = str(exc)
+    lines = text.strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
 

@@ -243,3 +243,15 @@ def test_a_topic_name_kafka_refuses_is_a_configuration_error(where: tuple[str, .
         parse_config(raw, env={})
     node[where[-1]] = "plant-1.sensor_readings" + "t" * 200  # letters, digits, '.', '_' and '-', up to 249: fine
     parse_config(raw, env={})
+
+
+
+def test_the_readings_dead_letter_and_alert_topics_must_be_apart() -> None:
+    raw = _raw()
+    raw["kafka"]["dead_letter_topic"] = raw["kafka"]["topic"]
+    with pytest.raises(ConfigError, match=r"dead_letter_topic must not be kafka\.topic: rejected readings"):
+        parse_config(raw, env={})
+    raw = _raw()
+    raw.setdefault("sinks", {})["kafka"] = {"topic": raw["kafka"].get("dead_letter_topic", "sensor-readings-dlq")}
+    with pytest.raises(ConfigError, match=r"sinks\.kafka\.topic must be a topic of its own"):
+        parse_config(raw, env={})

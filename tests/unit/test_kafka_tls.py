@@ -115,7 +115,7 @@ def test_run_stops_with_the_key_and_exit_status_2_before_connecting(tmp_path: Pa
     path.write_text(yaml.safe_dump({
         "kafka": {"bootstrap_servers": "127.0.0.1:1", "security": {"protocol": "SSL",
                                                                     "ssl_cafile": str(tmp_path / "ca.pem")}},
-        "database": {"url": url}, "model_dir": str(tmp_path / "models"), "metrics": {"enabled": False},
+        "database": {"url": url}, "model_dir": str(tmp_path / "models"), "metrics": {"port": 0},
         "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}], "model": {"epochs": 1}}]}))
     config = load_config(path)
     upgrade(url)
@@ -128,6 +128,7 @@ def test_run_stops_with_the_key_and_exit_status_2_before_connecting(tmp_path: Pa
     assert result.exit_code == 2
     assert f"kafka.security.ssl_cafile: cannot read {tmp_path / 'ca.pem'}" in result.output
     assert "cannot connect" not in result.output  # it never tried the (unreachable) broker
+    assert "metrics on http" not in result.output  # nor started anything else
 
 
 

@@ -146,12 +146,22 @@ def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events(sessions
 def test_the_permissions_check_says_what_each_missing_permission_costs() -> None:
     from pipeline.preflight import permissions_check
 
-    needs = {"readings": "READ", "dlq": "WRITE", "alerts": "WRITE"}
-    assert permissions_check(needs, "sw", None).detail == (
-        "the brokers did not report permissions (an older broker, or not asked): not checked")
-    assert permissions_check(needs, "sw", []).detail == "may read readings, write dlq, alerts and use group sw"
-    refused = permissions_check(needs, "sw", ["READ on topic readings", "READ on group sw"])
+    costs = {"READ on topic r": "cannot consume", "WRITE on topic d": "stalls", "READ on group g": "cannot join"}
+    assert permissions_check(dict.fromkeys(costs, True), costs).detail == (
+        "allowed: READ on topic r, WRITE on topic d, READ on group g")
+    unknown = permissions_check({**dict.fromkeys(costs, True), "READ on group g": None}, costs)
+    assert unknown.status == "ok" and unknown.detail.endswith("; not reported: READ on group g (not known to the "
+                                                              "brokers yet: it shows at the first start)")
+    assert permissions_check(dict.fromkeys(costs), costs).status == "warn"  # no answer at all: not checked
+    refused = permissions_check({"READ on topic r": False, "WRITE on topic d": True, "READ on group g": False}, costs)
     assert refused.status == "fail"
-    assert refused.detail == ("not allowed: READ on topic readings, READ on group sw (the pipeline cannot consume; "
-                              "the pipeline cannot join its consumer group or commit offsets); grant them to the "
-                              "principal of kafka.security on the cluster (kafka-acls.sh --add)")
+    assert refused.detail == ("not allowed: READ on topic r, READ on group g (cannot consume; cannot join); grant "
+                              "them to the principal of kafka.security on the cluster (kafka-acls.sh --add)")
+
+
+def test_permissions_are_not_reported_when_no_broker_answers_in_time() -> None:
+    from pipeline import kafka_io
+    from pipeline.config import KafkaConfig
+
+    cfg = KafkaConfig(bootstrap_servers="127.0.0.1:1", group_id="g")  # nothing listens on port 1
+    assert kafka_io.permissions(cfg, {"r": "READ"}, timeout_s=1) == {"READ on topic r": None, "READ on group g": None}
