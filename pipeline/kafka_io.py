@@ -271,9 +271,12 @@ def send_dead_letters(producer: KafkaProducer, topic: str, rejected: Sequence[Re
         producer.flush(timeout=timeout_s)
         for future in futures:
             future.get(timeout=timeout_s)
+    except TopicAuthorizationFailedError as exc:
+        raise TransientError(f"not allowed to write the dead-letter topic {topic} ({type(exc).__name__}): grant "
+                             "WRITE on it to the principal of kafka.security (`sensorwatch check` tells)") from exc
     except KafkaError as exc:
-        raise TransientError(f"dead-letter topic {topic} unavailable (does it exist? a broker that does not create "
-                             f"topics on first use needs it created; `sensorwatch check` tells): {exc}") from exc
+        raise TransientError(f"dead-letter topic {topic} unavailable: {exc} (does it exist? a broker that does not "
+                             "create topics on first use needs it created; `sensorwatch check` tells)") from exc
 
 
 def send_json_each(producer: KafkaProducer, topic: str, messages: Sequence[tuple[bytes | None, object]],
@@ -395,6 +398,20 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
             with contextlib.suppress(KafkaError):
                 out[tp.partition] = max(highwater - consumer.position(tp, timeout_ms=1000), 0)
     return out
+
+
+def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 2000) -> dict[int, int]:
+    """Records between this consumer's position and the log end, per assigned partition, with the log end asked of
+    the broker now (``lag`` reads it from the last fetch, which a stalled loop does not make); empty when the broker
+    does not answer."""
+    owned = list(consumer.assignment())
+    if not owned:
+        return {}
+    try:
+        ends = consumer.end_offsets(owned, timeout_ms=timeout_ms)
+        return {tp.partition: max(ends[tp] - consumer.position(tp, timeout_ms=timeout_ms), 0) for tp in owned}
+    except KafkaError:
+        return {}
 
 
 def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int] | None:
@@ -522,24 +539,29 @@ def permissions(cfg: KafkaConfig, needs: Mapping[str, str], *, timeout_s: float)
 def last_failure(seen: Sequence[str], *, sasl: bool = False) -> str:
     """``"; last connection error: ..."`` from what ``connection_errors`` kept, or ``""`` when it kept none. A TLS or
     SASL failure (a handshake, authentication) explains more than a refused connection and is preferred: the log is
-    the process's, so another client's attempts can be in it too. Two answers get a hint: a frame "length" that is
-    the start of a TLS record (a plaintext protocol against a TLS listener), and, with ``sasl`` (a SASL protocol is
-    configured), a dropped connection, which is how refused credentials can look (kafka-python 3.0 can drop the
+    the process's, so another client's attempts can be in it too. Two answers get a ``hint``: a frame "length" that
+    is the start of a TLS record (a plaintext protocol against a TLS listener), and, with ``sasl`` (a SASL protocol
+    is configured), a dropped connection, which is how refused credentials can look (kafka-python 3.0 can drop the
     broker's answer when the broker closes the connection right after it) and also how a TLS listener answers."""
     failures = [m for m in seen if "failed" in m and not m.startswith("Bootstrap failed")]
     security = [m for m in failures if _SECURITY_FAILURE.search(m)]
     chosen = security or failures
     if not chosen:
         return ""
-    frame = re.search(r"Invalid frame length: (\d+)", chosen[-1])
+    return f"; last connection error: {chosen[-1]}{hint(chosen[-1], sasl=sasl)}"
+
+
+def hint(message: str, *, sasl: bool = False) -> str:
+    """What a connection error of kafka-python may mean, as ``" (...)"``, or ``""``: a frame "length" that is the
+    start of a TLS record (a plaintext protocol against a TLS listener), and, with ``sasl``, a dropped connection,
+    which is how refused credentials can look (see ``last_failure``)."""
+    frame = re.search(r"Invalid frame length: (\d+)", message)
     if frame and int(frame.group(1)) >> 24 in _TLS_RECORD_TYPES and int(frame.group(1)) >> 16 & 0xFF == 3:
-        hint = " (the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL)"
-    elif sasl and "socket disconnected" in chosen[-1]:
-        hint = (" (a broker that refuses the SASL credentials closes the connection, and so does a TLS listener: "
+        return " (the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL)"
+    if sasl and "socket disconnected" in message:
+        return (" (a broker that refuses the SASL credentials closes the connection, and so does a TLS listener: "
                 "check kafka.security's protocol, sasl_mechanism, sasl_username and sasl_password)")
-    else:
-        hint = ""
-    return f"; last connection error: {chosen[-1]}{hint}"
+    return ""
 
 
 #: The first byte of a TLS record: change_cipher_spec, alert, handshake, application_data (then version 3.x).

@@ -47,6 +47,7 @@ class PipelineMetrics:
         self._unhealthy_after = unhealthy_after_s
         self._heartbeat = time.monotonic()
         self._degraded = False
+        self._degraded_reason = ""
         self._broker_silent = False
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
@@ -57,9 +58,11 @@ class PipelineMetrics:
         A failing sink does not make ``/healthz`` unhealthy (the pipeline itself is fine): alert on these instead."""
         self.registry.register(_SinkCollector(stats))
 
-    def set_degraded(self, degraded: bool) -> None:
-        """Mark the database or broker as failing (True) or answering again (False): a step that raised."""
+    def set_degraded(self, degraded: bool, reason: str = "") -> None:
+        """Mark the database or broker as failing (True, with the failure's one-line ``reason`` for ``/healthz``) or
+        answering again (False): a step that raised."""
         self._degraded = degraded
+        self._degraded_reason = reason if degraded else ""
         self.dependency_down.set(int(self._degraded or self._broker_silent))
 
     def set_broker_silent(self, silent: bool) -> None:
@@ -78,7 +81,8 @@ class PipelineMetrics:
         if silent > self._unhealthy_after:
             return False, f"consume loop silent for {silent:.0f}s"
         if self._degraded:
-            return False, "database or broker unavailable"
+            return False, "database or broker unavailable" + (f": {self._degraded_reason}" if self._degraded_reason
+                                                               else "")
         if self._broker_silent:
             return False, "no Kafka broker answers"
         return True, "ok"

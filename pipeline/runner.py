@@ -134,6 +134,7 @@ class Runner:
         self._history = self._alerts.history_windows()
         self._next_offset: dict[int, int] = {}
         self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
+        self._consumer: KafkaConsumer | None = None  # set by run(); the lag is followed through it while waiting
         self._saved_starts: dict[str, int] = {}
         self._revoked: set[int] = set()
         self._owner = repo.new_holder()
@@ -434,23 +435,43 @@ class Runner:
         m.batch_seconds.observe(seconds)
 
     def _retry(self, step: Callable[[], T]) -> T:
-        """Run ``step`` until it succeeds, backing off on database/broker failures; give up only when stopping."""
-        delay = 0.5
+        """Run ``step`` until it succeeds, backing off on database/broker failures; give up only when stopping. While
+        it waits, ``/healthz`` gives the failure and the lag gauges keep following the log end (``_stalled_lag``); a
+        line says when the dependency is back."""
+        delay, since = 0.5, None
         while True:
             try:
                 result = step()
             except (OperationalError, InterfaceError, TransientError, KafkaError) as exc:
-                self.metrics.set_degraded(True)
+                text = str(exc).splitlines()[0] if str(exc) else ""
+                why = kafka_io.hint(text, sasl=self.config.kafka.security.sasl)
+                reason = f"{type(exc).__name__}: {text[:300]}{why}"
+                self.metrics.set_degraded(True, reason)
                 if self._stop.is_set():
                     raise TransientError(f"stopping while a dependency is down: {exc}") from exc
-                log.warning("dependency unavailable (%s: %s); retrying in %.1fs", type(exc).__name__,
-                            str(exc).splitlines()[0][:200] if str(exc) else "", delay)
+                since = time.monotonic() if since is None else since
+                log.warning("dependency unavailable (%s); retrying in %.1fs", reason, delay)
                 self._stop.wait(delay)
                 self.metrics.beat()  # waiting on a dependency is not a hung loop; /healthz reports the outage
+                self._stalled_lag()
                 delay = min(delay * 2, 30.0)
                 continue
             self.metrics.set_degraded(False)
+            if since is not None:
+                log.info("dependency available again after %.0f s; going on", time.monotonic() - since)
             return result
+
+    def _stalled_lag(self) -> None:
+        """Refresh the lag gauges from the log end while the loop waits (they are otherwise set between batches)."""
+        if self._consumer is not None:
+            try:
+                self._set_lag(kafka_io.lag_to_end(self._consumer))
+            except Exception as exc:  # a look at the lag must never stop the pipeline
+                log.debug("lag while waiting: %s", exc)
+
+    def _set_lag(self, lags: dict[int, int]) -> None:
+        for partition, lag in lags.items():
+            self.metrics.lag.labels(partition=str(partition)).set(lag)
 
     # -- hot reload -------------------------------------------------------------------------------------------------
     def reload_models(self) -> dict[str, str]:
@@ -592,6 +613,7 @@ class Runner:
             on_batch: Callable[[RunStats], None] | None = None, clock: Callable[[], float] = time.time) -> RunStats:
         """Consume until the stop flag is set (or nothing arrives for ``idle_stop_s``). Commits after each batch."""
         k = self.config.kafka
+        self._consumer = consumer
         idle_since = time.monotonic()
         last_lag = 0.0
         status_at, status_from = time.monotonic(), self.stats.snapshot()
@@ -614,8 +636,7 @@ class Runner:
                 break
             if time.monotonic() - last_lag > 5:
                 last_lag = time.monotonic()
-                for partition, lag in kafka_io.lag(consumer).items():
-                    self.metrics.lag.labels(partition=str(partition)).set(lag)
+                self._set_lag(kafka_io.lag(consumer))
             if time.monotonic() - status_at >= STATUS_EVERY_S:
                 line = self.stats.since(status_from, time.monotonic() - status_at)
                 if line is not None:

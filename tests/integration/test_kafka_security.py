@@ -7,6 +7,10 @@ from the environment is never logged; a wrong password, a missing client certifi
 from __future__ import annotations
 
 import json
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +21,13 @@ import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.admin import (
     ACL,
+    ACLFilter,
     ACLOperation,
     ACLPermissionType,
     ACLResourcePatternType,
     NewTopic,
     ResourcePattern,
+    ResourcePatternFilter,
     ResourceType,
 )
 from sqlalchemy import select
@@ -32,8 +38,10 @@ from pipeline.cli import app
 from pipeline.config import Config, parse_config
 from pipeline.errors import TransientError
 from pipeline.localinfra import LocalKafka
+from pipeline.localinfra._util import free_port
 from pipeline.localinfra.kafka import SASL_USER
 from pipeline.localinfra.tls import KEY_PASSWORD
+from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import inject, simulate_normal, to_messages
 from pipeline.sinks import KafkaAlertSink, OutboxDeliverer
 from pipeline.store import repo
@@ -69,13 +77,14 @@ def _security(broker: LocalKafka, setup: str, *, password: str = "${KAFKA_PASSWO
             security | ({"ssl_cafile": cafile} if protocol == "SASL_SSL" else {}))
 
 
-def _config(broker: LocalKafka, setup: str, topic: str, db_url: str, model_dir: Path) -> Config:
+def _config(broker: LocalKafka, setup: str, topic: str, db_url: str, model_dir: Path,
+            metrics: dict[str, Any] | None = None) -> Config:
     bootstrap, security = _security(broker, setup)
     return parse_config({
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
                   "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500, "security": security},
         "sinks": {"kafka": {"topic": f"{topic}-alerts"}},
-        "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": {"enabled": False},
+        "database": {"url": db_url}, "model_dir": str(model_dir), "metrics": metrics or {"enabled": False},
         "groups": [pump_group(ASSETS)],
     }, env={"KAFKA_PASSWORD": broker.sasl_password})
 
@@ -258,3 +267,69 @@ def test_check_names_the_permissions_the_principal_lacks(secure_kafka: LocalKafk
         f"not allowed: WRITE on topic {dlq}, READ on group {group} (the first rejected reading stalls the pipeline "
         "(nothing is committed past it); the pipeline cannot join its consumer group or commit offsets); grant them "
         "to the principal of kafka.security on the cluster (kafka-acls.sh --add)")
+
+
+def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_counting(
+        secure_kafka: LocalKafka, topic_name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing is committed past a reject that cannot be dead-lettered; meanwhile /healthz says why and the lag gauge
+    follows the log end as readings keep arriving (it used to stay at its value before the stall, 0 on a caught-up
+    pipeline). Once the ACL is lifted, everything goes on and nothing is lost."""
+    port = free_port()
+    cfg = _config(secure_kafka, "SASL_SSL/SCRAM-SHA-512", topic_name, f"sqlite:///{tmp_path / 'sw.db'}",
+                  tmp_path / "models", metrics={"host": "127.0.0.1", "port": port})
+    normal = deploy_pumps(cfg, f"sqlite:///{tmp_path / 'sw.db'}", ASSETS, 720)
+    messages = to_messages({a: f.iloc[:240] for a, f in normal.items()})
+    later = to_messages({a: f.iloc[240:480] for a, f in normal.items()})  # what arrives while the pipeline waits
+    admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)  # the broker's PLAINTEXT super user
+    admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1)
+                         for t in (cfg.kafka.topic, cfg.kafka.dead_letter_topic)])
+    deny = ACL(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY,
+               ResourcePattern(ResourceType.TOPIC, cfg.kafka.dead_letter_topic, ACLResourcePatternType.LITERAL))
+    assert not admin.create_acls([deny])["failed"]
+    producer = kafka_io.make_producer(cfg.kafka)
+    producer.send(cfg.kafka.topic, key=b"pump-1", value=b'{"asset": "pump-1", "ts": oops}')
+    for asset, payload in messages:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    producer.flush()
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            return refused.code, refused.read().decode()
+        except OSError:
+            return 0, ""
+
+    result: list[RunStats] = []
+    stop = threading.Event()
+    pipeline = threading.Thread(target=lambda: result.append(run_pipeline(
+        cfg, stop=stop, idle_stop_s=10, serve_metrics=True)), daemon=True)
+    with caplog.at_level("INFO", logger="pipeline.runner"):
+        pipeline.start()
+        until = time.monotonic() + 60
+        while get("/healthz")[0] != 503 and time.monotonic() < until:
+            time.sleep(0.5)
+        status, reason = get("/healthz")
+        assert status == 503 and f"not allowed to write the dead-letter topic {cfg.kafka.dead_letter_topic}" in reason
+        for asset, payload in later:
+            producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+        producer.flush()
+        producer.close()
+        until = time.monotonic() + 45
+        lag = 0.0
+        while lag == 0 and time.monotonic() < until:  # refreshed at each retry: within the first few seconds
+            time.sleep(1)
+            lag = sum(float(line.rsplit(" ", 1)[1]) for line in get("/metrics")[1].splitlines()
+                      if line.startswith("sensorwatch_consumer_lag{"))
+        assert lag == len(later)  # none of what arrived since is read while the reject waits
+
+        topic = ResourcePatternFilter(ResourceType.TOPIC, cfg.kafka.dead_letter_topic, ACLResourcePatternType.LITERAL)
+        admin.delete_acls([ACLFilter(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY, topic)])
+        admin.close()
+        pipeline.join(timeout=120)
+        stop.set()
+    assert result and result[0].readings == len(messages) + len(later)
+    assert dict(result[0].rejected) == {"malformed_json": 1}
+    assert "dependency available again after" in caplog.text
+    assert [dict(d.headers)["reason"] for d in _read_all(cfg, cfg.kafka.dead_letter_topic)] == [b"malformed_json"]

@@ -37,7 +37,11 @@ def test_metrics_and_health_endpoints() -> None:
         assert _get(f"{base}/healthz") == (200, "ok")
         metrics.set_degraded(True)
         assert _get(f"{base}/healthz")[0] == 503
+        metrics.set_degraded(True, "TransientError: not allowed to write the dead-letter topic d")
+        assert _get(f"{base}/healthz") == (503, "database or broker unavailable: TransientError: not allowed to write "
+                                                "the dead-letter topic d")
         metrics.set_degraded(False)
+        assert _get(f"{base}/healthz") == (200, "ok")
         assert _get(f"{base}/nope")[0] == 404
     finally:
         server.shutdown()
