@@ -400,16 +400,16 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
     return out
 
 
-def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 2000) -> dict[int, int]:
+def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[int, int]:
     """Records between this consumer's position and the log end, per assigned partition, with the log end asked of
     the broker now (``lag`` reads it from the last fetch, which a stalled loop does not make); empty when the broker
-    does not answer."""
+    does not answer within ``timeout_ms`` or a position is not known yet (after a rebalance)."""
     owned = list(consumer.assignment())
     if not owned:
         return {}
     try:
         ends = consumer.end_offsets(owned, timeout_ms=timeout_ms)
-        return {tp.partition: max(ends[tp] - consumer.position(tp, timeout_ms=timeout_ms), 0) for tp in owned}
+        return {tp.partition: max(ends[tp] - consumer.position(tp, timeout_ms=0), 0) for tp in owned}
     except KafkaError:
         return {}
 

@@ -463,7 +463,7 @@ class Runner:
 
     def _stalled_lag(self) -> None:
         """Refresh the lag gauges from the log end while the loop waits (they are otherwise set between batches)."""
-        if self._consumer is not None:
+        if self._consumer is not None and not self._stop.is_set():
             try:
                 self._set_lag(kafka_io.lag_to_end(self._consumer))
             except Exception as exc:  # a look at the lag must never stop the pipeline
