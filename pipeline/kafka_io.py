@@ -402,16 +402,18 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
 
 def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[int, int]:
     """Records between this consumer's position and the log end, per assigned partition, with the log end asked of
-    the broker now (``lag`` reads it from the last fetch, which a stalled loop does not make); empty when the broker
-    does not answer within ``timeout_ms`` or a position is not known yet (after a rebalance)."""
+    the broker now (``lag`` reads it from the last fetch, which a stalled loop does not make); a partition whose
+    position is not known yet (after a rebalance) is left out, and all are when the broker does not answer within
+    ``timeout_ms``. Records of a batch already polled are not counted."""
     owned = list(consumer.assignment())
     if not owned:
         return {}
     try:
         ends = consumer.end_offsets(owned, timeout_ms=timeout_ms)
-        return {tp.partition: max(ends[tp] - consumer.position(tp, timeout_ms=0), 0) for tp in owned}
+        positions = {tp: consumer.position(tp, timeout_ms=0) for tp in owned}
     except KafkaError:
         return {}
+    return {tp.partition: max(ends[tp] - at, 0) for tp, at in positions.items() if at is not None and tp in ends}
 
 
 def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int] | None:

@@ -41,7 +41,7 @@ from pipeline.metrics import PipelineMetrics, serve
 from pipeline.registry import bundle_path, load_servable, load_version
 from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
+from pipeline.store.db import describe_error, make_engine, make_sessionmaker, schema_problem
 from pipeline.store.tables import ModelVersion, WindowScore
 from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
 from pipeline.windowing import WindowBatch, Windower
@@ -443,7 +443,10 @@ class Runner:
             try:
                 result = step()
             except (OperationalError, InterfaceError, TransientError, KafkaError) as exc:
-                text = str(exc).splitlines()[0] if str(exc) else ""
+                if isinstance(exc, (OperationalError, InterfaceError)):  # the database: URL masked, password scrubbed
+                    text = describe_error(exc, self.config.database.url)
+                else:
+                    text = str(exc).splitlines()[0] if str(exc) else ""
                 why = kafka_io.hint(text, sasl=self.config.kafka.security.sasl)
                 reason = f"{type(exc).__name__}: {text[:300]}{why}"
                 self.metrics.set_degraded(True, reason)

@@ -18,7 +18,7 @@ import orjson
 import pandas as pd
 import pytest
 import yaml
-from kafka import KafkaAdminClient, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import (
     ACL,
     ACLFilter,
@@ -333,3 +333,23 @@ def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_co
     assert dict(result[0].rejected) == {"malformed_json": 1}
     assert "dependency available again after" in caplog.text
     assert [dict(d.headers)["reason"] for d in _read_all(cfg, cfg.kafka.dead_letter_topic)] == [b"malformed_json"]
+
+
+def test_the_lag_while_waiting_leaves_out_partitions_whose_position_is_not_known_yet(
+        secure_kafka: LocalKafka, topic_name: str) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)
+    admin.create_topics([NewTopic(topic_name, num_partitions=2, replication_factor=1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=secure_kafka.bootstrap_servers)
+    for i in range(10):
+        producer.send(topic_name, value=b"x", partition=i % 2)
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=secure_kafka.bootstrap_servers, group_id=f"g-{topic_name}",
+                             enable_auto_commit=False)
+    first, second = TopicPartition(topic_name, 0), TopicPartition(topic_name, 1)
+    consumer.assign([first, second])  # no committed offsets, nothing polled: positions unknown
+    assert kafka_io.lag_to_end(consumer) == {}
+    consumer.seek(first, 2)
+    assert kafka_io.lag_to_end(consumer) == {0: 3}  # the known one is counted, the other left out
+    consumer.close()

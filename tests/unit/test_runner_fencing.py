@@ -268,3 +268,26 @@ def test_the_periodic_status_line_says_what_the_loop_did_since_the_last_one() ->
     assert before.rejected == Counter(late=2)  # the snapshot does not move with the stats
     assert stats.since(before, 300.4) == ("last 300 s: 12,345 readings, 2,460 windows scored, 3 skipped, 1 alert(s) "
                                           "opened, 0 resolved, 120 rejected (malformed_json 100, late 20)")
+
+
+def test_a_database_failure_reaches_healthz_with_the_password_scrubbed(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    cfg = parse_config({"database": {"url": "postgresql+psycopg://sw:Secret-4711@db.plant:5432/sw"}, "groups": [{
+        "name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+    stop = threading.Event()
+    runner = Runner(cfg, sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},  # type: ignore[dict-item]
+                    producer=None, stop=stop)  # type: ignore[arg-type]
+    calls: list[int] = []
+
+    def step() -> str:  # a driver that echoes the password, as some do
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("connect", {}, Exception('could not connect with password "Secret-4711"'))
+        assert not runner.metrics.healthy()[0]
+        reason = runner.metrics.healthy()[1]
+        assert "Secret-4711" not in reason and "sw:***@db.plant:5432/sw" in reason and "password" in reason
+        return "done"
+
+    assert runner._retry(step) == "done" and len(calls) == 2
+    assert runner.metrics.healthy() == (True, "ok")
