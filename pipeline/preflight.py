@@ -192,7 +192,7 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
         return [Check("kafka", "fail", f"{kafka.bootstrap_servers}: no broker could be used within {timeout_s:g} s "
                       f"({exc}); check kafka.bootstrap_servers and kafka.security")]
     out = [Check("kafka", "ok", f"{kafka.bootstrap_servers}: brokers answer")]
-    if kafka.security.protocol == "SASL_PLAINTEXT" and kafka.security.sasl_mechanism == "PLAIN":
+    if kafka.security.sasl and not kafka.security.tls and kafka.security.sasl_mechanism == "PLAIN":
         out.append(Check("kafka security", "warn", "SASL PLAIN over SASL_PLAINTEXT sends the password in clear: use "
                          "SASL_SSL, or a SCRAM mechanism"))
     if partitions[kafka.topic]:
