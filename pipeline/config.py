@@ -140,7 +140,9 @@ class IngestConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    """Prometheus metrics and ``/healthz`` over HTTP; ``port: 0`` picks a free port, ``enabled: false`` none."""
+    """Prometheus metrics and the health probes (``/livez``, ``/readyz``, ``/healthz``) over HTTP; ``port: 0`` picks
+    a free port, ``enabled: false`` none. ``unhealthy_after_s``: the started consume loop is hung when it finished
+    no iteration for this long."""
 
     enabled: bool = True
     host: str = "127.0.0.1"

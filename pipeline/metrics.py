@@ -1,8 +1,14 @@
-"""Prometheus metrics and a ``/healthz`` endpoint for one pipeline process.
+"""Prometheus metrics and health endpoints for one pipeline process.
 
 Each ``PipelineMetrics`` owns its own registry (no import-time globals), so tests and several runners in one process
-do not collide. ``serve`` exposes ``/metrics`` (Prometheus text format) and ``/healthz`` (200 while the consume loop
-has completed an iteration within ``unhealthy_after_s`` and no dependency is failing, else 503) on a daemon thread.
+do not collide. ``serve`` exposes, on a daemon thread, ``/metrics`` (Prometheus text format) and three probes that
+answer 200 or 503 with a one-line reason:
+
+- ``/livez``: the process works. 503 only when the consume loop, once started, has not completed an iteration within
+  ``unhealthy_after_s`` (hung). Waiting on a dependency or starting up is alive: restarting would not help.
+- ``/readyz``: the process does its work. 503 until the loop has polled the brokers once (starting: connecting,
+  waiting for the topic), while the database or broker is failing, and when the loop is hung.
+- ``/healthz`` (the original probe, kept): 503 when the loop is hung or a dependency is failing; 200 while starting.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from prometheus_client.registry import Collector
 
 
 class PipelineMetrics:
-    """The pipeline's counters, gauges and histograms, plus the liveness state behind ``/healthz``."""
+    """The pipeline's counters, gauges and histograms, plus the state behind the health probes."""
 
     def __init__(self, unhealthy_after_s: float = 60.0) -> None:
         self.registry = CollectorRegistry()
@@ -49,6 +55,7 @@ class PipelineMetrics:
         self._degraded = False
         self._degraded_reason = ""
         self._broker_silent = False
+        self._started = False
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Expose the alert sinks' counters (``stats()``: sink label -> ``SinkStats``, read at each scrape) as
@@ -75,17 +82,40 @@ class PipelineMetrics:
         """Record that the consume loop completed an iteration."""
         self._heartbeat = time.monotonic()
 
-    def healthy(self) -> tuple[bool, str]:
-        """Whether the loop is alive and its dependencies answer, with a one-line reason."""
+    def mark_started(self) -> None:
+        """Record that the consume loop polled the brokers for the first time (``/readyz`` may answer 200 now)."""
+        if not self._started:
+            self._started = True
+            self.beat()
+
+    def live(self) -> tuple[bool, str]:
+        """Whether the process works (``/livez``): False only when the started loop is hung, with a one-line reason."""
+        if not self._started:
+            return True, "starting"
         silent = time.monotonic() - self._heartbeat
         if silent > self._unhealthy_after:
             return False, f"consume loop silent for {silent:.0f}s"
+        return True, "ok"
+
+    def healthy(self) -> tuple[bool, str]:
+        """Whether the loop is alive and its dependencies answer (``/healthz``), with a one-line reason. True while
+        starting, unless a dependency failed already."""
+        alive, reason = self.live()
+        if not alive:
+            return alive, reason
         if self._degraded:
             return False, "database or broker unavailable" + (f": {self._degraded_reason}" if self._degraded_reason
                                                                else "")
         if self._broker_silent:
             return False, "no Kafka broker answers"
         return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the process does its work (``/readyz``): started, alive and its dependencies answer."""
+        ok, reason = self.healthy()
+        if ok and not self._started:
+            return False, "starting: connecting to the brokers and joining the consumer group"
+        return ok, reason
 
     def set_models(self, versions: Mapping[str, str]) -> None:
         """Publish the active model version of each group."""
@@ -114,6 +144,9 @@ class _SinkCollector(Collector):
 
 
 REQUEST_TIMEOUT_S = 10.0
+PROBES: dict[str, Callable[[PipelineMetrics], tuple[bool, str]]] = {
+    "/livez": PipelineMetrics.live, "/readyz": PipelineMetrics.ready, "/healthz": PipelineMetrics.healthy,
+}
 
 
 def _shut(sock: socket.socket) -> None:
@@ -122,7 +155,8 @@ def _shut(sock: socket.socket) -> None:
 
 
 def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` on a daemon thread; returns the server (``server_address`` has the port)."""
+    """Serve ``/metrics``, ``/livez``, ``/readyz`` and ``/healthz`` on a daemon thread; returns the server
+    (``server_address`` has the port)."""
 
     class Handler(BaseHTTPRequestHandler):
         timeout = REQUEST_TIMEOUT_S  # a client that stalls is dropped, not kept for ever ...
@@ -140,8 +174,8 @@ def serve(metrics: PipelineMetrics, host: str, port: int) -> ThreadingHTTPServer
         def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
-            elif self.path.startswith("/healthz"):
-                ok, reason = metrics.healthy()
+            elif (probe := PROBES.get(self.path.split("?", 1)[0])) is not None:
+                ok, reason = probe(metrics)
                 body, status, ctype = reason.encode(), 200 if ok else 503, "text/plain; charset=utf-8"
             else:
                 body, status, ctype = b"not found", 404, "text/plain; charset=utf-8"

@@ -7,7 +7,7 @@ Checks, in order (each independent of the others' outcome):
   alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
              for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
-  metrics port  free (``run`` serves /metrics and /healthz there)
+  metrics port  free (``run`` serves /metrics and the health probes there)
   kafka      a broker answers (else the last connection error); the readings topic exists (with its partitions);
              the dead-letter and alert topics exist, or are created on first use by the brokers (a warning), else
              a failure (a warning when the brokers' setting cannot be read)

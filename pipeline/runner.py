@@ -622,6 +622,7 @@ class Runner:
         status_at, status_from = time.monotonic(), self.stats.snapshot()
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
+            self.metrics.mark_started()  # the brokers answered a poll: /readyz may answer 200
             now_ms = round(clock() * 1000)
             self._watch_broker(consumer, bool(records), now_ms)
             self.metrics.beat()
@@ -737,7 +738,8 @@ def _serve_metrics(metrics: PipelineMetrics, config: Config) -> ThreadingHTTPSer
         raise TransientError(f"metrics endpoint: cannot listen on {host}:{port} ({exc.strerror}); give each pipeline "
                              f"process on a host its own metrics.port (for example port: ${{METRICS_PORT:-9464}}), "
                              f"or set metrics.enabled: false") from None
-    log.info("metrics on http://%s:%d/metrics, health on /healthz", *server.server_address[:2])
+    log.info("metrics on http://%s:%d/metrics, health on /healthz (liveness /livez, readiness /readyz)",
+             *server.server_address[:2])
     return server
 
 

@@ -30,9 +30,9 @@ def pump_group(assets: list[str]) -> dict[str, Any]:
 
 
 def run_until(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180,
-              idle_stop_s: float = 8.0) -> RunStats:
+              idle_stop_s: float = 8.0, serve_metrics: bool = False) -> RunStats:
     """Run the pipeline until it counted ``until_readings`` readings and ``until_rejected`` rejects, went idle for
-    ``idle_stop_s``, or ``timeout_s`` passed."""
+    ``idle_stop_s``, or ``timeout_s`` passed (with its metrics and health endpoint when ``serve_metrics``)."""
     stop = threading.Event()
     timer = threading.Timer(timeout_s, stop.set)
     timer.start()
@@ -42,7 +42,7 @@ def run_until(cfg: Config, *, until_readings: int, until_rejected: int, timeout_
             stop.set()
 
     try:
-        return run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop_s, on_batch=on_batch)
+        return run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop_s, on_batch=on_batch, serve_metrics=serve_metrics)
     finally:
         timer.cancel()
 

@@ -312,6 +312,7 @@ def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_co
             time.sleep(0.5)
         status, reason = get("/healthz")
         assert status == 503 and f"not allowed to write the dead-letter topic {cfg.kafka.dead_letter_topic}" in reason
+        assert get("/readyz") == (status, reason) and get("/livez") == (200, "ok")  # waiting, not hung: no restart
         for asset, payload in later:
             producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
         producer.flush()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from sqlalchemy import select
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
 from pipeline.decode import Decoder
+from pipeline.localinfra._util import free_port
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import inject, to_messages
 from pipeline.sinks import OutboxDeliverer, WebhookAlertSink
@@ -31,10 +34,12 @@ pytestmark = pytest.mark.integration
 ASSETS = ["pump-1", "pump-2", "pump-3"]
 
 
-def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path, webhook: str | None = None) -> Config:
+def _config(bootstrap: str, topic: str, db_url: str, model_dir: Path, webhook: str | None = None,
+            metrics_port: int = 0) -> Config:
     sinks = {"webhook": {"url": webhook, "retries": 0, "events": ["opened", "updated", "resolved"]}} if webhook else {}
     return parse_config({
         "sinks": sinks,
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dead_letter_topic": f"{topic}-dlq",
                   "group_id": f"g-{topic}", "max_poll_records": 500, "poll_timeout_ms": 500},
         "database": {"url": db_url},
@@ -159,6 +164,17 @@ def _deploy_small(cfg: Config, db_url: str) -> list[tuple[str, dict[str, object]
     return to_messages({a: f.iloc[:240] for a, f in normal.items()})
 
 
+def _probe(port: int, path: str) -> tuple[int, str]:
+    """The status and body a health probe answers; (0, "") when nothing listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+    except OSError:
+        return 0, ""
+
+
 def _send(cfg: Config, messages: list[tuple[str, dict[str, object]]]) -> None:
     kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
     producer = kafka_io.make_producer(cfg.kafka)
@@ -172,20 +188,33 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         kafka_bootstrap_servers: str, topic_name: str, pg_database_url: str, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     """It waits for the topic's partitions before joining its group; joining first would be assigned nothing, and
-    kafka-python 3.0 could then lose the assignment of the rebalance that follows (an idle consumer)."""
-    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models")
+    kafka-python 3.0 could then lose the assignment of the rebalance that follows (an idle consumer). Meanwhile it
+    is alive but not ready (a readiness probe holds traffic back, a liveness probe does not restart it); ready once
+    it polls."""
+    port = free_port()
+    cfg = _config(kafka_bootstrap_servers, topic_name, pg_database_url, tmp_path / "models", metrics_port=port)
     messages = _deploy_small(cfg, pg_database_url)
     result: list[RunStats] = []
-    pipeline = threading.Thread(target=lambda: result.append(
-        run_until(cfg, until_readings=len(messages), until_rejected=0, timeout_s=90, idle_stop_s=60)), daemon=True)
+    pipeline = threading.Thread(target=lambda: result.append(run_until(
+        cfg, until_readings=len(messages), until_rejected=0, timeout_s=90, idle_stop_s=60, serve_metrics=True)),
+        daemon=True)
     with caplog.at_level("WARNING", logger="pipeline.kafka_io"):
         pipeline.start()
         deadline = time.monotonic() + 30
         while "has no partitions yet" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "has no partitions yet" in caplog.text  # it noticed, and waits
+        assert _probe(port, "/livez") == (200, "starting")
+        assert _probe(port, "/readyz") == (503, "starting: connecting to the brokers and joining the consumer group")
+        assert _probe(port, "/healthz") == (200, "ok")
         _send(cfg, messages)
+        deadline = time.monotonic() + 60
+        answers = {_probe(port, "/readyz")}
+        while (200, "ok") not in answers and pipeline.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            answers.add(_probe(port, "/readyz"))
         pipeline.join(timeout=120)
+    assert (200, "ok") in answers  # ready once it polls
     assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
     assert result[0].windows_scored > 0
 

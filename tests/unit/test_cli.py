@@ -42,6 +42,36 @@ def test_compose_services_run_existing_commands() -> None:
     assert not _command_exists(["no-such-command"])
 
 
+def test_the_compose_health_check_asks_readiness_on_the_default_metrics_port() -> None:
+    """docker/compose.yaml's pipeline health check, run as Docker would, against a live endpoint: unhealthy while
+    the pipeline starts, healthy once it consumes, unhealthy while a dependency fails."""
+    import subprocess
+    import sys
+
+    from pipeline.config import MetricsConfig
+    from pipeline.metrics import PipelineMetrics, serve
+
+    check = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]["pipeline"]["healthcheck"]
+    kind, program, flag, code = check["test"]
+    assert (kind, program, flag) == ("CMD", "python", "-c")
+    assert f"http://127.0.0.1:{MetricsConfig().port}/readyz" in code
+    metrics = PipelineMetrics()
+    server = serve(metrics, "127.0.0.1", 0)
+    here = code.replace(f":{MetricsConfig().port}/", f":{server.server_address[1]}/")
+
+    def status() -> int:
+        return subprocess.run([sys.executable, "-c", here], capture_output=True, timeout=30).returncode
+
+    try:
+        assert status() != 0  # starting
+        metrics.mark_started()
+        assert status() == 0
+        metrics.set_degraded(True, "OperationalError: connection refused")
+        assert status() != 0
+    finally:
+        server.shutdown()
+
+
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"],
                                   ["drift", "--help"], ["check", "--help"], ["sinks", "status", "--help"],
                                   ["sinks", "retry", "--help"]])

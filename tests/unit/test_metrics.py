@@ -1,4 +1,4 @@
-"""Prometheus metrics and /healthz over real HTTP."""
+"""Prometheus metrics and the health probes (/livez, /readyz, /healthz) over real HTTP."""
 
 from __future__ import annotations
 
@@ -49,12 +49,66 @@ def test_metrics_and_health_endpoints() -> None:
 
 def test_silent_loop_is_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = PipelineMetrics(unhealthy_after_s=10)
+    metrics.mark_started()
     import pipeline.metrics as module
 
     now = module.time.monotonic()
     monkeypatch.setattr(module.time, "monotonic", lambda: now + 11)
     ok, reason = metrics.healthy()
     assert not ok and "silent" in reason
+    assert metrics.live() == (False, "consume loop silent for 11s")  # hung: a restart is what helps
+    assert metrics.ready() == (False, "consume loop silent for 11s")
+
+
+def test_liveness_readiness_and_health_probes() -> None:
+    """/livez fails only for a hung loop (a restart helps), /readyz also while starting or waiting on a dependency
+    (hold traffic back, do not restart), /healthz as before: hung or a dependency failing, 200 while starting."""
+    metrics = PipelineMetrics(unhealthy_after_s=30)
+    server = serve(metrics, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        starting = "starting: connecting to the brokers and joining the consumer group"
+        assert _get(f"{base}/livez") == (200, "starting")
+        assert _get(f"{base}/readyz") == (503, starting)
+        assert _get(f"{base}/readyz?verbose") == (503, starting)
+        assert _get(f"{base}/healthz") == (200, "ok")
+        metrics.mark_started()
+        for probe in ("/livez", "/readyz", "/healthz"):
+            assert _get(f"{base}{probe}") == (200, "ok"), probe
+        metrics.set_degraded(True, "OperationalError: connection refused")
+        down = "database or broker unavailable: OperationalError: connection refused"
+        assert _get(f"{base}/livez") == (200, "ok")  # waiting on the database is not hung
+        assert _get(f"{base}/readyz") == (503, down)
+        assert _get(f"{base}/healthz") == (503, down)
+        metrics.set_degraded(False)
+        metrics.set_broker_silent(True)
+        assert _get(f"{base}/livez") == (200, "ok")
+        assert _get(f"{base}/readyz") == (503, "no Kafka broker answers")
+        metrics.set_broker_silent(False)
+        assert _get(f"{base}/readyz") == (200, "ok")
+        assert _get(f"{base}/livezz")[0] == 404
+    finally:
+        server.shutdown()
+
+
+def test_a_dependency_failing_at_the_first_poll_shows_before_start() -> None:
+    metrics = PipelineMetrics(unhealthy_after_s=30)
+    metrics.set_degraded(True, "KafkaError: boom")
+    assert metrics.live() == (True, "starting")
+    assert metrics.ready() == (False, "database or broker unavailable: KafkaError: boom")
+    assert metrics.healthy() == (False, "database or broker unavailable: KafkaError: boom")
+
+
+def test_a_long_start_is_not_a_hung_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waiting for the topic can take longer than unhealthy_after_s; the loop's silence counts from its first poll."""
+    metrics = PipelineMetrics(unhealthy_after_s=10)
+    import pipeline.metrics as module
+
+    now = module.time.monotonic()
+    monkeypatch.setattr(module.time, "monotonic", lambda: now + 600)
+    assert metrics.live() == (True, "starting") and metrics.healthy() == (True, "ok")
+    metrics.mark_started()
+    assert metrics.live() == (True, "ok") and metrics.ready() == (True, "ok")
 
 
 def test_a_stalled_client_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
