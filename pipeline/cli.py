@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -617,34 +617,86 @@ def models_list(
     group: Annotated[str | None, typer.Option(help="Only this group.")] = None,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
-    """List registered model versions, newest first."""
+    """List registered model versions, newest first, with how many running pipeline processes serve each (the
+    active one is served once they have reloaded: 'models serving' shows each process)."""
+    from pipeline.serving import serving_counts, stale_after_s
     from pipeline.store import repo
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
     with _session(cfg) as session:
         rows = repo.list_model_versions(session=session, group=group)
+        served = serving_counts(repo.list_instances(session=session), datetime.now(UTC),
+                                stale_after_s(cfg.retrain.reload_interval_s))
     if output == "json":
         typer.echo(json.dumps([{"version": r.version, "group": r.group_name, "type": r.model_type, "status": r.status,
                                 "created_at": r.created_at.isoformat(), "threshold": r.threshold,
-                                "windows_used": r.windows_used, "bundle_deleted": r.bundle_deleted_at is not None}
+                                "windows_used": r.windows_used, "bundle_deleted": r.bundle_deleted_at is not None,
+                                "served_by": served[r.version]}
                                for r in rows], indent=2))
         return
-    _stdout().print(models_table(rows))
+    _stdout().print(models_table(rows, served))
 
 
-def models_table(rows: Sequence[ModelVersion]) -> Table:
+def models_table(rows: Sequence[ModelVersion], served: Mapping[str, int] | None = None) -> Table:
     """The ``models list`` table; the version column (the id ``models activate`` takes) is never cut short,
-    whatever the terminal's width. A version whose bundle retention deleted says so in its status."""
+    whatever the terminal's width. A version whose bundle retention deleted says so in its status. ``served``:
+    version -> running pipeline processes serving it."""
+    served = served or {}
     table = Table(title="model versions")
     table.add_column("version", no_wrap=True, min_width=max((len(r.version) for r in rows), default=7))
-    for column in ("group", "type", "status", "created", "threshold", "windows"):
+    for column in ("group", "type", "status", "served by", "created", "threshold", "windows"):
         table.add_column(column)
     for r in rows:
         status = f"{r.status}, bundle deleted" if r.bundle_deleted_at is not None else r.status
+        count = served.get(r.version, 0)
         table.add_row(*_plain(r.version, r.group_name, r.model_type, status,
+                              f"{count} process{'es' if count != 1 else ''}" if count else "",
                               r.created_at.isoformat(timespec="seconds"), f"{r.threshold:.4g}", r.windows_used))
     return table
+
+
+@models_app.command("serving")
+def models_serving(
+    config: ConfigOption,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+) -> None:
+    """The running pipeline processes ('sensorwatch run'), each with the model version it serves per group and why
+    it does not serve a group's active model (a refused bundle, ...). Each process writes this at start and at every
+    model reload (retrain.reload_interval_s) and removes it when it stops; one not seen for two reload intervals and a
+    minute stopped without a clean exit (killed, its host lost) or hangs."""
+    from pipeline.serving import is_live, stale_after_s
+    from pipeline.store import repo
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    now = datetime.now(UTC)
+    stale_s = stale_after_s(cfg.retrain.reload_interval_s)
+    with _session(cfg) as session:
+        rows = repo.list_instances(session=session)
+        active = {g: r.version for g, r in repo.active_model_versions(session=session).items()}
+
+    def when(value: datetime) -> str:
+        return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    if output == "json":
+        typer.echo(json.dumps([{"instance": r.instance, "consumer_group": r.consumer_group,
+                                "started_at": when(r.started_at), "seen_at": when(r.seen_at),
+                                "live": is_live(r, now, stale_s), "serving": r.serving, "unserved": r.unserved}
+                               for r in rows], indent=2))
+        return
+    table = Table(title=f"pipeline processes ({len(rows)})", title_justify="left")
+    for column in ("process", "consumer group", "started (UTC)", "last seen", "serving", "not served"):
+        table.add_column(column, no_wrap=column in ("process", "started (UTC)"))
+    for r in rows:
+        ago = (now - r.seen_at).total_seconds()
+        seen = f"{ago:.0f} s ago" + ("" if is_live(r, now, stale_s) else " (gone or hung)")
+        serving = ", ".join(f"{g}={v}" + ("" if active.get(g) == v else f" (active: {active.get(g, 'none')})")
+                            for g, v in sorted(r.serving.items()))
+        unserved = "; ".join(f"{g}: {why}" for g, why in sorted(r.unserved.items()))
+        table.add_row(*_plain(r.instance, r.consumer_group, r.started_at.strftime("%Y-%m-%d %H:%M:%S"), seen,
+                              serving or "-", unserved or "-"))
+    _stdout().print(table)
 
 
 @models_app.command("activate")

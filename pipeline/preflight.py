@@ -4,6 +4,8 @@ Checks, in order (each independent of the others' outcome):
   configuration  valid (else the command stops before any check, naming the key)
   database   reachable, and its schema at the newest migration
   models     every group has an active model whose bundle verifies against the configuration
+  pipelines  the running ``sensorwatch run`` processes; a warning for one that does not serve its group's active
+             model a reload interval after its activation (it refused the bundle, or has not reloaded)
   alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
              for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import socket
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,10 +34,11 @@ from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.errors import ConfigError, ModelError, TransientError
 from pipeline.registry import bundle_path, load_version, pending_changes, range_conflicts
+from pipeline.serving import InstanceRow, behind, is_live, stale_after_s
 from pipeline.sinks import SinkSummary, summarize_outbox
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, missing_sqlite_file, schema_problem
-from pipeline.store.tables import Alert
+from pipeline.store.tables import Alert, ModelVersion
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -96,6 +99,8 @@ def _database_and_models(config: Config) -> list[Check]:
             active = repo.active_model_versions(session=session)
             sinks = _alert_sinks(summarize_outbox(session, config, datetime.now(UTC)))
             orphans = _orphaned_alerts(repo.list_alerts(session=session, status="open", limit=None), config)
+            running = pipelines_check(repo.list_instances(session=session), active, datetime.now(UTC),
+                                      stale_after_s(config.retrain.reload_interval_s))
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]
     finally:
@@ -122,8 +127,25 @@ def _database_and_models(config: Config) -> list[Check]:
         models = Check("models", "warn", "; ".join(serving))
     else:
         models = Check("models", "ok", "; ".join(serving))
-    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, *sinks,
-            *orphans]
+    return [Check("database", "ok", f"{config.database.safe_url}: schema at the newest migration"), models, running,
+            *sinks, *orphans]
+
+
+def pipelines_check(rows: Sequence[InstanceRow], active: Mapping[str, ModelVersion], now: datetime,
+                    stale_s: float) -> Check:
+    """The running pipeline processes (``pipeline_instances``) and what they serve: a warning for each that does
+    not serve its group's active model one reload interval after its activation (``serving.behind``)."""
+    live = [r for r in rows if is_live(r, now, stale_s)]
+    gone = len(rows) - len(live)
+    note = "" if not gone else (f"; {gone} more not seen for over {stale_s:g} s (stopped without a clean exit, or "
+                                "hung: 'sensorwatch models serving')")
+    if not live:
+        return Check("pipelines", "ok", f"none running{note}")
+    lagging = behind(live, {g: (r.version, r.activated_at) for g, r in active.items()}, now, stale_s)
+    if lagging:
+        return Check("pipelines", "warn", f"{len(live)} running; " + "; ".join(lagging) + note)
+    serving = sorted({f"{g}={v}" for r in live for g, v in r.serving.items()})
+    return Check("pipelines", "ok", f"{len(live)} running, serving {', '.join(serving) or 'no model'}{note}")
 
 
 def _orphaned_alerts(open_alerts: list[Alert], config: Config) -> list[Check]:

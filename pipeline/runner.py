@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
@@ -115,9 +115,9 @@ class Runner:
 
     def __init__(self, config: Config, *, sessions: sessionmaker[Session], detectors: dict[str, Detector],
                  producer: KafkaProducer, stop: threading.Event, metrics: PipelineMetrics | None = None,
-                 sinks: AlertSinks | None = None, reported: Iterable[str] = ()) -> None:
-        """``reported``: groups whose missing or refused model the caller has logged already (the first reload
-        does not log their refusal again)."""
+                 sinks: AlertSinks | None = None, reported: Mapping[str, str] | None = None) -> None:
+        """``reported``: group -> why it has no usable model, for the groups whose missing or refused model the
+        caller has logged already (the first reload does not log their refusal again)."""
         self.config = config
         self.stats = RunStats()
         self.metrics = metrics or PipelineMetrics(config.metrics.unhealthy_after_s)
@@ -145,7 +145,9 @@ class Runner:
         # activated again)
         self._refused_models: dict[tuple[str, datetime | None], float] = {}
         self._bundles_seen: dict[str, _BundleLook] = {}  # group -> the last look at its served model's bundle
-        self._reported = set(reported)
+        self._reported = set(reported or {})
+        self._unserved = dict(reported or {})  # group -> why its active model is not served (pipeline_instances)
+        self._started_at = datetime.now(UTC)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
         self._broker_down = False  # the broker did not answer a probe or an idle-close query (/healthz: 503)
@@ -496,6 +498,7 @@ class Runner:
         for group in self.config.groups:
             row, current = active.get(group.name), self._detectors.get(group.name)
             if row is not None and current and current.version == row.version:
+                self._unserved.pop(group.name, None)  # e.g. activated again after a refused newer one
                 try:
                     self._watch_bundle(group, row)
                 except Exception:  # a look at the disk must never stop the pipeline
@@ -511,6 +514,7 @@ class Runner:
             try:
                 detector = load_version(row, group, self.config.model_dir)
             except (ModelError, OSError) as exc:
+                self._unserved[group.name] = f"model {row.version} refused: {exc}"[:300]
                 if activation not in self._refused_models and not reported:
                     log.error("group %s: refusing model %s, %s: %s", group.name, row.version,
                               f"{current.version} keeps serving" if current else "the group stays unmonitored", exc)
@@ -518,12 +522,37 @@ class Runner:
                     else time.monotonic() + REFUSED_RETRY_S
                 continue
             self._detectors[group.name] = detector
+            self._unserved.pop(group.name, None)
             swapped[group.name] = row.version
             log.info("group %s: now scoring with model %s (was %s)", group.name, row.version,
                      current.version if current else None)
         if swapped:
             self.metrics.set_models({g: d.version for g, d in self._detectors.items()})
         return swapped
+
+    def report_serving(self) -> None:
+        """Write this process's ``pipeline_instances`` row: the version it serves per group and why it does not serve
+        a group's active model (read by ``models serving``, ``models list`` and ``check``). At start and at each
+        model reload; a database failure is logged, and the next reload tries again."""
+        try:
+            with self._sessions.begin() as session:
+                repo.report_instance(session=session, instance=self._owner, consumer_group=self.config.kafka.group_id,
+                                     started_at=self._started_at, now=datetime.now(UTC),
+                                     serving={g: d.version for g, d in self._detectors.items()},
+                                     unserved=self._unserved)
+        except DBAPIError as exc:
+            log.warning("cannot record the models this process serves (%s); trying again at the next reload",
+                        type(exc).__name__)
+
+    def forget_serving(self) -> None:
+        """Delete this process's ``pipeline_instances`` row (it stops cleanly); on a database failure the row is
+        left to go stale."""
+        try:
+            with self._sessions.begin() as session:
+                repo.remove_instance(session=session, instance=self._owner)
+        except DBAPIError as exc:
+            log.warning("cannot remove this process from pipeline_instances (%s); its row goes stale",
+                        type(exc).__name__)
 
     def _watch_bundle(self, group: GroupConfig, row: ModelVersion) -> None:
         """Tell the operator when the bundle of the model served from memory goes missing or changes on disk and
@@ -632,6 +661,7 @@ class Runner:
             if time.monotonic() >= self._next_reload:  # between batches: this batch is committed, the next not read
                 self._next_reload = time.monotonic() + self._reload_every
                 self.reload_models()
+                self.report_serving()
             if records:
                 idle_since = time.monotonic()
                 if on_batch is not None:
@@ -693,6 +723,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         metrics.watch_sinks(sinks.stats)
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks, reported=problems)
+        runner.report_serving()
         waited_too_long = threading.Event()
         if idle_stop_s is not None:  # waiting for a topic that does not exist yet is idle time too
             def give_up() -> None:
@@ -717,7 +748,9 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             _warn_of_missing_dead_letter_topic(consumer, config.kafka.dead_letter_topic)
             log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                      config.database.safe_url, {g: d.version for g, d in detectors.items()})
-        return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
+        stats = runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
+        runner.forget_serving()  # a clean stop; a crash leaves the row to go stale
+        return stats
 
 
 def _warn_of_missing_dead_letter_topic(consumer: KafkaConsumer, topic: str) -> None:

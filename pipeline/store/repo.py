@@ -22,6 +22,7 @@ from pipeline.store.tables import (
     AssetProgress,
     ConsumerProgress,
     ModelVersion,
+    PipelineInstance,
     RetrainLock,
     RetrainRun,
     SinkLease,
@@ -694,6 +695,33 @@ def release_sink_lease(*, session: Session, sink: str, holder: str) -> None:
 def sink_leases(*, session: Session) -> dict[str, SinkLease]:
     """Every sink's lease row (possibly expired), by sink."""
     return {lease.sink: lease for lease in session.scalars(select(SinkLease))}
+
+
+INSTANCE_KEEP = timedelta(days=7)  # rows of processes not seen for this long (killed, host gone) are deleted
+
+
+def report_instance(*, session: Session, instance: str, consumer_group: str, started_at: datetime, now: datetime,
+                    serving: Mapping[str, str], unserved: Mapping[str, str]) -> None:
+    """Write what pipeline process ``instance`` serves (group -> version) and why it serves nothing for the other
+    groups of its configuration (group -> reason), seen ``now``: one upsert; rows not seen for ``INSTANCE_KEEP``
+    go with it."""
+    stmt = _insert(session, PipelineInstance).values(
+        instance=instance, consumer_group=consumer_group, started_at=started_at, seen_at=now, serving=dict(serving),
+        unserved=dict(unserved))
+    session.execute(stmt.on_conflict_do_update(index_elements=["instance"], set_={
+        "seen_at": stmt.excluded.seen_at, "serving": stmt.excluded.serving, "unserved": stmt.excluded.unserved}))
+    session.execute(delete(PipelineInstance).where(PipelineInstance.seen_at < now - INSTANCE_KEEP))
+
+
+def remove_instance(*, session: Session, instance: str) -> None:
+    """Delete the row of pipeline process ``instance`` (it stops)."""
+    session.execute(delete(PipelineInstance).where(PipelineInstance.instance == instance))
+
+
+def list_instances(*, session: Session) -> list[PipelineInstance]:
+    """Every pipeline process's row, most recently seen first."""
+    return list(session.scalars(select(PipelineInstance).order_by(PipelineInstance.seen_at.desc(),
+                                                                  PipelineInstance.instance)))
 
 
 def pending_outbox(*, session: Session, sink: str, limit: int) -> list[AlertOutbox]:

@@ -282,6 +282,22 @@ class SinkLease(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class PipelineInstance(Base):
+    """One running pipeline process (``sensorwatch run``): the model version it serves per group, and why it does not
+    serve a group's active model (group -> reason: no active model, its bundle refused, ...). Written at start and at
+    each model reload (``seen_at``), deleted when the process stops cleanly: a row not seen for a few reload intervals
+    is a process that died or hangs."""
+
+    __tablename__ = "pipeline_instances"
+
+    instance: Mapped[str] = mapped_column(String(120), primary_key=True)
+    consumer_group: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    serving: Mapped[dict[str, str]] = mapped_column(JSON)
+    unserved: Mapped[dict[str, str]] = mapped_column(JSON)
+
+
 # APScheduler's SQLAlchemyJobStore table (its own layout; the scheduler reads and writes it, migration 0003 creates it).
 scheduler_jobs = Table(
     "scheduler_jobs",

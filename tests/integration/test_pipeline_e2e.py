@@ -207,6 +207,10 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         assert _probe(port, "/livez") == (200, "starting")
         assert _probe(port, "/readyz") == (503, "starting: connecting to the brokers and joining the consumer group")
         assert _probe(port, "/healthz") == (200, "ok")
+        with make_sessionmaker(make_engine(pg_database_url))() as session:
+            (process,) = repo.list_instances(session=session)  # what `models serving` and `check` read
+            active = repo.active_model_versions(session=session)["pumps"].version
+        assert process.serving == {"pumps": active} and process.consumer_group == cfg.kafka.group_id
         _send(cfg, messages)
         deadline = time.monotonic() + 60
         answers = {_probe(port, "/readyz")}
@@ -215,6 +219,8 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
             answers.add(_probe(port, "/readyz"))
         pipeline.join(timeout=120)
     assert (200, "ok") in answers  # ready once it polls
+    with make_sessionmaker(make_engine(pg_database_url))() as session:
+        assert repo.list_instances(session=session) == []  # a clean stop removes its row
     assert result and result[0].readings == len(messages)  # all of them, well before the 90 s stop
     assert result[0].windows_scored > 0
 

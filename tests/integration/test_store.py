@@ -263,6 +263,46 @@ def test_migration_0009_keeps_alert_error_sums_unrounded(db_url: str) -> None:
     _assert_downgrade_drops(db_url, "0008", "sensor_error_sums", table="alerts")
 
 
+def test_migration_0010_records_pipeline_processes_and_rolls_back(db_url: str) -> None:
+    """A process's row is written once and updated in place (its start kept), removed when it stops; rows not seen
+    for a week go with the next write; a downgrade drops the table and an upgrade brings it back."""
+    from alembic import command
+
+    from pipeline.store.db import alembic_config
+
+    upgrade(db_url, "0009")
+    assert "pipeline_instances" not in inspect(make_engine(db_url)).get_table_names()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    start = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
+    with sessions.begin() as s:
+        repo.report_instance(session=s, instance="old-host-1-aa", consumer_group="sw", started_at=start - timedelta(
+            days=9), now=start - timedelta(days=8), serving={"g": "g-0"}, unserved={})
+        repo.report_instance(session=s, instance="h-1-bb", consumer_group="sw", started_at=start, now=start,
+                             serving={"g": "g-1"}, unserved={"f": "no active model (sensorwatch train)"})
+    with sessions.begin() as s:
+        repo.report_instance(session=s, instance="h-1-bb", consumer_group="sw", started_at=start + timedelta(hours=1),
+                             now=start + timedelta(seconds=30), serving={"g": "g-2", "f": "f-1"}, unserved={})
+    with sessions() as s:
+        (row,) = repo.list_instances(session=s)  # the week-old row went with the write
+        assert (row.instance, row.started_at, row.seen_at, row.serving, row.unserved) == (
+            "h-1-bb", start, start + timedelta(seconds=30), {"g": "g-2", "f": "f-1"}, {})
+    with sessions.begin() as s:
+        repo.remove_instance(session=s, instance="h-1-bb")
+    with sessions() as s:
+        assert repo.list_instances(session=s) == []
+    engine.dispose()
+    command.downgrade(alembic_config(db_url), "0009")
+    engine = make_engine(db_url)
+    assert "pipeline_instances" not in inspect(engine).get_table_names() and pending_migrations(engine)
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    assert "pipeline_instances" in inspect(engine).get_table_names()
+    engine.dispose()
+
+
 def _assert_downgrade_drops(db_url: str, revision: str, column: str, table: str = "window_scores") -> None:
     """Downgrading to ``revision`` drops ``table.column`` and leaves migrations pending; upgrading again restores
     head."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -244,6 +245,25 @@ def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
     narrow = Console(width=60, file=io.StringIO())
     narrow.print(models_table(rows))
     assert row["version"] in narrow.file.getvalue()  # the id 'models activate' takes, never cut short
+    assert row["served_by"] == 0  # no pipeline runs
+
+    # two pipeline processes: one serves the active version; one was killed ten minutes ago (its row went stale)
+    now = datetime.now(UTC)
+    with session_scope(url, write=True) as session:
+        for name, seen, serving in (("host-1-11-aa", now, {"g": row["version"]}),
+                                    ("host-2-22-bb", now - timedelta(minutes=10), {"g": "g-old"})):
+            repo.report_instance(session=session, instance=name, consumer_group="sw", started_at=now - timedelta(
+                hours=1), now=seen, serving=serving, unserved={})
+    (row,) = yaml.safe_load(runner.invoke(app, ["models", "list", "--config", config, "--format", "json"]).stdout)
+    assert row["served_by"] == 1
+    assert "1 process" in runner.invoke(app, ["models", "list", "--config", config], env={"COLUMNS": "200"}).stdout
+    processes = yaml.safe_load(runner.invoke(app, ["models", "serving", "--config", config, "--format",
+                                                   "json"]).stdout)
+    assert [(p["instance"], p["live"], p["serving"]) for p in processes] == [
+        ("host-1-11-aa", True, {"g": row["version"]}), ("host-2-22-bb", False, {"g": "g-old"})]
+    table = " ".join(runner.invoke(app, ["models", "serving", "--config", config],
+                                   env={"COLUMNS": "250"}).stdout.split())
+    assert "600 s ago (gone or hung)" in table and f"g=g-old (active: {row['version']})" in table
     lstm = tmp_path / "lstm.yaml"
     lstm.write_text(yaml.safe_dump({"database": {"url": url}, "model_dir": str(tmp_path / "models"), "groups": [
         {"name": "g", "assets": ["a"], "sensors": [{"name": "x"}], "model": {"type": "lstm"}}]}))

@@ -3,6 +3,7 @@ one line (a missing driver, an echoed password), and a bundle that fails to veri
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pipeline.config import parse_config
@@ -165,3 +166,44 @@ def test_permissions_are_not_reported_when_no_broker_answers_in_time() -> None:
 
     cfg = KafkaConfig(bootstrap_servers="127.0.0.1:1", group_id="g")  # nothing listens on port 1
     assert kafka_io.permissions(cfg, {"r": "READ"}, timeout_s=1) == {"READ on topic r": None, "READ on group g": None}
+
+
+def test_pipelines_check_names_a_process_that_does_not_serve_the_active_model() -> None:
+    """A process that refused the active bundle, or still serves the previous version a reload interval after the
+    activation, is a warning; a just-activated version, a stale row and a group outside a process's configuration
+    are not judged."""
+    from types import SimpleNamespace
+
+    from pipeline.preflight import pipelines_check
+    from pipeline.serving import behind, serving_counts, stale_after_s
+
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    stale = stale_after_s(30)
+    assert stale == 120
+
+    def proc(name: str, seen_s: float, serving: dict[str, str], unserved: dict[str, str] | None = None) -> object:
+        return SimpleNamespace(instance=name, seen_at=now - timedelta(seconds=seen_s), serving=serving,
+                               unserved=unserved or {})
+
+    def active(version: str, activated_s_ago: float) -> object:
+        return SimpleNamespace(version=version, activated_at=now - timedelta(seconds=activated_s_ago))
+
+    current = proc("h-1", 5, {"pumps": "p-2", "fans": "f-1"})
+    lagging = proc("h-2", 20, {"pumps": "p-1"})
+    refusing = proc("h-3", 20, {}, {"pumps": "model p-2 refused: weights checksum mismatch"})
+    dead = proc("h-4", 121, {"pumps": "p-0"})
+    rows = [current, lagging, refusing, dead]
+    assert serving_counts(rows, now, stale) == {"p-2": 1, "f-1": 1, "p-1": 1}  # the stale row counts for nothing
+
+    check = pipelines_check(rows, {"pumps": active("p-2", 600), "fans": active("f-1", 600)}, now, stale)
+    assert check.status == "warn"
+    assert check.detail == (
+        "3 running; h-2 still serves p-1 for group pumps, not the active p-2; h-3 does not serve the active model "
+        "p-2 of group pumps: model p-2 refused: weights checksum mismatch; 1 more not seen for over 120 s (stopped "
+        "without a clean exit, or hung: 'sensorwatch models serving')")
+    just = {"pumps": ("p-2", now - timedelta(seconds=30)), "fans": ("f-1", now - timedelta(seconds=600))}
+    assert behind(rows, just, now, stale) == []  # activated 30 s ago: not reloaded yet
+    fine = pipelines_check([current], {"pumps": active("p-2", 600), "fans": active("f-1", 600)}, now, stale)
+    assert (fine.status, fine.detail) == ("ok", "1 running, serving fans=f-1, pumps=p-2")
+    assert pipelines_check([dead], {}, now, stale).detail.startswith("none running; 1 more not seen")
+    assert pipelines_check([], {}, now, stale).detail == "none running"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy.orm import Session, sessionmaker
 
 from models.thresholds import ewma, ewma_by_key
 from pipeline.config import Config, parse_config
@@ -22,7 +23,7 @@ from pipeline.runner import Runner
 from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.store.tables import RetrainLock
+from pipeline.store.tables import PipelineInstance, RetrainLock
 from pipeline.thinning import Thinning
 from pipeline.train import train_group
 from pipeline.types import Window
@@ -276,6 +277,13 @@ def test_a_thinned_smoothed_threshold_matches_the_full_streams() -> None:
 
 
 # -- configuration and the cron trigger -------------------------------------------------------------------------------
+def _instances(sessions: sessionmaker[Session]) -> list[PipelineInstance]:
+    with sessions() as s:
+        rows = repo.list_instances(session=s)
+        s.expunge_all()
+        return rows
+
+
 def _config(url: str = "sqlite://", **retrain: object) -> Config:
     return parse_config({
         "database": {"url": url},
@@ -399,12 +407,21 @@ def test_runner_swaps_in_a_newly_active_model_and_refuses_a_broken_bundle(tmp_pa
     assert runner.reload_models() == {}
     assert detectors["g"].version == first  # the previous model keeps serving
     assert f"refusing model {broken}" in caplog.text
+    runner.report_serving()  # what `models serving` and `check` read
+    (row,) = _instances(sessions)
+    assert row.instance == runner._owner and row.serving == {"g": first}
+    assert row.unserved["g"].startswith(f"model {broken} refused: ")
 
     with sessions.begin() as s:
         repo.activate_model_version(session=s, version=good)
     assert runner.reload_models() == {"g": good}
     assert detectors["g"].version == good
     assert [x.labels for x in runner.metrics.model_info.collect()[0].samples] == [{"group": "g", "version": good}]
+    runner.report_serving()
+    (row,) = _instances(sessions)
+    assert (row.serving, row.unserved) == ({"g": good}, {})
+    runner.forget_serving()  # a clean stop
+    assert _instances(sessions) == []
 
     # a pipeline started while the broken bundle was active: the start logged it, the first reload does not again;
     # a later activation of it is logged as usual
@@ -412,8 +429,11 @@ def test_runner_swaps_in_a_newly_active_model_and_refuses_a_broken_bundle(tmp_pa
         repo.activate_model_version(session=s, version=broken)
     caplog.clear()
     started = Runner(config, sessions=sessions, detectors={}, producer=None,  # type: ignore[arg-type]
-                     stop=threading.Event(), reported=["g"])
+                     stop=threading.Event(), reported={"g": "its model was refused"})
     assert started.reload_models() == {} and "refusing model" not in caplog.text
+    started.report_serving()
+    (row,) = _instances(sessions)
+    assert row.serving == {} and row.unserved["g"].startswith(f"model {broken} refused: ")  # the reload's reason
     with sessions.begin() as s:
         repo.activate_model_version(session=s, version=broken)  # activated again: a new activation time
     assert started.reload_models() == {} and f"refusing model {broken}" in caplog.text
