@@ -243,9 +243,10 @@ def check_command(
                                ] = 10.0,
     output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
 ) -> None:
-    """Check a deployment before starting it: the configuration, the database and its schema, every group's active
-    model, the model directory, the brokers, the topics and what the brokers let this principal do with them. Exit
-    status 0 when nothing fails (warnings allowed), 1 when a check fails, 2 for an invalid configuration."""
+    """Check a deployment before starting it (or while it runs): the configuration, the database and its schema,
+    every group's active model, the running pipelines and whether they serve it, the model directory, the brokers,
+    the topics and what the brokers let this principal do with them. Exit status 0 when nothing fails (warnings
+    allowed), 1 when a check fails, 2 for an invalid configuration."""
     from pipeline.preflight import run_checks
 
     _choice(output, ("table", "json"), "--format")
