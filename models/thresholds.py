@@ -65,8 +65,9 @@ def fit_gpd(excesses: np.ndarray) -> GpdFit:
 
     Grimshaw's reduction turns the two-parameter likelihood into a one-dimensional profile in ``theta = shape/scale``
     on ``(-1/max(y), 2(mean-min)/min^2]``; it is maximised on a grid and refined by golden-section search, and compared
-    with the exponential (``shape = 0``). Shapes below -1 are excluded (the likelihood is unbounded there), so a short
-    tail is fitted with ``shape >= -1``. ValueError on fewer than MIN_PEAKS excesses or non-positive ones.
+    with the exponential (``shape = 0``) and the uniform (``shape = -1``, scale ``max(y)``). Shapes below -1 are
+    excluded (the likelihood is unbounded there), so a short tail is fitted with ``shape >= -1``. ValueError on fewer
+    than MIN_PEAKS excesses or non-positive ones.
     """
     y = np.asarray(excesses, dtype=np.float64)
     if y.size < MIN_PEAKS or not np.all(np.isfinite(y)):
@@ -92,7 +93,11 @@ def fit_gpd(excesses: np.ndarray) -> GpdFit:
         c, d = b - ratio * (b - a), a + ratio * (b - a)
     theta = (a + b) / 2.0
     candidates = [(theta, _profile_loglik(theta, y)), (0.0, _profile_loglik(0.0, y))]
-    theta, _ = max(candidates, key=lambda item: item[1])
+    theta, loglik = max(candidates, key=lambda item: item[1])
+    # shape -1 (uniform on [0, scale]) bounds the allowed shapes; the profile reaches it only with scale > max(y),
+    # while its own maximum-likelihood scale is max(y)
+    if -y.size * np.log(ymax) > loglik:
+        return GpdFit(shape=-1.0, scale=ymax)
     if theta == 0.0:
         return GpdFit(shape=0.0, scale=float(ymean))
     shape = float(np.log1p(theta * y).mean())

@@ -104,3 +104,28 @@ def test_short_tails_fit_with_shape_at_least_minus_one() -> None:
     assert -1.0 <= fitted.shape < -0.8 and fitted.scale == pytest.approx(1.0, rel=0.1)
     tiny = fit_gpd(np.random.default_rng(6).uniform(0.0, 1.0, 9))
     assert tiny.shape >= -1.0 and np.isfinite(tiny.scale)
+
+
+def _gpd_loglik(y: np.ndarray, fit: GpdFit) -> float:
+    z = 1.0 + fit.shape * y / fit.scale
+    assert np.all(z >= 0), "the fitted support must hold every excess"
+    if fit.shape == -1.0:  # uniform on [0, scale]
+        return float(-y.size * np.log(fit.scale))
+    with np.errstate(divide="ignore"):
+        return float(-y.size * np.log(fit.scale) - (1.0 + 1.0 / fit.shape) * np.log(z).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4, 7])
+def test_a_tail_at_the_shape_bound_gets_the_maximum_likelihood_scale(seed: int) -> None:
+    """At shape -1 (uniform excesses) the likelihood is (1/scale)^n on scale >= max(y): largest at max(y)."""
+    y = np.random.default_rng(seed).uniform(0.0, 1.0, 12)
+    fitted = fit_gpd(y)
+    assert _gpd_loglik(y, fitted) >= -y.size * np.log(y.max()) - 1e-9
+    if fitted.shape == -1.0:
+        assert fitted.scale == pytest.approx(y.max())
+
+
+def test_pot_on_a_tail_of_equal_peaks_stays_within_the_data() -> None:
+    errors = np.r_[np.zeros(900), np.full(100, 1.0)]  # every peak over the 0.9 quantile (0.1) is 0.9
+    threshold, info = pot_threshold(errors, target_rate=1e-3, tail_quantile=0.9)
+    assert info["gpd_shape"] == -1.0 and threshold <= 1.0
