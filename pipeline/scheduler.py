@@ -10,7 +10,8 @@ so a run missed while the scheduler was down still fires on start if it is withi
 missed runs fire once when ``coalesce``). One instance at a time (``max_instances=1``); each run also takes the
 per-group database lock of ``pipeline.retrain``, so two schedulers or a manual ``sensorwatch retrain`` never train a
 group twice at once, and each run knows the scheduled time it is for (``current_firing``), so two schedulers on one
-database train a group once per firing. The job reloads the configuration file on every run.
+database train a group once per firing. The job runs in a child process (``pipeline.retrain_job``), which reloads the
+configuration file on every run; training's memory goes with it.
 The retention job is kept the same way (``PRUNE_JOB_ID``); a prune missed while the scheduler was down runs once when
 it is back, however late. Both jobs share one worker thread, so they never run at the same time.
 """
@@ -20,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -42,6 +46,7 @@ from apscheduler.util import datetime_to_utc_timestamp, utc_timestamp_to_datetim
 from sqlalchemy import Engine, and_, select
 from sqlalchemy.exc import IntegrityError
 
+from pipeline import logs
 from pipeline.config import Config, load_config
 from pipeline.cron import CronSchedule
 from pipeline.errors import ConfigError
@@ -250,16 +255,32 @@ def stop_when_running(scheduler: BaseScheduler) -> None:
 
 
 def scheduled_retrain(config_path: str) -> None:
-    """The scheduled job: reload the configuration and retrain every group (outcomes are logged and recorded)."""
-    from pipeline.retrain import retrain_all
+    """The scheduled job: retrain every group in a child process (``pipeline.retrain_job``, which reloads the
+    configuration and logs and records each outcome) and wait for it. The child is in a session of its own, so a
+    Ctrl-C meant for the scheduler does not cut a retrain short: the scheduler's shutdown waits for it."""
+    command = [sys.executable, "-m", "pipeline.retrain_job", config_path, "--log-format", logs.configured_format()]
+    firing = current_firing()
+    if firing is not None:
+        command += ["--firing", firing.isoformat()]
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        command.append("--verbose")
+    done = subprocess.run(command, start_new_session=True, check=False)
+    problem = child_problem(done.returncode)
+    if problem:
+        log.error("scheduled retrain: %s", problem)
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as exc:
-        log.error("scheduled retrain not started: configuration %s: %s", config_path, exc)
-        return
-    for result in retrain_all(config, trigger="schedule", firing=current_firing()):
-        log.info("scheduled retrain %s", result.summary())
+
+def child_problem(returncode: int) -> str | None:
+    """What the retrain process's exit status says went wrong (None: every run promoted, rejected or skipped; a
+    failed or refused run was logged by the child)."""
+    if returncode in (0, 1, 3):
+        return None
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        why = " (out of memory?)" if returncode == -signal.SIGKILL else ""
+        return (f"the retrain process was killed by {name}{why}; the scheduler goes on, and the next retrain of each "
+                "group records an unfinished run as abandoned once its lock has expired")
+    return f"the retrain process exited with status {returncode}"
 
 
 def scheduled_prune(config_path: str) -> None:

@@ -611,6 +611,8 @@ def test_the_scheduler_fires_on_its_trigger_and_keeps_its_job_across_a_restart(d
     thread.join(timeout=30)
     runs = [r for r in d.runs() if r.trigger == "schedule"]
     assert {r.outcome for r in runs} == {"skipped"} and "no complete windows" in (runs[0].reason or "")
+    pids = {int(r.holder.rsplit("-", 2)[1]) for r in runs}  # holders are host-pid-suffix
+    assert os.getpid() not in pids and len(pids) == len(runs)  # each firing trained in a process of its own
     print(f"\n[scheduler] fired {len(runs)} times across a restart; job {job.id} kept with {stored[0]['trigger']}")
 
     # `sensorwatch scheduler` writes the configured nightly schedule over the test trigger and stops on SIGTERM

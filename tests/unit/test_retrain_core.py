@@ -471,3 +471,29 @@ def test_a_failed_run_never_marks_a_promoted_candidate_failed(tmp_path: Path) ->
                                                                                       "old": "retired"}
         assert [r.outcome for r in repo.list_retrain_runs(session=s, group="g")] == ["failed"]
     engine.dispose()
+
+
+# -- the scheduler's retrain process ---------------------------------------------------------------------------------
+def test_the_retrain_process_exit_status_is_explained() -> None:
+    import signal
+
+    from pipeline.scheduler import child_problem
+
+    assert child_problem(0) is None and child_problem(1) is None and child_problem(3) is None  # logged by the child
+    killed = child_problem(-signal.SIGKILL)
+    assert killed is not None and killed.startswith("the retrain process was killed by SIGKILL (out of memory?)")
+    assert "abandoned" in killed
+    assert child_problem(-signal.SIGSEGV) is not None and "SIGSEGV" in (child_problem(-signal.SIGSEGV) or "")
+    assert child_problem(2) == "the retrain process exited with status 2"
+
+
+def test_the_retrain_process_names_a_bad_configuration(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}]\n    window: {length: 1}\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.retrain_job", str(bad), "--log-format", "plain",
+                           "--firing", "2026-11-27T02:00:00+00:00"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "scheduled retrain not started: configuration" in done.stderr and "groups[0].window.length" in done.stderr
