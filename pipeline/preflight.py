@@ -221,7 +221,9 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
         out.append(Check("readings topic", "ok", f"{kafka.topic}: {partitions[kafka.topic]} partition(s); up to "
                          f"{partitions[kafka.topic]} pipeline process(es) of group {kafka.group_id} share them"))
     else:
-        out.append(Check("readings topic", "fail", f"{kafka.topic}: does not exist (the pipeline waits for it)"))
+        out.append(Check("readings topic", "fail", f"{kafka.topic}: does not exist (the pipeline waits for it); "
+                         "create it with a partition for each pipeline process you will run, e.g. kafka-topics.sh "
+                         f"--create --topic {kafka.topic} --partitions 3"))
     missing = [(label, topic) for label, topic in produced if not partitions[topic]]
     auto_create = kafka_io.auto_creates_topics(kafka) if missing else None
     out += [produced_topic_check(label, topic, partitions[topic], auto_create) for label, topic in produced]

@@ -207,3 +207,19 @@ def test_pipelines_check_names_a_process_that_does_not_serve_the_active_model() 
     assert (fine.status, fine.detail) == ("ok", "1 running, serving fans=f-1, pumps=p-2")
     assert pipelines_check([dead], {}, now, stale).detail.startswith("none running; 1 more not seen")
     assert pipelines_check([], {}, now, stale).detail == "none running"
+
+
+def test_a_missing_readings_topic_says_how_to_create_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A newcomer's first `check` fails on the readings topic: the line says what to do, not only what is wrong."""
+    from pipeline import kafka_io
+    from pipeline.preflight import _kafka
+
+    config = parse_config({"kafka": {"topic": "plant-readings", "dead_letter_topic": "plant-dlq"},
+                           "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+    monkeypatch.setattr(kafka_io, "topic_partitions", lambda cfg, topics, timeout_s: dict.fromkeys(topics, 0))
+    monkeypatch.setattr(kafka_io, "auto_creates_topics", lambda cfg: True)
+    monkeypatch.setattr(kafka_io, "permissions", lambda cfg, needs, timeout_s: {})
+    found = {c.name: c for c in _kafka(config, timeout_s=1)}
+    readings = found["readings topic"]
+    assert readings.status == "fail"
+    assert "does not exist" in readings.detail and "kafka-topics.sh --create --topic plant-readings" in readings.detail
