@@ -44,6 +44,10 @@ REASONS = (
 
 
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime (and SQL) can hold
+#: A NaN/Infinity literal (or an overflowing number) is not JSON: the record cannot be read, so none of its values
+#: is used. A gateway keeps the other values of a record by sending null for a failed sensor, or leaving it out.
+NON_FINITE_LITERAL = ("NaN or Infinity in the message: not JSON, so the whole record is left out; send null for a "
+                      "failed sensor (or leave it out) to keep the record's other values")
 MAX_ABS_VALUE = 1e15  # beyond this a reading is a glitch whatever the sensor; squared errors would overflow float32
 
 
@@ -129,7 +133,7 @@ class Decoder:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
             if _has_non_finite_literal(value):
-                raise InvalidReading("non_finite", "NaN or Infinity in the message") from None
+                raise InvalidReading("non_finite", NON_FINITE_LITERAL) from None
             raise InvalidReading("malformed_json", str(exc)[:120]) from None
         if not isinstance(doc, dict):
             raise InvalidReading("not_an_object", f"top level is {type(doc).__name__}")

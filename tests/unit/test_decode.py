@@ -160,3 +160,14 @@ def test_one_bad_value_costs_that_value_only(decoder: Decoder) -> None:
     assert rejected[2].detail == "temp must be a number, got str; pump-1/x (used: flow)"
     assert rejected[3].detail == "temp=999.0 outside [-10.0, 150.0]; pump-1/ambient"
     assert all(r.value == records[r.offset] for r in rejected)  # the original bytes: nothing is lost
+
+
+def test_a_nan_literal_costs_the_whole_record_and_says_how_to_keep_the_rest(decoder: Decoder) -> None:
+    """Python's json.dumps writes NaN for a failed transmitter; that record is not JSON, so its good values are lost
+    too. The dead-letter detail says so and what a gateway sends instead (null: that value only)."""
+    nan = b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": NaN}}'
+    null = b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": null}}'
+    readings, rejected = decoder.decode_batch([("t", 0, 0, None, nan, -1), ("t", 0, 1, None, null, -1)], now_ms=NOW)
+    assert [(r.offset, r.values) for r in readings] == [(1, {"temp": 70.5})]
+    assert [(r.offset, r.reason, r.partial) for r in rejected] == [(0, "non_finite", False), (1, "wrong_type", True)]
+    assert "whole record" in rejected[0].detail and "send null" in rejected[0].detail
