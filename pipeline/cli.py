@@ -935,6 +935,7 @@ def report(
     """Write a self-contained HTML report of one asset: score vs threshold, per-sensor error contributions (and raw
     signals from --csv), alert spans shaded, and each alert's top sensors."""
     from pipeline.report import load_report_data, write_report
+    from pipeline.store import repo
 
     now = datetime.now(UTC)
     start, end = _when(since, now, "--since"), _when(until, now, "--until")
@@ -949,12 +950,19 @@ def report(
         with _session(cfg) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
                                     csv_path=csv_path)
+            span = None if data.scores else repo.score_span(session=session, asset=asset)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     write_report(out, data)
     signals = f", raw signals of {len(data.signals)} from {csv_path.name}" if data.signals and csv_path else ""
     console.print(f"[green]wrote[/green] {escape(str(out))}: {len(data.scores)} windows, {len(data.alerts)} "
                   f"alert(s), {len(data.sensors)} sensors{escape(signals)}")
+    if not data.scores:  # --since is counted back from now: history replayed or backfilled is older
+        where = ("it has no window scores at all (is a pipeline consuming its readings?)" if span is None else
+                 f"its windows end between {span[0].isoformat()} and {span[1].isoformat()}: give --since/--until "
+                 "(ISO-8601) in that span")
+        console.print(f"[yellow]warning[/yellow]: no window scores of {escape(asset)} between {start.isoformat()} "
+                      f"and {end.isoformat()}; {escape(where)}")
     if csv_path and not data.signals:
         console.print(f"[yellow]warning[/yellow]: {escape(csv_path.name)} has no readings of {escape(asset)} between "
                       f"{start.isoformat()} and {end.isoformat()} for its sensors: no raw signals plotted")

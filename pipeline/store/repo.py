@@ -286,6 +286,14 @@ def scores_between(*, session: Session, asset: str, start: datetime, end: dateti
     ))
 
 
+def score_span(*, session: Session, asset: str) -> tuple[datetime, datetime] | None:
+    """The first and last window end stored for ``asset``; None when it has no window scores."""
+    first, last = session.execute(
+        select(func.min(WindowScore.window_end), func.max(WindowScore.window_end)).where(WindowScore.asset == asset)
+    ).one()
+    return None if first is None or last is None else (first, last)
+
+
 def add_model_version(*, session: Session, version: ModelVersion) -> None:
     """Register a model version row."""
     session.add(version)

@@ -392,3 +392,32 @@ def test_sinks_status_shows_the_outbox_and_retry_queues_failed_events_again(tmp_
         assert repo.count_outbox(session=session) == {("webhook", "pending"): 2}
     assert "none matched" in runner.invoke(app, ["sinks", "retry", "--config", str(config)]).output
     engine.dispose()
+
+
+def test_an_empty_report_says_where_the_assets_windows_are(tmp_path: Path) -> None:
+    """`report --since 24h` (the README's example) on history replayed from an older time wrote an empty page and
+    '0 windows' without a hint; it now names the span of the asset's stored windows, or that it has none."""
+    from pipeline.store import repo
+    from pipeline.store.db import session_scope, upgrade
+    from pipeline.types import Score
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": url}, "groups": [
+        {"name": "g", "assets": ["a", "b"], "sensors": [{"name": "x"}]}]}))
+    t0 = 1_583_748_000_000  # 2020-03-09T10:00:00Z
+    with session_scope(url, write=True) as session:
+        repo.insert_scores(session=session, scores=[Score("a", "g", t0 + i * 5000, t0 + i * 5000 + 30_000, 1.0, 2.0,
+                                                          {"x": 1.0}, "m1") for i in range(3)])
+    old = runner.invoke(app, ["report", "-c", str(config), "--asset", "a", "--out", str(tmp_path / "a.html")],
+                        env={"COLUMNS": "300"})
+    assert old.exit_code == 0, old.output
+    assert "0 windows" in old.output and "no window scores of a between" in old.output
+    assert "2020-03-09T10:00:30+00:00 and 2020-03-09T10:00:40+00:00" in old.output
+    none = runner.invoke(app, ["report", "-c", str(config), "--asset", "b", "--out", str(tmp_path / "b.html")],
+                         env={"COLUMNS": "300"})
+    assert none.exit_code == 0 and "it has no window scores at all" in none.output
+    inside = runner.invoke(app, ["report", "-c", str(config), "--asset", "a", "--out", str(tmp_path / "c.html"),
+                                 "--since", "2020-03-09"], env={"COLUMNS": "300"})
+    assert inside.exit_code == 0 and "3 windows" in inside.output and "no window scores" not in inside.output
