@@ -961,8 +961,8 @@ def report(
         where = ("it has no window scores at all (is a pipeline consuming its readings?)" if span is None else
                  f"its windows end between {span[0].isoformat()} and {span[1].isoformat()}: give --since/--until "
                  "(ISO-8601) in that span")
-        console.print(f"[yellow]warning[/yellow]: no window scores of {escape(asset)} between {start.isoformat()} "
-                      f"and {end.isoformat()}; {escape(where)}")
+        console.print(f"[yellow]warning[/yellow]: no window scores of {escape(asset)} between "
+                      f"{start.isoformat(timespec='seconds')} and {end.isoformat(timespec='seconds')}; {escape(where)}")
     if csv_path and not data.signals:
         console.print(f"[yellow]warning[/yellow]: {escape(csv_path.name)} has no readings of {escape(asset)} between "
                       f"{start.isoformat()} and {end.isoformat()} for its sensors: no raw signals plotted")
