@@ -245,8 +245,9 @@ def permissions_check(answers: Mapping[str, bool | None], costs: Mapping[str, st
                      f"{'; '.join(dict.fromkeys(costs[w] for w in refused))}); grant them to the principal of "
                      "kafka.security on the cluster (kafka-acls.sh --add)")
     if len(unknown) == len(answers):
-        return Check("kafka permissions", "warn", "the brokers reported no permissions (an older broker, or no "
-                     "answer in time): not checked")
+        return Check("kafka permissions", "warn", "the brokers reported no permissions (topics and group they do not "
+                     "know yet: run check again once they exist; or an older broker, or no answer in time): not "
+                     "checked")
     detail = f"allowed: {', '.join(w for w in answers if w not in unknown)}"
     if unknown:
         detail += f"; not reported: {', '.join(unknown)} (not known to the brokers yet: it shows at the first start)"

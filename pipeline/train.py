@@ -62,7 +62,9 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         raise ConfigError(f"training data lacks sensor column(s) {', '.join(missing)} of group {group.name!r}")
     data = frame.reset_index() if "ts" not in frame.columns else frame
     if "ts" not in data.columns:
-        raise ConfigError("training data needs a 'ts' column (ISO-8601 or epoch ms) or a DatetimeIndex named ts")
+        other = ", ".join(map(str, extra[:8])) if extra else "none"
+        raise ConfigError("training data needs a 'ts' column (ISO-8601 or epoch ms): rename your time column to ts "
+                          f"(columns that are not sensors: {other})")
     column = data["ts"]
     if pd.api.types.is_numeric_dtype(column):
         ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")

@@ -223,3 +223,13 @@ def test_a_missing_readings_topic_says_how_to_create_it(monkeypatch) -> None:  #
     readings = found["readings topic"]
     assert readings.status == "fail"
     assert "does not exist" in readings.detail and "kafka-topics.sh --create --topic plant-readings" in readings.detail
+
+
+def test_no_permissions_reported_names_the_first_check_before_the_topics_exist() -> None:
+    """On a first `check`, before the topics and the group exist, a broker reports nothing: the warning named only an
+    older broker or a timeout, which sent a newcomer looking at the wrong thing."""
+    from pipeline.preflight import permissions_check
+
+    costs = {"READ on topic r": "cannot consume", "READ on group g": "cannot join"}
+    nothing = permissions_check(dict.fromkeys(costs), costs)
+    assert nothing.status == "warn" and "do not know yet" in nothing.detail and "run check again" in nothing.detail

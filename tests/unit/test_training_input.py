@@ -170,3 +170,12 @@ def test_penalty_options_without_a_weight_are_warned_of(caplog: pytest.LogCaptur
         _group(model={"type": "sparse", "sparsity": "kl", "sparsity_target": 0.1})  # the type's default weight
         _group(model={"type": "conv", "contractive_weight": 0.01})
     assert not any(part in caplog.text for part in ("no effect", "kl only", "plain dense"))
+
+
+def test_a_time_column_not_named_ts_is_named_with_what_to_do() -> None:
+    """SKAB-like exports call their time column `datetime`: the refusal names the columns it saw and says to rename
+    one to ts (it spoke of a pandas DatetimeIndex, which a CSV user cannot give)."""
+    frame = _frame().rename(columns={"ts": "datetime"})
+    with pytest.raises(ConfigError, match="rename your time column to ts") as refused:
+        windows_from_frame(frame, _group())
+    assert "datetime" in str(refused.value) and "DatetimeIndex" not in str(refused.value)
