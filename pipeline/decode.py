@@ -18,7 +18,7 @@ import orjson
 
 from pipeline.config import GroupConfig, IngestConfig
 from pipeline.errors import InvalidReading
-from pipeline.types import Reading, Rejected
+from pipeline.types import Reading, Rejected, ms_to_iso
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ REASONS = (
 )
 
 
+SECONDS_LIKE_MS = 100_000_000_000  # epoch ms below this is before 1973-03-04: numbers this small are epoch seconds
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime (and SQL) can hold
 #: A NaN/Infinity literal (or an overflowing number) is not JSON: the record cannot be read, so none of its values
 #: is used. A gateway keeps the other values of a record by sending null for a failed sensor, or leaving it out.
@@ -101,6 +102,7 @@ class Decoder:
         self._max_bytes = max_message_bytes
         self._undecodable = 0  # records that met a defect (logged in full the first few times)
         self._ingest = ingest or IngestConfig()
+        self._seconds_warned: set[str] = set()  # assets whose numeric timestamps look like epoch seconds (said once)
         self._asset_sensors: dict[str, Mapping[str, tuple[float, float] | None]] = {}
         for group in groups:
             ranges = {s.name: s.valid_range for s in group.sensors}
@@ -150,6 +152,12 @@ class Decoder:
         if key is not None and self._ingest.require_key_match and key != asset.encode():
             raise InvalidReading("key_mismatch", f"record key {key[:80]!r} is not the asset id {asset[:80]!r}")
         ts_ms = parse_timestamp(doc["ts"])
+        if ts_ms < SECONDS_LIKE_MS and isinstance(doc["ts"], int | float) and asset not in self._seconds_warned:
+            self._seconds_warned.add(asset)
+            log.warning("%s sends numeric ts %s, read as epoch milliseconds: %s; if its gateway sends epoch seconds, "
+                        "it must multiply them by 1000 (its readings otherwise crowd into a few grid steps and go to "
+                        "the dead-letter topic as duplicate)", asset[:80], doc["ts"],
+                        ms_to_iso(ts_ms))
         if now_ms is not None:
             if ts_ms > now_ms + self._ingest.max_future_s * 1000:
                 raise InvalidReading("ts_in_future", f"{ts_ms - now_ms} ms ahead of the consumer clock")

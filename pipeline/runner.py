@@ -43,7 +43,7 @@ from pipeline.sinks import AlertSinks, build_sinks
 from pipeline.store import repo
 from pipeline.store.db import describe_error, make_engine, make_sessionmaker, schema_problem
 from pipeline.store.tables import ModelVersion, WindowScore
-from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window
+from pipeline.types import AlertEvent, Reading, Rejected, Score, SkippedWindow, Window, ms_to_iso
 from pipeline.windowing import WindowBatch, Windower
 
 log = logging.getLogger(__name__)
@@ -288,12 +288,12 @@ class Runner:
         for reason, readings in (("late", batch.late), ("duplicate", batch.duplicates), ("ts_jump", batch.jumped)):
             for reading in readings:
                 value, key, topic = source(reading)
-                detail = f"{reading.asset} at {reading.ts_ms}: {details[reason]}"
+                detail = f"{reading.asset} at {ms_to_iso(reading.ts_ms)}: {details[reason]}"
                 out.append(Rejected(reason, detail, value, key, topic, reading.partition, reading.offset))
         for reading, taken in batch.partial_duplicates:
             value, key, topic = source(reading)
-            detail = (f"{reading.asset} at {reading.ts_ms}: {', '.join(taken)[:200]} already received for this grid "
-                      f"step (used: {', '.join(s for s in reading.values if s not in taken)[:80]})")
+            detail = (f"{reading.asset} at {ms_to_iso(reading.ts_ms)}: {', '.join(taken)[:200]} already received for "
+                      f"this grid step (used: {', '.join(s for s in reading.values if s not in taken)[:80]})")
             out.append(Rejected("duplicate", detail, value, key, topic, reading.partition, reading.offset,
                                 partial=True))
         return out

@@ -17,6 +17,11 @@ def ms_to_datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def ms_to_iso(ms: int) -> str:
+    """Epoch ms as ISO-8601 UTC to the millisecond, e.g. ``2026-03-01T12:00:00.000Z`` (for messages)."""
+    return ms_to_datetime(ms).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def datetime_to_ms(value: datetime) -> int:
     """Aware (or naive = UTC) datetime to epoch milliseconds."""
     if value.tzinfo is None:

@@ -129,3 +129,25 @@ def test_a_held_reading_decided_by_a_late_one_or_placed_as_a_partial_duplicate(t
     runner.process([_record(15, 400, {"x": 0.1, "y": 0.1})], T0 + 401_000)  # held
     runner.process([late], T0 + 402_000)  # a straggler: decides nothing, dead-lettered as late
     assert [h["reason"] for _, _, h in producer.sent][-1:] == [b"late"] and runner.stats.readings == 14
+
+
+def test_epoch_seconds_are_said_once_and_the_duplicates_they_cause_name_their_time(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A gateway that sends epoch seconds where ms are documented: its readings crowd into the first grid steps of
+    1970 and go as `duplicate`. The log says once what happened and what to change, and each duplicate's detail gives
+    its time as a date (it gave the bare number, which hid the 1970)."""
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    seconds = T0 // 1000
+    records = [RawRecord("readings", 0, i, b"a", orjson.dumps({"asset": "a", "ts": seconds + i,
+                                                                 "values": {"x": 0.1, "y": 0.1}}), T0 + i * 1000)
+               for i in range(5)]
+    runner = Runner(_config(url), sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                    producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    with caplog.at_level("WARNING", logger="pipeline.decode"):
+        runner.process(records, T0 + 5_000)
+    said = [r.getMessage() for r in caplog.records if "epoch seconds" in r.getMessage()]
+    assert len(said) == 1 and "a sends numeric ts 1772326800" in said[0] and "1970-01-21T" in said[0]
+    details = [headers["detail"].decode() for _, _, headers in producer.sent if headers["reason"] == b"duplicate"]
+    assert details and all(d.startswith("a at 1970-01-21T") and d.endswith("Z: sensor value already received for "
+                                                                           "this grid step") for d in details)
