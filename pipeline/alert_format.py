@@ -50,8 +50,15 @@ def sensors_text(top: Sequence[dict[str, Any]]) -> str:
     return ", ".join(f"{t['sensor']} {float(t['share']):.0%}" for t in top)
 
 
+def off_training_text(off: dict[str, float] | None) -> str:
+    """``flow -58 std, vibration +39 std``: the sensors far outside their training data, farthest first."""
+    ranked = sorted((off or {}).items(), key=lambda item: -abs(item[1]))
+    return ", ".join(f"{sensor} {distance:+.3g} std" for sensor, distance in ranked)
+
+
 def alert_dict(row: Alert, *, flat: bool = False) -> dict[str, Any]:
-    """One alert as a dict of plain values; ``flat`` turns the top sensors into text (for CSV and tables)."""
+    """One alert as a dict of plain values; ``flat`` turns the top sensors and the sensors far outside their
+    training data into text (for CSV and tables)."""
     end = row.closed_at or row.last_seen_at
     return {
         "id": row.id, "asset": row.asset, "group": row.group_name, "status": row.status, "severity": row.severity,
@@ -61,6 +68,7 @@ def alert_dict(row: Alert, *, flat: bool = False) -> dict[str, Any]:
         "peak_ratio": round(row.peak_score / row.threshold, 3) if row.threshold > 0 else None,
         "windows": row.window_count,
         "top_sensors": sensors_text(row.top_sensors) if flat else list(row.top_sensors),
+        "off_training": off_training_text(row.off_training) if flat else dict(row.off_training or {}),
         "model_version": row.model_version,
         "acknowledged_by": row.acknowledged_by, "acknowledged_at": _ts(row.acknowledged_at),
         "ack_comment": row.ack_comment,

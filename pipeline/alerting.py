@@ -154,6 +154,7 @@ class _Evidence:
     count: int
     sums: dict[str, float]
     excursion: Excursion | None = None  # the windows' largest (aftermath), counted once the incident opens
+    off: dict[str, float] = field(default_factory=dict)  # sensors far outside training: the farthest (farther)
 
     @classmethod
     def of(cls, scores: Sequence[Score], rule: AlertConfig) -> _Evidence:
@@ -171,6 +172,16 @@ class _Evidence:
         self.count += 1
         for sensor, err in score.sensor_errors.items():
             self.sums[sensor] = self.sums.get(sensor, 0.0) + err
+        self.off = farther(self.off, score.off_training)
+
+
+def farther(kept: Mapping[str, float], new: Mapping[str, float]) -> dict[str, float]:
+    """Per sensor, the signed distance from training (``Score.off_training``) farther from 0 of the two."""
+    out = dict(kept)
+    for sensor, distance in new.items():
+        if abs(distance) > abs(out.get(sensor, 0.0)):
+            out[sensor] = distance
+    return out
 
 
 @dataclass
@@ -445,7 +456,7 @@ class AlertEngine:
             asset=score.asset, group=score.group, opened_ms=evidence.first_start_ms, last_seen_ms=score.end_ms,
             closed_ms=None, peak_score=evidence.peak, threshold=score.threshold, severity=cfg.tiers[rank].name,
             status="open", window_count=evidence.count, top_sensors=top_sensors(evidence.sums, cfg.top_sensors),
-            model_version=score.model_version, error_sums=dict(evidence.sums),
+            model_version=score.model_version, error_sums=dict(evidence.sums), off_training=dict(evidence.off),
         )
         state.current = _Open(record, dict(evidence.sums), evidence.ratio, rank)
         state.pending = None
@@ -468,7 +479,7 @@ class AlertEngine:
                 previous, last_seen_ms=score.end_ms, peak_score=max(previous.peak_score, score.level),
                 window_count=previous.window_count + 1, severity=cfg.tiers[current.rank].name,
                 top_sensors=top_sensors(current.error_sums, cfg.top_sensors), model_version=score.model_version,
-                error_sums=current.stored_sums(),
+                error_sums=current.stored_sums(), off_training=farther(previous.off_training or {}, score.off_training),
                 group=score.group,  # the asset's group now (renamed, or the asset moved, while the alert was open)
             )
             return AlertEvent("updated", current.record, previous_severity=previous.severity)

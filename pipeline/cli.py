@@ -387,7 +387,7 @@ def _stdout() -> Console:
 
 
 _LIST_COLUMNS = ("id", "asset", "group", "status", "severity", "opened_at", "last_seen_at", "closed_at", "duration_s",
-                 "peak_score", "threshold", "peak_ratio", "windows", "top_sensors", "model_version",
+                 "peak_score", "threshold", "peak_ratio", "windows", "top_sensors", "off_training", "model_version",
                  "acknowledged_by", "acknowledged_at", "ack_comment")
 
 
@@ -441,7 +441,8 @@ def alerts_list(
         table.add_row(*_plain(
             rec["id"], rec["asset"], rec["status"], rec["severity"],
             str(rec["opened_at"]).replace("T", " ").removesuffix("Z")[:19], duration_text(rec["duration_s"]),
-            f"{rec['peak_score']:.4g} ({rec['peak_ratio']}x)", rec["windows"], rec["top_sensors"],
+            f"{rec['peak_score']:.4g} ({rec['peak_ratio']}x)", rec["windows"],
+            rec["top_sensors"] + (f"; far outside training: {rec['off_training']}" if rec["off_training"] else ""),
             rec["acknowledged_by"] or "",
         ))
     _stdout().print(table)
@@ -458,7 +459,7 @@ def alerts_show(
     """One alert: its state, acknowledgement, top sensors, and the score history around it."""
     from datetime import timedelta
 
-    from pipeline.alert_format import alert_dict, duration_text, elide, history_rows
+    from pipeline.alert_format import alert_dict, duration_text, elide, history_rows, off_training_text
     from pipeline.store import repo
 
     _choice(output, ("table", "json"), "--format")
@@ -509,6 +510,10 @@ def alerts_show(
         sensors.add_row(*_plain(rank, item["sensor"], f"{share:.1%}", f"{float(item['error']):.4g}",
                                 "█" * max(round(share * 30), 1)))
     out.print(sensors)
+    if alert["off_training"]:
+        far = escape(off_training_text(alert["off_training"]))
+        out.print(f"[bold]far outside training[/bold] (window mean vs the training data, in its standard deviations; "
+                  f"the model may put their error on other sensors): {far}")
     if not history:
         pruned = cfg.retention.enabled and (row.closed_at or row.last_seen_at) < datetime.now(UTC) - timedelta(
             days=cfg.retention.scores_days)

@@ -11,6 +11,7 @@ from models.detector import Detector
 from pipeline.types import Score, Window, significant
 
 MAX_ERROR = 1e30
+OFF_TRAINING_SIGMAS = 4.0  # a window mean this many training std from the training mean: far outside training
 
 
 def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) -> list[Score]:
@@ -45,10 +46,25 @@ def finite(errors: np.ndarray) -> np.ndarray:
 
 def score_of(window: Window, detector: Detector, total: float, errors: np.ndarray) -> Score:
     """The Score of ``window`` from its (``finite``) total and per-sensor errors, in ``detector.sensors`` order;
-    per-sensor errors are rounded to 6 significant digits."""
+    per-sensor errors are rounded to 6 significant digits. Its ``off_training`` sensors (``off_training``) come
+    from the window's values and the detector's training scaler."""
     return Score(
         asset=window.asset, group=window.group, start_ms=window.start_ms, end_ms=window.end_ms, score=float(total),
         threshold=detector.threshold,
         sensor_errors={s: significant(float(e)) for s, e in zip(detector.sensors, errors, strict=True)},
-        model_version=detector.version,
+        model_version=detector.version, off_training=off_training(window.values, detector),
     )
+
+
+def off_training(values: np.ndarray, detector: Detector) -> dict[str, float]:
+    """The sensors of one window (``values`` [W, F], ``detector.sensors`` order) whose mean lies at least
+    ``OFF_TRAINING_SIGMAS`` training standard deviations from their training mean (the detector's scaler): sensor
+    -> that distance, signed, to 3 significant digits. Empty for a window like the training data, and for a scorer
+    without a training scaler."""
+    scaler = getattr(detector, "scaler", None)
+    if scaler is None:
+        return {}
+    with np.errstate(over="ignore", invalid="ignore"):
+        distance = (values.astype(np.float64).mean(axis=0) - scaler.mean) / scaler.std
+    far = np.flatnonzero(np.nan_to_num(np.abs(distance), nan=0.0) >= OFF_TRAINING_SIGMAS)
+    return {detector.sensors[i]: significant(float(np.clip(distance[i], -MAX_ERROR, MAX_ERROR)), 3) for i in far}

@@ -108,7 +108,7 @@ def event_document(event: AlertEvent) -> dict[str, Any]:
             "asset": a.asset, "group": a.group, "status": a.status, "severity": a.severity,
             "opened_at": _iso(a.opened_ms), "last_seen_at": _iso(a.last_seen_ms), "closed_at": _iso(a.closed_ms),
             "peak_score": a.peak_score, "threshold": a.threshold, "window_count": a.window_count,
-            "top_sensors": a.top_sensors, "model_version": a.model_version,
+            "top_sensors": a.top_sensors, "off_training": a.off_training or {}, "model_version": a.model_version,
         },
     }
 

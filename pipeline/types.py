@@ -109,6 +109,10 @@ class Score:
     smoothed: float | None = None
     aftermath_floor: float | None = None
     drift_offset: dict[str, float] | None = None
+    # sensors whose mean over the window lies OFF_TRAINING_SIGMAS or more of their training standard deviations from
+    # their training mean, signed (far outside what the model was trained on: a model may reconstruct such a shift
+    # and put the error on other sensors, so the shares alone can miss them); not stored with the score
+    off_training: dict[str, float] = field(default_factory=dict)
 
     @property
     def level(self) -> float:
@@ -146,6 +150,9 @@ class AlertRecord:
     # every sensor's error summed over the incident's windows, unrounded: a restart resumes the ranking from these
     # (None for alerts stored before they were kept, whose ranking resumes from the listed sensors)
     error_sums: dict[str, float] | None = None
+    # sensors far outside their training data in the incident's exceeding windows: the farthest window mean seen,
+    # signed, in training standard deviations (``Score.off_training``); None for alerts stored before it was kept
+    off_training: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,7 +78,8 @@ def _alert_row(alert: AlertRecord, now: datetime) -> dict[str, Any]:
         "closed_at": ms_to_datetime(alert.closed_ms) if alert.closed_ms is not None else None,
         "peak_score": alert.peak_score, "threshold": alert.threshold, "severity": alert.severity,
         "status": alert.status, "window_count": alert.window_count, "top_sensors": alert.top_sensors,
-        "sensor_error_sums": alert.error_sums, "model_version": alert.model_version, "updated_at": now,
+        "sensor_error_sums": alert.error_sums, "off_training": alert.off_training, "model_version": alert.model_version,
+        "updated_at": now,
     }
 
 
@@ -94,7 +95,7 @@ def upsert_alerts(*, session: Session, alerts: Sequence[AlertRecord], now: datet
     latest = {(a.asset, a.opened_ms): a for a in alerts}  # one row per incident per statement
     stmt = _insert(session, Alert)
     mutable = ("group_name", "last_seen_at", "closed_at", "peak_score", "threshold", "severity", "status",
-               "window_count", "top_sensors", "sensor_error_sums", "model_version", "updated_at")
+               "window_count", "top_sensors", "sensor_error_sums", "off_training", "model_version", "updated_at")
     stmt = stmt.on_conflict_do_update(
         index_elements=["asset", "opened_at"], set_={c: getattr(stmt.excluded, c) for c in mutable},
         where=Alert.status == "open",
@@ -448,6 +449,7 @@ def alert_record(row: Alert) -> AlertRecord:
         top_sensors=list(row.top_sensors), model_version=row.model_version,
         error_sums=None if row.sensor_error_sums is None else {
             str(k): float(v) for k, v in row.sensor_error_sums.items()},
+        off_training=None if row.off_training is None else {str(k): float(v) for k, v in row.off_training.items()},
     )
 
 

@@ -152,6 +152,7 @@ class Alert(Base):
     window_count: Mapped[int] = mapped_column(Integer)
     top_sensors: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     sensor_error_sums: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
+    off_training: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)
     model_version: Mapped[str] = mapped_column(String(80))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     acknowledged_by: Mapped[str | None] = mapped_column(String(120), nullable=True)

@@ -214,6 +214,26 @@ def test_cli_list_show_ack(loaded: tuple[str, int, int, int], tmp_path: Path) ->
     as_csv = cli.invoke(app, ["alerts", "list", "-c", config, "--format", "csv"]).output
     assert "'=cmd|'/c calc'!A1" in as_csv and ",=cmd" not in as_csv
 
+    # the sensors far outside their training data: shown under the top sensors, in the list, in CSV and JSON
+    engine = make_engine(url)
+    with make_sessionmaker(engine).begin() as s:
+        (row,) = [r for r in repo.open_alerts(session=s, assets=["pump-2"]) if r.id == c]
+        repo.upsert_alerts(session=s, alerts=[replace(repo.alert_record(row), off_training={
+            "vibration": 39.5, "speed": -57.9})])
+    engine.dispose()
+    shown_text = " ".join(cli.invoke(app, ["alerts", "show", "-c", config, str(c)], env={"COLUMNS": "200"})
+                          .output.split())
+    assert "far outside training" in shown_text and "speed -57.9 std, vibration +39.5 std" in shown_text
+    wide = " ".join(cli.invoke(app, ["alerts", "list", "-c", config, "--status", "open"], env={"COLUMNS": "250"})
+                    .output.split())
+    assert "far outside training: speed -57.9 std, vibration +39.5 std" in wide
+    open_csv = cli.invoke(app, ["alerts", "list", "-c", config, "--format", "csv", "--status", "open"]).output
+    header, line = open_csv.strip().splitlines()
+    assert "top_sensors,off_training,model_version" in header and "speed -57.9 std, vibration +39.5 std" in line
+    (as_json,) = json.loads(cli.invoke(app, ["alerts", "list", "-c", config, "--format", "json", "--status",
+                                             "open"]).output)
+    assert as_json["off_training"] == {"vibration": 39.5, "speed": -57.9}
+
 
 def test_the_documented_example_queries_run(loaded: tuple[str, int, int, int]) -> None:
     """Every SQL example in docs/alerts.md runs on this database (the dialect-specific ones on theirs)."""

@@ -263,6 +263,41 @@ def test_migration_0009_keeps_alert_error_sums_unrounded(db_url: str) -> None:
     _assert_downgrade_drops(db_url, "0008", "sensor_error_sums", table="alerts")
 
 
+def test_migration_0011_keeps_the_sensors_far_outside_training(db_url: str) -> None:
+    """Alerts written before 0011 read with none; after it the signed distances round-trip, an update replaces
+    them, and `alerts show`'s dict gives them as data and as text, farthest first."""
+    from pipeline.alert_format import alert_dict
+
+    upgrade(db_url, "0010")
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO alerts (asset, group_name, opened_at, last_seen_at, peak_score, threshold, severity, status,"
+            " window_count, top_sensors, model_version, updated_at) VALUES ('old', 'g', '2026-01-01 00:00:00+00:00',"
+            " '2026-01-01 00:01:00+00:00', 3.0, 1.0, 'warning', 'open', 2, '[]', 'm1', '2026-01-01 00:01:00+00:00')"))
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    record = AlertRecord("a", "g", 1000, 5000, None, 3.0, 2.0, "warning", "open", 2,
+                         [{"sensor": "current", "share": 0.33, "error": 0.3}], "m1", off_training={
+                             "vibration": 39.5, "flow": -57.9})
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[record])
+    with sessions() as s:
+        rows = {r.asset: r for r in repo.open_alerts(session=s, assets=["a", "old"])}
+        assert repo.alert_record(rows["old"]).off_training is None and repo.alert_record(rows["a"]) == record
+        assert alert_dict(rows["a"])["off_training"] == {"vibration": 39.5, "flow": -57.9}
+        assert alert_dict(rows["a"], flat=True)["off_training"] == "flow -57.9 std, vibration +39.5 std"
+        assert alert_dict(rows["old"], flat=True)["off_training"] == ""
+    with sessions.begin() as s:
+        repo.upsert_alerts(session=s, alerts=[replace(record, last_seen_ms=6000, off_training={"flow": -60.2})])
+    with sessions() as s:
+        assert repo.alert_record(repo.open_alerts(session=s, assets=["a"])[0]).off_training == {"flow": -60.2}
+    engine.dispose()
+    _assert_downgrade_drops(db_url, "0010", "off_training", table="alerts")
+
+
 def test_migration_0010_records_pipeline_processes_and_rolls_back(db_url: str) -> None:
     """A process's row is written once and updated in place (its start kept), removed when it stops; rows not seen
     for a week go with the next write; a downgrade drops the table and an upgrade brings it back."""

@@ -379,3 +379,20 @@ def test_an_open_alert_follows_its_asset_into_a_renamed_group() -> None:
     restarted.restore("a", "g", open_alert=stored, recent=scores)
     events = restarted.process(_timed([3.0, 0.5, 0.5], t0=T0 + 3 * STEP))
     assert _kinds(events) == ["updated", "resolved"] and {e.alert.group for e in events} == {"g"}
+
+
+def test_an_alert_keeps_the_sensors_far_outside_training_across_its_windows_and_a_restart() -> None:
+    """The opening gathers the flagged windows' off-training sensors (farthest each); updates add farther ones;
+    windows below the threshold add none; a restart from the stored record goes on from it."""
+    far = [{}, {"y": -12.0}, {}, {"y": -9.0, "x": 5.0}, {"x": 80.0}, {"x": 200.0}]
+    scores = [replace(s, off_training=off) for s, off in zip(_scores([0.5, 2.0, 0.5, 2.5, 2.0, 0.5]), far,
+                                                             strict=True)]
+    events = _engine().process(scores[:4])
+    assert [e.kind for e in events] == ["opened"] and events[0].alert.off_training == {"y": -12.0, "x": 5.0}
+    restarted = _engine()
+    restarted.restore("a", "g", open_alert=events[0].alert, recent=scores[:4])
+    (updated,) = restarted.process(scores[4:])  # the last window is below the threshold: its 200 is not the alert's
+    assert updated.kind == "updated" and updated.alert.off_training == {"y": -12.0, "x": 80.0}
+    legacy = _engine()  # an alert stored before off_training was kept
+    legacy.restore("a", "g", open_alert=replace(events[0].alert, off_training=None), recent=scores[:4])
+    assert legacy.process(scores[4:5])[0].alert.off_training == {"x": 80.0}

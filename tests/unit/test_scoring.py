@@ -44,3 +44,19 @@ def test_small_per_sensor_errors_keep_their_precision() -> None:
     top = top_sensors({"x": 1.23456789e-9, "y": 2.3e-9}, 2)
     assert [(t["sensor"], t["error"]) for t in top] == [("y", 2.3e-9), ("x", 1.23457e-9)]
     assert top[0]["share"] == round(2.3 / 3.53456789, 4)
+
+
+def test_sensors_far_outside_their_training_data_are_named_with_their_distance() -> None:
+    """A window whose mean on a sensor lies 4 or more training std from the training mean names that sensor, signed
+    (a model can reconstruct such a shift and put the error elsewhere); a window like the training data names none,
+    and an overflowing value stays finite."""
+    scaler = StandardScaler(mean=np.array([10.0, 50.0, 0.0]), std=np.array([2.0, 5.0, 1.0]))
+    model = build_model("dense", 4, 3, {"hidden": [4, 2]})
+    detector = Detector("v1", "g", "dense", {"hidden": [4, 2]}, ["flow", "temp", "vib"], 4, scaler, 1.0, model)
+    near = np.array([[11.0, 52.0, 1.0], [9.0, 47.0, -1.5], [10.5, 55.0, 3.9], [10.0, 50.0, 0.0]])
+    far = near + np.array([-116.0, 0.0, 39.0])  # flow about 58 std below, vib 40 above, temp as in training
+    edge = np.tile([10.0 + 4 * 2.0, 50.0, 0.0], (4, 1))  # exactly 4 std: named
+    huge = np.tile([1e300, 50.0, 0.0], (4, 1))
+    scores = score_windows([Window("a", "g", 0, 4000, w) for w in (near, far, edge, huge)], {"g": detector})
+    assert [s.off_training for s in scores] == [
+        {}, {"flow": -57.9, "vib": 39.9}, {"flow": 4.0}, {"flow": MAX_ERROR}]  # means -105.875 and 39.85

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -120,6 +121,9 @@ def test_event_document_and_selection() -> None:
     assert doc["alert"]["opened_at"] == "2026-03-01T01:00:00Z" and doc["alert"]["closed_at"] is None
     assert doc["alert"]["top_sensors"] == [{"sensor": "vibration", "share": 0.8, "error": 6.0}]
     assert event_document(resolved)["alert"]["closed_at"] == "2026-03-01T01:01:30Z"
+    assert doc["alert"]["off_training"] == {}  # none far outside training (an alert stored before: none either)
+    far = AlertEvent("updated", replace(escalation.alert, off_training={"flow": -57.9}), "warning")
+    assert event_document(far)["alert"]["off_training"] == {"flow": -57.9}
     json.dumps(doc)  # plain JSON types only
     kinds = ["opened", "escalated", "resolved"]
     assert [selected(kinds, e) for e in _lifecycle()] == [True, False, True, True]
