@@ -23,10 +23,12 @@ def score_windows(windows: Sequence[Window], detectors: Mapping[str, Detector]) 
     scores: list[Score] = []
     for group, members in by_group(windows).items():
         detector = detectors[group]
-        totals, per_sensor = detector.score(np.stack([w.values for w in members]))
+        values = np.stack([w.values for w in members])
+        totals, per_sensor = detector.score(values)
         totals, per_sensor = finite(totals), finite(per_sensor)
-        scores += [score_of(window, detector, total, errors)
-                   for window, total, errors in zip(members, totals, per_sensor, strict=True)]
+        far = off_training(values, detector)
+        scores += [score_of(window, detector, total, errors, off)
+                   for window, total, errors, off in zip(members, totals, per_sensor, far, strict=True)]
     return scores
 
 
@@ -44,27 +46,32 @@ def finite(errors: np.ndarray) -> np.ndarray:
     return np.minimum(np.nan_to_num(errors, nan=MAX_ERROR, posinf=MAX_ERROR), MAX_ERROR)
 
 
-def score_of(window: Window, detector: Detector, total: float, errors: np.ndarray) -> Score:
+def score_of(window: Window, detector: Detector, total: float, errors: np.ndarray,
+             off: dict[str, float] | None = None) -> Score:
     """The Score of ``window`` from its (``finite``) total and per-sensor errors, in ``detector.sensors`` order;
-    per-sensor errors are rounded to 6 significant digits. Its ``off_training`` sensors (``off_training``) come
-    from the window's values and the detector's training scaler."""
+    per-sensor errors are rounded to 6 significant digits. ``off``: its sensors far outside training, when
+    ``off_training`` gave them for a whole batch already (else worked out for this window)."""
     return Score(
         asset=window.asset, group=window.group, start_ms=window.start_ms, end_ms=window.end_ms, score=float(total),
         threshold=detector.threshold,
         sensor_errors={s: significant(float(e)) for s, e in zip(detector.sensors, errors, strict=True)},
-        model_version=detector.version, off_training=off_training(window.values, detector),
+        model_version=detector.version,
+        off_training=off if off is not None else off_training(window.values[np.newaxis], detector)[0],
     )
 
 
-def off_training(values: np.ndarray, detector: Detector) -> dict[str, float]:
-    """The sensors of one window (``values`` [W, F], ``detector.sensors`` order) whose mean lies at least
-    ``OFF_TRAINING_SIGMAS`` training standard deviations from their training mean (the detector's scaler): sensor
-    -> that distance, signed, to 3 significant digits. Empty for a window like the training data, and for a scorer
-    without a training scaler."""
+def off_training(values: np.ndarray, detector: Detector) -> list[dict[str, float]]:
+    """Per window of ``values`` [N, W, F] (``detector.sensors`` order), the sensors whose mean over the window lies
+    at least ``OFF_TRAINING_SIGMAS`` training standard deviations from their training mean (the detector's scaler):
+    sensor -> that distance, signed, to 3 significant digits. Empty for a window like the training data, and for
+    every window of a scorer without a training scaler."""
     scaler = getattr(detector, "scaler", None)
     if scaler is None:
-        return {}
+        return [{} for _ in range(len(values))]
     with np.errstate(over="ignore", invalid="ignore"):
-        distance = (values.astype(np.float64).mean(axis=0) - scaler.mean) / scaler.std
-    far = np.flatnonzero(np.nan_to_num(np.abs(distance), nan=0.0) >= OFF_TRAINING_SIGMAS)
-    return {detector.sensors[i]: significant(float(np.clip(distance[i], -MAX_ERROR, MAX_ERROR)), 3) for i in far}
+        distance = (values.astype(np.float64).mean(axis=1) - scaler.mean) / scaler.std
+    distance = np.clip(np.nan_to_num(distance, nan=0.0), -MAX_ERROR, MAX_ERROR)
+    out: list[dict[str, float]] = [{} for _ in range(len(values))]
+    for i, j in zip(*np.nonzero(np.abs(distance) >= OFF_TRAINING_SIGMAS), strict=True):
+        out[i][detector.sensors[j]] = significant(float(distance[i, j]), 3)
+    return out
