@@ -724,6 +724,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
         runner = Runner(config, sessions=sessions, detectors=detectors, producer=producer, stop=stop, metrics=metrics,
                         sinks=sinks, reported=problems)
         runner.report_serving()
+        stack.callback(runner.forget_serving)  # however it stops (a failed start included); a kill leaves it stale
         waited_too_long = threading.Event()
         if idle_stop_s is not None:  # waiting for a topic that does not exist yet is idle time too
             def give_up() -> None:
@@ -748,9 +749,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             _warn_of_missing_dead_letter_topic(consumer, config.kafka.dead_letter_topic)
             log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                      config.database.safe_url, {g: d.version for g, d in detectors.items()})
-        stats = runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
-        runner.forget_serving()  # a clean stop; a crash leaves the row to go stale
-        return stats
+        return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
 
 
 def _warn_of_missing_dead_letter_topic(consumer: KafkaConsumer, topic: str) -> None:

@@ -100,3 +100,42 @@ def test_a_tls_record_read_as_a_kafka_frame_says_the_broker_speaks_tls() -> None
         "Invalid frame length: 352518912 (the broker answered in TLS: set kafka.security.protocol to SSL or SASL_SSL)")
     other = "Bootstrap connection to bootstrap-0 failed: InvalidReceiveError: Invalid frame length: 2000000000"
     assert kafka_io.last_failure([other]).endswith("Invalid frame length: 2000000000")  # no hint
+
+
+def test_a_failed_start_removes_its_pipeline_instances_row(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore
+    # the row is written before the consumer connects; a start that then fails (brokers unreachable, wrong
+    # credentials: `run` exits 1, a supervisor restarts it) must not leave a row behind per attempt
+    import threading
+
+    import numpy as np
+    from kafka.errors import KafkaTimeoutError
+
+    from pipeline.runner import run_pipeline
+    from pipeline.store import repo
+    from pipeline.store.db import session_scope, upgrade
+    from pipeline.train import register_trained, train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    config = _config(database={"url": url}, metrics={"enabled": False}, model_dir=str(tmp_path))
+    upgrade(url)
+    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(200)]
+    with session_scope(url, write=True) as session:
+        register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
+                         model_dir=tmp_path)
+
+    class Producer:
+        def close(self, timeout: float | None = None) -> None:
+            pass
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise KafkaTimeoutError("Unable to bootstrap from [127.0.0.1:1]")
+
+    monkeypatch.setattr(kafka_io, "make_producer", lambda *_a, **_k: Producer())
+    monkeypatch.setattr(kafka_io, "make_consumer", unreachable)
+    with pytest.raises(TransientError, match="cannot connect to Kafka"):
+        run_pipeline(config, stop=threading.Event())
+    with session_scope(url) as session:
+        assert repo.list_instances(session=session) == []
