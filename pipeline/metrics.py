@@ -89,11 +89,15 @@ class PipelineMetrics:
             self.beat()
 
     def live(self) -> tuple[bool, str]:
-        """Whether the process works (``/livez``): False only when the started loop is hung, with a one-line reason."""
+        """Whether the process works (``/livez``): False only when the started loop is hung, with a one-line reason.
+        A loop retrying a failed database or broker step is waiting, not hung, however long one attempt blocks (a
+        commit waits up to 30 s for the coordinator, then the backoff up to 30 s more)."""
         if not self._started:
             return True, "starting"
         silent = time.monotonic() - self._heartbeat
         if silent > self._unhealthy_after:
+            if self._degraded:
+                return True, f"waiting on the database or broker for {silent:.0f}s"
             return False, f"consume loop silent for {silent:.0f}s"
         return True, "ok"
 

@@ -1,0 +1,54 @@
+"""The health probes as the runner drives them: waiting on a dependency is alive, and ready means joined."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pipeline.config import parse_config
+from pipeline.errors import TransientError
+from pipeline.metrics import PipelineMetrics
+from pipeline.runner import Runner
+from pipeline.store.db import make_engine, make_sessionmaker
+
+
+def _runner(unhealthy_after_s: float) -> Runner:
+    config = parse_config({"metrics": {"unhealthy_after_s": unhealthy_after_s},
+                           "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+    return Runner(config, sessions=make_sessionmaker(make_engine("sqlite://")), detectors={},
+                  producer=None, stop=threading.Event(),  # type: ignore[arg-type]
+                  metrics=PipelineMetrics(unhealthy_after_s))
+
+
+def test_livez_stays_up_while_a_dependency_step_blocks_and_fails() -> None:
+    """A step that blocks before it fails (a commit waits 30 s for the coordinator, a send 60 s for metadata), plus
+    the backoff (up to 30 s), outlasts unhealthy_after_s (60 s) without a finished iteration: that is waiting on a
+    dependency, not a hung loop, and /livez must not restart the pipeline for it (scaled down here)."""
+    runner = _runner(0.4)
+    runner.metrics.mark_started()
+    calls = {"n": 0}
+
+    def blocking_step() -> str:
+        calls["n"] += 1
+        if calls["n"] < 4:
+            time.sleep(0.3)  # e.g. a commit waiting for a coordinator that does not answer
+            raise TransientError("broker down")
+        return "done"
+
+    samples: list[tuple[bool, str]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(runner.metrics.live())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert runner._retry(blocking_step) == "done"
+    finally:
+        done.set()
+        sampler.join()
+    assert samples and all(ok for ok, _ in samples), [s for s in samples if not s[0]][:3]
+    assert runner.metrics.ready()[0]  # back again
