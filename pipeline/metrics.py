@@ -6,8 +6,8 @@ answer 200 or 503 with a one-line reason:
 
 - ``/livez``: the process works. 503 only when the consume loop, once started, has not completed an iteration within
   ``unhealthy_after_s`` (hung). Waiting on a dependency or starting up is alive: restarting would not help.
-- ``/readyz``: the process does its work. 503 until the loop has polled the brokers once (starting: connecting,
-  waiting for the topic), while the database or broker is failing, and when the loop is hung.
+- ``/readyz``: the process does its work. 503 until the consumer has joined its group and the loop polled (starting:
+  connecting, waiting for the topic, joining), while the database or broker is failing, and when the loop is hung.
 - ``/healthz`` (the original probe, kept): 503 when the loop is hung or a dependency is failing; 200 while starting.
 """
 
@@ -83,7 +83,7 @@ class PipelineMetrics:
         self._heartbeat = time.monotonic()
 
     def mark_started(self) -> None:
-        """Record that the consume loop polled the brokers for the first time (``/readyz`` may answer 200 now)."""
+        """Record that the consume loop polled the brokers with its group joined (``/readyz`` may answer 200 now)."""
         if not self._started:
             self._started = True
             self.beat()

@@ -138,6 +138,7 @@ class Runner:
         self._saved_starts: dict[str, int] = {}
         self._revoked: set[int] = set()
         self._owner = repo.new_holder()
+        self._joined = False  # the consumer completed a join of its group (an assignment, possibly empty)
         self.metrics.set_models({g: d.version for g, d in detectors.items()})
         self._reload_every = config.retrain.reload_interval_s
         self._next_reload = time.monotonic() + self._reload_every
@@ -165,6 +166,7 @@ class Runner:
 
     def partitions_assigned(self, partitions: set[int]) -> None:
         """Drop the state of partitions that went to another consumer (the new owner resumes them)."""
+        self._joined = True  # called at the end of every join, with an empty set too: a member that got nothing
         lost, self._revoked = self._revoked - partitions, set()
         self._drop_partitions(lost)
         if partitions or lost:
@@ -651,7 +653,8 @@ class Runner:
         status_at, status_from = time.monotonic(), self.stats.snapshot()
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
-            self.metrics.mark_started()  # the brokers answered a poll: /readyz may answer 200
+            if self._joined:  # a poll returns empty while the join is still in flight (seconds, or minutes while
+                self.metrics.mark_started()  # a busy member holds up the rebalance): not ready before it completes
             now_ms = round(clock() * 1000)
             self._watch_broker(consumer, bool(records), now_ms)
             self.metrics.beat()

@@ -52,3 +52,29 @@ def test_livez_stays_up_while_a_dependency_step_blocks_and_fails() -> None:
         sampler.join()
     assert samples and all(ok for ok, _ in samples), [s for s in samples if not s[0]][:3]
     assert runner.metrics.ready()[0]  # back again
+
+
+def test_readyz_waits_for_the_consumer_to_join_its_group() -> None:
+    """A poll comes back empty while the group's join is still in flight (another member holds up the rebalance):
+    not ready until the join completes (``partitions_assigned``, called inside a poll, possibly with nothing)."""
+    runner = _runner(60)
+    seen: list[bool] = []
+
+    class Consumer:
+        polls = 0
+
+        def poll(self, timeout_ms: int = 0, max_records: int = 0) -> dict[object, list[object]]:
+            seen.append(runner.metrics.ready()[0])
+            self.polls += 1
+            if self.polls == 3:
+                runner.partitions_assigned(set())  # the join completes: this member got no partition
+            if self.polls == 5:
+                runner._stop.set()
+            return {}
+
+        def assignment(self) -> set[object]:
+            return set()
+
+    runner.run(Consumer())  # type: ignore[arg-type]
+    assert seen == [False, False, False, True, True]
+    assert runner.metrics.ready() == (True, "ok")
