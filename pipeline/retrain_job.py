@@ -46,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TransientError) as exc:
         log.error("scheduled retrain not started: %s", exc)
         return 1
-    except SQLAlchemyError as exc:  # the database went away between runs: the URL masked, the password scrubbed
-        log.error("scheduled retrain failed: %s", describe_error(exc, config.database.url))
+    except (SQLAlchemyError, ImportError) as exc:  # the database went away, or its driver is not installed: the URL
+        log.error("scheduled retrain failed: %s", describe_error(exc, config.database.url))  # masked, password scrubbed
+        return 1
+    except Exception:  # logged in the configured format (a bare traceback on stderr would not be), status 1
+        log.exception("scheduled retrain failed")
         return 1
     for result in results:
         log.info("scheduled retrain %s", result.summary())

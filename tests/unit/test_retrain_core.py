@@ -497,3 +497,21 @@ def test_the_retrain_process_names_a_bad_configuration(tmp_path: Path) -> None:
                            "--firing", "2026-11-27T02:00:00+00:00"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "scheduled retrain not started: configuration" in done.stderr and "groups[0].window.length" in done.stderr
+
+
+def test_the_retrain_process_logs_an_unexpected_error_in_the_configured_format(tmp_path: Path) -> None:
+    """A database driver that is not installed (or any other error) is one log record in the format the scheduler
+    passed (JSON here), the password scrubbed, not a bare traceback; status 1 (the scheduler adds nothing)."""
+    import json
+    import subprocess
+    import sys
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("database: {url: 'mysql+pymysql://sw:s3cretpw@127.0.0.1:1/sw'}\n"
+                    "groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}]\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.retrain_job", str(conf), "--log-format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.splitlines()]  # every line a JSON record
+    assert records[-1]["level"] == "ERROR" and records[-1]["message"].startswith("scheduled retrain failed: ")
+    assert "s3cretpw" not in done.stderr
