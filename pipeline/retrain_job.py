@@ -5,13 +5,16 @@ the recent windows) goes back to the system when the process ends, instead of st
 and a retrain that crashes or is killed (out of memory) leaves the scheduler running: its run is recorded as
 abandoned by the next retrain of the group, once its lock has expired. Exit status 0 when every run was promoted,
 rejected or skipped, 1 when one failed or could not start, 3 when one was refused (another retrain held the group).
+SIGTERM does not cut a run short (the scheduler's stop waits for it); SIGKILL does.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from datetime import datetime
+from types import FrameType
 
 from rich.console import Console
 from sqlalchemy.exc import SQLAlchemyError
@@ -24,6 +27,14 @@ from pipeline.store.db import describe_error
 log = logging.getLogger("pipeline.scheduler")
 
 
+def _finish_first(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM: go on. A service manager that signals every process of the service (systemd's default
+    KillMode=control-group) reaches this one too; the scheduler's stop waits for the run, which would otherwise
+    die unrecorded with its group's lock held for ``retrain.lock_ttl_s``. SIGKILL still ends it."""
+    log.warning("%s: the retrain finishes first (the scheduler's stop waits for it; SIGKILL ends it now)",
+                signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Retrain every configured group for the scheduled time ``--firing``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.retrain_job", description=__doc__.split("\n\n")[0])
@@ -34,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.configure(args.log_format, verbose=args.verbose, console=Console(stderr=True))
+    signal.signal(signal.SIGTERM, _finish_first)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

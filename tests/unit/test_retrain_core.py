@@ -515,3 +515,31 @@ def test_the_retrain_process_logs_an_unexpected_error_in_the_configured_format(t
     records = [json.loads(line) for line in done.stderr.splitlines()]  # every line a JSON record
     assert records[-1]["level"] == "ERROR" and records[-1]["message"].startswith("scheduled retrain failed: ")
     assert "s3cretpw" not in done.stderr
+
+
+def test_the_retrain_process_finishes_its_run_on_sigterm(tmp_path: Path) -> None:
+    """A service manager that signals the whole group of processes (systemd's default KillMode=control-group) sends
+    SIGTERM to the retrain process too: it finishes its run, as the scheduler's stop waits for it, instead of dying
+    and leaving the group's lock held for retrain.lock_ttl_s."""
+    import signal
+    import subprocess
+    import sys
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("groups:\n  - name: g\n    assets: [a]\n    sensors: [{name: x}]\n")
+    code = ("import sys, time\n"
+            "import pipeline.retrain as r\n"
+            "def slow(*a, **k):\n"
+            "    print('training', file=sys.stderr, flush=True); time.sleep(2); return []\n"
+            "r.retrain_all = slow\n"
+            "from pipeline.retrain_job import main\n"
+            f"raise SystemExit(main([{str(conf)!r}, '--log-format', 'plain']))\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stderr is not None and child.stderr.readline().strip() == "training"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 0
+        assert "SIGTERM" in child.stderr.read()
+    finally:
+        child.kill()
+        child.wait()
