@@ -55,7 +55,8 @@ class PipelineMetrics:
         self._degraded = False
         self._degraded_reason = ""
         self._broker_silent = False
-        self._started = False
+        self._started = False  # polling with the group joined: ready
+        self._polling = False  # polling, the join possibly still in flight: a silent loop counts as hung from here
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
         """Expose the alert sinks' counters (``stats()``: sink label -> ``SinkStats``, read at each scrape) as
@@ -82,17 +83,23 @@ class PipelineMetrics:
         """Record that the consume loop completed an iteration."""
         self._heartbeat = time.monotonic()
 
+    def mark_polling(self) -> None:
+        """Record that the consume loop polled the brokers (``/livez`` judges its silence from now on), its group
+        join possibly still in flight."""
+        if not self._polling:
+            self._polling = True
+            self.beat()
+
     def mark_started(self) -> None:
         """Record that the consume loop polled the brokers with its group joined (``/readyz`` may answer 200 now)."""
-        if not self._started:
-            self._started = True
-            self.beat()
+        self.mark_polling()
+        self._started = True
 
     def live(self) -> tuple[bool, str]:
         """Whether the process works (``/livez``): False only when the started loop is hung, with a one-line reason.
         A loop retrying a failed database or broker step is waiting, not hung, however long one attempt blocks (a
         commit waits up to 30 s for the coordinator, then the backoff up to 30 s more)."""
-        if not self._started:
+        if not self._polling:
             return True, "starting"
         silent = time.monotonic() - self._heartbeat
         if silent > self._unhealthy_after:

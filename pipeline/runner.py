@@ -653,6 +653,7 @@ class Runner:
         status_at, status_from = time.monotonic(), self.stats.snapshot()
         while not self._stop.is_set():
             records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
+            self.metrics.mark_polling()  # /livez: a silent loop is hung from here
             if self._joined:  # a poll returns empty while the join is still in flight (seconds, or minutes while
                 self.metrics.mark_started()  # a busy member holds up the rebalance): not ready before it completes
             now_ms = round(clock() * 1000)

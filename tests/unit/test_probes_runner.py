@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pipeline.config import parse_config
 from pipeline.errors import TransientError
 from pipeline.metrics import PipelineMetrics
@@ -78,3 +80,15 @@ def test_readyz_waits_for_the_consumer_to_join_its_group() -> None:
     runner.run(Consumer())  # type: ignore[arg-type]
     assert seen == [False, False, False, True, True]
     assert runner.metrics.ready() == (True, "ok")
+
+
+def test_a_loop_silent_while_joining_is_hung(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not ready before the join completes, but a loop that polled and then went silent is hung all the same."""
+    import pipeline.metrics as module
+
+    metrics = PipelineMetrics(unhealthy_after_s=10)
+    metrics.mark_polling()
+    assert metrics.live() == (True, "ok") and not metrics.ready()[0]
+    now = module.time.monotonic()
+    monkeypatch.setattr(module.time, "monotonic", lambda: now + 11)
+    assert metrics.live() == (False, "consume loop silent for 11s")
