@@ -5,7 +5,8 @@ Checks, in order (each independent of the others' outcome):
   database   reachable, and its schema at the newest migration
   models     every group has an active model whose bundle verifies against the configuration
   pipelines  the running ``sensorwatch run`` processes; a warning for one that does not serve its group's active
-             model a reload interval after its activation (it refused the bundle, or has not reloaded)
+             model two reload intervals and a minute after its activation (it refused the bundle, or has not
+             reloaded)
   alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
              for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
@@ -134,7 +135,7 @@ def _database_and_models(config: Config) -> list[Check]:
 def pipelines_check(rows: Sequence[InstanceRow], active: Mapping[str, ModelVersion], now: datetime,
                     stale_s: float) -> Check:
     """The running pipeline processes (``pipeline_instances``) and what they serve: a warning for each that does
-    not serve its group's active model one reload interval after its activation (``serving.behind``)."""
+    not serve its group's active model ``stale_s`` after its activation (``serving.behind``)."""
     live = [r for r in rows if is_live(r, now, stale_s)]
     gone = len(rows) - len(live)
     note = "" if not gone else (f"; {gone} more not seen for over {stale_s:g} s (stopped without a clean exit, or "
