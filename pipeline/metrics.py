@@ -73,6 +73,11 @@ class PipelineMetrics:
         self._degraded_reason = reason if degraded else ""
         self.dependency_down.set(int(self._degraded or self._broker_silent))
 
+    @property
+    def degraded(self) -> bool:
+        """Whether the last database or broker step failed and has not succeeded since."""
+        return self._degraded
+
     def set_broker_silent(self, silent: bool) -> None:
         """Mark the broker as not answering a probe (True) or answering again (False): polls do not raise while no
         broker answers, they only come back empty."""

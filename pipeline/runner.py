@@ -547,8 +547,11 @@ class Runner:
                         type(exc).__name__)
 
     def forget_serving(self) -> None:
-        """Delete this process's ``pipeline_instances`` row (it stops cleanly); on a database failure the row is
-        left to go stale."""
+        """Delete this process's ``pipeline_instances`` row (it stops); on a database failure the row is left to go
+        stale, and so it is, untried, when stopping while a dependency is down (a stop must not wait on it)."""
+        if self.metrics.degraded:
+            log.info("stopping while a dependency is down: this process's pipeline_instances row goes stale")
+            return
         try:
             with self._sessions.begin() as session:
                 repo.remove_instance(session=session, instance=self._owner)

@@ -92,3 +92,16 @@ def test_a_loop_silent_while_joining_is_hung(monkeypatch: pytest.MonkeyPatch) ->
     now = module.time.monotonic()
     monkeypatch.setattr(module.time, "monotonic", lambda: now + 11)
     assert metrics.live() == (False, "consume loop silent for 11s")
+
+
+def test_a_stop_while_a_dependency_is_down_does_not_wait_on_the_database() -> None:
+    """Removing the pipeline_instances row at a stop is not tried while a step is failing (a database that does
+    not answer would hold the stop up beyond the grace period); the row goes stale instead."""
+    runner = _runner(60)
+
+    def unreachable() -> None:
+        raise AssertionError("the database was asked")
+
+    runner._sessions = unreachable  # type: ignore[assignment]
+    runner.metrics.set_degraded(True, "OperationalError: connection timed out")
+    runner.forget_serving()
