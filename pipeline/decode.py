@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -45,10 +46,6 @@ REASONS = (
 
 SECONDS_LIKE_MS = 100_000_000_000  # epoch ms below this is before 1973-03-04: numbers this small are epoch seconds
 MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last instant a datetime (and SQL) can hold
-#: A NaN/Infinity literal (or an overflowing number) is not JSON: the record cannot be read, so none of its values
-#: is used. A gateway keeps the other values of a record by sending null for a failed sensor, or leaving it out.
-NON_FINITE_LITERAL = ("NaN or Infinity in the message: not JSON, so the whole record is left out; send null for a "
-                      "failed sensor (or leave it out) to keep the record's other values")
 MAX_ABS_VALUE = 1e15  # beyond this a reading is a glitch whatever the sensor; squared errors would overflow float32
 
 
@@ -79,19 +76,28 @@ def _parse_timestamp(raw: object) -> int:
     raise InvalidReading("bad_timestamp", f"expected ISO-8601 string or epoch ms, got {type(raw).__name__}")
 
 
-def _has_non_finite_literal(value: bytes) -> bool:
-    """True when ``value`` would be JSON but for NaN/Infinity literals or overflowing numbers."""
+def _with_non_finite_literals(value: bytes) -> Any | None:
+    """``value`` parsed as JSON with NaN/Infinity literals and overflowing numbers read as non-finite floats (Python's
+    ``json.dumps`` writes NaN for a failed transmitter; each then costs its own sensor value only), or None when it is
+    not JSON for another reason (or has none of them: orjson refused it for something else)."""
+    seen = False
 
-    def refuse(_token: str) -> float:
-        raise OverflowError
+    def constant(token: str) -> float:
+        nonlocal seen
+        seen = True
+        return float(token)
+
+    def number(token: str) -> float:
+        nonlocal seen
+        parsed = float(token)
+        seen = seen or math.isinf(parsed)
+        return parsed
 
     try:
-        json.loads(value, parse_constant=refuse, parse_float=lambda t: refuse(t) if math.isinf(float(t)) else 0.0)
-    except OverflowError:
-        return True
+        doc = json.loads(value, parse_constant=constant, parse_float=number)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack (orjson: 1024)
-        return False
-    return False
+        return None
+    return doc if seen else None
 
 
 class Decoder:
@@ -134,9 +140,9 @@ class Decoder:
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as exc:
-            if _has_non_finite_literal(value):
-                raise InvalidReading("non_finite", NON_FINITE_LITERAL) from None
-            raise InvalidReading("malformed_json", str(exc)[:120]) from None
+            doc = _with_non_finite_literals(value)  # NaN or Infinity in a value: that value only is left out
+            if doc is None:
+                raise InvalidReading("malformed_json", str(exc)[:120]) from None
         if not isinstance(doc, dict):
             raise InvalidReading("not_an_object", f"top level is {type(doc).__name__}")
         per_sensor = "values" not in doc and "sensor" in doc
@@ -226,9 +232,12 @@ def _value(asset: str, sensor: object, raw: object, ranges: Mapping[str, tuple[f
         raise InvalidReading("unknown_sensor", f"{asset}/{str(sensor)[:60]}")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise InvalidReading("wrong_type", f"{sensor} must be a number, got {type(raw).__name__}")
-    number = float(raw)
+    try:
+        number = float(raw)
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
     if not math.isfinite(number):
-        raise InvalidReading("non_finite", str(sensor))
+        raise InvalidReading("non_finite", f"{sensor} is {raw} (send null for a failed sensor, or leave it out)")
     if abs(number) > MAX_ABS_VALUE:
         raise InvalidReading("out_of_range", f"{sensor}={number:g}: magnitude above {MAX_ABS_VALUE:g}")
     valid = ranges[str(sensor)]

@@ -162,12 +162,18 @@ def test_one_bad_value_costs_that_value_only(decoder: Decoder) -> None:
     assert all(r.value == records[r.offset] for r in rejected)  # the original bytes: nothing is lost
 
 
-def test_a_nan_literal_costs_the_whole_record_and_says_how_to_keep_the_rest(decoder: Decoder) -> None:
-    """Python's json.dumps writes NaN for a failed transmitter; that record is not JSON, so its good values are lost
-    too. The dead-letter detail says so and what a gateway sends instead (null: that value only)."""
+def test_a_nan_literal_costs_that_value_only(decoder: Decoder) -> None:
+    """Python's json.dumps writes NaN (or Infinity) for a failed transmitter. That is not JSON, but the record's other
+    values are kept, as with null; the dead-letter record says which value was left out and what to send instead."""
     nan = b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": NaN}}'
     null = b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": null}}'
-    readings, rejected = decoder.decode_batch([("t", 0, 0, None, nan, -1), ("t", 0, 1, None, null, -1)], now_ms=NOW)
-    assert [(r.offset, r.values) for r in readings] == [(1, {"temp": 70.5})]
-    assert [(r.offset, r.reason, r.partial) for r in rejected] == [(0, "non_finite", False), (1, "wrong_type", True)]
-    assert "whole record" in rejected[0].detail and "send null" in rejected[0].detail
+    big = b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": 1e400}}'
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, raw, -1) for i, raw in enumerate((nan, null, big))],
+                                              now_ms=NOW)
+    assert [(r.offset, r.values) for r in readings] == [(0, {"temp": 70.5}), (1, {"temp": 70.5}), (2, {"temp": 70.5})]
+    assert [(r.offset, r.reason, r.partial) for r in rejected] == [
+        (0, "non_finite", True), (1, "wrong_type", True), (2, "non_finite", True)]
+    assert rejected[0].detail == "flow is nan (send null for a failed sensor, or leave it out) (used: temp)"
+    assert rejected[0].value == nan  # the original bytes
+    only = b'{"asset": "pump-1", "ts": NaN, "values": {"temp": 70.5}}'  # a NaN time is no time
+    assert [r.reason for r in decoder.decode_batch([("t", 0, 3, None, only, -1)], now_ms=NOW)[1]] == ["bad_timestamp"]
