@@ -264,6 +264,9 @@ def calibrate_multiplier(settings: SequenceSettings, segments: Sequence[np.ndarr
         ratios = detector.ratios(segment)[train_rows:]
         pooled.append(ratios[np.isfinite(ratios)])
     values = np.concatenate(pooled)
+    if not values.size:
+        raise ValueError(f"calibration needs a normal segment longer than the {train_rows} training rows (the longest "
+                         f"has {max(len(s) for s in segments)}): nothing after them to measure")
     multiplier = max(float(np.quantile(values, 1.0 - false_alarm_rate)), 1.0)
     return multiplier, {"false_alarm_rate": false_alarm_rate, "segments": len(segments), "rows": int(values.size),
                         "multiplier": multiplier}

@@ -309,3 +309,12 @@ def test_evaluate_names_a_missing_directory_and_a_file_with_bad_values(skab_dir:
     assert bad.exit_code == 2
     assert "other/10.csv: 1 value(s) are missing or not finite numbers (first: row 102 of the file, column 'b')" in (
         " ".join(bad.output.split()))
+
+
+def test_calibration_on_segments_no_longer_than_the_training_rows_says_so() -> None:
+    """Every normal segment within the training rows leaves nothing to measure: a clear error, not an IndexError."""
+    from models.sequence_detector import calibrate_multiplier
+
+    segments = [np.random.default_rng(0).normal(size=(300, 3)), np.random.default_rng(1).normal(size=(400, 3))]
+    with pytest.raises(ValueError, match=r"longer than the 400 training rows \(the longest has 400\)"):
+        calibrate_multiplier(default_settings("dense"), segments, train_rows=400, false_alarm_rate=0.01)
