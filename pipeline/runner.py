@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from models.bundle import METADATA, WEIGHTS
 from models.detector import Detector
 from pipeline import kafka_io
+from pipeline.alert_format import duration_text, off_training_text, sensors_text
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, GroupConfig, KafkaConfig
 from pipeline.decode import Decoder
@@ -233,6 +234,7 @@ class Runner:
         self._windower.mark_saved(starts)  # stored, or equal to what was (or, fenced off, forgotten)
         self._next_offset.update(processed)
         self._account(rejected, fresh, batch, scores, events, time.perf_counter() - started)
+        _log_alerts(events)
         safe = self._windower.safe_offsets()
         return {p: min(nxt, safe.get(p, nxt)) for p, nxt in self._next_offset.items()}
 
@@ -757,6 +759,22 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             log.info("consuming %s as group %s; database %s; models %s", config.kafka.topic, config.kafka.group_id,
                      config.database.safe_url, {g: d.version for g, d in detectors.items()})
         return runner.run(consumer, idle_stop_s=idle_stop_s, on_batch=on_batch)
+
+
+def _log_alerts(events: Sequence[AlertEvent]) -> None:
+    """One line per alert opened, escalated or resolved (stored already): what an operator watching ``run`` would
+    otherwise learn only from the 5-minute summary. Updates that do not escalate are left out."""
+    for event in events:
+        a = event.alert
+        if event.kind == "opened" or event.escalated:
+            far = off_training_text(a.off_training)
+            log.info("alert %s: %s (group %s) %s since %s, peak %.3g x threshold; top sensors %s%s",
+                     "opened" if event.kind == "opened" else f"escalated from {event.previous_severity}", a.asset,
+                     a.group, a.severity, ms_to_iso(a.opened_ms), a.peak_score / a.threshold if a.threshold > 0
+                     else math.inf, sensors_text(a.top_sensors), f"; far outside training: {far}" if far else "")
+        elif event.kind == "resolved" and a.closed_ms is not None:
+            log.info("alert resolved: %s (group %s) after %s, %d windows", a.asset, a.group,
+                     duration_text((a.closed_ms - a.opened_ms) / 1000), a.window_count)
 
 
 def _warn_of_missing_dead_letter_topic(consumer: KafkaConsumer, topic: str) -> None:

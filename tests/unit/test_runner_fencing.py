@@ -291,3 +291,28 @@ def test_a_database_failure_reaches_healthz_with_the_password_scrubbed(tmp_path:
 
     assert runner._retry(step) == "done" and len(calls) == 2
     assert runner.metrics.healthy() == (True, "ok")
+
+
+def test_alerts_opened_escalated_and_resolved_are_logged_as_they_happen(caplog: pytest.LogCaptureFixture) -> None:
+    """An operator watching `run` sees each alert when it opens, escalates or resolves (it used to wait for the
+    5-minute summary); plain updates are not logged."""
+    from dataclasses import replace
+
+    from pipeline.runner import _log_alerts
+    from pipeline.types import AlertEvent, AlertRecord
+
+    opened = AlertRecord("pump-7", "pumps", 1767225600000, 1767225660000, None, 3.0, 1.0, "warning", "open", 2,
+                         [{"sensor": "flow", "share": 0.7, "error": 2.1}, {"sensor": "temp", "share": 0.3,
+                                                                          "error": 0.9}], "m1",
+                         off_training={"vibration": 39.5})
+    critical = replace(opened, severity="critical", peak_score=6.0, window_count=3)
+    resolved = replace(critical, status="resolved", closed_ms=1767226500000, window_count=9)
+    with caplog.at_level("INFO", logger="pipeline.runner"):
+        _log_alerts([AlertEvent("opened", opened), AlertEvent("updated", replace(opened, window_count=3), "warning"),
+                     AlertEvent("updated", critical, "warning"), AlertEvent("resolved", resolved)])
+    assert caplog.messages == [
+        "alert opened: pump-7 (group pumps) warning since 2026-01-01T00:00:00.000Z, peak 3 x threshold; top sensors "
+        "flow 70%, temp 30%; far outside training: vibration +39.5 std",
+        "alert escalated from warning: pump-7 (group pumps) critical since 2026-01-01T00:00:00.000Z, peak 6 x "
+        "threshold; top sensors flow 70%, temp 30%; far outside training: vibration +39.5 std",
+        "alert resolved: pump-7 (group pumps) after 15m00s, 9 windows"]
