@@ -145,12 +145,13 @@ class _Rebalance(ConsumerRebalanceListener):
 def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | None = None,
                   on_assigned: Callable[[set[int]], None] | None = None,
                   on_lost: Callable[[set[int]], None] | None = None,
-                  stop: threading.Event | None = None) -> KafkaConsumer:
+                  stop: threading.Event | None = None,
+                  while_waiting: Callable[[], None] | None = None) -> KafkaConsumer:
     """A consumer in ``cfg.group_id`` subscribed to the readings topic, with auto-commit off.
 
     ``on_lost`` is called when the group evicted this consumer (its fetch positions are gone); default: on_revoked.
     It joins the group only once the broker reports the topic's partitions (``wait_for_partitions``; ``stop`` ends
-    the wait).
+    the wait; ``while_waiting`` is called with each of its warnings).
     """
     consumer = KafkaConsumer(
         group_id=cfg.group_id,
@@ -167,7 +168,7 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
     revoked = on_revoked or (lambda _p: None)
     listener = _Rebalance(revoked, on_assigned or (lambda _p: None), on_lost or revoked)
     try:
-        wait_for_partitions(consumer, cfg.topic, stop)
+        wait_for_partitions(consumer, cfg.topic, stop, while_waiting=while_waiting)
     except BaseException:
         consumer.close(autocommit=False)
         raise
@@ -176,9 +177,11 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
 
 
 def wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event | None = None, *,
-                        interval_s: float = 1.0, warn_every_s: float = 30.0) -> set[int]:
-    """Block until the broker reports partitions of ``topic`` (a warning every ``warn_every_s`` while it does not);
-    returns them, or an empty set when ``stop`` is set first.
+                        interval_s: float = 1.0, warn_every_s: float = 30.0,
+                        while_waiting: Callable[[], None] | None = None) -> set[int]:
+    """Block until the broker reports partitions of ``topic`` (a warning every ``warn_every_s`` while it does not,
+    and a call of ``while_waiting``: the process is alive); returns them, or an empty set when ``stop`` is set
+    first.
 
     Why: a consumer that joins its group before it knows the topic's partitions is assigned nothing, and the
     rebalance that follows once they appear can be lost by kafka-python 3.0 when a poll times out during its
@@ -192,6 +195,8 @@ def wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Eve
             return set(partitions or ())
         if waited % warn_every_s < interval_s:
             log.warning("topic %s has no partitions yet (does it exist?): waiting before joining the group", topic)
+            if while_waiting is not None:
+                while_waiting()
         if stop is not None:
             stop.wait(interval_s)
         else:

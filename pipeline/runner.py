@@ -746,7 +746,7 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             stack.callback(timer.cancel)
         consumer = _connect(functools.partial(
             kafka_io.make_consumer, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
-            on_lost=runner.partitions_lost, stop=stop,
+            on_lost=runner.partitions_lost, stop=stop, while_waiting=runner.report_serving,
         ), config.kafka, explain=False)  # the producer's start already showed the brokers answer
         stack.callback(consumer.close, autocommit=False)
         if idle_stop_s is not None:

@@ -5,6 +5,7 @@ internals it reads."""
 from __future__ import annotations
 
 import inspect
+import threading
 
 import pytest
 from kafka.coordinator.base import BaseCoordinator
@@ -55,3 +56,21 @@ def test_the_installed_kafka_python_still_has_the_internals_it_reads() -> None:
     assert "self._join_task = None" in inspect.getsource(BaseCoordinator.__init__)
     assert callable(ConsumerCoordinator.need_rejoin) and callable(BaseCoordinator.request_rejoin)
     assert ".is_done" in inspect.getsource(BaseCoordinator.join_group_async)
+
+
+def test_waiting_for_the_topic_warns_and_reports_in_each_time() -> None:
+    """While the topic has no partitions the wait warns every warn_every_s and calls while_waiting (the process
+    refreshes its pipeline_instances row, so `models serving` does not call it gone); it returns the partitions."""
+    from pipeline.kafka_io import wait_for_partitions
+
+    answers = iter([None, set(), None, None, {0, 1}])
+
+    class Metadata:  # the one consumer call the wait makes
+        def partitions_for_topic(self, topic: str) -> set[int] | None:
+            assert topic == "readings"
+            return next(answers)
+
+    calls: list[int] = []
+    found = wait_for_partitions(Metadata(), "readings", threading.Event(), interval_s=0.25,  # type: ignore[arg-type]
+                                warn_every_s=0.5, while_waiting=lambda: calls.append(1))
+    assert found == {0, 1} and len(calls) == 2  # at waits 0 and 2 of 4
