@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pandas as pd
@@ -27,6 +29,18 @@ def pump_group(assets: list[str]) -> dict[str, Any]:
         "threshold": {"method": "percentile", "percentile": 99.5, "multiplier": 1.5},
         "alert": {"k": 2, "n": 3, "clear_after": 3},
     }
+
+
+def probe(port: int, path: str) -> tuple[int, str]:
+    """The status and body ``http://127.0.0.1:port/path`` answers (a health probe, metrics); (0, "") when nothing
+    listens."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+    except OSError:
+        return 0, ""
 
 
 def run_until(cfg: Config, *, until_readings: int, until_rejected: int, timeout_s: float = 180,

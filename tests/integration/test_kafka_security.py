@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,7 @@ from pipeline.sinks import KafkaAlertSink, OutboxDeliverer
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert
-from tests.integration.pump_stream import PERIOD, START, deploy_pumps, pump_group, run_until
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -293,13 +291,7 @@ def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_co
     producer.flush()
 
     def get(path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-                return answer.status, answer.read().decode()
-        except urllib.error.HTTPError as refused:
-            return refused.code, refused.read().decode()
-        except OSError:
-            return 0, ""
+        return probe(port, path)
 
     result: list[RunStats] = []
     stop = threading.Event()

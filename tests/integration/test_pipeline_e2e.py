@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert, AlertOutbox, WindowScore
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
-from tests.integration.pump_stream import PERIOD, START, deploy_pumps, pump_group, run_until
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -164,17 +162,6 @@ def _deploy_small(cfg: Config, db_url: str) -> list[tuple[str, dict[str, object]
     return to_messages({a: f.iloc[:240] for a, f in normal.items()})
 
 
-def _probe(port: int, path: str) -> tuple[int, str]:
-    """The status and body a health probe answers; (0, "") when nothing listens."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
-            return answer.status, answer.read().decode()
-    except urllib.error.HTTPError as refused:
-        return refused.code, refused.read().decode()
-    except OSError:
-        return 0, ""
-
-
 def _send(cfg: Config, messages: list[tuple[str, dict[str, object]]]) -> None:
     kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
     producer = kafka_io.make_producer(cfg.kafka)
@@ -204,19 +191,19 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
         while "has no partitions yet" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.2)
         assert "has no partitions yet" in caplog.text  # it noticed, and waits
-        assert _probe(port, "/livez") == (200, "starting")
-        assert _probe(port, "/readyz") == (503, "starting: connecting to the brokers and joining the consumer group")
-        assert _probe(port, "/healthz") == (200, "ok")
+        assert probe(port, "/livez") == (200, "starting")
+        assert probe(port, "/readyz") == (503, "starting: connecting to the brokers and joining the consumer group")
+        assert probe(port, "/healthz") == (200, "ok")
         with make_sessionmaker(make_engine(pg_database_url))() as session:
             (process,) = repo.list_instances(session=session)  # what `models serving` and `check` read
             active = repo.active_model_versions(session=session)["pumps"].version
         assert process.serving == {"pumps": active} and process.consumer_group == cfg.kafka.group_id
         _send(cfg, messages)
         deadline = time.monotonic() + 60
-        answers = {_probe(port, "/readyz")}
+        answers = {probe(port, "/readyz")}
         while (200, "ok") not in answers and pipeline.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
-            answers.add(_probe(port, "/readyz"))
+            answers.add(probe(port, "/readyz"))
         pipeline.join(timeout=120)
     assert (200, "ok") in answers  # ready once it polls
     with make_sessionmaker(make_engine(pg_database_url))() as session:

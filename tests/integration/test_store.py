@@ -236,13 +236,7 @@ def test_migration_0009_keeps_alert_error_sums_unrounded(db_url: str) -> None:
     """Alerts written before 0009 read without error sums (they resume from their listed sensors); after it, every
     sensor's sum round-trips exactly, and an update replaces it."""
     upgrade(db_url, "0008")
-    engine = make_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO alerts (asset, group_name, opened_at, last_seen_at, peak_score, threshold, severity, status,"
-            " window_count, top_sensors, model_version, updated_at) VALUES ('old', 'g', '2026-01-01 00:00:00+00:00',"
-            " '2026-01-01 00:01:00+00:00', 3.0, 1.0, 'warning', 'open', 2, '[]', 'm1', '2026-01-01 00:01:00+00:00')"))
-    engine.dispose()
+    _insert_old_alert(db_url)
     upgrade(db_url)
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
@@ -269,13 +263,7 @@ def test_migration_0011_keeps_the_sensors_far_outside_training(db_url: str) -> N
     from pipeline.alert_format import alert_dict
 
     upgrade(db_url, "0010")
-    engine = make_engine(db_url)
-    with engine.begin() as conn:
-        conn.execute(text(
-            "INSERT INTO alerts (asset, group_name, opened_at, last_seen_at, peak_score, threshold, severity, status,"
-            " window_count, top_sensors, model_version, updated_at) VALUES ('old', 'g', '2026-01-01 00:00:00+00:00',"
-            " '2026-01-01 00:01:00+00:00', 3.0, 1.0, 'warning', 'open', 2, '[]', 'm1', '2026-01-01 00:01:00+00:00')"))
-    engine.dispose()
+    _insert_old_alert(db_url)
     upgrade(db_url)
     engine = make_engine(db_url)
     sessions = make_sessionmaker(engine)
@@ -335,6 +323,17 @@ def test_migration_0010_records_pipeline_processes_and_rolls_back(db_url: str) -
     upgrade(db_url)
     engine = make_engine(db_url)
     assert "pipeline_instances" in inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def _insert_old_alert(db_url: str) -> None:
+    """An open alert of asset ``old`` with only the columns every revision has (one written before an upgrade)."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO alerts (asset, group_name, opened_at, last_seen_at, peak_score, threshold, severity, status,"
+            " window_count, top_sensors, model_version, updated_at) VALUES ('old', 'g', '2026-01-01 00:00:00+00:00',"
+            " '2026-01-01 00:01:00+00:00', 3.0, 1.0, 'warning', 'open', 2, '[]', 'm1', '2026-01-01 00:01:00+00:00')"))
     engine.dispose()
 
 

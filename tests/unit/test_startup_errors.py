@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,26 @@ from pipeline.runner import _connect, _serve_metrics
 
 def _config(**sections: object):  # type: ignore[no-untyped-def]
     return parse_config({**sections, "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+
+
+def _trained(tmp_path: Path, **sections: object):  # type: ignore[no-untyped-def]
+    """A configuration on a migrated SQLite database in ``tmp_path`` whose group has an active model (one epoch)."""
+    import numpy as np
+
+    from pipeline.store.db import session_scope, upgrade
+    from pipeline.train import register_trained, train_group
+    from pipeline.types import Window
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    config = _config(database={"url": url}, model_dir=str(tmp_path), **sections)
+    upgrade(url)
+    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
+    rng = np.random.default_rng(0)
+    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(200)]
+    with session_scope(url, write=True) as session:
+        register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
+                         model_dir=tmp_path)
+    return config
 
 
 def test_a_metrics_port_another_process_holds_is_a_clear_error() -> None:
@@ -43,26 +64,14 @@ def test_a_failed_start_frees_the_metrics_port(tmp_path, monkeypatch: pytest.Mon
     # leaves the port free (a restarted process, or a supervisor's retry in the same process, can listen again)
     import threading
 
-    import numpy as np
     from kafka.errors import KafkaTimeoutError
 
     from pipeline.runner import run_pipeline
-    from pipeline.store.db import session_scope, upgrade
-    from pipeline.train import register_trained, train_group
-    from pipeline.types import Window
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    config = _config(database={"url": url}, metrics={"host": "127.0.0.1", "port": port}, model_dir=str(tmp_path))
-    upgrade(url)
-    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
-    rng = np.random.default_rng(0)
-    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(200)]
-    with session_scope(url, write=True) as session:
-        register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
-                         model_dir=tmp_path)
+    config = _trained(tmp_path, metrics={"host": "127.0.0.1", "port": port})
 
     def unreachable(*_: object, **__: object) -> None:
         raise KafkaTimeoutError("Unable to bootstrap from [127.0.0.1:1]")
@@ -107,24 +116,14 @@ def test_a_failed_start_removes_its_pipeline_instances_row(tmp_path, monkeypatch
     # credentials: `run` exits 1, a supervisor restarts it) must not leave a row behind per attempt
     import threading
 
-    import numpy as np
     from kafka.errors import KafkaTimeoutError
 
     from pipeline.runner import run_pipeline
     from pipeline.store import repo
-    from pipeline.store.db import session_scope, upgrade
-    from pipeline.train import register_trained, train_group
-    from pipeline.types import Window
+    from pipeline.store.db import session_scope
 
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    config = _config(database={"url": url}, metrics={"enabled": False}, model_dir=str(tmp_path))
-    upgrade(url)
-    group = config.groups[0].model_copy(update={"model": config.groups[0].model.model_copy(update={"epochs": 1})})
-    rng = np.random.default_rng(0)
-    windows = [Window("a", "g", i * 5000, i * 5000 + 30000, rng.normal(size=(30, 1))) for i in range(200)]
-    with session_scope(url, write=True) as session:
-        register_trained(session=session, trained=train_group(windows, group, progress=False), group=group,
-                         model_dir=tmp_path)
+    config = _trained(tmp_path, metrics={"enabled": False})
+    url = config.database.url
 
     class Producer:
         def close(self, timeout: float | None = None) -> None:
