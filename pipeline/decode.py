@@ -62,7 +62,7 @@ def _parse_timestamp(raw: object) -> int:
     if isinstance(raw, bool):
         raise InvalidReading("bad_timestamp", "boolean is not a timestamp")
     if isinstance(raw, int | float):
-        if not math.isfinite(raw) or raw < 0:
+        if (isinstance(raw, float) and not math.isfinite(raw)) or raw < 0:  # an int may be beyond any float
             raise InvalidReading("bad_timestamp", f"epoch ms must be a finite non-negative number, got {raw!r}")
         return int(raw)
     if isinstance(raw, str):
@@ -79,7 +79,8 @@ def _parse_timestamp(raw: object) -> int:
 def _with_non_finite_literals(value: bytes) -> Any | None:
     """``value`` parsed as JSON with NaN/Infinity literals and overflowing numbers read as non-finite floats (Python's
     ``json.dumps`` writes NaN for a failed transmitter; each then costs its own sensor value only), or None when it is
-    not JSON for another reason (or has none of them: orjson refused it for something else)."""
+    not JSON for another reason (or has none of them: orjson refused it for something else). What orjson refuses
+    and the stdlib parser would read (not UTF-8, a BOM, UTF-16/32, a lone surrogate escape) is None too."""
     seen = False
 
     def constant(token: str) -> float:
@@ -93,11 +94,42 @@ def _with_non_finite_literals(value: bytes) -> Any | None:
         seen = seen or math.isinf(parsed)
         return parsed
 
+    def integer(token: str) -> int:
+        nonlocal seen
+        parsed = int(token)
+        if not seen:
+            try:
+                float(parsed)
+            except OverflowError:  # orjson: "number is infinity"
+                seen = True
+        return parsed
+
     try:
-        doc = json.loads(value, parse_constant=constant, parse_float=number)
+        text = value.decode("utf-8")  # strict, and json.loads refuses a str that starts with a BOM
+        doc = json.loads(text, parse_constant=constant, parse_float=number, parse_int=integer)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the interpreter's stack (orjson: 1024)
         return None
-    return doc if seen else None
+    return doc if seen and not _has_lone_surrogate(doc) else None
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """True when a string (key or value) of the parsed ``doc`` holds a lone surrogate (a ``\\ud800`` escape): not
+    UTF-8, so orjson refuses it, and it could not be encoded into a dead-letter header either."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class Decoder:

@@ -177,3 +177,33 @@ def test_a_nan_literal_costs_that_value_only(decoder: Decoder) -> None:
     assert rejected[0].value == nan  # the original bytes
     only = b'{"asset": "pump-1", "ts": NaN, "values": {"temp": 70.5}}'  # a NaN time is no time
     assert [r.reason for r in decoder.decode_batch([("t", 0, 3, None, only, -1)], now_ms=NOW)[1]] == ["bad_timestamp"]
+
+
+@pytest.mark.parametrize("raw", [
+    rb'{"asset": "pump-\ud800", "ts": 1767225610000, "values": {"temp": NaN}}',  # a lone surrogate escape
+    rb'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": NaN, "flow": 1, "x\udc00": 2}}',
+    b'\xef\xbb\xbf{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": NaN, "flow": 1}}',  # a UTF-8 BOM
+    '{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": NaN, "flow": 1}}'.encode("utf-16"),
+    '{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": NaN, "flow": 1}}'.encode("utf-32-le"),
+])
+def test_a_nan_literal_does_not_let_in_what_orjson_refused_for_another_reason(decoder: Decoder, raw: bytes) -> None:
+    """The NaN fallback (the stdlib parser) reads lone surrogate escapes, a BOM and UTF-16/32, which orjson refuses:
+    such a record is malformed_json as without the NaN. A lone surrogate in a dead-letter detail could not be encoded
+    for its header, and that UnicodeEncodeError stopped the pipeline at this record at every restart."""
+    readings, rejected = decoder.decode_batch([("t", 0, 5, None, raw, -1)], now_ms=NOW)
+    assert readings == [] and [r.reason for r in rejected] == ["malformed_json"]
+    assert all(r.detail.encode() for r in rejected)
+
+
+def test_an_integer_beyond_any_float_costs_that_value_only(decoder: Decoder) -> None:
+    """orjson refuses an integer beyond any float ("number is infinity"): like 1e400 it costs that value only, with
+    or without a NaN in the record; as the time it is a bad timestamp, not an undecodable record."""
+    huge = b"1" + b"0" * 400
+    records = [b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": ' + huge + b"}}",
+               b'{"asset": "pump-1", "ts": 1767225610000, "values": {"temp": 70.5, "flow": NaN, "x": ' + huge + b"}}",
+               b'{"asset": "pump-1", "ts": ' + huge + b', "values": {"temp": 70.5, "flow": NaN}}']
+    readings, rejected = decoder.decode_batch([("t", 0, i, None, raw, -1) for i, raw in enumerate(records)],
+                                              now_ms=NOW)
+    assert [(r.offset, r.values) for r in readings] == [(0, {"temp": 70.5}), (1, {"temp": 70.5})]
+    assert [(r.offset, r.reason, r.partial) for r in rejected] == [
+        (0, "non_finite", True), (1, "non_finite", True), (2, "bad_timestamp", False)]
