@@ -111,7 +111,8 @@ class Score:
     drift_offset: dict[str, float] | None = None
     # sensors whose mean over the window lies OFF_TRAINING_SIGMAS or more of their training standard deviations from
     # their training mean, signed (far outside what the model was trained on: a model may reconstruct such a shift
-    # and put the error on other sensors, so the shares alone can miss them); not stored with the score
+    # and put the error on other sensors, so the shares alone can miss them); stored with the score (NULL when
+    # empty; migration 0012), so that a restart rebuilds a pending incident's evidence with it
     off_training: dict[str, float] = field(default_factory=dict)
 
     @property

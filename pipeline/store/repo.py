@@ -60,7 +60,7 @@ def insert_scores(*, session: Session, scores: Sequence[Score], now: datetime | 
             "asset": s.asset, "group_name": s.group, "window_start": ms_to_datetime(s.start_ms),
             "window_end": ms_to_datetime(s.end_ms), "score": s.score, "smoothed_score": s.smoothed,
             "aftermath_floor": s.aftermath_floor, "threshold": s.threshold, "is_anomaly": s.is_anomaly,
-            "sensor_errors": s.sensor_errors, "drift_offset": s.drift_offset,
+            "sensor_errors": s.sensor_errors, "drift_offset": s.drift_offset, "off_training": s.off_training or None,
             "model_version": s.model_version, "created_at": created,
         }
         for s in scores
@@ -436,6 +436,7 @@ def score_of(row: WindowScore) -> Score:
         sensor_errors=dict(row.sensor_errors), model_version=row.model_version, smoothed=row.smoothed_score,
         aftermath_floor=row.aftermath_floor,
         drift_offset=None if row.drift_offset is None else dict(row.drift_offset),
+        off_training={str(k): float(v) for k, v in (row.off_training or {}).items()},
     )
 
 

@@ -122,6 +122,7 @@ class WindowScore(Base):
     is_anomaly: Mapped[bool] = mapped_column()
     sensor_errors: Mapped[dict[str, float]] = mapped_column(JSON)
     drift_offset: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # after this window (drift)
+    off_training: Mapped[dict[str, float] | None] = mapped_column(JSON, nullable=True)  # None: none (Score)
     model_version: Mapped[str] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -381,3 +381,35 @@ def test_followed_levels_move_only_on_a_quiet_score_and_level_and_smooth_per_str
     streams = ["s1" if i < 20 else "s2" for i in range(len(windows))]
     restarted = followed_levels(detector, windows, weight=0.1, limit=None, streams=streams)
     assert restarted[20] == pytest.approx(scores[20]) and restarted[19] == pytest.approx(levels[19])  # a new stream
+
+
+def _far_alerts(url: str, spans: list[tuple[int, int]]) -> list[tuple[Any, ...]]:
+    """Runners (a new process per span of seconds, no broker, a plain group: k=2 of 3, windows side by side) over a
+    step of x of +12 for 4 s then +5 until 340 s; the stored alerts with their off_training."""
+    raw = _raw(None, k=2, n=3)
+    raw["groups"][0]["window"]["stride"] = LENGTH
+    config = parse_config({"database": {"url": url}, **raw}, env={})
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+
+    def x(asset: str, second: int) -> float:
+        return 10.0 + (12.0 if 300 <= second < 304 else 5.0 if 304 <= second < 340 else 0.0) * (asset == "a")
+
+    for first_s, last_s in spans:
+        runner = Runner(config, sessions=sessions, detectors={"g": _LevelDetector()},  # type: ignore[dict-item]
+                        producer=None, stop=threading.Event())  # type: ignore[arg-type]
+        runner.process(records(T0, first_s, last_s, lambda a, i: {"x": x(a, i), "y": 0.0}), T0 + last_s * 1000)
+    with sessions() as s:
+        alerts = sorted((a.asset, a.opened_at, a.window_count, a.off_training) for a in s.scalars(select(Alert)))
+    engine.dispose()
+    return alerts
+
+
+def test_a_restart_while_an_incident_is_pending_keeps_its_windows_off_training(tmp_path: Path) -> None:
+    """The first exceeding window (x 12 std off) is stored before the restart; the alert opens at the next one after
+    it. The restored pending evidence came from stored scores without off_training: the alert said x +5 (+12
+    unbroken)."""
+    unbroken = _far_alerts(f"sqlite:///{tmp_path / 'one.db'}", [(0, 600)])
+    assert [(a[0], a[2], a[3]) for a in unbroken] == [("a", 10, {"x": 12.0})]
+    assert _far_alerts(f"sqlite:///{tmp_path / 'two.db'}", [(0, 306), (296, 600)]) == unbroken
