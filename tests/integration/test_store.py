@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -22,7 +22,7 @@ from pipeline.store.db import (
     schema_problem,
     upgrade,
 )
-from pipeline.store.tables import ModelVersion
+from pipeline.store.tables import ModelVersion, WindowScore
 from pipeline.types import AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
 
@@ -475,3 +475,20 @@ def test_sqlite_write_ahead_log_is_cut_back_after_it_grew(tmp_path: Path, monkey
         assert wal.stat().st_size <= 256 * 1024, (grown, wal.stat().st_size)
     finally:
         engine.dispose()
+
+
+def test_migration_0012_keeps_each_scores_sensors_far_outside_training(db_url: str) -> None:
+    """A score's off_training round-trips (none stored as NULL, read as none, as for rows written before 0012)."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    far = Score("a", "g", 0, 4000, 9.0, 1.0, {"x": 9.0}, "m1", off_training={"x": -12.5})
+    near = Score("a", "g", 2000, 6000, 0.5, 1.0, {"x": 0.5}, "m1")
+    with sessions.begin() as s:
+        repo.insert_scores(session=s, scores=[far, near])
+    with sessions() as s:
+        rows = s.scalars(select(WindowScore).order_by(WindowScore.window_end)).all()
+        assert [r.off_training for r in rows] == [{"x": -12.5}, None]
+        assert [repo.score_of(r) for r in rows] == [far, near]
+    engine.dispose()
+    _assert_downgrade_drops(db_url, "0011", "off_training")
