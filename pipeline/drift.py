@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from models.detector import Detector
+from pipeline import scoring
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig
 from pipeline.scoring import by_group, finite, score_of, score_windows
@@ -99,18 +100,30 @@ class DriftTracker:
 
     def moments(self, windows: Sequence[Window], detectors: Mapping[str, Detector]) -> dict[tuple[str, int], Moments]:
         """Per window (asset, end): its residual moments, one forward pass per group."""
-        out: dict[tuple[str, int], Moments] = {}
-        for group, members in by_group(windows).items():
-            variances, means = detectors[group].residual_moments(np.stack([w.values for w in members]))
-            out.update({(w.asset, w.end_ms): (v, m) for w, v, m in zip(members, variances, means, strict=True)})
-        return out
+        return self.forward(windows, detectors)[0]
 
-    def score(self, window: Window, detector: Detector, moments: Moments) -> Score:
-        """The score of ``window`` with the residuals taken relative to its asset's offsets."""
+    def forward(self, windows: Sequence[Window], detectors: Mapping[str, Detector]
+                ) -> tuple[dict[tuple[str, int], Moments], dict[tuple[str, int], dict[str, float]]]:
+        """Per window (asset, end): its residual moments, one forward pass per group, and its sensors far outside
+        training (``scoring.off_training``, one vectorised step per group)."""
+        out: dict[tuple[str, int], Moments] = {}
+        far: dict[tuple[str, int], dict[str, float]] = {}
+        for group, members in by_group(windows).items():
+            values = np.stack([w.values for w in members])
+            variances, means = detectors[group].residual_moments(values)
+            out.update({(w.asset, w.end_ms): (v, m) for w, v, m in zip(members, variances, means, strict=True)})
+            off = scoring.off_training(values, detectors[group])
+            far.update({(w.asset, w.end_ms): o for w, o in zip(members, off, strict=True)})
+        return out, far
+
+    def score(self, window: Window, detector: Detector, moments: Moments,
+              off: dict[str, float] | None = None) -> Score:
+        """The score of ``window`` with the residuals taken relative to its asset's offsets; ``off``: its sensors
+        far outside training when worked out for the batch already (``forward``)."""
         variances, means = moments
         state = self._current(window.asset, detector)
         errors = _relative_errors(variances, means, state.values)
-        return score_of(window, detector, float(errors.mean()), errors)
+        return score_of(window, detector, float(errors.mean()), errors, off)
 
     def follow(self, score: Score, moments: Moments, *, quiet: bool) -> Score:
         """After the window of ``score`` was judged (``moments``: its residual moments; ``quiet``: whether the alert
@@ -171,6 +184,7 @@ class ForwardPass:
     plain: list[Score]
     following: list[Window]
     moments: dict[tuple[str, int], Moments]
+    off_training: dict[tuple[str, int], dict[str, float]] = field(default_factory=dict)  # of the following windows
 
     @property
     def assets(self) -> set[str]:
@@ -181,14 +195,16 @@ class ForwardPass:
         """The same without the windows of the ``dropped`` assets."""
         return ForwardPass([s for s in self.plain if s.asset not in dropped],
                            [w for w in self.following if w.asset not in dropped],
-                           {k: v for k, v in self.moments.items() if k[0] not in dropped})
+                           {k: v for k, v in self.moments.items() if k[0] not in dropped},
+                           {k: v for k, v in self.off_training.items() if k[0] not in dropped})
 
 
 def forward_pass(windows: Sequence[Window], detectors: Mapping[str, Detector], drift: DriftTracker) -> ForwardPass:
     """Run ``windows`` through their groups' detectors (see ``ForwardPass``)."""
     following = [w for w in windows if drift.follows(w.group)]
     plain = score_windows([w for w in windows if not drift.follows(w.group)], detectors)
-    return ForwardPass(plain, following, drift.moments(following, detectors) if following else {})
+    moments, far = drift.forward(following, detectors) if following else ({}, {})
+    return ForwardPass(plain, following, moments, far)
 
 
 def judge(forward: ForwardPass, detectors: Mapping[str, Detector], alerts: AlertEngine, drift: DriftTracker
@@ -203,7 +219,8 @@ def judge(forward: ForwardPass, detectors: Mapping[str, Detector], alerts: Alert
         scores, events = alerts.judge(alerts.smooth(forward.plain, alphas))
     moments = forward.moments
     for members in drift.rounds(forward.following):
-        raw = [drift.score(w, detectors[w.group], moments[(w.asset, w.end_ms)]) for w in members]
+        raw = [drift.score(w, detectors[w.group], moments[(w.asset, w.end_ms)], forward.off_training.get(
+            (w.asset, w.end_ms))) for w in members]
         judged, happened = alerts.judge(alerts.smooth(raw, alphas))
         scores += [drift.follow(s, moments[(s.asset, s.end_ms)], quiet=alerts.quiet(s)) for s in judged]
         events += happened
