@@ -149,6 +149,7 @@ class Runner:
         self._bundles_seen: dict[str, _BundleLook] = {}  # group -> the last look at its served model's bundle
         self._reported = set(reported or {})
         self._unserved = dict(reported or {})  # group -> why its active model is not served (pipeline_instances)
+        self._reload_failed = False  # the last model reload could not read the database (probes report it)
         self._started_at = datetime.now(UTC)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
@@ -497,7 +498,16 @@ class Runner:
                 active = repo.active_model_versions(session=session)
         except DBAPIError as exc:
             log.warning("cannot check for newly active models (%s); the current ones keep serving", type(exc).__name__)
+            # a process without readings (its assets quiet, no partition) finds a database outage only here: the
+            # probes and sensorwatch_dependency_down say so, as for a failing batch, until a reload reads it again
+            self._reload_failed = True
+            self.metrics.set_degraded(True, f"{type(exc).__name__}: "
+                                            f"{describe_error(exc, self.config.database.url)[:300]}")
             return {}
+        if self._reload_failed:  # between batches a batch's own failure is retried to success: this one is ours
+            self._reload_failed = False
+            self.metrics.set_degraded(False)
+            log.info("the database answers model reloads again")
         swapped: dict[str, str] = {}
         for group in self.config.groups:
             row, current = active.get(group.name), self._detectors.get(group.name)

@@ -105,3 +105,34 @@ def test_a_stop_while_a_dependency_is_down_does_not_wait_on_the_database() -> No
     runner._sessions = unreachable  # type: ignore[assignment]
     runner.metrics.set_degraded(True, "OperationalError: connection timed out")
     runner.forget_serving()
+
+
+def test_an_idle_process_reports_a_database_outage_its_model_reloads_meet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process with no readings to write (its assets quiet, or no partition) meets a database outage only in its
+    model reloads: /readyz and /healthz must say so (503) and sensorwatch_dependency_down be 1, /livez stay 200,
+    and all of it clear once a reload reads the database again (seen: 90 s of PostgreSQL down, /readyz 200)."""
+    from sqlalchemy.exc import OperationalError
+
+    from pipeline.store import repo
+
+    runner = _runner(60)
+    runner.metrics.mark_started()
+
+    def up(**kwargs: object) -> dict[str, object]:
+        return {}  # no model activated: nothing to swap
+
+    monkeypatch.setattr(repo, "active_model_versions", up)
+    assert runner.reload_models() == {} and runner.metrics.ready() == (True, "ok")
+
+    def down(**kwargs: object) -> object:
+        raise OperationalError("select", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(repo, "active_model_versions", down)
+    assert runner.reload_models() == {}
+    ready, reason = runner.metrics.ready()
+    assert not ready and "connection refused" in reason
+    assert not runner.metrics.healthy()[0] and runner.metrics.live()[0]
+    assert runner.metrics.dependency_down._value.get() == 1
+    monkeypatch.setattr(repo, "active_model_versions", up)
+    assert runner.reload_models() == {}
+    assert runner.metrics.ready() == (True, "ok") and runner.metrics.dependency_down._value.get() == 0
