@@ -55,6 +55,7 @@ class PipelineMetrics:
         self._degraded = False
         self._degraded_reason = ""
         self._broker_silent = False
+        self._database_unread = ""  # why the last model reload could not read the database ("": it could)
         self._started = False  # polling with the group joined: ready
         self._polling = False  # polling, the join possibly still in flight: a silent loop counts as hung from here
 
@@ -71,7 +72,7 @@ class PipelineMetrics:
         answering again (False): a step that raised."""
         self._degraded = degraded
         self._degraded_reason = reason if degraded else ""
-        self.dependency_down.set(int(self._degraded or self._broker_silent))
+        self._update_down()
 
     @property
     def degraded(self) -> bool:
@@ -82,7 +83,16 @@ class PipelineMetrics:
         """Mark the broker as not answering a probe (True) or answering again (False): polls do not raise while no
         broker answers, they only come back empty."""
         self._broker_silent = silent
-        self.dependency_down.set(int(self._degraded or self._broker_silent))
+        self._update_down()
+
+    def set_database_unread(self, reason: str) -> None:
+        """Mark the database as failing the model reloads (``reason``, one line) or read again (""): a process with
+        no readings to write meets an outage only there, and a poll that succeeds says nothing of the database."""
+        self._database_unread = reason
+        self._update_down()
+
+    def _update_down(self) -> None:
+        self.dependency_down.set(int(self._degraded or self._broker_silent or bool(self._database_unread)))
 
     def beat(self) -> None:
         """Record that the consume loop completed an iteration."""
@@ -124,6 +134,8 @@ class PipelineMetrics:
                                                                else "")
         if self._broker_silent:
             return False, "no Kafka broker answers"
+        if self._database_unread:
+            return False, f"database unavailable to the model reloads: {self._database_unread}"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:

@@ -501,12 +501,12 @@ class Runner:
             # a process without readings (its assets quiet, no partition) finds a database outage only here: the
             # probes and sensorwatch_dependency_down say so, as for a failing batch, until a reload reads it again
             self._reload_failed = True
-            self.metrics.set_degraded(True, f"{type(exc).__name__}: "
-                                            f"{describe_error(exc, self.config.database.url)[:300]}")
+            self.metrics.set_database_unread(f"{type(exc).__name__}: "
+                                             f"{describe_error(exc, self.config.database.url)[:300]}")
             return {}
-        if self._reload_failed:  # between batches a batch's own failure is retried to success: this one is ours
+        if self._reload_failed:
             self._reload_failed = False
-            self.metrics.set_degraded(False)
+            self.metrics.set_database_unread("")
             log.info("the database answers model reloads again")
         swapped: dict[str, str] = {}
         for group in self.config.groups:
@@ -561,7 +561,7 @@ class Runner:
     def forget_serving(self) -> None:
         """Delete this process's ``pipeline_instances`` row (it stops); on a database failure the row is left to go
         stale, and so it is, untried, when stopping while a dependency is down (a stop must not wait on it)."""
-        if self.metrics.degraded:
+        if self.metrics.degraded or self._reload_failed:
             log.info("stopping while a dependency is down: this process's pipeline_instances row goes stale")
             return
         try:

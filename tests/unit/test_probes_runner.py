@@ -133,6 +133,8 @@ def test_an_idle_process_reports_a_database_outage_its_model_reloads_meet(monkey
     assert not ready and "connection refused" in reason
     assert not runner.metrics.healthy()[0] and runner.metrics.live()[0]
     assert runner.metrics.dependency_down._value.get() == 1
+    assert runner._retry(lambda: "polled") == "polled"  # a poll that succeeds says nothing of the database
+    assert not runner.metrics.ready()[0] and runner.metrics.dependency_down._value.get() == 1
     monkeypatch.setattr(repo, "active_model_versions", up)
     assert runner.reload_models() == {}
     assert runner.metrics.ready() == (True, "ok") and runner.metrics.dependency_down._value.get() == 0
