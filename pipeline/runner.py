@@ -635,8 +635,8 @@ class Runner:
             if not self._broker_down:
                 self._broker_down = True
                 self.metrics.set_broker_silent(True)
-                log.warning("no Kafka broker answers: /healthz reports 503, and silent assets' windows stay open, "
-                            "until one does")
+                log.warning("no Kafka broker answers: /readyz and /healthz report 503 (/livez stays 200), and silent "
+                            "assets' windows stay open, until one does")
             return False
         if not self._broker_down:
             return False

@@ -138,3 +138,14 @@ def test_an_idle_process_reports_a_database_outage_its_model_reloads_meet(monkey
     monkeypatch.setattr(repo, "active_model_versions", up)
     assert runner.reload_models() == {}
     assert runner.metrics.ready() == (True, "ok") and runner.metrics.dependency_down._value.get() == 0
+
+
+def test_the_broker_outage_line_names_the_probes_that_fail(caplog: pytest.LogCaptureFixture) -> None:
+    """An operator whose readiness probe is /readyz (and liveness /livez) reads which probes the outage fails: the
+    line named /healthz only."""
+    runner = _runner(60)
+    with caplog.at_level("WARNING", logger="pipeline.runner"):
+        assert runner._heard_from_broker(False, 0) is False
+    line = next(r.getMessage() for r in caplog.records if "no Kafka broker answers" in r.getMessage())
+    assert "/readyz and /healthz report 503" in line and "/livez stays 200" in line
+    assert not runner.metrics.ready()[0] and runner.metrics.live()[0]
