@@ -269,7 +269,7 @@ def _value(asset: str, sensor: object, raw: object, ranges: Mapping[str, tuple[f
     except OverflowError:  # an integer beyond any float
         number = math.inf
     if not math.isfinite(number):
-        raise InvalidReading("non_finite", f"{sensor} is {raw} (send null for a failed sensor, or leave it out)")
+        raise InvalidReading("non_finite", f"{sensor} is {number}")
     if abs(number) > MAX_ABS_VALUE:
         raise InvalidReading("out_of_range", f"{sensor}={number:g}: magnitude above {MAX_ABS_VALUE:g}")
     valid = ranges[str(sensor)]

@@ -173,7 +173,7 @@ def test_a_nan_literal_costs_that_value_only(decoder: Decoder) -> None:
     assert [(r.offset, r.values) for r in readings] == [(0, {"temp": 70.5}), (1, {"temp": 70.5}), (2, {"temp": 70.5})]
     assert [(r.offset, r.reason, r.partial) for r in rejected] == [
         (0, "non_finite", True), (1, "wrong_type", True), (2, "non_finite", True)]
-    assert rejected[0].detail == "flow is nan (send null for a failed sensor, or leave it out) (used: temp)"
+    assert rejected[0].detail == "flow is nan (used: temp)"
     assert rejected[0].value == nan  # the original bytes
     only = b'{"asset": "pump-1", "ts": NaN, "values": {"temp": 70.5}}'  # a NaN time is no time
     assert [r.reason for r in decoder.decode_batch([("t", 0, 3, None, only, -1)], now_ms=NOW)[1]] == ["bad_timestamp"]
