@@ -239,7 +239,9 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
 
     Rejected when more than ``max_anomalous_fraction`` of the recent windows were anomalous (the rest is likely
     contaminated by the faults), when there were no held-out windows to measure, when its false-alarm rate exceeds the
-    active model's by more than ``tolerance``, when it flags fewer alert windows than the active model by more than
+    active model's by more than ``tolerance``, or exceeds both the active model's and its ``design`` rate plus
+    ``tolerance`` (so that nightly promotions, each within the tolerance of the last, cannot ratchet the false-alarm
+    rate up), when it flags fewer alert windows than the active model by more than
     ``tolerance``, or fewer ``synthetic_faults`` by more than ``SENSITIVITY_SLACK`` (or ``tolerance``, if larger).
     Without an active model to compare with (none, or one that cannot serve the configuration) the candidate's
     false-alarm rate may exceed its ``design`` rate (``design_rate``; not checked when None) by ``tolerance`` at
@@ -258,6 +260,11 @@ def gate(candidate: ModelEval, active: ModelEval | None, *, anomalous_fraction: 
             and candidate.far > active.far + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the active model's "
                         f"{_pct(active.far)} by more than {_pct(tolerance)}")
+    if active is not None and design is not None and candidate.far is not None and active.far is not None \
+            and candidate.far > max(design + tolerance, active.far):
+        problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} is above the active "
+                        f"model's {_pct(active.far)} and more than {_pct(tolerance)} above the {_pct(design)} its "
+                        "threshold is fitted for: promotions each within the tolerance of the last must not add up")
     if active is None and design is not None and candidate.far is not None and candidate.far > design + tolerance:
         problems.append(f"false-alarm rate on held-out normal data {_pct(candidate.far)} exceeds the {_pct(design)} "
                         f"its threshold is fitted for by more than {_pct(tolerance)}, with no active model to compare "

@@ -543,3 +543,23 @@ def test_the_retrain_process_finishes_its_run_on_sigterm(tmp_path: Path) -> None
     finally:
         child.kill()
         child.wait()
+
+
+def test_promotions_within_the_tolerance_cannot_ratchet_the_false_alarm_rate_up() -> None:
+    """A trial saw nightly retrains on unchanged data promote 0.00% -> 1.63% -> 2.24% held-out false alarms, each
+    within 2 points of the active model. Above its design rate plus the tolerance, a candidate must not be worse than
+    the active model; below it, or no worse than the active model, it passes as before."""
+    def run(candidate: float, active: float) -> GateDecision:
+        return gate(_eval(candidate), _eval(active, version="a"), anomalous_fraction=0.1, max_anomalous_fraction=0.5,
+                    tolerance=0.02, design=0.005)
+
+    assert run(0.0163, 0.0).promote and run(0.0224, 0.0163).promote  # within 0.5% + 2%: as before
+    creep = run(0.0389, 0.0224)  # within 2 points of the active model, but above 2.5%
+    assert not creep.promote
+    assert creep.reason == ("false-alarm rate on held-out normal data 3.89% is above the active model's 2.24% and more "
+                            "than 2.00% above the 0.50% its threshold is fitted for: promotions each within the "
+                            "tolerance of the last must not add up")
+    assert run(0.05, 0.06).promote  # drifted data: high, but better than the active model
+    assert run(0.05, 0.05).promote
+    assert gate(_eval(0.0389), _eval(0.0224, version="a"), anomalous_fraction=0.1, max_anomalous_fraction=0.5,
+                tolerance=0.02).promote  # a model from before the design rate was recorded: as before
