@@ -132,21 +132,28 @@ def _database_and_models(config: Config) -> list[Check]:
             *sinks, *orphans]
 
 
+RECENTLY_GONE_S = 3600.0  # a process not seen for less than this (but past stale_s) is a warning: it died or hangs
+
+
 def pipelines_check(rows: Sequence[InstanceRow], active: Mapping[str, ModelVersion], now: datetime,
                     stale_s: float) -> Check:
     """The running pipeline processes (``pipeline_instances``) and what they serve: a warning for each that does
-    not serve its group's active model ``stale_s`` after its activation (``serving.behind``)."""
+    not serve its group's active model ``stale_s`` after its activation (``serving.behind``), and for processes
+    last seen between ``stale_s`` and ``RECENTLY_GONE_S`` ago (killed, or hung, within the hour); older rows of
+    processes that did not stop cleanly are only counted (their rows go after a week)."""
     live = [r for r in rows if is_live(r, now, stale_s)]
+    recent = sum(1 for r in rows if r not in live and (now - r.seen_at).total_seconds() <= RECENTLY_GONE_S)
     gone = len(rows) - len(live)
-    note = "" if not gone else (f"; {gone} more not seen for over {stale_s:g} s (stopped without a clean exit, or "
-                                "hung: 'sensorwatch models serving')")
-    if not live:
-        return Check("pipelines", "ok", f"none running{note}")
+    note = "" if not gone else (f"; {gone} more not seen for over {stale_s:g} s ({recent} of them within the hour: "
+                                "stopped without a clean exit, or hung: 'sensorwatch models serving')")
     lagging = behind(live, {g: (r.version, r.activated_at) for g, r in active.items()}, now, stale_s)
+    status: Status = "warn" if lagging or recent else "ok"
+    if not live:
+        return Check("pipelines", status, f"none running{note}")
     if lagging:
-        return Check("pipelines", "warn", f"{len(live)} running; " + "; ".join(lagging) + note)
+        return Check("pipelines", status, f"{len(live)} running; " + "; ".join(lagging) + note)
     serving = sorted({f"{g}={v}" for r in live for g, v in r.serving.items()})
-    return Check("pipelines", "ok", f"{len(live)} running, serving {', '.join(serving) or 'no model'}{note}")
+    return Check("pipelines", status, f"{len(live)} running, serving {', '.join(serving) or 'no model'}{note}")
 
 
 def _orphaned_alerts(open_alerts: list[Alert], config: Config) -> list[Check]:

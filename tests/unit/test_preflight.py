@@ -199,13 +199,18 @@ def test_pipelines_check_names_a_process_that_does_not_serve_the_active_model() 
     assert check.status == "warn"
     assert check.detail == (
         "3 running; h-2 still serves p-1 for group pumps, not the active p-2; h-3 does not serve the active model "
-        "p-2 of group pumps: model p-2 refused: weights checksum mismatch; 1 more not seen for over 120 s (stopped "
-        "without a clean exit, or hung: 'sensorwatch models serving')")
+        "p-2 of group pumps: model p-2 refused: weights checksum mismatch; 1 more not seen for over 120 s (1 of them "
+        "within the hour: stopped without a clean exit, or hung: 'sensorwatch models serving')")
     just = {"pumps": ("p-2", now - timedelta(seconds=30)), "fans": ("f-1", now - timedelta(seconds=600))}
     assert behind(rows, just, now, stale) == []  # activated 30 s ago: not reloaded yet
     fine = pipelines_check([current], {"pumps": active("p-2", 600), "fans": active("f-1", 600)}, now, stale)
     assert (fine.status, fine.detail) == ("ok", "1 running, serving fans=f-1, pumps=p-2")
-    assert pipelines_check([dead], {}, now, stale).detail.startswith("none running; 1 more not seen")
+    killed = pipelines_check([dead], {}, now, stale)  # killed two minutes ago, or hung: a warning
+    assert killed.status == "warn" and killed.detail.startswith("none running; 1 more not seen")
+    long_gone = pipelines_check([proc("h-5", 7200, {"pumps": "p-0"})], {}, now, stale)  # a row left last week
+    assert (long_gone.status, long_gone.detail) == ("ok", "none running; 1 more not seen for over 120 s (0 of them "
+                                                    "within the hour: stopped without a clean exit, or hung: "
+                                                    "'sensorwatch models serving')")
     assert pipelines_check([], {}, now, stale).detail == "none running"
 
 
