@@ -547,7 +547,10 @@ class Runner:
     def report_serving(self) -> None:
         """Write this process's ``pipeline_instances`` row: the version it serves per group and why it does not serve
         a group's active model (read by ``models serving``, ``models list`` and ``check``). At start and at each
-        model reload; a database failure is logged, and the next reload tries again."""
+        model reload; a database failure is logged, and the next reload tries again. Skipped while the reloads
+        cannot read the database (they log that already)."""
+        if self._reload_failed:
+            return
         try:
             with self._sessions.begin() as session:
                 repo.report_instance(session=session, instance=self._owner, consumer_group=self.config.kafka.group_id,
