@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sqlalchemy.orm import Session
 
-from pipeline.alert_format import duration_text
+from pipeline.alert_format import duration_text, off_training_text
 from pipeline.alerting import in_maintenance
 from pipeline.config import GroupConfig
 from pipeline.errors import ConfigError
@@ -56,6 +56,7 @@ class ReportAlert:
     top_sensors: list[dict[str, Any]]
     acknowledged_by: str | None = None
     ack_comment: str | None = None
+    off_training: dict[str, float] | None = None  # sensors far outside their training data (signed, training std)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def load_report_data(*, session: Session, group: GroupConfig, asset: str, start:
             id=r.id, severity=r.severity, status=r.status, start_ms=datetime_to_ms(r.opened_at),
             end_ms=datetime_to_ms(r.closed_at or r.last_seen_at), peak_score=r.peak_score, threshold=r.threshold,
             window_count=r.window_count, top_sensors=list(r.top_sensors), acknowledged_by=r.acknowledged_by,
-            ack_comment=r.ack_comment,
+            ack_comment=r.ack_comment, off_training=dict(r.off_training or {}),
         )
         for r in sorted(rows, key=lambda r: (r.opened_at, r.id))
     ]
@@ -333,6 +334,8 @@ def _alert_table(data: ReportData) -> str:
             f'<span class="pct">{float(t["share"]):.0%}</span></div>'
             for t in a.top_sensors
         )
+        if a.off_training:
+            bars += f'<div class="far">far outside training: {_esc(off_training_text(a.off_training))}</div>'
         ack = f"{_esc(a.acknowledged_by)}: {_esc(a.ack_comment or '')}" if a.acknowledged_by else ""
         colour = _severity_colour(a.severity, data.tiers)
         rows.append(
@@ -358,6 +361,7 @@ table.alerts td,table.alerts th{border-bottom:1px solid #eee;padding:4px 6px;tex
 .badge{color:#fff;border-radius:3px;padding:1px 6px}.bar{display:flex;align-items:center;gap:4px;margin:1px 0}
 .bar .name{width:110px;overflow:hidden}.bar .track{width:120px;height:8px;background:#eee;display:inline-block}
 .bar .fill{height:8px;background:#1f77b4;display:block}.legend span{margin-right:14px}.none{color:#777}
+.far{color:#b35900;font-size:11px;margin-top:2px}
 """
 
 

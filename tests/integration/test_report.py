@@ -69,9 +69,10 @@ def test_report_shows_plots_and_the_spans_of_a_known_alert(db_url: str, tmp_path
     upgrade(db_url)
     fleet(db_url, make_config(db_url))
     engine = make_engine(db_url)
-    with make_sessionmaker(engine)() as s:
+    with make_sessionmaker(engine).begin() as s:
         known = repo.list_alerts(session=s, asset="pump-1", severity="critical")[0]
         repo_id, opened, closed = known.id, known.opened_at, known.closed_at
+        known.off_training = {"bearing_temp": 18.4, "speed": -6.2}  # sensors far outside training, as stored
     engine.dispose()
     assert closed is not None
     config = write_config(tmp_path / "c.yaml", db_url)
@@ -113,6 +114,8 @@ def test_report_shows_plots_and_the_spans_of_a_known_alert(db_url: str, tmp_path
     assert row and f"#{repo_id} 95%" in text
     assert "bearing_temp" in text and "critical" in text
     assert "95%" in html.split(f'id="alert-{repo_id}"')[1].split("</tr>")[0]
+    assert "far outside training: bearing_temp +18.4 std, speed -6.2 std" in html.split(
+        f'id="alert-{repo_id}"')[1].split("</tr>")[0]  # the sensors far outside training, under its top sensors
 
     # self-contained: no scripts, no external resources
     assert "<script" not in html and "http://" not in html.replace("http://www.w3.org/2000/svg", "")
