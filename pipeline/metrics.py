@@ -85,6 +85,11 @@ class PipelineMetrics:
         self._broker_silent = silent
         self._update_down()
 
+    @property
+    def database_unread(self) -> bool:
+        """Whether the last model reload could not read the database (``set_database_unread``)."""
+        return bool(self._database_unread)
+
     def set_database_unread(self, reason: str) -> None:
         """Mark the database as failing the model reloads (``reason``, one line) or read again (""): a process with
         no readings to write meets an outage only there, and a poll that succeeds says nothing of the database."""

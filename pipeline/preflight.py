@@ -142,10 +142,10 @@ def pipelines_check(rows: Sequence[InstanceRow], active: Mapping[str, ModelVersi
     last seen between ``stale_s`` and ``RECENTLY_GONE_S`` ago (killed, or hung, within the hour); older rows of
     processes that did not stop cleanly are only counted (their rows go after a week)."""
     live = [r for r in rows if is_live(r, now, stale_s)]
-    recent = sum(1 for r in rows if r not in live and (now - r.seen_at).total_seconds() <= RECENTLY_GONE_S)
-    gone = len(rows) - len(live)
-    note = "" if not gone else (f"; {gone} more not seen for over {stale_s:g} s ({recent} of them within the hour: "
-                                "stopped without a clean exit, or hung: 'sensorwatch models serving')")
+    gone = [r for r in rows if not is_live(r, now, stale_s)]
+    recent = sum(1 for r in gone if (now - r.seen_at).total_seconds() <= RECENTLY_GONE_S)
+    note = "" if not gone else (f"; {len(gone)} more not seen for over {stale_s:g} s ({recent} of them within the "
+                                "hour: stopped without a clean exit, or hung: 'sensorwatch models serving')")
     lagging = behind(live, {g: (r.version, r.activated_at) for g, r in active.items()}, now, stale_s)
     status: Status = "warn" if lagging or recent else "ok"
     if not live:

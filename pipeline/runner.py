@@ -149,7 +149,6 @@ class Runner:
         self._bundles_seen: dict[str, _BundleLook] = {}  # group -> the last look at its served model's bundle
         self._reported = set(reported or {})
         self._unserved = dict(reported or {})  # group -> why its active model is not served (pipeline_instances)
-        self._reload_failed = False  # the last model reload could not read the database (probes report it)
         self._started_at = datetime.now(UTC)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
@@ -500,12 +499,10 @@ class Runner:
             log.warning("cannot check for newly active models (%s); the current ones keep serving", type(exc).__name__)
             # a process without readings (its assets quiet, no partition) finds a database outage only here: the
             # probes and sensorwatch_dependency_down say so, as for a failing batch, until a reload reads it again
-            self._reload_failed = True
             self.metrics.set_database_unread(f"{type(exc).__name__}: "
                                              f"{describe_error(exc, self.config.database.url)[:300]}")
             return {}
-        if self._reload_failed:
-            self._reload_failed = False
+        if self.metrics.database_unread:
             self.metrics.set_database_unread("")
             log.info("the database answers model reloads again")
         swapped: dict[str, str] = {}
@@ -549,7 +546,7 @@ class Runner:
         a group's active model (read by ``models serving``, ``models list`` and ``check``). At start and at each
         model reload; a database failure is logged, and the next reload tries again. Skipped while the reloads
         cannot read the database (they log that already)."""
-        if self._reload_failed:
+        if self.metrics.database_unread:
             return
         try:
             with self._sessions.begin() as session:
@@ -564,7 +561,7 @@ class Runner:
     def forget_serving(self) -> None:
         """Delete this process's ``pipeline_instances`` row (it stops); on a database failure the row is left to go
         stale, and so it is, untried, when stopping while a dependency is down (a stop must not wait on it)."""
-        if self.metrics.degraded or self._reload_failed:
+        if self.metrics.degraded or self.metrics.database_unread:
             log.info("stopping while a dependency is down: this process's pipeline_instances row goes stale")
             return
         try:

@@ -63,11 +63,8 @@ def score_of(window: Window, detector: Detector, total: float, errors: np.ndarra
 def off_training(values: np.ndarray, detector: Detector) -> list[dict[str, float]]:
     """Per window of ``values`` [N, W, F] (``detector.sensors`` order), the sensors whose mean over the window lies
     at least ``OFF_TRAINING_SIGMAS`` training standard deviations from their training mean (the detector's scaler):
-    sensor -> that distance, signed, to 3 significant digits. Empty for a window like the training data, and for
-    every window of a scorer without a training scaler."""
-    scaler = getattr(detector, "scaler", None)
-    if scaler is None:
-        return [{} for _ in range(len(values))]
+    sensor -> that distance, signed, to 3 significant digits. Empty for a window like the training data."""
+    scaler = detector.scaler
     with np.errstate(over="ignore", invalid="ignore"):
         distance = (values.astype(np.float64).mean(axis=1) - scaler.mean) / scaler.std
     distance = np.clip(np.nan_to_num(distance, nan=0.0), -MAX_ERROR, MAX_ERROR)

@@ -15,17 +15,7 @@ from datetime import UTC, datetime, timedelta
 import orjson
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
-from kafka.admin import (
-    ACL,
-    ACLFilter,
-    ACLOperation,
-    ACLPermissionType,
-    ACLResourcePatternType,
-    NewTopic,
-    ResourcePattern,
-    ResourcePatternFilter,
-    ResourceType,
-)
+from kafka.admin import NewTopic
 
 from pipeline.config import KafkaConfig, KafkaSinkConfig
 from pipeline.localinfra import LocalKafka
@@ -44,6 +34,7 @@ from pipeline.sinks import (
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.types import AlertEvent, AlertRecord
+from tests.integration.acls import add_acls, lift_write_denial
 
 T0 = 1772326800000  # 2026-03-01T01:00:00Z
 
@@ -207,10 +198,8 @@ def test_events_to_a_topic_the_sink_may_not_write_wait_until_it_may(secure_kafka
     """No authorization for the topic is fixed on the cluster, not by the event: the events wait in order (the
     backlog is not failed in a second) and go once an operator lifts the ACL."""
     admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)  # the broker's PLAINTEXT super user
-    deny = ACL(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY,
-               ResourcePattern(ResourceType.TOPIC, topic_name, ACLResourcePatternType.LITERAL))
     admin.create_topics([NewTopic(topic_name, num_partitions=1, replication_factor=1)])
-    assert not admin.create_acls([deny])["failed"]
+    add_acls(admin, ("WRITE", "DENY", "TOPIC", topic_name))
     kafka = KafkaConfig.model_validate({
         "bootstrap_servers": secure_kafka.secure_listeners["SASL_PLAINTEXT"],
         "security": {"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": SASL_USER,
@@ -229,8 +218,7 @@ def test_events_to_a_topic_the_sink_may_not_write_wait_until_it_may(secure_kafka
     assert (deliverer.stats.failed, deliverer.stats.retried) == (0, 1)
     assert len(errors) == 1 and errors.pop().startswith("TopicAuthorizationFailedError")
 
-    topic = ResourcePatternFilter(ResourceType.TOPIC, topic_name, ACLResourcePatternType.LITERAL)
-    admin.delete_acls([ACLFilter(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY, topic)])
+    lift_write_denial(admin, topic_name)
     admin.close()
     later = OutboxDeliverer(sink, make_sessionmaker(engine), start=False,  # past the backoff and the first's lease
                             clock=lambda: datetime.now(UTC) + timedelta(hours=1))

@@ -17,17 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.admin import (
-    ACL,
-    ACLFilter,
-    ACLOperation,
-    ACLPermissionType,
-    ACLResourcePatternType,
-    NewTopic,
-    ResourcePattern,
-    ResourcePatternFilter,
-    ResourceType,
-)
+from kafka.admin import NewTopic
 from sqlalchemy import select
 from typer.testing import CliRunner
 
@@ -45,6 +35,7 @@ from pipeline.sinks import KafkaAlertSink, OutboxDeliverer
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert
+from tests.integration.acls import add_acls, lift_write_denial
 from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
 
 pytestmark = pytest.mark.integration
@@ -252,12 +243,8 @@ def test_check_names_the_permissions_the_principal_lacks(secure_kafka: LocalKafk
     consumer.close()
     assert permissions()["detail"] == f"allowed: {topics}, READ on group {group}"
 
-    principal = f"User:{SASL_USER}"
-    assert not admin.create_acls([  # no WRITE on the dead letters; on the group DESCRIBE only, which is not READ
-        ACL(principal, "*", ACLOperation.WRITE, ACLPermissionType.DENY,
-            ResourcePattern(ResourceType.TOPIC, dlq, ACLResourcePatternType.LITERAL)),
-        ACL(principal, "*", ACLOperation.DESCRIBE, ACLPermissionType.ALLOW,
-            ResourcePattern(ResourceType.GROUP, group, ACLResourcePatternType.LITERAL))])["failed"]
+    # no WRITE on the dead letters; on the group DESCRIBE only, which is not READ
+    add_acls(admin, ("WRITE", "DENY", "TOPIC", dlq), ("DESCRIBE", "ALLOW", "GROUP", group))
     admin.close()
     refused = permissions()
     assert refused["status"] == "fail"
@@ -281,9 +268,7 @@ def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_co
     admin = KafkaAdminClient(bootstrap_servers=secure_kafka.bootstrap_servers)  # the broker's PLAINTEXT super user
     admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1)
                          for t in (cfg.kafka.topic, cfg.kafka.dead_letter_topic)])
-    deny = ACL(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY,
-               ResourcePattern(ResourceType.TOPIC, cfg.kafka.dead_letter_topic, ACLResourcePatternType.LITERAL))
-    assert not admin.create_acls([deny])["failed"]
+    add_acls(admin, ("WRITE", "DENY", "TOPIC", cfg.kafka.dead_letter_topic))
     producer = kafka_io.make_producer(cfg.kafka)
     producer.send(cfg.kafka.topic, key=b"pump-1", value=b'{"asset": "pump-1", "ts": oops}')
     for asset, payload in messages:
@@ -317,8 +302,7 @@ def test_a_refused_dead_letter_write_stalls_with_its_reason_and_the_lag_keeps_co
                       if line.startswith("sensorwatch_consumer_lag{"))
         assert lag == len(later)  # none of what arrived since is read while the reject waits
 
-        topic = ResourcePatternFilter(ResourceType.TOPIC, cfg.kafka.dead_letter_topic, ACLResourcePatternType.LITERAL)
-        admin.delete_acls([ACLFilter(f"User:{SASL_USER}", "*", ACLOperation.WRITE, ACLPermissionType.DENY, topic)])
+        lift_write_denial(admin, cfg.kafka.dead_letter_topic)
         admin.close()
         pipeline.join(timeout=120)
         stop.set()

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from streams import records
 
+from models.scaler import StandardScaler
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, parse_config
 from pipeline.errors import ConfigError
@@ -261,6 +262,7 @@ class _MeanDetector:
     """Scores a window by the mean absolute value of each sensor; no smoothing."""
 
     version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
+    scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_sensor = np.abs(windows).mean(axis=1)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 from sqlalchemy import func, select, text
 
+from models.scaler import StandardScaler
 from pipeline.config import Config, parse_config
 from pipeline.errors import TransientError
 from pipeline.kafka_io import RawRecord
@@ -28,6 +29,7 @@ class _MeanDetector:
     """Scores a window by the mean of each sensor (a stand-in for a trained autoencoder)."""
 
     version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
+    scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_sensor = np.abs(windows).mean(axis=1)

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from models.scaler import StandardScaler
 from models.thresholds import ewma, ewma_by_key, fit_threshold
 from pipeline.alerting import AlertEngine
 from pipeline.config import parse_config
@@ -149,6 +150,7 @@ class _MeanDetector:
     """Scores a window by the mean absolute value of each sensor; smooths with alpha 0.4."""
 
     version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, 0.4
+    scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         per_sensor = np.abs(windows).mean(axis=1)
