@@ -61,12 +61,14 @@ def score_of(window: Window, detector: Detector, total: float, errors: np.ndarra
 
 
 def off_training(values: np.ndarray, detector: Detector) -> list[dict[str, float]]:
-    """Per window of ``values`` [N, W, F] (``detector.sensors`` order), the sensors whose mean over the window lies
-    at least ``OFF_TRAINING_SIGMAS`` training standard deviations from their training mean (the detector's scaler):
-    sensor -> that distance, signed, to 3 significant digits. Empty for a window like the training data."""
+    """Per window of ``values`` [N, W, F] (``detector.sensors`` order), the sensors whose mean over the steps its
+    score covers (the last ``detector.score_steps``, else the whole window) lies at least ``OFF_TRAINING_SIGMAS``
+    training standard deviations from their training mean (the detector's scaler): sensor -> that distance, signed,
+    to 3 significant digits. Empty for a window like the training data."""
     scaler = detector.scaler
+    covered = values[:, -detector.score_steps:] if detector.score_steps else values
     with np.errstate(over="ignore", invalid="ignore"):
-        distance = (values.astype(np.float64).mean(axis=1) - scaler.mean) / scaler.std
+        distance = (covered.astype(np.float64).mean(axis=1) - scaler.mean) / scaler.std
     distance = np.clip(np.nan_to_num(distance, nan=0.0), -MAX_ERROR, MAX_ERROR)
     out: list[dict[str, float]] = [{} for _ in range(len(values))]
     for i, j in zip(*np.nonzero(np.abs(distance) >= OFF_TRAINING_SIGMAS), strict=True):

@@ -261,7 +261,7 @@ def _records(start_s: int, stop_s: int, value: Callable[[str, int], float] = _va
 class _MeanDetector:
     """Scores a window by the mean absolute value of each sensor; no smoothing."""
 
-    version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
+    version, group, sensors, threshold, window, ewma_alpha, score_steps = "fake-1", "g", ["x", "y"], 1.0, 4, None, None
     scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,7 @@ LENGTH, STRIDE = 4, 2
 class _LevelDetector:
     """Reconstructs every window as its centre (std 1): the residual is the distance from it; threshold 1."""
 
-    group, sensors, window, ewma_alpha, threshold = "g", ["x", "y"], LENGTH, None, 1.0
+    group, sensors, window, ewma_alpha, threshold, score_steps = "g", ["x", "y"], LENGTH, None, 1.0, None
 
     def __init__(self, version: str = "v1", centre: tuple[float, float] = (10.0, 0.0),
                  ewma_alpha: float | None = None) -> None:

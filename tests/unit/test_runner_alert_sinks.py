@@ -28,7 +28,7 @@ T0 = 1772326800000  # 2026-03-01T01:00:00Z
 class _MeanDetector:
     """Scores a window by the mean of each sensor (a stand-in for a trained autoencoder)."""
 
-    version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, None
+    version, group, sensors, threshold, window, ewma_alpha, score_steps = "fake-1", "g", ["x", "y"], 1.0, 4, None, None
     scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

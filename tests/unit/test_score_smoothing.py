@@ -149,7 +149,7 @@ def test_training_fits_the_threshold_on_smoothed_validation_scores_per_asset() -
 class _MeanDetector:
     """Scores a window by the mean absolute value of each sensor; smooths with alpha 0.4."""
 
-    version, group, sensors, threshold, window, ewma_alpha = "fake-1", "g", ["x", "y"], 1.0, 4, 0.4
+    version, group, sensors, threshold, window, ewma_alpha, score_steps = "fake-1", "g", ["x", "y"], 1.0, 4, 0.4, None
     scaler = StandardScaler(mean=np.zeros(2), std=np.full(2, 1e12))  # its training data: no window far outside it
 
     def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,3 +60,17 @@ def test_sensors_far_outside_their_training_data_are_named_with_their_distance()
     scores = score_windows([Window("a", "g", 0, 4000, w) for w in (near, far, edge, huge)], {"g": detector})
     assert [s.off_training for s in scores] == [
         {}, {"flow": -57.9, "vib": 39.9}, {"flow": 4.0}, {"flow": MAX_ERROR}]  # means -105.875 and 39.85
+
+
+def test_off_training_covers_the_steps_the_score_covers() -> None:
+    """A detector scoring each window's last steps measures the distance from training over those steps too: a shift
+    in the last 2 of 4 steps is 8 std there (named), where the whole window's mean would be 4 std only at the edge,
+    and a shift in the first steps alone, which the score does not see, is not named."""
+    scaler = StandardScaler(mean=np.zeros(1), std=np.ones(1))
+    model = build_model("dense", 4, 1, {"hidden": [4, 2]})
+    detector = Detector("v1", "g", "dense", {"hidden": [4, 2]}, ["flow"], 4, scaler, 1.0, model,
+                        metadata={"score_steps": 2})
+    late_shift = np.array([[0.0], [0.0], [8.0], [8.0]])
+    early_shift = late_shift[::-1].copy()
+    scores = score_windows([Window("a", "g", 0, 4000, w) for w in (late_shift, early_shift)], {"g": detector})
+    assert [s.off_training for s in scores] == [{"flow": 8.0}, {}]
