@@ -57,6 +57,7 @@ class PipelineMetrics:
         self._broker_silent = False
         self._database_unread = ""  # why the last model reload could not read the database ("": it could)
         self._started = False  # polling with the group joined: ready
+        self._starting = "connecting to the brokers and joining the consumer group"  # what a start waits for
         self._polling = False  # polling, the join possibly still in flight: a silent loop counts as hung from here
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
@@ -110,6 +111,10 @@ class PipelineMetrics:
             self._polling = True
             self.beat()
 
+    def starting(self, step: str) -> None:
+        """Record what the start is waiting for (``/readyz`` names it until the group is joined)."""
+        self._starting = step
+
     def mark_started(self) -> None:
         """Record that the consume loop polled the brokers with its group joined (``/readyz`` may answer 200 now)."""
         self.mark_polling()
@@ -147,7 +152,7 @@ class PipelineMetrics:
         """Whether the process does its work (``/readyz``): started, alive and its dependencies answer."""
         ok, reason = self.healthy()
         if ok and not self._started:
-            return False, "starting: connecting to the brokers and joining the consumer group"
+            return False, f"starting: {self._starting}"
         return ok, reason
 
     def set_models(self, versions: Mapping[str, str]) -> None:

@@ -541,6 +541,13 @@ class Runner:
             self.metrics.set_models({g: d.version for g, d in self._detectors.items()})
         return swapped
 
+    def waiting_for_topic(self) -> None:
+        """Called while the start waits for the readings topic to have partitions: ``/readyz`` says so, and the
+        ``pipeline_instances`` row stays fresh (the process is alive)."""
+        self.metrics.starting(f"waiting for topic {self.config.kafka.topic} to exist (the broker reports no "
+                              "partitions of it)")
+        self.report_serving()
+
     def report_serving(self) -> None:
         """Write this process's ``pipeline_instances`` row: the version it serves per group and why it does not serve
         a group's active model (read by ``models serving``, ``models list`` and ``check``). At start and at each
@@ -756,8 +763,9 @@ def run_pipeline(config: Config, *, stop: threading.Event, idle_stop_s: float | 
             stack.callback(timer.cancel)
         consumer = _connect(functools.partial(
             kafka_io.make_consumer, on_revoked=runner.partitions_revoked, on_assigned=runner.partitions_assigned,
-            on_lost=runner.partitions_lost, stop=stop, while_waiting=runner.report_serving,
+            on_lost=runner.partitions_lost, stop=stop, while_waiting=runner.waiting_for_topic,
         ), config.kafka, explain=False)  # the producer's start already showed the brokers answer
+        metrics.starting("joining the consumer group")
         stack.callback(consumer.close, autocommit=False)
         if idle_stop_s is not None:
             timer.cancel()

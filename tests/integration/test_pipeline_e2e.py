@@ -192,7 +192,11 @@ def test_a_pipeline_started_before_its_topic_exists_consumes_once_it_does(
             time.sleep(0.2)
         assert "has no partitions yet" in caplog.text  # it noticed, and waits
         assert probe(port, "/livez") == (200, "starting")
-        assert probe(port, "/readyz") == (503, "starting: connecting to the brokers and joining the consumer group")
+        waiting = (503, f"starting: waiting for topic {topic_name} to exist (the broker reports no partitions of it)")
+        deadline = time.monotonic() + 5  # the warning is logged just before the probe's reason changes
+        while probe(port, "/readyz") != waiting and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert probe(port, "/readyz") == waiting  # says what it waits for
         assert probe(port, "/healthz") == (200, "ok")
         with make_sessionmaker(make_engine(pg_database_url))() as session:
             (process,) = repo.list_instances(session=session)  # what `models serving` and `check` read

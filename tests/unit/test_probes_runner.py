@@ -149,3 +149,17 @@ def test_the_broker_outage_line_names_the_probes_that_fail(caplog: pytest.LogCap
     line = next(r.getMessage() for r in caplog.records if "no Kafka broker answers" in r.getMessage())
     assert "/readyz and /healthz report 503" in line and "/livez stays 200" in line
     assert not runner.metrics.ready()[0] and runner.metrics.live()[0]
+
+
+def test_readyz_names_what_the_start_waits_for() -> None:
+    """Until the group is joined /readyz says what the start waits for: the brokers, the topic, the join."""
+    runner = _runner(60)
+    assert runner.metrics.ready() == (False, "starting: connecting to the brokers and joining the consumer group")
+    runner.waiting_for_topic()
+    topic = runner.config.kafka.topic
+    assert runner.metrics.ready() == (
+        False, f"starting: waiting for topic {topic} to exist (the broker reports no partitions of it)")
+    runner.metrics.starting("joining the consumer group")
+    assert runner.metrics.ready() == (False, "starting: joining the consumer group")
+    runner.metrics.mark_started()
+    assert runner.metrics.ready() == (True, "ok")
