@@ -5,8 +5,8 @@ Checks, in order (each independent of the others' outcome):
   database   reachable, and its schema at the newest migration
   models     every group has an active model whose bundle verifies against the configuration
   pipelines  the running ``sensorwatch run`` processes; a warning for one that does not serve its group's active
-             model two reload intervals and a minute after its activation (it refused the bundle, or has not
-             reloaded)
+             model two reload intervals and a minute after its activation (it has not reloaded), or that reported
+             refusing its bundle since the activation
   alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
              for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there

@@ -40,14 +40,16 @@ def behind(rows: Iterable[InstanceRow], active: Mapping[str, tuple[str, datetime
            stale_s: float) -> list[str]:
     """One line per live process and group whose active version (``active``: group -> (version, activated at)) it
     does not serve although that activation is more than ``stale_s`` old (processes switch within one reload
-    interval), with its reason (the bundle refused, ...) where it gave one. Groups a process does not monitor (not in
-    its configuration) are not judged."""
+    interval), or which it reported, after the activation, not to serve (its bundle refused: waiting would not
+    help), with its reason where it gave one. Groups a process does not monitor (not in its configuration) are not
+    judged."""
     lines = []
     for r in rows:
         if not is_live(r, now, stale_s):
             continue
         for group, (version, activated_at) in sorted(active.items()):
-            if activated_at is not None and (now - activated_at).total_seconds() <= stale_s:
+            refused = group in r.unserved and (activated_at is None or r.seen_at > activated_at)
+            if not refused and activated_at is not None and (now - activated_at).total_seconds() <= stale_s:
                 continue  # just activated: the processes pick it up at their next reload
             if group in r.unserved:
                 lines.append(f"{r.instance} does not serve the active model {version} of group {group}: "

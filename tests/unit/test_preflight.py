@@ -169,9 +169,9 @@ def test_permissions_are_not_reported_when_no_broker_answers_in_time() -> None:
 
 
 def test_pipelines_check_names_a_process_that_does_not_serve_the_active_model() -> None:
-    """A process that refused the active bundle, or still serves the previous version a reload interval after the
-    activation, is a warning; a just-activated version, a stale row and a group outside a process's configuration
-    are not judged."""
+    """A process that refused the active bundle (at once, once it reported the refusal after the activation), or
+    still serves the previous version a reload interval after the activation, is a warning; a just-activated version
+    no process has reported on, a stale row and a group outside a process's configuration are not judged."""
     from types import SimpleNamespace
 
     from pipeline.preflight import pipelines_check
@@ -202,7 +202,11 @@ def test_pipelines_check_names_a_process_that_does_not_serve_the_active_model() 
         "p-2 of group pumps: model p-2 refused: weights checksum mismatch; 1 more not seen for over 120 s (1 of them "
         "within the hour: stopped without a clean exit, or hung: 'sensorwatch models serving')")
     just = {"pumps": ("p-2", now - timedelta(seconds=30)), "fans": ("f-1", now - timedelta(seconds=600))}
-    assert behind(rows, just, now, stale) == []  # activated 30 s ago: not reloaded yet
+    # activated 30 s ago: h-2 has not reloaded yet, but h-3 reported its refusal since (waiting would not help)
+    assert behind(rows, just, now, stale) == [
+        "h-3 does not serve the active model p-2 of group pumps: model p-2 refused: weights checksum mismatch"]
+    earlier = {"pumps": ("p-2", now - timedelta(seconds=10)), "fans": ("f-1", now - timedelta(seconds=600))}
+    assert behind(rows, earlier, now, stale) == []  # h-3's refusal was reported before this activation
     fine = pipelines_check([current], {"pumps": active("p-2", 600), "fans": active("f-1", 600)}, now, stale)
     assert (fine.status, fine.detail) == ("ok", "1 running, serving fans=f-1, pumps=p-2")
     killed = pipelines_check([dead], {}, now, stale)  # killed two minutes ago, or hung: a warning
