@@ -632,7 +632,7 @@ def models_list(
     cfg = _load(config)
     with _session(cfg) as session:
         rows = repo.list_model_versions(session=session, group=group)
-        served = serving_counts(repo.list_instances(session=session), datetime.now(UTC),
+        served = serving_counts(repo.list_instances(session=session), repo.database_now(session=session),
                                 stale_after_s(cfg.retrain.reload_interval_s))
     if output == "json":
         typer.echo(json.dumps([{"version": r.version, "group": r.group_name, "type": r.model_type, "status": r.status,
@@ -676,9 +676,9 @@ def models_serving(
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
-    now = datetime.now(UTC)
     stale_s = stale_after_s(cfg.retrain.reload_interval_s)
     with _session(cfg) as session:
+        now = repo.database_now(session=session)  # the clock the processes' seen_at came from
         rows = repo.list_instances(session=session)
         active = {g: r.version for g, r in repo.active_model_versions(session=session).items()}
 

@@ -100,7 +100,8 @@ def _database_and_models(config: Config) -> list[Check]:
             active = repo.active_model_versions(session=session)
             sinks = _alert_sinks(summarize_outbox(session, config, datetime.now(UTC)))
             orphans = _orphaned_alerts(repo.list_alerts(session=session, status="open", limit=None), config)
-            running = pipelines_check(repo.list_instances(session=session), active, datetime.now(UTC),
+            running = pipelines_check(repo.list_instances(session=session), active,
+                                      repo.database_now(session=session),
                                       stale_after_s(config.retrain.reload_interval_s))
     except (SQLAlchemyError, ImportError) as exc:
         return [Check("database", "fail", describe_error(exc, url)), Check("models", "fail", "not checked")]

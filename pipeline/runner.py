@@ -558,7 +558,7 @@ class Runner:
         try:
             with self._sessions.begin() as session:
                 repo.report_instance(session=session, instance=self._owner, consumer_group=self.config.kafka.group_id,
-                                     started_at=self._started_at, now=datetime.now(UTC),
+                                     started_at=self._started_at, now=repo.database_now(session=session),
                                      serving={g: d.version for g, d in self._detectors.items()},
                                      unserved=self._unserved)
         except DBAPIError as exc:

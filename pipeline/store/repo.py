@@ -40,6 +40,15 @@ def new_holder() -> str:
     return f"{socket.gethostname()[:100]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def database_now(*, session: Session) -> datetime:
+    """The database server's clock (UTC): one clock for times that processes on several hosts write and compare
+    (``pipeline_instances.seen_at``, model activation), so that their hosts' clock skew does not count. SQLite is
+    embedded: its clock is this host's."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(select(func.clock_timestamp())).astimezone(UTC)
+    return datetime.now(UTC)
+
+
 def _insert(session: Session, table: Any) -> Any:
     """A dialect-specific INSERT that supports ``on_conflict_*`` (PostgreSQL and SQLite)."""
     dialect = session.get_bind().dialect.name
@@ -316,7 +325,7 @@ def activate_model_version(*, session: Session, version: str, now: datetime | No
     )
     activated = session.execute(
         update(ModelVersion).where(ModelVersion.id == row.id, ModelVersion.bundle_deleted_at.is_(None))
-        .values(status="active", activated_at=now or datetime.now(UTC))
+        .values(status="active", activated_at=now or database_now(session=session))
         .execution_options(synchronize_session="fetch")
     )
     if activated.rowcount != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -492,3 +493,36 @@ def test_migration_0012_keeps_each_scores_sensors_far_outside_training(db_url: s
         assert [repo.score_of(r) for r in rows] == [far, near]
     engine.dispose()
     _assert_downgrade_drops(db_url, "0011", "off_training")
+
+
+def test_times_that_hosts_compare_are_on_the_database_clock(pg_database_url: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process's seen_at and a model's activation time come from PostgreSQL's clock, not the writing host's: a
+    host an hour behind would otherwise look gone to every `check`, and its activations an hour old."""
+    class HourBehind(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) - timedelta(hours=1)  # type: ignore[arg-type]
+
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    sessions = make_sessionmaker(engine)
+    monkeypatch.setattr(repo, "datetime", HourBehind)
+    with sessions.begin() as s:
+        server = s.scalar(text("SELECT now()"))
+        assert abs((repo.database_now(session=s) - server).total_seconds()) < 5
+        repo.add_model_version(session=s, version=ModelVersion(
+            version="v1", group_name="g", model_type="dense", status="candidate", created_at=server,
+            artifact_path="/m/v1", checksum="0" * 64, config_hash="h", threshold=1.0,
+            threshold_method="percentile", windows_used=10, metrics={}))
+        activated = repo.activate_model_version(session=s, version="v1").activated_at
+        repo.report_instance(session=s, instance="h-1", consumer_group="sw", started_at=server,
+                             now=repo.database_now(session=s), serving={"g": "v1"}, unserved={})
+    assert activated is not None and abs((activated - server).total_seconds()) < 5
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump({"database": {"url": pg_database_url},
+                                    "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}))
+    result = CliRunner().invoke(app, ["models", "serving", "--format", "json", "--config", str(path)])
+    engine.dispose()
+    assert result.exit_code == 0, result.output
+    assert [(p["instance"], p["live"]) for p in json.loads(result.output)] == [("h-1", True)]
