@@ -329,7 +329,9 @@ class Runner:
                 # claim first: a previous owner that has not noticed the rebalance can no longer write them
                 repo.claim_partitions(session=session, consumer_group=k.group_id, topic=k.topic,
                                       partitions=sorted(partitions), owner=self._owner)
-                stored = repo.load_consumer_progress(session=session, consumer_group=k.group_id, topic=k.topic)
+                # any group's: after a change of group_id the records the old group processed are not dead-lettered
+                # again, nor their readings reported late (their windows are stored)
+                stored = repo.load_topic_progress(session=session, topic=k.topic)
                 for p in partitions:
                     self._processed_before[p] = stored.get(p, -1)
                     self._windower.set_replay_boundary(p, stored.get(p, -1))

@@ -551,6 +551,15 @@ def load_consumer_progress(*, session: Session, consumer_group: str, topic: str)
     return {int(p): int(o) for p, o in rows}
 
 
+def load_topic_progress(*, session: Session, topic: str) -> dict[int, int]:
+    """``partition -> processed_upto`` of ``topic``, the furthest any consumer group recorded: every record below it
+    was processed against this database, whichever group did it (a new ``group_id`` takes up where the old one
+    stopped)."""
+    rows = session.execute(select(ConsumerProgress.partition, func.max(ConsumerProgress.processed_upto))
+                           .where(ConsumerProgress.topic == topic).group_by(ConsumerProgress.partition))
+    return {int(p): int(o) for p, o in rows}
+
+
 def count_skipped(*, session: Session, asset: str | None = None) -> int:
     """Number of recorded skipped windows (of one asset, or all)."""
     query = select(func.count()).select_from(SkippedWindowRow)
