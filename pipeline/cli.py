@@ -949,12 +949,13 @@ def report(
         raise typer.BadParameter("--until must be after --since", param_hint="--until")
     cfg = _load(config)
     group = cfg.asset_groups().get(asset)
-    if group is None:
-        raise _fail(ConfigError(f"asset {asset!r} is in no group of {config}"), 2)
+    if group is None:  # taken out of the configuration: its history is still stored
+        console.print(f"[yellow]note[/yellow]: asset {escape(asset)} is in no group of {escape(str(config))}: "
+                      "reporting it with the group of its latest stored window")
     try:
         with _session(cfg) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
-                                    csv_path=csv_path)
+                                    csv_path=csv_path, groups=cfg.groups)
             span = None if data.scores else repo.score_span(session=session, asset=asset)
     except ConfigError as exc:
         raise _fail(exc, 2) from None

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.alert_format import duration_text, off_training_text
 from pipeline.alerting import in_maintenance
-from pipeline.config import GroupConfig
+from pipeline.config import AlertConfig, GroupConfig
 from pipeline.errors import ConfigError
 from pipeline.store import repo
 from pipeline.types import Score, datetime_to_ms, ms_to_datetime
@@ -105,11 +105,11 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
     return out
 
 
-def _maintenance_runs(group: GroupConfig, asset: str, scores: Sequence[Score]) -> list[tuple[int, int]]:
+def _maintenance_runs(alert: AlertConfig, asset: str, scores: Sequence[Score]) -> list[tuple[int, int]]:
     """Spans covered by consecutive scored windows that overlap a maintenance window."""
     runs: list[tuple[int, int]] = []
     for s in scores:
-        if in_maintenance(group.alert, asset, s.start_ms, s.end_ms):
+        if in_maintenance(alert, asset, s.start_ms, s.end_ms):
             if runs and s.start_ms <= runs[-1][1]:
                 runs[-1] = (runs[-1][0], s.end_ms)
             else:
@@ -117,9 +117,23 @@ def _maintenance_runs(group: GroupConfig, asset: str, scores: Sequence[Score]) -
     return runs
 
 
-def load_report_data(*, session: Session, group: GroupConfig, asset: str, start: datetime, end: datetime,
-                     csv_path: Path | None = None) -> ReportData:
-    """Read the scores and alerts of ``asset`` in ``[start, end]`` (and its raw signals from ``csv_path``)."""
+def load_report_data(*, session: Session, group: GroupConfig | None, asset: str, start: datetime, end: datetime,
+                     csv_path: Path | None = None, groups: Sequence[GroupConfig] = ()) -> ReportData:
+    """Read the scores and alerts of ``asset`` in ``[start, end]`` (and its raw signals from ``csv_path``).
+
+    ``group``: the asset's group in the configuration, or None for an asset taken out of it, reported with the
+    group of its latest stored window: that group's settings where it is among ``groups`` (the configured ones),
+    else that window's sensors, the default alert tiers and no maintenance windows. ConfigError when such an asset
+    has no stored window."""
+    if group is None:
+        latest = repo.latest_score(session=session, asset=asset)
+        if latest is None:
+            raise ConfigError(f"asset {asset!r} is in no group of the configuration and has no stored window scores")
+        group = next((g for g in groups if g.name == latest.group_name), None)
+    if group is None:
+        name, sensors, alert = latest.group_name, list(latest.sensor_errors), AlertConfig()
+    else:
+        name, sensors, alert = group.name, group.sensor_names, group.alert
     scores = [repo.score_of(row) for row in repo.scores_between(session=session, asset=asset, start=start, end=end)]
     rows = repo.list_alerts(session=session, asset=asset, since=start, until=end, limit=None)
     alerts = [
@@ -132,11 +146,11 @@ def load_report_data(*, session: Session, group: GroupConfig, asset: str, start:
         for r in sorted(rows, key=lambda r: (r.opened_at, r.id))
     ]
     start_ms, end_ms = datetime_to_ms(start), datetime_to_ms(end)
-    signals = read_signals(csv_path, asset, group.sensor_names, start_ms, end_ms) if csv_path else {}
+    signals = read_signals(csv_path, asset, sensors, start_ms, end_ms) if csv_path else {}
     return ReportData(
-        asset=asset, group=group.name, sensors=group.sensor_names, tiers=[t.name for t in group.alert.tiers],
-        exit_level=group.alert.exit_level, start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
-        maintenance=_maintenance_runs(group, asset, scores), signals=signals,
+        asset=asset, group=name, sensors=sensors, tiers=[t.name for t in alert.tiers],
+        exit_level=alert.exit_level, start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
+        maintenance=_maintenance_runs(alert, asset, scores), signals=signals,
         signal_source=csv_path.name if csv_path else "",
     )
 

@@ -296,6 +296,12 @@ def scores_between(*, session: Session, asset: str, start: datetime, end: dateti
     ))
 
 
+def latest_score(*, session: Session, asset: str) -> WindowScore | None:
+    """The stored score of ``asset``'s latest window; None when it has none."""
+    return session.scalars(select(WindowScore).where(WindowScore.asset == asset)
+                           .order_by(WindowScore.window_end.desc(), WindowScore.id.desc()).limit(1)).first()
+
+
 def score_span(*, session: Session, asset: str) -> tuple[datetime, datetime] | None:
     """The first and last window end stored for ``asset``; None when it has no window scores."""
     first, last = session.execute(

@@ -15,6 +15,8 @@ from alert_data import SENSORS, T0, fleet, make_config, write_config
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
 from pipeline.report import MARGIN, WIDTH, load_report_data, render_html
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
@@ -170,6 +172,42 @@ def test_report_rejects_an_unknown_asset_and_a_reversed_span(tmp_path: Path) -> 
     reversed_ = cli.invoke(app, ["report", "-c", config, "--asset", "pump-1", "--out", str(tmp_path / "r.html"),
                                  "--since", "2026-03-02", "--until", "2026-03-01"])
     assert reversed_.exit_code == 2
+
+
+def test_an_asset_taken_out_of_the_configuration_is_reported_from_what_is_stored(db_url: str, tmp_path: Path) -> None:
+    """A decommissioned asset's history stays in the database: the report uses its group's settings while the group
+    is still configured, else its latest window's group and sensors with the default alert tiers."""
+    import yaml
+    from alert_data import config_dict
+
+    upgrade(db_url)
+    fleet(db_url, make_config(db_url))
+    raw = config_dict(db_url, severities=[{"name": "low", "multiple": 1.0}, {"name": "high", "multiple": 2.0}])
+    raw["groups"][0]["assets"] = ["pump-2", "pump-3"]  # pump-1 taken out; its group still configured
+    kept = parse_config(raw, env={})
+    raw["groups"][0]["name"] = "pumps-v2"  # and then the group renamed: pump-1's stored group is gone
+    renamed = parse_config(raw, env={})
+    span = {"start": datetime(2026, 3, 1, tzinfo=UTC), "end": datetime(2026, 3, 1, 5, tzinfo=UTC)}
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine)() as s:
+        alerts = len(repo.list_alerts(session=s, asset="pump-1", limit=None))
+        in_group = load_report_data(session=s, group=None, groups=kept.groups, asset="pump-1", **span)
+        stored = load_report_data(session=s, group=None, groups=renamed.groups, asset="pump-1", **span)
+        with pytest.raises(ConfigError, match="'fan-9' is in no group of the configuration and has no stored"):
+            load_report_data(session=s, group=None, asset="fan-9", **span)
+    engine.dispose()
+    assert alerts > 0 and len(stored.alerts) == alerts and stored.scores == in_group.scores
+    assert (in_group.group, in_group.tiers) == ("pumps", ["low", "high"])
+    assert (stored.group, stored.sensors, stored.tiers) == ("pumps", SENSORS, ["warning", "critical"])
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "pump-1.html"
+    result = CliRunner().invoke(app, ["report", "-c", str(path), "--asset", "pump-1", "--since", "2026-03-01T00:00:00Z",
+                                      "--until", "2026-03-01T05:00:00Z", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "pump-1 is in no group of" in result.output and f"{alerts} alert(s)" in result.output
+    assert "(group pumps)" in out.read_text(encoding="utf-8")
 
 
 def test_report_shades_maintenance_windows(tmp_path: Path) -> None:
