@@ -405,11 +405,13 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
     return out
 
 
-def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[int, int]:
+def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000, in_hand: Mapping[int, int] | None = None
+               ) -> dict[int, int]:
     """Records between this consumer's position and the log end, per assigned partition, with the log end asked of
     the broker now (``lag`` reads it from the last fetch, which a stalled loop does not make); a partition whose
     position is not known yet (after a rebalance) is left out, and all are when the broker does not answer within
-    ``timeout_ms``. Records of a batch already polled are not counted."""
+    ``timeout_ms``. ``in_hand``: per partition the first offset of a polled batch not processed yet (a stalled
+    loop holds it), counted from there."""
     owned = list(consumer.assignment())
     if not owned:
         return {}
@@ -418,7 +420,9 @@ def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000) -> dict[int, int
         positions = {tp: consumer.position(tp, timeout_ms=0) for tp in owned}
     except KafkaError:
         return {}
-    return {tp.partition: max(ends[tp] - at, 0) for tp, at in positions.items() if at is not None and tp in ends}
+    held = in_hand or {}
+    return {tp.partition: max(ends[tp] - min(at, held.get(tp.partition, at)), 0)
+            for tp, at in positions.items() if at is not None and tp in ends}
 
 
 def caught_up(consumer: KafkaConsumer, partitions: set[int], timeout_ms: int = 5000) -> set[int] | None:

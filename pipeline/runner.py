@@ -136,6 +136,7 @@ class Runner:
         self._next_offset: dict[int, int] = {}
         self._processed_before: dict[int, int] = {}  # partition -> processed_upto left by a previous owner
         self._consumer: KafkaConsumer | None = None  # set by run(); the lag is followed through it while waiting
+        self._in_hand: dict[int, int] = {}  # partition -> first offset of the batch being processed (lag counts it)
         self._saved_starts: dict[str, int] = {}
         self._revoked: set[int] = set()
         self._owner = repo.new_holder()
@@ -201,6 +202,9 @@ class Runner:
         database or broker is unavailable (nothing of this batch is committed then; a restart replays it).
         """
         started = time.perf_counter()
+        self._in_hand = {}
+        for r in records:  # in offset order per partition: the first is the least
+            self._in_hand.setdefault(r.partition, r.offset)
         readings, rejected = self._decoder.decode_batch(
             ((r.topic, r.partition, r.offset, r.key, r.value, r.timestamp_ms) for r in records), now_ms
         )
@@ -233,6 +237,7 @@ class Runner:
         self._saved_starts.update({a: ms for a, (_, ms) in moved.items()})
         self._windower.mark_saved(starts)  # stored, or equal to what was (or, fenced off, forgotten)
         self._next_offset.update(processed)
+        self._in_hand = {}  # processed: the lag counts from the position again
         self._account(rejected, fresh, batch, scores, events, time.perf_counter() - started)
         _log_alerts(events)
         safe = self._windower.safe_offsets()
@@ -473,10 +478,11 @@ class Runner:
             return result
 
     def _stalled_lag(self) -> None:
-        """Refresh the lag gauges from the log end while the loop waits (they are otherwise set between batches)."""
+        """Refresh the lag gauges from the log end while the loop waits (they are otherwise set between batches),
+        counting the batch it holds."""
         if self._consumer is not None and not self._stop.is_set():
             try:
-                self._set_lag(kafka_io.lag_to_end(self._consumer))
+                self._set_lag(kafka_io.lag_to_end(self._consumer, in_hand=self._in_hand))
             except Exception as exc:  # a look at the lag must never stop the pipeline
                 log.debug("lag while waiting: %s", exc)
 

@@ -74,3 +74,27 @@ def test_waiting_for_the_topic_warns_and_reports_in_each_time() -> None:
     found = wait_for_partitions(Metadata(), "readings", threading.Event(), interval_s=0.25,  # type: ignore[arg-type]
                                 warn_every_s=0.5, while_waiting=lambda: calls.append(1))
     assert found == {0, 1} and len(calls) == 2  # at waits 0 and 2 of 4
+
+
+def test_the_lag_while_waiting_counts_the_batch_held_in_hand() -> None:
+    """A stalled loop has polled a batch it cannot process yet: its records are lag too, counted from its first
+    offset; a partition without a batch in hand counts from the position."""
+    from kafka.structs import TopicPartition
+
+    from pipeline import kafka_io
+
+    first, second = TopicPartition("t", 0), TopicPartition("t", 1)
+
+    class Consumer:
+        def assignment(self) -> set[TopicPartition]:
+            return {first, second}
+
+        def end_offsets(self, partitions: list[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
+            return {first: 1000, second: 50}
+
+        def position(self, tp: TopicPartition, timeout_ms: int) -> int:
+            return {first: 900, second: 40}[tp]
+
+    consumer = Consumer()
+    assert kafka_io.lag_to_end(consumer) == {0: 100, 1: 10}  # type: ignore[arg-type]
+    assert kafka_io.lag_to_end(consumer, in_hand={0: 400}) == {0: 600, 1: 10}  # type: ignore[arg-type]
