@@ -951,7 +951,7 @@ def report(
     group = cfg.asset_groups().get(asset)
     if group is None:  # taken out of the configuration: its history is still stored
         console.print(f"[yellow]note[/yellow]: asset {escape(asset)} is in no group of {escape(str(config))}: "
-                      "reporting it with the group of its latest stored window")
+                      "reporting it with the group of its stored windows")
     try:
         with _session(cfg) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,

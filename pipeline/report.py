@@ -122,19 +122,21 @@ def load_report_data(*, session: Session, group: GroupConfig | None, asset: str,
     """Read the scores and alerts of ``asset`` in ``[start, end]`` (and its raw signals from ``csv_path``).
 
     ``group``: the asset's group in the configuration, or None for an asset taken out of it, reported with the
-    group of its latest stored window: that group's settings where it is among ``groups`` (the configured ones),
-    else that window's sensors, the default alert tiers and no maintenance windows. ConfigError when such an asset
-    has no stored window."""
+    group of its latest stored window in the span (none there: of its latest stored window): that group's settings
+    where it is among ``groups`` (the configured ones), else the sensors of its windows in the span, the default
+    alert tiers and no maintenance windows. ConfigError when such an asset has no stored window."""
+    scores = [repo.score_of(row) for row in repo.scores_between(session=session, asset=asset, start=start, end=end)]
     if group is None:
-        latest = repo.latest_score(session=session, asset=asset)
+        latest = scores[-1] if scores else repo.latest_score(session=session, asset=asset)
         if latest is None:
             raise ConfigError(f"asset {asset!r} is in no group of the configuration and has no stored window scores")
-        group = next((g for g in groups if g.name == latest.group_name), None)
-    if group is None:
-        name, sensors, alert = latest.group_name, list(latest.sensor_errors), AlertConfig()
-    else:
+        name = latest.group
+        group = next((g for g in groups if g.name == name), None)
+        # every sensor with errors stored in the span, the latest window's first (a group changed: none left out)
+        sensors = list(dict.fromkeys([*latest.sensor_errors, *(k for s in scores for k in s.sensor_errors)]))
+        alert = AlertConfig()
+    if group is not None:
         name, sensors, alert = group.name, group.sensor_names, group.alert
-    scores = [repo.score_of(row) for row in repo.scores_between(session=session, asset=asset, start=start, end=end)]
     rows = repo.list_alerts(session=session, asset=asset, since=start, until=end, limit=None)
     alerts = [
         ReportAlert(

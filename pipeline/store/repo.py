@@ -296,10 +296,12 @@ def scores_between(*, session: Session, asset: str, start: datetime, end: dateti
     ))
 
 
-def latest_score(*, session: Session, asset: str) -> WindowScore | None:
-    """The stored score of ``asset``'s latest window; None when it has none."""
-    return session.scalars(select(WindowScore).where(WindowScore.asset == asset)
-                           .order_by(WindowScore.window_end.desc(), WindowScore.id.desc()).limit(1)).first()
+def latest_score(*, session: Session, asset: str) -> Score | None:
+    """The score of ``asset``'s latest window (the first stored for it: the one the alert engine judged, as
+    ``scores_between``); None when it has none."""
+    row = session.scalars(select(WindowScore).where(WindowScore.asset == asset)
+                          .order_by(WindowScore.window_end.desc(), WindowScore.id).limit(1)).first()
+    return None if row is None else score_of(row)
 
 
 def score_span(*, session: Session, asset: str) -> tuple[datetime, datetime] | None:

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.report import MARGIN, WIDTH, load_report_data, render_html
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.types import datetime_to_ms, ms_to_datetime
+from pipeline.types import Score, datetime_to_ms, ms_to_datetime
 
 
 class _Page(HTMLParser):
@@ -208,6 +208,30 @@ def test_an_asset_taken_out_of_the_configuration_is_reported_from_what_is_stored
     assert result.exit_code == 0, result.output
     assert "pump-1 is in no group of" in result.output and f"{alerts} alert(s)" in result.output
     assert "(group pumps)" in out.read_text(encoding="utf-8")
+
+
+def test_a_removed_asset_is_reported_with_the_group_of_its_windows_in_the_span(db_url: str) -> None:
+    """An asset moved to another group before it was taken out: a span of its older history is reported with the
+    group and sensors its windows there had, not those of its latest window (after the move), and its latest window
+    is the one the alert engine judged (the first stored of that window's scores)."""
+    upgrade(db_url)
+    fleet(db_url, make_config(db_url))  # pump-1 in group pumps on 2026-03-01
+    later = T0 + 5 * 86_400_000
+    moved = [Score("pump-1", "fans", later + i * 50_000, later + i * 50_000 + 300_000, 0.2, 1.0,
+                   {"rpm": 0.1, "current": 0.1}, "fans-v1") for i in range(3)]
+    rescored = replace(moved[-1], group="blowers", sensor_errors={"airflow": 0.2}, model_version="blowers-v1")
+    engine = make_engine(db_url)
+    with make_sessionmaker(engine).begin() as s:
+        repo.insert_scores(session=s, scores=moved)
+        repo.insert_scores(session=s, scores=[rescored])  # a replay by another model: not the judged score
+    with make_sessionmaker(engine)() as s:
+        old = load_report_data(session=s, group=None, asset="pump-1", start=datetime(2026, 3, 1, tzinfo=UTC),
+                               end=datetime(2026, 3, 1, 5, tzinfo=UTC))
+        none_in_span = load_report_data(session=s, group=None, asset="pump-1",
+                                        start=datetime(2026, 3, 2, tzinfo=UTC), end=datetime(2026, 3, 3, tzinfo=UTC))
+    engine.dispose()
+    assert (old.group, old.sensors) == ("pumps", SENSORS) and old.scores
+    assert (none_in_span.group, none_in_span.sensors, none_in_span.scores) == ("fans", ["rpm", "current"], [])
 
 
 def test_report_shades_maintenance_windows(tmp_path: Path) -> None:
