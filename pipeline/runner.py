@@ -24,7 +24,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -329,6 +329,7 @@ class Runner:
         if not partitions and not assets:
             return
         k = self.config.kafka
+        ends = self._log_ends(partitions)
         with self._sessions.begin() as session:
             if partitions:
                 # claim first: a previous owner that has not noticed the rebalance can no longer write them
@@ -337,12 +338,33 @@ class Runner:
                 # any group's: after a change of group_id the records the old group processed are not dead-lettered
                 # again, nor their readings reported late (their windows are stored)
                 stored = repo.load_topic_progress(session=session, topic=k.topic)
+                stale = {p: stored[p] for p in sorted(partitions) if p in ends and stored.get(p, -1) > ends[p]}
+                if stale:  # offsets only grow: progress past a log's end was recorded for an earlier topic
+                    log.warning("%s: %s: the topic was re-created, or its log truncated; that progress is "
+                                "forgotten and these records are processed as new", k.topic, "; ".join(
+                                    f"partition {p} ends at offset {ends[p]}, before the {upto} recorded as processed"
+                                    for p, upto in stale.items()))
+                    repo.forget_progress_beyond(session=session, topic=k.topic, ends={p: ends[p] for p in stale})
+                    stored = repo.load_topic_progress(session=session, topic=k.topic)
                 for p in partitions:
                     self._processed_before[p] = stored.get(p, -1)
                     self._windower.set_replay_boundary(p, stored.get(p, -1))
             for asset, start_ms in repo.load_asset_progress(session=session, assets=sorted(assets)).items():
                 self._windower.resume(asset, start_ms)
                 self._saved_starts[asset] = start_ms
+
+    def _log_ends(self, partitions: set[int]) -> dict[int, int]:
+        """Per partition, its log end as the fetch that brought its records reported it (the high watermark: no
+        broker call); partitions without one are left out, all of them before ``run`` (no consumer)."""
+        out: dict[int, int] = {}
+        if self._consumer is None:
+            return out
+        for p in partitions:
+            with contextlib.suppress(KafkaError):  # no longer assigned: nothing to tell
+                end = self._consumer.highwater(TopicPartition(self.config.kafka.topic, p))
+                if end is not None:
+                    out[p] = end
+        return out
 
     def _persist(self, forward: ForwardPass, skipped: list[SkippedWindow], moved: dict[str, tuple[str, int]],
                  processed: dict[int, int]) -> tuple[list[Score], list[AlertEvent]]:

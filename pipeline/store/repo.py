@@ -568,6 +568,16 @@ def load_topic_progress(*, session: Session, topic: str) -> dict[int, int]:
     return {int(p): int(o) for p, o in rows}
 
 
+def forget_progress_beyond(*, session: Session, topic: str, ends: Mapping[int, int]) -> None:
+    """Set back to -1 (nothing processed) every consumer group's progress on a partition of ``topic`` that lies beyond
+    its log end (``ends``: partition -> log end): offsets only grow, so it was recorded for an earlier topic of this
+    name (deleted and re-created, its offsets starting again at 0; or its log truncated), not for its records."""
+    for partition, end in sorted(ends.items()):
+        session.execute(update(ConsumerProgress).where(
+            ConsumerProgress.topic == topic, ConsumerProgress.partition == partition,
+            ConsumerProgress.processed_upto > end).values(processed_upto=-1))
+
+
 def count_skipped(*, session: Session, asset: str | None = None) -> int:
     """Number of recorded skipped windows (of one asset, or all)."""
     query = select(func.count()).select_from(SkippedWindowRow)

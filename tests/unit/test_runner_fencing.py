@@ -357,3 +357,52 @@ def test_a_new_group_id_takes_up_where_the_old_group_stopped(tmp_path: Path, mon
         assert repo.load_consumer_progress(session=s, consumer_group="new", topic=new.config.kafka.topic)[0] == 30
     assert new.stats.readings == 9 and sent == []
     engine.dispose()
+
+
+class _LogEnds:
+    """A consumer's last fetched high watermarks (``KafkaConsumer.highwater``), per partition."""
+
+    def __init__(self, ends: dict[int, int]) -> None:
+        self.ends = ends
+
+    def highwater(self, tp: object) -> int | None:
+        return self.ends.get(tp.partition)  # type: ignore[attr-defined]
+
+
+def test_progress_recorded_for_an_earlier_topic_of_the_same_name_is_forgotten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The topic deleted and re-created (its offsets start again at 0) under a new group_id: the progress the old
+    group recorded lies past the new log's end, so it is not taken for this topic's (its bad records would not be
+    dead-lettered, its readings not counted); it is forgotten in the database. A partition whose log reaches past
+    the old progress is still taken up where the old group stopped."""
+    from pipeline import kafka_io
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    raw = {"database": {"url": url}, "groups": [{
+        "name": "g", "assets": ["a", "b"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": 4, "stride": 2, "max_gap": 0}}]}
+    sent: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(kafka_io, "send_dead_letters", lambda producer, topic, rejects: sent.extend(
+        (r.reason, r.partition, r.offset) for r in rejects))
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    old = Runner(parse_config({**raw, "kafka": {"group_id": "old"}}, env={}), sessions=sessions,
+                 detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    old.process([*_records(0, "a", 0, 60), *_records(1, "b", 0, 20)], now_ms=T0)
+    assert sent == []
+
+    new = Runner(parse_config({**raw, "kafka": {"group_id": "new"}}, env={}), sessions=sessions,
+                 detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    new._consumer = _LogEnds({0: 11, 1: 25})  # type: ignore[assignment]
+    recreated = [RawRecord("readings", 0, i, b"a", orjson.dumps(
+        {"asset": "a", "ts": T0 + (100 + i) * 1000, "values": {"x": 0.1, "y": 0.1}}), T0) for i in range(10)]
+    new.process([*recreated, RawRecord("readings", 0, 10, b"a", b"{not json", T0), *_records(1, "b", 0, 25)],
+                now_ms=T0)
+    assert sent == [("malformed_json", 0, 10)]  # the new topic's bad record is dead-lettered
+    assert new.stats.readings == 10 + 5  # the new topic's readings, and partition 1's after the old progress
+    with sessions() as s:
+        topic = new.config.kafka.topic
+        assert repo.load_consumer_progress(session=s, consumer_group="old", topic=topic) == {0: -1, 1: 20}
+        assert repo.load_consumer_progress(session=s, consumer_group="new", topic=topic) == {0: 11, 1: 25}
+    engine.dispose()
