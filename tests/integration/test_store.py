@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -526,3 +527,54 @@ def test_times_that_hosts_compare_are_on_the_database_clock(pg_database_url: str
     engine.dispose()
     assert result.exit_code == 0, result.output
     assert [(p["instance"], p["live"]) for p in json.loads(result.output)] == [("h-1", True)]
+
+
+def test_processes_and_commands_on_hosts_with_clocks_off_judge_by_the_database_clock(
+        pg_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline on a host an hour behind writes seen_at from PostgreSQL's clock, and `models serving`, `models
+    list` and `check` on a host an hour ahead judge it by that clock too: the process is live and serves v1."""
+    import threading
+
+    from pipeline import cli, preflight, runner
+    from pipeline.config import parse_config
+    from pipeline.runner import Runner
+
+    def shifted(hours: int) -> type[datetime]:
+        class Shifted(datetime):
+            @classmethod
+            def now(cls, tz: object = None) -> datetime:  # type: ignore[override]
+                return datetime.now(tz) + timedelta(hours=hours)  # type: ignore[arg-type]
+        return Shifted
+
+    upgrade(pg_database_url)
+    engine = make_engine(pg_database_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        server = s.scalar(text("SELECT now()"))
+        repo.add_model_version(session=s, version=ModelVersion(
+            version="v1", group_name="g", model_type="dense", status="candidate", created_at=server,
+            artifact_path="/m/v1", checksum="0" * 64, config_hash="h", threshold=1.0,
+            threshold_method="percentile", windows_used=10, metrics={}))
+        repo.activate_model_version(session=s, version="v1")
+    raw = {"database": {"url": pg_database_url}, "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}
+    monkeypatch.setattr(runner, "datetime", shifted(-1))
+    monkeypatch.setattr(repo, "datetime", shifted(-1))
+    process = Runner(parse_config(raw, env={}), sessions=sessions, detectors={"g": SimpleNamespace(version="v1")},
+                     producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    process.report_serving()
+    with sessions() as s:
+        (row,) = repo.list_instances(session=s)
+        assert abs((row.seen_at - s.scalar(text("SELECT now()"))).total_seconds()) < 5
+    engine.dispose()
+
+    for module in (cli, preflight, repo):
+        monkeypatch.setattr(module, "datetime", shifted(1))
+    path = tmp_path / "sensorwatch.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    serving = CliRunner().invoke(app, ["models", "serving", "--format", "json", "--config", str(path)])
+    listed = CliRunner().invoke(app, ["models", "list", "--format", "json", "--config", str(path)])
+    assert serving.exit_code == 0 and listed.exit_code == 0, serving.output + listed.output
+    assert [p["live"] for p in json.loads(serving.output)] == [True]
+    assert [m["served_by"] for m in json.loads(listed.output)] == [1]
+    (pipelines,) = [c for c in preflight._database_and_models(parse_config(raw, env={})) if c.name == "pipelines"]
+    assert (pipelines.status, pipelines.detail) == ("ok", "1 running, serving g=v1")
