@@ -109,10 +109,11 @@ class Score:
     smoothed: float | None = None
     aftermath_floor: float | None = None
     drift_offset: dict[str, float] | None = None
-    # sensors whose mean over the window lies OFF_TRAINING_SIGMAS or more of their training standard deviations from
-    # their training mean, signed (far outside what the model was trained on: a model may reconstruct such a shift
-    # and put the error on other sensors, so the shares alone can miss them); stored with the score (NULL when
-    # empty; migration 0012), so that a restart rebuilds a pending incident's evidence with it
+    # sensors whose mean over the steps the score covers (``scoring.off_training``) lies OFF_TRAINING_SIGMAS or more
+    # of their training standard deviations from their training mean, signed (far outside what the model was trained
+    # on: a model may reconstruct such a shift and put the error on other sensors, so the shares alone can miss them);
+    # stored with the score (NULL when empty; migration 0012), so that a restart rebuilds a pending incident's
+    # evidence with it
     off_training: dict[str, float] = field(default_factory=dict)
 
     @property
