@@ -975,6 +975,135 @@ def report(
 
 
 @app.command()
+def backtest(
+    config: ConfigOption,
+    csv_path: Annotated[Path, typer.Option("--csv", help="CSV of recorded readings: ts, \\[asset,] one column per "
+                                                         "sensor (as for train).")],
+    group: Annotated[str | None, typer.Option(help="Group to backtest (default: the only group).")] = None,
+    version: Annotated[str | None, typer.Option(help="Model version (default: the group's active one).")] = None,
+    incidents: Annotated[Path | None, typer.Option(
+        help="Known incidents to score the alerts against: JSON list or CSV with asset, start, end \\[, label] "
+             "(simulate's ground truth works).")] = None,
+    output: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
+    scores_out: Annotated[Path | None, typer.Option(help="Also write every judged window to this CSV.")] = None,
+    report_dir: Annotated[Path | None, typer.Option(help="Also write one HTML report per asset here (score, "
+                                                         "sensor errors, raw signals, alerts).")] = None,
+) -> None:
+    """What a model and the configured alert rules would have raised on recorded history: the pipeline's own
+    windowing, scoring, drift following and alert rules run over the CSV in time order, writing nothing to the
+    database or Kafka. Prints per asset the windows, the share judged anomalous and the alerts (per day), then each
+    alert; with --incidents, which known incidents an alert caught (recall) and how many alerts matched one
+    (precision). Tune thresholds and alert rules here before deploying them."""
+    import pandas as pd
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.alert_format import duration_text, off_training_text, sensors_text
+    from pipeline.backtest import read_incidents as read_incident_file
+    from pipeline.backtest import report_data, run_backtest, score_incidents, summarize
+    from pipeline.registry import load_version
+    from pipeline.report import write_report
+    from pipeline.store import repo
+    from pipeline.train import read_readings_csv, windows_from_frame
+    from pipeline.types import ms_to_datetime
+
+    _choice(output, ("table", "json"), "--format")
+    cfg = _load(config)
+    if group is None and len(cfg.groups) > 1:
+        raise _fail(ConfigError(f"--group is required: the config has {len(cfg.groups)} groups"), 2)
+    try:
+        group_cfg = cfg.group(group) if group else cfg.groups[0]
+        known = read_incident_file(incidents) if incidents is not None else None
+        windows = windows_from_frame(read_readings_csv(csv_path), group_cfg, what="backtest data")
+    except (ConfigError, ValueError) as exc:
+        raise _fail(exc, 2) from None
+    if not windows:
+        raise _fail(ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data"), 2)
+    with _session(cfg) as session:
+        row = (repo.get_model_version(session=session, version=version) if version else
+               repo.active_model_versions(session=session).get(group_cfg.name))
+    if row is None:
+        raise _fail(ModelError(f"no model version {version!r}" if version else
+                               f"group {group_cfg.name!r} has no active model: give --version"), 2)
+    if row.group_name != group_cfg.name:
+        raise _fail(ModelError(f"model {row.version} is of group {row.group_name!r}, not {group_cfg.name!r}"), 2)
+    try:
+        detector = load_version(row, group_cfg, cfg.model_dir)
+    except (ModelError, OSError) as exc:
+        raise _fail(exc, 2) from None
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=output == "json" and not console.is_terminal) as bar:
+        task = bar.add_task(f"backtest {row.version}", total=len(windows))
+        result = run_backtest(windows, detector, group_cfg, advance=lambda n: bar.advance(task, n))
+    summaries = summarize(result)
+    caught = score_incidents(result, known) if known is not None else None
+    if scores_out is not None:
+        rows = [{"asset": s.asset, "window_start": ms_to_datetime(s.start_ms).isoformat(),
+                 "window_end": ms_to_datetime(s.end_ms).isoformat(), "score": s.score, "level": s.level,
+                 "threshold": s.threshold, "is_anomaly": s.is_anomaly, **s.sensor_errors} for s in result.scores]
+        scores_out.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows).to_csv(scores_out, index=False)
+    if report_dir is not None:
+        for summary in summaries:
+            write_report(report_dir / f"{summary.asset}.html",
+                         report_data(result, group_cfg, summary.asset, csv_path))
+
+    def when(ms: int | None) -> str | None:
+        return None if ms is None else ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    alerts = [{"n": i, "asset": a.asset, "severity": a.severity, "opened": when(a.opened_ms),
+               "closed": when(a.closed_ms), "duration_s": ((a.closed_ms or a.last_seen_ms) - a.opened_ms) / 1000,
+               "peak_multiple": a.peak_score / a.threshold if a.threshold > 0 else None,
+               "top_sensors": a.top_sensors, "off_training": a.off_training or {}}
+              for i, a in enumerate(result.alerts, start=1)]
+    if output == "json":
+        typer.echo(json.dumps({
+            "group": result.group, "model_version": result.model_version, "threshold": result.threshold,
+            "assets": [{"asset": x.asset, "first": when(x.first_ms), "last": when(x.last_ms), "windows": x.windows,
+                        "anomalous": x.anomalous, "alerts": x.alerts, "alerts_per_day": x.alerts_per_day}
+                       for x in summaries],
+            "alerts": alerts,
+            "incidents": None if caught is None else {
+                "recall": caught.recall, "precision": caught.precision,
+                "missed": [{"asset": s.asset, "start": when(s.start_ms), "end": when(s.end_ms), "label": s.label}
+                           for s, hit in caught.caught if not hit]},
+        }, indent=2))
+        return
+    out = _stdout()
+    table = Table(title=f"backtest of {result.model_version} on {csv_path.name} (threshold {result.threshold:.4g})",
+                  title_justify="left")
+    for column in ("asset", "from (UTC)", "to (UTC)", "windows", "anomalous", "alerts", "per day"):
+        table.add_column(column, justify="right" if column in ("windows", "anomalous", "per day") else "left")
+    for x in summaries:
+        table.add_row(escape(x.asset), when(x.first_ms), when(x.last_ms), str(x.windows),
+                      f"{x.anomalous / x.windows:.1%}",
+                      ", ".join(f"{n} {s}" for s, n in x.alerts.items()) or "none",
+                      "-" if x.alerts_per_day is None else f"{x.alerts_per_day:.2f}")
+    out.print(table)
+    if result.alerts:
+        listed = Table(title="alerts", title_justify="left")
+        for column in ("#", "asset", "severity", "opened (UTC)", "lasted", "peak", "top sensors"):
+            listed.add_column(column, no_wrap=column in ("#", "opened (UTC)"))
+        for a, doc in zip(result.alerts, alerts, strict=True):
+            lasted = duration_text(doc["duration_s"]) + ("" if a.closed_ms is not None else " (open at the end)")
+            peak = "-" if doc["peak_multiple"] is None else f"{doc['peak_multiple']:.2f}x"
+            far = off_training_text(a.off_training)
+            listed.add_row(str(doc["n"]), escape(a.asset), a.severity, doc["opened"], lasted, peak,
+                           escape(sensors_text(a.top_sensors) + (f"; far outside training: {far}" if far else "")))
+        out.print(listed)
+    if caught is not None:
+        missed = [s for s, hit in caught.caught if not hit]
+        out.print(f"incidents: {len(caught.caught) - len(missed)} of {len(caught.caught)} caught (recall "
+                  f"{caught.recall:.2f}); {len(result.alerts) - len(caught.false_alerts)} of {len(result.alerts)} "
+                  f"alerts matched one (precision {caught.precision:.2f})")
+        for s in missed:
+            out.print(f"  missed: {escape(s.asset)} {when(s.start_ms)} to {when(s.end_ms)}"
+                      + (f" ({escape(s.label)})" if s.label else ""))
+    for path, what in ((scores_out, "window scores"), (report_dir, "reports")):
+        if path is not None:
+            console.print(f"{what}: {escape(str(path))}")
+
+
+@app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Directory for readings.csv and ground_truth.json.")],
     assets: Annotated[str, typer.Option(help="Comma-separated asset ids.")] = "pump-1,pump-2,pump-3",

@@ -105,7 +105,7 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
     return out
 
 
-def _maintenance_runs(alert: AlertConfig, asset: str, scores: Sequence[Score]) -> list[tuple[int, int]]:
+def maintenance_runs(alert: AlertConfig, asset: str, scores: Sequence[Score]) -> list[tuple[int, int]]:
     """Spans covered by consecutive scored windows that overlap a maintenance window."""
     runs: list[tuple[int, int]] = []
     for s in scores:
@@ -152,7 +152,7 @@ def load_report_data(*, session: Session, group: GroupConfig | None, asset: str,
     return ReportData(
         asset=asset, group=name, sensors=sensors, tiers=[t.name for t in alert.tiers],
         exit_level=alert.exit_level, start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
-        maintenance=_maintenance_runs(alert, asset, scores), signals=signals,
+        maintenance=maintenance_runs(alert, asset, scores), signals=signals,
         signal_source=csv_path.name if csv_path else "",
     )
 

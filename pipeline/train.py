@@ -44,43 +44,45 @@ class TrainedModel:
     metrics: dict[str, Any]
 
 
-def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: str = "asset") -> list[Window]:
+def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: str = "asset",
+                       what: str = "training data") -> list[Window]:
     """Cut a group's windows from a table of readings, through the same windower as the streaming pipeline.
     Warnings name rows by the frame's index (for a CSV read by ``read_readings_csv``: the data row, from 0).
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
-    column (rows without one are attributed to the group's first asset). Extra columns are ignored. A value
+    column (rows without one are attributed to the group's first asset). Extra columns are ignored. ``what`` names the
+    data in warnings and errors. A value
     the decoder would reject (outside its sensor's ``valid_range``, above its magnitude limit, or infinite) is left
     out, as the decoder leaves it out of a reading while keeping the reading's other values; a warning counts them.
     """
     extra = [str(c) for c in frame.columns if c not in (*group.sensor_names, "ts", asset_column)]
     if extra:
-        log.info("training data: column(s) %s are not sensors of group %s and are left out",
+        log.info("%s: column(s) %s are not sensors of group %s and are left out", what,
                  ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else ""), group.name)
     missing = [s for s in group.sensor_names if s not in frame.columns]
     if missing:
-        raise ConfigError(f"training data lacks sensor column(s) {', '.join(missing)} of group {group.name!r}")
+        raise ConfigError(f"{what} lacks sensor column(s) {', '.join(missing)} of group {group.name!r}")
     data = frame.reset_index() if "ts" not in frame.columns else frame
     if "ts" not in data.columns:
         other = ", ".join(map(str, extra[:8])) if extra else "none"
-        raise ConfigError("training data needs a 'ts' column (ISO-8601 or epoch ms): rename your time column to ts "
+        raise ConfigError(f"{what} needs a 'ts' column (ISO-8601 or epoch ms): rename your time column to ts "
                           f"(columns that are not sensors: {other})")
     column = data["ts"]
     if pd.api.types.is_numeric_dtype(column):
         ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
         if column.notna().any() and column.abs().max() < 1e11:  # 1e11 ms is 1973; in seconds it is the year 5138
-            log.warning("training data: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
-                        "epoch seconds, multiply them by 1000", ts.max().isoformat())
+            log.warning("%s: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
+                        "epoch seconds, multiply them by 1000", what, ts.max().isoformat())
     else:
         ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
     if data.empty:
-        raise NotEnoughData("training data has no rows")
+        raise NotEnoughData(f"{what} has no rows")
     unreadable = ts.isna().to_numpy()
     if unreadable.all():
-        raise ConfigError(f"training data: no readable ts (first value {column.iloc[0]}); ISO-8601 or epoch ms")
+        raise ConfigError(f"{what}: no readable ts (first value {column.iloc[0]}); ISO-8601 or epoch ms")
     if unreadable.any():
         first = int(np.flatnonzero(unreadable)[0])
-        log.warning("training data: %d of %d rows left out: ts unreadable (first: row %s, %s)",
+        log.warning("%s: %d of %d rows left out: ts unreadable (first: row %s, %s)", what,
                     int(unreadable.sum()), len(data), data.index[first], column.iloc[first])
         data, ts = data[~unreadable], ts[~unreadable]
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
@@ -92,8 +94,8 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         first = int(np.flatnonzero(cells.any(axis=1))[0])
         example = ", ".join(f"{s}={v:g}" for s, v, bad in zip(group.sensor_names, values[first], cells[first],
                                                               strict=True) if bad)
-        log.warning("training data: %d value(s) left out: outside their sensor's valid_range, above the magnitude "
-                    "limit or infinite, which the pipeline leaves out too (first: row %s, %s)", int(cells.sum()),
+        log.warning("%s: %d value(s) left out: outside their sensor's valid_range, above the magnitude "
+                    "limit or infinite, which the pipeline leaves out too (first: row %s, %s)", what, int(cells.sum()),
                     data.index[first], example)
         values = np.where(cells, np.nan, values)
     readings = [
@@ -105,7 +107,7 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     windower = Windower([group.model_copy(update={"assets": sorted(set(map(str, assets)))})])
     batch = windower.add(readings[i] for i in order)
     if batch.skipped:
-        log.warning("training data: %d window(s) left out for gaps longer than window.max_gap steps",
+        log.warning("%s: %d window(s) left out for gaps longer than window.max_gap steps", what,
                     len(batch.skipped))
     return batch.windows
 

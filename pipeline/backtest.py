@@ -1,0 +1,168 @@
+"""Backtest: what a model and the configured alert rules would have raised on recorded history, before deploying
+them (``sensorwatch backtest``). Pure apart from torch: windows in, judged scores and alerts out; nothing is written
+to the database or Kafka.
+
+The history goes through the streaming pipeline's own steps: the windower (``train.windows_from_frame``), the
+forward pass, score smoothing, drift following and the alert engine (``drift.score_and_judge``), in time order,
+starting from no alert state. Known incidents (``read_incidents``) turn the alerts into event-level recall and
+precision (``evaluation.score_events``: an incident is caught when an alert of its asset overlaps it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from models.detector import Detector
+from pipeline.alerting import AlertEngine
+from pipeline.config import GroupConfig
+from pipeline.drift import DriftTracker, score_and_judge
+from pipeline.errors import ConfigError
+from pipeline.evaluation import EventScores, Span, score_events
+from pipeline.report import ReportAlert, ReportData, maintenance_runs, read_signals
+from pipeline.types import AlertRecord, Score, Window, datetime_to_ms
+
+CHUNK = 2000  # windows per forward pass: bounded memory on long histories
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Backtest:
+    """The judged scores (per asset in time order) and every alert in its final state (still ``open`` when the
+    history ended first), in opening order."""
+
+    group: str
+    model_version: str
+    threshold: float
+    scores: list[Score]
+    alerts: list[AlertRecord]
+
+
+@dataclass(frozen=True)
+class AssetSummary:
+    """One asset's backtest in numbers: its span, windows, windows judged anomalous, alerts by severity, and alerts
+    per day of history (None for a span under a window)."""
+
+    asset: str
+    first_ms: int
+    last_ms: int
+    windows: int
+    anomalous: int
+    alerts: dict[str, int]
+    alerts_per_day: float | None
+
+
+def run_backtest(windows: Sequence[Window], detector: Detector, group: GroupConfig, *,
+                 advance: Callable[[int], None] | None = None) -> Backtest:
+    """Judge ``windows`` (one group's, any order) with ``detector`` and ``group``'s alert rule, drift following and
+    smoothing as the pipeline does, from no alert state, ``CHUNK`` windows per forward pass in time order;
+    ``advance(n)`` is called after each chunk (a progress bar). An alert's final state is its last event's."""
+    ordered = sorted(windows, key=lambda w: (w.end_ms, w.asset))
+    engine, drift = AlertEngine([group]), DriftTracker([group])
+    scores: list[Score] = []
+    alerts: dict[tuple[str, int], AlertRecord] = {}
+    for start in range(0, len(ordered), CHUNK):
+        chunk = ordered[start:start + CHUNK]
+        judged, events = score_and_judge(chunk, {group.name: detector}, engine, drift)
+        scores += judged
+        for event in events:
+            alerts[(event.alert.asset, event.alert.opened_ms)] = event.alert
+        if advance is not None:
+            advance(len(chunk))
+    scores.sort(key=lambda s: (s.asset, s.end_ms))
+    return Backtest(group=group.name, model_version=detector.version, threshold=detector.threshold, scores=scores,
+                    alerts=sorted(alerts.values(), key=lambda a: (a.opened_ms, a.asset)))
+
+
+def summarize(result: Backtest) -> list[AssetSummary]:
+    """Per asset (by name): windows, anomalous windows, alerts by severity and alerts per day of its span."""
+    spans: dict[str, list[Score]] = {}
+    for score in result.scores:
+        spans.setdefault(score.asset, []).append(score)
+    out = []
+    for asset, scores in sorted(spans.items()):
+        first, last = scores[0].start_ms, scores[-1].end_ms
+        severities = Counter(a.severity for a in result.alerts if a.asset == asset)
+        days = (last - first) / DAY_MS
+        out.append(AssetSummary(asset, first, last, len(scores), sum(s.is_anomaly for s in scores),
+                                dict(sorted(severities.items())),
+                                sum(severities.values()) / days if days > 0 else None))
+    return out
+
+
+def alert_spans(alerts: Sequence[AlertRecord]) -> list[Span]:
+    """Each alert as the span it covered: from its opening to its close (or last window, while open)."""
+    return [Span(a.asset, a.opened_ms, a.closed_ms if a.closed_ms is not None else a.last_seen_ms, a.severity)
+            for a in alerts]
+
+
+def score_incidents(result: Backtest, incidents: Sequence[Span]) -> EventScores:
+    """Recall over the incidents of the backtest's assets and precision over its alerts (``score_events``)."""
+    assets = {s.asset for s in result.scores}
+    return score_events([i for i in incidents if i.asset in assets], alert_spans(result.alerts))
+
+
+def _ms(value: Any, where: str) -> int:
+    try:
+        stamp = pd.Timestamp(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: unreadable time {value!r} ({exc})") from None
+    if pd.isna(stamp):
+        raise ConfigError(f"{where}: no time given")
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return datetime_to_ms(stamp.to_pydatetime())
+
+
+def read_incidents(path: Path) -> list[Span]:
+    """Known incidents: a JSON list of objects, or a CSV, with ``asset``, ``start`` and ``end`` (ISO-8601; UTC unless
+    an offset is given; ``end`` exclusive) and an optional ``label`` or ``kind`` (``sensorwatch simulate``'s ground
+    truth is such a file). ConfigError naming the entry and the problem for anything else."""
+    try:
+        if path.suffix.lower() == ".csv":
+            rows: list[Any] = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        else:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read incidents {path}: {exc}") from None
+    if not isinstance(rows, list):
+        raise ConfigError(f"incidents {path}: expected a list of objects with asset, start and end")
+    spans = []
+    for i, row in enumerate(rows):
+        where = f"incidents {path.name}[{i}]"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: expected an object with asset, start and end")
+        missing = [k for k in ("asset", "start", "end") if not isinstance(row.get(k), str) or not row[k]]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        start, end = _ms(row["start"], where), _ms(row["end"], where)
+        if end <= start:
+            raise ConfigError(f"{where}: end {row['end']} is not after start {row['start']}")
+        label = row.get("label") or row.get("kind") or ""
+        spans.append(Span(row["asset"], start, end, label if isinstance(label, str) else str(label)))
+    return spans
+
+
+def report_data(result: Backtest, group: GroupConfig, asset: str, csv_path: Path | None = None) -> ReportData:
+    """The HTML report of one asset's backtest (``report.render_html``): its scores and alerts (numbered in opening
+    order across the backtest) over its span, with its raw signals from ``csv_path``."""
+    scores = [s for s in result.scores if s.asset == asset]
+    if not scores:
+        raise ValueError(f"the backtest has no windows of asset {asset!r}")
+    numbered = [(i, a) for i, a in enumerate(result.alerts, start=1) if a.asset == asset]
+    alerts = [ReportAlert(id=i, severity=a.severity, status=a.status, start_ms=a.opened_ms,
+                          end_ms=a.closed_ms if a.closed_ms is not None else a.last_seen_ms, peak_score=a.peak_score,
+                          threshold=a.threshold, window_count=a.window_count, top_sensors=list(a.top_sensors),
+                          off_training=dict(a.off_training or {})) for i, a in numbered]
+    start_ms, end_ms = scores[0].start_ms, scores[-1].end_ms
+    signals = read_signals(csv_path, asset, group.sensor_names, start_ms, end_ms) if csv_path else {}
+    return ReportData(asset=asset, group=group.name, sensors=group.sensor_names,
+                      tiers=[t.name for t in group.alert.tiers], exit_level=group.alert.exit_level,
+                      start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
+                      maintenance=maintenance_runs(group.alert, asset, scores), signals=signals,
+                      signal_source=csv_path.name if csv_path else "")

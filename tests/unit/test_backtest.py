@@ -1,0 +1,125 @@
+"""Backtest: a trained model and the configured alert rules run over recorded history through the pipeline's own
+steps, on SQLite (the embedded default) with a real model; nothing is written to the database."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import backtest
+from pipeline.cli import app
+from pipeline.errors import ConfigError
+from pipeline.store import repo
+from pipeline.store.db import make_engine, make_sessionmaker
+
+SENSORS = ["speed", "flow", "pressure", "current", "vibration", "motor_temp", "bearing_temp"]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained, active dense model of two simulated pumps, and 12 hours of their history with 2 injected anomalies
+    each (``hist/readings.csv``, ``hist/ground_truth.json``)."""
+    root = tmp_path_factory.mktemp("backtest")
+    config = root / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"url": f"sqlite:///{root / 'sw.db'}"}, "model_dir": str(root / "models"),
+        "groups": [{"name": "pumps", "assets": ["pump-1", "pump-2"], "sampling_period_s": 10,
+                    "sensors": [{"name": s} for s in SENSORS], "window": {"length": 30, "stride": 5},
+                    "model": {"type": "dense", "epochs": 8}}]}))
+    for args in (["simulate", "--out", str(root / "normal"), "--anomalies", "0", "--hours", "24",
+                  "--assets", "pump-1,pump-2"],
+                 ["simulate", "--out", str(root / "hist"), "--anomalies", "2", "--hours", "12", "--assets",
+                  "pump-1,pump-2", "--start", "2026-01-02T00:00:00", "--seed", "11"],
+                 ["db", "upgrade", "-c", str(config)],
+                 ["train", "-c", str(config), "--csv", str(root / "normal" / "readings.csv")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_a_backtest_raises_the_alerts_the_history_calls_for_and_writes_nothing(deployed: Path) -> None:
+    out = deployed / "out"
+    result = runner.invoke(app, [
+        "backtest", "-c", str(deployed / "c.yaml"), "--csv", str(deployed / "hist" / "readings.csv"), "--format",
+        "json", "--incidents", str(deployed / "hist" / "ground_truth.json"), "--scores-out", str(out / "s.csv"),
+        "--report-dir", str(out / "reports")])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["group"] == "pumps" and doc["model_version"].startswith("pumps-")
+    assert [a["asset"] for a in doc["assets"]] == ["pump-1", "pump-2"]
+    windows = sum(a["windows"] for a in doc["assets"])
+    assert windows == 2 * (12 * 360 - 30) // 5 + 2  # every complete window of the 12 hours, stride 5
+    assert doc["incidents"]["recall"] == 1.0 and doc["incidents"]["missed"] == []  # all 4 injected anomalies
+    assert doc["alerts"] and all(a["severity"] in ("warning", "critical") for a in doc["alerts"])
+    assert sum(sum(a["alerts"].values()) for a in doc["assets"]) == len(doc["alerts"])
+    scores = pd.read_csv(out / "s.csv")
+    assert len(scores) == windows and set(SENSORS) <= set(scores.columns)
+    assert scores["is_anomaly"].sum() == sum(a["anomalous"] for a in doc["assets"]) > 0
+    assert sorted(p.name for p in (out / "reports").iterdir()) == ["pump-1.html", "pump-2.html"]
+    assert "data-alert-id" in (out / "reports" / "pump-1.html").read_text(encoding="utf-8")
+    engine = make_engine(f"sqlite:///{deployed / 'sw.db'}")
+    with make_sessionmaker(engine)() as session:  # a backtest changes nothing
+        assert repo.count_scores(session=session) == 0 and repo.list_alerts(session=session, limit=None) == []
+    engine.dispose()
+
+
+def test_the_backtest_does_not_depend_on_how_the_history_is_chunked(deployed: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alerts and verdicts are the same whether the windows go through in one forward pass or in many small ones
+    (the streaming pipeline's batches are whatever a poll brings)."""
+    from pipeline.config import load_config
+    from pipeline.registry import load_active
+    from pipeline.train import read_readings_csv, windows_from_frame
+
+    cfg = load_config(deployed / "c.yaml")
+    group = cfg.groups[0]
+    windows = windows_from_frame(read_readings_csv(deployed / "hist" / "readings.csv"), group)
+    engine = make_engine(cfg.database.url)
+    with make_sessionmaker(engine)() as session:
+        detector = load_active(session=session, config=cfg)["pumps"]
+    engine.dispose()
+    whole = backtest.run_backtest(windows, detector, group)
+    monkeypatch.setattr(backtest, "CHUNK", 37)
+    seen: list[int] = []
+    chunked = backtest.run_backtest(windows, detector, group, advance=seen.append)
+    assert sum(seen) == len(windows) and len(seen) == -(-len(windows) // 37)
+    assert chunked.alerts == whole.alerts and len(whole.alerts) > 0
+    assert [(s.asset, s.end_ms, s.is_anomaly) for s in chunked.scores] == [
+        (s.asset, s.end_ms, s.is_anomaly) for s in whole.scores]
+
+
+def test_a_backtest_without_a_model_or_with_another_groups_model_is_refused(deployed: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((deployed / "c.yaml").read_text())
+    raw["groups"][0]["name"] = "fans"
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(raw))
+    csv = str(deployed / "hist" / "readings.csv")
+    none = runner.invoke(app, ["backtest", "-c", str(other), "--csv", csv])
+    assert none.exit_code == 2 and "group 'fans' has no active model: give --version" in none.output
+    version = json.loads(runner.invoke(app, ["models", "list", "-c", str(deployed / "c.yaml"), "--format",
+                                             "json"]).stdout)[0]["version"]
+    wrong = runner.invoke(app, ["backtest", "-c", str(other), "--csv", csv, "--version", version])
+    assert wrong.exit_code == 2 and f"model {version} is of group 'pumps', not 'fans'" in wrong.output
+
+
+def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp_path: Path) -> None:
+    spans = tmp_path / "incidents.csv"
+    spans.write_text("asset,start,end,label\npump-1,2026-01-02T01:00:00Z,2026-01-02T02:00:00Z,bearing\n"
+                     "pump-2,2026-01-02 03:00,2026-01-02 03:30,\n")
+    first, second = backtest.read_incidents(spans)
+    assert (first.asset, first.label, first.end_ms - first.start_ms) == ("pump-1", "bearing", 3_600_000)
+    assert (second.label, second.end_ms - second.start_ms) == ("", 1_800_000)  # no offset: UTC
+    for entries, problem in (([{"asset": "p", "start": "2026-01-02"}], r"incidents i.json\[0\]: missing end"),
+                             ([{"asset": "p", "start": "2026-01-02", "end": "yesterday"}], "unreadable time"),
+                             ([{"asset": "p", "start": "2026-01-02", "end": "2026-01-01"}], "is not after start"),
+                             ({"asset": "p"}, "expected a list")):
+        bad = tmp_path / "i.json"
+        bad.write_text(json.dumps(entries))
+        with pytest.raises(ConfigError, match=problem):
+            backtest.read_incidents(bad)
