@@ -75,7 +75,7 @@ def test_the_compose_health_check_asks_readiness_on_the_default_metrics_port() -
 
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["alerts", "list", "--help"], ["demo", "--help"],
                                   ["drift", "--help"], ["check", "--help"], ["sinks", "status", "--help"],
-                                  ["sinks", "retry", "--help"]])
+                                  ["sinks", "retry", "--help"], ["backtest", "--help"]])
 def test_help_texts(args: list[str]) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 0
