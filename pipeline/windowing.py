@@ -20,8 +20,9 @@ its windows close for idleness: nothing followed them.
 
 Restarts: ``resume`` seeds an asset with the first window start not yet closed, and ``set_replay_boundary`` tells which
 offsets the previous owner already processed. A replayed reading for an already-closed slot is then recognised as
-replay (dropped silently) instead of being reported late again. ``safe_offsets`` tells how far offsets may be committed
-so that a restarted consumer can rebuild every open window from the replayed records.
+replay (dropped silently) instead of being reported late again, and a held reading that a replayed reading decides as
+a jump (the previous owner decided it too, and reported it) is replay as well. ``safe_offsets`` tells how far offsets
+may be committed so that a restarted consumer can rebuild every open window from the replayed records.
 """
 
 from __future__ import annotations
@@ -195,7 +196,12 @@ class Windower:
                     for r in sorted([*held, reading], key=lambda r: r.ts_ms):
                         self._place(reading.asset, r, state, out, now_ms, was_held=r is not reading)
                     continue
-                out.jumped += held  # the stream went on elsewhere: the held ones carried a glitching clock
+                # the stream went on elsewhere: the held ones carried a glitching clock. Decided by a replayed
+                # reading, the previous owner decided it too, and sent the verdict
+                if reading.offset < self._replay_upto.get(reading.partition, -1):
+                    out.replayed += len(held)
+                else:
+                    out.jumped += held
             if state.max_slot > _NEVER and slot > state.max_slot + reach:
                 self._hold(reading.asset, state, reading, now_ms)  # until the asset's next instant tells
                 continue

@@ -106,6 +106,38 @@ def test_a_reading_held_across_a_restart_is_still_decided_and_dead_lettered(tmp_
     assert after.stats.rejected == {"ts_jump": 1}
 
 
+def test_a_glitch_decided_before_a_restart_or_a_new_group_id_is_not_dead_lettered_again(tmp_path: Path) -> None:
+    """A ts_jump the previous owner decided and sent is replayed when a restart re-reads it (the open windows' oldest
+    reading came before it) or a new kafka.group_id reads the topic from its start: held again, decided again by a
+    replayed reading, it is replay, not a second dead-letter record."""
+    from pipeline.config import parse_config
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    producer = _Producer()
+    steps = [*range(21), 300, *range(21, 26)]  # a glitch at offset 21, decided by the next reading
+    records = [_record(offset, step, {"x": 0.1, "y": 0.1}) for offset, step in enumerate(steps)]
+    raw = {"database": {"url": url}, "groups": [{
+        "name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": 10, "stride": 2, "max_gap": 0}}]}
+
+    def runner(group_id: str) -> Runner:
+        return Runner(parse_config({**raw, "kafka": {"group_id": group_id}}, env={}),
+                      sessions=make_sessionmaker(make_engine(url)), detectors={"g": _MeanDetector()},
+                      producer=producer, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+
+    commit = runner("old").process(records, T0 + 26_000)
+    assert [h["reason"] for _, _, h in producer.sent] == [b"ts_jump"]
+    assert commit[0] <= 21  # open windows need readings from before the glitch: a restart re-reads it
+    restarted = runner("old")
+    restarted.process(records[commit[0]:], T0 + 30_000)
+    new = runner("new")
+    new.process(records, T0 + 30_000)  # the whole topic
+    assert [h["reason"] for _, _, h in producer.sent] == [b"ts_jump"]
+    assert restarted.stats.rejected == {} and new.stats.rejected == {}
+    assert new.stats.replayed == len(records) and new.stats.readings == 0
+
+
 def test_a_held_reading_decided_by_a_late_one_or_placed_as_a_partial_duplicate(tmp_path: Path) -> None:
     """Decided in a later batch than it arrived in: by a late reading (no crash, counted once), or confirmed and
     placed as a partial duplicate (its dead-letter record carries its original bytes)."""
