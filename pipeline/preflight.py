@@ -10,7 +10,7 @@ Checks, in order (each independent of the others' outcome):
   alert sinks  (when a sink is configured or the outbox holds events) events pending and failed per sink; a warning
              for failed events, pending ones older than 5 minutes, or pending ones of a sink no longer configured
   model_dir  exists (or can be created) and is writable: the nightly retrain saves bundles there
-  metrics port  free (``run`` serves /metrics and the health probes there)
+  metrics port  free (``run`` serves /metrics and the health probes there), or serving a running pipeline's metrics
   kafka      a broker answers (else the last connection error); the readings topic exists (with its partitions);
              the dead-letter and alert topics exist, or are created on first use by the brokers (a warning), else
              a failure (a warning when the brokers' setting cannot be read)
@@ -20,8 +20,10 @@ not store what it produces).
 
 from __future__ import annotations
 
+import errno
 import socket
 import tempfile
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -77,9 +79,25 @@ def _metrics_port(config: Config) -> Check:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
             probe.bind((host, port))
     except OSError as exc:
+        # check run beside the deployment: the port is held by that pipeline, where it should be
+        if exc.errno == errno.EADDRINUSE and _serves_pipeline_metrics(host, port):
+            return Check("metrics port", "ok", f"{host}:{port}: in use by a running sensorwatch pipeline (another "
+                         "process on this host needs its own metrics.port)")
         return Check("metrics port", "fail", f"{host}:{port}: {exc.strerror} (a pipeline already running here? each "
                      "process on a host needs its own metrics.port)")
     return Check("metrics port", "ok", f"{host}:{port}: free")
+
+
+def _serves_pipeline_metrics(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """Whether ``host:port`` answers ``/metrics`` with a sensorwatch pipeline's metrics (a running ``run``)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://[{target}]:{port}/metrics" if ":" in target else f"http://{target}:{port}/metrics"
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the host itself, never a proxy
+        with opener.open(url, timeout=timeout_s) as answer:
+            return b"sensorwatch_readings_total" in answer.read(1 << 20)
+    except (OSError, ValueError):
+        return False
 
 
 def _database_and_models(config: Config) -> list[Check]:

@@ -102,6 +102,24 @@ def test_a_taken_metrics_port_fails_the_check() -> None:
     assert _metrics_port(config).status == "ok"  # free again
 
 
+def test_the_metrics_port_of_a_running_pipeline_is_no_failure() -> None:
+    """`check` beside a running deployment: the port is taken by that pipeline's own endpoint, which is where it
+    should be (it failed the check, exit 1, for a healthy deployment)."""
+    from pipeline.metrics import PipelineMetrics, serve
+    from pipeline.preflight import _metrics_port
+
+    server = serve(PipelineMetrics(), "127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        config = parse_config({"metrics": {"host": "127.0.0.1", "port": port},
+                               "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+        running = _metrics_port(config)
+        assert running.status == "ok" and "in use by a running sensorwatch pipeline" in running.detail
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_alert_sinks_line_warns_of_failed_stale_and_orphaned_events(sessions) -> None:  # type: ignore[no-untyped-def]
     from datetime import UTC, datetime, timedelta
 
