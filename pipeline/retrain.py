@@ -605,11 +605,12 @@ def _recent_split(config: Config, group: GroupConfig, active: Detector | None, *
     since_ms = datetime_to_ms(now) - round(rc.lookback_days * DAY_MS)
     margin_ms = round(rc.alert_margin_s * 1000)
     # the alerts the lookback's windows can meet (readings may be as old as ingest.max_age_s when they arrive): they
-    # decide which windows thinning must keep, and which are near an alert in the split
+    # decide which windows thinning must keep, and which are near an alert in the split. The group's assets' alerts,
+    # whichever group raised them: after a rename (or a move) the resolved ones keep the group they were raised in
     max_age_ms = round(config.ingest.max_age_s * 1000) if config.ingest.max_age_s is not None else None
     alerts_since = ms_to_datetime(since_ms - max_age_ms - margin_ms) if max_age_ms is not None else None
     with sessions() as session:
-        spans = _spans(repo.list_alerts(session=session, group=group.name, since=alerts_since, limit=None))
+        spans = _spans(repo.list_alerts(session=session, assets=group.assets, since=alerts_since, limit=None))
     near = near_alerts(spans, margin_ms)
     alphas = [group.threshold.ewma_alpha, active.ewma_alpha if active is not None else None]
     data = read_recent_windows(config, group, since_ms=since_ms, max_windows=rc.max_windows,

@@ -205,14 +205,18 @@ def excursions(*, session: Session, since: Mapping[str, datetime], relative: flo
 
 def list_alerts(*, session: Session, status: str | None = None, asset: str | None = None, group: str | None = None,
                 severity: str | None = None, since: datetime | None = None, until: datetime | None = None,
-                acknowledged: bool | None = None, limit: int | None = 50) -> list[Alert]:
+                acknowledged: bool | None = None, limit: int | None = 50,
+                assets: Sequence[str] | None = None) -> list[Alert]:
     """Alerts, newest first, optionally filtered. ``since``/``until`` keep the alerts active in that span (last seen
-    at or after ``since``, opened before ``until``); ``limit=None`` returns them all."""
+    at or after ``since``, opened before ``until``); ``assets``: those of these assets, whatever group they were
+    raised in; ``limit=None`` returns them all."""
     query: Select[tuple[Alert]] = select(Alert)
     if status:
         query = query.where(Alert.status == status)
     if asset:
         query = query.where(Alert.asset == asset)
+    if assets is not None:
+        query = query.where(Alert.asset.in_(sorted(assets)))
     if group:
         query = query.where(Alert.group_name == group)
     if severity:

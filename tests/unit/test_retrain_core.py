@@ -563,3 +563,32 @@ def test_promotions_within_the_tolerance_cannot_ratchet_the_false_alarm_rate_up(
     assert run(0.05, 0.05).promote
     assert gate(_eval(0.0389), _eval(0.0224, version="a"), anomalous_fraction=0.1, max_anomalous_fraction=0.5,
                 tolerance=0.02).promote  # a model from before the design rate was recorded: as before
+
+
+def test_a_renamed_groups_alerts_still_keep_their_windows_out_of_training(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Alerts keep the group they were raised in once resolved; after the group is renamed, the retrain still leaves
+    the windows near its assets' alerts out of training and checks the candidate on them (it found none: the
+    alert windows of the lookback went into training as normal data, and the recall check was skipped)."""
+    from pipeline import retrain
+    from pipeline.alerting import AlertRecord
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    now = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+    t0 = int((now - timedelta(hours=2)).timestamp() * 1000)
+    with sessions.begin() as s:  # raised while the group was called "old-name"
+        repo.upsert_alerts(session=s, alerts=[AlertRecord("a", "old-name", t0 + 30 * MIN, t0 + 40 * MIN,
+                                                          t0 + 45 * MIN, 3.0, 1.0, "warning", "resolved", 5, [],
+                                                          "old-name-1")])
+    windows = [Window("a", "g", t0 + m * MIN, t0 + (m + 10) * MIN, np.zeros((4, 2))) for m in range(0, 100, 5)]
+    monkeypatch.setattr(retrain, "read_recent_windows",
+                        lambda *args, **kwargs: retrain.RecentData(windows, records=100, rejected=0))
+    cfg = _config(url)
+    metrics: dict[str, object] = {}
+    result = retrain._recent_split(cfg, cfg.group("g"), None, sessions=sessions, now=now, metrics=metrics)
+    assert result is not None
+    split = result[0]
+    assert metrics["alerts"] == 1 and split.alert_windows
+    assert not {w.start_ms for w in split.train} & {w.start_ms for w in split.alert_windows}
