@@ -170,9 +170,9 @@ def run(
     except (ModelError, TransientError) as exc:
         raise _fail(exc) from None
     logging.getLogger(__name__).info(
-        "stopped: %d readings, %d windows scored, %d skipped, %d rejected %s, %d alerts opened",
-        stats.readings, stats.windows_scored, stats.windows_skipped, sum(stats.rejected.values()),
-        dict(stats.rejected), stats.alerts_opened,
+        "stopped: %d readings, %d windows scored, %d skipped, %d rejected %s, %d alerts opened; %d records replayed "
+        "(processed before)", stats.readings, stats.windows_scored, stats.windows_skipped,
+        sum(stats.rejected.values()), dict(stats.rejected), stats.alerts_opened, stats.replayed,
     )
 
 

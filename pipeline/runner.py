@@ -88,7 +88,8 @@ class RunStats:
         arrived."""
         rejected = self.rejected - before.rejected
         readings = self.readings - before.readings
-        if not readings and not rejected and self.windows_scored == before.windows_scored:
+        replayed = self.replayed - before.replayed
+        if not readings and not rejected and not replayed and self.windows_scored == before.windows_scored:
             return None
         line = (f"last {seconds:.0f} s: {readings:,} readings, {self.windows_scored - before.windows_scored:,} "
                 f"windows scored, {self.windows_skipped - before.windows_skipped:,} skipped, "
@@ -97,6 +98,8 @@ class RunStats:
                 f"{sum(rejected.values()):,} rejected")
         if rejected:
             line += " (" + ", ".join(f"{reason} {n:,}" for reason, n in rejected.most_common()) + ")"
+        if replayed:  # a re-read of what this database has (a restart, a new group_id): its progress shows
+            line += f"; {replayed:,} records replayed (processed before)"
         return line
 
 

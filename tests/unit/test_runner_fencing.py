@@ -270,6 +270,18 @@ def test_the_periodic_status_line_says_what_the_loop_did_since_the_last_one() ->
                                           "opened, 0 resolved, 120 rejected (malformed_json 100, late 20)")
 
 
+def test_the_periodic_line_shows_a_replay_in_progress() -> None:
+    """A new group_id re-reads the topic's history as replay: no reading, window or reject is new, and the 5-minute
+    line said nothing for as long as the re-read lasted. It says how far the replay got."""
+    from pipeline.runner import RunStats
+
+    stats = RunStats()
+    before = stats.snapshot()
+    stats.replayed += 48_000
+    assert stats.since(before, 300) == ("last 300 s: 0 readings, 0 windows scored, 0 skipped, 0 alert(s) opened, "
+                                        "0 resolved, 0 rejected; 48,000 records replayed (processed before)")
+
+
 def test_a_database_failure_reaches_healthz_with_the_password_scrubbed(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'sw.db'}"
     upgrade(url)
