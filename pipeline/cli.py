@@ -949,9 +949,6 @@ def report(
         raise typer.BadParameter("--until must be after --since", param_hint="--until")
     cfg = _load(config)
     group = cfg.asset_groups().get(asset)
-    if group is None:  # taken out of the configuration: its history is still stored
-        console.print(f"[yellow]note[/yellow]: asset {escape(asset)} is in no group of {escape(str(config))}: "
-                      "reporting it with the group of its stored windows")
     try:
         with _session(cfg) as session:
             data = load_report_data(session=session, group=group, asset=asset, start=start, end=end,
@@ -959,6 +956,9 @@ def report(
             span = None if data.scores else repo.score_span(session=session, asset=asset)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
+    if group is None:  # taken out of the configuration: its history is still stored
+        console.print(f"[yellow]note[/yellow]: asset {escape(asset)} is in no group of {escape(str(config))}: "
+                      f"reported with the group of its stored windows ({escape(data.group)})")
     write_report(out, data)
     signals = f", raw signals of {len(data.signals)} from {csv_path.name}" if data.signals and csv_path else ""
     console.print(f"[green]wrote[/green] {escape(str(out))}: {len(data.scores)} windows, {len(data.alerts)} "
