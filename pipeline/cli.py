@@ -1104,6 +1104,62 @@ def backtest(
 
 
 @app.command()
+def replay(
+    config: ConfigOption,
+    csv_path: Annotated[Path, typer.Option("--csv", help="CSV of readings: ts, \\[asset,] one column per sensor (as "
+                                                         "simulate writes and train reads).")],
+    group: Annotated[str | None, typer.Option(help="Group whose first asset rows without an asset column are "
+                                                   "(default: the only group).")] = None,
+    speed: Annotated[float | None, typer.Option(help="Pace the records at this multiple of real time by their ts "
+                                                     "(1: real time, 60: an hour a minute); default: as fast as "
+                                                     "the brokers take them.", min=0.001)] = None,
+) -> None:
+    """Produce a CSV of recorded readings to the readings topic (kafka section of the configuration): one record per
+    row in the message format, keyed by the asset, in time order, for a running pipeline to consume. For trials,
+    demos and backfills. Sensors and assets not in the configuration, unreadable times and cells that are not
+    numbers are left out, each counted in a note. The topic must exist (sensorwatch creates none)."""
+    from kafka.errors import KafkaError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline import kafka_io
+    from pipeline.replay import csv_messages, send
+    from pipeline.train import read_readings_csv
+    from pipeline.types import ms_to_datetime
+
+    def when(ms: int) -> str:
+        return ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    cfg = _load(config)
+    try:
+        prepared = csv_messages(read_readings_csv(csv_path), cfg, cfg.group(group) if group else None)
+    except ConfigError as exc:
+        raise _fail(exc, 2) from None
+    for note in prepared.notes:
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
+    topic = cfg.kafka.topic
+    try:
+        if not kafka_io.topic_partitions(cfg.kafka, [topic], timeout_s=15)[topic]:
+            raise _fail(TransientError(f"topic {topic} does not exist: create it, e.g. kafka-topics.sh --create "
+                                       f"--topic {topic} --partitions 3"), 1)
+        producer = kafka_io.make_producer(cfg.kafka, linger_ms=20, batch_size=256 * 1024)
+    except (TransientError, KafkaError) as exc:
+        raise _fail(exc, 1) from None
+    messages = prepared.messages
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task(f"replay to {topic}", total=len(messages))
+            sent = send(producer, topic, messages, speed=speed, advance=lambda n: bar.advance(task, n))
+    except (TransientError, KafkaError) as exc:
+        raise _fail(exc, 1) from None
+    finally:
+        producer.close()
+    first, last = messages[0][1]["ts"], messages[-1][1]["ts"]
+    console.print(f"[green]sent[/green] {sent} readings of {len({a for a, _ in messages})} asset(s) to {escape(topic)}"
+                  f" ({when(first)} to {when(last)})")
+
+
+@app.command()
 def simulate(
     out: Annotated[Path, typer.Option(help="Directory for readings.csv and ground_truth.json.")],
     assets: Annotated[str, typer.Option(help="Comma-separated asset ids.")] = "pump-1,pump-2,pump-3",

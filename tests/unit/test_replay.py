@@ -1,0 +1,93 @@
+"""Replay: a CSV of readings becomes time-ordered messages of configured assets and sensors (pure), produced keyed by
+asset, paced when asked; the real broker round trip is in tests/integration/test_replay_broker.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError, TransientError
+from pipeline.replay import csv_messages, send
+
+CONFIG = parse_config({"groups": [
+    {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}, {"name": "temp"}]},
+    {"name": "fans", "assets": ["f1"], "sensors": [{"name": "speed"}]}]}, env={})
+
+
+def test_rows_become_time_ordered_messages_of_configured_assets_and_sensors() -> None:
+    frame = pd.DataFrame({
+        "ts": ["2026-01-01T00:00:10Z", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00", "garbage",
+               "2026-01-01T00:00:20Z", "2026-01-01T00:00:30Z"],
+        "asset": ["p1", "p2", "p1", "p1", "x9", "f1"],
+        "flow": [1.0, 2.0, "n/a", 4.0, 5.0, 6.0],
+        "temp": [10.0, None, None, 40.0, 50.0, 60.0],
+        "speed": [None, None, None, None, None, 700.0],
+        "note": ["a", "b", "c", "d", "e", "f"],
+    })
+    prepared = csv_messages(frame, CONFIG)
+    t0 = 1767225600000
+    assert prepared.messages == [
+        ("p2", {"asset": "p2", "ts": t0, "values": {"flow": 2.0}}),  # ties by asset; p1's row had no number
+        ("p1", {"asset": "p1", "ts": t0 + 10_000, "values": {"flow": 1.0, "temp": 10.0}}),
+        ("f1", {"asset": "f1", "ts": t0 + 30_000, "values": {"speed": 700.0}}),  # only its group's sensors
+    ]
+    assert prepared.notes == [
+        "1 row(s) with an unreadable ts left out (first: row 3)",
+        "1 row(s) of asset(s) not in the configuration left out: x9",
+        "column(s) that are no configured sensor left out: note",
+        "1 value(s) that are not numbers left out",
+    ]
+
+
+def test_rows_without_an_asset_column_need_a_group_when_there_are_several() -> None:
+    frame = pd.DataFrame({"ts": [1767225600000, 1767225601000], "speed": [1.0, 2.0]})
+    with pytest.raises(ConfigError, match="no 'asset' column: give --group"):
+        csv_messages(frame, CONFIG)
+    prepared = csv_messages(frame, CONFIG, CONFIG.group("fans"))
+    assert [(a, p["ts"]) for a, p in prepared.messages] == [("f1", 1767225600000), ("f1", 1767225601000)]
+    with pytest.raises(ConfigError, match="needs a 'ts' column"):
+        csv_messages(frame.drop(columns="ts"), CONFIG)
+    with pytest.raises(ConfigError, match="no row with a readable ts"):
+        csv_messages(frame.assign(ts="never"), CONFIG, CONFIG.group("fans"))
+
+
+class _Producer:
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.sent: list[tuple[str, bytes, float]] = []
+        self.fail_at, self.flushed = fail_at, False
+        self.now = 0.0
+
+    def send(self, topic: str, key: bytes, value: bytes) -> Any:
+        self.sent.append((topic, key, self.now))
+        failing = len(self.sent) == self.fail_at
+
+        class Future:
+            def add_errback(self, errback: Any) -> None:
+                if failing:
+                    errback(RuntimeError("NotLeaderForPartition"))
+        return Future()
+
+    def flush(self) -> None:
+        self.flushed = True
+
+
+def test_send_paces_by_the_readings_time_and_names_unacknowledged_records() -> None:
+    messages = [(a, {"asset": a, "ts": 1767225600000 + s * 1000, "values": {"flow": 1.0}})
+                for a, s in (("p1", 0), ("p2", 0), ("p1", 60), ("p1", 120))]
+    producer = _Producer()
+
+    def sleep(seconds: float) -> None:
+        producer.now += seconds
+
+    progress: list[int] = []
+    assert send(producer, "t", messages, speed=60, advance=progress.append,  # type: ignore[arg-type]
+                clock=lambda: producer.now, sleep=sleep) == 4
+    assert [(k, round(at, 3)) for _, k, at in producer.sent] == [(b"p1", 0), (b"p2", 0), (b"p1", 1), (b"p1", 2)]
+    assert producer.flushed and sum(progress) == 4
+    fast = _Producer()
+    assert send(fast, "t", messages, clock=lambda: 0.0, sleep=sleep) == 4  # type: ignore[arg-type]
+    with pytest.raises(TransientError, match="1 of 4 record"):
+        send(_Producer(fail_at=3), "t", messages)  # type: ignore[arg-type]
