@@ -21,7 +21,7 @@ import pandas as pd
 
 from models.detector import Detector
 from pipeline.alerting import AlertEngine
-from pipeline.config import GroupConfig
+from pipeline.config import Config, GroupConfig
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EventScores, Span, score_events
@@ -56,6 +56,39 @@ class AssetSummary:
     anomalous: int
     alerts: dict[str, int]
     alerts_per_day: float | None
+
+
+def group_rows(frame: pd.DataFrame, config: Config, group: GroupConfig) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of ``frame`` that the pipeline would judge with ``group``'s model (those of its assets, by the
+    ``asset`` column; a frame without one is all the group's first asset's), index kept, and a note (one line) per
+    kind of row left out: assets of other groups (their own group's model judges them), assets the configuration
+    does not know (the pipeline rejects them) and rows without an asset. ConfigError when no row is left."""
+    if "asset" not in frame.columns:
+        return frame, []
+    present = frame["asset"].notna().to_numpy()
+    assets = frame["asset"].astype(str)
+    mine = present & assets.isin(group.assets).to_numpy()
+    owners = config.asset_groups()
+    counts = assets[~mine & present].value_counts()
+    others = sorted(a for a in counts.index if a in owners)
+    unknown = sorted(a for a in counts.index if a not in owners)
+
+    def listed(names: list[str], what: Callable[[str], str] = str) -> str:
+        return ", ".join(map(what, names[:5])) + (" ..." if len(names) > 5 else "")
+
+    notes = []
+    if others:
+        notes.append(f"{int(counts[others].sum())} row(s) of other groups' assets left out: "
+                     + listed(others, lambda a: f"{a} ({owners[a].name})"))
+    if unknown:
+        notes.append(f"{int(counts[unknown].sum())} row(s) of assets not in the configuration left out: "
+                     + listed(unknown))
+    if not present.all():
+        notes.append(f"{int((~present).sum())} row(s) without an asset left out")
+    if not mine.any():
+        raise ConfigError(f"no row of group {group.name!r}'s assets ({listed(group.assets)}) in the data"
+                          + (f", only of {listed(sorted(counts.index))}" if len(counts) else ""))
+    return frame[mine], notes
 
 
 def run_backtest(windows: Sequence[Window], detector: Detector, group: GroupConfig, *,

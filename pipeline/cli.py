@@ -979,7 +979,8 @@ def backtest(
     config: ConfigOption,
     csv_path: Annotated[Path, typer.Option("--csv", help="CSV of recorded readings: ts, \\[asset,] one column per "
                                                          "sensor (as for train).")],
-    group: Annotated[str | None, typer.Option(help="Group to backtest (default: the only group).")] = None,
+    group: Annotated[str | None, typer.Option(help="Group to backtest (default: the only group); rows of other "
+                                                   "assets are left out.")] = None,
     version: Annotated[str | None, typer.Option(help="Model version (default: the group's active one).")] = None,
     incidents: Annotated[Path | None, typer.Option(
         help="Known incidents to score the alerts against: JSON list or CSV with asset, start, end \\[, label] "
@@ -998,8 +999,8 @@ def backtest(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.alert_format import duration_text, off_training_text, sensors_text
+    from pipeline.backtest import group_rows, report_data, run_backtest, score_incidents, summarize
     from pipeline.backtest import read_incidents as read_incident_file
-    from pipeline.backtest import report_data, run_backtest, score_incidents, summarize
     from pipeline.registry import load_version
     from pipeline.report import write_report
     from pipeline.store import repo
@@ -1013,7 +1014,10 @@ def backtest(
     try:
         group_cfg = cfg.group(group) if group else cfg.groups[0]
         known = read_incident_file(incidents) if incidents is not None else None
-        windows = windows_from_frame(read_readings_csv(csv_path), group_cfg, what="backtest data")
+        frame, notes = group_rows(read_readings_csv(csv_path), cfg, group_cfg)
+        for note in notes:
+            console.print(f"[yellow]note[/yellow]: {escape(note)}")
+        windows = windows_from_frame(frame, group_cfg, what="backtest data")
     except (ConfigError, ValueError) as exc:
         raise _fail(exc, 2) from None
     if not windows:

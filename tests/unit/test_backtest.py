@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from pipeline import backtest
 from pipeline.cli import app
+from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
@@ -106,6 +107,45 @@ def test_a_backtest_without_a_model_or_with_another_groups_model_is_refused(depl
                                              "json"]).stdout)[0]["version"]
     wrong = runner.invoke(app, ["backtest", "-c", str(other), "--csv", csv, "--version", version])
     assert wrong.exit_code == 2 and f"model {version} is of group 'pumps', not 'fans'" in wrong.output
+
+
+def test_rows_of_other_groups_and_unconfigured_assets_are_left_out(deployed: Path, tmp_path: Path) -> None:
+    """The pipeline judges an asset with its own group's model and rejects one it does not know: a history of
+    several groups' assets is backtested on the group's assets only, with a note for what was left out."""
+    frame = pd.read_csv(deployed / "hist" / "readings.csv")
+    stranger = frame[frame["asset"] == "pump-1"].assign(asset="pump-9", vibration=lambda f: f["vibration"] * 5)
+    mixed = tmp_path / "mixed.csv"
+    pd.concat([frame, stranger]).to_csv(mixed, index=False)
+    truth = json.loads((deployed / "hist" / "ground_truth.json").read_text())
+    incidents = tmp_path / "incidents.json"
+    incidents.write_text(json.dumps([*truth, {"asset": "pump-9", "start": "2026-01-02T01:00:00Z",
+                                              "end": "2026-01-02T02:00:00Z"}]))
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(mixed), "--format", "json",
+                                 "--incidents", str(incidents)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert [a["asset"] for a in doc["assets"]] == ["pump-1", "pump-2"]
+    assert {a["asset"] for a in doc["alerts"]} <= {"pump-1", "pump-2"}
+    assert doc["incidents"]["recall"] == 1.0  # pump-9's incident is not one of this backtest's
+    assert "4320 row(s) of assets not in the configuration left out: pump-9" in result.output
+    alone = tmp_path / "alone.csv"
+    stranger.to_csv(alone, index=False)
+    refused = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(alone)])
+    assert refused.exit_code == 2 and "no row of group 'pumps''s assets (pump-1, pump-2) in the data, only of pump-9" \
+        in refused.output
+
+
+def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
+    config = parse_config({"groups": [
+        {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}]},
+        {"name": "fans", "assets": ["f1"], "sensors": [{"name": "flow"}]}]}, env={})
+    frame = pd.DataFrame({"ts": range(6), "asset": ["p1", "f1", "x", "p2", "f1", None], "flow": 1.0})
+    rows, notes = backtest.group_rows(frame, config, config.group("pumps"))
+    assert list(rows.index) == [0, 3]  # the index names the file's rows in warnings
+    assert notes == ["2 row(s) of other groups' assets left out: f1 (fans)",
+                     "1 row(s) of assets not in the configuration left out: x", "1 row(s) without an asset left out"]
+    whole, none = backtest.group_rows(frame.drop(columns="asset"), config, config.group("fans"))
+    assert whole is not None and len(whole) == 6 and none == []
 
 
 def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp_path: Path) -> None:
