@@ -49,8 +49,8 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
     """The readings of ``frame`` (``ts``, optional ``asset``, one column per sensor) as messages sorted by time then
     asset: per row the values of its asset's group's sensors that are numbers (a missing or non-numeric cell is left
     out of its row, a row with none is left out). Rows without an ``asset`` column are ``group``'s first asset (the
-    only group's when None); rows of assets the configuration does not know are left out. ConfigError for a frame
-    without ``ts`` or without a single usable row."""
+    only group's when None); rows of assets the configuration does not know, or with an empty asset cell, are left
+    out. ConfigError for a frame without ``ts`` or without a single usable row."""
     if "ts" not in frame.columns:
         raise ConfigError("replay data needs a 'ts' column (ISO-8601 or epoch ms)")
     if "asset" not in frame.columns and group is None:
@@ -59,14 +59,21 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
                               "groups)")
         group = config.groups[0]
     notes: list[str] = []
-    assets = (frame["asset"].astype(str).to_numpy() if "asset" in frame.columns
-              else np.full(len(frame), group.assets[0] if group is not None else ""))
+    if "asset" in frame.columns:
+        present = frame["asset"].notna().to_numpy()
+        assets = np.where(present, frame["asset"].astype(str).to_numpy(dtype=object), "")
+    else:
+        present = np.ones(len(frame), dtype=bool)
+        assets = np.full(len(frame), group.assets[0] if group is not None else "", dtype=object)
     ts = _timestamps(frame["ts"])
     if (ts < 0).any():
         notes.append(f"{int((ts < 0).sum())} row(s) with an unreadable ts left out (first: row "
                      f"{int(np.flatnonzero(ts < 0)[0])})")
+    if not present.all():
+        notes.append(f"{int((~present).sum())} row(s) without an asset left out (first: row "
+                     f"{int(np.flatnonzero(~present)[0])})")
     groups = config.asset_groups()
-    unknown = sorted(set(assets) - set(groups))
+    unknown = sorted(set(assets[present]) - set(groups))
     if unknown:
         notes.append(f"{int(np.isin(assets, unknown).sum())} row(s) of asset(s) not in the configuration left out: "
                      + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
@@ -81,7 +88,7 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
         if bad:
             notes.append(f"{bad} value(s) that are not numbers left out")
     rows: list[tuple[int, str, dict[str, Any]]] = []
-    for i in np.flatnonzero((ts >= 0) & ~np.isin(assets, unknown)):
+    for i in np.flatnonzero((ts >= 0) & present & ~np.isin(assets, unknown)):
         asset = str(assets[i])
         mine = groups[asset].sensor_names
         row = {} if values is None else {s: float(v) for s, v in zip(sensors, values[i], strict=True)

@@ -42,6 +42,15 @@ def test_rows_become_time_ordered_messages_of_configured_assets_and_sensors() ->
     ]
 
 
+def test_rows_with_an_empty_asset_cell_are_left_out_with_a_note() -> None:
+    frame = pd.DataFrame({"ts": [1767225600000, 1767225601000, 1767225602000], "asset": ["f1", None, "x9"],
+                          "speed": [1.0, 2.0, 3.0]})
+    prepared = csv_messages(frame, CONFIG)
+    assert [(a, p["ts"]) for a, p in prepared.messages] == [("f1", 1767225600000)]
+    assert prepared.notes == ["1 row(s) without an asset left out (first: row 1)",
+                              "1 row(s) of asset(s) not in the configuration left out: x9"]
+
+
 def test_rows_without_an_asset_column_need_a_group_when_there_are_several() -> None:
     frame = pd.DataFrame({"ts": [1767225600000, 1767225601000], "speed": [1.0, 2.0]})
     with pytest.raises(ConfigError, match="no 'asset' column: give --group"):
