@@ -80,10 +80,10 @@ class ReportData:
 def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, end_ms: int
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (``ts`` as ISO-8601 or epoch ms; rows without
-    an ``asset`` column belong to every asset), for the sensors with at least one number there (empty when the file
-    has none in the range). ConfigError if the file cannot be read or has no ``ts``."""
+    an ``asset`` column belong to every asset; asset ids read as text), for the sensors with at least one number
+    there (empty when the file has none in the range). ConfigError if the file cannot be read or has no ``ts``."""
     try:
-        frame = pd.read_csv(path, sep=None, engine="python")
+        frame = pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read readings CSV {path}: {exc}") from None
     if "ts" not in frame.columns:

@@ -282,11 +282,12 @@ def _note_thin_tail(group: str, info: dict[str, Any]) -> None:
 
 
 def read_readings_csv(path: Path) -> pd.DataFrame:
-    """Read a CSV of readings (``ts`` column, one column per sensor, optional ``asset``); separator sniffed."""
+    """Read a CSV of readings (``ts`` column, one column per sensor, optional ``asset``, read as text: an asset id
+    ``007`` stays ``007``); separator sniffed."""
     try:
         if path.stat().st_size == 0:
             raise ValueError("the file is empty")
-        return pd.read_csv(path, sep=None, engine="python")
+        return pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read training data {path}: {exc}") from None
 

@@ -3,6 +3,7 @@ asset, paced when asked; the real broker round trip is in tests/integration/test
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -11,6 +12,8 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError, TransientError
 from pipeline.replay import csv_messages, send
+from pipeline.report import read_signals
+from pipeline.train import read_readings_csv
 
 CONFIG = parse_config({"groups": [
     {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}, {"name": "temp"}]},
@@ -49,6 +52,19 @@ def test_rows_with_an_empty_asset_cell_are_left_out_with_a_note() -> None:
     assert [(a, p["ts"]) for a, p in prepared.messages] == [("f1", 1767225600000)]
     assert prepared.notes == ["1 row(s) without an asset left out (first: row 1)",
                               "1 row(s) of asset(s) not in the configuration left out: x9"]
+
+
+def test_asset_ids_that_look_like_numbers_are_read_as_written(tmp_path: Path) -> None:
+    """``007`` is an asset id, not the number 7 (nor 7.0 in a column with an empty cell)."""
+    config = parse_config({"groups": [{"name": "g", "assets": ["007", "12"], "sensors": [{"name": "flow"}]}]},
+                          env={})
+    path = tmp_path / "r.csv"
+    path.write_text("ts,asset,flow\n2026-01-01T00:00:00Z,007,1.5\n2026-01-01T00:00:10Z,12,2.5\n"
+                    "2026-01-01T00:00:20Z,,3.5\n")
+    frame = read_readings_csv(path)
+    assert [a for a, _ in csv_messages(frame, config).messages] == ["007", "12"]
+    signals = read_signals(path, "007", ["flow"], 0, 2**62)
+    assert signals["flow"][1].tolist() == [1.5]
 
 
 def test_rows_without_an_asset_column_need_a_group_when_there_are_several() -> None:
