@@ -81,7 +81,8 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (``ts`` as ISO-8601 or epoch ms; rows without
     an ``asset`` column belong to every asset; asset ids read as text), for the sensors with at least one number
-    there (empty when the file has none in the range). ConfigError if the file cannot be read or has no ``ts``."""
+    there (empty when the file has none in the range); rows whose ``ts`` cannot be read are left out, as training
+    and backtests leave them out. ConfigError if the file cannot be read or has no ``ts``."""
     try:
         frame = pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
     except (OSError, ValueError) as exc:
@@ -91,10 +92,10 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
     if "asset" in frame.columns:
         frame = frame[frame["asset"].astype(str) == asset]
     column = frame["ts"]
-    ts = (pd.to_datetime(column, unit="ms", utc=True) if pd.api.types.is_numeric_dtype(column)
-          else pd.to_datetime(column, utc=True, format="mixed"))
+    ts = (pd.to_datetime(column, unit="ms", utc=True, errors="coerce") if pd.api.types.is_numeric_dtype(column)
+          else pd.to_datetime(column, utc=True, format="mixed", errors="coerce"))
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
-    keep = (ts_ms >= start_ms) & (ts_ms <= end_ms)
+    keep = ts.notna().to_numpy() & (ts_ms >= start_ms) & (ts_ms <= end_ms)
     order = np.argsort(ts_ms[keep], kind="stable")
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for sensor in sensors:

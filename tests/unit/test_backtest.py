@@ -15,6 +15,7 @@ from pipeline import backtest
 from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
+from pipeline.report import read_signals
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
 
@@ -133,6 +134,22 @@ def test_rows_of_other_groups_and_unconfigured_assets_are_left_out(deployed: Pat
     refused = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(alone)])
     assert refused.exit_code == 2 and "no row of group 'pumps''s assets (pump-1, pump-2) in the data, only of pump-9" \
         in refused.output
+
+
+def test_reports_of_a_history_with_unreadable_times_leave_those_rows_out(deployed: Path, tmp_path: Path) -> None:
+    """The backtest leaves a row whose ts cannot be read out with a warning; its HTML reports do the same instead of
+    failing on it (``report.read_signals``)."""
+    frame = pd.read_csv(deployed / "hist" / "readings.csv")
+    frame.loc[3, "ts"] = "garbage"
+    bad = tmp_path / "bad.csv"
+    frame.to_csv(bad, index=False)
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(bad), "--report-dir",
+                                 str(tmp_path / "reports")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["pump-1.html", "pump-2.html"]
+    asset = frame.loc[3, "asset"]
+    signals = read_signals(bad, asset, SENSORS, 0, 2**62)
+    assert len(signals["speed"][0]) == (frame["asset"] == asset).sum() - 1
 
 
 def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
