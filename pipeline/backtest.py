@@ -25,7 +25,7 @@ from pipeline.config import Config, GroupConfig
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EventScores, Span, score_events
-from pipeline.report import ReportAlert, ReportData, maintenance_runs, read_signals
+from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
 from pipeline.types import AlertRecord, Score, Window, datetime_to_ms
 
 CHUNK = 2000  # windows per forward pass: bounded memory on long histories
@@ -181,9 +181,11 @@ def read_incidents(path: Path) -> list[Span]:
     return spans
 
 
-def report_data(result: Backtest, group: GroupConfig, asset: str, csv_path: Path | None = None) -> ReportData:
+def report_data(result: Backtest, group: GroupConfig, asset: str, readings: pd.DataFrame | None = None,
+                source: str = "") -> ReportData:
     """The HTML report of one asset's backtest (``report.render_html``): its scores and alerts (numbered in opening
-    order across the backtest) over its span, with its raw signals from ``csv_path``."""
+    order across the backtest) over its span, with its raw signals from ``readings`` (the backtested table, read
+    once for every asset's report; ``report.frame_signals``), named ``source``."""
     scores = [s for s in result.scores if s.asset == asset]
     if not scores:
         raise ValueError(f"the backtest has no windows of asset {asset!r}")
@@ -193,9 +195,9 @@ def report_data(result: Backtest, group: GroupConfig, asset: str, csv_path: Path
                           threshold=a.threshold, window_count=a.window_count, top_sensors=list(a.top_sensors),
                           off_training=dict(a.off_training or {})) for i, a in numbered]
     start_ms, end_ms = scores[0].start_ms, scores[-1].end_ms
-    signals = read_signals(csv_path, asset, group.sensor_names, start_ms, end_ms) if csv_path else {}
+    signals = frame_signals(readings, asset, group.sensor_names, start_ms, end_ms) if readings is not None else {}
     return ReportData(asset=asset, group=group.name, sensors=group.sensor_names,
                       tiers=[t.name for t in group.alert.tiers], exit_level=group.alert.exit_level,
                       start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
                       maintenance=maintenance_runs(group.alert, asset, scores), signals=signals,
-                      signal_source=csv_path.name if csv_path else "")
+                      signal_source=source if readings is not None else "")

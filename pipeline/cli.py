@@ -1049,7 +1049,7 @@ def backtest(
     if report_dir is not None:
         for summary in summaries:
             write_report(report_dir / f"{summary.asset}.html",
-                         report_data(result, group_cfg, summary.asset, csv_path))
+                         report_data(result, group_cfg, summary.asset, frame, csv_path.name))
 
     def when(ms: int | None) -> str | None:
         return None if ms is None else ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -79,16 +79,23 @@ class ReportData:
 
 def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, end_ms: int
                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (``ts`` as ISO-8601 or epoch ms; rows without
-    an ``asset`` column belong to every asset; asset ids read as text), for the sensors with at least one number
-    there (empty when the file has none in the range); rows whose ``ts`` cannot be read are left out, as training
-    and backtests leave them out. ConfigError if the file cannot be read or has no ``ts``."""
+    """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (asset ids read as text; see
+    ``frame_signals``). ConfigError if the file cannot be read or has no ``ts``."""
     try:
         frame = pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read readings CSV {path}: {exc}") from None
     if "ts" not in frame.columns:
         raise ConfigError(f"readings CSV {path} needs a 'ts' column")
+    return frame_signals(frame, asset, sensors, start_ms, end_ms)
+
+
+def frame_signals(frame: pd.DataFrame, asset: str, sensors: Sequence[str], start_ms: int, end_ms: int
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a table of readings with a ``ts`` column (ISO-8601 or
+    epoch ms; rows without an ``asset`` column belong to every asset), for the sensors with at least one number
+    there (empty when it has none in the range); rows whose ``ts`` cannot be read are left out, as training and
+    backtests leave them out."""
     if "asset" in frame.columns:
         frame = frame[frame["asset"].astype(str) == asset]
     column = frame["ts"]

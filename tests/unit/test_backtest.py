@@ -152,6 +152,26 @@ def test_reports_of_a_history_with_unreadable_times_leave_those_rows_out(deploye
     assert len(signals["speed"][0]) == (frame["asset"] == asset).sum() - 1
 
 
+def test_the_reports_plot_the_history_read_once(deployed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                ) -> None:
+    """One HTML report per asset, their raw signals from the table the backtest read (a history of many assets is
+    not read again for each)."""
+    reads: list[object] = []
+    read_csv = pd.read_csv
+
+    def counted(*args: object, **kwargs: object) -> pd.DataFrame:
+        reads.append(args[0])
+        return read_csv(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(pd, "read_csv", counted)
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv",
+                                 str(deployed / "hist" / "readings.csv"), "--report-dir", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert len(reads) == 1
+    page = (tmp_path / "r" / "pump-2.html").read_text(encoding="utf-8")
+    assert "readings.csv" in page and "bearing_temp" in page
+
+
 def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
     config = parse_config({"groups": [
         {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}]},
