@@ -5,7 +5,8 @@ to the database or Kafka.
 The history goes through the streaming pipeline's own steps: the windower (``train.windows_from_frame``), the
 forward pass, score smoothing, drift following and the alert engine (``drift.score_and_judge``), in time order,
 starting from no alert state. Known incidents (``read_incidents``) turn the alerts into event-level recall and
-precision (``evaluation.score_events``: an incident is caught when an alert of its asset overlaps it).
+precision (``evaluation.score_events``: an incident is caught when an alert of its asset overlaps it); incidents of
+other assets or outside the history's span are left out.
 """
 
 from __future__ import annotations
@@ -135,10 +136,20 @@ def alert_spans(alerts: Sequence[AlertRecord]) -> list[Span]:
             for a in alerts]
 
 
+def covered_incidents(result: Backtest, incidents: Sequence[Span]) -> list[Span]:
+    """The incidents the backtest could have caught: of its assets, overlapping the span of that asset's windows
+    (an incident outside the history is none of its misses)."""
+    spans: dict[str, tuple[int, int]] = {}
+    for score in result.scores:  # per asset in time order
+        first = spans.get(score.asset, (score.start_ms, score.end_ms))[0]
+        spans[score.asset] = (first, score.end_ms)
+    return [i for i in incidents
+            if i.asset in spans and i.start_ms < spans[i.asset][1] and spans[i.asset][0] < i.end_ms]
+
+
 def score_incidents(result: Backtest, incidents: Sequence[Span]) -> EventScores:
-    """Recall over the incidents of the backtest's assets and precision over its alerts (``score_events``)."""
-    assets = {s.asset for s in result.scores}
-    return score_events([i for i in incidents if i.asset in assets], alert_spans(result.alerts))
+    """Recall over the ``covered_incidents`` and precision over the backtest's alerts (``score_events``)."""
+    return score_events(covered_incidents(result, incidents), alert_spans(result.alerts))
 
 
 def _ms(value: Any, where: str) -> int:

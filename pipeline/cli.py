@@ -994,7 +994,8 @@ def backtest(
     windowing, scoring, drift following and alert rules run over the CSV in time order, writing nothing to the
     database or Kafka. Prints per asset the windows, the share judged anomalous and the alerts (per day), then each
     alert; with --incidents, which known incidents an alert caught (recall) and how many alerts matched one
-    (precision). Tune thresholds and alert rules here before deploying them."""
+    (precision); incidents of other assets or outside the history are left out. Tune thresholds and alert rules
+    here before deploying them."""
     import pandas as pd
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -1069,7 +1070,8 @@ def backtest(
             "incidents": None if caught is None else {
                 "recall": caught.recall, "precision": caught.precision,
                 "missed": [{"asset": s.asset, "start": when(s.start_ms), "end": when(s.end_ms), "label": s.label}
-                           for s, hit in caught.caught if not hit]},
+                           for s, hit in caught.caught if not hit],
+                "left_out": len(known or ()) - len(caught.caught)},
         }, indent=2))
         return
     out = _stdout()
@@ -1099,6 +1101,9 @@ def backtest(
         out.print(f"incidents: {len(caught.caught) - len(missed)} of {len(caught.caught)} caught (recall "
                   f"{caught.recall:.2f}); {len(result.alerts) - len(caught.false_alerts)} of {len(result.alerts)} "
                   f"alerts matched one (precision {caught.precision:.2f})")
+        if len(known or ()) > len(caught.caught):
+            out.print(f"  {len(known or ()) - len(caught.caught)} incident(s) of other assets or outside the history "
+                      "left out")
         for s in missed:
             out.print(f"  missed: {escape(s.asset)} {when(s.start_ms)} to {when(s.end_ms)}"
                       + (f" ({escape(s.label)})" if s.label else ""))

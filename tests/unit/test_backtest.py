@@ -15,9 +15,11 @@ from pipeline import backtest
 from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
+from pipeline.evaluation import Span
 from pipeline.report import read_signals
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
+from pipeline.types import Score
 
 SENSORS = ["speed", "flow", "pressure", "current", "vibration", "motor_temp", "bearing_temp"]
 runner = CliRunner()
@@ -183,6 +185,28 @@ def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
                      "1 row(s) of assets not in the configuration left out: x", "1 row(s) without an asset left out"]
     whole, none = backtest.group_rows(frame.drop(columns="asset"), config, config.group("fans"))
     assert whole is not None and len(whole) == 6 and none == []
+
+
+def test_incidents_outside_the_history_are_no_misses(deployed: Path, tmp_path: Path) -> None:
+    """An incident file covering more than the backtested history (a year of incidents, a month of readings): the
+    incidents of other times and other assets could not have been caught and are left out of the recall."""
+    truth = json.loads((deployed / "hist" / "ground_truth.json").read_text())
+    incidents = tmp_path / "incidents.json"
+    incidents.write_text(json.dumps([*truth, {"asset": "pump-1", "start": "2025-12-01T00:00:00+01:00",
+                                              "end": "2026-01-01T23:59:00Z"},
+                                     {"asset": "pump-2", "start": "2026-01-02T12:00:00Z", "end": "2026-01-03"},
+                                     {"asset": "fan-1", "start": "2026-01-02T05:00:00Z", "end": "2026-01-02T06:00"}]))
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv",
+                                 str(deployed / "hist" / "readings.csv"), "--format", "json", "--incidents",
+                                 str(incidents)])
+    assert result.exit_code == 0, result.output
+    scored = json.loads(result.stdout)["incidents"]
+    assert scored["recall"] == 1.0 and scored["missed"] == [] and scored["left_out"] == 3
+    spans = backtest.read_incidents(incidents)
+    fake = backtest.Backtest("pumps", "v", 1.0, [Score("pump-1", "pumps", 0, 100, 0.0, 1.0, {}, "v"),
+                                                 Score("pump-1", "pumps", 50, 150, 0.0, 1.0, {}, "v")], [])
+    edge = [Span("pump-1", 149, 200), Span("pump-1", 150, 200), Span("pump-1", -10, 1), Span("pump-2", 0, 100)]
+    assert backtest.covered_incidents(fake, [*spans, *edge]) == edge[:1] + edge[2:3]
 
 
 def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp_path: Path) -> None:
