@@ -1015,7 +1015,7 @@ def backtest(
     try:
         group_cfg = cfg.group(group) if group else cfg.groups[0]
         known = read_incident_file(incidents) if incidents is not None else None
-        frame, notes = group_rows(read_readings_csv(csv_path), cfg, group_cfg)
+        frame, notes = group_rows(read_readings_csv(csv_path, "backtest data"), cfg, group_cfg)
         for note in notes:
             console.print(f"[yellow]note[/yellow]: {escape(note)}")
         windows = windows_from_frame(frame, group_cfg, what="backtest data")
@@ -1140,7 +1140,7 @@ def replay(
 
     cfg = _load(config)
     try:
-        prepared = csv_messages(read_readings_csv(csv_path), cfg, cfg.group(group) if group else None)
+        prepared = csv_messages(read_readings_csv(csv_path, "replay data"), cfg, cfg.group(group) if group else None)
     except ConfigError as exc:
         raise _fail(exc, 2) from None
     for note in prepared.notes:

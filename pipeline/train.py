@@ -87,8 +87,8 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         data, ts = data[~unreadable], ts[~unreadable]
     ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
     assets = data[asset_column].astype(str).to_numpy() if asset_column in data else np.full(len(data), group.assets[0])
-    values = _numeric(data, group.sensor_names)
-    _check_assets(assets, ts_ms, group, asset_column in data)
+    values = _numeric(data, group.sensor_names, what)
+    _check_assets(assets, ts_ms, group, asset_column in data, what)
     cells = _rejected_cells(values, group)
     if cells.any():
         first = int(np.flatnonzero(cells.any(axis=1))[0])
@@ -115,36 +115,40 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
 DUPLICATE_LIMIT = 0.05  # more (asset, ts) repeats than this share of the rows: the data is not one stream per asset
 
 
-def _numeric(data: pd.DataFrame, sensors: list[str]) -> np.ndarray:
+def _numeric(data: pd.DataFrame, sensors: list[str], what: str = "training data") -> np.ndarray:
     """The sensor columns as floats; a cell that is not a number becomes missing (NaN), with a warning naming the
-    first one."""
+    first one (and the data: ``what``)."""
     frame = data[sensors].apply(pd.to_numeric, errors="coerce")
     unreadable = (frame.isna() & data[sensors].notna()).to_numpy()
     if unreadable.any():
         row, col = (int(i[0]) for i in np.nonzero(unreadable))
-        log.warning("training data: %d value(s) are not numbers and count as missing (first: row %s, %s=%s)",
+        log.warning("%s: %d value(s) are not numbers and count as missing (first: row %s, %s=%s)", what,
                     int(unreadable.sum()), data.index[row], sensors[col], data[sensors[col]].iloc[row])
     return frame.to_numpy(dtype=np.float64)
 
 
-def _check_assets(assets: np.ndarray, ts_ms: np.ndarray, group: GroupConfig, has_column: bool) -> None:
+def _check_assets(assets: np.ndarray, ts_ms: np.ndarray, group: GroupConfig, has_column: bool,
+                  what: str = "training data") -> None:
     """ConfigError when many rows repeat an (asset, ts) pair (several assets' rows in one stream); warnings for a
-    few repeats and for assets that are not in the group."""
+    few repeats and for assets that are not in the group or have no rows (naming the data: ``what``; what that
+    means for the model when it is the training data)."""
+    training = what == "training data"
     repeats = int(pd.DataFrame({"a": assets, "t": ts_ms}).duplicated().sum())
     if repeats > DUPLICATE_LIMIT * len(assets):
         hint = "" if has_column else "; several assets' readings in one file? add an 'asset' column"
-        raise ConfigError(f"training data: {repeats} of {len(assets)} rows repeat an asset's timestamp{hint}")
+        raise ConfigError(f"{what}: {repeats} of {len(assets)} rows repeat an asset's timestamp{hint}")
     if repeats:
-        log.warning("training data: %d row(s) repeat an asset's timestamp; the first of each is used", repeats)
+        log.warning("%s: %d row(s) repeat an asset's timestamp; the first of each is used", what, repeats)
     unknown = sorted(set(map(str, assets)) - set(group.assets))
     if unknown:
-        log.warning("training data: asset(s) %s are not in group %s's assets; their readings train it too",
-                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""), group.name)
+        log.warning("%s: asset(s) %s are not in group %s's assets%s", what,
+                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""), group.name,
+                    "; their readings train it too" if training else "")
     absent = [a for a in group.assets if a not in set(map(str, assets))]
     if has_column and absent:
-        log.warning("training data: no rows of %s (of group %s's %d assets): the model learns the others' normal, "
-                    "and judges these by it", ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""),
-                    group.name, len(group.assets))
+        log.warning("%s: no rows of %s (of group %s's %d assets)%s", what,
+                    ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else ""), group.name, len(group.assets),
+                    ": the model learns the others' normal, and judges these by it" if training else "")
 
 
 def _rejected_cells(values: np.ndarray, group: GroupConfig) -> np.ndarray:
@@ -281,15 +285,15 @@ def _note_thin_tail(group: str, info: dict[str, Any]) -> None:
                     "lower threshold.tail_quantile or train on more data", group, peaks, POT_FEW_PEAKS)
 
 
-def read_readings_csv(path: Path) -> pd.DataFrame:
+def read_readings_csv(path: Path, what: str = "training data") -> pd.DataFrame:
     """Read a CSV of readings (``ts`` column, one column per sensor, optional ``asset``, read as text: an asset id
-    ``007`` stays ``007``); separator sniffed."""
+    ``007`` stays ``007``); separator sniffed. ConfigError naming it as ``what`` when it cannot be read."""
     try:
         if path.stat().st_size == 0:
             raise ValueError("the file is empty")
         return pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read training data {path}: {exc}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
 
 
 def register_trained(*, session: Session, trained: TrainedModel, group: GroupConfig, model_dir: Path,

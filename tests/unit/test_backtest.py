@@ -174,6 +174,19 @@ def test_the_reports_plot_the_history_read_once(deployed: Path, tmp_path: Path, 
     assert "readings.csv" in page and "bearing_temp" in page
 
 
+def test_the_backtest_names_its_data_as_backtest_data(deployed: Path, tmp_path: Path) -> None:
+    """Warnings and errors about the history call it backtest data, not training data."""
+    frame = pd.read_csv(deployed / "hist" / "readings.csv").astype({"flow": object})
+    frame.loc[5, "flow"] = "broken"
+    odd = tmp_path / "odd.csv"
+    frame.to_csv(odd, index=False)
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(odd)])
+    assert result.exit_code == 0, result.output
+    assert "backtest data: 1 value(s) are not numbers" in result.output and "training data" not in result.output
+    missing = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(tmp_path / "none.csv")])
+    assert missing.exit_code == 2 and "cannot read backtest data" in missing.output
+
+
 def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
     config = parse_config({"groups": [
         {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}]},

@@ -8,7 +8,9 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from pipeline.cli import app
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError, TransientError
 from pipeline.replay import csv_messages, send
@@ -65,6 +67,13 @@ def test_asset_ids_that_look_like_numbers_are_read_as_written(tmp_path: Path) ->
     assert [a for a, _ in csv_messages(frame, config).messages] == ["007", "12"]
     signals = read_signals(path, "007", ["flow"], 0, 2**62)
     assert signals["flow"][1].tolist() == [1.5]
+
+
+def test_an_unreadable_file_is_named_as_replay_data(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("groups: [{name: g, assets: [a], sensors: [{name: flow}]}]\n")
+    result = CliRunner().invoke(app, ["replay", "-c", str(config), "--csv", str(tmp_path / "none.csv")])
+    assert result.exit_code == 2 and "cannot read replay data" in result.output
 
 
 def test_rows_without_an_asset_column_need_a_group_when_there_are_several() -> None:
