@@ -1018,7 +1018,7 @@ def backtest(
         frame, notes = group_rows(read_readings_csv(csv_path, "backtest data"), cfg, group_cfg)
         for note in notes:
             console.print(f"[yellow]note[/yellow]: {escape(note)}")
-        windows = windows_from_frame(frame, group_cfg, what="backtest data")
+        windows = windows_from_frame(frame, group_cfg, what="backtest data", to_the_end=True)
     except (ConfigError, ValueError) as exc:
         raise _fail(exc, 2) from None
     if not windows:

@@ -45,15 +45,17 @@ class TrainedModel:
 
 
 def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: str = "asset",
-                       what: str = "training data") -> list[Window]:
+                       what: str = "training data", *, to_the_end: bool = False) -> list[Window]:
     """Cut a group's windows from a table of readings, through the same windower as the streaming pipeline.
     Warnings name rows by the frame's index (for a CSV read by ``read_readings_csv``: the data row, from 0).
 
     ``frame`` has a ``ts`` column (or a DatetimeIndex), one column per configured sensor, and optionally an ``asset``
     column (rows without one are attributed to the group's first asset). Extra columns are ignored. ``what`` names the
-    data in warnings and errors. A value
-    the decoder would reject (outside its sensor's ``valid_range``, above its magnitude limit, or infinite) is left
-    out, as the decoder leaves it out of a reading while keeping the reading's other values; a warning counts them.
+    data in warnings and errors. A value the decoder would reject (outside its sensor's ``valid_range``, above its
+    magnitude limit, or infinite) is left out, as the decoder leaves it out of a reading while keeping the reading's
+    other values; a warning counts them. ``to_the_end``: the windows still open after the last readings are closed
+    as the pipeline closes them once the assets fall silent (``window.idle_close_s``), so with ``window.lateness``
+    or an incomplete last row the last windows are cut too.
     """
     extra = [str(c) for c in frame.columns if c not in (*group.sensor_names, "ts", asset_column)]
     if extra:
@@ -106,12 +108,15 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     order = sorted(range(len(readings)), key=lambda i: (readings[i].asset, readings[i].ts_ms))
     windower = Windower([group.model_copy(update={"assets": sorted(set(map(str, assets)))})])
     batch = windower.add(readings[i] for i in order)
+    if to_the_end:  # the windows running past the data's end are skipped there: no gap of the data's
+        batch.windows += windower.close_idle(now_ms=SILENT_MS).windows
     if batch.skipped:
         log.warning("%s: %d window(s) left out for gaps longer than window.max_gap steps", what,
                     len(batch.skipped))
     return batch.windows
 
 
+SILENT_MS = 2**62  # a wall clock past every asset's idle_close_s (readings are placed at wall clock 0)
 DUPLICATE_LIMIT = 0.05  # more (asset, ts) repeats than this share of the rows: the data is not one stream per asset
 
 

@@ -187,6 +187,21 @@ def test_the_backtest_names_its_data_as_backtest_data(deployed: Path, tmp_path: 
     assert missing.exit_code == 2 and "cannot read backtest data" in missing.output
 
 
+def test_the_last_windows_are_judged_as_the_pipeline_closes_them_when_the_assets_fall_silent(
+        deployed: Path, tmp_path: Path) -> None:
+    """With window.lateness the pipeline closes the windows ending in the last slots once the assets fall silent
+    (idle_close_s) and scores them; the backtest judges them too."""
+    raw = yaml.safe_load((deployed / "c.yaml").read_text())
+    raw["groups"][0]["window"]["lateness"] = 2
+    late = tmp_path / "late.yaml"
+    late.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["backtest", "-c", str(late), "--csv", str(deployed / "hist" / "readings.csv"),
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assets = json.loads(result.stdout)["assets"]
+    assert [(a["windows"], a["last"]) for a in assets] == [((12 * 360 - 30) // 5 + 1, "2026-01-02T12:00:00Z")] * 2
+
+
 def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
     config = parse_config({"groups": [
         {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}]},
