@@ -1127,11 +1127,13 @@ def replay(
     row in the message format, keyed by the asset, in time order, for a running pipeline to consume. For trials,
     demos and backfills. Sensors and assets not in the configuration, unreadable times and cells that are not
     numbers are left out, each counted in a note. The topic must exist (sensorwatch creates none)."""
+    import time
+
     from kafka.errors import KafkaError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline import kafka_io
-    from pipeline.replay import csv_messages, send
+    from pipeline.replay import csv_messages, ingest_notes, send
     from pipeline.train import read_readings_csv
     from pipeline.types import ms_to_datetime
 
@@ -1154,6 +1156,8 @@ def replay(
     except (TransientError, KafkaError) as exc:
         raise _fail(exc, 1) from None
     messages = prepared.messages
+    for note in ingest_notes(messages, cfg.ingest, round(time.time() * 1000), speed):
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=not console.is_terminal) as bar:

@@ -18,7 +18,7 @@ import pandas as pd
 from kafka import KafkaProducer
 
 from pipeline import kafka_io
-from pipeline.config import Config, GroupConfig
+from pipeline.config import Config, GroupConfig, IngestConfig
 from pipeline.errors import ConfigError, TransientError
 
 Message = tuple[str, dict[str, Any]]  # (asset, payload)
@@ -99,6 +99,29 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
         raise ConfigError("replay data has no row with a readable ts, a configured asset and a sensor value")
     rows.sort(key=lambda r: (r[0], r[1]))
     return Prepared([(a, {"asset": a, "ts": t, "values": v}) for t, a, v in rows], notes)
+
+
+def ingest_notes(messages: Sequence[Message], ingest: IngestConfig, now_ms: int, speed: float | None = None
+                 ) -> list[str]:
+    """What the pipeline's input checks (``ingest``) will reject of ``messages`` (time-ordered) when ``send`` starts
+    at ``now_ms`` (paced at ``speed``): readings older than ``max_age_s`` when published (``ts_too_old``: a record
+    is stamped when it is produced, not with its reading's time) and further ahead of the clock than ``max_future_s``
+    (``ts_in_future``), one note each; none when nothing is."""
+    if not messages:
+        return []
+    ts = np.array([payload["ts"] for _, payload in messages], dtype=np.int64)
+    published = now_ms + ((ts - ts[0]) / speed if speed is not None else 0)
+    notes = []
+    if ingest.max_age_s is not None:
+        old = int((ts < published - ingest.max_age_s * 1000).sum())
+        if old:
+            notes.append(f"{old} of {len(ts)} reading(s) are older than ingest.max_age_s ({ingest.max_age_s:g} s) "
+                         "when published: the pipeline rejects them as ts_too_old")
+    ahead = int((ts > published + ingest.max_future_s * 1000).sum())
+    if ahead:
+        notes.append(f"{ahead} of {len(ts)} reading(s) are more than ingest.max_future_s ({ingest.max_future_s:g} "
+                     "s) ahead of the clock when published: the pipeline rejects them as ts_in_future")
+    return notes
 
 
 def send(producer: KafkaProducer, topic: str, messages: Sequence[Message], *, speed: float | None = None,

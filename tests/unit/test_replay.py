@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import parse_config
+from pipeline.config import IngestConfig, parse_config
 from pipeline.errors import ConfigError, TransientError
-from pipeline.replay import csv_messages, send
+from pipeline.replay import csv_messages, ingest_notes, send
 from pipeline.report import read_signals
 from pipeline.train import read_readings_csv
 
@@ -86,6 +86,23 @@ def test_rows_without_an_asset_column_need_a_group_when_there_are_several() -> N
         csv_messages(frame.drop(columns="ts"), CONFIG)
     with pytest.raises(ConfigError, match="no row with a readable ts"):
         csv_messages(frame.assign(ts="never"), CONFIG, CONFIG.group("fans"))
+
+
+def test_readings_the_pipelines_input_checks_will_reject_are_noted() -> None:
+    """A record is stamped when it is produced: with ingest.max_age_s, history older than that is rejected as
+    ts_too_old; readings ahead of the clock by more than max_future_s as ts_in_future (paced: at their send time)."""
+    now = 1767225600000
+    messages = [("p1", {"asset": "p1", "ts": now + s * 1000, "values": {"flow": 1.0}}) for s in (-7200, -60, 0, 600)]
+    assert ingest_notes(messages, IngestConfig(), now) == [
+        "1 of 4 reading(s) are more than ingest.max_future_s (300 s) ahead of the clock when published: the pipeline "
+        "rejects them as ts_in_future"]
+    assert ingest_notes(messages, IngestConfig(max_age_s=3600), now - 7200_000, speed=1) == []  # paced from then
+    assert ingest_notes(messages, IngestConfig(max_age_s=3600), now) == [
+        "1 of 4 reading(s) are older than ingest.max_age_s (3600 s) when published: the pipeline rejects them as "
+        "ts_too_old",
+        "1 of 4 reading(s) are more than ingest.max_future_s (300 s) ahead of the clock when published: the pipeline "
+        "rejects them as ts_in_future"]
+    assert ingest_notes([], IngestConfig(max_age_s=1), now) == []
 
 
 class _Producer:
