@@ -3,7 +3,9 @@ steps, on SQLite (the embedded default) with a real model; nothing is written to
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -13,13 +15,18 @@ from typer.testing import CliRunner
 
 from pipeline import backtest
 from pipeline.cli import app
-from pipeline.config import parse_config
+from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import Span
+from pipeline.kafka_io import RawRecord, encode_reading
+from pipeline.registry import load_active
+from pipeline.replay import csv_messages
 from pipeline.report import read_signals
+from pipeline.runner import Runner
 from pipeline.store import repo
-from pipeline.store.db import make_engine, make_sessionmaker
-from pipeline.types import Score
+from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.train import read_readings_csv, windows_from_frame
+from pipeline.types import Score, datetime_to_ms, ms_to_datetime
 
 SENSORS = ["speed", "flow", "pressure", "current", "vibration", "motor_temp", "bearing_temp"]
 runner = CliRunner()
@@ -96,6 +103,67 @@ def test_the_backtest_does_not_depend_on_how_the_history_is_chunked(deployed: Pa
     assert chunked.alerts == whole.alerts and len(whole.alerts) > 0
     assert [(s.asset, s.end_ms, s.is_anomaly) for s in chunked.scores] == [
         (s.asset, s.end_ms, s.is_anomaly) for s in whole.scores]
+
+
+class _NoDeadLetters:
+    """The runner's producer: a backtest's history has no record to dead-letter."""
+
+    def send(self, topic: str, **kwargs: object) -> None:
+        raise AssertionError(f"dead-lettered to {topic}: {kwargs}")
+
+    def flush(self, timeout: float | None = None) -> None:
+        return None
+
+
+def test_the_backtest_judges_the_history_as_the_streaming_pipeline_does(deployed: Path, tmp_path: Path) -> None:
+    """The pipeline's runner, fed the history as ``replay`` produces it (polled batches of records, then the assets'
+    idle close), stores the windows, verdicts and alerts that the backtest reports, under rules that use every step
+    the two share: lateness, smoothing, drift following, k-of-n with a minimum duration, hysteresis, cooldown,
+    aftermath and a maintenance window. The history is shuffled and has holes (as recorded files do)."""
+    raw = yaml.safe_load((deployed / "c.yaml").read_text())
+    raw["database"]["url"] = f"sqlite:///{tmp_path / 'stream.db'}"
+    group = raw["groups"][0]
+    group["window"]["lateness"] = 2
+    group["drift"] = {"span_s": 3600, "max_offset": 2}
+    group["alert"] = {"k": 2, "n": 4, "clear_after": 2, "exit_level": 0.8, "min_duration_s": 60, "cooldown_s": 600,
+                      "aftermath": {"relative": 0.5, "half_life_s": 1800},
+                      "maintenance": [{"start": "2026-01-02T05:30:00Z", "end": "2026-01-02T05:40:00Z",
+                                       "assets": ["pump-1"]}]}
+    cfg = parse_config(raw, env={})
+    engine = make_engine(f"sqlite:///{deployed / 'sw.db'}")
+    with make_sessionmaker(engine)() as session:
+        active = load_active(session=session, config=load_config(deployed / "c.yaml"))["pumps"]
+    engine.dispose()
+    info = {**active.metadata.get("threshold_info", {}), "ewma_alpha": 0.5}
+    detector = dataclasses.replace(active, metadata={**active.metadata, "threshold_info": info})
+    frame = read_readings_csv(deployed / "hist" / "readings.csv").sample(frac=1.0, random_state=3)
+    frame.loc[frame.sample(frac=0.02, random_state=4).index, "flow"] = None
+    result = backtest.run_backtest(windows_from_frame(frame, cfg.groups[0], to_the_end=True), detector, cfg.groups[0])
+
+    upgrade(cfg.database.url)
+    stream = make_engine(cfg.database.url)
+    runner = Runner(cfg, sessions=make_sessionmaker(stream), detectors={"pumps": detector},
+                    producer=_NoDeadLetters(), stop=threading.Event())  # type: ignore[arg-type]
+    messages = csv_messages(frame, cfg).messages
+    now = messages[-1][1]["ts"] + 60_000
+    records = [RawRecord("readings", 0, i, asset.encode(), encode_reading(payload), now)
+               for i, (asset, payload) in enumerate(messages)]
+    for start in range(0, len(records), 997):
+        runner.process(records[start:start + 997], now)
+    runner.process([], now + 3_600_000, idle_partitions={0})  # the assets fall silent: their last windows close
+    with make_sessionmaker(stream)() as session:
+        alerts = sorted(repo.list_alerts(session=session, limit=None), key=lambda a: (a.opened_at, a.asset))
+        stored = [repo.score_of(row) for asset in ("pump-1", "pump-2") for row in repo.scores_between(
+            session=session, asset=asset, start=ms_to_datetime(0), end=ms_to_datetime(now))]
+    stream.dispose()
+    assert [(s.asset, s.end_ms, s.is_anomaly) for s in stored] == [
+        (s.asset, s.end_ms, s.is_anomaly) for s in result.scores]
+    assert [s.level for s in stored] == pytest.approx([s.level for s in result.scores], rel=1e-5)
+    assert any(s.drift_offset and any(s.drift_offset.values()) for s in result.scores)
+    assert [(a.asset, datetime_to_ms(a.opened_at), datetime_to_ms(a.closed_at) if a.closed_at else None, a.severity,
+             a.window_count) for a in alerts] == [
+        (a.asset, a.opened_ms, a.closed_ms, a.severity, a.window_count) for a in result.alerts]
+    assert len(result.alerts) >= 4
 
 
 def test_a_backtest_without_a_model_or_with_another_groups_model_is_refused(deployed: Path, tmp_path: Path) -> None:
