@@ -29,7 +29,7 @@ from pipeline.evaluation import EventScores, Span, score_events
 from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
 from pipeline.types import AlertRecord, Score, Window, datetime_to_ms
 
-CHUNK = 2000  # windows per forward pass: bounded memory on long histories
+CHUNK = 2000  # windows per forward pass (bounds the pass's memory; the history's windows and scores are all held)
 DAY_MS = 86_400_000
 
 
