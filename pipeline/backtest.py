@@ -23,8 +23,9 @@ import pandas as pd
 from models.detector import Detector
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, GroupConfig
+from pipeline.decode import parse_timestamp
 from pipeline.drift import DriftTracker, score_and_judge
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, InvalidReading
 from pipeline.evaluation import EventScores, Span, score_events
 from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
 from pipeline.types import AlertRecord, Score, Window, datetime_to_ms
@@ -153,6 +154,15 @@ def score_incidents(result: Backtest, incidents: Sequence[Span]) -> EventScores:
 
 
 def _ms(value: Any, where: str) -> int:
+    """An incident's time: ISO-8601 text (UTC unless it gives an offset) or epoch ms (a number, or digits)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if number or (isinstance(value, str) and value.isascii() and value.isdigit()):
+        try:
+            return parse_timestamp(int(value) if isinstance(value, str) else value)
+        except InvalidReading as exc:
+            raise ConfigError(f"{where}: unreadable time {value!r} ({exc.detail})") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: a time is ISO-8601 text or epoch ms, not {value!r}")
     try:
         stamp = pd.Timestamp(value)
     except (TypeError, ValueError) as exc:
@@ -164,16 +174,24 @@ def _ms(value: Any, where: str) -> int:
 
 
 def read_incidents(path: Path) -> list[Span]:
-    """Known incidents: a JSON list of objects, or a CSV, with ``asset``, ``start`` and ``end`` (ISO-8601; UTC unless
-    an offset is given; ``end`` exclusive) and an optional ``label`` or ``kind`` (``sensorwatch simulate``'s ground
-    truth is such a file). ConfigError naming the entry and the problem for anything else."""
+    """Known incidents: a JSON list of objects, or a CSV (separator sniffed, as for readings), with ``asset``,
+    ``start`` and ``end`` (ISO-8601, UTC unless an offset is given, or epoch ms; ``end`` exclusive) and an optional
+    ``label`` or ``kind`` (``sensorwatch simulate``'s ground truth is such a file). ConfigError naming the entry (or
+    the CSV's columns) and the problem for anything else."""
+    columns: list[str] | None = None  # a CSV's
+    rows: Any
     try:
         if path.suffix.lower() == ".csv":
-            rows: list[Any] = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+            frame = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+            columns, rows = list(map(str, frame.columns)), frame.to_dict("records")
         else:
             rows = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read incidents {path}: {exc}") from None
+    absent = [k for k in ("asset", "start", "end") if k not in columns] if columns is not None else []
+    if absent:
+        raise ConfigError(f"incidents {path} has no column {', '.join(absent)} (its columns: "
+                          f"{', '.join(columns[:8])})")
     if not isinstance(rows, list):
         raise ConfigError(f"incidents {path}: expected a list of objects with asset, start and end")
     spans = []
@@ -181,9 +199,11 @@ def read_incidents(path: Path) -> list[Span]:
         where = f"incidents {path.name}[{i}]"
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected an object with asset, start and end")
-        missing = [k for k in ("asset", "start", "end") if not isinstance(row.get(k), str) or not row[k]]
+        missing = [k for k in ("asset", "start", "end") if row.get(k) is None or row[k] == ""]
         if missing:
             raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        if not isinstance(row["asset"], str):
+            raise ConfigError(f"{where}: asset is a name (text), not {row['asset']!r}")
         start, end = _ms(row["start"], where), _ms(row["end"], where)
         if end <= start:
             raise ConfigError(f"{where}: end {row['end']} is not after start {row['start']}")

@@ -305,6 +305,23 @@ def test_incidents_outside_the_history_are_no_misses(deployed: Path, tmp_path: P
     assert backtest.covered_incidents(fake, [*spans, *edge]) == edge[:1] + edge[2:3]
 
 
+def test_incident_times_may_be_epoch_ms_and_a_csv_any_separator(tmp_path: Path) -> None:
+    """As everywhere else, a time is ISO-8601 or epoch ms; a CSV's separator is sniffed as for readings; a time of
+    the wrong kind is named as such, not as missing."""
+    spans = tmp_path / "incidents.csv"
+    spans.write_text("asset;start;end\npump-1;1767315600000;2026-01-02T02:00:00Z\n")
+    assert backtest.read_incidents(spans) == [Span("pump-1", 1767315600000, 1767319200000)]
+    entries = tmp_path / "incidents.json"
+    entries.write_text(json.dumps([{"asset": "pump-1", "start": 1767315600000, "end": 1767319200000}]))
+    assert backtest.read_incidents(entries) == [Span("pump-1", 1767315600000, 1767319200000)]
+    entries.write_text(json.dumps([{"asset": "pump-1", "start": [2026], "end": 1767319200000}]))
+    with pytest.raises(ConfigError, match=r"incidents.json\[0\]: a time is ISO-8601 text or epoch ms, not \[2026\]"):
+        backtest.read_incidents(entries)
+    spans.write_text("asset,from,to\npump-1,2026-01-02,2026-01-03\n")
+    with pytest.raises(ConfigError, match="has no column start, end \\(its columns: asset, from, to\\)"):
+        backtest.read_incidents(spans)
+
+
 def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp_path: Path) -> None:
     spans = tmp_path / "incidents.csv"
     spans.write_text("asset,start,end,label\npump-1,2026-01-02T01:00:00Z,2026-01-02T02:00:00Z,bearing\n"
