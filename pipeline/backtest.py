@@ -48,8 +48,8 @@ class Backtest:
 
 @dataclass(frozen=True)
 class AssetSummary:
-    """One asset's backtest in numbers: its span, windows, windows judged anomalous, alerts by severity, and alerts
-    per day of history (None for a span under a window)."""
+    """One asset's backtest in numbers: its span (from its first window's start to its last window's end), windows,
+    windows judged anomalous, alerts by severity, and alerts per day of that span."""
 
     asset: str
     first_ms: int
@@ -57,7 +57,7 @@ class AssetSummary:
     windows: int
     anomalous: int
     alerts: dict[str, int]
-    alerts_per_day: float | None
+    alerts_per_day: float
 
 
 def group_rows(frame: pd.DataFrame, config: Config, group: GroupConfig) -> tuple[pd.DataFrame, list[str]]:
@@ -127,7 +127,7 @@ def summarize(result: Backtest) -> list[AssetSummary]:
         days = (last - first) / DAY_MS
         out.append(AssetSummary(asset, first, last, len(scores), sum(s.is_anomaly for s in scores),
                                 dict(sorted(severities.items())),
-                                sum(severities.values()) / days if days > 0 else None))
+                                sum(severities.values()) / days))
     return out
 
 

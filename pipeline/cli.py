@@ -1083,7 +1083,7 @@ def backtest(
         table.add_row(escape(x.asset), when(x.first_ms), when(x.last_ms), str(x.windows),
                       f"{x.anomalous / x.windows:.1%}",
                       ", ".join(f"{n} {s}" for s, n in x.alerts.items()) or "none",
-                      "-" if x.alerts_per_day is None else f"{x.alerts_per_day:.2f}")
+                      f"{x.alerts_per_day:.2f}")
     out.print(table)
     if result.alerts:
         listed = Table(title="alerts", title_justify="left")

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from pipeline.alert_format import duration_text, off_training_text
 from pipeline.alerting import in_maintenance
 from pipeline.config import AlertConfig, GroupConfig
+from pipeline.csv_format import separator
 from pipeline.errors import ConfigError
 from pipeline.store import repo
 from pipeline.types import Score, datetime_to_ms, ms_to_datetime
@@ -82,7 +83,7 @@ def read_signals(path: Path, asset: str, sensors: Sequence[str], start_ms: int, 
     """Raw readings of ``asset`` in ``[start_ms, end_ms]`` from a CSV (asset ids read as text; see
     ``frame_signals``). ConfigError if the file cannot be read or has no ``ts``."""
     try:
-        frame = pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
+        frame = pd.read_csv(path, sep=separator(path), dtype={"asset": str})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read readings CSV {path}: {exc}") from None
     if "ts" not in frame.columns:

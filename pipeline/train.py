@@ -18,6 +18,7 @@ from models.scaler import MIN_STD, StandardScaler
 from models.thresholds import ewma_by_key, exceed_rate, fit_threshold
 from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
+from pipeline.csv_format import separator
 from pipeline.decode import MAX_ABS_VALUE
 from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
@@ -296,9 +297,10 @@ def read_readings_csv(path: Path, what: str = "training data") -> pd.DataFrame:
     try:
         if path.stat().st_size == 0:
             raise ValueError("the file is empty")
-        return pd.read_csv(path, sep=None, engine="python", dtype={"asset": str})
+        return pd.read_csv(path, sep=separator(path), dtype={"asset": str})
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
 
 
 def register_trained(*, session: Session, trained: TrainedModel, group: GroupConfig, model_dir: Path,
