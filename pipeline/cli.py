@@ -1023,6 +1023,11 @@ def backtest(
         raise _fail(exc, 2) from None
     if not windows:
         raise _fail(ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data"), 2)
+    windowless = sorted(set(frame["asset"].astype(str)) - {w.asset for w in windows}) if "asset" in frame else []
+    if windowless:
+        console.print(f"[yellow]note[/yellow]: {len(windowless)} asset(s) with rows but no complete window (too few "
+                      f"readings, or gaps longer than window.max_gap): {escape(', '.join(windowless[:8]))}"
+                      + (" ..." if len(windowless) > 8 else ""))
     with _session(cfg) as session:
         row = (repo.get_model_version(session=session, version=version) if version else
                repo.active_model_versions(session=session).get(group_cfg.name))

@@ -206,6 +206,20 @@ def test_rows_of_other_groups_and_unconfigured_assets_are_left_out(deployed: Pat
         in refused.output
 
 
+def test_an_asset_without_a_complete_window_is_named(deployed: Path, tmp_path: Path) -> None:
+    """An asset of the group whose rows make no window (here 10 readings for a window of 30) is not silently missing
+    from the table."""
+    frame = pd.read_csv(deployed / "hist" / "readings.csv")
+    short = frame[frame["asset"] == "pump-2"].head(10)
+    path = tmp_path / "short.csv"
+    pd.concat([frame[frame["asset"] == "pump-1"], short]).to_csv(path, index=False)
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(path), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [a["asset"] for a in json.loads(result.stdout)["assets"]] == ["pump-1"]
+    assert "1 asset(s) with rows but no complete window (too few readings, or gaps longer than window.max_gap): " \
+        "pump-2" in " ".join(result.output.split())  # the console wraps the note
+
+
 def test_reports_of_a_history_with_unreadable_times_leave_those_rows_out(deployed: Path, tmp_path: Path) -> None:
     """The backtest leaves a row whose ts cannot be read out with a warning; its HTML reports do the same instead of
     failing on it (``report.read_signals``)."""
