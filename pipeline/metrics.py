@@ -9,6 +9,9 @@ answer 200 or 503 with a one-line reason:
 - ``/readyz``: the process does its work. 503 until the consumer has joined its group and the loop polled (starting:
   connecting, waiting for the topic, joining), while the database or broker is failing, and when the loop is hung.
 - ``/healthz`` (the original probe, kept): 503 when the loop is hung or a dependency is failing; 200 while starting.
+
+A database or broker call that has not returned for ``BLOCKED_CALL_S`` counts as a failing dependency before it
+fails (an offset commit waits up to 30 s for a coordinator that went away).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+BLOCKED_CALL_S = 10.0  # a database or broker call waiting this long: /readyz and /healthz report it
 
 
 class PipelineMetrics:
@@ -58,6 +63,7 @@ class PipelineMetrics:
         self._database_unread = ""  # why the last model reload could not read the database ("": it could)
         self._started = False  # polling with the group joined: ready
         self._starting = "connecting to the brokers and joining the consumer group"  # what a start waits for
+        self._call_since: float | None = None  # a database or broker call in flight since (monotonic)
         self._polling = False  # polling, the join possibly still in flight: a silent loop counts as hung from here
 
     def watch_sinks(self, stats: Callable[[], Mapping[str, Any]]) -> None:
@@ -111,6 +117,16 @@ class PipelineMetrics:
             self._polling = True
             self.beat()
 
+    @contextlib.contextmanager
+    def dependency_call(self) -> Iterator[None]:
+        """Around one database or broker step: one still in flight after ``BLOCKED_CALL_S`` makes ``healthy`` and
+        ``ready`` report it."""
+        self._call_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._call_since = None
+
     def starting(self, step: str) -> None:
         """Record what the start is waiting for (``/readyz`` names it until the group is joined)."""
         self._starting = step
@@ -146,6 +162,9 @@ class PipelineMetrics:
             return False, "no Kafka broker answers"
         if self._database_unread:
             return False, f"database unavailable to the model reloads: {self._database_unread}"
+        since = self._call_since
+        if since is not None and (waited := time.monotonic() - since) >= BLOCKED_CALL_S:
+            return False, f"a database or broker call has not returned for {waited:.0f}s"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:

@@ -472,14 +472,16 @@ class Runner:
             m.alerts.labels(kind=kind).inc(count)
         m.batch_seconds.observe(seconds)
 
-    def _retry(self, step: Callable[[], T]) -> T:
+    def _retry(self, step: Callable[[], T], *, watched: bool = True) -> T:
         """Run ``step`` until it succeeds, backing off on database/broker failures; give up only when stopping. While
         it waits, ``/healthz`` gives the failure and the lag gauges keep following the log end (``_stalled_lag``); a
-        line says when the dependency is back."""
+        line says when the dependency is back. A ``watched`` step that has not returned for ``BLOCKED_CALL_S``
+        shows on ``/healthz`` and ``/readyz`` before it fails (not a poll, which waits for records by design)."""
         delay, since = 0.5, None
         while True:
             try:
-                result = step()
+                with self.metrics.dependency_call() if watched else contextlib.nullcontext():
+                    result = step()
             except (OperationalError, InterfaceError, TransientError, KafkaError) as exc:
                 if isinstance(exc, (OperationalError, InterfaceError)):  # the database: URL masked, password scrubbed
                     text = describe_error(exc, self.config.database.url)
@@ -707,7 +709,9 @@ class Runner:
         last_lag = 0.0
         status_at, status_from = time.monotonic(), self.stats.snapshot()
         while not self._stop.is_set():
-            records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records))
+            # a poll waits for records as long as its timeout: not a blocked call (BROKER_PROBE_S covers silence)
+            records = self._retry(lambda: kafka_io.poll(consumer, k.poll_timeout_ms, k.max_poll_records),
+                                  watched=False)
             self.metrics.mark_polling()  # /livez: a silent loop is hung from here
             if self._joined:  # a poll returns empty while the join is still in flight (seconds, or minutes while
                 self.metrics.mark_started()  # a busy member holds up the rebalance): not ready before it completes

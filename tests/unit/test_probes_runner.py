@@ -163,3 +163,29 @@ def test_readyz_names_what_the_start_waits_for() -> None:
     assert runner.metrics.ready() == (False, "starting: joining the consumer group")
     runner.metrics.mark_started()
     assert runner.metrics.ready() == (True, "ok")
+
+
+def test_a_dependency_call_that_does_not_return_shows_before_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An offset commit to a coordinator that went away blocks 30 s before it fails: /readyz and /healthz report the
+    call once it has waited BLOCKED_CALL_S (scaled down here), /livez stays up, and all is well once it returns; a
+    poll, which waits for records by design, is not watched."""
+    import pipeline.metrics as module
+
+    monkeypatch.setattr(module, "BLOCKED_CALL_S", 0.2)
+    runner = _runner(60)
+    runner.metrics.mark_started()
+    samples: list[tuple[tuple[bool, str], tuple[bool, str], tuple[bool, str]]] = []
+
+    def blocked() -> str:
+        time.sleep(0.25)
+        samples.append((runner.metrics.ready(), runner.metrics.healthy(), runner.metrics.live()))
+        return "committed"
+
+    assert runner._retry(blocked) == "committed"
+    ready, healthy, live = samples[0]
+    assert not ready[0] and ready == healthy and ready[1].startswith("a database or broker call has not returned for")
+    assert live == (True, "ok")
+    assert runner.metrics.ready() == (True, "ok")  # returned: ready again
+    samples.clear()
+    assert runner._retry(blocked, watched=False) == "committed"
+    assert samples[0][0] == (True, "ok")
