@@ -23,12 +23,13 @@ import pandas as pd
 from models.detector import Detector
 from pipeline.alerting import AlertEngine
 from pipeline.config import Config, GroupConfig
+from pipeline.csv_format import separator
 from pipeline.decode import parse_timestamp
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError, InvalidReading
 from pipeline.evaluation import EventScores, Span, score_events
 from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
-from pipeline.types import AlertRecord, Score, Window, datetime_to_ms
+from pipeline.types import AlertRecord, Score, Window
 
 CHUNK = 2000  # windows per forward pass (bounds the pass's memory; the history's windows and scores are all held)
 DAY_MS = 86_400_000
@@ -140,10 +141,7 @@ def alert_spans(alerts: Sequence[AlertRecord]) -> list[Span]:
 def covered_incidents(result: Backtest, incidents: Sequence[Span]) -> list[Span]:
     """The incidents the backtest could have caught: of its assets, overlapping the span of that asset's windows
     (an incident outside the history is none of its misses)."""
-    spans: dict[str, tuple[int, int]] = {}
-    for score in result.scores:  # per asset in time order
-        first = spans.get(score.asset, (score.start_ms, score.end_ms))[0]
-        spans[score.asset] = (first, score.end_ms)
+    spans = {s.asset: (s.first_ms, s.last_ms) for s in summarize(result)}
     return [i for i in incidents
             if i.asset in spans and i.start_ms < spans[i.asset][1] and spans[i.asset][0] < i.end_ms]
 
@@ -154,23 +152,16 @@ def score_incidents(result: Backtest, incidents: Sequence[Span]) -> EventScores:
 
 
 def _ms(value: Any, where: str) -> int:
-    """An incident's time: ISO-8601 text (UTC unless it gives an offset) or epoch ms (a number, or digits)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if number or (isinstance(value, str) and value.isascii() and value.isdigit()):
-        try:
-            return parse_timestamp(int(value) if isinstance(value, str) else value)
-        except InvalidReading as exc:
-            raise ConfigError(f"{where}: unreadable time {value!r} ({exc.detail})") from None
-    if not isinstance(value, str):
+    """An incident's time, read as the message format's ``ts`` (``decode.parse_timestamp``: ISO-8601, UTC unless it
+    gives an offset, or epoch ms), epoch ms also as digits (a CSV cell)."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ConfigError(f"{where}: a time is ISO-8601 text or epoch ms, not {value!r}")
     try:
-        stamp = pd.Timestamp(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: unreadable time {value!r} ({exc})") from None
-    if pd.isna(stamp):
-        raise ConfigError(f"{where}: no time given")
-    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
-    return datetime_to_ms(stamp.to_pydatetime())
+        return parse_timestamp(value)
+    except InvalidReading as exc:
+        raise ConfigError(f"{where}: unreadable time {value!r} ({exc.detail})") from None
 
 
 def read_incidents(path: Path) -> list[Span]:
@@ -182,7 +173,7 @@ def read_incidents(path: Path) -> list[Span]:
     rows: Any
     try:
         if path.suffix.lower() == ".csv":
-            frame = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
+            frame = pd.read_csv(path, sep=separator(path), dtype=str, keep_default_na=False)
             columns, rows = list(map(str, frame.columns)), frame.to_dict("records")
         else:
             rows = json.loads(path.read_text(encoding="utf-8"))

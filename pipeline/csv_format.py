@@ -1,9 +1,12 @@
-"""CSV files of readings: what their lines say of their format. Pure apart from reading the file's start."""
+"""CSV files of readings: their separator and their ``ts`` column. Pure apart from reading a file's start."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 
 def separator(path: Path, sample_bytes: int = 64 * 1024) -> str:
@@ -18,3 +21,16 @@ def separator(path: Path, sample_bytes: int = 64 * 1024) -> str:
         return csv.Sniffer().sniff("\n".join(lines[:50]), delimiters=",;\t|").delimiter
     except csv.Error:
         return ","
+
+
+def timestamps_ms(column: pd.Series) -> np.ndarray:
+    """Epoch ms per row of a ``ts`` column: numbers are epoch ms, text ISO-8601 (naive means UTC); -1 where a value
+    cannot be read."""
+    if pd.api.types.is_numeric_dtype(column):
+        ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
+    else:
+        ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
+    out = np.full(len(column), -1, dtype=np.int64)
+    readable = ts.notna().to_numpy()
+    out[readable] = ts[readable].astype("datetime64[ns, UTC]").astype("int64").to_numpy() // 1_000_000
+    return out

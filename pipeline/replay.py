@@ -19,6 +19,7 @@ from kafka import KafkaProducer
 
 from pipeline import kafka_io
 from pipeline.config import Config, GroupConfig, IngestConfig
+from pipeline.csv_format import timestamps_ms
 from pipeline.errors import ConfigError, TransientError
 
 Message = tuple[str, dict[str, Any]]  # (asset, payload)
@@ -31,18 +32,6 @@ class Prepared:
 
     messages: list[Message]
     notes: list[str] = field(default_factory=list)
-
-
-def _timestamps(column: pd.Series) -> np.ndarray:
-    """Epoch ms per row (numbers are epoch ms, text ISO-8601, naive means UTC); -1 where unreadable."""
-    if pd.api.types.is_numeric_dtype(column):
-        ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
-    else:
-        ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
-    out = np.full(len(column), -1, dtype=np.int64)
-    readable = ts.notna().to_numpy()
-    out[readable] = ts[readable].astype("datetime64[ns, UTC]").astype("int64").to_numpy() // 1_000_000
-    return out
 
 
 def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None = None) -> Prepared:
@@ -65,7 +54,7 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
     else:
         present = np.ones(len(frame), dtype=bool)
         assets = np.full(len(frame), group.assets[0] if group is not None else "", dtype=object)
-    ts = _timestamps(frame["ts"])
+    ts = timestamps_ms(frame["ts"])
     if (ts < 0).any():
         notes.append(f"{int((ts < 0).sum())} row(s) with an unreadable ts left out (first: row "
                      f"{int(np.flatnonzero(ts < 0)[0])})")

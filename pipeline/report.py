@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from pipeline.alert_format import duration_text, off_training_text
 from pipeline.alerting import in_maintenance
 from pipeline.config import AlertConfig, GroupConfig
-from pipeline.csv_format import separator
+from pipeline.csv_format import separator, timestamps_ms
 from pipeline.errors import ConfigError
 from pipeline.store import repo
 from pipeline.types import Score, datetime_to_ms, ms_to_datetime
@@ -99,11 +99,8 @@ def frame_signals(frame: pd.DataFrame, asset: str, sensors: Sequence[str], start
     backtests leave them out."""
     if "asset" in frame.columns:
         frame = frame[frame["asset"].astype(str) == asset]
-    column = frame["ts"]
-    ts = (pd.to_datetime(column, unit="ms", utc=True, errors="coerce") if pd.api.types.is_numeric_dtype(column)
-          else pd.to_datetime(column, utc=True, format="mixed", errors="coerce"))
-    ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
-    keep = ts.notna().to_numpy() & (ts_ms >= start_ms) & (ts_ms <= end_ms)
+    ts_ms = timestamps_ms(frame["ts"])
+    keep = (ts_ms >= 0) & (ts_ms >= start_ms) & (ts_ms <= end_ms)
     order = np.argsort(ts_ms[keep], kind="stable")
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for sensor in sensors:

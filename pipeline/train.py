@@ -18,7 +18,7 @@ from models.scaler import MIN_STD, StandardScaler
 from models.thresholds import ewma_by_key, exceed_rate, fit_threshold
 from models.training import NotEnoughData, fit, reconstruction_errors, seed_everything
 from pipeline.config import GroupConfig
-from pipeline.csv_format import separator
+from pipeline.csv_format import separator, timestamps_ms
 from pipeline.decode import MAX_ABS_VALUE
 from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
@@ -71,24 +71,21 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
         raise ConfigError(f"{what} needs a 'ts' column (ISO-8601 or epoch ms): rename your time column to ts "
                           f"(columns that are not sensors: {other})")
     column = data["ts"]
-    if pd.api.types.is_numeric_dtype(column):
-        ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
-        if column.notna().any() and column.abs().max() < 1e11:  # 1e11 ms is 1973; in seconds it is the year 5138
-            log.warning("%s: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
-                        "epoch seconds, multiply them by 1000", what, ts.max().isoformat())
-    else:
-        ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
+    ts_ms = timestamps_ms(column)
+    if pd.api.types.is_numeric_dtype(column) and column.notna().any() and column.abs().max() < 1e11:
+        # 1e11 ms is 1973; in seconds it is the year 5138
+        log.warning("%s: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
+                    "epoch seconds, multiply them by 1000", what, ms_to_datetime(int(ts_ms.max())).isoformat())
     if data.empty:
         raise NotEnoughData(f"{what} has no rows")
-    unreadable = ts.isna().to_numpy()
+    unreadable = ts_ms < 0
     if unreadable.all():
         raise ConfigError(f"{what}: no readable ts (first value {column.iloc[0]}); ISO-8601 or epoch ms")
     if unreadable.any():
         first = int(np.flatnonzero(unreadable)[0])
         log.warning("%s: %d of %d rows left out: ts unreadable (first: row %s, %s)", what,
                     int(unreadable.sum()), len(data), data.index[first], column.iloc[first])
-        data, ts = data[~unreadable], ts[~unreadable]
-    ts_ms = (ts.astype("datetime64[ns, UTC]").astype("int64") // 1_000_000).to_numpy()
+        data, ts_ms = data[~unreadable], ts_ms[~unreadable]
     assets = data[asset_column].astype(str).to_numpy() if asset_column in data else np.full(len(data), group.assets[0])
     values = _numeric(data, group.sensor_names, what)
     _check_assets(assets, ts_ms, group, asset_column in data, what)
