@@ -370,6 +370,13 @@ def _when(value: str | None, now: datetime, option: str) -> datetime | None:
         raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
+def _utc_text(ms: int | None) -> str | None:
+    """Epoch ms as ISO-8601 UTC to the second (``2026-01-02T03:04:05Z``); None stays None."""
+    from pipeline.types import ms_to_datetime
+
+    return None if ms is None else ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> None:
     if value is not None and value not in allowed:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
@@ -1057,25 +1064,22 @@ def backtest(
             write_report(report_dir / f"{summary.asset}.html",
                          report_data(result, group_cfg, summary.asset, frame, csv_path.name))
 
-    def when(ms: int | None) -> str | None:
-        return None if ms is None else ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-    alerts = [{"n": i, "asset": a.asset, "severity": a.severity, "opened": when(a.opened_ms),
-               "closed": when(a.closed_ms), "duration_s": ((a.closed_ms or a.last_seen_ms) - a.opened_ms) / 1000,
+    alerts = [{"n": i, "asset": a.asset, "severity": a.severity, "opened": _utc_text(a.opened_ms),
+               "closed": _utc_text(a.closed_ms), "duration_s": ((a.closed_ms or a.last_seen_ms) - a.opened_ms) / 1000,
                "peak_multiple": a.peak_score / a.threshold if a.threshold > 0 else None,
                "top_sensors": a.top_sensors, "off_training": a.off_training or {}}
               for i, a in enumerate(result.alerts, start=1)]
     if output == "json":
         typer.echo(json.dumps({
             "group": result.group, "model_version": result.model_version, "threshold": result.threshold,
-            "assets": [{"asset": x.asset, "first": when(x.first_ms), "last": when(x.last_ms), "windows": x.windows,
-                        "anomalous": x.anomalous, "alerts": x.alerts, "alerts_per_day": x.alerts_per_day}
-                       for x in summaries],
+            "assets": [{"asset": x.asset, "first": _utc_text(x.first_ms), "last": _utc_text(x.last_ms),
+                        "windows": x.windows, "anomalous": x.anomalous, "alerts": x.alerts,
+                        "alerts_per_day": x.alerts_per_day} for x in summaries],
             "alerts": alerts,
             "incidents": None if caught is None else {
                 "recall": caught.recall, "precision": caught.precision,
-                "missed": [{"asset": s.asset, "start": when(s.start_ms), "end": when(s.end_ms), "label": s.label}
-                           for s, hit in caught.caught if not hit],
+                "missed": [{"asset": s.asset, "start": _utc_text(s.start_ms), "end": _utc_text(s.end_ms),
+                            "label": s.label} for s, hit in caught.caught if not hit],
                 "left_out": len(known or ()) - len(caught.caught)},
         }, indent=2))
         return
@@ -1085,7 +1089,7 @@ def backtest(
     for column in ("asset", "from (UTC)", "to (UTC)", "windows", "anomalous", "alerts", "per day"):
         table.add_column(column, justify="right" if column in ("windows", "anomalous", "per day") else "left")
     for x in summaries:
-        table.add_row(escape(x.asset), when(x.first_ms), when(x.last_ms), str(x.windows),
+        table.add_row(escape(x.asset), _utc_text(x.first_ms), _utc_text(x.last_ms), str(x.windows),
                       f"{x.anomalous / x.windows:.1%}",
                       ", ".join(f"{n} {s}" for s, n in x.alerts.items()) or "none",
                       f"{x.alerts_per_day:.2f}")
@@ -1110,7 +1114,7 @@ def backtest(
             out.print(f"  {len(known or ()) - len(caught.caught)} incident(s) of other assets or outside the history "
                       "left out")
         for s in missed:
-            out.print(f"  missed: {escape(s.asset)} {when(s.start_ms)} to {when(s.end_ms)}"
+            out.print(f"  missed: {escape(s.asset)} {_utc_text(s.start_ms)} to {_utc_text(s.end_ms)}"
                       + (f" ({escape(s.label)})" if s.label else ""))
     for path, what in ((scores_out, "window scores"), (report_dir, "reports")):
         if path is not None:
@@ -1140,10 +1144,6 @@ def replay(
     from pipeline import kafka_io
     from pipeline.replay import csv_messages, ingest_notes, send
     from pipeline.train import read_readings_csv
-    from pipeline.types import ms_to_datetime
-
-    def when(ms: int) -> str:
-        return ms_to_datetime(ms).isoformat(timespec="seconds").replace("+00:00", "Z")
 
     cfg = _load(config)
     try:
@@ -1174,7 +1174,7 @@ def replay(
         producer.close()
     first, last = messages[0][1]["ts"], messages[-1][1]["ts"]
     console.print(f"[green]sent[/green] {sent} readings of {len({a for a, _ in messages})} asset(s) to {escape(topic)}"
-                  f" ({when(first)} to {when(last)})")
+                  f" ({_utc_text(first)} to {_utc_text(last)})")
 
 
 @app.command()
