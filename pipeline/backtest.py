@@ -1,23 +1,26 @@
 """Backtest: what a model and the configured alert rules would have raised on recorded history, before deploying
-them (``sensorwatch backtest``). Pure apart from torch: windows in, judged scores and alerts out; nothing is written
-to the database or Kafka.
+them (``sensorwatch backtest``). Pure apart from torch: a history's pieces (or windows) in, judged scores and alerts
+out; nothing is written to the database or Kafka.
 
-The history goes through the streaming pipeline's own steps: the windower (``train.windows_from_frame``), the
-forward pass, score smoothing, drift following and the alert engine (``drift.score_and_judge``), in time order,
-starting from no alert state. Known incidents (``read_incidents``) turn the alerts into event-level recall and
-precision (``evaluation.score_events``: an incident is caught when an alert of its asset overlaps it); incidents of
-other assets or outside the history's span are left out.
+The history goes through the streaming pipeline's own steps: the windower (``train.FrameWindower``), the forward
+pass, score smoothing, drift following and the alert engine (``drift.score_and_judge``), in time order, starting from
+no alert state. ``backtest_history`` reads it piece by piece, so its length is bounded by time, not memory. Known
+incidents (``read_incidents``) turn the alerts into event-level recall and precision (``evaluation.score_events``: an
+incident is caught when an alert of its asset overlaps it); incidents of other assets or outside the history's span
+are left out.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from models.detector import Detector
@@ -29,22 +32,11 @@ from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError, InvalidReading
 from pipeline.evaluation import EventScores, Span, score_events
 from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
+from pipeline.train import FrameWindower
 from pipeline.types import AlertRecord, Score, Window
 
-CHUNK = 2000  # windows per forward pass (bounds the pass's memory; the history's windows and scores are all held)
+CHUNK = 2000  # windows per forward pass (bounds the pass's memory)
 DAY_MS = 86_400_000
-
-
-@dataclass(frozen=True)
-class Backtest:
-    """The judged scores (per asset in time order) and every alert in its final state (still ``open`` when the
-    history ended first), in opening order."""
-
-    group: str
-    model_version: str
-    threshold: float
-    scores: list[Score]
-    alerts: list[AlertRecord]
 
 
 @dataclass(frozen=True)
@@ -61,75 +53,180 @@ class AssetSummary:
     alerts_per_day: float
 
 
-def group_rows(frame: pd.DataFrame, config: Config, group: GroupConfig) -> tuple[pd.DataFrame, list[str]]:
-    """The rows of ``frame`` that the pipeline would judge with ``group``'s model (those of its assets, by the
-    ``asset`` column; a frame without one is all the group's first asset's), index kept, and a note (one line) per
-    kind of row left out: assets of other groups (their own group's model judges them), assets the configuration
-    does not know (the pipeline rejects them) and rows without an asset. ConfigError when no row is left."""
+@dataclass(frozen=True)
+class Backtest:
+    """Every alert in its final state (still ``open`` when the history ended first), in opening order; per asset
+    its summary; and the judged scores (per asset in time order) when they were kept."""
+
+    group: str
+    model_version: str
+    threshold: float
+    scores: list[Score]
+    alerts: list[AlertRecord]
+    assets: list[AssetSummary]
+
+
+@dataclass
+class LeftOut:
+    """The rows of a history (counted over its pieces) that a group's backtest left out, and the group's assets
+    that had rows."""
+
+    others: Counter[str] = field(default_factory=Counter)  # rows per asset of another group
+    unknown: Counter[str] = field(default_factory=Counter)  # rows per asset the configuration does not know
+    no_asset: int = 0  # rows without an asset
+    seen: set[str] = field(default_factory=set)  # the group's assets with rows
+
+    def notes(self, config: Config) -> list[str]:
+        """One line per kind of row left out, naming (some of) the assets: their own group's model judges other
+        groups' assets, the pipeline rejects assets the configuration does not know."""
+        owners = config.asset_groups()
+        notes = []
+        if self.others:
+            notes.append(f"{sum(self.others.values())} row(s) of other groups' assets left out: "
+                         + _listed(sorted(self.others), lambda a: f"{a} ({owners[a].name})"))
+        if self.unknown:
+            notes.append(f"{sum(self.unknown.values())} row(s) of assets not in the configuration left out: "
+                         + _listed(sorted(self.unknown)))
+        if self.no_asset:
+            notes.append(f"{self.no_asset} row(s) without an asset left out")
+        return notes
+
+    def check(self, group: GroupConfig) -> None:
+        """ConfigError when no row of ``group``'s assets was in the history."""
+        if not self.seen:
+            other = sorted({*self.others, *self.unknown})
+            raise ConfigError(f"no row of group {group.name!r}'s assets ({_listed(group.assets)}) in the data"
+                              + (f", only of {_listed(other)}" if other else ""))
+
+
+def _listed(names: Sequence[str], what: Callable[[str], str] = str) -> str:
+    return ", ".join(map(what, names[:5])) + (" ..." if len(names) > 5 else "")
+
+
+def group_rows(frame: pd.DataFrame, config: Config, group: GroupConfig, left: LeftOut) -> pd.DataFrame:
+    """The rows of ``frame`` (a piece of a history) that the pipeline would judge with ``group``'s model: those of
+    its assets, by the ``asset`` column (a frame without one is all the group's first asset's), index kept; the
+    others are counted in ``left``."""
     if "asset" not in frame.columns:
-        return frame, []
+        if len(frame):
+            left.seen.add(group.assets[0])
+        return frame
     present = frame["asset"].notna().to_numpy()
     assets = frame["asset"].astype(str)
     mine = present & assets.isin(group.assets).to_numpy()
     owners = config.asset_groups()
-    counts = assets[~mine & present].value_counts()
-    others = sorted(a for a in counts.index if a in owners)
-    unknown = sorted(a for a in counts.index if a not in owners)
+    for asset, n in assets[~mine & present].value_counts().items():
+        (left.others if asset in owners else left.unknown)[str(asset)] += int(n)
+    left.no_asset += int((~present).sum())
+    left.seen.update(assets[mine].unique())
+    return frame[mine]
 
-    def listed(names: list[str], what: Callable[[str], str] = str) -> str:
-        return ", ".join(map(what, names[:5])) + (" ..." if len(names) > 5 else "")
 
-    notes = []
-    if others:
-        notes.append(f"{int(counts[others].sum())} row(s) of other groups' assets left out: "
-                     + listed(others, lambda a: f"{a} ({owners[a].name})"))
-    if unknown:
-        notes.append(f"{int(counts[unknown].sum())} row(s) of assets not in the configuration left out: "
-                     + listed(unknown))
-    if not present.all():
-        notes.append(f"{int((~present).sum())} row(s) without an asset left out")
-    if not mine.any():
-        raise ConfigError(f"no row of group {group.name!r}'s assets ({listed(group.assets)}) in the data"
-                          + (f", only of {listed(sorted(counts.index))}" if len(counts) else ""))
-    return frame[mine], notes
+class BacktestRun:
+    """A backtest fed windows as a history is read: ``group``'s alert rule, drift following and smoothing judge
+    them with ``detector`` as the pipeline does, from no alert state, ``CHUNK`` windows per forward pass. Each
+    ``feed`` takes the windows that a piece of the history closed; an asset's windows must come in time order across
+    feeds (``FrameWindower`` cuts them so). Between feeds only the alerts, one summary per asset and (with
+    ``keep_scores``) the scores are held; ``on_scores`` gets each chunk's judged scores (to write them out)."""
+
+    def __init__(self, detector: Detector, group: GroupConfig, *, keep_scores: bool = True,
+                 on_scores: Callable[[list[Score]], None] | None = None) -> None:
+        self.detector, self.group, self.keep_scores, self.on_scores = detector, group, keep_scores, on_scores
+        self._engine, self._drift = AlertEngine([group]), DriftTracker([group])
+        self._scores: list[Score] = []
+        self._alerts: dict[tuple[str, int], AlertRecord] = {}
+        self._tally: dict[str, list[int]] = {}  # per asset: first start, last end, windows, anomalous
+
+    def feed(self, windows: Sequence[Window], advance: Callable[[int], None] | None = None) -> None:
+        """Judge ``windows`` (any order among assets) in time order; ``advance(n)`` after each chunk."""
+        ordered = sorted(windows, key=lambda w: (w.end_ms, w.asset))
+        for start in range(0, len(ordered), CHUNK):
+            chunk = ordered[start:start + CHUNK]
+            judged, events = score_and_judge(chunk, {self.group.name: self.detector}, self._engine, self._drift)
+            for score in judged:
+                tally = self._tally.setdefault(score.asset, [score.start_ms, score.end_ms, 0, 0])
+                tally[1] = max(tally[1], score.end_ms)
+                tally[2] += 1
+                tally[3] += score.is_anomaly
+            for event in events:
+                self._alerts[(event.alert.asset, event.alert.opened_ms)] = event.alert
+            if self.keep_scores:
+                self._scores += judged
+            if self.on_scores is not None:
+                self.on_scores(judged)
+            if advance is not None:
+                advance(len(chunk))
+
+    def result(self) -> Backtest:
+        """The backtest so far."""
+        alerts = sorted(self._alerts.values(), key=lambda a: (a.opened_ms, a.asset))
+        severities: dict[str, Counter[str]] = {}
+        for alert in alerts:
+            severities.setdefault(alert.asset, Counter())[alert.severity] += 1
+        summaries = []
+        for asset, (first, last, windows, anomalous) in sorted(self._tally.items()):
+            counted = severities.get(asset, Counter())
+            summaries.append(AssetSummary(asset, first, last, windows, anomalous, dict(sorted(counted.items())),
+                                          sum(counted.values()) / ((last - first) / DAY_MS)))
+        return Backtest(group=self.group.name, model_version=self.detector.version,
+                        threshold=self.detector.threshold,
+                        scores=sorted(self._scores, key=lambda s: (s.asset, s.end_ms)), alerts=alerts,
+                        assets=summaries)
 
 
 def run_backtest(windows: Sequence[Window], detector: Detector, group: GroupConfig, *,
                  advance: Callable[[int], None] | None = None) -> Backtest:
-    """Judge ``windows`` (one group's, any order) with ``detector`` and ``group``'s alert rule, drift following and
-    smoothing as the pipeline does, from no alert state, ``CHUNK`` windows per forward pass in time order;
-    ``advance(n)`` is called after each chunk (a progress bar). An alert's final state is its last event's."""
-    ordered = sorted(windows, key=lambda w: (w.end_ms, w.asset))
-    engine, drift = AlertEngine([group]), DriftTracker([group])
-    scores: list[Score] = []
-    alerts: dict[tuple[str, int], AlertRecord] = {}
-    for start in range(0, len(ordered), CHUNK):
-        chunk = ordered[start:start + CHUNK]
-        judged, events = score_and_judge(chunk, {group.name: detector}, engine, drift)
-        scores += judged
-        for event in events:
-            alerts[(event.alert.asset, event.alert.opened_ms)] = event.alert
+    """``BacktestRun`` over ``windows`` (one group's, any order) at once, scores kept."""
+    run = BacktestRun(detector, group)
+    run.feed(windows, advance)
+    return run.result()
+
+
+@dataclass(frozen=True)
+class History:
+    """The backtest of a history read in pieces; notes (one line each) on what was left out of it; and per asset
+    its raw signals (``report.frame_signals``), when asked for."""
+
+    result: Backtest
+    notes: list[str]
+    signals: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def backtest_history(pieces: Iterable[pd.DataFrame], config: Config, group: GroupConfig, detector: Detector, *,
+                     keep_scores: bool = False, signals: bool = False,
+                     on_scores: Callable[[list[Score]], None] | None = None,
+                     advance: Callable[[int], None] | None = None) -> History:
+    """Backtest ``group`` on a history of readings (``train.read_readings_pieces``: ``ts``, optional ``asset``, one
+    column per sensor), piece by piece: its rows of the group's assets (``group_rows``) through the pipeline's
+    windower (``FrameWindower``, closing the last windows as the pipeline does once the assets fall silent) into a
+    ``BacktestRun``. Memory: the pieces one at a time, the windows still open, the alerts, the scores only with
+    ``keep_scores``, and with ``signals`` the raw values of the group's sensors (16 bytes a value). ``advance(n)``
+    after each piece of ``n`` rows. ConfigError when no row is of the group's assets or the data is unusable
+    (``FrameWindower``), OutOfOrder when an asset's rows go back in time from one piece to the next."""
+    left = LeftOut()
+    windower = FrameWindower(group, what="backtest data", to_the_end=True)
+    run = BacktestRun(detector, group, keep_scores=keep_scores, on_scores=on_scores)
+    parts: dict[str, dict[str, list[tuple[np.ndarray, np.ndarray]]]] = {}
+    for piece in pieces:
+        rows = group_rows(piece, config, group, left)
+        run.feed(windower.add(rows))
+        if signals:
+            for asset in rows["asset"].astype(str).unique() if "asset" in rows.columns else group.assets[:1]:
+                for sensor, series in frame_signals(rows, asset, group.sensor_names, 0, 2**62).items():
+                    parts.setdefault(asset, {}).setdefault(sensor, []).append(series)
         if advance is not None:
-            advance(len(chunk))
-    scores.sort(key=lambda s: (s.asset, s.end_ms))
-    return Backtest(group=group.name, model_version=detector.version, threshold=detector.threshold, scores=scores,
-                    alerts=sorted(alerts.values(), key=lambda a: (a.opened_ms, a.asset)))
-
-
-def summarize(result: Backtest) -> list[AssetSummary]:
-    """Per asset (by name): windows, anomalous windows, alerts by severity and alerts per day of its span."""
-    spans: dict[str, list[Score]] = {}
-    for score in result.scores:
-        spans.setdefault(score.asset, []).append(score)
-    out = []
-    for asset, scores in sorted(spans.items()):
-        first, last = scores[0].start_ms, scores[-1].end_ms
-        severities = Counter(a.severity for a in result.alerts if a.asset == asset)
-        days = (last - first) / DAY_MS
-        out.append(AssetSummary(asset, first, last, len(scores), sum(s.is_anomaly for s in scores),
-                                dict(sorted(severities.items())),
-                                sum(severities.values()) / days))
-    return out
+            advance(len(piece))
+    left.check(group)
+    run.feed(windower.close())
+    result = run.result()
+    notes = left.notes(config)
+    windowless = sorted(left.seen - {a.asset for a in result.assets})
+    if windowless and result.assets:  # with none, there is no backtest to speak of
+        notes.append(f"{len(windowless)} asset(s) with rows but no complete window (too few readings, or gaps longer "
+                     f"than window.max_gap): {_listed(windowless)}")
+    joined = {asset: {sensor: (np.concatenate([ts for ts, _ in series]), np.concatenate([v for _, v in series]))
+                      for sensor, series in sensors.items()} for asset, sensors in parts.items()}
+    return History(result, notes, joined)
 
 
 def alert_spans(alerts: Sequence[AlertRecord]) -> list[Span]:
@@ -141,7 +238,7 @@ def alert_spans(alerts: Sequence[AlertRecord]) -> list[Span]:
 def covered_incidents(result: Backtest, incidents: Sequence[Span]) -> list[Span]:
     """The incidents the backtest could have caught: of its assets, overlapping the span of that asset's windows
     (an incident outside the history is none of its misses)."""
-    spans = {s.asset: (s.first_ms, s.last_ms) for s in summarize(result)}
+    spans = {s.asset: (s.first_ms, s.last_ms) for s in result.assets}
     return [i for i in incidents
             if i.asset in spans and i.start_ms < spans[i.asset][1] and spans[i.asset][0] < i.end_ms]
 
@@ -203,23 +300,28 @@ def read_incidents(path: Path) -> list[Span]:
     return spans
 
 
-def report_data(result: Backtest, group: GroupConfig, asset: str, readings: pd.DataFrame | None = None,
-                source: str = "") -> ReportData:
-    """The HTML report of one asset's backtest (``report.render_html``): its scores and alerts (numbered in opening
-    order across the backtest) over its span, with its raw signals from ``readings`` (the backtested table, read
-    once for every asset's report; ``report.frame_signals``), named ``source``."""
-    scores = [s for s in result.scores if s.asset == asset]
-    if not scores:
-        raise ValueError(f"the backtest has no windows of asset {asset!r}")
-    numbered = [(i, a) for i, a in enumerate(result.alerts, start=1) if a.asset == asset]
-    alerts = [ReportAlert(id=i, severity=a.severity, status=a.status, start_ms=a.opened_ms,
-                          end_ms=a.closed_ms if a.closed_ms is not None else a.last_seen_ms, peak_score=a.peak_score,
-                          threshold=a.threshold, window_count=a.window_count, top_sensors=list(a.top_sensors),
-                          off_training=dict(a.off_training or {})) for i, a in numbered]
-    start_ms, end_ms = scores[0].start_ms, scores[-1].end_ms
-    signals = frame_signals(readings, asset, group.sensor_names, start_ms, end_ms) if readings is not None else {}
-    return ReportData(asset=asset, group=group.name, sensors=group.sensor_names,
-                      tiers=[t.name for t in group.alert.tiers], exit_level=group.alert.exit_level,
-                      start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=alerts,
-                      maintenance=maintenance_runs(group.alert, asset, scores), signals=signals,
-                      signal_source=source if readings is not None else "")
+def reports(result: Backtest, group: GroupConfig, signals: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray]]],
+            source: str = "") -> Iterator[ReportData]:
+    """The HTML report (``report.render_html``) of each asset of a backtest with its scores kept: its scores and
+    alerts (numbered in opening order across the backtest) over its span, with its raw signals from ``signals``
+    (``History.signals``; none when empty) clipped to that span, named ``source``."""
+    numbered: dict[str, list[ReportAlert]] = {}
+    for i, a in enumerate(result.alerts, start=1):
+        numbered.setdefault(a.asset, []).append(ReportAlert(
+            id=i, severity=a.severity, status=a.status, start_ms=a.opened_ms,
+            end_ms=a.closed_ms if a.closed_ms is not None else a.last_seen_ms, peak_score=a.peak_score,
+            threshold=a.threshold, window_count=a.window_count, top_sensors=list(a.top_sensors),
+            off_training=dict(a.off_training or {})))
+    for asset, grouped in groupby(result.scores, key=lambda s: s.asset):
+        scores = list(grouped)
+        start_ms, end_ms = scores[0].start_ms, scores[-1].end_ms
+        clipped = {}
+        for sensor, (ts, values) in signals.get(asset, {}).items():
+            keep = (ts >= start_ms) & (ts <= end_ms)
+            if np.isfinite(values[keep]).any():
+                clipped[sensor] = (ts[keep], values[keep])
+        yield ReportData(asset=asset, group=group.name, sensors=group.sensor_names,
+                         tiers=[t.name for t in group.alert.tiers], exit_level=group.alert.exit_level,
+                         start_ms=start_ms, end_ms=end_ms, scores=scores, alerts=numbered.get(asset, []),
+                         maintenance=maintenance_runs(group.alert, asset, scores), signals=clipped,
+                         signal_source=source if signals else "")

@@ -8,8 +8,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -1007,13 +1007,14 @@ def backtest(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.alert_format import duration_text, off_training_text, sensors_text
-    from pipeline.backtest import group_rows, report_data, run_backtest, score_incidents, summarize
+    from pipeline.backtest import History, backtest_history, reports, score_incidents
     from pipeline.backtest import read_incidents as read_incident_file
+    from pipeline.csv_format import data_rows
     from pipeline.registry import load_version
     from pipeline.report import write_report
     from pipeline.store import repo
-    from pipeline.train import read_readings_csv, windows_from_frame
-    from pipeline.types import ms_to_datetime
+    from pipeline.train import OutOfOrder, read_readings_csv, read_readings_pieces
+    from pipeline.types import Score, ms_to_datetime
 
     _choice(output, ("table", "json"), "--format")
     cfg = _load(config)
@@ -1022,19 +1023,8 @@ def backtest(
     try:
         group_cfg = cfg.group(group) if group else cfg.groups[0]
         known = read_incident_file(incidents) if incidents is not None else None
-        frame, notes = group_rows(read_readings_csv(csv_path, "backtest data"), cfg, group_cfg)
-        for note in notes:
-            console.print(f"[yellow]note[/yellow]: {escape(note)}")
-        windows = windows_from_frame(frame, group_cfg, what="backtest data", to_the_end=True)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         raise _fail(exc, 2) from None
-    if not windows:
-        raise _fail(ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data"), 2)
-    windowless = sorted(set(frame["asset"].astype(str)) - {w.asset for w in windows}) if "asset" in frame else []
-    if windowless:
-        console.print(f"[yellow]note[/yellow]: {len(windowless)} asset(s) with rows but no complete window (too few "
-                      f"readings, or gaps longer than window.max_gap): {escape(', '.join(windowless[:8]))}"
-                      + (" ..." if len(windowless) > 8 else ""))
     with _session(cfg) as session:
         row = (repo.get_model_version(session=session, version=version) if version else
                repo.active_model_versions(session=session).get(group_cfg.name))
@@ -1047,22 +1037,47 @@ def backtest(
         detector = load_version(row, group_cfg, cfg.model_dir)
     except (ModelError, OSError) as exc:
         raise _fail(exc, 2) from None
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=output == "json" and not console.is_terminal) as bar:
-        task = bar.add_task(f"backtest {row.version}", total=len(windows))
-        result = run_backtest(windows, detector, group_cfg, advance=lambda n: bar.advance(task, n))
-    summaries = summarize(result)
+
+    def judged(pieces: Iterable[pd.DataFrame]) -> History:
+        """The backtest of the history in ``pieces``, its scores written to --scores-out as they come."""
+        def write(scores: list[Score]) -> None:
+            rows = [{"asset": s.asset, "window_start": ms_to_datetime(s.start_ms).isoformat(),
+                     "window_end": ms_to_datetime(s.end_ms).isoformat(), "score": s.score, "level": s.level,
+                     "threshold": s.threshold, "is_anomaly": s.is_anomaly, **s.sensor_errors} for s in scores]
+            pd.DataFrame(rows).to_csv(sink, header=sink.tell() == 0, index=False)
+
+        with ExitStack() as stack:
+            sink = None
+            if scores_out is not None:
+                scores_out.parent.mkdir(parents=True, exist_ok=True)
+                sink = stack.enter_context(scores_out.open("w", encoding="utf-8", newline=""))
+            bar = stack.enter_context(Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                TimeElapsedColumn(), console=console, disable=output == "json" and not console.is_terminal))
+            task = bar.add_task(f"backtest {row.version}", total=data_rows(csv_path))
+            return backtest_history(pieces, cfg, group_cfg, detector, keep_scores=report_dir is not None,
+                                    signals=report_dir is not None, on_scores=write if sink else None,
+                                    advance=lambda n: bar.advance(task, n))
+
+    try:
+        try:
+            history = judged(read_readings_pieces(csv_path, "backtest data"))
+        except OutOfOrder as exc:
+            console.print(f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in "
+                          "memory: sort a long history by time to backtest it piece by piece)")
+            history = judged([read_readings_csv(csv_path, "backtest data")])
+    except (ConfigError, ValueError) as exc:
+        raise _fail(exc, 2) from None
+    for note in history.notes:
+        console.print(f"[yellow]note[/yellow]: {escape(note)}")
+    result = history.result
+    if not result.assets:
+        raise _fail(ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data"), 2)
+    summaries = result.assets
     caught = score_incidents(result, known) if known is not None else None
-    if scores_out is not None:
-        rows = [{"asset": s.asset, "window_start": ms_to_datetime(s.start_ms).isoformat(),
-                 "window_end": ms_to_datetime(s.end_ms).isoformat(), "score": s.score, "level": s.level,
-                 "threshold": s.threshold, "is_anomaly": s.is_anomaly, **s.sensor_errors} for s in result.scores]
-        scores_out.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows).to_csv(scores_out, index=False)
     if report_dir is not None:
-        for summary in summaries:
-            write_report(report_dir / f"{summary.asset}.html",
-                         report_data(result, group_cfg, summary.asset, frame, csv_path.name))
+        for data in reports(result, group_cfg, history.signals, csv_path.name):
+            write_report(report_dir / f"{data.asset}.html", data)
 
     alerts = [{"n": i, "asset": a.asset, "severity": a.severity, "opened": _utc_text(a.opened_ms),
                "closed": _utc_text(a.closed_ms), "duration_s": ((a.closed_ms or a.last_seen_ms) - a.opened_ms) / 1000,

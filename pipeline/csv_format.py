@@ -23,6 +23,19 @@ def separator(path: Path, sample_bytes: int = 64 * 1024) -> str:
         return ","
 
 
+def data_rows(path: Path, block_bytes: int = 1 << 20) -> int | None:
+    """The data rows of the CSV at ``path`` as its lines after the header (a progress bar's total: a quoted cell
+    that holds a line break counts twice); None when it cannot be read."""
+    lines, last = 0, b"\n"
+    try:
+        with path.open("rb") as f:
+            while block := f.read(block_bytes):
+                lines, last = lines + block.count(b"\n"), block[-1:]
+    except OSError:
+        return None
+    return max(lines + (last != b"\n") - 1, 0)
+
+
 def timestamps_ms(column: pd.Series) -> np.ndarray:
     """Epoch ms per row of a ``ts`` column: numbers are epoch ms, text ISO-8601 (naive means UTC); -1 where a value
     cannot be read."""

@@ -131,6 +131,12 @@ class Windower:
         self._resume: dict[str, int] = {}
         self._replay_upto: dict[int, int] = {}
 
+    def admit(self, group: GroupConfig, assets: Iterable[str]) -> None:
+        """Window ``assets`` too, by ``group``'s settings (one of the groups given): a table's assets that are not
+        configured ones (training on another plant's readings). An asset already known keeps its group."""
+        for asset in assets:
+            self._group_of.setdefault(asset, group)
+
     # -- restart support -------------------------------------------------------------------------------------------
     def unseen(self, assets: Iterable[str]) -> set[str]:
         """Assets with no state here yet (candidates for ``resume``)."""

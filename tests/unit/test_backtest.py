@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -289,12 +290,21 @@ def test_group_rows_name_the_groups_of_the_assets_left_out() -> None:
         {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}]},
         {"name": "fans", "assets": ["f1"], "sensors": [{"name": "flow"}]}]}, env={})
     frame = pd.DataFrame({"ts": range(6), "asset": ["p1", "f1", "x", "p2", "f1", None], "flow": 1.0})
-    rows, notes = backtest.group_rows(frame, config, config.group("pumps"))
-    assert list(rows.index) == [0, 3]  # the index names the file's rows in warnings
-    assert notes == ["2 row(s) of other groups' assets left out: f1 (fans)",
-                     "1 row(s) of assets not in the configuration left out: x", "1 row(s) without an asset left out"]
-    whole, none = backtest.group_rows(frame.drop(columns="asset"), config, config.group("fans"))
-    assert whole is not None and len(whole) == 6 and none == []
+    left = backtest.LeftOut()
+    pieces = [backtest.group_rows(frame.iloc[:3], config, config.group("pumps"), left),
+              backtest.group_rows(frame.iloc[3:], config, config.group("pumps"), left)]  # counted over the pieces
+    assert [list(rows.index) for rows in pieces] == [[0], [3]]  # the index names the file's rows in warnings
+    assert left.notes(config) == ["2 row(s) of other groups' assets left out: f1 (fans)",
+                                  "1 row(s) of assets not in the configuration left out: x",
+                                  "1 row(s) without an asset left out"]
+    assert left.seen == {"p1", "p2"}
+    bare = backtest.LeftOut()
+    whole = backtest.group_rows(frame.drop(columns="asset"), config, config.group("fans"), bare)
+    assert len(whole) == 6 and bare.notes(config) == [] and bare.seen == {"f1"}
+    nothing = backtest.LeftOut()
+    backtest.group_rows(frame[frame["asset"] == "x"], config, config.group("fans"), nothing)
+    with pytest.raises(ConfigError, match=r"no row of group 'fans''s assets \(f1\) in the data, only of x"):
+        nothing.check(config.group("fans"))
 
 
 def test_incidents_outside_the_history_are_no_misses(deployed: Path, tmp_path: Path) -> None:
@@ -314,7 +324,8 @@ def test_incidents_outside_the_history_are_no_misses(deployed: Path, tmp_path: P
     assert scored["recall"] == 1.0 and scored["missed"] == [] and scored["left_out"] == 3
     spans = backtest.read_incidents(incidents)
     fake = backtest.Backtest("pumps", "v", 1.0, [Score("pump-1", "pumps", 0, 100, 0.0, 1.0, {}, "v"),
-                                                 Score("pump-1", "pumps", 50, 150, 0.0, 1.0, {}, "v")], [])
+                                                 Score("pump-1", "pumps", 50, 150, 0.0, 1.0, {}, "v")], [],
+                             [backtest.AssetSummary("pump-1", 0, 150, 2, 0, {}, 0.0)])
     edge = [Span("pump-1", 149, 200), Span("pump-1", 150, 200), Span("pump-1", -10, 1), Span("pump-2", 0, 100)]
     assert backtest.covered_incidents(fake, [*spans, *edge]) == edge[:1] + edge[2:3]
 
@@ -351,3 +362,38 @@ def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp
         bad.write_text(json.dumps(entries))
         with pytest.raises(ConfigError, match=problem):
             backtest.read_incidents(bad)
+
+
+def test_a_history_is_backtested_piece_by_piece_and_one_out_of_time_order_whole(
+        deployed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A history is read in pieces (``train.PIECE_ROWS`` rows) so that its length is not bounded by memory; the
+    result, the scores written and the reports are those of reading it whole. A file whose rows of an asset go back
+    in time from one piece to the next is read whole instead, with a note saying why."""
+    import pipeline.train
+
+    history = deployed / "hist" / "readings.csv"
+    args = ["backtest", "-c", str(deployed / "c.yaml"), "--format", "json", "--incidents",
+            str(deployed / "hist" / "ground_truth.json")]
+
+    def backtested(path: Path, name: str) -> tuple[dict[str, object], pd.DataFrame, str]:
+        result = runner.invoke(app, [*args, "--csv", str(path), "--scores-out", str(tmp_path / f"{name}.csv"),
+                                     "--report-dir", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        page = re.sub(r"generated [0-9: -]+Z", "", (tmp_path / name / "pump-2.html").read_text(encoding="utf-8"))
+        return json.loads(result.stdout), pd.read_csv(tmp_path / f"{name}.csv"), page
+
+    whole, whole_scores, whole_page = backtested(history, "whole")
+    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 500)  # 8,640 rows: 18 pieces
+    pieces, piece_scores, piece_page = backtested(history, "pieces")
+    assert pieces == whole and len(whole["alerts"]) > 0  # type: ignore[arg-type]
+    pd.testing.assert_frame_equal(piece_scores.sort_values(["asset", "window_end"], ignore_index=True),
+                                  whole_scores.sort_values(["asset", "window_end"], ignore_index=True))
+    assert piece_page == whole_page
+    frame = pd.read_csv(history)
+    shuffled = tmp_path / "shuffled.csv"
+    frame.sample(frac=1.0, random_state=1).to_csv(shuffled, index=False)
+    result = runner.invoke(app, [*args, "--csv", str(shuffled)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == whole
+    said = " ".join(result.output.split())  # the console wraps the note
+    assert "is older than a row of pump-" in said and "the file is read whole instead" in said

@@ -15,7 +15,7 @@ from models.autoencoders import build_model
 from models.training import NotEnoughData, TrainingDiverged, fit
 from pipeline.config import GroupConfig, parse_config
 from pipeline.errors import ConfigError
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import FrameWindower, OutOfOrder, train_group, windows_from_frame
 
 
 def _group(**overrides: Any) -> GroupConfig:
@@ -179,3 +179,67 @@ def test_a_time_column_not_named_ts_is_named_with_what_to_do() -> None:
     with pytest.raises(ConfigError, match="rename your time column to ts") as refused:
         windows_from_frame(frame, _group())
     assert "datetime" in str(refused.value) and "DatetimeIndex" not in str(refused.value)
+
+
+def _two_assets(rows: int = 400) -> pd.DataFrame:
+    """Two assets' readings interleaved in time order, with a gap of 20 s in b's (a window skipped)."""
+    rng = np.random.default_rng(3)
+    ts = 1_772_326_800_000 + np.repeat(np.arange(rows), 2) * 1000
+    frame = pd.DataFrame({"ts": ts, "asset": np.tile(["a", "b"], rows), "x": rng.normal(10, 1, 2 * rows),
+                          "y": rng.normal(5, 0.5, 2 * rows)})
+    return frame.drop(index=[2 * i + 1 for i in range(100, 120)])
+
+
+def test_a_table_read_in_pieces_gives_the_windows_of_the_whole_and_warns_once(caplog: pytest.LogCaptureFixture
+                                                                              ) -> None:
+    """``FrameWindower`` over pieces of any size (down to one row) cuts the windows ``windows_from_frame`` cuts from
+    the whole table, the last ones closed as the assets fall silent; its warnings count over all pieces, once."""
+    group = _group(assets=["a", "b"], window={"lateness": 1})
+    frame = _two_assets().astype({"x": object})
+    frame.loc[7, "x"] = "abc"
+    frame.loc[600, "x"] = "def"
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        whole = windows_from_frame(frame, group, to_the_end=True)
+    assert caplog.text.count("2 value(s) are not numbers and count as missing (first: row 7, x=abc)") == 1
+    for rows in (1, 7, 250):
+        caplog.clear()
+        windower = FrameWindower(group, to_the_end=True)
+        with caplog.at_level("WARNING", logger="pipeline.train"):
+            pieces = [windower.add(frame.iloc[i:i + rows]) for i in range(0, len(frame), rows)]
+            assert "not numbers" not in caplog.text  # warned of at the end, once, for the whole table
+            windows = [w for piece in pieces for w in piece] + windower.close()
+        assert sorted((w.asset, w.start_ms, w.values.tolist()) for w in windows) == sorted(
+            (w.asset, w.start_ms, w.values.tolist()) for w in whole)  # the order among assets is no contract
+        assert caplog.text.count("2 value(s) are not numbers and count as missing (first: row 7, x=abc)") == 1
+        assert caplog.text.count("8 window(s) left out for gaps longer than window.max_gap") == 1
+    assert {w.asset for w in whole} == {"a", "b"} and len(whole) > 150
+
+
+def test_a_table_read_in_pieces_that_goes_back_in_time_is_refused_naming_the_row() -> None:
+    """Across pieces each asset's rows must come in time order (the windower has placed the earlier ones); another
+    asset's older rows are fine, and so is disorder within a piece."""
+    group = _group(assets=["a", "b"])
+    frame = _two_assets()
+    windower = FrameWindower(group)
+    windower.add(frame.iloc[100:300].iloc[::-1])  # within a piece any order
+    windower.add(frame.iloc[300:400])
+    with pytest.raises(OutOfOrder, match=r"row 41 \(b at 2026-03-01T01:00:20\+00:00\) is older than a row of b "
+                                         r"before it in the file \(2026-03-01T01:03:29\+00:00\)"):
+        windower.add(frame.iloc[41:42])
+    only_a = FrameWindower(group)
+    only_a.add(frame[frame["asset"] == "a"])
+    assert only_a.add(frame[frame["asset"] == "b"]) != []  # asset after asset: each in time order
+
+
+def test_a_table_without_rows_or_without_a_readable_ts_is_refused_when_it_ends() -> None:
+    windower = FrameWindower(_group())
+    assert windower.add(_frame().iloc[:0]) == []
+    with pytest.raises(NotEnoughData, match="training data has no rows"):
+        windower.close()
+    unreadable = FrameWindower(_group(), what="backtest data")
+    frame = _frame(10).astype({"ts": object})
+    frame["ts"] = "soon"
+    unreadable.add(frame.iloc[:5])
+    unreadable.add(frame.iloc[5:])
+    with pytest.raises(ConfigError, match=r"backtest data: no readable ts \(first value soon\)"):
+        unreadable.close()
