@@ -183,8 +183,10 @@ def train(
     group: Annotated[str | None, typer.Option(help="Group to train (default: the only group).")] = None,
     activate: Annotated[bool, typer.Option(help="Make the new model the active one.")] = True,
 ) -> None:
-    """Train a group's autoencoder on historical normal data, save the bundle and register the version."""
-    from pipeline.train import read_readings_csv, register_trained, train_group, windows_from_frame
+    """Train a group's autoencoder on historical normal data, save the bundle and register the version. The CSV is
+    read in pieces; beyond retrain.max_windows windows, every k-th block of each asset's windows is kept, as the
+    nightly retrain keeps them."""
+    from pipeline.train import register_trained, train_group, windows_from_csv
 
     cfg = _load(config)
     if group is None and len(cfg.groups) > 1:
@@ -192,8 +194,8 @@ def train(
     _check_database(cfg)  # before training, not after it
     try:
         group_cfg = cfg.group(group) if group else cfg.groups[0]
-        windows = windows_from_frame(read_readings_csv(csv_path), group_cfg)
-        trained = train_group(windows, group_cfg)
+        windows, thinning = windows_from_csv(csv_path, group_cfg, max_windows=cfg.retrain.max_windows)
+        trained = train_group(windows, group_cfg, thinning=thinning)
     except (ConfigError, ValueError) as exc:
         raise _fail(exc, 2) from None
     with _session(cfg, write=True) as session:

@@ -45,7 +45,7 @@ from pipeline.errors import InvalidReading, ModelError, ModelMismatch, Transient
 from pipeline.registry import load_version, register
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, schema_problem
-from pipeline.thinning import Thinning
+from pipeline.thinning import Thinning, thin_to
 from pipeline.train import train_group
 from pipeline.types import Reading, Window, datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
@@ -406,25 +406,17 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
         cut = windower.add(readings)
         data.rejected += len(cut.jumped)
         data.windows += [w for w in cut.windows if thin.keeps(w) or must(w)]
-        while max_windows is not None and len(data.windows) > max_windows:
-            if all(must(w) for w in data.windows):
-                if not warned:
-                    log.warning("%s: %d windows near alerts alone are over retrain.max_windows = %d; keeping them",
-                                group.name, len(data.windows), max_windows)
-                    warned = True
-                break
-            thin = thin.coarser()
-            before = len(data.windows)
-            data.windows = [w for w in data.windows if thin.keeps(w) or must(w)]
-            log.info("%s: %d windows read back, over retrain.max_windows = %d: keeping every %d%s block of %d "
-                     "windows of each asset (%d left)", group.name, before, max_windows, thin.keep_every,
-                     _ordinal(thin.keep_every), thin.block, len(data.windows))
+        before, was = len(data.windows), thin
+        data.windows, thin = thin_to(data.windows, thin, max_windows, must)
+        if thin != was:
+            log.info("%s: %d windows read back, over retrain.max_windows = %d: keeping %s of each asset (%d left)",
+                     group.name, before, max_windows, thin.kept(), len(data.windows))
+        if max_windows is not None and len(data.windows) > max_windows and not warned:
+            log.warning("%s: %d windows near alerts alone are over retrain.max_windows = %d; keeping them",
+                        group.name, len(data.windows), max_windows)
+            warned = True
     data.thinning = thin
     return data
-
-
-def _ordinal(n: int) -> str:
-    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
 
 
 # -- one run ---------------------------------------------------------------------------------------------------------
@@ -672,8 +664,8 @@ def _run_locked(config: Config, group: GroupConfig, *, sessions: sessionmaker[Se
                        clock=clock)
     split, thinning, active_levels = recent
     if len(split.train) < rc.min_windows:
-        thinned = (f"; the lookback was thinned to every {thinning.keep_every}{_ordinal(thinning.keep_every)} block "
-                   f"by retrain.max_windows = {rc.max_windows}" if thinning.keep_every > 1 else "")
+        thinned = (f"; the lookback was thinned to {thinning.kept()} by retrain.max_windows = {rc.max_windows}"
+                   if thinning.keep_every > 1 else "")
         return _finish(group.name, "skipped", f"only {len(split.train)} normal windows to train on (need "
                        f"retrain.min_windows = {rc.min_windows}){thinned}", sessions=sessions, run_id=run_id,
                        progress=progress, clock=clock)

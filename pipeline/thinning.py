@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -75,6 +75,12 @@ class Thinning:
         """True when the window's block is kept."""
         return self.keep_every == 1 or self._block_of(window) % self.keep_every == 0
 
+    def kept(self) -> str:
+        """What it keeps of each asset's windows, in words: "every 2nd window", "every 4th block of 256 windows"."""
+        n = self.keep_every
+        nth = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+        return f"every {nth} window" if self.block == 1 else f"every {nth} block of {self.block} windows"
+
     def coarser(self) -> Thinning:
         """Keep half as many blocks (a subset of what this keeps)."""
         return replace(self, keep_every=self.keep_every * 2)
@@ -95,3 +101,16 @@ class Thinning:
             settled[i] = count >= self.warmup
             state[window.asset] = (index, number, count + 1)
         return keys, settled
+
+
+def thin_to(windows: list[Window], thin: Thinning, max_windows: int | None,
+            must: Callable[[Window], bool] | None = None) -> tuple[list[Window], Thinning]:
+    """``windows`` (those that ``thin`` keeps) within ``max_windows`` (None: no bound): the thinning is made
+    ``coarser`` until at most that many are left, every window that ``must`` holds to staying (more are left only
+    when those alone are more). The windows left, in their order, and the thinning they were cut to."""
+    while max_windows is not None and len(windows) > max_windows:
+        if must is not None and all(must(w) for w in windows):
+            break
+        thin = thin.coarser()
+        windows = [w for w in windows if thin.keeps(w) or (must is not None and must(w))]
+    return windows, thin

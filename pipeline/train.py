@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.registry import new_version_name, register
 from pipeline.store import repo
 from pipeline.store.tables import ModelVersion
-from pipeline.thinning import Thinning
+from pipeline.thinning import Thinning, thin_to
 from pipeline.types import Reading, Window, ms_to_datetime
 from pipeline.windowing import Windower
 
@@ -63,6 +63,37 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
     windower = FrameWindower(group, asset_column, what, to_the_end=to_the_end)
     windows = windower.add(frame)
     return windows + windower.close()
+
+
+def windows_from_csv(path: Path, group: GroupConfig, *, max_windows: int | None = None,
+                     what: str = "training data") -> tuple[list[Window], Thinning]:
+    """The windows of the CSV of readings at ``path`` (``windows_from_frame``), read in pieces
+    (``read_readings_pieces``, ``FrameWindower``) so that the windows are held, not the rows. Beyond
+    ``max_windows`` (None: no bound) they are thinned as the nightly retrain thins its lookback (``thin_to``: whole
+    blocks of each asset's windows, every k-th kept), with a log line; returns the windows and their thinning (for
+    ``train_group``). A file whose rows of an asset go back in time from one piece to the next is read whole
+    instead, with a warning saying why. ConfigError naming it as ``what`` when it cannot be read."""
+    start = Thinning.for_smoothing(group.window.stride * group.period_ms, [group.threshold.ewma_alpha])
+    windower, thin, windows, cut = FrameWindower(group, what=what), start, [], 0
+
+    def keep(new: list[Window]) -> None:
+        nonlocal windows, thin, cut
+        cut += len(new)
+        windows, thin = thin_to(windows + [w for w in new if thin.keeps(w)], thin, max_windows)
+
+    try:
+        for piece in read_readings_pieces(path, what):
+            keep(windower.add(piece))
+    except OutOfOrder as exc:
+        log.warning("%s; the file is read whole instead (held in memory)", exc)
+        windows, thin, cut = [], start, 0
+        keep(windows_from_frame(read_readings_csv(path, what), group, what=what))
+    else:
+        keep(windower.close())
+    if thin.keep_every > 1:
+        log.warning("%s: %d windows, over retrain.max_windows = %d: kept %s of each asset (%d left), as the "
+                    "nightly retrain keeps them", what, cut, max_windows, thin.kept(), len(windows))
+    return windows, thin
 
 
 SILENT_MS = 2**62  # a wall clock past every asset's idle_close_s (readings are placed at wall clock 0)

@@ -225,6 +225,36 @@ def test_bracketed_text_is_shown_as_written(tmp_path: Path) -> None:
     assert f"bundle {bracketed / 'models' / 'g'}" in trained.output
 
 
+def test_train_reads_a_long_history_in_pieces_and_thins_it_to_retrain_max_windows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CSV whose windows are more than ``retrain.max_windows`` trains on every k-th block of each asset's windows,
+    as the nightly retrain does (memory stays bounded whatever the history's length), saying so. The CSV is read in
+    pieces."""
+    import pipeline.train
+    from pipeline.store import repo
+    from pipeline.store.db import session_scope, upgrade
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "database": {"url": url}, "model_dir": str(tmp_path / "models"), "retrain": {"max_windows": 1000, "min_windows": 100},
+        "groups": [{"name": "g", "assets": ["a", "b"], "sensors": [{"name": "x"}],
+                    "window": {"length": 8, "stride": 1},
+                    "model": {"type": "dense", "hidden": [4, 2], "epochs": 1}}]}))
+    csv = tmp_path / "r.csv"
+    csv.write_text("ts,asset,x\n" + "".join(f"{i * 1000},{a},{(i % 7) / 7 + (a == 'b')}\n"
+                                            for i in range(1500) for a in "ab"))
+    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 400)
+    trained = runner.invoke(app, ["train", "--config", str(config), "--csv", str(csv)])
+    assert trained.exit_code == 0, trained.output
+    assert "training data: 2986 windows, over retrain.max_windows = 1000: kept every 4th window of each asset" \
+        in " ".join(trained.output.split())
+    with session_scope(url) as session:
+        (row,) = repo.list_model_versions(session=session)
+    assert 600 < row.windows_used <= 1000  # of 2,986
+
+
 def test_models_list_shows_whole_versions_and_json(tmp_path: Path) -> None:
     from pipeline.store.db import upgrade
 

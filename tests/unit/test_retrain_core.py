@@ -24,7 +24,7 @@ from pipeline.scheduler import cron_trigger
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import PipelineInstance, RetrainLock
-from pipeline.thinning import Thinning
+from pipeline.thinning import Thinning, thin_to
 from pipeline.train import train_group
 from pipeline.types import Window
 
@@ -233,6 +233,22 @@ def test_thinning_keeps_whole_blocks_per_asset_and_doubling_halves_the_fleet() -
     assert all(len(r) == 300 for r in runs[1:-1])  # whole blocks of consecutive windows
     later = [w for w in fleet if w.asset == "pump-7" and thin.index(w) >= 2_000]
     assert [thin.index(w) for w in later if thin.keeps(w)] == [i for i in mine if i >= 2_000]  # same on every read
+
+
+def test_thin_to_coarsens_until_the_windows_fit_and_keeps_those_that_must_stay() -> None:
+    fleet = [w for a in range(20) for w in _grid_windows(f"pump-{a}", 1_000, 3_016)]
+    thin = Thinning(5_000, block=64)
+    assert thin_to(fleet, thin, None) == (fleet, thin) and thin_to(fleet, thin, len(fleet)) == (fleet, thin)
+    kept, coarse = thin_to(fleet, thin, len(fleet) // 5)
+    assert len(kept) <= len(fleet) // 5 < 2 * len(kept) and coarse.keep_every == 8  # halved until it fits
+    assert kept == [w for w in fleet if coarse.keeps(w)]  # the same windows a read thinned from the start keeps
+    assert (thin.kept(), coarse.kept(), Thinning(5_000, keep_every=2).kept()) == (
+        "every 1st block of 64 windows", "every 8th block of 64 windows", "every 2nd window")
+    near = {id(w) for w in fleet if w.asset == "pump-3"}  # say, near an alert
+    kept, coarse = thin_to(fleet, thin, len(fleet) // 5, must=lambda w: id(w) in near)
+    assert near <= {id(w) for w in kept} and len(kept) <= len(fleet) // 5
+    alone, _ = thin_to(fleet, thin, 100, must=lambda w: id(w) in near)  # those alone are over the bound: kept
+    assert {id(w) for w in alone} == near
 
 
 def test_streams_restart_where_thinning_dropped_windows_and_settle_after_the_warmup() -> None:
