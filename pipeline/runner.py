@@ -153,7 +153,7 @@ class Runner:
         self._bundles_seen: dict[str, _BundleLook] = {}  # group -> the last look at its served model's bundle
         self._reported = set(reported or {})
         self._unserved = dict(reported or {})  # group -> why its active model is not served (pipeline_instances)
-        self._started_at = datetime.now(UTC)
+        self._started = time.monotonic()  # reported as a time on the database's clock (``report_serving``)
         self._held_raw: dict[tuple[int, int], kafka_io.RawRecord] = {}  # raw records of held readings
         self._heard_at = time.monotonic()  # the last news of the broker: records, a probe, an idle-close query
         self._broker_down = False  # the broker did not answer a probe or an idle-close query (/healthz: 503)
@@ -592,8 +592,10 @@ class Runner:
             return
         try:
             with self._sessions.begin() as session:
+                now = repo.database_now(session=session)
+                started_at = now - timedelta(seconds=time.monotonic() - self._started)  # on the database's clock too
                 repo.report_instance(session=session, instance=self._owner, consumer_group=self.config.kafka.group_id,
-                                     started_at=self._started_at, now=repo.database_now(session=session),
+                                     started_at=started_at, now=now,
                                      serving={g: d.version for g, d in self._detectors.items()},
                                      unserved=self._unserved)
         except DBAPIError as exc:

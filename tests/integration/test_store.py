@@ -565,6 +565,7 @@ def test_processes_and_commands_on_hosts_with_clocks_off_judge_by_the_database_c
     with sessions() as s:
         (row,) = repo.list_instances(session=s)
         assert abs((row.seen_at - s.scalar(text("SELECT now()"))).total_seconds()) < 5
+        assert abs((row.started_at - s.scalar(text("SELECT now()"))).total_seconds()) < 5  # started just now
     engine.dispose()
 
     for module in (cli, preflight, repo):

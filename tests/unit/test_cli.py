@@ -238,7 +238,8 @@ def test_train_reads_a_long_history_in_pieces_and_thins_it_to_retrain_max_window
     upgrade(url)
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
-        "database": {"url": url}, "model_dir": str(tmp_path / "models"), "retrain": {"max_windows": 1000, "min_windows": 100},
+        "database": {"url": url}, "model_dir": str(tmp_path / "models"),
+        "retrain": {"max_windows": 1000, "min_windows": 100},
         "groups": [{"name": "g", "assets": ["a", "b"], "sensors": [{"name": "x"}],
                     "window": {"length": 8, "stride": 1},
                     "model": {"type": "dense", "hidden": [4, 2], "epochs": 1}}]}))
