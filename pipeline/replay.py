@@ -3,13 +3,17 @@ record per row in the documented message format (``{"asset", "ts" (epoch ms), "v
 time order, as fast as the producer goes or paced at a multiple of real time. For trials, demos and backfilling
 history through the pipeline.
 
-``csv_messages`` is pure (a frame and the configuration in, messages and notes out); ``send`` is the I/O.
+A CSV in time order is sent as it is read, piece by piece (``plan`` reads it once to count what is left out and what
+the pipeline will reject, ``messages_of`` a second time to send it), so its length is not bounded by memory; one that
+is not is sorted whole (``csv_messages``). Those are pure (frames and the configuration in, messages and counts out);
+``send`` is the I/O.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +31,38 @@ PACE_STEP_S = 0.05  # at most this long between progress updates while pacing
 
 
 @dataclass
+class Omitted:
+    """What of a CSV (counted over its pieces) is left out of the messages."""
+
+    unreadable_ts: int = 0
+    unreadable_first: int | None = None  # the first such row (data row, from 0)
+    no_asset: int = 0
+    no_asset_first: int | None = None
+    unknown: Counter[str] = field(default_factory=Counter)  # rows per asset the configuration does not know
+    extra: list[str] = field(default_factory=list)  # columns that are no configured sensor
+    not_numbers: int = 0  # cells
+
+    def notes(self) -> list[str]:
+        """One line per kind of thing left out."""
+        notes = []
+        if self.unreadable_ts:
+            notes.append(f"{self.unreadable_ts} row(s) with an unreadable ts left out (first: row "
+                         f"{self.unreadable_first})")
+        if self.no_asset:
+            notes.append(f"{self.no_asset} row(s) without an asset left out (first: row {self.no_asset_first})")
+        if self.unknown:
+            names = sorted(self.unknown)
+            notes.append(f"{sum(self.unknown.values())} row(s) of asset(s) not in the configuration left out: "
+                         + ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+        if self.extra:
+            notes.append("column(s) that are no configured sensor left out: " + ", ".join(self.extra[:8])
+                         + (" ..." if len(self.extra) > 8 else ""))
+        if self.not_numbers:
+            notes.append(f"{self.not_numbers} value(s) that are not numbers left out")
+        return notes
+
+
+@dataclass
 class Prepared:
     """The messages of a CSV, in time order, and what was left out of them (one line each)."""
 
@@ -36,10 +72,25 @@ class Prepared:
 
 def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None = None) -> Prepared:
     """The readings of ``frame`` (``ts``, optional ``asset``, one column per sensor) as messages sorted by time then
-    asset: per row the values of its asset's group's sensors that are numbers (a missing or non-numeric cell is left
-    out of its row, a row with none is left out). Rows without an ``asset`` column are ``group``'s first asset (the
-    only group's when None); rows of assets the configuration does not know, or with an empty asset cell, are left
-    out. ConfigError for a frame without ``ts`` or without a single usable row."""
+    asset (``piece_messages``). ConfigError for a frame without ``ts`` or without a single usable row."""
+    omitted = Omitted()
+    messages = piece_messages(frame, config, group, omitted)
+    if not messages:
+        raise ConfigError(NOTHING_TO_SEND)
+    return Prepared(messages, omitted.notes())
+
+
+NOTHING_TO_SEND = "replay data has no row with a readable ts, a configured asset and a sensor value"
+
+
+def piece_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None, omitted: Omitted
+                   ) -> list[Message]:
+    """The readings of ``frame`` (a CSV or a piece of one: ``ts``, optional ``asset``, one column per sensor) as
+    messages sorted by time then asset: per row the values of its asset's group's sensors that are numbers (a
+    missing or non-numeric cell is left out of its row, a row with none is left out). Rows without an ``asset``
+    column are ``group``'s first asset (the only group's when None); rows of assets the configuration does not know,
+    or with an empty asset cell, are left out. What is left out is counted in ``omitted``. ConfigError for a frame
+    without ``ts``, or without ``asset`` when the configuration has several groups and ``group`` is None."""
     if "ts" not in frame.columns:
         raise ConfigError("replay data needs a 'ts' column (ISO-8601 or epoch ms)")
     if "asset" not in frame.columns and group is None:
@@ -47,7 +98,6 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
             raise ConfigError(f"replay data has no 'asset' column: give --group (the config has {len(config.groups)} "
                               "groups)")
         group = config.groups[0]
-    notes: list[str] = []
     if "asset" in frame.columns:
         present = frame["asset"].notna().to_numpy()
         assets = np.where(present, frame["asset"].astype(str).to_numpy(dtype=object), "")
@@ -56,26 +106,22 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
         assets = np.full(len(frame), group.assets[0] if group is not None else "", dtype=object)
     ts = timestamps_ms(frame["ts"])
     if (ts < 0).any():
-        notes.append(f"{int((ts < 0).sum())} row(s) with an unreadable ts left out (first: row "
-                     f"{int(np.flatnonzero(ts < 0)[0])})")
+        if omitted.unreadable_first is None:
+            omitted.unreadable_first = _row(frame, int(np.flatnonzero(ts < 0)[0]))
+        omitted.unreadable_ts += int((ts < 0).sum())
     if not present.all():
-        notes.append(f"{int((~present).sum())} row(s) without an asset left out (first: row "
-                     f"{int(np.flatnonzero(~present)[0])})")
+        if omitted.no_asset_first is None:
+            omitted.no_asset_first = _row(frame, int(np.flatnonzero(~present)[0]))
+        omitted.no_asset += int((~present).sum())
     groups = config.asset_groups()
     unknown = sorted(set(assets[present]) - set(groups))
-    if unknown:
-        notes.append(f"{int(np.isin(assets, unknown).sum())} row(s) of asset(s) not in the configuration left out: "
-                     + ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
+    for asset in unknown:
+        omitted.unknown[str(asset)] += int((assets == asset).sum())
     sensors = sorted({s for g in groups.values() for s in g.sensor_names if s in frame.columns})
-    extra = [str(c) for c in frame.columns if c not in ("ts", "asset", *sensors)]
-    if extra:
-        notes.append("column(s) that are no configured sensor left out: " + ", ".join(extra[:8])
-                     + (" ..." if len(extra) > 8 else ""))
+    omitted.extra = [str(c) for c in frame.columns if c not in ("ts", "asset", *sensors)]
     values = frame[sensors].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float) if sensors else None
     if values is not None:
-        bad = int((frame[sensors].notna().to_numpy() & np.isnan(values)).sum())
-        if bad:
-            notes.append(f"{bad} value(s) that are not numbers left out")
+        omitted.not_numbers += int((frame[sensors].notna().to_numpy() & np.isnan(values)).sum())
     rows: list[tuple[int, str, dict[str, Any]]] = []
     for i in np.flatnonzero((ts >= 0) & present & ~np.isin(assets, unknown)):
         asset = str(assets[i])
@@ -84,21 +130,63 @@ def csv_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | None 
                                          if s in mine and np.isfinite(v)}
         if row:
             rows.append((int(ts[i]), asset, row))
-    if not rows:
-        raise ConfigError("replay data has no row with a readable ts, a configured asset and a sensor value")
     rows.sort(key=lambda r: (r[0], r[1]))
-    return Prepared([(a, {"asset": a, "ts": t, "values": v}) for t, a, v in rows], notes)
+    return [(a, {"asset": a, "ts": t, "values": v}) for t, a, v in rows]
 
 
-def ingest_notes(messages: Sequence[Message], ingest: IngestConfig, now_ms: int, speed: float | None = None
-                 ) -> list[str]:
-    """What the pipeline's input checks (``ingest``) will reject of ``messages`` (time-ordered) when ``send`` starts
-    at ``now_ms`` (paced at ``speed``): readings older than ``max_age_s`` when published (``ts_too_old``: a record
-    is stamped when it is produced, not with its reading's time) and further ahead of the clock than ``max_future_s``
-    (``ts_in_future``), one note each; none when nothing is."""
-    if not messages:
+def _row(frame: pd.DataFrame, position: int) -> int:
+    """The data row (from 0) of the frame's row at ``position``: its index label (a piece of a CSV keeps counting
+    the file's rows), or the position when the index is not the rows'."""
+    label = frame.index[position]
+    return int(label) if isinstance(label, int | np.integer) else position
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What replaying a CSV piece by piece would send: every message's ts in sending order (each piece sorted),
+    the assets, what is left out, and whether the pieces are in time order (each no older than the pieces before
+    it), so that sending them piece by piece sends the whole file in time order; if not, it must be sorted whole."""
+
+    ts: np.ndarray
+    assets: frozenset[str]
+    omitted: Omitted
+    in_order: bool
+
+
+def plan(pieces: Iterable[pd.DataFrame], config: Config, group: GroupConfig | None = None) -> Plan:
+    """Read ``pieces`` (``train.read_readings_pieces``) once without keeping their messages: the ``Plan``.
+    ConfigError as ``piece_messages``, and when no row at all can be sent."""
+    omitted, times, assets, newest, in_order = Omitted(), [], set(), None, True
+    for piece in pieces:
+        messages = piece_messages(piece, config, group, omitted)
+        if not messages:
+            continue
+        ts = np.fromiter((payload["ts"] for _, payload in messages), dtype=np.int64, count=len(messages))
+        in_order = in_order and (newest is None or ts[0] >= newest)
+        newest = int(ts[-1]) if newest is None else max(newest, int(ts[-1]))
+        times.append(ts)
+        assets.update(a for a, _ in messages)
+    if not times:
+        raise ConfigError(NOTHING_TO_SEND)
+    return Plan(np.concatenate(times), frozenset(assets), omitted, in_order)
+
+
+def messages_of(pieces: Iterable[pd.DataFrame], config: Config, group: GroupConfig | None = None
+                ) -> Iterator[Message]:
+    """The messages of ``pieces``, piece by piece (each sorted by time then asset), as they are read: in time order
+    when their ``plan`` is ``in_order``."""
+    omitted = Omitted()
+    for piece in pieces:
+        yield from piece_messages(piece, config, group, omitted)
+
+
+def ingest_notes(ts: np.ndarray, ingest: IngestConfig, now_ms: int, speed: float | None = None) -> list[str]:
+    """What the pipeline's input checks (``ingest``) will reject of the readings at ``ts`` (time-ordered, as sent)
+    when ``send`` starts at ``now_ms`` (paced at ``speed``): readings older than ``max_age_s`` when published
+    (``ts_too_old``: a record is stamped when it is produced, not with its reading's time) and further ahead of the
+    clock than ``max_future_s`` (``ts_in_future``), one note each; none when nothing is."""
+    if not len(ts):
         return []
-    ts = np.array([payload["ts"] for _, payload in messages], dtype=np.int64)
     published = now_ms + ((ts - ts[0]) / speed if speed is not None else 0)
     notes = []
     if ingest.max_age_s is not None:
@@ -113,17 +201,19 @@ def ingest_notes(messages: Sequence[Message], ingest: IngestConfig, now_ms: int,
     return notes
 
 
-def send(producer: KafkaProducer, topic: str, messages: Sequence[Message], *, speed: float | None = None,
+def send(producer: KafkaProducer, topic: str, messages: Iterable[Message], *, speed: float | None = None,
          advance: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic,
          sleep: Callable[[float], None] = time.sleep) -> int:
-    """Produce ``messages`` (in their order) to ``topic`` keyed by asset and wait until the brokers acknowledged all
-    of them; returns how many. ``speed``: pace them at that multiple of the time their ``ts`` span (1: real time),
-    else as fast as the producer goes. ``advance(n)`` reports progress. TransientError naming the first failure when
-    any record was not acknowledged (the others were)."""
+    """Produce ``messages`` (in their order, read as they are sent: ``messages_of``) to ``topic`` keyed by asset and
+    wait until the brokers acknowledged all of them; returns how many. ``speed``: pace them at that multiple of the
+    time their ``ts`` span from the first (1: real time), else as fast as the producer goes. ``advance(n)`` reports
+    progress. TransientError naming the first failure when any record was not acknowledged (the others were)."""
     failures: list[BaseException] = []
-    started, first_ms = clock(), messages[0][1]["ts"] if messages else 0
+    started, first_ms = clock(), None
     sent = 0
     for asset, payload in messages:
+        if first_ms is None:
+            first_ms = payload["ts"]
         if speed is not None:
             due = started + (payload["ts"] - first_ms) / 1000 / speed
             while (wait := due - clock()) > 0:

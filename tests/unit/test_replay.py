@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import IngestConfig, parse_config
 from pipeline.errors import ConfigError, TransientError
-from pipeline.replay import csv_messages, ingest_notes, send
+from pipeline.replay import csv_messages, ingest_notes, messages_of, plan, send
 from pipeline.report import read_signals
 from pipeline.train import read_readings_csv
 
@@ -92,17 +93,45 @@ def test_readings_the_pipelines_input_checks_will_reject_are_noted() -> None:
     """A record is stamped when it is produced: with ingest.max_age_s, history older than that is rejected as
     ts_too_old; readings ahead of the clock by more than max_future_s as ts_in_future (paced: at their send time)."""
     now = 1767225600000
-    messages = [("p1", {"asset": "p1", "ts": now + s * 1000, "values": {"flow": 1.0}}) for s in (-7200, -60, 0, 600)]
-    assert ingest_notes(messages, IngestConfig(), now) == [
+    ts = np.array([now + s * 1000 for s in (-7200, -60, 0, 600)])  # the readings' ts, as sent
+    assert ingest_notes(ts, IngestConfig(), now) == [
         "1 of 4 reading(s) are more than ingest.max_future_s (300 s) ahead of the clock when published: the pipeline "
         "rejects them as ts_in_future"]
-    assert ingest_notes(messages, IngestConfig(max_age_s=3600), now - 7200_000, speed=1) == []  # paced from then
-    assert ingest_notes(messages, IngestConfig(max_age_s=3600), now) == [
+    assert ingest_notes(ts, IngestConfig(max_age_s=3600), now - 7200_000, speed=1) == []  # paced from then
+    assert ingest_notes(ts, IngestConfig(max_age_s=3600), now) == [
         "1 of 4 reading(s) are older than ingest.max_age_s (3600 s) when published: the pipeline rejects them as "
         "ts_too_old",
         "1 of 4 reading(s) are more than ingest.max_future_s (300 s) ahead of the clock when published: the pipeline "
         "rejects them as ts_in_future"]
     assert ingest_notes([], IngestConfig(max_age_s=1), now) == []
+
+
+def test_a_csv_in_time_order_is_sent_as_it_is_read_and_one_out_of_order_is_sorted_whole() -> None:
+    """``plan`` reads the pieces once (counting what is left out, keeping only the times) and ``messages_of`` yields
+    the messages piece by piece: for a file in time order, the messages and notes of sorting it whole. A file that
+    goes back in time from one piece to the next is planned as out of order (the command then sorts it whole)."""
+    frame = pd.DataFrame({"ts": [f"2026-01-01T00:00:{i // 3:02d}Z" for i in range(30)],
+                          "asset": ["p1", "p2", "f1"] * 10, "flow": 1.0, "temp": 2.0, "speed": 3.0})
+    frame.loc[4, "asset"] = "x9"
+    frame.loc[7, "ts"] = "garbage"
+    frame.loc[[16, 29], "asset"] = None
+    whole = csv_messages(frame, CONFIG)
+    for rows in (1, 4, 30):
+        pieces = [frame.iloc[i:i + rows] for i in range(0, len(frame), rows)]
+        planned = plan(pieces, CONFIG)
+        assert planned.in_order and planned.omitted.notes() == whole.notes == [
+            "1 row(s) with an unreadable ts left out (first: row 7)",
+            "2 row(s) without an asset left out (first: row 16)",
+            "1 row(s) of asset(s) not in the configuration left out: x9"]
+        sent = list(messages_of(pieces, CONFIG))
+        assert sorted(sent, key=lambda m: (m[1]["ts"], m[0])) == whole.messages
+        assert [p["ts"] for _, p in sent] == sorted(p["ts"] for _, p in sent)  # in time order
+        assert planned.ts.tolist() == [p["ts"] for _, p in whole.messages]
+        assert planned.assets == {"p1", "p2", "f1"}
+    backwards = [frame.iloc[15:], frame.iloc[:15]]
+    assert not plan(backwards, CONFIG).in_order and plan(frame.iloc[::-1].pipe(lambda f: [f]), CONFIG).in_order
+    with pytest.raises(ConfigError, match="no row with a readable ts"):
+        plan([frame.iloc[:0], frame.assign(asset="x9")], CONFIG)
 
 
 class _Producer:
