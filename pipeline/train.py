@@ -256,11 +256,13 @@ class FrameWindower:
         return frame.to_numpy(dtype=np.float64)
 
     def _count_repeats(self, assets: np.ndarray, ts_ms: np.ndarray) -> None:
-        """Count the piece's repeated (asset, ts) pairs: ConfigError at once when they are many (several assets'
-        rows in one stream)."""
-        repeats = int(pd.DataFrame({"a": assets, "t": ts_ms}).duplicated().sum())
-        self._refuse_repeats(repeats, len(assets))
-        self._repeats += repeats
+        """Count the piece's rows that repeat an (asset, ts) pair of the piece or of the earlier pieces (there, only
+        the asset's newest ts can repeat: older ones are OutOfOrder). ``close`` refuses many (by the whole table's
+        share, so that it does not depend on where the pieces end)."""
+        pairs = pd.DataFrame({"a": assets, "t": ts_ms})
+        first = ~pairs.duplicated().to_numpy()
+        newest = pairs["a"].map(self._newest).to_numpy(dtype=np.float64, na_value=np.nan)
+        self._repeats += int((~first).sum() + (first & (ts_ms == newest)).sum())
 
     def _refuse_repeats(self, repeats: int, rows: int) -> None:
         if repeats > DUPLICATE_LIMIT * rows:

@@ -243,3 +243,28 @@ def test_a_table_without_rows_or_without_a_readable_ts_is_refused_when_it_ends()
     unreadable.add(frame.iloc[5:])
     with pytest.raises(ConfigError, match=r"backtest data: no readable ts \(first value soon\)"):
         unreadable.close()
+
+
+def _in_pieces(frame: pd.DataFrame, group: GroupConfig, rows: int, **kwargs: Any) -> list[Any]:
+    windower = FrameWindower(group, **kwargs)
+    windows = [w for i in range(0, len(frame), rows) for w in windower.add(frame.iloc[i:i + rows])]
+    return windows + windower.close()
+
+
+def test_repeats_in_a_table_read_in_pieces_are_counted_and_refused_over_the_whole_table(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A repeated (asset, ts) pair counts whether its rows fall in one piece or in two; the share of repeats that
+    refuses a table is the whole table's, so a small piece (the file's last) with one repeat is no stream of several
+    assets."""
+    group = _group()
+    frame = _frame(100)
+    frame = pd.concat([frame.iloc[:50], frame.iloc[[49]], frame.iloc[50:], frame.iloc[[99]]], ignore_index=True)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        whole = windows_from_frame(frame, group)
+    assert caplog.text.count("2 row(s) repeat an asset's timestamp; the first of each is used") == 1
+    for rows in (1, 7, 50, 51):  # 50: the first repeat straddles a boundary, the last piece is 1 row and its repeat
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.train"):
+            windows = _in_pieces(frame, group, rows)
+        assert [(w.start_ms, w.values.tolist()) for w in windows] == [(w.start_ms, w.values.tolist()) for w in whole]
+        assert caplog.text.count("2 row(s) repeat an asset's timestamp; the first of each is used") == 1, rows
