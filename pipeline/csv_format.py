@@ -38,9 +38,14 @@ def data_rows(path: Path, block_bytes: int = 1 << 20) -> int | None:
 
 def timestamps_ms(column: pd.Series) -> np.ndarray:
     """Epoch ms per row of a ``ts`` column: numbers are epoch ms, text ISO-8601 (naive means UTC); -1 where a value
-    cannot be read."""
+    cannot be read. In a column of text (pandas reads a CSV column that holds any text as text), a number or the
+    text of one is epoch ms too, so a row reads the same whether its file is read whole or in pieces."""
     if pd.api.types.is_numeric_dtype(column):
         ts = pd.to_datetime(column, unit="ms", utc=True, errors="coerce")
+    elif pd.api.types.is_object_dtype(column) or pd.api.types.is_string_dtype(column):
+        numbers = pd.to_numeric(column, errors="coerce")
+        ts = pd.to_datetime(column.where(numbers.isna()), utc=True, format="mixed", errors="coerce")
+        ts = ts.fillna(pd.to_datetime(numbers, unit="ms", utc=True, errors="coerce"))
     else:
         ts = pd.to_datetime(column, utc=True, format="mixed", errors="coerce")
     out = np.full(len(column), -1, dtype=np.int64)

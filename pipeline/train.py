@@ -137,21 +137,25 @@ class FrameWindower:
         self._newest: dict[str, int] = {}  # per asset: its newest ts so far
         self._rows = self._readable = self._repeats = self._skipped = 0
         self._first_ts: object = None  # the table's first ts value (for the error when none can be read)
-        self._small_ts_ms: int | None = None  # the largest numeric ts, while all are small enough to be seconds
+        self._ts_numbers = True  # every piece's ts column numbers (pandas reads the whole file's as text otherwise)
+        self._ts_largest: float | None = None  # the largest |ts| of those numbers
+        self._ts_max_ms = -1  # the latest ts
         self._unreadable, self._not_numbers, self._rejected = _Count(), _Count(), _Count()
 
     def add(self, frame: pd.DataFrame) -> list[Window]:
         """The windows that this piece of the table closes, in time order per asset."""
         data = self._checked(frame)
+        column = data["ts"]
+        if not pd.api.types.is_numeric_dtype(column):
+            self._ts_numbers = False
+        elif column.notna().any():
+            self._ts_largest = max(self._ts_largest or 0.0, float(column.abs().max()))
         if data.empty:
             return []
-        column = data["ts"]
         if self._first_ts is None:
             self._first_ts = column.iloc[0]
         ts_ms = timestamps_ms(column)
-        if pd.api.types.is_numeric_dtype(column) and column.notna().any() and column.abs().max() < 1e11:
-            # 1e11 ms is 1973; in seconds it is the year 5138
-            self._small_ts_ms = max(self._small_ts_ms or 0, int(ts_ms.max()))
+        self._ts_max_ms = max(self._ts_max_ms, int(ts_ms.max()))
         self._rows += len(data)
         unreadable = ts_ms < 0
         if unreadable.any():
@@ -198,9 +202,10 @@ class FrameWindower:
         if not self._readable:
             raise ConfigError(f"{what}: no readable ts (first value {self._first_ts}); ISO-8601 or epoch ms")
         self._refuse_repeats(self._repeats, self._readable)
-        if self._small_ts_ms is not None:
+        if self._ts_numbers and self._ts_largest is not None and self._ts_largest < 1e11:
+            # 1e11 ms is 1973; in seconds it is the year 5138
             log.warning("%s: numeric ts are read as epoch milliseconds, so they end at %s; if they are "
-                        "epoch seconds, multiply them by 1000", what, ms_to_datetime(self._small_ts_ms).isoformat())
+                        "epoch seconds, multiply them by 1000", what, ms_to_datetime(self._ts_max_ms).isoformat())
         if self._unreadable.n:
             log.warning("%s: %d of %d rows left out: ts unreadable (first: %s)", what, self._unreadable.n,
                         self._rows, self._unreadable.first)

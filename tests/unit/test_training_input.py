@@ -268,3 +268,40 @@ def test_repeats_in_a_table_read_in_pieces_are_counted_and_refused_over_the_whol
             windows = _in_pieces(frame, group, rows)
         assert [(w.start_ms, w.values.tolist()) for w in windows] == [(w.start_ms, w.values.tolist()) for w in whole]
         assert caplog.text.count("2 row(s) repeat an asset's timestamp; the first of each is used") == 1, rows
+
+
+def test_a_ts_column_of_numbers_in_one_piece_and_text_in_another_is_read_as_whole(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """pandas types each piece's ts column on its own (numbers in one, text in another) and the whole file's as text
+    when any of it is: a number is epoch ms either way, and the hint for numbers that look like seconds is given
+    when the whole column is numbers and all of them are small, as for the file read whole."""
+    from pipeline.train import read_readings_csv, read_readings_pieces
+
+    group = _group()
+    frame = _frame(100).astype({"ts": object})
+    frame.loc[60:, "ts"] = [pd.Timestamp(t, unit="ms", tz="UTC").isoformat() for t in frame.loc[60:, "ts"]]
+    path = tmp_path / "mixed.csv"
+    frame.to_csv(path, index=False)
+    small = _frame(100)
+    small.loc[:49, "ts"] = np.arange(50) * 1000  # 1970, then 2026: the numbers are not all small
+    small_path = tmp_path / "small.csv"
+    small.to_csv(small_path, index=False)
+    for csv in (path, small_path):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pipeline.train"):
+            whole = windows_from_frame(read_readings_csv(csv), group)
+        said = caplog.text
+        for rows in (1, 30, 60):
+            caplog.clear()
+            windower = FrameWindower(group)
+            with caplog.at_level("WARNING", logger="pipeline.train"):
+                windows = [w for piece in read_readings_pieces(csv, rows=rows) for w in windower.add(piece)]
+                windows += windower.close()
+            assert [(w.start_ms, w.values.tolist()) for w in windows] == [
+                (w.start_ms, w.values.tolist()) for w in whole], (csv.name, rows)
+            assert caplog.text == said, (csv.name, rows)
+    assert len(whole) > 10 and "read as epoch milliseconds" not in said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows_from_frame(read_readings_csv(path), group)
+    assert "ts unreadable" not in caplog.text  # the numbers in a column that also holds text are epoch ms
