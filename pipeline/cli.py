@@ -1050,9 +1050,9 @@ def backtest(
 
         with ExitStack() as stack:
             sink = None
-            if scores_out is not None:
-                scores_out.parent.mkdir(parents=True, exist_ok=True)
-                sink = stack.enter_context(scores_out.open("w", encoding="utf-8", newline=""))
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                sink = stack.enter_context(partial.open("w", encoding="utf-8", newline=""))
             bar = stack.enter_context(Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                 TimeElapsedColumn(), console=console, disable=output == "json" and not console.is_terminal))
@@ -1061,6 +1061,9 @@ def backtest(
                                     signals=report_dir is not None, on_scores=write if sink else None,
                                     advance=lambda n: bar.advance(task, n))
 
+    # the scores go to a file beside --scores-out, which replaces it once the backtest is done: a failed one leaves
+    # the previous file (or none), and --scores-out naming the history itself cannot empty it before it is read
+    partial = scores_out.with_name(f".{scores_out.name}.part") if scores_out is not None else None
     try:
         try:
             history = judged(read_readings_pieces(csv_path, "backtest data"))
@@ -1068,13 +1071,19 @@ def backtest(
             console.print(f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in "
                           "memory: sort a long history by time to backtest it piece by piece)")
             history = judged([read_readings_csv(csv_path, "backtest data")])
-    except (ConfigError, ValueError) as exc:
-        raise _fail(exc, 2) from None
-    for note in history.notes:
-        console.print(f"[yellow]note[/yellow]: {escape(note)}")
+        for note in history.notes:
+            console.print(f"[yellow]note[/yellow]: {escape(note)}")
+        if not history.result.assets:
+            raise ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data")
+    except BaseException as exc:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        if isinstance(exc, ConfigError | ValueError):
+            raise _fail(exc, 2) from None
+        raise
+    if partial is not None and scores_out is not None:
+        partial.replace(scores_out)
     result = history.result
-    if not result.assets:
-        raise _fail(ConfigError(f"{csv_path}: no complete window of group {group_cfg.name!r} in the data"), 2)
     summaries = result.assets
     caught = score_incidents(result, known) if known is not None else None
     if report_dir is not None:

@@ -397,3 +397,23 @@ def test_a_history_is_backtested_piece_by_piece_and_one_out_of_time_order_whole(
     assert json.loads(result.stdout) == whole
     said = " ".join(result.output.split())  # the console wraps the note
     assert "is older than a row of pump-" in said and "the file is read whole instead" in said
+
+
+def test_scores_out_is_replaced_only_by_a_finished_backtest(deployed: Path, tmp_path: Path) -> None:
+    """--scores-out is written beside itself and replaces the file once the backtest is done: a failed backtest
+    leaves the previous file as it was (and no partial one), and --scores-out naming the history itself backtests it
+    before replacing it."""
+    out = tmp_path / "scores.csv"
+    out.write_text("previous\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("ts,asset," + ",".join(SENSORS) + "\n")
+    failed = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(empty), "--scores-out",
+                                 str(out)])
+    assert failed.exit_code == 2 and out.read_text() == "previous\n" and sorted(tmp_path.iterdir()) == [empty, out]
+    history = tmp_path / "history.csv"
+    history.write_bytes((deployed / "hist" / "readings.csv").read_bytes())
+    itself = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv", str(history), "--scores-out",
+                                 str(history), "--format", "json"])
+    assert itself.exit_code == 0, itself.output
+    windows = sum(a["windows"] for a in json.loads(itself.stdout)["assets"])
+    assert windows > 0 and len(pd.read_csv(history)) == windows
