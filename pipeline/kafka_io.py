@@ -405,6 +405,16 @@ def lag(consumer: KafkaConsumer) -> dict[int, int]:
     return out
 
 
+def topic_id(consumer: object, topic: str) -> str | None:
+    """The brokers' id of ``topic`` as this consumer's metadata has it (Kafka 2.8+ gives each topic one, and a topic
+    deleted and re-created under its name gets a new one); None when it has none (older brokers, or no metadata of
+    the topic yet). kafka-python keeps it in its client's cluster metadata, which has no public accessor."""
+    cluster = getattr(getattr(consumer, "_client", None), "cluster", None)
+    lookup = getattr(cluster, "topic_id", None)
+    found = lookup(topic) if callable(lookup) else None
+    return str(found) if found is not None else None
+
+
 def lag_to_end(consumer: KafkaConsumer, timeout_ms: int = 1000, in_hand: Mapping[int, int] | None = None
                ) -> dict[int, int]:
     """Records between this consumer's position and the log end, per assigned partition, with the log end asked of

@@ -333,15 +333,25 @@ class Runner:
             return
         k = self.config.kafka
         ends = self._log_ends(partitions)
+        topic_id = kafka_io.topic_id(self._consumer, k.topic) if partitions and self._consumer is not None else None
         with self._sessions.begin() as session:
             if partitions:
                 # claim first: a previous owner that has not noticed the rebalance can no longer write them
                 repo.claim_partitions(session=session, consumer_group=k.group_id, topic=k.topic,
-                                      partitions=sorted(partitions), owner=self._owner)
+                                      partitions=sorted(partitions), owner=self._owner, topic_id=topic_id)
+                unsure = partitions  # partitions whose recorded progress only the log end can tell apart
+                if topic_id is not None:
+                    forgotten, unsure = repo.reconcile_topic_id(session=session, topic=k.topic, topic_id=topic_id,
+                                                                partitions=sorted(partitions))
+                    if forgotten:
+                        log.warning("%s was deleted and re-created (its id is now %s): the progress recorded for "
+                                    "the earlier topic (%s) is forgotten and these records are processed as new",
+                                    k.topic, topic_id, ", ".join(f"partition {p} up to offset {upto}"
+                                                                  for p, upto in sorted(forgotten.items())))
                 # any group's: after a change of group_id the records the old group processed are not dead-lettered
                 # again, nor their readings reported late (their windows are stored)
                 stored = repo.load_topic_progress(session=session, topic=k.topic)
-                stale = {p: stored[p] for p in sorted(partitions) if p in ends and stored.get(p, -1) > ends[p]}
+                stale = {p: stored[p] for p in sorted(unsure) if p in ends and stored.get(p, -1) > ends[p]}
                 if stale:  # offsets only grow: progress past a log's end was recorded for an earlier topic
                     log.warning("%s: %s: the topic was re-created, or its log truncated; that progress is "
                                 "forgotten and these records are processed as new", k.topic, "; ".join(

@@ -516,8 +516,9 @@ def load_asset_progress(*, session: Session, assets: Sequence[str]) -> dict[str,
 
 
 def claim_partitions(*, session: Session, consumer_group: str, topic: str, partitions: Sequence[int], owner: str,
-                     now: datetime | None = None) -> None:
-    """Make ``owner`` the writer of these partitions' progress (after Kafka assigned them to it)."""
+                     now: datetime | None = None, topic_id: str | None = None) -> None:
+    """Make ``owner`` the writer of these partitions' progress (after Kafka assigned them to it); a partition new to
+    the group starts at nothing processed, recorded for ``topic_id`` (see ``reconcile_topic_id`` for the others)."""
     if not partitions:
         return
     stamp = now or datetime.now(UTC)
@@ -528,9 +529,36 @@ def claim_partitions(*, session: Session, consumer_group: str, topic: str, parti
     )
     session.execute(stmt, [
         {"consumer_group": consumer_group, "topic": topic, "partition": p, "processed_upto": -1, "owner": owner,
-         "updated_at": stamp}
+         "updated_at": stamp, "topic_id": topic_id}
         for p in sorted(partitions)
     ])
+
+
+def reconcile_topic_id(*, session: Session, topic: str, topic_id: str, partitions: Sequence[int]
+                       ) -> tuple[dict[int, int], set[int]]:
+    """Tie every consumer group's progress on these partitions of ``topic`` to the topic's id ``topic_id``: progress
+    recorded under another id belongs to an earlier topic of this name (deleted and re-created) and is set back to
+    -1 (nothing processed); progress recorded without one (before migration 0013) is stamped with it. Returns the
+    progress forgotten (partition -> the furthest offset) and the partitions that had progress without an id (only
+    their log end can tell whether it is this topic's)."""
+    rows = session.execute(select(ConsumerProgress.partition, ConsumerProgress.processed_upto,
+                                  ConsumerProgress.topic_id).where(
+        ConsumerProgress.topic == topic, ConsumerProgress.partition.in_(sorted(partitions))))
+    forgotten: dict[int, int] = {}
+    unstamped: set[int] = set()
+    for partition, upto, recorded in rows:
+        if recorded is None:
+            unstamped.add(int(partition))
+        elif recorded != topic_id and upto >= 0:
+            forgotten[int(partition)] = max(int(upto), forgotten.get(int(partition), -1))
+    if forgotten:
+        session.execute(update(ConsumerProgress).where(
+            ConsumerProgress.topic == topic, ConsumerProgress.partition.in_(sorted(forgotten)),
+            ConsumerProgress.topic_id != topic_id).values(processed_upto=-1))
+    session.execute(update(ConsumerProgress).where(
+        ConsumerProgress.topic == topic, ConsumerProgress.partition.in_(sorted(partitions)),
+        or_(ConsumerProgress.topic_id.is_(None), ConsumerProgress.topic_id != topic_id)).values(topic_id=topic_id))
+    return forgotten, unstamped
 
 
 def save_consumer_progress(*, session: Session, consumer_group: str, topic: str, processed: dict[int, int],

@@ -193,6 +193,8 @@ class ConsumerProgress(Base):
     Written in the same transaction as the results, so after a crash the next owner knows which replayed records
     were already handled (their rejects are not sent again, their readings are not reported late again). ``owner``
     fences out a consumer that lost the partition but does not know yet: its writes no longer match the owner.
+    ``topic_id``: the broker's id of the topic the progress was recorded for (a re-created topic has a new one);
+    NULL when unknown (rows written before migration 0013, brokers without topic ids).
     """
 
     __tablename__ = "consumer_progress"
@@ -203,6 +205,7 @@ class ConsumerProgress(Base):
     processed_upto: Mapped[int] = mapped_column(BigInteger)
     owner: Mapped[str] = mapped_column(String(120))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    topic_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class RetrainRun(Base):

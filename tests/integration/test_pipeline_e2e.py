@@ -22,7 +22,7 @@ from pipeline.simulate import inject, to_messages
 from pipeline.sinks import OutboxDeliverer, WebhookAlertSink
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
-from pipeline.store.tables import Alert, AlertOutbox, WindowScore
+from pipeline.store.tables import Alert, AlertOutbox, ConsumerProgress, WindowScore
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
 from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
@@ -98,11 +98,14 @@ def test_stream_with_injected_anomaly(kafka_bootstrap_servers: str, topic_name: 
     partitions = [TopicPartition(cfg.kafka.topic, p) for p in consumer.partitions_for_topic(cfg.kafka.topic)]
     ends = consumer.end_offsets(partitions)
     committed = {tp: consumer.committed(tp) for tp in partitions}
+    topic_id = kafka_io.topic_id(consumer, cfg.kafka.topic)
     consumer.close()
     for tp in partitions:
         if ends[tp] > 0:
             assert committed[tp] is not None and 0 < committed[tp] <= ends[tp]
     assert sum(ends[tp] - committed[tp] for tp in partitions if ends[tp]) < 3 * (30 + 3) + 3
+    with sessions() as s:  # the progress recorded is tied to the topic's id as the brokers give it
+        assert topic_id is not None and set(s.scalars(select(ConsumerProgress.topic_id))) == {topic_id}
 
     # every alert change is queued for the webhook, which has refused every try so far
     with sessions() as s:

@@ -24,7 +24,7 @@ from pipeline.store.db import (
     schema_problem,
     upgrade,
 )
-from pipeline.store.tables import ModelVersion, WindowScore
+from pipeline.store.tables import ConsumerProgress, ModelVersion, WindowScore
 from pipeline.types import AlertRecord, Score, datetime_to_ms, ms_to_datetime
 
 
@@ -494,6 +494,32 @@ def test_migration_0012_keeps_each_scores_sensors_far_outside_training(db_url: s
         assert [repo.score_of(r) for r in rows] == [far, near]
     engine.dispose()
     _assert_downgrade_drops(db_url, "0011", "off_training")
+
+
+def test_migration_0013_ties_progress_to_the_topics_id(db_url: str) -> None:
+    """Progress recorded under another topic id is forgotten (the topic was re-created), progress of the same id
+    kept, and progress recorded before ids (NULL) stamped with the current one and reported as unsure; every
+    consumer group's rows alike."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions.begin() as s:
+        for group, topic_id in (("old", "id-1"), ("older", None), ("new", "id-2")):
+            repo.claim_partitions(session=s, consumer_group=group, topic="t", partitions=[0, 1, 2], owner=group,
+                                  topic_id=topic_id)
+            repo.save_consumer_progress(session=s, consumer_group=group, topic="t", owner=group,
+                                        processed={0: 40, 1: 50, 2: 60})
+    with sessions.begin() as s:
+        forgotten, unsure = repo.reconcile_topic_id(session=s, topic="t", topic_id="id-2", partitions=[0, 1])
+    assert forgotten == {0: 40, 1: 50} and unsure == {0, 1}
+    with sessions() as s:
+        rows = {(r.consumer_group, r.partition): (r.processed_upto, r.topic_id) for r in s.scalars(
+            select(ConsumerProgress))}
+    assert rows == {("old", 0): (-1, "id-2"), ("old", 1): (-1, "id-2"), ("old", 2): (60, "id-1"),
+                    ("older", 0): (40, "id-2"), ("older", 1): (50, "id-2"), ("older", 2): (60, None),
+                    ("new", 0): (40, "id-2"), ("new", 1): (50, "id-2"), ("new", 2): (60, "id-2")}
+    engine.dispose()
+    _assert_downgrade_drops(db_url, "0012", "topic_id", table="consumer_progress")
 
 
 def test_times_that_hosts_compare_are_on_the_database_clock(pg_database_url: str, tmp_path: Path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import orjson
@@ -417,4 +418,62 @@ def test_progress_recorded_for_an_earlier_topic_of_the_same_name_is_forgotten(
         topic = new.config.kafka.topic
         assert repo.load_consumer_progress(session=s, consumer_group="old", topic=topic) == {0: -1, 1: 20}
         assert repo.load_consumer_progress(session=s, consumer_group="new", topic=topic) == {0: 11, 1: 25}
+    engine.dispose()
+
+
+class _Topic(_LogEnds):
+    """Fetched high watermarks and the brokers' id of the topic (kafka-python keeps it in its client's cluster
+    metadata)."""
+
+    def __init__(self, ends: dict[int, int], topic_id: str) -> None:
+        super().__init__(ends)
+        self._client = SimpleNamespace(cluster=SimpleNamespace(topic_id=lambda topic: topic_id))
+
+
+def test_recorded_progress_is_tied_to_the_topics_id_not_its_log_end(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the brokers' topic ids, progress belongs to the topic it was recorded for. A new group reading while a
+    new partition leader's high watermark is still behind the recorded progress takes it up (by the log end alone it
+    looked like an earlier topic's: its bad record was dead-lettered again and its readings counted as new). A topic
+    re-created under the name whose log already reaches past the old progress is told apart by its new id (the log
+    end could not tell: its first records were taken for replay)."""
+    from pipeline import kafka_io
+
+    url = f"sqlite:///{tmp_path / 'sw.db'}"
+    upgrade(url)
+    raw = {"database": {"url": url}, "groups": [{
+        "name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
+        "window": {"length": 4, "stride": 2, "max_gap": 0}}]}
+    sent: list[tuple[str, int]] = []
+    monkeypatch.setattr(kafka_io, "send_dead_letters",
+                        lambda producer, topic, rejects: sent.extend((r.reason, r.offset) for r in rejects))
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+
+    def runner(group: str, consumer: _Topic) -> Runner:
+        process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
+                         detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+        process._consumer = consumer  # type: ignore[assignment]
+        return process
+
+    bad = RawRecord("readings", 0, 20, b"a", b"{not json", T0)
+    history = [*_records(0, "a", 0, 20), bad, *_records(0, "a", 21, 60)]
+    runner("old", _Topic({0: 60}, "id-1")).process(history, now_ms=T0)
+    assert sent == [("malformed_json", 20)]
+    lagging = runner("new", _Topic({0: 30}, "id-1"))  # a new leader's high watermark, not caught up yet
+    sent.clear()
+    lagging.process(history[:30], now_ms=T0)
+    assert sent == [] and lagging.stats.readings == 0 and lagging.stats.replayed == 30
+    with sessions() as s:
+        assert repo.load_consumer_progress(session=s, consumer_group="old", topic="sensor-readings") == {0: 60}
+
+    recreated = runner("third", _Topic({0: 100}, "id-2"))  # deleted and re-created; 100 records in already
+    fresh = [RawRecord("readings", 0, i, b"a", orjson.dumps(
+        {"asset": "a", "ts": T0 + (1000 + i) * 1000, "values": {"x": 0.2, "y": 0.2}}), T0) for i in range(100)]
+    fresh[20] = bad
+    recreated.process(fresh, now_ms=T0 + 1_200_000)
+    assert sent == [("malformed_json", 20)] and recreated.stats.readings == 99 and recreated.stats.replayed == 0
+    with sessions() as s:
+        assert repo.load_consumer_progress(session=s, consumer_group="old", topic="sensor-readings") == {0: -1}
+        assert repo.load_consumer_progress(session=s, consumer_group="third", topic="sensor-readings") == {0: 100}
     engine.dispose()
