@@ -1004,7 +1004,8 @@ def backtest(
     database or Kafka. Prints per asset the windows, the share judged anomalous and the alerts (per day), then each
     alert; with --incidents, which known incidents an alert caught (recall) and how many alerts matched one
     (precision); incidents of other assets or outside the history are left out. Tune thresholds and alert rules
-    here before deploying them."""
+    here before deploying them. The CSV is read in pieces when each asset's rows come in time order (else whole,
+    held in memory)."""
     import pandas as pd
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
