@@ -381,8 +381,9 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
     pipeline did when it consumed it live; rejected records are counted, not used.
 
     The windows ``thinning`` keeps, and all those ``keep`` says must stay (e.g. near an alert), are kept; whenever
-    more than ``max_windows`` are held, the thinning becomes ``coarser`` (unless only windows that must stay are
-    left: then a warning says so). The result's ``thinning`` is the final one.
+    more than ``max_windows`` are held, the thinning becomes ``coarser`` (``thin_to``: unless only windows that must
+    stay are left, or no coarser thinning keeps fewer but some: then a warning says so). The result's ``thinning``
+    is the final one.
     """
     thin = thinning or Thinning(group.window.stride * group.period_ms)
     must = keep or (lambda _w: False)
@@ -412,8 +413,13 @@ def read_recent_windows(config: Config, group: GroupConfig, *, since_ms: int, th
             log.info("%s: %d windows read back, over retrain.max_windows = %d: keeping %s of each asset (%d left)",
                      group.name, before, max_windows, thin.kept(), len(data.windows))
         if max_windows is not None and len(data.windows) > max_windows and not warned:
-            log.warning("%s: %d windows near alerts alone are over retrain.max_windows = %d; keeping them",
-                        group.name, len(data.windows), max_windows)
+            if all(must(w) for w in data.windows):
+                log.warning("%s: %d windows near alerts alone are over retrain.max_windows = %d; keeping them",
+                            group.name, len(data.windows), max_windows)
+            else:
+                log.warning("%s: %d windows of whole blocks (%s of each asset) are over retrain.max_windows = %d, "
+                            "and no coarser thinning keeps fewer but some; keeping them", group.name, len(data.windows),
+                            thin.kept(), max_windows)
             warned = True
     data.thinning = thin
     return data

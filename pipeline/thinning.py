@@ -106,11 +106,16 @@ class Thinning:
 def thin_to(windows: list[Window], thin: Thinning, max_windows: int | None,
             must: Callable[[Window], bool] | None = None) -> tuple[list[Window], Thinning]:
     """``windows`` (those that ``thin`` keeps) within ``max_windows`` (None: no bound): the thinning is made
-    ``coarser`` until at most that many are left, every window that ``must`` holds to staying (more are left only
-    when those alone are more). The windows left, in their order, and the thinning they were cut to."""
+    ``coarser`` until at most that many are left, every window that ``must`` holds to staying. More are left only
+    when no coarser thinning would leave fewer but some: those that must stay, or that every thinning keeps (the
+    first block of their asset's grid: readings from 1970), are alone more, or the next coarser thinning would leave
+    none (whole blocks: one alone can be more). The windows left, in their order, and the thinning they were cut to."""
     while max_windows is not None and len(windows) > max_windows:
-        if must is not None and all(must(w) for w in windows):
+        if all((must is not None and must(w)) or thin._block_of(w) == 0 for w in windows):
             break
-        thin = thin.coarser()
-        windows = [w for w in windows if thin.keeps(w) or (must is not None and must(w))]
+        coarser = thin.coarser()
+        kept = [w for w in windows if coarser.keeps(w) or (must is not None and must(w))]
+        if not kept:
+            break
+        windows, thin = kept, coarser
     return windows, thin

@@ -251,6 +251,56 @@ def test_thin_to_coarsens_until_the_windows_fit_and_keeps_those_that_must_stay()
     assert {id(w) for w in alone} == near
 
 
+def test_thin_to_never_thins_to_nothing_nor_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole blocks: where the next coarser thinning would keep none of the windows (a block alone is over the
+    bound), they stay, over the bound, rather than none; windows of the first block of their asset's grid (readings
+    from 1970), which every coarser thinning keeps, end it too instead of coarsening for ever."""
+    coarser, calls = Thinning.coarser, []
+
+    def counted(self: Thinning) -> Thinning:
+        calls.append(self)
+        assert len(calls) < 64, "coarsening for ever"
+        return coarser(self)
+
+    monkeypatch.setattr(Thinning, "coarser", counted)
+    thin = Thinning(5_000, block=600)
+    odd = Thinning(5_000, keep_every=2, block=600)  # every 2nd block: an asset's odd blocks are the others
+    window = next(w for a in range(100) for w in _grid_windows(f"pump-{a}", 1_000, 1_001) if not odd.keeps(w))
+    start = next(i for i in range(1_000, 400, -1) if odd.keeps(_grid_windows(window.asset, i, i + 1)[0])) + 1
+    block = _grid_windows(window.asset, start, start + 600)  # one odd block of one asset
+    assert not any(odd.keeps(w) for w in block)
+    assert thin_to(block, thin, 100) == (block, thin)  # not ([], every 2nd block)
+    first = Thinning(5_000, keep_every=2**40, block=600)  # keeps only each asset's block 0
+    asset = next(a for a in (f"pump-{i}" for i in range(100_000)) if first.keeps(_grid_windows(a, 299, 300)[0]))
+    epoch = _grid_windows(asset, 0, 300)  # readings from 0 ms
+    assert all(first.keeps(w) for w in epoch)
+    calls.clear()
+    assert thin_to(epoch, thin, 100) == (epoch, thin)
+
+
+def test_a_lookback_whose_blocks_alone_are_over_max_windows_is_kept_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Read back in batches, 1,999 windows of one asset in blocks of 1,500 (ewma_alpha 0.02) are over max_windows =
+    1,000, and every 8th block keeps none: the reader keeps the blocks of the last thinning that kept some, and warns
+    so (not of windows near alerts, of which there are none)."""
+    from pipeline import kafka_io, retrain
+
+    config = parse_config({"groups": [{"name": "g", "assets": ["a"], "sampling_period_s": 1,
+                                       "sensors": [{"name": "x"}], "window": {"length": 8, "stride": 4}}]}, env={})
+    t0 = 1_772_326_800_000
+    records = [kafka_io.RawRecord("t", 0, i, b"a", kafka_io.encode_reading(
+        {"asset": "a", "ts": t0 + i * 1000, "values": {"x": float(i % 7)}}), t0 + i * 1000) for i in range(8000)]
+    monkeypatch.setattr(kafka_io, "read_since", lambda *_a, **_k: iter([records[i:i + 500]
+                                                                         for i in range(0, len(records), 500)]))
+    with caplog.at_level("INFO", logger="pipeline.retrain"):
+        data = retrain.read_recent_windows(config, config.groups[0], since_ms=0, max_windows=1_000,
+                                           thinning=Thinning.for_smoothing(4_000, [0.02]))
+    assert data.windows and data.thinning is not None and data.thinning.keep_every > 1
+    assert all(data.thinning.keeps(w) for w in data.windows) and len(data.windows) > 1_000
+    assert "near alerts" not in caplog.text and caplog.text.count("over retrain.max_windows = 1000") >= 2
+    assert f"windows of whole blocks ({data.thinning.kept()} of each asset) are over retrain.max_windows" in caplog.text
+
+
 def test_streams_restart_where_thinning_dropped_windows_and_settle_after_the_warmup() -> None:
     windows = _grid_windows("a", 0, 10) + _grid_windows("b", 0, 3) + _grid_windows("a", 50, 55)
     keys, settled = Thinning(5_000, warmup=3).streams(windows)  # unthinned: one stream per asset

@@ -305,3 +305,25 @@ def test_a_ts_column_of_numbers_in_one_piece_and_text_in_another_is_read_as_whol
     with caplog.at_level("WARNING", logger="pipeline.train"):
         windows_from_frame(read_readings_csv(path), group)
     assert "ts unreadable" not in caplog.text  # the numbers in a column that also holds text are epoch ms
+
+
+def test_a_csv_whose_blocks_alone_are_over_max_windows_trains_on_a_block_not_on_none(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """1,999 windows of one asset in blocks of 1,500 (ewma_alpha 0.02) over max_windows = 1,000: every 8th block
+    keeps none, so the windows of the last thinning that kept some are trained on (over the bound), the same as
+    thinning the file read whole keeps, and the warning counts them."""
+    import pipeline.train
+    from pipeline.thinning import Thinning, thin_to
+    from pipeline.train import read_readings_csv, windows_from_csv
+
+    group = _group(threshold={"ewma_alpha": 0.02})
+    path = tmp_path / "long.csv"
+    _frame(8000).to_csv(path, index=False)
+    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 1000)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        windows, thinning = windows_from_csv(path, group, max_windows=1000)
+    whole, kept = thin_to(windows_from_frame(read_readings_csv(path), group), Thinning.for_smoothing(4000, [0.02]),
+                          1000)
+    assert windows and [w.start_ms for w in windows] == [w.start_ms for w in whole] and thinning == kept
+    assert f"training data: 1999 windows, over retrain.max_windows = 1000: kept {thinning.kept()} of each asset " \
+        f"({len(windows)} left)" in caplog.text
