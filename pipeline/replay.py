@@ -209,11 +209,11 @@ def send(producer: KafkaProducer, topic: str, messages: Iterable[Message], *, sp
     time their ``ts`` span from the first (1: real time), else as fast as the producer goes. ``advance(n)`` reports
     progress. TransientError naming the first failure when any record was not acknowledged (the others were)."""
     failures: list[BaseException] = []
-    started, first_ms = clock(), None
+    started, first_ms = 0.0, None
     sent = 0
     for asset, payload in messages:
-        if first_ms is None:
-            first_ms = payload["ts"]
+        if first_ms is None:  # pacing starts with the first message (read after its piece is)
+            started, first_ms = clock(), payload["ts"]
         if speed is not None:
             due = started + (payload["ts"] - first_ms) / 1000 / speed
             while (wait := due - clock()) > 0:

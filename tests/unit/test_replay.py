@@ -171,3 +171,21 @@ def test_send_paces_by_the_readings_time_and_names_unacknowledged_records() -> N
     assert send(fast, "t", messages, clock=lambda: 0.0, sleep=sleep) == 4  # type: ignore[arg-type]
     with pytest.raises(TransientError, match="1 of 4 record"):
         send(_Producer(fail_at=3), "t", messages)  # type: ignore[arg-type]
+
+
+def test_pacing_starts_with_the_first_message_not_before_its_piece_is_read() -> None:
+    """Messages read as they are sent (``messages_of``) come after their piece is read: the time that takes before
+    the first message is not replay time, so the first readings are not sent in a burst to catch up with it."""
+    messages = [(a, {"asset": a, "ts": 1767225600000 + s * 1000, "values": {"flow": 1.0}})
+                for a, s in (("p1", 0), ("p2", 0), ("p1", 60), ("p1", 120))]
+    producer = _Producer()
+
+    def sleep(seconds: float) -> None:
+        producer.now += seconds
+
+    def read() -> Any:
+        producer.now += 2.0  # reading the first piece
+        yield from messages
+
+    assert send(producer, "t", read(), speed=60, clock=lambda: producer.now, sleep=sleep) == 4  # type: ignore[arg-type]
+    assert [(k, round(at, 3)) for _, k, at in producer.sent] == [(b"p1", 2), (b"p2", 2), (b"p1", 3), (b"p1", 4)]
