@@ -91,6 +91,34 @@ def piece_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | Non
     column are ``group``'s first asset (the only group's when None); rows of assets the configuration does not know,
     or with an empty asset cell, are left out. What is left out is counted in ``omitted``. ConfigError for a frame
     without ``ts``, or without ``asset`` when the configuration has several groups and ``group`` is None."""
+    rows = _sendable(frame, config, group, omitted)
+    groups = config.asset_groups()
+    columns: dict[str, list[int]] = {}  # per asset: the columns of its group's sensors
+    values, finite = rows.values[rows.order], np.isfinite(rows.values[rows.order])
+    out: list[Message] = []
+    for ts, asset, row, ok in zip(rows.ts[rows.order].tolist(), map(str, rows.assets[rows.order]), values.tolist(),
+                                  finite.tolist(), strict=True):
+        mine = columns.get(asset)
+        if mine is None:
+            mine = columns[asset] = [j for j, s in enumerate(rows.sensors) if s in groups[asset].sensor_names]
+        out.append((asset, {"asset": asset, "ts": ts, "values": {rows.sensors[j]: row[j] for j in mine if ok[j]}}))
+    return out
+
+
+@dataclass(frozen=True)
+class _Sendable:
+    """A frame's rows as arrays: ts (epoch ms), asset, the sensor columns' values (NaN: none), and the positions of
+    the rows to send in sending order (by time then asset)."""
+
+    ts: np.ndarray
+    assets: np.ndarray
+    sensors: list[str]
+    values: np.ndarray
+    order: np.ndarray
+
+
+def _sendable(frame: pd.DataFrame, config: Config, group: GroupConfig | None, omitted: Omitted) -> _Sendable:
+    """``piece_messages`` without building the messages (vectorised: ``plan`` needs only their times)."""
     if "ts" not in frame.columns:
         raise ConfigError("replay data needs a 'ts' column (ISO-8601 or epoch ms)")
     if "asset" not in frame.columns and group is None:
@@ -119,19 +147,19 @@ def piece_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | Non
         omitted.unknown[str(asset)] += int((assets == asset).sum())
     sensors = sorted({s for g in groups.values() for s in g.sensor_names if s in frame.columns})
     omitted.extra = [str(c) for c in frame.columns if c not in ("ts", "asset", *sensors)]
-    values = frame[sensors].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float) if sensors else None
-    if values is not None:
-        omitted.not_numbers += int((frame[sensors].notna().to_numpy() & np.isnan(values)).sum())
-    rows: list[tuple[int, str, dict[str, Any]]] = []
-    for i in np.flatnonzero((ts >= 0) & present & ~np.isin(assets, unknown)):
-        asset = str(assets[i])
-        mine = groups[asset].sensor_names
-        row = {} if values is None else {s: float(v) for s, v in zip(sensors, values[i], strict=True)
-                                         if s in mine and np.isfinite(v)}
-        if row:
-            rows.append((int(ts[i]), asset, row))
-    rows.sort(key=lambda r: (r[0], r[1]))
-    return [(a, {"asset": a, "ts": t, "values": v}) for t, a, v in rows]
+    values = (frame[sensors].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float) if sensors
+              else np.empty((len(frame), 0)))
+    omitted.not_numbers += int((frame[sensors].notna().to_numpy() & np.isnan(values)).sum()) if sensors else 0
+    candidate = (ts >= 0) & present & ~np.isin(assets, unknown)
+    usable = np.zeros(len(frame), dtype=bool)  # a row needs a number of one of its group's sensors
+    finite = np.isfinite(values)
+    for asset in set(assets[candidate]):
+        rows = candidate & (assets == asset)
+        mine = [i for i, s in enumerate(sensors) if s in groups[str(asset)].sensor_names]
+        usable[rows] = finite[rows][:, mine].any(axis=1)
+    keep = np.flatnonzero(usable)
+    order = keep[np.lexsort((assets[keep].astype(str), ts[keep]))]
+    return _Sendable(ts, assets, sensors, values, order)
 
 
 def _row(frame: pd.DataFrame, position: int) -> int:
@@ -158,14 +186,14 @@ def plan(pieces: Iterable[pd.DataFrame], config: Config, group: GroupConfig | No
     ConfigError as ``piece_messages``, and when no row at all can be sent."""
     omitted, times, assets, newest, in_order = Omitted(), [], set(), None, True
     for piece in pieces:
-        messages = piece_messages(piece, config, group, omitted)
-        if not messages:
+        rows = _sendable(piece, config, group, omitted)
+        if not len(rows.order):
             continue
-        ts = np.fromiter((payload["ts"] for _, payload in messages), dtype=np.int64, count=len(messages))
+        ts = rows.ts[rows.order]
         in_order = in_order and (newest is None or ts[0] >= newest)
         newest = int(ts[-1]) if newest is None else max(newest, int(ts[-1]))
         times.append(ts)
-        assets.update(a for a, _ in messages)
+        assets.update(map(str, rows.assets[rows.order]))
     if not times:
         raise ConfigError(NOTHING_TO_SEND)
     return Plan(np.concatenate(times), frozenset(assets), omitted, in_order)
