@@ -33,8 +33,9 @@ from pipeline.config import AftermathConfig, DriftConfig, GroupConfig
 from pipeline.demo import PERIOD_S, demo_config
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.evaluation import Span, score_events
+from pipeline.history import windows_from_frame
 from pipeline.simulate import simulate_fleet
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import train_group
 from pipeline.types import datetime_to_ms
 
 

@@ -22,12 +22,13 @@ import orjson
 import pandas as pd
 
 from pipeline.config import Config, parse_config
+from pipeline.history import windows_from_frame
 from pipeline.kafka_io import RawRecord
 from pipeline.registry import load_active
 from pipeline.runner import Runner
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.train import register_trained, train_group
 
 PERIOD_S = 10
 T0 = int(pd.Timestamp("2026-06-01T00:00:00Z").value // 1_000_000)

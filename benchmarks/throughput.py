@@ -25,10 +25,11 @@ from _infra import database, kafka
 
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
+from pipeline.history import windows_from_frame
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.train import register_trained, train_group
 
 
 def _config(bootstrap: str, db_url: str, assets: list[str], model_dir: Path, *, smooth: int = 1,

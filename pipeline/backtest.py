@@ -2,7 +2,7 @@
 them (``sensorwatch backtest``). Pure apart from torch: a history's pieces (or windows) in, judged scores and alerts
 out; nothing is written to the database or Kafka.
 
-The history goes through the streaming pipeline's own steps: the windower (``train.FrameWindower``), the forward
+The history goes through the streaming pipeline's own steps: the windower (``history.FrameWindower``), the forward
 pass, score smoothing, drift following and the alert engine (``drift.score_and_judge``), in time order, starting from
 no alert state. ``backtest_history`` reads it piece by piece, so its length is bounded by time, not memory. Known
 incidents (``read_incidents``) turn the alerts into event-level recall and precision (``evaluation.score_events``: an
@@ -31,8 +31,8 @@ from pipeline.decode import parse_timestamp
 from pipeline.drift import DriftTracker, score_and_judge
 from pipeline.errors import ConfigError, InvalidReading
 from pipeline.evaluation import EventScores, Span, score_events
+from pipeline.history import FrameWindower
 from pipeline.report import ReportAlert, ReportData, frame_signals, maintenance_runs
-from pipeline.train import FrameWindower
 from pipeline.types import AlertRecord, Score, Window
 
 CHUNK = 2000  # windows per forward pass (bounds the pass's memory)
@@ -196,7 +196,7 @@ def backtest_history(pieces: Iterable[pd.DataFrame], config: Config, group: Grou
                      keep_scores: bool = False, signals: bool = False,
                      on_scores: Callable[[list[Score]], None] | None = None,
                      advance: Callable[[int], None] | None = None) -> History:
-    """Backtest ``group`` on a history of readings (``train.read_readings_pieces``: ``ts``, optional ``asset``, one
+    """Backtest ``group`` on a history of readings (``history.read_readings_pieces``: ``ts``, optional ``asset``, one
     column per sensor), piece by piece: its rows of the group's assets (``group_rows``) through the pipeline's
     windower (``FrameWindower``, closing the last windows as the pipeline does once the assets fall silent) into a
     ``BacktestRun``. Memory: the pieces one at a time, the windows still open, the alerts, the scores only with

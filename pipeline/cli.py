@@ -186,7 +186,8 @@ def train(
     """Train a group's autoencoder on historical normal data, save the bundle and register the version. The CSV is
     read in pieces; beyond retrain.max_windows windows, every k-th block of each asset's windows is kept, as the
     nightly retrain keeps them."""
-    from pipeline.train import register_trained, train_group, windows_from_csv
+    from pipeline.history import windows_from_csv
+    from pipeline.train import register_trained, train_group
 
     cfg = _load(config)
     if group is None and len(cfg.groups) > 1:
@@ -1013,10 +1014,10 @@ def backtest(
     from pipeline.backtest import History, backtest_history, reports, score_incidents
     from pipeline.backtest import read_incidents as read_incident_file
     from pipeline.csv_format import data_rows
+    from pipeline.history import OutOfOrder, read_readings_csv, read_readings_pieces
     from pipeline.registry import load_version
     from pipeline.report import write_report
     from pipeline.store import repo
-    from pipeline.train import OutOfOrder, read_readings_csv, read_readings_pieces
     from pipeline.types import Score, ms_to_datetime
 
     _choice(output, ("table", "json"), "--format")
@@ -1170,8 +1171,8 @@ def replay(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline import kafka_io
+    from pipeline.history import read_readings_csv, read_readings_pieces
     from pipeline.replay import Message, csv_messages, ingest_notes, messages_of, plan, send
-    from pipeline.train import read_readings_csv, read_readings_pieces
 
     cfg = _load(config)
     try:

@@ -28,11 +28,12 @@ from sqlalchemy import select
 from pipeline import kafka_io
 from pipeline.config import Config, parse_config
 from pipeline.evaluation import Span, score_events
+from pipeline.history import windows_from_frame
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_fleet, to_messages, write_ground_truth
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert
-from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.train import register_trained, train_group
 from pipeline.types import datetime_to_ms, ms_to_datetime
 
 PERIOD_S = 10.0

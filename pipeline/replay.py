@@ -94,14 +94,17 @@ def piece_messages(frame: pd.DataFrame, config: Config, group: GroupConfig | Non
     rows = _sendable(frame, config, group, omitted)
     groups = config.asset_groups()
     columns: dict[str, list[int]] = {}  # per asset: the columns of its group's sensors
-    values, finite = rows.values[rows.order], np.isfinite(rows.values[rows.order])
     out: list[Message] = []
-    for ts, asset, row, ok in zip(rows.ts[rows.order].tolist(), map(str, rows.assets[rows.order]), values.tolist(),
-                                  finite.tolist(), strict=True):
-        mine = columns.get(asset)
-        if mine is None:
-            mine = columns[asset] = [j for j, s in enumerate(rows.sensors) if s in groups[asset].sensor_names]
-        out.append((asset, {"asset": asset, "ts": ts, "values": {rows.sensors[j]: row[j] for j in mine if ok[j]}}))
+    for start in range(0, len(rows.order), 10_000):  # as Python lists a slice at a time (a whole file's are large)
+        chosen = rows.order[start:start + 10_000]
+        values = rows.values[chosen]
+        for ts, asset, row, ok in zip(rows.ts[chosen].tolist(), map(str, rows.assets[chosen]), values.tolist(),
+                                      np.isfinite(values).tolist(), strict=True):
+            mine = columns.get(asset)
+            if mine is None:
+                mine = columns[asset] = [j for j, s in enumerate(rows.sensors) if s in groups[asset].sensor_names]
+            out.append((asset, {"asset": asset, "ts": ts,
+                                "values": {rows.sensors[j]: row[j] for j in mine if ok[j]}}))
     return out
 
 
@@ -182,7 +185,7 @@ class Plan:
 
 
 def plan(pieces: Iterable[pd.DataFrame], config: Config, group: GroupConfig | None = None) -> Plan:
-    """Read ``pieces`` (``train.read_readings_pieces``) once without keeping their messages: the ``Plan``.
+    """Read ``pieces`` (``history.read_readings_pieces``) once without keeping their messages: the ``Plan``.
     ConfigError as ``piece_messages``, and when no row at all can be sent."""
     omitted, times, assets, newest, in_order = Omitted(), [], set(), None, True
     for piece in pieces:

@@ -29,7 +29,8 @@ from models.sequence_detector import DEFAULT_HYPERPARAMETERS, DEFAULT_SCORE_STEP
 from pipeline.alerting import AlertEngine
 from pipeline.config import GroupConfig, parse_config
 from pipeline.drift import DriftTracker, score_and_judge
-from pipeline.train import train_group, windows_from_frame
+from pipeline.history import windows_from_frame
+from pipeline.train import train_group
 from pipeline.types import Window
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z: row i of a file is read at T0 + i seconds

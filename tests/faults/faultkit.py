@@ -28,12 +28,13 @@ from pipeline.alerting import AlertEngine
 from pipeline.config import Config, load_config
 from pipeline.decode import Decoder
 from pipeline.drift import DriftTracker, score_and_judge
+from pipeline.history import windows_from_frame
 from pipeline.simulate import DEFAULT_SENSORS, simulate_normal
 from pipeline.sinks import event_document, selected
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, AlertOutbox, WindowScore
-from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.train import register_trained, train_group
 from pipeline.types import Window, ms_to_datetime
 from pipeline.windowing import Windower
 

@@ -10,10 +10,11 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
+from pipeline.history import windows_from_frame
 from pipeline.runner import RunStats, run_pipeline
 from pipeline.simulate import DEFAULT_SENSORS, simulate_fleet
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.train import register_trained, train_group, windows_from_frame
+from pipeline.train import register_trained, train_group
 
 PERIOD = 10.0
 START = pd.Timestamp("2026-03-01T00:00:00Z")

@@ -57,9 +57,9 @@ def test_replay_produces_every_row_keyed_by_asset_in_time_order(kafka_bootstrap_
 
 def test_a_long_history_is_sent_as_it_is_read_and_one_out_of_order_sorted_whole(
         kafka_bootstrap_servers: str, topic_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CSV in time order is read in pieces (``train.PIECE_ROWS`` rows) and sent piece by piece; a shuffled one is
+    """A CSV in time order is read in pieces (``history.PIECE_ROWS`` rows) and sent piece by piece; a shuffled one is
     sorted whole, with a note. Either way every row arrives once and each asset's readings in time order."""
-    import pipeline.train
+    import pipeline.history
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
@@ -76,7 +76,7 @@ def test_a_long_history_is_sent_as_it_is_read_and_one_out_of_order_sorted_whole(
     pd.read_csv(data / "readings.csv").sample(frac=1.0, random_state=3).to_csv(shuffled, index=False)
     cfg = load_config(config)
     kafka_io.ensure_topics(cfg.kafka, [topic_name], partitions=2)
-    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 100)
+    monkeypatch.setattr(pipeline.history, "PIECE_ROWS", 100)
     sent = runner.invoke(app, ["replay", "-c", str(config), "--csv", str(data / "readings.csv")])
     assert sent.exit_code == 0, sent.output
     assert "not in time order" not in sent.output and f"sent 720 readings of 2 asset(s) to {topic_name}" in sent.output

@@ -43,6 +43,7 @@ from pipeline.cli import app
 from pipeline.config import Config, load_config, parse_config
 from pipeline.decode import Decoder
 from pipeline.errors import ModelError
+from pipeline.history import windows_from_frame
 from pipeline.registry import load_version, register
 from pipeline.retrain import RetrainResult, Span, near_alerts, read_recent_windows, retrain_group
 from pipeline.runner import run_pipeline
@@ -51,7 +52,7 @@ from pipeline.simulate import DEFAULT_SENSORS, inject, simulate_normal, to_messa
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
 from pipeline.store.tables import Alert, ModelVersion, RetrainLock, RetrainRun, WindowScore, scheduler_jobs
-from pipeline.train import train_group, windows_from_frame
+from pipeline.train import train_group
 from pipeline.types import datetime_to_ms
 from pipeline.windowing import Windower
 

@@ -19,6 +19,7 @@ from pipeline.cli import app
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import Span
+from pipeline.history import read_readings_csv, windows_from_frame
 from pipeline.kafka_io import RawRecord, encode_reading
 from pipeline.registry import load_active
 from pipeline.replay import csv_messages
@@ -26,7 +27,6 @@ from pipeline.report import read_signals
 from pipeline.runner import Runner
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
-from pipeline.train import read_readings_csv, windows_from_frame
 from pipeline.types import Score, datetime_to_ms, ms_to_datetime
 
 SENSORS = ["speed", "flow", "pressure", "current", "vibration", "motor_temp", "bearing_temp"]
@@ -86,8 +86,8 @@ def test_the_backtest_does_not_depend_on_how_the_history_is_chunked(deployed: Pa
     """Alerts and verdicts are the same whether the windows go through in one forward pass or in many small ones
     (the streaming pipeline's batches are whatever a poll brings)."""
     from pipeline.config import load_config
+    from pipeline.history import read_readings_csv, windows_from_frame
     from pipeline.registry import load_active
-    from pipeline.train import read_readings_csv, windows_from_frame
 
     cfg = load_config(deployed / "c.yaml")
     group = cfg.groups[0]
@@ -366,10 +366,10 @@ def test_known_incidents_are_read_from_json_or_csv_and_bad_entries_are_named(tmp
 
 def test_a_history_is_backtested_piece_by_piece_and_one_out_of_time_order_whole(
         deployed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A history is read in pieces (``train.PIECE_ROWS`` rows) so that its length is not bounded by memory; the
+    """A history is read in pieces (``history.PIECE_ROWS`` rows) so that its length is not bounded by memory; the
     result, the scores written and the reports are those of reading it whole. A file whose rows of an asset go back
     in time from one piece to the next is read whole instead, with a note saying why."""
-    import pipeline.train
+    import pipeline.history
 
     history = deployed / "hist" / "readings.csv"
     args = ["backtest", "-c", str(deployed / "c.yaml"), "--format", "json", "--incidents",
@@ -383,7 +383,7 @@ def test_a_history_is_backtested_piece_by_piece_and_one_out_of_time_order_whole(
         return json.loads(result.stdout), pd.read_csv(tmp_path / f"{name}.csv"), page
 
     whole, whole_scores, whole_page = backtested(history, "whole")
-    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 500)  # 8,640 rows: 18 pieces
+    monkeypatch.setattr(pipeline.history, "PIECE_ROWS", 500)  # 8,640 rows: 18 pieces
     pieces, piece_scores, piece_page = backtested(history, "pieces")
     assert pieces == whole and len(whole["alerts"]) > 0  # type: ignore[arg-type]
     pd.testing.assert_frame_equal(piece_scores.sort_values(["asset", "window_end"], ignore_index=True),

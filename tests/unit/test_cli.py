@@ -230,7 +230,7 @@ def test_train_reads_a_long_history_in_pieces_and_thins_it_to_retrain_max_window
     """A CSV whose windows are more than ``retrain.max_windows`` trains on every k-th block of each asset's windows,
     as the nightly retrain does (memory stays bounded whatever the history's length), saying so. The CSV is read in
     pieces."""
-    import pipeline.train
+    import pipeline.history
     from pipeline.store import repo
     from pipeline.store.db import session_scope, upgrade
 
@@ -246,7 +246,7 @@ def test_train_reads_a_long_history_in_pieces_and_thins_it_to_retrain_max_window
     csv = tmp_path / "r.csv"
     csv.write_text("ts,asset,x\n" + "".join(f"{i * 1000},{a},{(i % 7) / 7 + (a == 'b')}\n"
                                             for i in range(1500) for a in "ab"))
-    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 400)
+    monkeypatch.setattr(pipeline.history, "PIECE_ROWS", 400)
     trained = runner.invoke(app, ["train", "--config", str(config), "--csv", str(csv)])
     assert trained.exit_code == 0, trained.output
     assert "training data: 2986 windows, over retrain.max_windows = 1000: kept every 4th window of each asset" \

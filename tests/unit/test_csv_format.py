@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.csv_format import separator
-from pipeline.train import read_readings_csv
+from pipeline.history import read_readings_csv
 
 
 @pytest.mark.parametrize("sep", [",", ";", "\t", "|"])

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import IngestConfig, parse_config
 from pipeline.errors import ConfigError, TransientError
+from pipeline.history import read_readings_csv
 from pipeline.replay import csv_messages, ingest_notes, messages_of, plan, send
 from pipeline.report import read_signals
-from pipeline.train import read_readings_csv
 
 CONFIG = parse_config({"groups": [
     {"name": "pumps", "assets": ["p1", "p2"], "sensors": [{"name": "flow"}, {"name": "temp"}]},

@@ -15,7 +15,8 @@ from models.autoencoders import build_model
 from models.training import NotEnoughData, TrainingDiverged, fit
 from pipeline.config import GroupConfig, parse_config
 from pipeline.errors import ConfigError
-from pipeline.train import FrameWindower, OutOfOrder, train_group, windows_from_frame
+from pipeline.history import FrameWindower, OutOfOrder, windows_from_frame
+from pipeline.train import train_group
 
 
 def _group(**overrides: Any) -> GroupConfig:
@@ -95,7 +96,7 @@ def test_unreadable_cells_and_timestamps_are_counted_and_named(caplog: pytest.Lo
     frame.loc[9, "ts"] = "not a date"
     frame["ts"] = frame["ts"].map(lambda t: t if isinstance(t, str) else pd.Timestamp(t, unit="ms", tz="UTC")
                                   .isoformat())
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows = windows_from_frame(frame, group)
     assert "1 of 800 rows left out: ts unreadable (first: row 9, not a date)" in caplog.text
     assert "1 value(s) are not numbers and count as missing (first: row 7, x=abc)" in caplog.text
@@ -110,17 +111,17 @@ def test_several_assets_in_one_stream_are_refused_and_unknown_assets_named(caplo
     with pytest.raises(ConfigError, match="800 of 1600 rows repeat an asset's timestamp; several assets"):
         windows_from_frame(mixed, group)
     tagged = pd.concat([one.assign(asset="a"), two.assign(asset="pump-9")])
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows = windows_from_frame(tagged, group)
     assert "asset(s) pump-9 are not in group g's assets" in caplog.text
     assert {w.asset for w in windows} == {"a", "pump-9"}
     three = _group(assets=["a", "b", "c"])
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows_from_frame(tagged, three)
     assert "no rows of b, c (of group g's 3 assets): the model learns the others' normal" in caplog.text
     caplog.clear()
-    with caplog.at_level("INFO", logger="pipeline.train"):
+    with caplog.at_level("INFO", logger="pipeline.history"):
         windows_from_frame(one.assign(ambient=1.0), three)  # no asset column: the group's first asset, no warning
     assert "no rows of" not in caplog.text and "column(s) ambient are not sensors of group g" in caplog.text
 
@@ -129,7 +130,7 @@ def test_small_numeric_timestamps_are_read_as_milliseconds_with_a_hint(caplog: p
     group = _group()
     frame = _frame()
     frame["ts"] = 1_772_326_800 + np.arange(len(frame))  # epoch seconds
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows_from_frame(frame, group)
     assert "read as epoch milliseconds, so they end at 1970-01-21" in caplog.text
     assert "multiply them by 1000" in caplog.text
@@ -198,13 +199,13 @@ def test_a_table_read_in_pieces_gives_the_windows_of_the_whole_and_warns_once(ca
     frame = _two_assets().astype({"x": object})
     frame.loc[7, "x"] = "abc"
     frame.loc[600, "x"] = "def"
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         whole = windows_from_frame(frame, group, to_the_end=True)
     assert caplog.text.count("2 value(s) are not numbers and count as missing (first: row 7, x=abc)") == 1
     for rows in (1, 7, 250):
         caplog.clear()
         windower = FrameWindower(group, to_the_end=True)
-        with caplog.at_level("WARNING", logger="pipeline.train"):
+        with caplog.at_level("WARNING", logger="pipeline.history"):
             pieces = [windower.add(frame.iloc[i:i + rows]) for i in range(0, len(frame), rows)]
             assert "not numbers" not in caplog.text  # warned of at the end, once, for the whole table
             windows = [w for piece in pieces for w in piece] + windower.close()
@@ -259,12 +260,12 @@ def test_repeats_in_a_table_read_in_pieces_are_counted_and_refused_over_the_whol
     group = _group()
     frame = _frame(100)
     frame = pd.concat([frame.iloc[:50], frame.iloc[[49]], frame.iloc[50:], frame.iloc[[99]]], ignore_index=True)
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         whole = windows_from_frame(frame, group)
     assert caplog.text.count("2 row(s) repeat an asset's timestamp; the first of each is used") == 1
     for rows in (1, 7, 50, 51):  # 50: the first repeat straddles a boundary, the last piece is 1 row and its repeat
         caplog.clear()
-        with caplog.at_level("WARNING", logger="pipeline.train"):
+        with caplog.at_level("WARNING", logger="pipeline.history"):
             windows = _in_pieces(frame, group, rows)
         assert [(w.start_ms, w.values.tolist()) for w in windows] == [(w.start_ms, w.values.tolist()) for w in whole]
         assert caplog.text.count("2 row(s) repeat an asset's timestamp; the first of each is used") == 1, rows
@@ -275,7 +276,7 @@ def test_a_ts_column_of_numbers_in_one_piece_and_text_in_another_is_read_as_whol
     """pandas types each piece's ts column on its own (numbers in one, text in another) and the whole file's as text
     when any of it is: a number is epoch ms either way, and the hint for numbers that look like seconds is given
     when the whole column is numbers and all of them are small, as for the file read whole."""
-    from pipeline.train import read_readings_csv, read_readings_pieces
+    from pipeline.history import read_readings_csv, read_readings_pieces
 
     group = _group()
     frame = _frame(100).astype({"ts": object})
@@ -288,13 +289,13 @@ def test_a_ts_column_of_numbers_in_one_piece_and_text_in_another_is_read_as_whol
     small.to_csv(small_path, index=False)
     for csv in (path, small_path):
         caplog.clear()
-        with caplog.at_level("WARNING", logger="pipeline.train"):
+        with caplog.at_level("WARNING", logger="pipeline.history"):
             whole = windows_from_frame(read_readings_csv(csv), group)
         said = caplog.text
         for rows in (1, 30, 60):
             caplog.clear()
             windower = FrameWindower(group)
-            with caplog.at_level("WARNING", logger="pipeline.train"):
+            with caplog.at_level("WARNING", logger="pipeline.history"):
                 windows = [w for piece in read_readings_pieces(csv, rows=rows) for w in windower.add(piece)]
                 windows += windower.close()
             assert [(w.start_ms, w.values.tolist()) for w in windows] == [
@@ -302,7 +303,7 @@ def test_a_ts_column_of_numbers_in_one_piece_and_text_in_another_is_read_as_whol
             assert caplog.text == said, (csv.name, rows)
     assert len(whole) > 10 and "read as epoch milliseconds" not in said
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows_from_frame(read_readings_csv(path), group)
     assert "ts unreadable" not in caplog.text  # the numbers in a column that also holds text are epoch ms
 
@@ -312,15 +313,15 @@ def test_a_csv_whose_blocks_alone_are_over_max_windows_trains_on_a_block_not_on_
     """1,999 windows of one asset in blocks of 1,500 (ewma_alpha 0.02) over max_windows = 1,000: every 8th block
     keeps none, so the windows of the last thinning that kept some are trained on (over the bound), the same as
     thinning the file read whole keeps, and the warning counts them."""
-    import pipeline.train
+    import pipeline.history
+    from pipeline.history import read_readings_csv, windows_from_csv
     from pipeline.thinning import Thinning, thin_to
-    from pipeline.train import read_readings_csv, windows_from_csv
 
     group = _group(threshold={"ewma_alpha": 0.02})
     path = tmp_path / "long.csv"
     _frame(8000).to_csv(path, index=False)
-    monkeypatch.setattr(pipeline.train, "PIECE_ROWS", 1000)
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    monkeypatch.setattr(pipeline.history, "PIECE_ROWS", 1000)
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows, thinning = windows_from_csv(path, group, max_windows=1000)
     whole, kept = thin_to(windows_from_frame(read_readings_csv(path), group), Thinning.for_smoothing(4000, [0.02]),
                           1000)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from models.detector import Detector
 from pipeline.config import GroupConfig, parse_config
+from pipeline.history import windows_from_frame
 from pipeline.store.tables import ModelVersion
-from pipeline.train import windows_from_frame
 from pipeline.types import Reading
 from pipeline.windowing import Windower, forward_fill
 
@@ -266,7 +266,7 @@ def test_training_leaves_out_values_the_pipeline_would_reject(caplog: pytest.Log
     frame.loc[30, "y"] = 1e16  # above the decoder's magnitude limit
     frame.loc[5, "x"] = np.nan  # missing, not rejected
     frame.loc[37, "y"] = np.inf  # non-finite: rejected
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline.history"):
         windows = windows_from_frame(frame, group)
     assert "3 value(s) left out" in caplog.text and "row 21, x=9999" in caplog.text
     assert all(w.values[:, 0].max() <= 250 and np.abs(w.values).max() < 1e15 for w in windows)
