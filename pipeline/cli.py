@@ -1184,7 +1184,7 @@ def replay(
         console.print(f"[yellow]note[/yellow]: {escape(note)}")
     if not planned.in_order:
         console.print("[yellow]note[/yellow]: the file is not in time order, so it is sorted whole in memory (about "
-                      "160 MB per 260,000 rows); sort a long history by time to replay it as it is read")
+                      "1.1 KB a row); sort a long history by time to replay it as it is read")
     topic = cfg.kafka.topic
     try:
         if not kafka_io.topic_partitions(cfg.kafka, [topic], timeout_s=15)[topic]:
