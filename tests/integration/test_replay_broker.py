@@ -19,19 +19,25 @@ from pipeline.config import load_config
 from pipeline.decode import Decoder
 
 
-def test_replay_produces_every_row_keyed_by_asset_in_time_order(kafka_bootstrap_servers: str, topic_name: str,
-                                                                 tmp_path: Path) -> None:
+def _pumps(bootstrap_servers: str, topic: str, tmp_path: Path) -> tuple[Path, Path]:
+    """A configuration of two pumps reading ``topic``, and a directory with an hour of their simulated readings."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap_servers": kafka_bootstrap_servers, "topic": topic_name},
+        "kafka": {"bootstrap_servers": bootstrap_servers, "topic": topic},
         "database": {"url": f"sqlite:///{tmp_path / 'sw.db'}"},
         "groups": [{"name": "pumps", "assets": ["pump-1", "pump-2"], "sampling_period_s": 10,
                     "sensors": [{"name": s} for s in ("speed", "flow", "pressure", "current", "vibration",
                                                       "motor_temp", "bearing_temp")]}]}))
-    runner = CliRunner()
     data = tmp_path / "sim"
-    assert runner.invoke(app, ["simulate", "--out", str(data), "--hours", "1", "--assets", "pump-1,pump-2",
-                               "--anomalies", "0"]).exit_code == 0
+    assert CliRunner().invoke(app, ["simulate", "--out", str(data), "--hours", "1", "--assets", "pump-1,pump-2",
+                                    "--anomalies", "0"]).exit_code == 0
+    return config, data
+
+
+def test_replay_produces_every_row_keyed_by_asset_in_time_order(kafka_bootstrap_servers: str, topic_name: str,
+                                                                 tmp_path: Path) -> None:
+    config, data = _pumps(kafka_bootstrap_servers, topic_name, tmp_path)
+    runner = CliRunner()
     missing = runner.invoke(app, ["replay", "-c", str(config), "--csv", str(data / "readings.csv")])
     assert missing.exit_code == 1 and f"kafka-topics.sh --create --topic {topic_name}" in missing.output
     cfg = load_config(config)
@@ -61,17 +67,8 @@ def test_a_long_history_is_sent_as_it_is_read_and_one_out_of_order_sorted_whole(
     sorted whole, with a note. Either way every row arrives once and each asset's readings in time order."""
     import pipeline.history
 
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap_servers": kafka_bootstrap_servers, "topic": topic_name},
-        "database": {"url": f"sqlite:///{tmp_path / 'sw.db'}"},
-        "groups": [{"name": "pumps", "assets": ["pump-1", "pump-2"], "sampling_period_s": 10,
-                    "sensors": [{"name": s} for s in ("speed", "flow", "pressure", "current", "vibration",
-                                                      "motor_temp", "bearing_temp")]}]}))
+    config, data = _pumps(kafka_bootstrap_servers, topic_name, tmp_path)
     runner = CliRunner()
-    data = tmp_path / "sim"
-    assert runner.invoke(app, ["simulate", "--out", str(data), "--hours", "1", "--assets", "pump-1,pump-2",
-                               "--anomalies", "0"]).exit_code == 0
     shuffled = tmp_path / "shuffled.csv"
     pd.read_csv(data / "readings.csv").sample(frac=1.0, random_state=3).to_csv(shuffled, index=False)
     cfg = load_config(config)

@@ -7,12 +7,14 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import orjson
 import pytest
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 from test_runner_alert_sinks import T0, _MeanDetector
 
 from pipeline.config import parse_config
@@ -331,10 +333,10 @@ def test_alerts_opened_escalated_and_resolved_are_logged_as_they_happen(caplog: 
         "alert resolved: pump-7 (group pumps) after 15m00s, 9 windows"]
 
 
-def test_a_new_group_id_takes_up_where_the_old_group_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A new group_id reads the topic from its start. What the old group processed against this database is replay:
-    its readings for stored windows are not dead-lettered as late, its bad records not dead-lettered again, and no
-    window is stored twice; the records after it are processed as usual."""
+def _one_asset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+               ) -> tuple[dict[str, Any], Engine, sessionmaker[Session], list[tuple[str, int]]]:
+    """A configuration of one asset on a migrated SQLite database, its engine and sessions, and the (reason, offset)
+    of every record sent to the dead-letter topic."""
     from pipeline import kafka_io
 
     url = f"sqlite:///{tmp_path / 'sw.db'}"
@@ -346,7 +348,14 @@ def test_a_new_group_id_takes_up_where_the_old_group_stopped(tmp_path: Path, mon
     monkeypatch.setattr(kafka_io, "send_dead_letters",
                         lambda producer, topic, rejects: sent.extend((r.reason, r.offset) for r in rejects))
     engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
+    return raw, engine, make_sessionmaker(engine), sent
+
+
+def test_a_new_group_id_takes_up_where_the_old_group_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new group_id reads the topic from its start. What the old group processed against this database is replay:
+    its readings for stored windows are not dead-lettered as late, its bad records not dead-lettered again, and no
+    window is stored twice; the records after it are processed as usual."""
+    raw, engine, sessions, sent = _one_asset(tmp_path, monkeypatch)
     history = [*_records(0, "a", 0, 20), RawRecord("readings", 0, 20, b"a", b"{not json", T0)]
     old = Runner(parse_config({**raw, "kafka": {"group_id": "old"}}, env={}), sessions=sessions,
                  detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
@@ -437,18 +446,7 @@ def test_recorded_progress_is_tied_to_the_topics_id_not_its_log_end(tmp_path: Pa
     looked like an earlier topic's: its bad record was dead-lettered again and its readings counted as new). A topic
     re-created under the name whose log already reaches past the old progress is told apart by its new id (the log
     end could not tell: its first records were taken for replay)."""
-    from pipeline import kafka_io
-
-    url = f"sqlite:///{tmp_path / 'sw.db'}"
-    upgrade(url)
-    raw = {"database": {"url": url}, "groups": [{
-        "name": "g", "assets": ["a"], "sampling_period_s": 1, "sensors": [{"name": "x"}, {"name": "y"}],
-        "window": {"length": 4, "stride": 2, "max_gap": 0}}]}
-    sent: list[tuple[str, int]] = []
-    monkeypatch.setattr(kafka_io, "send_dead_letters",
-                        lambda producer, topic, rejects: sent.extend((r.reason, r.offset) for r in rejects))
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
+    raw, engine, sessions, sent = _one_asset(tmp_path, monkeypatch)
 
     def runner(group: str, consumer: _Topic) -> Runner:
         process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
