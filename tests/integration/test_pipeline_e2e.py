@@ -241,3 +241,51 @@ def test_polls_that_time_out_during_every_rebalance_still_end_up_consuming(
     _send(cfg, messages)
     stats = run_until(cfg, until_readings=len(messages), until_rejected=0, timeout_s=60)
     assert stats.readings == len(messages)
+
+
+def test_a_topic_deleted_and_re_created_is_processed_as_new(kafka_bootstrap_servers: str, topic_name: str,
+                                                           tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The readings topic deleted and re-created under its name while the pipeline is stopped, with more records
+    than the old one held by then: the brokers give it a new id, so the pipeline forgets the old topic's progress
+    (by the log end alone it looked like this topic's, and the new topic's first records were dropped as replay)
+    and processes every record of the new topic, its bad record dead-lettered."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    cfg = _config(kafka_bootstrap_servers, topic_name, f"sqlite:///{tmp_path / 'sw.db'}", tmp_path / "models")
+    deploy_pumps(cfg, f"sqlite:///{tmp_path / 'sw.db'}", ASSETS, 720)
+
+    def produce(frames: dict[str, pd.DataFrame]) -> int:
+        messages = to_messages(frames)
+        producer = kafka_io.make_producer(cfg.kafka)
+        for asset, payload in messages:
+            producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+        producer.send(cfg.kafka.topic, key=b"pump-1", value=b"{not json")
+        producer.flush()
+        producer.close()
+        return len(messages)
+
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=1)
+    first = produce({a: simulate_normal_frame(a, START + pd.Timedelta(hours=26)).iloc[:120] for a in ASSETS})
+    before = run_until(cfg, until_readings=first, until_rejected=1)
+    assert before.readings == first and dict(before.rejected) == {"malformed_json": 1}
+
+    admin = KafkaAdminClient(**cfg.kafka.client_kwargs())
+    admin.delete_topics([cfg.kafka.topic])
+    deadline = time.monotonic() + 60
+    while True:  # the deletion completes in the background
+        try:
+            kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic], partitions=1)
+            if cfg.kafka.topic in admin.list_topics():
+                break
+        except KafkaError:
+            pass
+        assert time.monotonic() < deadline, "the topic was not re-created within 60 s"
+        time.sleep(1)
+    admin.close()
+    later = produce({a: simulate_normal_frame(a, START + pd.Timedelta(hours=30)) for a in ASSETS})
+    assert later > first + 1  # the new log reaches past the old progress
+    with caplog.at_level("WARNING", logger="pipeline.runner"):
+        after = run_until(cfg, until_readings=later, until_rejected=1)
+    assert after.readings == later and dict(after.rejected) == {"malformed_json": 1} and after.replayed == 0
+    assert "was deleted and re-created" in caplog.text
