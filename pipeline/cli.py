@@ -1042,8 +1042,13 @@ def backtest(
     except (ModelError, OSError) as exc:
         raise _fail(exc, 2) from None
 
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                   TimeElapsedColumn(), console=console, disable=output == "json" and not console.is_terminal)
+    task = bar.add_task(f"backtest {row.version}", total=data_rows(csv_path))
+
     def judged(pieces: Iterable[pd.DataFrame]) -> History:
-        """The backtest of the history in ``pieces``, its scores written to --scores-out as they come."""
+        """The backtest of the history in ``pieces`` (the bar from 0), its scores written to --scores-out as they
+        come."""
         def write(scores: list[Score]) -> None:
             rows = [{"asset": s.asset, "window_start": ms_to_datetime(s.start_ms).isoformat(),
                      "window_end": ms_to_datetime(s.end_ms).isoformat(), "score": s.score, "level": s.level,
@@ -1055,10 +1060,7 @@ def backtest(
             if partial is not None:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 sink = stack.enter_context(partial.open("w", encoding="utf-8", newline=""))
-            bar = stack.enter_context(Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                TimeElapsedColumn(), console=console, disable=output == "json" and not console.is_terminal))
-            task = bar.add_task(f"backtest {row.version}", total=data_rows(csv_path))
+            bar.reset(task)
             return backtest_history(pieces, cfg, group_cfg, detector, keep_scores=report_dir is not None,
                                     signals=report_dir is not None, on_scores=write if sink else None,
                                     advance=lambda n: bar.advance(task, n))
@@ -1067,12 +1069,13 @@ def backtest(
     # the previous file (or none), and --scores-out naming the history itself cannot empty it before it is read
     partial = scores_out.with_name(f".{scores_out.name}.part") if scores_out is not None else None
     try:
-        try:
-            history = judged(read_readings_pieces(csv_path, "backtest data"))
-        except OutOfOrder as exc:
-            console.print(f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in "
-                          "memory: sort a long history by time to backtest it piece by piece)")
-            history = judged([read_readings_csv(csv_path, "backtest data")])
+        with bar:
+            try:
+                history = judged(read_readings_pieces(csv_path, "backtest data"))
+            except OutOfOrder as exc:
+                console.print(f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in "
+                              "memory: sort a long history by time to backtest it piece by piece)")
+                history = judged([read_readings_csv(csv_path, "backtest data")])
         for note in history.notes:
             console.print(f"[yellow]note[/yellow]: {escape(note)}")
         if not history.result.assets:

@@ -71,6 +71,10 @@ def windows_from_csv(path: Path, group: GroupConfig, *, max_windows: int | None 
     if thin.keep_every > 1:
         log.warning("%s: %d windows, over retrain.max_windows = %d: kept %s of each asset (%d left), as the "
                     "nightly retrain keeps them", what, cut, max_windows, thin.kept(), len(windows))
+    if max_windows is not None and len(windows) > max_windows:
+        log.warning("%s: the %d windows kept are still over retrain.max_windows = %d: no coarser thinning keeps "
+                    "fewer but some (whole blocks of %d windows of an asset), so training holds them all", what,
+                    len(windows), max_windows, thin.block)
     return windows, thin
 
 

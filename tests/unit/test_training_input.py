@@ -328,3 +328,5 @@ def test_a_csv_whose_blocks_alone_are_over_max_windows_trains_on_a_block_not_on_
     assert windows and [w.start_ms for w in windows] == [w.start_ms for w in whole] and thinning == kept
     assert f"training data: 1999 windows, over retrain.max_windows = 1000: kept {thinning.kept()} of each asset " \
         f"({len(windows)} left)" in caplog.text
+    assert f"the {len(windows)} windows kept are still over retrain.max_windows = 1000: no coarser thinning keeps " \
+        "fewer but some (whole blocks of 1500 windows of an asset)" in caplog.text
