@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from test_runner_alert_sinks import T0, _MeanDetector
@@ -22,6 +22,7 @@ from pipeline.kafka_io import RawRecord
 from pipeline.runner import Runner
 from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker, upgrade
+from pipeline.store.tables import ConsumerProgress
 
 
 def _records(partition: int, asset: str, start_s: int, stop_s: int) -> list[RawRecord]:
@@ -474,4 +475,30 @@ def test_recorded_progress_is_tied_to_the_topics_id_not_its_log_end(tmp_path: Pa
     with sessions() as s:
         assert repo.load_consumer_progress(session=s, consumer_group="old", topic="sensor-readings") == {0: -1}
         assert repo.load_consumer_progress(session=s, consumer_group="third", topic="sensor-readings") == {0: 100}
+    engine.dispose()
+
+
+def test_progress_recorded_before_topic_ids_is_judged_by_the_log_end_then_stamped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress written before migration 0013 (no topic id) is taken up when the log reaches past it, as before, and
+    stamped with the topic's id; a later topic of the name is then told apart by its id."""
+    raw, engine, sessions, sent = _one_asset(tmp_path, monkeypatch)
+
+    def runner(group: str, consumer: object) -> Runner:
+        process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
+                         detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+        process._consumer = consumer  # type: ignore[assignment]
+        return process
+
+    history = [*_records(0, "a", 0, 20), RawRecord("readings", 0, 20, b"a", b"{not json", T0)]
+    runner("old", None).process(history, now_ms=T0)  # no consumer: no id, as before the migration
+    with sessions() as s:
+        assert {r.topic_id for r in s.scalars(select(ConsumerProgress))} == {None}
+    sent.clear()
+    upgraded = runner("new", _Topic({0: 21}, "id-1"))
+    upgraded.process(history, now_ms=T0)
+    assert sent == [] and upgraded.stats.replayed == 21  # the log reaches past it: this topic's progress
+    with sessions() as s:
+        assert {(r.consumer_group, r.topic_id) for r in s.scalars(select(ConsumerProgress))} == {
+            ("old", "id-1"), ("new", "id-1")}
     engine.dispose()
