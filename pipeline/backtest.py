@@ -211,9 +211,11 @@ def backtest_history(pieces: Iterable[pd.DataFrame], config: Config, group: Grou
         rows = group_rows(piece, config, group, left)
         run.feed(windower.add(rows))
         if signals:
-            for asset in rows["asset"].astype(str).unique() if "asset" in rows.columns else group.assets[:1]:
-                for sensor, series in frame_signals(rows, asset, group.sensor_names, 0, 2**62).items():
-                    parts.setdefault(asset, {}).setdefault(sensor, []).append(series)
+            by_asset = (rows.groupby(rows["asset"].astype(str), sort=False) if "asset" in rows.columns
+                        else [(group.assets[0], rows)])
+            for asset, part in by_asset:
+                for sensor, series in frame_signals(part, str(asset), group.sensor_names, 0, 2**62).items():
+                    parts.setdefault(str(asset), {}).setdefault(sensor, []).append(series)
         if advance is not None:
             advance(len(piece))
     left.check(group)

@@ -145,9 +145,9 @@ def _sendable(frame: pd.DataFrame, config: Config, group: GroupConfig | None, om
             omitted.no_asset_first = _row(frame, int(np.flatnonzero(~present)[0]))
         omitted.no_asset += int((~present).sum())
     groups = config.asset_groups()
-    unknown = sorted(set(assets[present]) - set(groups))
-    for asset in unknown:
-        omitted.unknown[str(asset)] += int((assets == asset).sum())
+    counts = pd.Series(assets[present]).value_counts()
+    unknown = sorted(str(a) for a in counts.index if a not in groups)
+    omitted.unknown.update({a: int(counts[a]) for a in unknown})
     sensors = sorted({s for g in groups.values() for s in g.sensor_names if s in frame.columns})
     omitted.extra = [str(c) for c in frame.columns if c not in ("ts", "asset", *sensors)]
     values = (frame[sensors].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float) if sensors
@@ -156,9 +156,10 @@ def _sendable(frame: pd.DataFrame, config: Config, group: GroupConfig | None, om
     candidate = (ts >= 0) & present & ~np.isin(assets, unknown)
     usable = np.zeros(len(frame), dtype=bool)  # a row needs a number of one of its group's sensors
     finite = np.isfinite(values)
-    for asset in set(assets[candidate]):
-        rows = candidate & (assets == asset)
-        mine = [i for i, s in enumerate(sensors) if s in groups[str(asset)].sensor_names]
+    group_of = pd.Series(assets).map({a: g.name for a, g in groups.items()}).to_numpy()
+    for g in config.groups:  # per group, not per asset: a fleet has many assets
+        rows = candidate & (group_of == g.name)
+        mine = [i for i, s in enumerate(sensors) if s in g.sensor_names]
         usable[rows] = finite[rows][:, mine].any(axis=1)
     keep = np.flatnonzero(usable)
     order = keep[np.lexsort((assets[keep].astype(str), ts[keep]))]
