@@ -127,7 +127,8 @@ class BacktestRun:
     them with ``detector`` as the pipeline does, from no alert state, ``CHUNK`` windows per forward pass. Each
     ``feed`` takes the windows that a piece of the history closed; an asset's windows must come in time order across
     feeds (``FrameWindower`` cuts them so). Between feeds only the alerts, one summary per asset and (with
-    ``keep_scores``) the scores are held; ``on_scores`` gets each chunk's judged scores (to write them out)."""
+    ``keep_scores``) the scores are held; ``on_scores`` gets each chunk's judged scores in time order (to write them
+    out)."""
 
     def __init__(self, detector: Detector, group: GroupConfig, *, keep_scores: bool = True,
                  on_scores: Callable[[list[Score]], None] | None = None) -> None:
@@ -152,8 +153,8 @@ class BacktestRun:
                 self._alerts[(event.alert.asset, event.alert.opened_ms)] = event.alert
             if self.keep_scores:
                 self._scores += judged
-            if self.on_scores is not None:
-                self.on_scores(judged)
+            if self.on_scores is not None:  # judge gives each asset's in turn: written in time order
+                self.on_scores(sorted(judged, key=lambda s: (s.end_ms, s.asset)))
             if advance is not None:
                 advance(len(chunk))
 

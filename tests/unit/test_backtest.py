@@ -417,3 +417,15 @@ def test_scores_out_is_replaced_only_by_a_finished_backtest(deployed: Path, tmp_
     assert itself.exit_code == 0, itself.output
     windows = sum(a["windows"] for a in json.loads(itself.stdout)["assets"])
     assert windows > 0 and len(pd.read_csv(history)) == windows
+
+
+def test_scores_out_lists_the_windows_in_time_order(deployed: Path, tmp_path: Path) -> None:
+    """--scores-out lists the judged windows in time order (the README's contract), not asset by asset within each
+    forward pass of ``backtest.CHUNK`` windows (12 hours of two pumps: pump-1's windows, then pump-2's)."""
+    out = tmp_path / "s.csv"
+    result = runner.invoke(app, ["backtest", "-c", str(deployed / "c.yaml"), "--csv",
+                                 str(deployed / "hist" / "readings.csv"), "--scores-out", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = pd.read_csv(out)
+    assert set(scores["asset"]) == {"pump-1", "pump-2"}
+    assert pd.to_datetime(scores["window_end"]).is_monotonic_increasing
