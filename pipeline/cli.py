@@ -1191,8 +1191,8 @@ def replay(
     topic = cfg.kafka.topic
     try:
         if not kafka_io.topic_partitions(cfg.kafka, [topic], timeout_s=15)[topic]:
-            raise _fail(TransientError(f"topic {topic} does not exist: create it, e.g. kafka-topics.sh --create "
-                                       f"--topic {topic} --partitions 3"), 1)
+            raise _fail(TransientError(f"topic {topic} does not exist: create it, e.g. "
+                                       f"{kafka_io.create_topic_command(cfg.kafka, topic)}"), 1)
         producer = kafka_io.make_producer(cfg.kafka, linger_ms=20, batch_size=256 * 1024)
     except (TransientError, KafkaError) as exc:
         raise _fail(exc, 1) from None

@@ -503,6 +503,13 @@ def connection_errors() -> Iterator[list[str]]:
         logger.propagate = propagate
 
 
+def create_topic_command(cfg: KafkaConfig, topic: str, partitions: int = 3) -> str:
+    """A ``kafka-topics.sh`` command line that creates ``topic`` on the first configured broker, as an operator can
+    copy it (since Kafka 3 the tool needs ``--bootstrap-server``; a secured cluster also needs ``--command-config``)."""
+    broker = cfg.bootstrap_servers.split(",")[0].strip()
+    return f"kafka-topics.sh --create --topic {topic} --partitions {partitions} --bootstrap-server {broker}"
+
+
 def auto_creates_topics(cfg: KafkaConfig) -> bool | None:
     """Whether the brokers create a topic on its first use (``auto.create.topics.enable`` of the controller, asked
     with an admin client); None when that cannot be read (no permission to describe configs, an old broker)."""

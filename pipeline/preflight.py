@@ -249,8 +249,8 @@ def _kafka(config: Config, timeout_s: float) -> list[Check]:
                          f"{partitions[kafka.topic]} pipeline process(es) of group {kafka.group_id} share them"))
     else:
         out.append(Check("readings topic", "fail", f"{kafka.topic}: does not exist (the pipeline waits for it); "
-                         "create it with a partition for each pipeline process you will run, e.g. kafka-topics.sh "
-                         f"--create --topic {kafka.topic} --partitions 3"))
+                         "create it with a partition for each pipeline process you will run, e.g. "
+                         f"{kafka_io.create_topic_command(kafka, kafka.topic)}"))
     missing = [(label, topic) for label, topic in produced if not partitions[topic]]
     auto_create = kafka_io.auto_creates_topics(kafka) if missing else None
     out += [produced_topic_check(label, topic, partitions[topic], auto_create) for label, topic in produced]

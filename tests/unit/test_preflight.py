@@ -260,3 +260,19 @@ def test_no_permissions_reported_names_the_first_check_before_the_topics_exist()
     costs = {"READ on topic r": "cannot consume", "READ on group g": "cannot join"}
     nothing = permissions_check(dict.fromkeys(costs), costs)
     assert nothing.status == "warn" and "do not know yet" in nothing.detail and "run check again" in nothing.detail
+
+
+def test_the_command_that_creates_a_missing_topic_names_the_brokers(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Copied as given, the suggested kafka-topics.sh command must work: since Kafka 3 it needs --bootstrap-server."""
+    from pipeline import kafka_io
+    from pipeline.preflight import _kafka
+
+    config = parse_config({"kafka": {"bootstrap_servers": "b1:9092,b2:9092", "topic": "plant-readings",
+                                     "dead_letter_topic": "plant-dlq"},
+                           "groups": [{"name": "g", "assets": ["a"], "sensors": [{"name": "x"}]}]}, env={})
+    monkeypatch.setattr(kafka_io, "topic_partitions", lambda cfg, topics, timeout_s: dict.fromkeys(topics, 0))
+    monkeypatch.setattr(kafka_io, "auto_creates_topics", lambda cfg: True)
+    monkeypatch.setattr(kafka_io, "permissions", lambda cfg, needs, timeout_s: {})
+    readings = {c.name: c for c in _kafka(config, timeout_s=1)}["readings topic"]
+    command = "kafka-topics.sh --create --topic plant-readings --partitions 3 --bootstrap-server b1:9092"
+    assert command in readings.detail

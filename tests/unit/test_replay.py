@@ -189,3 +189,20 @@ def test_pacing_starts_with_the_first_message_not_before_its_piece_is_read() -> 
 
     assert send(producer, "t", read(), speed=60, clock=lambda: producer.now, sleep=sleep) == 4  # type: ignore[arg-type]
     assert [(k, round(at, 3)) for _, k, at in producer.sent] == [(b"p1", 2), (b"p2", 2), (b"p1", 3), (b"p1", 4)]
+
+
+def test_replay_to_a_missing_topic_says_how_to_create_it_on_the_brokers(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suggested kafka-topics.sh command names the brokers (since Kafka 3 it needs --bootstrap-server)."""
+    from pipeline import kafka_io
+
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka: {bootstrap_servers: 'b1:9092,b2:9092', topic: plant-readings}\n"
+                      "groups: [{name: pumps, assets: [p1], sensors: [{name: flow}]}]\n")
+    csv = tmp_path / "r.csv"
+    csv.write_text("ts,asset,flow\n2026-01-01T00:00:00Z,p1,1.0\n")
+    monkeypatch.setattr(kafka_io, "topic_partitions", lambda cfg, topics, timeout_s: dict.fromkeys(topics, 0))
+    result = CliRunner().invoke(app, ["replay", "-c", str(config), "--csv", str(csv)])
+    assert result.exit_code == 1
+    said = " ".join(result.output.split())
+    assert "kafka-topics.sh --create --topic plant-readings --partitions 3 --bootstrap-server b1:9092" in said
