@@ -203,8 +203,7 @@ class FrameWindower:
                         self._rejected.first)
         windows: list[Window] = []
         if self.to_the_end:  # the windows running past the data's end are skipped there: no gap of the data's
-            batch = self._windower.close_idle(now_ms=SILENT_MS)
-            windows, self._skipped = batch.windows, self._skipped + len(batch.skipped)
+            windows = self._windower.close_idle(now_ms=SILENT_MS).windows
         if self._skipped:
             log.warning("%s: %d window(s) left out for gaps longer than window.max_gap steps", what, self._skipped)
         return windows

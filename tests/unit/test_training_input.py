@@ -212,7 +212,7 @@ def test_a_table_read_in_pieces_gives_the_windows_of_the_whole_and_warns_once(ca
         assert sorted((w.asset, w.start_ms, w.values.tolist()) for w in windows) == sorted(
             (w.asset, w.start_ms, w.values.tolist()) for w in whole)  # the order among assets is no contract
         assert caplog.text.count("2 value(s) are not numbers and count as missing (first: row 7, x=abc)") == 1
-        assert caplog.text.count("8 window(s) left out for gaps longer than window.max_gap") == 1
+        assert caplog.text.count("6 window(s) left out for gaps longer than window.max_gap") == 1
     assert {w.asset for w in whole} == {"a", "b"} and len(whole) > 150
 
 
@@ -330,3 +330,16 @@ def test_a_csv_whose_blocks_alone_are_over_max_windows_trains_on_a_block_not_on_
         f"({len(windows)} left)" in caplog.text
     assert f"the {len(windows)} windows kept are still over retrain.max_windows = 1000: no coarser thinning keeps " \
         "fewer but some (whole blocks of 1500 windows of an asset)" in caplog.text
+
+
+def test_the_windows_running_past_a_historys_end_are_no_gap(caplog: pytest.LogCaptureFixture) -> None:
+    # to_the_end closes the windows still open after the last readings; those that run past the data's end are
+    # skipped there, and are no gap of the data's: only a real gap is warned of (every backtest warned of some)
+    group = _group()
+    with caplog.at_level("WARNING", logger="pipeline.history"):
+        windows_from_frame(_frame(), group, what="backtest data", to_the_end=True)
+    assert "left out for gaps" not in caplog.text
+    gappy = _frame().drop(index=range(400, 410))
+    with caplog.at_level("WARNING", logger="pipeline.history"):
+        windows_from_frame(gappy, group, what="backtest data", to_the_end=True)
+    assert "backtest data: 4 window(s) left out for gaps longer than window.max_gap steps" in caplog.text
