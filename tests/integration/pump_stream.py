@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
+import orjson
 import pandas as pd
 
+from pipeline import kafka_io
 from pipeline.config import Config
 from pipeline.history import windows_from_frame
 from pipeline.runner import RunStats, run_pipeline
@@ -60,6 +63,18 @@ def run_until(cfg: Config, *, until_readings: int, until_rejected: int, timeout_
         return run_pipeline(cfg, stop=stop, idle_stop_s=idle_stop_s, on_batch=on_batch, serve_metrics=serve_metrics)
     finally:
         timer.cancel()
+
+
+def produce(cfg: Config, messages: Sequence[tuple[str, dict[str, Any]]], *raw: tuple[bytes, bytes]) -> None:
+    """Send ``messages`` (asset, payload) to the readings topic keyed by asset, then the ``raw`` (key, value)
+    records (a bad record, say), and wait until the brokers have them all."""
+    producer = kafka_io.make_producer(cfg.kafka)
+    for asset, payload in messages:
+        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
+    for key, value in raw:
+        producer.send(cfg.kafka.topic, key=key, value=value)
+    producer.flush()
+    producer.close()
 
 
 def deploy_pumps(cfg: Config, db_url: str, assets: list[str], periods: int) -> dict[str, pd.DataFrame]:

@@ -36,7 +36,7 @@ from pipeline.store import repo
 from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert
 from tests.integration.acls import add_acls, lift_write_denial
-from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, produce, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -105,12 +105,7 @@ def test_every_kafka_client_works_over_tls_and_sasl_and_the_password_is_never_lo
                                  pd.Timedelta(minutes=12), seed=1, sensors=["bearing_temp"])
     messages = to_messages(frames)
     kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=3)
-    producer = kafka_io.make_producer(cfg.kafka)
-    for asset, payload in messages:
-        producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
-    producer.send(cfg.kafka.topic, key=b"pump-2", value=b'{"asset": "pump-2", "ts": oops}')
-    producer.flush()
-    producer.close()
+    produce(cfg, messages, (b"pump-2", b'{"asset": "pump-2", "ts": oops}'))
 
     stats = run_until(cfg, until_readings=len(messages), until_rejected=1)
     assert stats.readings == len(messages) and dict(stats.rejected) == {"malformed_json": 1}

@@ -25,7 +25,7 @@ from pipeline.store.db import make_engine, make_sessionmaker
 from pipeline.store.tables import Alert, AlertOutbox, ConsumerProgress, WindowScore
 from pipeline.types import datetime_to_ms, ms_to_datetime
 from pipeline.windowing import Windower
-from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, pump_group, run_until
+from tests.integration.pump_stream import PERIOD, START, deploy_pumps, probe, produce, pump_group, run_until
 
 pytestmark = pytest.mark.integration
 
@@ -255,18 +255,13 @@ def test_a_topic_deleted_and_re_created_is_processed_as_new(kafka_bootstrap_serv
     cfg = _config(kafka_bootstrap_servers, topic_name, f"sqlite:///{tmp_path / 'sw.db'}", tmp_path / "models")
     deploy_pumps(cfg, f"sqlite:///{tmp_path / 'sw.db'}", ASSETS, 720)
 
-    def produce(frames: dict[str, pd.DataFrame]) -> int:
+    def send(frames: dict[str, pd.DataFrame]) -> int:
         messages = to_messages(frames)
-        producer = kafka_io.make_producer(cfg.kafka)
-        for asset, payload in messages:
-            producer.send(cfg.kafka.topic, key=asset.encode(), value=orjson.dumps(payload))
-        producer.send(cfg.kafka.topic, key=b"pump-1", value=b"{not json")
-        producer.flush()
-        producer.close()
+        produce(cfg, messages, (b"pump-1", b"{not json"))
         return len(messages)
 
     kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic, cfg.kafka.dead_letter_topic], partitions=1)
-    first = produce({a: simulate_normal_frame(a, START + pd.Timedelta(hours=26)).iloc[:120] for a in ASSETS})
+    first = send({a: simulate_normal_frame(a, START + pd.Timedelta(hours=26)).iloc[:120] for a in ASSETS})
     before = run_until(cfg, until_readings=first, until_rejected=1)
     assert before.readings == first and dict(before.rejected) == {"malformed_json": 1}
 
@@ -283,7 +278,7 @@ def test_a_topic_deleted_and_re_created_is_processed_as_new(kafka_bootstrap_serv
         assert time.monotonic() < deadline, "the topic was not re-created within 60 s"
         time.sleep(1)
     admin.close()
-    later = produce({a: simulate_normal_frame(a, START + pd.Timedelta(hours=30)) for a in ASSETS})
+    later = send({a: simulate_normal_frame(a, START + pd.Timedelta(hours=30)) for a in ASSETS})
     assert later > first + 1  # the new log reaches past the old progress
     with caplog.at_level("WARNING", logger="pipeline.runner"):
         after = run_until(cfg, until_readings=later, until_rejected=1)

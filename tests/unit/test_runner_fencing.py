@@ -431,6 +431,14 @@ def test_progress_recorded_for_an_earlier_topic_of_the_same_name_is_forgotten(
     engine.dispose()
 
 
+def _consuming(raw: dict[str, Any], sessions: sessionmaker[Session], group: str, consumer: object) -> Runner:
+    """A runner of consumer group ``group`` whose Kafka consumer is ``consumer`` (a stand-in)."""
+    process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
+                     detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
+    process._consumer = consumer  # type: ignore[assignment]
+    return process
+
+
 class _Topic(_LogEnds):
     """Fetched high watermarks and the brokers' id of the topic (kafka-python keeps it in its client's cluster
     metadata)."""
@@ -449,11 +457,8 @@ def test_recorded_progress_is_tied_to_the_topics_id_not_its_log_end(tmp_path: Pa
     end could not tell: its first records were taken for replay)."""
     raw, engine, sessions, sent = _one_asset(tmp_path, monkeypatch)
 
-    def runner(group: str, consumer: _Topic) -> Runner:
-        process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
-                         detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
-        process._consumer = consumer  # type: ignore[assignment]
-        return process
+    def runner(group: str, consumer: object) -> Runner:
+        return _consuming(raw, sessions, group, consumer)
 
     bad = RawRecord("readings", 0, 20, b"a", b"{not json", T0)
     history = [*_records(0, "a", 0, 20), bad, *_records(0, "a", 21, 60)]
@@ -485,10 +490,7 @@ def test_progress_recorded_before_topic_ids_is_judged_by_the_log_end_then_stampe
     raw, engine, sessions, sent = _one_asset(tmp_path, monkeypatch)
 
     def runner(group: str, consumer: object) -> Runner:
-        process = Runner(parse_config({**raw, "kafka": {"group_id": group}}, env={}), sessions=sessions,
-                         detectors={"g": _MeanDetector()}, producer=None, stop=threading.Event())  # type: ignore[dict-item,arg-type]
-        process._consumer = consumer  # type: ignore[assignment]
-        return process
+        return _consuming(raw, sessions, group, consumer)
 
     history = [*_records(0, "a", 0, 20), RawRecord("readings", 0, 20, b"a", b"{not json", T0)]
     runner("old", None).process(history, now_ms=T0)  # no consumer: no id, as before the migration
