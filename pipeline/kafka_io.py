@@ -163,8 +163,10 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=max(cfg.session_timeout_ms // 3, 500),
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        allow_auto_create_topics=False,
         **client_kwargs(cfg),
     )
+    no_topic_creation(consumer)
     revoked = on_revoked or (lambda _p: None)
     listener = _Rebalance(revoked, on_assigned or (lambda _p: None), on_lost or revoked)
     try:
@@ -174,6 +176,16 @@ def make_consumer(cfg: KafkaConfig, *, on_revoked: Callable[[set[int]], None] | 
         raise
     consumer.subscribe([cfg.topic], listener=listener)
     return consumer
+
+
+def no_topic_creation(consumer: KafkaConsumer) -> None:
+    """Keep ``consumer``'s metadata requests from creating topics (sensorwatch creates none): on brokers with
+    auto.create.topics.enable a deleted readings topic came back at once, with the brokers' default partitions, and
+    the operator's own create failed. kafka-python 3.0 does not hand the consumer's ``allow_auto_create_topics`` to
+    the cluster metadata that makes those requests, so it is set there too."""
+    config = getattr(getattr(getattr(consumer, "_client", None), "cluster", None), "config", None)
+    if isinstance(config, dict):
+        config["allow_auto_create_topics"] = False
 
 
 def wait_for_partitions(consumer: KafkaConsumer, topic: str, stop: threading.Event | None = None, *,
@@ -352,9 +364,11 @@ def read_since(cfg: KafkaConfig, since_ms: int, *, timeout_s: float, max_records
         try:
             consumer = KafkaConsumer(
                 group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_records,
+                allow_auto_create_topics=False,
                 fetch_max_bytes=max(cfg.max_message_bytes * 64, 52428800),
                 max_partition_fetch_bytes=max(cfg.max_message_bytes * 16, 1048576), **client_kwargs(cfg),
             )
+            no_topic_creation(consumer)
         except KafkaError as exc:
             why = last_failure(seen, sasl=cfg.security.sasl)
             raise TransientError(f"cannot read {cfg.topic} back: {exc}{why}") from exc
@@ -467,9 +481,10 @@ def topic_partitions(cfg: KafkaConfig, topics: Iterable[str], *, timeout_s: floa
     error the client met (refused, a TLS handshake, a SASL handshake or authentication)."""
     with connection_errors() as seen:
         try:
-            consumer = KafkaConsumer(group_id=None, enable_auto_commit=False,
+            consumer = KafkaConsumer(group_id=None, enable_auto_commit=False, allow_auto_create_topics=False,
                                      bootstrap_timeout_ms=round(timeout_s * 1000),
                                      request_timeout_ms=max(round(timeout_s * 1000), 1000), **client_kwargs(cfg))
+            no_topic_creation(consumer)
         except KafkaError as exc:
             raise TransientError(f"{exc}{last_failure(seen, sasl=cfg.security.sasl)}") from exc
     try:

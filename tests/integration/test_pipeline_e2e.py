@@ -284,3 +284,28 @@ def test_a_topic_deleted_and_re_created_is_processed_as_new(kafka_bootstrap_serv
         after = run_until(cfg, until_readings=later, until_rejected=1)
     assert after.readings == later and dict(after.rejected) == {"malformed_json": 1} and after.replayed == 0
     assert "was deleted and re-created" in caplog.text
+
+
+def test_the_pipelines_consumer_does_not_create_its_topic_again(kafka_bootstrap_servers: str, topic_name: str,
+                                                                tmp_path: Path) -> None:
+    """sensorwatch creates no topic: the readings topic deleted while the pipeline's consumer is subscribed stays
+    deleted, even on brokers that create topics on first use (as the local one does), so that the operator can
+    create it again with the partitions they choose (the consumer's metadata requests re-created it at once, with the
+    brokers' defaults, and the operator's create failed: "already exists")."""
+    from kafka import KafkaAdminClient
+
+    cfg = _config(kafka_bootstrap_servers, topic_name, f"sqlite:///{tmp_path / 'sw.db'}", tmp_path / "models")
+    kafka_io.ensure_topics(cfg.kafka, [cfg.kafka.topic], partitions=1)
+    consumer = kafka_io.make_consumer(cfg.kafka)
+    admin = KafkaAdminClient(**cfg.kafka.client_kwargs())
+    try:
+        consumer.poll(timeout_ms=2000)
+        admin.delete_topics([cfg.kafka.topic])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # the consumer asks for the topic's metadata meanwhile
+            consumer.poll(timeout_ms=500)
+            consumer._client.cluster.request_update()
+        assert cfg.kafka.topic not in admin.list_topics()
+    finally:
+        consumer.close(autocommit=False)
+        admin.close()
