@@ -1014,7 +1014,7 @@ def backtest(
     from pipeline.backtest import History, backtest_history, reports, score_incidents
     from pipeline.backtest import read_incidents as read_incident_file
     from pipeline.csv_format import data_rows
-    from pipeline.history import OutOfOrder, read_readings_csv, read_readings_pieces
+    from pipeline.history import read_in_time_order
     from pipeline.registry import load_version
     from pipeline.report import write_report
     from pipeline.store import repo
@@ -1070,12 +1070,9 @@ def backtest(
     partial = scores_out.with_name(f".{scores_out.name}.part") if scores_out is not None else None
     try:
         with bar:
-            try:
-                history = judged(read_readings_pieces(csv_path, "backtest data"))
-            except OutOfOrder as exc:
-                console.print(f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in "
-                              "memory: sort a long history by time to backtest it piece by piece)")
-                history = judged([read_readings_csv(csv_path, "backtest data")])
+            history = read_in_time_order(csv_path, "backtest data", judged, lambda exc: console.print(
+                f"[yellow]note[/yellow]: {escape(str(exc))}; the file is read whole instead (held in memory: sort a "
+                "long history by time to backtest it piece by piece)"))
         for note in history.notes:
             console.print(f"[yellow]note[/yellow]: {escape(note)}")
         if not history.result.assets:

@@ -5,9 +5,10 @@ counted, and a warning or an error names the data and the first offending row.""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ from pipeline.types import Reading, Window, ms_to_datetime
 from pipeline.windowing import Windower
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: str = "asset",
@@ -46,36 +48,48 @@ def windows_from_frame(frame: pd.DataFrame, group: GroupConfig, asset_column: st
 def windows_from_csv(path: Path, group: GroupConfig, *, max_windows: int | None = None,
                      what: str = "training data") -> tuple[list[Window], Thinning]:
     """The windows of the CSV of readings at ``path`` (``windows_from_frame``), read in pieces
-    (``read_readings_pieces``, ``FrameWindower``) so that the windows are held, not the rows. Beyond
-    ``max_windows`` (None: no bound) they are thinned as the nightly retrain thins its lookback (``thin_to``: whole
-    blocks of each asset's windows, every k-th kept), with a log line; returns the windows and their thinning (for
-    ``train_group``). A file whose rows of an asset go back in time from one piece to the next is read whole
-    instead, with a warning saying why. ConfigError naming it as ``what`` when it cannot be read."""
+    (``read_in_time_order``, ``FrameWindower``) so that the windows are held, not the rows. Beyond ``max_windows``
+    (None: no bound) they are thinned as the nightly retrain thins its lookback (``thin_to``: whole blocks of each
+    asset's windows, every k-th kept), with a log line; returns the windows and their thinning (for
+    ``train_group``). ConfigError naming it as ``what`` when it cannot be read."""
     start = Thinning.for_smoothing(group.window.stride * group.period_ms, [group.threshold.ewma_alpha])
-    windower, thin, windows, cut = FrameWindower(group, what=what), start, [], 0
 
-    def keep(new: list[Window]) -> None:
-        nonlocal windows, thin, cut
-        cut += len(new)
-        windows, thin = thin_to(windows + [w for w in new if thin.keeps(w)], thin, max_windows)
+    def cut(pieces: Iterable[pd.DataFrame]) -> tuple[list[Window], Thinning, int]:
+        """The windows kept, their thinning and how many were cut: each piece's windows thinned as they come."""
+        windower, thin, windows, count = FrameWindower(group, what=what), start, [], 0
 
-    try:
-        for piece in read_readings_pieces(path, what):
+        def keep(new: list[Window]) -> None:
+            nonlocal windows, thin, count
+            count += len(new)
+            windows, thin = thin_to(windows + [w for w in new if thin.keeps(w)], thin, max_windows)
+
+        for piece in pieces:
             keep(windower.add(piece))
-    except OutOfOrder as exc:
-        log.warning("%s; the file is read whole instead (held in memory)", exc)
-        windows, thin, cut = [], start, 0
-        keep(windows_from_frame(read_readings_csv(path, what), group, what=what))
-    else:
         keep(windower.close())
+        return windows, thin, count
+
+    windows, thin, count = read_in_time_order(
+        path, what, cut, lambda exc: log.warning("%s; the file is read whole instead (held in memory)", exc))
     if thin.keep_every > 1:
         log.warning("%s: %d windows, over retrain.max_windows = %d: kept %s of each asset (%d left), as the "
-                    "nightly retrain keeps them", what, cut, max_windows, thin.kept(), len(windows))
+                    "nightly retrain keeps them", what, count, max_windows, thin.kept(), len(windows))
     if max_windows is not None and len(windows) > max_windows:
         log.warning("%s: the %d windows kept are still over retrain.max_windows = %d: no coarser thinning keeps "
                     "fewer but some (whole blocks of %d windows of an asset), so training holds them all", what,
                     len(windows), max_windows, thin.block)
     return windows, thin
+
+
+def read_in_time_order(path: Path, what: str, use: Callable[[Iterable[pd.DataFrame]], T],
+                       whole: Callable[[OutOfOrder], None]) -> T:
+    """``use`` of the CSV of readings at ``path`` read in pieces (``read_readings_pieces``), so that its length is
+    not bounded by memory; when an asset's rows go back in time from one piece to the next (``use`` raised
+    ``OutOfOrder``), ``whole`` is told why and ``use`` runs again on the file read whole (one piece)."""
+    try:
+        return use(read_readings_pieces(path, what))
+    except OutOfOrder as exc:
+        whole(exc)
+        return use([read_readings_csv(path, what)])
 
 
 SILENT_MS = 2**62  # a wall clock past every asset's idle_close_s (readings are placed at wall clock 0)
